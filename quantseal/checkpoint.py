@@ -1,0 +1,243 @@
+"""The compressed checkpoint folder: ``quantseal.json`` + ``weights.safetensors`` + the source's
+config and tokenizer files.  Written atomically (a temporary folder, then a rename).
+
+Tensors of a compressed matrix ``NAME`` (e.g. ``encoder.layer.0.attention.self.query``):
+
+=====================  =========  ==============================================  =============
+key                    dtype      shape                                           when
+=====================  =========  ==============================================  =============
+``NAME.qweight``       uint8      [N, nb, block·bits/8] (MatMulNBits ``B``)       int / nf
+``NAME.scales``        float16    [N, nb]                                         int / nf
+``NAME.qzeros``        uint8      [N, ceil(nb·bits/8)]  packed zero points        affine int
+``NAME.weight``        fp16/fp32  [N, K]                                          fp formats
+``NAME.L1``            float16    [N, r]                                          rank r > 0
+``NAME.L2``            float16    [r, K]                                          rank r > 0
+=====================  =========  ==============================================  =============
+
+The quantised token embedding (``kind: "embedding"`` in the manifest) uses the same keys with
+N = vocabulary size and K = hidden size; its optional low-rank branch ``L1: [V, r]``,
+``L2: [r, H]`` adds ``L1[ids] · L2`` to the looked-up rows (exported as Gather + MatMul).  Every other tensor (biases, norms, position
+embeddings) is stored under its original name and dtype.  NF4 codes use the same LSB-first
+layout as the integer formats; the exporter re-lays them for ``MatMulBnb4``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .compress.formats import FormatSpec
+from .compress.packing import pack_weight, pack_zero_points, unpack_weight, unpack_zero_points
+from .compress.quantizers import QuantizedTensor, dequantize
+from .errors import BadInput
+
+SCHEMA_VERSION = 1
+MANIFEST = "quantseal.json"
+WEIGHTS = "weights.safetensors"
+SOURCE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "vocab.txt", "generation_config.json")
+
+
+@dataclass
+class MatrixEntry:
+    """One compressed matrix in the manifest."""
+
+    format: str
+    rank: int
+    shape: list[int]
+    error: float
+    bytes: int
+    kind: str = "linear"  # "linear" | "embedding"
+
+    @property
+    def spec(self) -> FormatSpec:
+        return FormatSpec.parse(self.format)
+
+
+@dataclass
+class Manifest:
+    source: dict
+    method: str
+    budget: dict
+    matrices: dict[str, MatrixEntry]
+    extra: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = MANIFEST) -> "Manifest":
+        try:
+            d = json.loads(text)
+            if d.get("schema_version") != SCHEMA_VERSION:
+                raise BadInput(f"{where}: schema version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+            mats = {k: MatrixEntry(**v) for k, v in d["matrices"].items()}
+            for e in mats.values():
+                e.spec  # validates the format name
+            return cls(d["source"], d["method"], d["budget"], mats, d.get("extra", {}), d["schema_version"])
+        except BadInput:
+            raise
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            raise BadInput(f"{where}: not a valid quantseal manifest ({type(exc).__name__}: {exc})") from exc
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def matrix_tensors(name: str, spec: FormatSpec, qt: QuantizedTensor | None, weight: torch.Tensor | None,
+                   l1: torch.Tensor | None, l2: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The stored tensors of one matrix (see the module table)."""
+    out: dict[str, torch.Tensor] = {}
+    if spec.kind == "fp":
+        out[f"{name}.weight"] = weight.to(torch.float16 if spec.bits == 16 else torch.float32).contiguous()
+    else:
+        out[f"{name}.qweight"] = pack_weight(qt.codes, spec.stored_bits, spec.block).contiguous()
+        out[f"{name}.scales"] = qt.scales.to(torch.float16).contiguous()
+        if qt.zeros is not None:
+            out[f"{name}.qzeros"] = pack_zero_points(qt.zeros, spec.stored_bits).contiguous()
+    if l1 is not None and l1.shape[1] > 0:
+        out[f"{name}.L1"] = l1.to(torch.float16).contiguous()
+        out[f"{name}.L2"] = l2.to(torch.float16).contiguous()
+    return out
+
+
+def stored_quantized(name: str, entry: MatrixEntry, tensors: dict[str, torch.Tensor]) -> QuantizedTensor:
+    """Rebuild the unpacked :class:`QuantizedTensor` of a stored int/nf matrix."""
+    spec = entry.spec
+    n, k = entry.shape
+    codes = unpack_weight(tensors[f"{name}.qweight"], spec.stored_bits)
+    scales = tensors[f"{name}.scales"].float()
+    zeros = None
+    if f"{name}.qzeros" in tensors:
+        zeros = unpack_zero_points(tensors[f"{name}.qzeros"], spec.stored_bits, scales.shape[1])
+    return QuantizedTensor(codes, scales, zeros, (n, k), spec)
+
+
+def dequantized_matrix(name: str, entry: MatrixEntry, tensors: dict[str, torch.Tensor]):
+    """(W_hat float32 (N, K), L1 float32 or None, L2 float32 or None) of a stored matrix."""
+    spec = entry.spec
+    if spec.kind == "fp":
+        w_hat = tensors[f"{name}.weight"].float()
+    else:
+        w_hat = dequantize(stored_quantized(name, entry, tensors))
+    l1 = tensors.get(f"{name}.L1")
+    l2 = tensors.get(f"{name}.L2")
+    return w_hat, None if l1 is None else l1.float(), None if l2 is None else l2.float()
+
+
+def entry_bytes(name: str, tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes actually stored for a matrix: the sum over its keys."""
+    suffixes = (".qweight", ".scales", ".qzeros", ".weight", ".L1", ".L2")
+    return sum(t.numel() * t.element_size() for k, t in tensors.items()
+               if k.startswith(name + ".") and k[len(name):] in suffixes)
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, torch.Tensor],
+                     source_dir: str | Path) -> Path:
+    """Write the folder atomically.  ``out`` must not exist, or be a quantseal checkpoint
+    (which is then replaced)."""
+    out = Path(out)
+    if out.exists() and not is_checkpoint(out):
+        raise BadInput(f"{out}: exists and is not a quantseal checkpoint; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp / WEIGHTS),
+                  metadata={"format": "pt", "quantseal_schema": str(SCHEMA_VERSION)})
+        for name in SOURCE_FILES:
+            src = Path(source_dir) / name
+            if src.is_file():
+                shutil.copyfile(src, tmp / name)
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_checkpoint(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    """Manifest and every stored tensor; any damage is a :class:`BadInput`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BadInput(f"{path}: no such checkpoint folder")
+    if not is_checkpoint(path):
+        raise BadInput(f"{path}: not a quantseal checkpoint (no {MANIFEST})")
+    manifest = Manifest.from_json((path / MANIFEST).read_text(errors="replace"), str(path / MANIFEST))
+    wpath = path / WEIGHTS
+    if not wpath.is_file():
+        raise BadInput(f"{path}: {WEIGHTS} is missing")
+    try:
+        tensors = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BadInput(f"{wpath}: corrupt safetensors file ({exc})") from exc
+    for name, e in manifest.matrices.items():
+        key = f"{name}.weight" if e.spec.kind == "fp" else f"{name}.qweight"
+        if key not in tensors:
+            raise BadInput(f"{wpath}: tensor {key} named in the manifest is missing")
+    return manifest, tensors
+
+
+def _tied_keys(model) -> set[str]:
+    """State-dict keys that alias another parameter (tied LM head)."""
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+        return {"lm_head.weight"}
+    return set()
+
+
+def load_compressed(path: str | Path):
+    """A torch model whose compressed Linears compute x·dequant(Q)ᵀ + (x·L2ᵀ)·L1ᵀ.
+
+    Returns ``(model, family, manifest)``."""
+    from .compress.qlinear import CompressedEmbedding, CompressedLinear, set_submodule
+    from .models import build_model, family_of, read_config
+
+    path = Path(path)
+    manifest, tensors = read_checkpoint(path)
+    config = read_config(path)
+    fam = family_of(config)
+    model = build_model(config)
+    plain = {}
+    covered = set()
+    for name, e in manifest.matrices.items():
+        w_hat, l1, l2 = dequantized_matrix(name, e, tensors)
+        covered |= {k for k in tensors if k.startswith(name + ".")}
+        if e.kind == "embedding":
+            set_submodule(model, name, CompressedEmbedding(w_hat, l1, l2, model.get_submodule(name).padding_idx))
+            continue
+        bias = tensors.get(f"{name}.bias")
+        set_submodule(model, name, CompressedLinear(w_hat, l1, l2, bias))
+    plain.update({k: v.float() for k, v in tensors.items() if k not in covered or k.endswith(".bias")})
+    result = model.load_state_dict(plain, strict=False)
+    missing = [k for k in result.missing_keys
+               if not k.endswith(("w_hat", ".l1", ".l2")) and "position_ids" not in k and k not in _tied_keys(model)]
+    if missing:
+        raise BadInput(f"{path}: {WEIGHTS} lacks tensors the model needs, e.g. {missing[0]}")
+    return model.eval(), fam, manifest

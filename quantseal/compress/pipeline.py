@@ -1,0 +1,242 @@
+"""``quantseal compress``: model folder → budgeted plan → compressed checkpoint folder.
+
+1. load the model; the compressible matrices are its blocks' Linears (plus the token embedding
+   when the budget is the whole file, ``budget_mb``);
+2. data-aware: the output-sensitivity Fisher from calibration text (:mod:`.fisher`);
+3. every (format, rank) candidate of every matrix is decomposed (:mod:`.lowrank`) on a process
+   pool, giving its error and exact stored bytes;
+4. the ILP (:mod:`.budget`) picks one candidate per matrix under the budget;
+5. the chosen candidates are rebuilt (deterministically) and written (:mod:`..checkpoint`).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..errors import BadInput, BudgetInfeasible
+from ..models import compressible_linears, default_model_path, embedding, load_model
+from ..text import TextTokenizer, calibration_texts
+from .budget import MatrixOptions, solve_allocation
+from .fisher import floor_fisher, output_fisher
+from .formats import DEFAULT_FAMILIES, Candidate, FormatSpec, expand_families, max_useful_rank
+from .lowrank import lq_decompose
+
+DEFAULT_RANKS = (0, 8, 16, 32, 64)
+EMBEDDING_FAMILIES = ("int4", "int8", "fp16", "fp32")
+MB = 1_000_000
+
+Progress = Callable[[int, str], Callable[[int], None]]
+
+
+def _no_progress(total: int, desc: str) -> Callable[[int], None]:
+    return lambda n=1: None
+
+
+@dataclass
+class CompressConfig:
+    """Everything ``quantseal compress`` takes.  Exactly one of ``budget_bits`` / ``budget_mb``."""
+
+    output: Path
+    model: Path | None = None
+    budget_bits: float | None = None
+    budget_mb: float | None = None
+    method: str = "lq"  # "lq" | "rtn"
+    data_aware: bool = False
+    calib: Path | None = None
+    calib_samples: int = 256
+    ranks: tuple[int, ...] = DEFAULT_RANKS
+    formats: tuple[str, ...] = DEFAULT_FAMILIES
+    workers: int = 2
+    seed: int = 0
+    max_iter: int = 6
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.budget_bits is None) == (self.budget_mb is None):
+            raise BadInput("give exactly one of --budget BITS and --budget-mb MB")
+        if self.budget_bits is not None and not (0 < self.budget_bits <= 32):
+            raise BadInput(f"--budget must be in (0, 32] bits per parameter, not {self.budget_bits}")
+        if self.budget_mb is not None and self.budget_mb <= 0:
+            raise BadInput(f"--budget-mb must be positive, not {self.budget_mb}")
+        if self.method not in ("lq", "rtn"):
+            raise BadInput(f"unknown method {self.method!r} (lq, rtn)")
+        if any(r < 0 for r in self.ranks):
+            raise BadInput("ranks must be non-negative")
+        self.model = Path(self.model) if self.model is not None else default_model_path()
+        self.output = Path(self.output)
+        self.ranks = tuple(sorted(set(self.ranks) | {0})) if self.method == "lq" else (0,)
+        expand_families(self.formats)  # validates the names early
+
+
+def matrix_candidates(n: int, k: int, formats: list[FormatSpec], ranks: tuple[int, ...]) -> list[Candidate]:
+    """Every (format, rank) worth decomposing for ``W: (n, k)``: ranks only on ≤ 4-bit
+    formats (an 8-bit residual has nothing left for a low-rank branch) and only up to
+    :func:`max_useful_rank`."""
+    cap = max_useful_rank(n, k)
+    out = []
+    for fmt in formats:
+        lowbit = fmt.kind != "fp" and fmt.bits <= 4
+        for r in ranks:
+            if r == 0 or (lowbit and r <= cap):
+                out.append(Candidate(fmt, r))
+    return out
+
+
+def _evaluate(task) -> list[tuple[float, int]]:
+    """Worker: (error, bytes) of every candidate of one matrix."""
+    w, fisher, cands, clip, max_iter = task
+    n, k = w.shape
+    return [(lq_decompose(w, c, fisher, max_iter=max_iter, clip_search=clip).error, c.stored_bytes(n, k))
+            for c in cands]
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def evaluate_candidates(tasks: list, workers: int, tick: Callable[[int], None]) -> list[list[tuple[float, int]]]:
+    """Map :func:`_evaluate` over matrices, on a spawn-started process pool when workers > 1."""
+    if workers <= 1:
+        out = []
+        for t in tasks:
+            out.append(_evaluate(t))
+            tick(1)
+        return out
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
+        out = []
+        for res in pool.map(_evaluate, tasks):
+            out.append(res)
+            tick(1)
+        return out
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def compress(cfg: CompressConfig, progress: Progress = _no_progress) -> dict:
+    """Run the whole job; returns the report that ``--json`` prints."""
+    t0 = time.perf_counter()
+    if cfg.output.exists() and not ckpt.is_checkpoint(cfg.output):
+        raise BadInput(f"{cfg.output}: exists and is not a quantseal checkpoint; refusing to overwrite it")
+    model, fam = load_model(cfg.model)
+    linears = compressible_linears(model, fam)
+    targets: dict[str, tuple[torch.Tensor, str]] = {n: (m.weight, "linear") for n, m in linears.items()}
+    if cfg.budget_mb is not None:
+        targets[fam.embedding_attr] = (embedding(model, fam).weight, "embedding")
+
+    fisher: dict[str, torch.Tensor | None] = {n: None for n in targets}
+    if cfg.data_aware:
+        texts = calibration_texts(cfg.calib, cfg.calib_samples)
+        tok = TextTokenizer(cfg.model)
+        batches = []
+        for i in range(0, len(texts), 16):
+            enc = tok(texts[i:i + 16])
+            batches.append({k: torch.from_numpy(v) for k, v in enc.items()})
+        tick = progress(len(texts), "fisher")
+        fisher = output_fisher(model, fam, batches, {n: p for n, (p, _) in targets.items()},
+                               seed=cfg.seed, progress=tick)
+        fisher = {n: floor_fisher(f) for n, f in fisher.items()}
+
+    lin_formats = expand_families(cfg.formats)
+    emb_formats = expand_families(EMBEDDING_FAMILIES)
+    clip = cfg.method == "lq"
+    names = list(targets)
+    cands: dict[str, list[Candidate]] = {}
+    tasks = []
+    for n in names:
+        w, kind = targets[n]
+        rows, cols = w.shape
+        cands[n] = (matrix_candidates(rows, cols, lin_formats, cfg.ranks) if kind == "linear"
+                    else [Candidate(f) for f in emb_formats])
+        tasks.append((w.detach().float().clone(), fisher[n], cands[n], clip, cfg.max_iter))
+    results = evaluate_candidates(tasks, cfg.workers, progress(len(tasks), "candidates"))
+
+    options = [MatrixOptions(n, [c.name for c in cands[n]], [b for _, b in r], [e for e, _ in r])
+               for n, r in zip(names, results)]
+    planned = set()
+    for n in names:
+        planned |= {n + ".weight"}
+    state = {k: v for k, v in model.state_dict().items() if "position_ids" not in k}
+    fixed = sum(_tensor_bytes(v) for k, v in state.items() if k not in planned)
+    lin_params = sum(targets[n][0].numel() for n in names if targets[n][1] == "linear")
+    if cfg.budget_bits is not None:
+        budget_bytes = math.floor(cfg.budget_bits * lin_params / 8)
+    else:
+        budget_bytes = math.floor(cfg.budget_mb * MB) - fixed
+    t_solve = time.perf_counter()
+    try:
+        choice = solve_allocation(options, budget_bytes)
+    except BudgetInfeasible as exc:
+        floor = exc.min_bytes
+        if cfg.budget_bits is not None:
+            need = f"{floor * 8 / lin_params:.4f} bits per parameter"
+        else:
+            need = f"{(floor + fixed) / MB:.4f} MB"
+        raise BudgetInfeasible(f"budget is infeasible: the smallest feasible plan needs {need} "
+                               f"with formats {','.join(cfg.formats)}") from None
+    solve_seconds = time.perf_counter() - t_solve
+
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, ckpt.MatrixEntry] = {}
+    tick = progress(len(names), "writing")
+    for n, c_idx, opt in zip(names, choice, options):
+        w, kind = targets[n]
+        cand = cands[n][c_idx]
+        res = lq_decompose(w.detach().float(), cand, fisher[n], max_iter=cfg.max_iter, clip_search=clip)
+        mt = ckpt.matrix_tensors(n, cand.fmt, res.qt, res.w_hat, res.l1, res.l2)
+        tensors.update(mt)
+        stored = sum(_tensor_bytes(t) for t in mt.values())
+        assert stored == opt.bytes[c_idx], (n, stored, opt.bytes[c_idx])
+        entries[n] = ckpt.MatrixEntry(cand.fmt.name, cand.rank, list(w.shape), res.error, stored, kind)
+        tick(1)
+    for k, v in state.items():
+        if k not in planned:
+            tensors[k] = v.detach().clone().contiguous()
+
+    lin_bytes = sum(e.bytes for e in entries.values() if e.kind == "linear")
+    total_bytes = sum(_tensor_bytes(t) for t in tensors.values())
+    bits_pp = lin_bytes * 8 / lin_params
+    budget = {"kind": "bits" if cfg.budget_bits is not None else "mb",
+              "asked": cfg.budget_bits if cfg.budget_bits is not None else cfg.budget_mb,
+              "bits_per_param": bits_pp, "compressible_bytes": lin_bytes,
+              "compressible_params": lin_params, "tensor_bytes": total_bytes}
+    source_file = next(iter(sorted(Path(cfg.model).glob("*.safetensors"))), None)
+    source = {"path": str(cfg.model), "family": fam.name,
+              "model_type": model.config.model_type,
+              "sha256": ckpt.file_sha256(source_file) if source_file else None}
+    manifest = ckpt.Manifest(source=source, method=cfg.method, budget=budget, matrices=entries,
+                             extra={"data_aware": cfg.data_aware, "seed": cfg.seed,
+                                    "calib": str(cfg.calib) if cfg.calib else "pydoc_data.topics"})
+    ckpt.write_checkpoint(cfg.output, manifest, tensors, cfg.model)
+    file_bytes = (cfg.output / ckpt.WEIGHTS).stat().st_size
+    formats: dict[str, int] = {}
+    for e in entries.values():
+        key = e.format + (f"+r{e.rank}" if e.rank else "")
+        formats[key] = formats.get(key, 0) + 1
+    return {
+        "output": str(cfg.output),
+        "method": cfg.method,
+        "data_aware": cfg.data_aware,
+        "budget": budget["asked"],
+        "budget_kind": budget["kind"],
+        "bits_per_param": round(bits_pp, 6),
+        "bytes": total_bytes,
+        "file_bytes": file_bytes,
+        "compressible_bytes": lin_bytes,
+        "matrices": len(entries),
+        "formats": dict(sorted(formats.items())),
+        "total_error": sum(e.error for e in entries.values()),
+        "solver_seconds": round(solve_seconds, 4),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

@@ -1,0 +1,72 @@
+"""The torch module of a compressed Linear, for evaluation and adapter training.
+
+    y = x · dequant(Q)ᵀ + (x · L2ᵀ) · L1ᵀ + b          (LQ-LoRA, eq. 1: W ≈ Q + L1 L2)
+
+``Q`` is held dequantised in float32 (evaluation speed on CPU matters more here than memory);
+the packed codes live in the checkpoint and the ONNX file.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CompressedLinear(nn.Module):
+    """A Linear whose weight is ``w_hat + l1 @ l2``; all three are frozen buffers."""
+
+    def __init__(self, w_hat: torch.Tensor, l1: torch.Tensor | None, l2: torch.Tensor | None,
+                 bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = w_hat.shape
+        self.register_buffer("w_hat", w_hat.float().contiguous())
+        rank = 0 if l1 is None else l1.shape[1]
+        self.rank = rank
+        self.register_buffer("l1", (l1 if rank else torch.zeros(self.out_features, 0)).float().contiguous())
+        self.register_buffer("l2", (l2 if rank else torch.zeros(0, self.in_features)).float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(x, self.w_hat, self.bias)
+        if self.rank:
+            y = y + (x @ self.l2.T) @ self.l1.T
+        return y
+
+    def effective_weight(self) -> torch.Tensor:
+        """W_hat + L1 L2, (out, in)."""
+        return self.w_hat + self.l1 @ self.l2 if self.rank else self.w_hat.clone()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class CompressedEmbedding(nn.Module):
+    """Token embedding ``E_hat + L1 L2`` looked up row-wise: e(ids) = E_hat[ids] + L1[ids] · L2."""
+
+    def __init__(self, e_hat: torch.Tensor, l1: torch.Tensor | None, l2: torch.Tensor | None,
+                 padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = e_hat.shape
+        self.padding_idx = padding_idx
+        self.rank = 0 if l1 is None else l1.shape[1]
+        self.register_buffer("w_hat", e_hat.float().contiguous())
+        self.register_buffer("l1", (l1 if self.rank else torch.zeros(self.num_embeddings, 0)).float().contiguous())
+        self.register_buffer("l2", (l2 if self.rank else torch.zeros(0, self.embedding_dim)).float().contiguous())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.effective_weight()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.embedding(ids, self.w_hat)
+        if self.rank:
+            out = out + nn.functional.embedding(ids, self.l1) @ self.l2
+        return out
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.w_hat + self.l1 @ self.l2 if self.rank else self.w_hat.clone()
+
+
+def set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent, _, child = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
