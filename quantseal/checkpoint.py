@@ -163,7 +163,7 @@ def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, tor
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp / WEIGHTS),
-                  metadata={"format": "pt", "quantseal_schema": str(SCHEMA_VERSION)})
+                  metadata={"format": "pt"})  # one key: safetensors orders a map arbitrarily
         for name in SOURCE_FILES:
             src = Path(source_dir) / name
             if src.is_file():

@@ -105,7 +105,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, Family]:
             model = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # transformers / safetensors raise many types for a damaged folder
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"{path}: cannot load the model ({first})") from exc
     return model.eval(), fam

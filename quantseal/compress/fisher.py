@@ -23,7 +23,7 @@ from ..models import Family, encode
 
 
 def output_fisher(model: nn.Module, fam: Family, batches: Iterable[dict[str, torch.Tensor]],
-                  params: dict[str, torch.Tensor], seed: int = 0, directions: int = 2,
+                  params: dict[str, torch.Tensor], seed: int = 0, directions: int = 1,
                   progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """``{name: F (same shape as params[name])}``, the mean over calibration sequences.
 

@@ -1,6 +1,6 @@
 """LQ decomposition: W ≈ dequant(Q) + L1 L2  (LQ-LoRA, Guo et al. 2024, Algorithm 1).
 
-    Q ← quant(W), L1 L2 ← 0
+    Q ← 0
     repeat:   L1 L2 ← SVD_r(W − Q)            (eq. 3, weighted: SVD_r(D_r (W − Q) D_c), then undo)
               Q     ← quant(W − L1 L2)
     until the error stops falling.
@@ -91,21 +91,23 @@ def lq_decompose(w: torch.Tensor, cand: Candidate, fisher: torch.Tensor | None =
         return LQResult(qt, w_hat, None, None, weighted_error(w - w_hat, fisher), 1)
 
     d_r, d_c = scale_vectors(fisher) if fisher is not None else (None, None)
-    # Iteration 0 is the state (Q = quant(W), L1 L2 = 0): the loop can only improve on plain
-    # quantisation, so an LQ candidate is never worse than its rank-0 twin.
+    # The loop starts from Q = 0 as in the paper (its first SVD sees W's own structure), but
+    # the state (Q = quant(W), L1 L2 = 0) competes for "best": an LQ candidate is never worse
+    # than its rank-0 twin.
     qt = quantize(w, fmt, fisher, clip_search)
-    q_deq = dequantize(qt)
     zeros = (torch.zeros(w.shape[0], cand.rank), torch.zeros(cand.rank, w.shape[1]))
-    best = LQResult(qt, q_deq, *zeros, weighted_error(w - q_deq, fisher), 0)
+    best = LQResult(qt, dequantize(qt), *zeros, weighted_error(w - dequantize(qt), fisher), 0)
+    q_deq = torch.zeros_like(w)
+    prev = float("inf")
     for it in range(1, max_iter + 1):
         l1, l2 = truncated_svd(w - q_deq, cand.rank, d_r, d_c)
         low = l1 @ l2
         qt = quantize(w - low, fmt, fisher, clip_search)
         q_deq = dequantize(qt)
         err = weighted_error(w - q_deq - low, fisher)
-        improved = err < best.error * (1 - tol)
         if err < best.error:
             best = LQResult(qt, q_deq, l1, l2, err, it)
-        if not improved:
+        if err >= prev * (1 - tol):  # stopped falling
             break
+        prev = err
     return best

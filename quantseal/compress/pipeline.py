@@ -57,7 +57,7 @@ class CompressConfig:
     formats: tuple[str, ...] = DEFAULT_FAMILIES
     workers: int = 2
     seed: int = 0
-    max_iter: int = 6
+    max_iter: int = 4
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,11 +124,30 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def compress(cfg: CompressConfig, progress: Progress = _no_progress) -> dict:
-    """Run the whole job; returns the report that ``--json`` prints."""
-    t0 = time.perf_counter()
-    if cfg.output.exists() and not ckpt.is_checkpoint(cfg.output):
-        raise BadInput(f"{cfg.output}: exists and is not a quantseal checkpoint; refusing to overwrite it")
+@dataclass
+class CandidateTable:
+    """Steps 1–3 of the job: every candidate's error and bytes, ready for any budget."""
+
+    model: torch.nn.Module
+    fam: object
+    targets: dict[str, tuple[torch.Tensor, str]]  # name → (weight (N, K), "linear" | "embedding")
+    fisher: dict[str, torch.Tensor | None]
+    cands: dict[str, list[Candidate]]
+    options: list[MatrixOptions]
+    fixed_bytes: int  # every tensor not planned, as stored
+    linear_params: int  # Σ N·K over the planned Linears
+    clip: bool
+    max_iter: int
+
+    def budget_bytes(self, budget_bits: float | None = None, budget_mb: float | None = None) -> int:
+        """Bytes the planned matrices may take: bits × Linear params / 8, or MB − fixed bytes."""
+        if budget_bits is not None:
+            return math.floor(budget_bits * self.linear_params / 8)
+        return math.floor(budget_mb * MB) - self.fixed_bytes
+
+
+def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress) -> CandidateTable:
+    """Load the model, estimate the Fisher (data-aware) and evaluate every candidate."""
     model, fam = load_model(cfg.model)
     linears = compressible_linears(model, fam)
     targets: dict[str, tuple[torch.Tensor, str]] = {n: (m.weight, "linear") for n, m in linears.items()}
@@ -144,99 +163,120 @@ def compress(cfg: CompressConfig, progress: Progress = _no_progress) -> dict:
             enc = tok(texts[i:i + 16])
             batches.append({k: torch.from_numpy(v) for k, v in enc.items()})
         tick = progress(len(texts), "fisher")
-        fisher = output_fisher(model, fam, batches, {n: p for n, (p, _) in targets.items()},
-                               seed=cfg.seed, progress=tick)
-        fisher = {n: floor_fisher(f) for n, f in fisher.items()}
+        raw = output_fisher(model, fam, batches, {n: p for n, (p, _) in targets.items()},
+                            seed=cfg.seed, progress=tick)
+        fisher = {n: floor_fisher(f) for n, f in raw.items()}
 
     lin_formats = expand_families(cfg.formats)
     emb_formats = expand_families(EMBEDDING_FAMILIES)
     clip = cfg.method == "lq"
-    names = list(targets)
     cands: dict[str, list[Candidate]] = {}
     tasks = []
-    for n in names:
-        w, kind = targets[n]
+    for n, (w, kind) in targets.items():
         rows, cols = w.shape
         cands[n] = (matrix_candidates(rows, cols, lin_formats, cfg.ranks) if kind == "linear"
                     else [Candidate(f) for f in emb_formats])
         tasks.append((w.detach().float().clone(), fisher[n], cands[n], clip, cfg.max_iter))
     results = evaluate_candidates(tasks, cfg.workers, progress(len(tasks), "candidates"))
-
     options = [MatrixOptions(n, [c.name for c in cands[n]], [b for _, b in r], [e for e, _ in r])
-               for n, r in zip(names, results)]
-    planned = set()
-    for n in names:
-        planned |= {n + ".weight"}
+               for n, r in zip(targets, results)]
     state = {k: v for k, v in model.state_dict().items() if "position_ids" not in k}
+    planned = {n + ".weight" for n in targets}
     fixed = sum(_tensor_bytes(v) for k, v in state.items() if k not in planned)
-    lin_params = sum(targets[n][0].numel() for n in names if targets[n][1] == "linear")
-    if cfg.budget_bits is not None:
-        budget_bytes = math.floor(cfg.budget_bits * lin_params / 8)
-    else:
-        budget_bytes = math.floor(cfg.budget_mb * MB) - fixed
-    t_solve = time.perf_counter()
+    lin_params = sum(w.numel() for w, kind in targets.values() if kind == "linear")
+    return CandidateTable(model, fam, targets, fisher, cands, options, fixed, lin_params, clip, cfg.max_iter)
+
+
+def plan(table: CandidateTable, budget_bits: float | None = None, budget_mb: float | None = None,
+         formats_label: str = "") -> list[int]:
+    """Step 4: the ILP; an infeasible budget names the smallest feasible one."""
     try:
-        choice = solve_allocation(options, budget_bytes)
+        return solve_allocation(table.options, table.budget_bytes(budget_bits, budget_mb))
     except BudgetInfeasible as exc:
         floor = exc.min_bytes
-        if cfg.budget_bits is not None:
-            need = f"{floor * 8 / lin_params:.4f} bits per parameter"
+        if budget_bits is not None:
+            need = f"{floor * 8 / table.linear_params:.4f} bits per parameter"
         else:
-            need = f"{(floor + fixed) / MB:.4f} MB"
-        raise BudgetInfeasible(f"budget is infeasible: the smallest feasible plan needs {need} "
-                               f"with formats {','.join(cfg.formats)}") from None
-    solve_seconds = time.perf_counter() - t_solve
+            need = f"{(floor + table.fixed_bytes) / MB:.4f} MB"
+        raise BudgetInfeasible(f"budget is infeasible: the smallest feasible plan needs {need}"
+                               + (f" with formats {formats_label}" if formats_label else "")) from None
 
+
+def materialize(table: CandidateTable, choice: list[int],
+                progress: Progress = _no_progress) -> tuple[dict[str, torch.Tensor], dict[str, ckpt.MatrixEntry]]:
+    """Step 5: rebuild the chosen candidates; returns every stored tensor and the manifest entries."""
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, ckpt.MatrixEntry] = {}
-    tick = progress(len(names), "writing")
-    for n, c_idx, opt in zip(names, choice, options):
-        w, kind = targets[n]
-        cand = cands[n][c_idx]
-        res = lq_decompose(w.detach().float(), cand, fisher[n], max_iter=cfg.max_iter, clip_search=clip)
+    tick = progress(len(choice), "writing")
+    for (n, (w, kind)), c_idx, opt in zip(table.targets.items(), choice, table.options):
+        cand = table.cands[n][c_idx]
+        res = lq_decompose(w.detach().float(), cand, table.fisher[n], max_iter=table.max_iter,
+                           clip_search=table.clip)
         mt = ckpt.matrix_tensors(n, cand.fmt, res.qt, res.w_hat, res.l1, res.l2)
-        tensors.update(mt)
         stored = sum(_tensor_bytes(t) for t in mt.values())
-        assert stored == opt.bytes[c_idx], (n, stored, opt.bytes[c_idx])
+        if stored != opt.bytes[c_idx]:  # the ILP's byte count must be the file's
+            raise RuntimeError(f"{n}: {cand.name} stores {stored} bytes, planned {opt.bytes[c_idx]}")
+        tensors.update(mt)
         entries[n] = ckpt.MatrixEntry(cand.fmt.name, cand.rank, list(w.shape), res.error, stored, kind)
         tick(1)
-    for k, v in state.items():
-        if k not in planned:
+    planned = {n + ".weight" for n in table.targets}
+    for k, v in table.model.state_dict().items():
+        if k not in planned and "position_ids" not in k:
             tensors[k] = v.detach().clone().contiguous()
+    return tensors, entries
 
+
+def compress(cfg: CompressConfig, progress: Progress = _no_progress) -> dict:
+    """Run the whole job; returns the report that ``--json`` prints."""
+    t0 = time.perf_counter()
+    if cfg.output.exists() and not ckpt.is_checkpoint(cfg.output):
+        raise BadInput(f"{cfg.output}: exists and is not a quantseal checkpoint; refusing to overwrite it")
+    table = build_candidate_table(cfg, progress)
+    t_solve = time.perf_counter()
+    choice = plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats))
+    solve_seconds = time.perf_counter() - t_solve
+    tensors, entries = materialize(table, choice, progress)
+    manifest = make_manifest(table, cfg, entries, tensors)
+    ckpt.write_checkpoint(cfg.output, manifest, tensors, cfg.model)
+    report = summarize(manifest, cfg.output)
+    report.update(solver_seconds=round(solve_seconds, 4), seconds=round(time.perf_counter() - t0, 3))
+    return report
+
+
+def make_manifest(table: CandidateTable, cfg: CompressConfig, entries: dict[str, ckpt.MatrixEntry],
+                  tensors: dict[str, torch.Tensor]) -> ckpt.Manifest:
     lin_bytes = sum(e.bytes for e in entries.values() if e.kind == "linear")
-    total_bytes = sum(_tensor_bytes(t) for t in tensors.values())
-    bits_pp = lin_bytes * 8 / lin_params
     budget = {"kind": "bits" if cfg.budget_bits is not None else "mb",
               "asked": cfg.budget_bits if cfg.budget_bits is not None else cfg.budget_mb,
-              "bits_per_param": bits_pp, "compressible_bytes": lin_bytes,
-              "compressible_params": lin_params, "tensor_bytes": total_bytes}
+              "bits_per_param": lin_bytes * 8 / table.linear_params, "compressible_bytes": lin_bytes,
+              "compressible_params": table.linear_params,
+              "tensor_bytes": sum(_tensor_bytes(t) for t in tensors.values())}
     source_file = next(iter(sorted(Path(cfg.model).glob("*.safetensors"))), None)
-    source = {"path": str(cfg.model), "family": fam.name,
-              "model_type": model.config.model_type,
+    source = {"path": str(cfg.model), "family": table.fam.name, "model_type": table.model.config.model_type,
               "sha256": ckpt.file_sha256(source_file) if source_file else None}
-    manifest = ckpt.Manifest(source=source, method=cfg.method, budget=budget, matrices=entries,
-                             extra={"data_aware": cfg.data_aware, "seed": cfg.seed,
-                                    "calib": str(cfg.calib) if cfg.calib else "pydoc_data.topics"})
-    ckpt.write_checkpoint(cfg.output, manifest, tensors, cfg.model)
-    file_bytes = (cfg.output / ckpt.WEIGHTS).stat().st_size
+    return ckpt.Manifest(source=source, method=cfg.method, budget=budget, matrices=entries,
+                         extra={"data_aware": cfg.data_aware, "seed": cfg.seed,
+                                "calib": str(cfg.calib) if cfg.calib else "pydoc_data.topics"})
+
+
+def summarize(manifest: ckpt.Manifest, output: Path) -> dict:
+    """The ``--json`` report of a written checkpoint."""
     formats: dict[str, int] = {}
-    for e in entries.values():
+    for e in manifest.matrices.values():
         key = e.format + (f"+r{e.rank}" if e.rank else "")
         formats[key] = formats.get(key, 0) + 1
+    b = manifest.budget
     return {
-        "output": str(cfg.output),
-        "method": cfg.method,
-        "data_aware": cfg.data_aware,
-        "budget": budget["asked"],
-        "budget_kind": budget["kind"],
-        "bits_per_param": round(bits_pp, 6),
-        "bytes": total_bytes,
-        "file_bytes": file_bytes,
-        "compressible_bytes": lin_bytes,
-        "matrices": len(entries),
+        "output": str(output),
+        "method": manifest.method,
+        "data_aware": manifest.extra.get("data_aware", False),
+        "budget": b["asked"],
+        "budget_kind": b["kind"],
+        "bits_per_param": round(b["bits_per_param"], 6),
+        "bytes": b["tensor_bytes"],
+        "file_bytes": (output / ckpt.WEIGHTS).stat().st_size,
+        "compressible_bytes": b["compressible_bytes"],
+        "matrices": len(manifest.matrices),
         "formats": dict(sorted(formats.items())),
-        "total_error": sum(e.error for e in entries.values()),
-        "solver_seconds": round(solve_seconds, 4),
-        "seconds": round(time.perf_counter() - t0, 3),
+        "total_error": sum(e.error for e in manifest.matrices.values()),
     }
