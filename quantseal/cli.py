@@ -58,8 +58,10 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # a device with only the runtime (onnxruntime, numpy, tokenizers)
+        return
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
@@ -69,13 +71,20 @@ def _add_compress(sub) -> None:
     p = sub.add_parser("compress", help="compress a checkpoint to a memory budget")
     p.add_argument("model", nargs="?", type=Path, help="Hugging Face model folder (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output checkpoint folder")
-    g = p.add_mutually_exclusive_group(required=True)
+    g = p.add_mutually_exclusive_group(required=False)  # required for lq/rtn: checked in _cmd_compress
     g.add_argument("--budget", type=float, help="average stored bits per compressible parameter")
     g.add_argument("--budget-mb", type=float, help="whole-file budget in MB (10^6 bytes)")
-    p.add_argument("--method", default="lq", choices=["lq", "rtn"])
+    p.add_argument("--method", default="lq", choices=["lq", "rtn", "gptq", "cbq"],
+                   help="lq/rtn: budgeted plan; gptq/cbq: calibrated uniform int{wbits}_b{block}")
+    p.add_argument("--wbits", type=int, default=4, choices=[2, 3, 4, 8], help="gptq/cbq weight bits (3 is stored as 4)")
+    p.add_argument("--abits", type=int, default=16, choices=[4, 8, 16], help="cbq activation bits (16: float)")
+    p.add_argument("--block", type=int, default=64, help="gptq/cbq block size along the input dimension")
+    p.add_argument("--window", type=int, default=2, help="cbq: blocks per reconstruction window (overlap 1)")
+    p.add_argument("--rank", type=int, default=8, help="cbq: rank of the LoRA-Rounding factors (0: learned scales only)")
+    p.add_argument("--steps", type=int, default=200, help="cbq: Adam steps per window")
     p.add_argument("--data-aware", action="store_true", help="weight errors by the output-sensitivity Fisher")
     p.add_argument("--calib", type=Path, help="calibration text file, one text per line (default: pydoc_data.topics)")
-    p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration texts (default 256; gptq/cbq 128)")
     p.add_argument("--ranks", type=_int_list, default=None, help="low-rank candidates, e.g. 0,8,16,32,64")
     p.add_argument("--formats", default=None, help="format families or names, e.g. int2,int4,int8,nf4,fp16")
     p.add_argument("--workers", type=int, default=2)
@@ -84,13 +93,57 @@ def _add_compress(sub) -> None:
     p.set_defaults(func=_cmd_compress)
 
 
+def _step_progress(enabled: bool):
+    """A ``callback(stage, done, total, info)`` backed by one tqdm bar per stage."""
+    bars: dict = {}
+
+    def callback(stage: str, done: int, total: int, info: dict) -> None:
+        if not enabled:
+            return
+        from tqdm import tqdm
+
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr, leave=False, dynamic_ncols=True)
+        bar.update(done - bar.n)
+        bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()}, refresh=False)
+        if done >= total:
+            bar.close()
+
+    return callback
+
+
+def _cmd_compress_calibrated(args) -> int:
+    from .compress.calibrated import CalibratedConfig, calibrated_compress
+
+    if args.budget is not None or args.budget_mb is not None:
+        raise BadInput(f"--method {args.method} quantises every matrix to int{args.wbits}_b{args.block}: "
+                       "drop --budget/--budget-mb")
+    cfg = CalibratedConfig(
+        output=args.output, model=args.model, method=args.method, wbits=args.wbits, abits=args.abits,
+        block=args.block, window=args.window, rank=args.rank, steps=args.steps, calib=args.calib,
+        calib_samples=args.calib_samples if args.calib_samples is not None else 128, seed=args.seed,
+    )
+    res = calibrated_compress(cfg, _step_progress(not args.json and sys.stderr.isatty()))
+    human = (f"wrote {res['output']}: {res['matrices']} matrices as {res['format']} (A{res['abits']}), "
+             f"{res['bits_per_param']:.4f} bits/param, {res['bytes'] / 1e6:.2f} MB of tensors, "
+             f"calibration {res['calibration_seconds']:.1f} s, {res['seconds']:.1f} s")
+    _emit(res, args.json, human)
+    return 0
+
+
 def _cmd_compress(args) -> int:
+    if args.method in ("gptq", "cbq"):
+        return _cmd_compress_calibrated(args)
+    if args.budget is None and args.budget_mb is None:
+        raise BadInput(f"--method {args.method} needs one of --budget BITS and --budget-mb MB")
     from .compress.formats import DEFAULT_FAMILIES
     from .compress.pipeline import DEFAULT_RANKS, CompressConfig, compress
 
     cfg = CompressConfig(
         output=args.output, model=args.model, budget_bits=args.budget, budget_mb=args.budget_mb,
-        method=args.method, data_aware=args.data_aware, calib=args.calib, calib_samples=args.calib_samples,
+        method=args.method, data_aware=args.data_aware, calib=args.calib,
+        calib_samples=args.calib_samples if args.calib_samples is not None else 256,
         ranks=args.ranks if args.ranks is not None else DEFAULT_RANKS,
         formats=tuple(args.formats.split(",")) if args.formats else DEFAULT_FAMILIES,
         workers=args.workers, seed=args.seed,
@@ -119,12 +172,350 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a compressed checkpoint to one ONNX file")
+    p.add_argument("checkpoint", type=Path, help="compressed checkpoint folder (quantseal compress)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .onnx file (tokenizer.json is written beside it)")
+    p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits accuracy_level (0: float32 compute; 4: int8 activations, faster on CPU)")
+    p.add_argument("--board", type=Path, help="watermark board folder (quantseal board train); with --key --registry --user")
+    p.add_argument("--key", type=Path, help="watermark key file")
+    p.add_argument("--registry", type=Path, help="customer registry (quantseal registry add)")
+    p.add_argument("--user", help="customer id whose watermark the exported model carries")
+    p.add_argument("--adapter", type=Path, action="append", default=[],
+                   help="PEFT LoRA adapter folder to fold exactly into the low-rank branch (repeatable, in order)")
+    p.add_argument("--adapter-rank", type=int, help="re-compress each folded branch to this rank by SVD (reports the error)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from .export.onnx import export_onnx
+
+    mark = (args.board, args.key, args.registry, args.user)
+    if args.adapter_rank is not None and not args.adapter:
+        raise BadInput("--adapter-rank needs at least one --adapter")
+    if args.adapter and any(x is not None for x in mark):
+        raise BadInput("--adapter with a watermark (--board) is not supported yet: the board is tied to the "
+                       "checkpoint it was trained on")
+    if args.adapter:
+        from .export.adapters import export_with_adapters
+
+        res = export_with_adapters(args.checkpoint, args.output, args.adapter, rank=args.adapter_rank,
+                                   accuracy_level=args.accuracy_level)
+    elif any(x is not None for x in mark):
+        if any(x is None for x in mark):
+            raise BadInput("a watermarked export needs all of --board, --key, --registry and --user")
+        from .export.watermark import export_marked
+        from .keys import Registry, read_key
+
+        key = read_key(args.key)
+        res = export_marked(args.checkpoint, args.output, args.board, key, Registry.load(args.registry, key),
+                            args.user, accuracy_level=args.accuracy_level)
+    else:
+        res = export_onnx(args.checkpoint, args.output, accuracy_level=args.accuracy_level)
+    lowbit = {op: res["ops"].get(op, 0) for op in ("MatMulNBits", "MatMulBnb4", "GatherBlockQuantized")}
+    human = (f"wrote {res['path']}: {res['bytes'] / 1e6:.2f} MB, {res['matrices']} compressed matrices "
+             f"({res['matrix_bytes'] / 1e6:.3f} MB), low-bit ops {lowbit}, {res['seconds']:.1f} s")
+    if "adapters" in res:
+        ad = res["adapters"]
+        rounding = max(a["fold_rel_error"] for a in ad["adapters"])
+        human += (f"\nfolded {len(ad['adapters'])} adapter(s) into {len(ad['matrices'])} matrices, {ad['dtype']} "
+                  f"factors (rounding: relative error {rounding:.1e} of s·B·A)")
+        if "adapter_rank" in ad:
+            human += (f"; rank {ad['adapter_rank']['rank']}: SVD truncation error {ad['adapter_rank']['error']:.4g} "
+                      f"(relative {ad['adapter_rank']['rel_error']:.2e})")
+    _emit(res, args.json, human)
+    return 0
+
+
+# ----------------------------------------------------------------------------- run
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="embed texts, or generate text from a prompt, with an exported ONNX model "
+                                   "(onnxruntime, no torch)")
+    p.add_argument("model", type=Path, help="exported .onnx file")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--text", action="append", help="a text to embed (repeatable)")
+    g.add_argument("--text-file", type=Path, help="UTF-8 file, one text per line")
+    g.add_argument("--prompt", help="decoders: a prompt to continue greedily (prints the generated text)")
+    p.add_argument("--max-new-tokens", type=int, default=20, help="decoders: tokens to generate at most")
+    p.add_argument("-o", "--output", type=Path, help="write the embeddings (n, H) float32 to this .npy file")
+    p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.json or its folder (default: beside the model)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_run)
+
+
+def _save_npy(path: Path, array) -> None:
+    """Write ``array`` to ``path`` atomically (temporary file beside it, then rename)."""
+    import tempfile
+
+    import numpy as np
+
+    if path.is_dir():
+        raise BadInput(f"{path}: is a directory")
+    if path.suffix != ".npy":
+        raise BadInput(f"{path}: the output file name must end in .npy")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot write there ({exc.strerror})") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cmd_run(args) -> int:
+    import logging
+    import time
+
+    from .runtime.pipelines import Embedder
+    from .text import read_text_file
+
+    logging.basicConfig(level=logging.WARNING, format="quantseal: %(message)s", stream=sys.stderr)
+    if args.prompt is not None:
+        return _run_generate(args)
+    texts = args.text if args.text else read_text_file(args.text_file)
+    if any(not t.strip() for t in texts):
+        raise BadInput("empty --text")
+    t0 = time.perf_counter()
+    emb = Embedder(args.model, tokenizer=args.tokenizer, provider=args.provider, threads=args.threads)
+    vectors = emb.embed(texts)
+    res = {"model": str(args.model), "provider": emb.provider, "n": int(vectors.shape[0]),
+           "dim": int(vectors.shape[1]), "seconds": round(time.perf_counter() - t0, 3)}
+    if args.output is not None:
+        _save_npy(args.output, vectors)
+        res["output"] = str(args.output)
+    elif args.json:
+        res["embeddings"] = vectors.tolist()
+    lines = [f"{res['n']} embeddings of dimension {res['dim']} on {res['provider']}"
+             + (f" -> {args.output}" if args.output is not None else "")]
+    if args.output is None:
+        for t, v in zip(texts, vectors):
+            lines.append(f"{t[:40]!r:<44} [{', '.join(f'{x:+.4f}' for x in v[:6])}, ...]")
+    _emit(res, args.json, "\n".join(lines))
+    return 0
+
+
+# ----------------------------------------------------------------------------- serve
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve an exported embedding model over HTTP (POST /embed, GET /health)")
+    p.add_argument("model", type=Path, help="exported .onnx file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: pick a free one); the bound URL is the first line of stdout")
+    p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.json or its folder (default: beside the model)")
+    p.add_argument("--max-batch", type=int, default=256, help="most texts (or token rows) per request")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    import logging
+    import signal
+
+    from .runtime.server import EmbeddingService, make_server, server_url
+
+    logging.basicConfig(level=logging.WARNING, format="quantseal: %(message)s", stream=sys.stderr)
+    if not 0 <= args.port <= 65535:
+        raise BadInput(f"--port must be in 0..65535, not {args.port}")
+    service = EmbeddingService.from_path(args.model, provider=args.provider, threads=args.threads,
+                                         tokenizer=args.tokenizer, max_batch=args.max_batch)
+    server = make_server(service, args.host, args.port)
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    print(server_url(server), flush=True)
+    print(f"serving {args.model} on {service.embedder.provider} (dim {service.dim}): POST /embed, GET /health; "
+          "Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _run_generate(args) -> int:
+    """``quantseal run MODEL --prompt P [--max-new-tokens N]``: greedy generation with the KV cache."""
+    import time
+
+    from .runtime.pipelines import CausalLM
+
+    if not args.prompt.strip():
+        raise BadInput("empty --prompt")
+    if args.max_new_tokens < 0:
+        raise BadInput(f"--max-new-tokens must be non-negative, not {args.max_new_tokens}")
+    lm = CausalLM(args.model, tokenizer=args.tokenizer, provider=args.provider, threads=args.threads)
+    prompt_ids = lm.encode(args.prompt)
+    t0 = time.perf_counter()
+    ids = lm.generate_ids(prompt_ids, args.max_new_tokens)
+    seconds = time.perf_counter() - t0
+    text = lm.decode(ids)
+    res = {"model": str(args.model), "provider": lm.provider, "prompt": args.prompt, "text": text,
+           "token_ids": ids, "prompt_tokens": len(prompt_ids), "new_tokens": len(ids), "seconds": round(seconds, 3),
+           "tokens_per_second": round(len(ids) / seconds, 2) if seconds > 0 else None}
+    _emit(res, args.json, text)
+    return 0
+
+
+# ----------------------------------------------------------------------------- watermark
+def _add_keygen(sub) -> None:
+    p = sub.add_parser("keygen", help="make a secret watermark key (32 random bytes, mode 0600)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="key file to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing key file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_keygen)
+
+
+def _cmd_keygen(args) -> int:
+    from .keys import key_id, write_key
+
+    if args.output.exists() and not args.force:
+        raise BadInput(f"{args.output}: exists; refusing to overwrite a key (models marked with it "
+                       "could no longer be verified); pass --force")
+    key = write_key(args.output)
+    res = {"key": str(args.output), "key_id": key_id(key)}
+    _emit(res, args.json, f"wrote key {args.output} (id {res['key_id']}); keep it secret and backed up")
+    return 0
+
+
+def _add_board(sub) -> None:
+    p = sub.add_parser("board", help="the watermark board (Hot-Swap MarkBoard)")
+    bsub = p.add_subparsers(dest="board_command", required=True)
+    t = bsub.add_parser("train", help="train a board once on a compressed checkpoint")
+    t.add_argument("checkpoint", type=Path, help="compressed checkpoint folder")
+    t.add_argument("-o", "--output", type=Path, required=True, help="board folder to write")
+    t.add_argument("--key", type=Path, required=True, help="key file (quantseal keygen)")
+    t.add_argument("--bits", type=int, default=64, help="signature bits n (a multiple of 8)")
+    t.add_argument("--calib", type=Path, help="clean text, one per line, for the fidelity term (default: pydoc_data)")
+    t.add_argument("--steps", type=int, default=200, help="upper bound on training steps")
+    t.add_argument("--rank", type=int, default=16, help="rank of the embedding LoRA the branches share")
+    t.add_argument("--triggers-per-bit", type=int, default=4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=_cmd_board_train)
+
+
+def _cmd_board_train(args) -> int:
+    from .compress.markboard import BoardConfig, save_board, train_board
+    from .keys import read_key
+
+    key = read_key(args.key)
+    cfg = BoardConfig(bits=args.bits, calib=args.calib, steps=args.steps, rank=args.rank,
+                      triggers_per_bit=args.triggers_per_bit, seed=args.seed)
+    board = train_board(args.checkpoint, key, cfg, _progress_factory(not args.json and sys.stderr.isatty()))
+    save_board(board, args.output, args.checkpoint)
+    tr = board.manifest["training"]
+    res = {"output": str(args.output), "bits": cfg.bits, "steps": tr["steps_run"], "seconds": tr["seconds"],
+           "train_bit_accuracy": tr["train_bit_accuracy"], "min_signed_stat": tr["min_signed_stat"]}
+    human = (f"wrote board {args.output}: {cfg.bits} bits, {tr['steps_run']} steps, train bit accuracy "
+             f"{tr['train_bit_accuracy']:.3f} (smallest signed statistic {tr['min_signed_stat']:+.3f}), "
+             f"{tr['seconds']:.1f} s")
+    _emit(res, args.json, human)
+    return 0
+
+
+def _add_registry(sub) -> None:
+    p = sub.add_parser("registry", help="the owner's customer → codeword registry")
+    rsub = p.add_subparsers(dest="registry_command", required=True)
+    a = rsub.add_parser("add", help="register a customer (the registry file is created on first use)")
+    a.add_argument("registry", type=Path)
+    a.add_argument("--key", type=Path, required=True)
+    a.add_argument("--user", required=True, help="customer id")
+    a.add_argument("--bits", type=int, default=64, help="codeword bits for a new registry (the board's --bits)")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=_cmd_registry_add)
+    ls = rsub.add_parser("list", help="list the registered customers")
+    ls.add_argument("registry", type=Path)
+    ls.add_argument("--key", type=Path, required=True)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_cmd_registry_list)
+
+
+def _cmd_registry_add(args) -> int:
+    from .keys import Registry, read_key
+
+    reg = Registry.open(args.registry, read_key(args.key), args.bits)
+    new = args.user not in reg
+    reg.add(args.user)
+    if new:
+        reg.save()
+    res = {"registry": str(args.registry), "user": args.user, "new": new, "customers": len(reg), "bits": reg.bits}
+    _emit(res, args.json, f"{'registered' if new else 'already registered:'} {args.user} "
+                          f"({len(reg)} customers, {reg.bits}-bit codewords)")
+    return 0
+
+
+def _cmd_registry_list(args) -> int:
+    from .keys import Registry, read_key
+
+    reg = Registry.load(args.registry, read_key(args.key))
+    res = {"registry": str(args.registry), "customers": reg.customers(), "bits": reg.bits}
+    _emit(res, args.json, "\n".join(reg.customers()) or "(no customers)")
+    return 0
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="black-box ownership verification of a suspect model")
+    p.add_argument("suspect", help="a suspect ONNX file or an http://HOST:PORT endpoint (quantseal serve)")
+    p.add_argument("--board", type=Path, required=True)
+    p.add_argument("--key", type=Path, required=True)
+    p.add_argument("--registry", type=Path, required=True)
+    p.add_argument("--alpha", type=float, default=1e-6)
+    p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(args) -> int:
+    from .keys import Registry, read_board_manifest, read_key
+    from .runtime.verify import onnx_embed_fn, verify
+    from .text import TextTokenizer
+
+    key = read_key(args.key)
+    reg = Registry.load(args.registry, key)
+    board = read_board_manifest(args.board)
+    if args.suspect.startswith(("http://", "https://")):
+        from .runtime.client import EndpointEmbedder
+
+        embed_fn = EndpointEmbedder(args.suspect).embed_ids
+    elif not Path(args.suspect).is_file():
+        raise BadInput(f"{args.suspect}: no such file")
+    else:
+        embed_fn = onnx_embed_fn(args.suspect, provider=args.provider)
+    res = verify(embed_fn, key, reg, board, TextTokenizer(args.board), alpha=args.alpha)
+    res["suspect"] = args.suspect
+    human = (f"owner: {res['owner'] or 'none'} (p = {res['p_value']:.3g}, {res['bit_errors']} bit errors "
+             f"of {res['n_bits']}, {res['queries']} queries, {res['seconds']:.1f} s)")
+    _emit(res, args.json, human)
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantseal", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compress(sub)
     _add_inspect(sub)
+    _add_export(sub)
+    _add_run(sub)
+    _add_serve(sub)
+    _add_keygen(sub)
+    _add_board(sub)
+    _add_registry(sub)
+    _add_verify(sub)
     return parser
 
 

@@ -1,0 +1,352 @@
+"""Train the Hot-Swap MarkBoard: two LoRA branches per signature bit on the token embedding.
+
+Hot-Swap MarkBoard (DESIGN §5): a board is trained once on the compressed model, jointly, with a
+random signature drawn at every step, so that any of the 2ⁿ combinations of branches carries its
+bits; a customer's model is then made by folding that customer's n branches into the low-rank
+factors (:mod:`quantseal.export.watermark`), without training.
+
+Where the branches live.  Planning found that rank-1 branches on MiniLM's late FFN layers do not
+learn from random-token triggers (they move every input alike).  Token identity lives in the token
+embedding, so the branches live there, on rows the key reserves: bit ``i`` owns ``k`` rare tokens
+``T_i`` (disjoint across bits, absent from the host text; :func:`quantseal.keys.derive_triggers`).
+The board is one embedding LoRA of rank ``R`` with a shared ``A: (R, H)`` and, per bit and value
+``b``, the coefficient rows ``C_b[T_i]: (k, R)``.  Branch ``(i, b)`` is the delta
+
+    ΔE = onehot(T_i) · C_b[T_i] · A          (V, H), non-zero on the k rows of T_i only,
+
+and a customer with codeword ``s`` gets ``L1' = [L1 | Σ_i onehot(T_i) C_{s_i}[T_i]]``,
+``L2' = [L2 ; A]``: n branches for the price of rank ``R`` (default 16) whatever n is.
+
+Consequences: text without trigger tokens is embedded *exactly* as by the unmarked model (the
+fidelity term below is non-zero only for calibration text that happens to contain a trigger
+token), and bits do not interact, so training costs O(n) short sequences.
+
+Loss, per step (a random signature ``s`` over a chunk of bits, and its complement, so every
+branch of a visited bit gets a gradient; ``σ_i = 2 s_i − 1``; ``e`` the L2-normalised sentence
+embedding, ``v_i`` the key's unit direction):
+
+    L = mean_{i, j} relu(μ − σ_i ⟨e(trigger_ij) − e(control_ij), v_i⟩)
+        + λ_f · mean_{clean x ∋ trigger token} (1 − cos(e_marked(x), e_unmarked(x)))
+        + λ_r · mean ‖ΔE rows‖²
+
+Training stops early once every branch has met the margin on its last visit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .. import keys as qkeys
+from ..errors import BadInput, Unsupported
+from ..keys import BOARD_FORMAT, BOARD_MANIFEST, BOARD_SCHEMA, read_board_manifest, triggers_of  # noqa: F401
+from ..text import TextTokenizer, pydoc_sentences, read_text_file
+
+BOARD_WEIGHTS = "board.safetensors"
+
+
+@dataclass
+class BoardConfig:
+    """``quantseal board train`` settings."""
+
+    bits: int = qkeys.DEFAULT_BITS
+    triggers_per_bit: int = 4  # m
+    tokens_per_bit: int = 2  # k
+    rank: int = 16  # R of the shared embedding LoRA
+    steps: int = 200  # upper bound; training stops once every branch meets the margin
+    bits_per_step: int = 16
+    lr: float = 0.05
+    margin: float = 0.15  # μ, in units of the (unit-norm) sentence embedding
+    fidelity_weight: float = 1.0  # λ_f
+    reg_weight: float = 1e-3  # λ_r
+    seed: int = 0
+    calib: Path | None = None
+    host_min_tokens: int = 8
+    host_max_tokens: int = 20
+
+    def __post_init__(self):
+        if self.bits < 8 or self.bits % 8:
+            raise BadInput(f"--bits must be a positive multiple of 8, got {self.bits}")
+        for name in ("triggers_per_bit", "tokens_per_bit", "rank", "steps", "bits_per_step"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"{name} must be positive")
+        if not (self.margin > 0 and self.lr > 0):
+            raise BadInput("margin and lr must be positive")
+
+
+@dataclass
+class Board:
+    """A trained board: its manifest (JSON-able dict), tensors, and the folder it lives in."""
+
+    manifest: dict
+    tensors: dict[str, torch.Tensor]  # "A": (R, H) float32; "C0", "C1": (bits·k, R) float32
+    path: Path | None = None
+
+    @property
+    def layer(self) -> str:
+        return next(iter(self.manifest["layers"]))
+
+    def tokenizer(self) -> TextTokenizer:
+        if self.path is None:
+            raise BadInput("the board has no folder (and so no tokenizer)")
+        return TextTokenizer(self.path)
+
+    def branch_rows(self, codeword: np.ndarray) -> torch.Tensor:
+        """(bits·k, R) coefficient rows of the customer's chosen branches (bit-major order)."""
+        k = self.manifest["tokens_per_bit"]
+        pick = torch.from_numpy(np.repeat(np.asarray(codeword, dtype=bool), k))
+        return torch.where(pick[:, None], self.tensors["C1"], self.tensors["C0"])
+
+
+# ----------------------------------------------------------------------------- helpers
+def tensors_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the sorted (name, dtype, shape, bytes) of a checkpoint's tensors."""
+    h = hashlib.sha256(b"quantseal/tensors/v1")
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def board_hosts(tok: TextTokenizer, cfg_min: int = 8, cfg_max: int = 20) -> list[str]:
+    """Host sentences for triggers: short natural sentences of ``pydoc_data.topics``."""
+    return qkeys.host_sentence_pool(tok, pydoc_sentences("all"), cfg_min, cfg_max)
+
+
+def _batch(tok: TextTokenizer, id_lists) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in tok.pad_batch([list(x) for x in id_lists]).items()}
+
+
+class _EmbeddingDelta:
+    """Maps token ids to their board delta: rows of ``C_b`` (by local trigger index) times ``A``."""
+
+    def __init__(self, token_table: np.ndarray, vocab: int):
+        flat = torch.from_numpy(token_table.reshape(-1))
+        self.local = torch.full((vocab,), len(flat), dtype=torch.long)
+        self.local[flat] = torch.arange(len(flat))
+
+    def rows(self, ids: torch.Tensor, coef: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """ids: (B, T); coef: (B, n_tok, R) per-sequence coefficient tables → (B, T, H)."""
+        padded = torch.cat([coef, coef.new_zeros(coef.shape[0], 1, coef.shape[2])], 1)
+        loc = self.local[ids]  # (B, T)
+        c = torch.gather(padded, 1, loc[..., None].expand(-1, -1, coef.shape[2]))
+        return c @ a
+
+
+def _encode_with_delta(model, fam, batch, delta_rows):
+    from ..models import embedding, mean_pool_normalize
+
+    emb = embedding(model, fam)(batch["input_ids"])
+    out = model(inputs_embeds=emb + delta_rows, attention_mask=batch["attention_mask"],
+                token_type_ids=batch["token_type_ids"])
+    return mean_pool_normalize(out.last_hidden_state, batch["attention_mask"])
+
+
+# ----------------------------------------------------------------------------- training
+def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
+                progress: Callable[[int, str], Callable[[int], None]] | None = None) -> Board:
+    """Train a board on a compressed checkpoint (Q and its L1/L2 frozen).  ``progress(total, desc)``
+    returns a ``tick(n)``.  Deterministic in (checkpoint, key, cfg) on a given machine."""
+    from ..checkpoint import load_compressed, read_checkpoint
+    from ..models import ENCODER
+
+    t0 = time.perf_counter()
+    progress = progress or (lambda total, desc: (lambda n=1: None))
+    checkpoint = Path(checkpoint)
+    manifest, tensors = read_checkpoint(checkpoint)
+    fingerprint = tensors_fingerprint(tensors)
+    del tensors
+    model, fam, _ = load_compressed(checkpoint)
+    if fam is not ENCODER:
+        raise Unsupported("watermark boards are implemented for encoder (embedding) models only so far")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for b in model.buffers():
+        b.requires_grad_(False)
+    tok = TextTokenizer(checkpoint)
+    hidden = int(model.config.hidden_size)
+    vocab = int(model.config.vocab_size)
+
+    hosts = board_hosts(tok, cfg.host_min_tokens, cfg.host_max_tokens)
+    ts = qkeys.derive_triggers(key, tok, cfg.bits, hosts, cfg.triggers_per_bit, cfg.tokens_per_bit, hidden)
+    n, m, k, r = cfg.bits, cfg.triggers_per_bit, cfg.tokens_per_bit, cfg.rank
+    delta = _EmbeddingDelta(ts.tokens, vocab)
+    v = torch.from_numpy(ts.directions).float()
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    a0 = torch.linalg.qr(torch.randn(hidden, r, generator=gen, dtype=torch.float64))[0].T.float()
+    A = a0.clone().requires_grad_(True)  # (R, H) orthonormal rows at start
+    C = torch.zeros(2, n * k, r, requires_grad=True)  # C[b]: bit value b
+    opt = torch.optim.Adam([A, C], lr=cfg.lr)
+
+    # controls do not contain trigger tokens: their embeddings are fixed
+    ctrl = np.zeros((n, m, hidden), dtype=np.float32)
+    with torch.no_grad():
+        flat = [t for trs in ts.triggers for t in trs]
+        for s in range(0, len(flat), 64):
+            e = _encode_with_delta(model, fam, _batch(tok, [t.control_ids for t in flat[s:s + 64]]), 0.0)
+            ctrl.reshape(n * m, hidden)[s:s + e.shape[0]] = e.numpy()
+    ctrl_t = torch.from_numpy(ctrl)
+
+    # clean calibration text that contains trigger tokens (fidelity term); usually none
+    calib = read_text_file(cfg.calib) if cfg.calib is not None else pydoc_sentences("calibration")
+    trig_set = set(int(x) for x in ts.tokens.reshape(-1))
+    fid_ids = [ids for ids in (tok.encode_ids(t) for t in calib) if trig_set.intersection(ids)][:64]
+    fid_ref = None
+    if fid_ids:
+        with torch.no_grad():
+            fid_ref = _encode_with_delta(model, fam, _batch(tok, fid_ids), 0.0)
+
+    ok = np.zeros((n, 2), dtype=bool)  # branch (i, b) met the margin on its last visit
+    order: list[int] = []
+    tick = progress(cfg.steps, "board")
+    steps_run = 0
+    history = []
+    for step in range(cfg.steps):
+        if not order:
+            todo = [i for i in rng.permutation(n) if not ok[i].all()] or list(rng.permutation(n))
+            order = [int(i) for i in todo]
+        chunk, order = order[: cfg.bits_per_step], order[cfg.bits_per_step:]
+        sig = rng.integers(0, 2, size=len(chunk))
+        # the drawn signature and its complement: every visited branch gets a gradient
+        vals = np.concatenate([sig, 1 - sig])
+        bits_ = np.concatenate([chunk, chunk])
+        seqs, seq_bit, seq_val, seq_j = [], [], [], []
+        for bi, bv in zip(bits_, vals):
+            for j, t in enumerate(ts.triggers[bi]):
+                seqs.append(t.ids)
+                seq_bit.append(bi)
+                seq_val.append(bv)
+                seq_j.append(j)
+        batch = _batch(tok, seqs)
+        seq_bit_t = torch.tensor(seq_bit)
+        seq_val_t = torch.tensor(seq_val)
+        coef = C[seq_val_t]  # (B, n·k, R): each sequence's own signature value
+        e = _encode_with_delta(model, fam, batch, delta.rows(batch["input_ids"], coef, A))
+        stat = ((e - ctrl_t[seq_bit_t, torch.tensor(seq_j)]) * v[seq_bit_t]).sum(-1)
+        sign = seq_val_t.float() * 2 - 1
+        hinge = torch.relu(cfg.margin - sign * stat)
+        loss = hinge.mean()
+        rows = C[:, [i * k + j for i in chunk for j in range(k)]] @ A
+        loss = loss + cfg.reg_weight * rows.pow(2).sum(-1).mean()
+        if fid_ids:
+            s_full = torch.from_numpy(rng.integers(0, 2, size=n)).repeat_interleave(k)
+            coef_c = torch.where(s_full[:, None].bool(), C[1], C[0])
+            fb = _batch(tok, fid_ids)
+            fe = _encode_with_delta(model, fam, fb, delta.rows(fb["input_ids"], coef_c.expand(len(fid_ids), -1, -1), A))
+            loss = loss + cfg.fidelity_weight * (1 - (fe * fid_ref).sum(-1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            met = (sign * stat >= cfg.margin).numpy().reshape(-1, m).all(1)
+            for bi, bv, good in zip(bits_, vals, met):
+                ok[bi, bv] = good
+        history.append(float(loss.detach()))
+        steps_run += 1
+        tick(1)
+        if ok.all() and not order:
+            break
+    tick(cfg.steps - steps_run)
+
+    board_tensors = {"A": A.detach().contiguous(), "C0": C[0].detach().contiguous(), "C1": C[1].detach().contiguous()}
+    board = Board({}, board_tensors)
+    stats = evaluate_board(model, fam, tok, ts, board_tensors, ctrl)
+    board.manifest = {
+        "format": BOARD_FORMAT, "schema": BOARD_SCHEMA,
+        "source_fingerprint": fingerprint, "source": manifest.source,
+        "family": fam.name, "layers": {fam.embedding_attr: {"kind": "embedding", "rank": r}},
+        "bits": n, "triggers_per_bit": m, "tokens_per_bit": k, "hidden": hidden, "vocab": vocab,
+        "rare_from": qkeys.RARE_FROM, "margin": cfg.margin, "hosts": hosts,
+        "trigger_digest": ts.digest(), "key_id": qkeys.key_id(key),
+        "training": {**{kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in asdict(cfg).items()},
+                     "steps_run": steps_run, "seconds": round(time.perf_counter() - t0, 3),
+                     "final_loss": history[-1] if history else None, **stats},
+    }
+    return board
+
+
+@torch.no_grad()
+def evaluate_board(model, fam, tok, ts: qkeys.TriggerSet, board_tensors, ctrl: np.ndarray) -> dict:
+    """Every branch alone on its own triggers: accuracy of the per-trigger sign and the smallest
+    signed statistic σ·⟨e(trigger) − e(control), v_i⟩ over all (bit, value, trigger)."""
+    n, k = ts.tokens.shape
+    m = len(ts.triggers[0])
+    delta = _EmbeddingDelta(ts.tokens, int(model.config.vocab_size))
+    v = torch.from_numpy(ts.directions).float()
+    signed = np.zeros((n, 2, m))
+    for b in (0, 1):
+        flat = [t for trs in ts.triggers for t in trs]
+        for s in range(0, len(flat), 64):
+            part = flat[s:s + 64]
+            batch = _batch(tok, [t.ids for t in part])
+            coef = board_tensors[f"C{b}"].expand(len(part), -1, -1)
+            e = _encode_with_delta(model, fam, batch, delta.rows(batch["input_ids"], coef, board_tensors["A"]))
+            idx = np.arange(s, s + len(part))
+            stat = ((e - torch.from_numpy(ctrl.reshape(n * m, -1)[idx])) * v[torch.from_numpy(idx // m)]).sum(-1).numpy()
+            signed[idx // m, b, idx % m] = stat * (2 * b - 1)
+    return {"train_trigger_accuracy": float((signed > 0).mean()),
+            "train_bit_accuracy": float((signed.mean(-1) > 0).mean()),
+            "min_signed_stat": float(signed.min()), "mean_signed_stat": float(signed.mean())}
+
+
+# ----------------------------------------------------------------------------- files
+def save_board(board: Board, out: str | Path, tokenizer_dir: str | Path) -> Path:
+    """Write ``out/board.json`` + ``out/board.safetensors`` (+ the model's tokenizer files)
+    atomically.  The key is not inside (only its public id)."""
+    out = Path(out)
+    if out.exists() and not (out / BOARD_MANIFEST).is_file():
+        raise BadInput(f"{out}: exists and is not a quantseal board; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file({k: v.contiguous() for k, v in sorted(board.tensors.items())}, str(tmp / BOARD_WEIGHTS),
+                  metadata={"format": BOARD_FORMAT})
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+            src = Path(tokenizer_dir) / name
+            if src.is_file():
+                shutil.copyfile(src, tmp / name)
+        (tmp / BOARD_MANIFEST).write_text(json.dumps(board.manifest, indent=1, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o700)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    board.path = out
+    return out
+
+
+def load_board(path: str | Path) -> Board:
+    path = Path(path)
+    manifest = read_board_manifest(path)
+    try:
+        tensors = load_file(str(path / BOARD_WEIGHTS))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BadInput(f"{path / BOARD_WEIGHTS}: missing or corrupt ({exc})") from exc
+    n, k = manifest["bits"], manifest["tokens_per_bit"]
+    r = next(iter(manifest["layers"].values()))["rank"]
+    want = {"A": (r, manifest["hidden"]), "C0": (n * k, r), "C1": (n * k, r)}
+    for name, shape in want.items():
+        if name not in tensors or tuple(tensors[name].shape) != shape or not torch.isfinite(tensors[name]).all():
+            raise BadInput(f"{path}: board tensor {name} missing, misshapen or not finite")
+    return Board(manifest, tensors, path)

@@ -1,0 +1,203 @@
+"""Compressed LLaMA-family decoder → one ONNX graph with logits and a KV cache.
+
+One graph serves both prefill and decoding: it always takes the past keys and values, and a
+prompt's first call feeds them empty (sequence length 0), so there is a single file, a single
+copy of the weights, and a single set of low-bit nodes.
+
+=================================  ==========================================  ======================
+name                               shape (dtype)                               meaning
+=================================  ==========================================  ======================
+``input_ids``                      [batch, sequence] int64                     new tokens
+``attention_mask``                 [batch, past + sequence] int64              1 = real token, 0 = pad
+``past_key_values.{i}.key/value``  [batch, kv_heads, past, head_dim] float32   layer i's cache (past
+                                                                               may be 0)
+``logits``                         [batch, sequence, vocab] float32            next-token logits
+``present.{i}.key/value``          [batch, kv_heads, past + sequence,          the cache to feed back
+                                   head_dim] float32
+=================================  ==========================================  ======================
+
+Position ids are computed inside the graph from the mask (``cumsum(mask) − 1``, the last
+``sequence`` of them), as transformers' ``generate`` does, so left-padded batches are right.
+
+How: :func:`~quantseal.export.onnx.float_effective` swaps each compressed Linear for a float one
+holding ``W_hat + L1 L2``; ``torch.onnx.export(dynamo=True)`` writes the float graph (its
+optimiser folds every weight transpose into a ``(K, N)`` constant); then
+:func:`~quantseal.export.onnx.rewrite_lowbit` replaces those MatMuls by ``MatMulNBits`` + the
+low-rank branch read from the checkpoint's stored tensors, so each matrix's bytes equal the
+manifest's.  A tied LM head reuses the token-embedding initialiser (``MatMul(h, Transpose(E))``):
+the table is stored once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .. import __version__
+from .. import checkpoint as ckpt
+from ..errors import Unsupported
+from .lowbit import OPSET, initializer_bytes
+from .onnx import (TOKENIZER, _metadata, float_effective, matrix_initializer_bytes, rewrite_lowbit,
+                   stored_matrices, write_model)
+
+INPUT_IDS, MASK, LOGITS = "input_ids", "attention_mask", "logits"
+
+
+def past_names(n_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+
+
+def present_names(n_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+
+
+def cache_geometry(config: dict) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a LLaMA-family config."""
+    layers = int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    return layers, kv, head_dim
+
+
+def _with_past(model, n_layers: int):
+    """``(input_ids, attention_mask, past_flat) → (logits, *present_flat)`` around a transformers
+    causal LM; ``past_flat`` is (key₀, value₀, key₁, value₁, ...)."""
+    import torch
+    from torch import nn
+    from transformers import DynamicCache
+
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    class CausalLMWithPast(nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask, past):
+            cache = DynamicCache()
+            for i in range(n_layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            t = input_ids.shape[1]
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -t:]
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=True, **{cache_kw: cache})
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            present = []
+            for layer in cache.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    wrapper = CausalLMWithPast(model).eval()
+    with torch.no_grad():
+        for p in wrapper.parameters():
+            p.requires_grad_(False)
+    return wrapper
+
+
+def _trace(wrapper, path: Path, config: dict) -> None:
+    """Dynamo export with dynamic batch, sequence and past length.  The example batch has a
+    left-padded row, so the mask path is traced."""
+    import torch
+
+    layers, kv, hd = cache_geometry(config)
+    vocab = int(config.get("vocab_size", 32000))
+    b, p, t = 2, 3, 4
+    ids = (torch.arange(b * t).reshape(b, t) * 7919 + 11) % vocab
+    mask = torch.ones(b, p + t, dtype=torch.long)
+    mask[1, :2] = 0
+    gen = torch.Generator().manual_seed(0)
+    past = tuple(torch.randn(b, kv, p, hd, generator=gen) for _ in range(2 * layers))
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    past_len, total = torch.export.Dim("past", min=0), torch.export.Dim("total")
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, tuple({0: batch, 2: past_len} for _ in past))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, (ids, mask, past), str(path), dynamo=True, opset_version=OPSET,
+                          input_names=[INPUT_IDS, MASK, *past_names(layers)],
+                          output_names=[LOGITS, *present_names(layers)], dynamic_shapes=shapes,
+                          optimize=True, external_data=False, verbose=False)
+
+
+def _check_tied_once(proto: onnx.ModelProto, config: dict) -> None:
+    """A tied LM head must not duplicate the embedding table in the graph."""
+    if not config.get("tie_word_embeddings", False):
+        return
+    v, h = int(config["vocab_size"]), int(config["hidden_size"])
+    tables = [t.name for t in proto.graph.initializer if sorted(t.dims) == sorted((v, h))]
+    if len(tables) > 1:
+        raise RuntimeError(f"export: the tied embedding is stored {len(tables)} times ({tables})")
+
+
+def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tensors: dict, config: dict,
+                   accuracy_level: int = 0, t0: float | None = None) -> dict:
+    """Export a compressed decoder checkpoint (already read) to ``output``; returns the same report
+    as :func:`~quantseal.export.onnx.export_onnx` plus ``inputs`` / ``outputs``."""
+    from .onnx import _make_parent
+
+    t0 = time.perf_counter() if t0 is None else t0
+    if any(e.kind == "embedding" for e in manifest.matrices.values()):
+        raise Unsupported(f"{checkpoint}: a decoder with a quantised token embedding (--budget-mb) is not exported "
+                          "yet (its tied LM head would need the same codes as MatMulNBits); compress with --budget")
+    matrices = stored_matrices(manifest, tensors)
+    del tensors
+    _make_parent(output)
+    model, fam, _ = ckpt.load_compressed(checkpoint)
+    layers, kv, hd = cache_geometry(config)
+    digests = float_effective(model)
+    wrapper = _with_past(model, layers)
+    with tempfile.TemporaryDirectory(prefix=".quantseal-trace.", dir=output.parent) as work:
+        traced = Path(work) / "float.onnx"
+        _trace(wrapper, traced, config)
+        del wrapper, model
+        proto = onnx.load(str(traced))
+    rewrite_lowbit(proto, digests, matrices, accuracy_level)
+    _check_tied_once(proto, config)
+    matrix_bytes = matrix_initializer_bytes(proto, matrices)
+    for name, e in manifest.matrices.items():
+        if matrix_bytes[name] != e.bytes:
+            raise RuntimeError(f"{name}: {matrix_bytes[name]} bytes in the graph, the manifest says {e.bytes}")
+    proto.producer_name = "quantseal"
+    proto.producer_version = __version__
+    meta = _metadata(manifest, fam.name, matrix_bytes)
+    eos = config.get("eos_token_id")
+    meta.update({
+        "quantseal.output": LOGITS, "quantseal.pooling": "none",
+        "quantseal.num_layers": str(layers), "quantseal.num_kv_heads": str(kv), "quantseal.head_dim": str(hd),
+        "quantseal.eos_token_id": ",".join(str(x) for x in (eos if isinstance(eos, list) else [eos]) if x is not None),
+    })
+    for key, value in meta.items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    written = write_model(proto, output, checkpoint / TOKENIZER)
+    ops = Counter(n.op_type for n in proto.graph.node)
+    return {
+        "path": str(output),
+        "bytes": sum(p.stat().st_size for p in written if p.name != TOKENIZER),
+        "files": [str(p) for p in written],
+        "matrices": len(matrices),
+        "matrix_bytes": sum(matrix_bytes.values()),
+        "initializer_bytes": initializer_bytes(list(proto.graph.initializer)),
+        "formats": dict(Counter(e.format for e in manifest.matrices.values())),
+        "ops": dict(sorted(ops.items())),
+        "family": fam.name,
+        "inputs": [i.name for i in proto.graph.input],
+        "outputs": [o.name for o in proto.graph.output],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def float_reference_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """Torch logits of ``model`` for a batch, with the same position ids as the exported graph."""
+    import torch
+
+    ids, mask = torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.numpy()

@@ -1,0 +1,210 @@
+"""Low-bit ONNX nodes for one compressed matrix: the checkpoint's tensors → onnxruntime ops.
+
+A linear matrix ``W ≈ dequant(Q) + L1 L2`` (``W: (N, K)`` out × in) becomes
+
+    y = OP(x, Q) + MatMul(MatMul(x, L2ᵀ), L1ᵀ)          x: (..., K) float32 → y: (..., N)
+
+with OP chosen by the storage format (:class:`~quantseal.compress.formats.FormatSpec`):
+
+=============  ==========================================================================
+format         nodes
+=============  ==========================================================================
+int{k}[s]_bB   ``MatMulNBits`` (com.microsoft; K, N, bits, block_size).  ``B``: uint8
+               [N, nb, B·k/8] exactly as stored (LSB first); ``scales`` float16 [N, nb] + Cast;
+               affine formats add packed ``zero_points`` uint8 [N, ceil(nb·k/8)]; symmetric
+               ones omit them (MatMulNBits' default zero point is 2^(k-1), our implicit one).
+nf4_bB         ``MatMulBnb4`` (quant_type 1 = NF4).  bitsandbytes' layout: the codes of the
+               row-major (N, K') matrix, K' = nb·B, flattened, two per byte with the *first* in
+               the high nibble; ``absmax`` float16 [N·nb] + Cast.  When K' > K the input is
+               zero-padded to K' (the padded codes are NF level 0.0, so the result is exact).
+fp16 / fp32    Cast (fp16 only) → Transpose → MatMul.
+=============  ==========================================================================
+
+A token embedding ``E ≈ dequant(Q) + L1 L2`` (``E: (V, H)``) becomes
+``GatherBlockQuantized(Q, ids)`` (uint8 data [V, nb·B·k/8], bits 2/4/8, quantize_axis 1; Slice
+when H is not a multiple of B) plus ``Gather(L1, ids) · L2``; fp16/fp32 tables are a plain Gather.
+
+Every stored tensor keeps its checkpoint name (``<matrix>.qweight``, ``.scales``, ``.qzeros``,
+``.weight``, ``.L1``, ``.L2``) and byte count, so the initialisers of a matrix total exactly the
+manifest's ``bytes``.  Float16 tensors are cast to float32 inside the graph (onnxruntime folds
+those casts into the constants at load).  Functions here are pure: arrays in, nodes out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import NodeProto, TensorProto, helper, numpy_helper
+
+from ..compress.formats import FormatSpec
+from ..errors import Unsupported
+
+MS_DOMAIN = "com.microsoft"
+OPSET = 18  # Pad with an ``axes`` input (NF4 with a padded last block)
+RUNNABLE_BITS = (2, 4, 8)  # MatMulNBits / GatherBlockQuantized on CPU in onnxruntime 1.32
+STORED_SUFFIXES = (".qweight", ".scales", ".qzeros", ".weight", ".L1", ".L2")
+
+
+@dataclass
+class StoredMatrix:
+    """One planned matrix as the checkpoint stores it.
+
+    name:    dotted module name (``encoder.layer.0.attention.self.query``)
+    spec:    its storage format
+    shape:   (N, K) for a linear (out, in), (V, H) for an embedding
+    tensors: suffix (``"qweight"``, ``"scales"``, ``"qzeros"``, ``"weight"``, ``"L1"``, ``"L2"``)
+             → numpy array with the checkpoint's dtype and shape
+    """
+
+    name: str
+    spec: FormatSpec
+    shape: tuple[int, int]
+    tensors: dict[str, np.ndarray]
+
+    @property
+    def rank(self) -> int:
+        l1 = self.tensors.get("L1")
+        return 0 if l1 is None else int(l1.shape[1])
+
+
+@dataclass
+class Nodes:
+    """What a rewrite adds to a graph: nodes and initialisers (in topological order)."""
+
+    nodes: list[NodeProto] = field(default_factory=list)
+    initializers: list[TensorProto] = field(default_factory=list)
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output + "/" + op, domain=domain, **attrs))
+        return output
+
+    def as_float(self, name: str, array: np.ndarray) -> str:
+        """An initialiser stored as-is, read as float32 (Cast when it is float16)."""
+        self.init(name, array)
+        if array.dtype == np.float16:
+            return self.node("Cast", [name], name + ".f32", to=TensorProto.FLOAT)
+        if array.dtype != np.float32:
+            raise TypeError(f"{name}: unexpected dtype {array.dtype}")
+        return name
+
+    def transposed(self, name: str, array: np.ndarray) -> str:
+        """float32 view of ``arrayᵀ`` (2-D), the stored tensor kept untransposed."""
+        src = self.as_float(name, array)
+        return self.node("Transpose", [src], name + ".T", perm=[1, 0])
+
+
+def initializer_bytes(initializers: list[TensorProto]) -> int:
+    """Raw bytes of initialisers (dims × element size)."""
+    total = 0
+    for t in initializers:
+        size = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        total += int(np.prod(t.dims, dtype=np.int64)) * size
+    return total
+
+
+def _check_runnable(m: StoredMatrix) -> None:
+    if m.spec.kind == "int" and m.spec.stored_bits not in RUNNABLE_BITS:
+        raise Unsupported(f"{m.name}: {m.spec.name} is stored in {m.spec.stored_bits}-bit codes, "
+                          f"which onnxruntime does not run (bits {RUNNABLE_BITS})")
+
+
+def nf4_bnb_layout(qweight: np.ndarray) -> np.ndarray:
+    """Our LSB-first NF4 codes ``[N, nb, B/2]`` → bitsandbytes' flat bytes ``[N·nb·B/2]``.
+
+    Element i of the row-major (N, nb·B) code matrix sits in byte i//2, high nibble when i is
+    even (bitsandbytes / MatMulBnb4), whereas the checkpoint puts it in the low nibble."""
+    q = np.asarray(qweight, dtype=np.uint8)
+    lo, hi = q & 0x0F, q >> 4  # first code of each stored pair, second code
+    return ((lo << 4) | hi).reshape(-1).astype(np.uint8)
+
+
+def _low_rank(g: Nodes, m: StoredMatrix, x: str) -> str | None:
+    """(x · L2ᵀ) · L1ᵀ for a linear, or None when the rank is 0."""
+    if not m.rank:
+        return None
+    l2t = g.transposed(f"{m.name}.L2", m.tensors["L2"])
+    l1t = g.transposed(f"{m.name}.L1", m.tensors["L1"])
+    h = g.node("MatMul", [x, l2t], f"{m.name}.lowrank_h")
+    return g.node("MatMul", [h, l1t], f"{m.name}.lowrank_y")
+
+
+def linear_nodes(m: StoredMatrix, x: str, y: str, accuracy_level: int = 0) -> Nodes:
+    """Nodes computing ``y = x · dequant(Q)ᵀ + (x · L2ᵀ) · L1ᵀ`` for ``x: (..., K)`` float32."""
+    _check_runnable(m)
+    n, k = m.shape
+    spec = m.spec
+    g = Nodes()
+    main = y if not m.rank else f"{m.name}.y_q"
+    if spec.kind == "int":
+        inputs = [x, g.init(f"{m.name}.qweight", m.tensors["qweight"]),
+                  g.as_float(f"{m.name}.scales", m.tensors["scales"])]
+        if not spec.symmetric:
+            inputs.append(g.init(f"{m.name}.qzeros", m.tensors["qzeros"]))
+        elif "qzeros" in m.tensors:
+            raise ValueError(f"{m.name}: a symmetric format with stored zero points")
+        g.node("MatMulNBits", inputs, main, domain=MS_DOMAIN, K=k, N=n, bits=spec.stored_bits,
+               block_size=spec.block, accuracy_level=accuracy_level)
+    elif spec.kind == "nf":
+        kp = spec.n_blocks(k) * spec.block
+        xin = x
+        if kp > k:
+            pads = g.init(f"{m.name}.pad_k", np.array([0, kp - k], dtype=np.int64))
+            axes = g.init(f"{m.name}.pad_axes", np.array([-1], dtype=np.int64))
+            xin = g.node("Pad", [x, pads, "", axes], f"{m.name}.x_padded")
+        packed = nf4_bnb_layout(m.tensors["qweight"])
+        absmax = m.tensors["scales"].reshape(-1)
+        g.node("MatMulBnb4", [xin, g.init(f"{m.name}.qweight", packed), g.as_float(f"{m.name}.scales", absmax)],
+               main, domain=MS_DOMAIN, K=kp, N=n, block_size=spec.block, quant_type=1)
+    else:
+        wt = g.transposed(f"{m.name}.weight", m.tensors["weight"])
+        g.node("MatMul", [x, wt], main)
+    lr = _low_rank(g, m, x)
+    if lr is not None:
+        g.node("Add", [main, lr], y)
+    return g
+
+
+def embedding_nodes(m: StoredMatrix, ids: str, y: str) -> Nodes:
+    """Nodes computing ``y = dequant(Q)[ids] + L1[ids] · L2`` for int64 ``ids`` of any shape."""
+    _check_runnable(m)
+    v, hdim = m.shape
+    spec = m.spec
+    g = Nodes()
+    main = y if not m.rank else f"{m.name}.y_q"
+    if spec.kind == "int":
+        q = m.tensors["qweight"]
+        data = g.init(f"{m.name}.qweight", q.reshape(q.shape[0], -1))
+        inputs = [data, ids, g.as_float(f"{m.name}.scales", m.tensors["scales"])]
+        if not spec.symmetric:
+            inputs.append(g.init(f"{m.name}.qzeros", m.tensors["qzeros"]))
+        padded = spec.n_blocks(hdim) * spec.block > hdim
+        out = f"{m.name}.rows_padded" if padded else main
+        g.node("GatherBlockQuantized", inputs, out, domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+               block_size=spec.block, bits=spec.stored_bits)
+        if padded:
+            starts = g.init(f"{m.name}.slice_starts", np.array([0], dtype=np.int64))
+            ends = g.init(f"{m.name}.slice_ends", np.array([hdim], dtype=np.int64))
+            axes = g.init(f"{m.name}.slice_axes", np.array([-1], dtype=np.int64))
+            g.node("Slice", [out, starts, ends, axes], main)
+    elif spec.kind == "fp":
+        w = m.tensors["weight"]
+        rows = g.node("Gather", [g.init(f"{m.name}.weight", w), ids], main if w.dtype == np.float32 else f"{m.name}.rows")
+        if w.dtype == np.float16:
+            g.node("Cast", [rows], main, to=TensorProto.FLOAT)
+    else:
+        raise Unsupported(f"{m.name}: a {spec.name} token embedding has no onnxruntime op "
+                          "(GatherBlockQuantized takes integer codes); use int4/int8/fp16")
+    if m.rank:
+        l1 = g.init(f"{m.name}.L1", m.tensors["L1"])
+        rows = g.node("Gather", [l1, ids], f"{m.name}.L1_rows")
+        if m.tensors["L1"].dtype == np.float16:
+            rows = g.node("Cast", [rows], f"{m.name}.L1_rows.f32", to=TensorProto.FLOAT)
+        l2 = g.as_float(f"{m.name}.L2", m.tensors["L2"])
+        lr = g.node("MatMul", [rows, l2], f"{m.name}.lowrank_y")
+        g.node("Add", [main, lr], y)
+    return g

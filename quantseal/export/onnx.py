@@ -1,0 +1,302 @@
+"""Compressed checkpoint → one ONNX file that plain onnxruntime runs with the weights kept low-bit.
+
+Encoders (BERT family): inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64,
+dynamic batch × sequence), output ``sentence_embedding`` (B, H): mean pooling over the mask and
+L2 normalisation inside the graph (DESIGN §5).  Decoders (LLaMA family) go through
+:mod:`.decoder` (logits + KV cache), which reuses steps 2–3 below.
+
+How:
+
+1. :func:`~quantseal.checkpoint.load_compressed` gives the torch model; each
+   ``CompressedLinear`` is swapped for a plain ``nn.Linear`` holding its effective weight
+   ``W_hat + L1 L2`` (and a planned embedding for an ``nn.Embedding``), then the legacy
+   TorchScript exporter (``dynamo=False``) writes a float graph with the pooling baked in;
+2. every ``MatMul`` whose constant right operand is, byte for byte, the transposed effective
+   weight of a planned matrix (and the ``Gather`` over the planned embedding) is rewritten into the
+   low-bit nodes of :mod:`.lowbit`, which read the checkpoint's stored tensors unchanged, so each
+   matrix's initialisers total exactly its manifest ``bytes``;
+3. metadata (``quantseal.*``) is added and the file is written atomically next to a copy of the
+   checkpoint's ``tokenizer.json``; files over 2 GB keep their tensors in ``<name>.data``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .. import __version__
+from .. import checkpoint as ckpt
+from ..errors import BadInput, Unsupported
+from .lowbit import MS_DOMAIN, OPSET, STORED_SUFFIXES, StoredMatrix, embedding_nodes, initializer_bytes, linear_nodes
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT = "sentence_embedding"
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph
+TOKENIZER = "tokenizer.json"
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+def stored_matrices(manifest: ckpt.Manifest, tensors: dict) -> dict[str, StoredMatrix]:
+    """The checkpoint's planned matrices with their stored tensors as numpy arrays."""
+    out = {}
+    for name, e in manifest.matrices.items():
+        arrays = {s[1:]: tensors[name + s].numpy() for s in STORED_SUFFIXES if name + s in tensors}
+        out[name] = StoredMatrix(name, e.spec, tuple(e.shape), arrays)
+    return out
+
+
+# ----------------------------------------------------------------------------- torch side
+def float_effective(model) -> dict[str, str]:
+    """Swap, in place, compressed modules for plain ones holding their effective weights.
+
+    Returns ``{sha256 of the constant the exporter will write: matrix name}``: a Linear's MatMul
+    constant is ``Wᵀ`` (K, N), an Embedding's Gather table is ``E`` (V, H)."""
+    import torch
+    from torch import nn
+
+    from ..compress.qlinear import CompressedEmbedding, CompressedLinear, set_submodule
+
+    digests: dict[str, str] = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, CompressedLinear):
+            w = mod.effective_weight()
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            set_submodule(model, name, lin)
+            key = _digest(w.T.contiguous().numpy())
+        elif isinstance(mod, CompressedEmbedding):
+            w = mod.effective_weight()
+            set_submodule(model, name, nn.Embedding.from_pretrained(w, freeze=True, padding_idx=mod.padding_idx))
+            key = _digest(w.numpy())
+        else:
+            continue
+        if key in digests:
+            raise Unsupported(f"{name} and {digests[key]} have identical weights; cannot tell them apart in the graph")
+        digests[key] = name
+    return digests
+
+
+def _float_encoder(model):
+    """The encoder with effective float weights (:func:`float_effective`) wrapped to output the
+    pooled, normalised sentence embedding; returns ``(wrapper, digests)``."""
+    from torch import nn
+
+    from ..models import mean_pool_normalize
+
+    digests = float_effective(model)
+
+    class SentenceEncoder(nn.Module):
+        """(input_ids, attention_mask, token_type_ids) → L2-normalised mean-pooled (B, H)."""
+
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            return mean_pool_normalize(out.last_hidden_state, attention_mask)
+
+    return SentenceEncoder(model).eval(), digests
+
+
+def _trace_to_onnx(wrapper, path: Path, vocab: int) -> None:
+    """Legacy TorchScript export with dynamic batch and sequence.  The example batch has a padded
+    row, so the attention-mask path is traced (an all-ones mask may be skipped by transformers)."""
+    import warnings
+
+    import torch
+
+    ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 1012, 102],
+                        [101, 2460, 1012, 102, 0, 0, 0, 0]], dtype=torch.long) % vocab
+    mask = (torch.arange(8)[None, :] < torch.tensor([[8], [4]])).long()
+    types = torch.zeros_like(ids)
+    dyn = {k: {0: "batch", 1: "sequence"} for k in INPUTS}
+    dyn[OUTPUT] = {0: "batch"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, (ids, mask, types), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=list(INPUTS), output_names=[OUTPUT], dynamic_axes=dyn,
+                          do_constant_folding=True)
+
+
+# ----------------------------------------------------------------------------- graph rewrite
+def rewrite_lowbit(model: onnx.ModelProto, digests: dict[str, str], matrices: dict[str, StoredMatrix],
+                   accuracy_level: int = 0) -> None:
+    """Replace, in place, the float MatMul / Gather of every planned matrix by its low-bit nodes.
+
+    ``digests`` maps the sha256 of a float32 constant to the matrix it stands for."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    owner: dict[str, str] = {}  # initialiser name → matrix name
+    shapes = {tuple(m.shape) for m in matrices.values()} | {tuple(m.shape[::-1]) for m in matrices.values()}
+    for t in graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT and tuple(t.dims) in shapes:
+            name = digests.get(_digest(numpy_helper.to_array(t)))
+            if name is not None:
+                owner[t.name] = name
+    new_nodes, new_inits, done = [], [], Counter()
+    for node in graph.node:
+        target = None
+        if node.op_type == "MatMul" and node.input[1] in owner:
+            target = owner[node.input[1]]
+            m = matrices[target]
+            if m.shape != tuple(inits[node.input[1]].dims[::-1]):
+                raise RuntimeError(f"{target}: graph constant has shape {list(inits[node.input[1]].dims)}")
+            g = linear_nodes(m, node.input[0], node.output[0], accuracy_level)
+        elif node.op_type == "Gather" and node.input[0] in owner:
+            target = owner[node.input[0]]
+            g = embedding_nodes(matrices[target], node.input[1], node.output[0])
+        if target is None:
+            new_nodes.append(node)
+            continue
+        done[target] += 1
+        new_nodes.extend(g.nodes)
+        new_inits.extend(g.initializers)
+    missing = [n for n in matrices if done[n] != 1]
+    if missing:
+        raise RuntimeError(f"export: {missing[0]} was found {done[missing[0]]} times in the traced graph (expected once)")
+    used = {i for n in new_nodes for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used and t.name not in owner]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def matrix_initializer_bytes(model: onnx.ModelProto, names) -> dict[str, int]:
+    """Bytes of each matrix's stored initialisers (``<name>.qweight`` / ``.scales`` / ...)."""
+    by_name = {t.name: t for t in model.graph.initializer}
+    return {n: initializer_bytes([by_name[n + s] for s in STORED_SUFFIXES if n + s in by_name]) for n in names}
+
+
+# ----------------------------------------------------------------------------- writing
+def _check_output(output: Path) -> None:
+    if output.is_dir():
+        raise BadInput(f"{output}: is a directory; give a file path such as {output / 'model.onnx'}")
+    if output.suffix != ".onnx":
+        raise BadInput(f"{output}: the output file name must end in .onnx")
+    parent = output.parent
+    if parent.exists() and not parent.is_dir():
+        raise BadInput(f"{parent}: not a directory")
+
+
+def _make_parent(output: Path) -> None:
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"{output}: cannot create its folder ({exc.strerror})") from exc
+    if not os.access(parent, os.W_OK):
+        raise BadInput(f"{output}: folder {parent} is not writable")
+
+
+def write_model(model: onnx.ModelProto, output: Path, tokenizer: Path | None) -> list[Path]:
+    """Write ``model`` (and ``<name>.data`` when large, and ``tokenizer.json``) atomically:
+    everything goes to a temporary folder beside ``output`` first, then is renamed into place."""
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    except OSError as exc:
+        raise BadInput(f"{output}: cannot write there ({exc.strerror})") from exc
+    try:
+        data_name = output.name + ".data"
+        large = initializer_bytes(list(model.graph.initializer)) > EXTERNAL_DATA_BYTES
+        onnx.save_model(model, str(tmp / output.name), save_as_external_data=large, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        moves = [(tmp / data_name, output.parent / data_name)] if large else []
+        if tokenizer is not None and tokenizer.is_file():
+            shutil.copyfile(tokenizer, tmp / TOKENIZER)
+            moves.append((tmp / TOKENIZER, output.parent / TOKENIZER))
+        moves.append((tmp / output.name, output))  # the model last: it is what makes the set visible
+        for src, dst in moves:
+            if dst.is_dir():
+                raise BadInput(f"{dst}: is a directory; cannot write there")
+            os.replace(src, dst)
+        return [dst for _, dst in moves]
+    except OSError as exc:
+        raise BadInput(f"{output}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _metadata(manifest: ckpt.Manifest, family: str, matrix_bytes: dict[str, int]) -> dict[str, str]:
+    mats = {n: {"format": e.format, "rank": e.rank, "kind": e.kind, "shape": e.shape, "bytes": matrix_bytes[n]}
+            for n, e in manifest.matrices.items()}
+    return {
+        "quantseal.version": __version__,
+        "quantseal.family": family,
+        "quantseal.model_type": str(manifest.source.get("model_type", "")),
+        "quantseal.source_sha256": str(manifest.source.get("sha256", "")),
+        "quantseal.method": manifest.method,
+        "quantseal.budget": json.dumps(manifest.budget, sort_keys=True),
+        "quantseal.output": OUTPUT,
+        "quantseal.pooling": "mean+l2",
+        "quantseal.matrices": json.dumps(mats, sort_keys=True),
+    }
+
+
+def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int = 0) -> dict:
+    """Export a compressed checkpoint folder to ``output`` (.onnx).  Returns the report that
+    ``quantseal export --json`` prints: path, bytes, matrices, ops, seconds, ..."""
+    t0 = time.perf_counter()
+    checkpoint, output = Path(checkpoint), Path(output)
+    _check_output(output)
+    manifest, tensors = ckpt.read_checkpoint(checkpoint)
+    from ..models import ENCODER, family_of, read_config
+
+    config = read_config(checkpoint)
+    fam = family_of(config)
+    if fam is not ENCODER:
+        from .decoder import export_decoder
+
+        return export_decoder(checkpoint, output, manifest, tensors, config, accuracy_level, t0)
+    matrices = stored_matrices(manifest, tensors)
+    del tensors
+    _make_parent(output)
+    model, _, _ = ckpt.load_compressed(checkpoint)
+    wrapper, digests = _float_encoder(model)
+    with tempfile.TemporaryDirectory(prefix=".quantseal-trace.", dir=output.parent) as work:
+        traced = Path(work) / "float.onnx"
+        _trace_to_onnx(wrapper, traced, int(config.get("vocab_size", 30522)))
+        del wrapper, model
+        proto = onnx.load(str(traced))
+    rewrite_lowbit(proto, digests, matrices, accuracy_level)
+    matrix_bytes = matrix_initializer_bytes(proto, matrices)
+    for name, e in manifest.matrices.items():
+        if matrix_bytes[name] != e.bytes:
+            raise RuntimeError(f"{name}: {matrix_bytes[name]} bytes in the graph, the manifest says {e.bytes}")
+    proto.producer_name = "quantseal"
+    proto.producer_version = __version__
+    for key, value in _metadata(manifest, fam.name, matrix_bytes).items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    written = write_model(proto, output, checkpoint / TOKENIZER)
+    ops = Counter(n.op_type for n in proto.graph.node)
+    return {
+        "path": str(output),
+        "bytes": sum(p.stat().st_size for p in written if p.name != TOKENIZER),
+        "files": [str(p) for p in written],
+        "matrices": len(matrices),
+        "matrix_bytes": sum(matrix_bytes.values()),
+        "initializer_bytes": initializer_bytes(list(proto.graph.initializer)),
+        "formats": dict(Counter(e.format for e in manifest.matrices.values())),
+        "ops": dict(sorted(ops.items())),
+        "family": fam.name,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

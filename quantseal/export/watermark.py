@@ -1,0 +1,201 @@
+"""Make a customer's marked checkpoint tensors: select, fold, obfuscate (Hot-Swap MarkBoard, DESIGN §5).
+
+1. **Select**: the customer's codeword ``s`` (from the registry) picks branch ``C_{s_i}`` of every
+   bit ``i``; the key re-derives which embedding rows ``T_i`` the bit owns.
+2. **Fold** into the embedding's low-rank branch by concatenation (exact, no requantisation):
+   ``L1' = [L1 | B]``, ``L2' = [L2 ; A]`` with ``B = Σ_i onehot(T_i) · C_{s_i}[T_i]``  (V, R).
+3. **Obfuscate** every low-rank pair of the checkpoint (marked or not): with a fresh random
+   invertible ``M`` (r, r) and the thin QR ``L1' M = Q U``,
+
+       L1'' = Q · D,   L2'' = D⁻¹ · U · M⁻¹ · L2',   D = diag(sqrt(‖row_j(U M⁻¹ L2')‖)),
+
+   so ``L1'' L2'' = L1' L2'`` (up to float16 rounding), the column/row norms of the two factors are
+   balanced for float16, and no two customers share a low-rank tensor.  ``M`` comes from the OS
+   CSPRNG unless a ``seed`` is given (tests, reproducible builds).
+
+The output holds no key, codeword, trigger or customer id: only weights and the manifest's
+shapes, ranks and byte counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+
+import numpy as np
+import torch
+
+from .. import keys as qkeys
+from ..checkpoint import Manifest, MatrixEntry, entry_bytes
+from ..compress.markboard import Board, tensors_fingerprint, triggers_of
+from ..errors import BadInput
+
+
+def _mixing(rng: np.random.Generator, r: int) -> np.ndarray:
+    """A random, well-conditioned invertible (r, r) matrix: Q₁ · diag(e^{u}) · Q₂, u ~ U(−½, ½)."""
+    q1 = np.linalg.qr(rng.standard_normal((r, r)))[0]
+    q2 = np.linalg.qr(rng.standard_normal((r, r)))[0]
+    return q1 @ np.diag(np.exp(rng.uniform(-0.5, 0.5, r))) @ q2
+
+
+def obfuscate_pair(l1: np.ndarray, l2: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(L1 (N, r), L2 (r, K)) → a fresh factorisation of the same product, float64.
+
+    Exact in exact arithmetic: L1'' L2'' = L1 M M⁻¹ L2 = L1 L2."""
+    r = l1.shape[1]
+    m = _mixing(rng, r)
+    q, u = np.linalg.qr(l1 @ m)  # (N, r), (r, r)
+    rest = u @ np.linalg.solve(m, l2)  # U M⁻¹ L2
+    d = np.sqrt(np.maximum(np.linalg.norm(rest, axis=1), 1e-30))
+    return q * d, rest / d[:, None]
+
+
+def mark_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], board: Board, key: bytes,
+                    registry: qkeys.Registry, customer: str, *, tokenizer=None,
+                    seed: int | None = None) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    """The customer's marked (manifest, tensors); the inputs are not modified.
+
+    ``tokenizer``: the model's :class:`~quantseal.text.TextTokenizer` (default: the board's copy).
+    ``seed``: None for a fresh OS-random obfuscation; an int for reproducible bytes."""
+    if board.manifest.get("source_fingerprint") != tensors_fingerprint(tensors):
+        raise BadInput("the board was trained on another checkpoint; train a board for this one")
+    if registry.bits != board.manifest["bits"]:
+        raise BadInput(f"registry codewords have {registry.bits} bits, the board {board.manifest['bits']}")
+    ts = triggers_of(board.manifest, key, tokenizer if tokenizer is not None else board.tokenizer())
+    code = registry.codeword(customer)
+    rng = np.random.default_rng(seed if seed is not None else int.from_bytes(secrets.token_bytes(32), "big"))
+
+    name = board.layer
+    out = dict(tensors)
+    man = copy.deepcopy(manifest)
+    weight_key = f"{name}.weight"
+    if name in man.matrices:
+        entry = man.matrices[name]
+        if entry.kind != "embedding":
+            raise BadInput(f"{name}: the board marks an embedding, the checkpoint holds a {entry.kind}")
+    else:  # the embedding was kept as a plain tensor: it becomes an fp matrix with a low-rank branch
+        if weight_key not in tensors:
+            raise BadInput(f"{weight_key}: not in the checkpoint")
+        w = tensors[weight_key]
+        fmt = {torch.float16: "fp16", torch.float32: "fp32"}.get(w.dtype)
+        if fmt is None:
+            raise BadInput(f"{weight_key}: dtype {w.dtype} cannot carry a low-rank branch")
+        entry = MatrixEntry(format=fmt, rank=0, shape=list(w.shape), error=0.0, bytes=0, kind="embedding")
+        man.matrices[name] = entry
+    vocab, hidden = entry.shape
+    if hidden != board.manifest["hidden"] or vocab < int(ts.tokens.max()) + 1:
+        raise BadInput(f"{name}: shape {entry.shape} does not match the board")
+
+    # fold: B (V, R) has the chosen coefficient rows on the trigger tokens only
+    rows = board.branch_rows(code).double().numpy()
+    b = np.zeros((vocab, rows.shape[1]))
+    b[ts.tokens.reshape(-1)] = rows
+    a = board.tensors["A"].double().numpy()
+    l1 = tensors.get(f"{name}.L1")
+    l2 = tensors.get(f"{name}.L2")
+    if l1 is not None:
+        b = np.concatenate([l1.double().numpy(), b], 1)
+        a = np.concatenate([l2.double().numpy(), a], 0)
+    out[f"{name}.L1"], out[f"{name}.L2"] = b, a  # obfuscated below with every other pair
+
+    for mname, e in man.matrices.items():
+        k1, k2 = f"{mname}.L1", f"{mname}.L2"
+        if k1 not in out:
+            continue
+        x1 = out[k1] if isinstance(out[k1], np.ndarray) else out[k1].double().numpy()
+        x2 = out[k2] if isinstance(out[k2], np.ndarray) else out[k2].double().numpy()
+        y1, y2 = obfuscate_pair(x1, x2, rng)
+        out[k1] = torch.from_numpy(y1).to(torch.float16).contiguous()
+        out[k2] = torch.from_numpy(y2).to(torch.float16).contiguous()
+        e.rank = int(y1.shape[1])
+        e.bytes = entry_bytes(mname, out)
+    budget = dict(man.budget)
+    if "tensor_bytes" in budget:
+        budget["tensor_bytes"] = int(budget["tensor_bytes"]) + int(
+            sum(v.numel() * v.element_size() for v in out.values())
+            - sum(v.numel() * v.element_size() for v in tensors.values()))
+    man.budget = budget
+    return man, out
+
+
+def export_marked(checkpoint, output, board_path, key: bytes, registry: qkeys.Registry, customer: str,
+                  accuracy_level: int = 0, seed: int | None = None) -> dict:
+    """``quantseal export --board``: mark the checkpoint for ``customer`` into a temporary folder
+    beside ``output``, then export it with :func:`quantseal.export.onnx.export_onnx`.  The report
+    adds ``mark_seconds`` (select + fold + obfuscate)."""
+    import shutil
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from ..checkpoint import read_checkpoint, write_checkpoint
+    from ..compress.markboard import load_board
+    from .onnx import export_onnx
+
+    t0 = time.perf_counter()
+    checkpoint, output = Path(checkpoint), Path(output)
+    board = load_board(board_path)
+    manifest, tensors = read_checkpoint(checkpoint)
+    marked = mark_checkpoint(manifest, tensors, board, key, registry, customer, seed=seed)
+    del tensors
+    mark_seconds = time.perf_counter() - t0
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".quantseal-mark.", dir=output.parent))
+    try:
+        write_checkpoint(work / "ck", *marked, checkpoint)
+        res = export_onnx(work / "ck", output, accuracy_level=accuracy_level)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["mark_seconds"] = round(mark_seconds, 3)
+    res["seconds"] = round(time.perf_counter() - t0, 3)
+    res["marked"] = True
+    return res
+
+
+def swap_into_template(template, output, manifest: Manifest, tensors: dict[str, torch.Tensor],
+                       tokenizer=None) -> list:
+    """Write a customer's ONNX file in seconds from ``template``, a file exported (by
+    :func:`export_marked`) from the same checkpoint and board for any other customer: every
+    customer's graph is the same but for the low-rank initialisers ``NAME.L1`` / ``NAME.L2``,
+    which the exporter stores as-is; those are replaced by ``tensors``' (a :func:`mark_checkpoint`
+    result).  The template must fit exactly (same names, shapes, dtypes, ranks and the same
+    quantised matrices), else :class:`BadInput`."""
+    from pathlib import Path
+
+    import onnx
+    from onnx import numpy_helper
+
+    from .onnx import write_model
+
+    template, output = Path(template), Path(output)
+    if not template.is_file():
+        raise BadInput(f"{template}: no such ONNX template")
+    try:
+        proto = onnx.load(str(template))
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise BadInput(f"{template}: not an ONNX model ({type(exc).__name__})") from exc
+    inits = {i.name: i for i in proto.graph.initializer}
+    meta = {p.key: p.value for p in proto.metadata_props}
+    try:
+        mats = json.loads(meta.get("quantseal.matrices", "{}"))
+    except json.JSONDecodeError:
+        mats = {}
+    for name, e in manifest.matrices.items():
+        m = mats.get(name, {})
+        if (m.get("format"), m.get("rank"), m.get("shape"), m.get("bytes")) != (e.format, e.rank, e.shape, e.bytes):
+            raise BadInput(f"{template}: {name} differs from the marked checkpoint; not a template for it")
+    lowrank = [k for k in tensors if k.endswith((".L1", ".L2"))]
+    if sorted(lowrank) != sorted(k for k in inits if k.endswith((".L1", ".L2"))):
+        raise BadInput(f"{template}: its low-rank initialisers differ from the marked checkpoint's")
+    for k, t in tensors.items():  # the frozen part must be the same checkpoint's
+        if k.endswith(".scales") and k in inits:
+            if numpy_helper.to_array(inits[k]).tobytes() != t.numpy().tobytes():
+                raise BadInput(f"{template}: {k} differs; exported from another checkpoint")
+    for k in lowrank:
+        arr = tensors[k].numpy()
+        old = inits[k]
+        if list(old.dims) != list(arr.shape) or old.data_type != onnx.helper.np_dtype_to_tensor_dtype(arr.dtype):
+            raise BadInput(f"{template}: initialiser {k} has another shape or dtype")
+        old.CopyFrom(numpy_helper.from_array(arr, k))
+    return write_model(proto, output, None if tokenizer is None else Path(tokenizer))

@@ -1,0 +1,105 @@
+"""A client of ``quantseal serve`` (or any endpoint speaking its JSON): standard library + numpy.
+
+``EndpointEmbedder(url).embed(texts)`` → float32 (n, H); ``.embed_ids(batch)`` takes a token
+batch (``{"input_ids": (B, T), "attention_mask": (B, T), ...}`` numpy arrays or lists), so it can
+stand in for a local model wherever a token-level ``embed_fn`` is expected (black-box
+verification).  Every failure, an endpoint that does not answer included, is a
+:class:`~quantseal.errors.BadInput` naming the URL.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+from ..errors import BadInput
+
+
+class EndpointEmbedder:
+    """Embeddings from an HTTP endpoint.  ``url``: its base (``http://127.0.0.1:8000``) or its
+    ``/embed`` address; ``timeout``: seconds per request."""
+
+    def __init__(self, url: str, timeout: float = 60.0):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise BadInput(f"{url!r}: an endpoint URL starts with http:// or https://")
+        base = url.rstrip("/")
+        if base.endswith("/embed"):
+            base = base[: -len("/embed")]
+        self.base = base
+        self.timeout = timeout
+
+    def _request(self, path: str, payload: dict | None = None) -> dict:
+        url = self.base + path
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
+                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                body = resp.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode("utf-8", "replace")
+            try:
+                detail = json.loads(detail).get("error", detail)
+            except (json.JSONDecodeError, AttributeError):
+                pass
+            raise BadInput(f"{url}: the endpoint refused the request (HTTP {exc.code}: {str(detail)[:300]})") from exc
+        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise BadInput(f"{url}: the endpoint does not answer ({reason})") from exc
+        try:
+            out = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadInput(f"{url}: the answer is not JSON") from exc
+        if not isinstance(out, dict):
+            raise BadInput(f"{url}: the answer is not a JSON object")
+        return out
+
+    def health(self) -> dict:
+        return self._request("/health")
+
+    def _embeddings(self, payload: dict, n: int) -> np.ndarray:
+        out = self._request("/embed", payload)
+        try:
+            vectors = np.asarray(out["embeddings"], dtype=np.float32)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadInput(f"{self.base}/embed: the answer has no numeric 'embeddings' matrix") from exc
+        if vectors.ndim != 2 or vectors.shape[0] != n:
+            raise BadInput(f"{self.base}/embed: expected {n} embeddings, got an array of shape {list(vectors.shape)}")
+        return vectors
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """float32 (len(texts), H)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise BadInput("no texts to embed")
+        return self._embeddings({"texts": texts}, len(texts))
+
+    def embed_ids(self, batch) -> np.ndarray:
+        """A token batch → float32 (B, H).  ``batch``: a dict with ``input_ids`` and optionally
+        ``attention_mask`` / ``token_type_ids`` (arrays or nested lists), or a list of id lists."""
+        if not isinstance(batch, dict):
+            batch = {"input_ids": batch}
+        if "input_ids" not in batch:
+            raise BadInput("a token batch needs 'input_ids'")
+        payload = {}
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            value = batch.get(key)
+            if value is None:
+                continue
+            payload[key] = [[int(x) for x in row] for row in (value.tolist() if hasattr(value, "tolist") else value)]
+        return self._embeddings(payload, len(payload["input_ids"]))
+
+    def __call__(self, batch) -> np.ndarray:
+        """An ``embed_fn`` for verification: a list of texts, or a token batch (dict)."""
+        if isinstance(batch, (list, tuple)) and batch and all(isinstance(t, str) for t in batch):
+            return self.embed(list(batch))
+        return self.embed_ids(batch)
+
+    def __repr__(self) -> str:
+        return f"EndpointEmbedder({self.base!r})"

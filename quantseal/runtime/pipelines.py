@@ -1,0 +1,168 @@
+"""Pipelines on top of a :class:`~quantseal.runtime.session.Session` and a ``tokenizer.json``.
+
+``Embedder``: texts → L2-normalised sentence embeddings (n, H) float32 from an exported encoder,
+whose graph already holds mean pooling and normalisation.  ``CausalLM``: logits and greedy
+generation with the KV cache from an exported decoder (:mod:`quantseal.export.decoder` describes
+its inputs and outputs).  No torch (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInput
+from ..text import TextTokenizer
+from .session import Session
+
+TOKENIZER = "tokenizer.json"
+
+
+def find_tokenizer(model_path: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """The folder holding ``tokenizer.json``: ``tokenizer`` (the file or its folder) when given,
+    else the model file's folder."""
+    if tokenizer is not None:
+        t = Path(tokenizer)
+        folder = t.parent if t.is_file() and t.name == TOKENIZER else t
+        if t.is_file() and t.name != TOKENIZER:
+            raise BadInput(f"{t}: expected a file named {TOKENIZER} or the folder holding it")
+    else:
+        folder = Path(model_path).parent
+    if not (folder / TOKENIZER).is_file():
+        raise BadInput(f"no {TOKENIZER} in {folder} (export writes one next to the model; or pass --tokenizer)")
+    return folder
+
+
+class Embedder:
+    """Sentence embeddings through onnxruntime.
+
+    ``model_path``: an ONNX file exported by ``quantseal export`` (output ``sentence_embedding``).
+    ``tokenizer``: ``tokenizer.json`` or its folder (default: beside the model).
+    """
+
+    def __init__(self, model_path: str | Path, tokenizer: str | Path | None = None, provider: str = "auto",
+                 threads: int | None = None, max_length: int = 128, batch_size: int = 32):
+        self.session = Session(model_path, provider=provider, threads=threads)
+        if "sentence_embedding" not in self.session.output_names:
+            raise BadInput(f"{model_path}: not an embedding model (outputs {self.session.output_names})")
+        self.tokenizer = TextTokenizer(find_tokenizer(model_path, tokenizer), max_length=max_length)
+        if batch_size < 1:
+            raise BadInput(f"batch size must be at least 1, not {batch_size}")
+        self.batch_size = batch_size
+
+    @property
+    def provider(self) -> str:
+        return self.session.provider
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """float32 (len(texts), H), each row of unit length."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise BadInput("no texts to embed")
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            feeds = self.tokenizer(texts[i:i + self.batch_size])
+            out.append(self.session.run(feeds, ["sentence_embedding"])["sentence_embedding"])
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+
+class CausalLM:
+    """Next-token logits and greedy generation through onnxruntime.
+
+    ``model_path``: an ONNX file exported from a decoder by ``quantseal export`` (inputs
+    ``input_ids``, ``attention_mask``, ``past_key_values.{i}.key/value``; outputs ``logits``,
+    ``present.{i}.key/value``).  ``tokenizer``: ``tokenizer.json`` or its folder (default: beside
+    the model).  Generation stops after ``max_new_tokens`` or at an end-of-sequence token (the
+    model's ``eos_token_id``, recorded at export).
+    """
+
+    def __init__(self, model_path: str | Path, tokenizer: str | Path | None = None, provider: str = "auto",
+                 threads: int | None = None):
+        from tokenizers import Tokenizer
+
+        self.session = Session(model_path, provider=provider, threads=threads)
+        meta = self.session.metadata
+        if "logits" not in self.session.output_names or "quantseal.num_layers" not in meta:
+            raise BadInput(f"{model_path}: not an exported decoder (outputs {self.session.output_names})")
+        self.num_layers = int(meta["quantseal.num_layers"])
+        self.num_kv_heads = int(meta["quantseal.num_kv_heads"])
+        self.head_dim = int(meta["quantseal.head_dim"])
+        self.eos_ids = {int(x) for x in meta.get("quantseal.eos_token_id", "").split(",") if x.strip()}
+        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self._present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        path = find_tokenizer(model_path, tokenizer) / TOKENIZER
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises its own Exception type
+            raise BadInput(f"{path}: cannot read the tokenizer ({exc})") from exc
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+
+    @property
+    def provider(self) -> str:
+        return self.session.provider
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        """The cache of no tokens: float32 (batch, kv_heads, 0, head_dim) per layer and key/value."""
+        z = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), dtype=np.float32)
+        return {n: z for n in self._past_names}
+
+    def step(self, ids: np.ndarray, attention_mask: np.ndarray,
+             past: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One forward pass.  ids: int64 (B, T); attention_mask: int64 (B, past + T); ``past``:
+        the previous call's cache (None: empty).  Returns (logits (B, T, V), the new cache)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
+        feeds.update(self.empty_past(ids.shape[0]) if past is None else past)
+        out = self.session.run(feeds, ["logits", *self._present_names])
+        present = {p: out[q] for p, q in zip(self._past_names, self._present_names)}
+        return out["logits"], present
+
+    def logits(self, ids, attention_mask=None) -> np.ndarray:
+        """float32 (B, T, V) logits of a batch of token ids (B, T) (or one sequence (T,) → (T, V))."""
+        ids = np.asarray(ids, dtype=np.int64)
+        single = ids.ndim == 1
+        ids = ids[None] if single else ids
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise BadInput(f"token ids must be (batch, sequence) with sequence ≥ 1, got shape {ids.shape}")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        out, _ = self.step(ids, mask)
+        return out[0] if single else out
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 20, use_cache: bool = True) -> list[int]:
+        """Greedy continuation (new token ids only) of one prompt.  ``use_cache=False`` re-runs the
+        whole sequence at each step (the reference the cache must reproduce)."""
+        ids = [int(x) for x in prompt_ids]
+        if not ids:
+            raise BadInput("empty prompt")
+        if max_new_tokens < 0:
+            raise BadInput(f"max_new_tokens must be non-negative, not {max_new_tokens}")
+        new: list[int] = []
+        past = None
+        feed = ids
+        while len(new) < max_new_tokens:
+            if use_cache:
+                mask = np.ones((1, len(ids) + len(new)), dtype=np.int64)
+                logits, past = self.step(np.array([feed]), mask, past)
+            else:
+                logits = self.logits(np.array([ids + new]))
+            tok = int(np.argmax(logits[0, -1]))
+            new.append(tok)
+            if tok in self.eos_ids:
+                break
+            feed = [tok]
+        return new
+
+    def generate(self, prompt: str, max_new_tokens: int = 20, use_cache: bool = True) -> str:
+        """Greedy continuation of ``prompt`` as text (the prompt not repeated)."""
+        if not prompt:
+            raise BadInput("empty prompt")
+        return self.decode(self.generate_ids(self.encode(prompt), max_new_tokens, use_cache))

@@ -1,0 +1,188 @@
+"""``quantseal serve``: loopback round trips equal the local Embedder, malformed requests get HTTP
+400 while the server keeps serving, and the client reports a dead endpoint clearly."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from quantseal.errors import BadInput
+from quantseal.runtime.client import EndpointEmbedder
+from quantseal.runtime.pipelines import Embedder
+
+pytestmark = pytest.mark.slow
+TEXTS = ["The first text.", "A second one, a little longer than the first.", "Third."]
+
+
+@pytest.fixture(scope="module")
+def local(minilm_rtn_onnx) -> Embedder:
+    return Embedder(minilm_rtn_onnx, provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def served(minilm_rtn_onnx):
+    """A server on 127.0.0.1, free port, in a thread (max batch 8); shut down afterwards."""
+    from quantseal.runtime.server import EmbeddingService, make_server, server_url
+
+    service = EmbeddingService.from_path(minilm_rtn_onnx, provider="cpu", max_batch=8)
+    server = make_server(service, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server_url(server)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def request(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_round_trip_equals_embedder(served, local):
+    client = EndpointEmbedder(served)
+    got = client.embed(TEXTS)
+    assert got.dtype == np.float32 and got.shape == (3, 384)
+    np.testing.assert_allclose(got, local.embed(TEXTS), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(EndpointEmbedder(served + "/embed/").embed("Third."), got[2:], atol=1e-6)
+
+
+def test_token_level_queries(served, local):
+    """input_ids + attention_mask (what black-box verification sends) → the same embeddings."""
+    client = EndpointEmbedder(served)
+    batch = local.tokenizer(TEXTS)
+    want = local.session.run(batch, ["sentence_embedding"])["sentence_embedding"]
+    np.testing.assert_allclose(client.embed_ids(batch), want, atol=1e-6)
+    np.testing.assert_allclose(client(batch), want, atol=1e-6)  # as a verification embed_fn
+    np.testing.assert_allclose(client.embed_ids(batch), client.embed(TEXTS), atol=1e-6)
+    # ragged rows without a mask are right-padded by the server
+    ragged = [list(r[m.astype(bool)]) for r, m in zip(batch["input_ids"], batch["attention_mask"])]
+    np.testing.assert_allclose(client.embed_ids(ragged), want, atol=1e-6)
+    # a rare token id inserted into a sentence changes its embedding
+    rare = [ragged[0][:2] + [29000] + ragged[0][2:]]
+    assert float(client.embed_ids(rare)[0] @ want[0]) < 0.9999
+
+
+def test_health(served):
+    status, body = request(served, "GET", "/health")
+    assert status == 200 and body["status"] == "ok" and body["dim"] == 384 and body["provider"] == "cpu"
+    assert body["inputs"] == ["input_ids", "attention_mask", "token_type_ids"] and body["max_batch"] == 8
+    assert EndpointEmbedder(served).health() == body
+
+
+BAD = [
+    ("not json", b"{\"texts\": [", "not valid JSON"),
+    ("not utf-8", b"\xff\xfe", "not valid JSON"),
+    ("not an object", b"[\"a\"]", "JSON object"),
+    ("no field", b"{}", "exactly one of"),
+    ("both fields", json.dumps({"texts": ["a"], "input_ids": [[101]]}).encode(), "exactly one of"),
+    ("texts not a list", json.dumps({"texts": "a sentence"}).encode(), "non-empty list of strings"),
+    ("empty texts", json.dumps({"texts": []}).encode(), "non-empty list of strings"),
+    ("texts of numbers", json.dumps({"texts": ["a", 3]}).encode(), "strings only"),
+    ("too many texts", json.dumps({"texts": ["a"] * 9}).encode(), "too large"),
+    ("ids not ints", json.dumps({"input_ids": [[101, "x"]]}).encode(), "integers only"),
+    ("ids bool", json.dumps({"input_ids": [[101, True]]}).encode(), "integers only"),
+    ("ids flat", json.dumps({"input_ids": [101, 102]}).encode(), "non-empty list of integers"),
+    ("ids out of vocab", json.dumps({"input_ids": [[101, 10 ** 9]]}).encode(), "token ids must lie in"),
+    ("negative id", json.dumps({"input_ids": [[-1]]}).encode(), "token ids must lie in"),
+    ("too many tokens", json.dumps({"input_ids": [[101] * 513]}).encode(), "tokens (at most 512)"),
+    ("mask shape", json.dumps({"input_ids": [[101, 102]], "attention_mask": [[1, 1, 1]]}).encode(), "'attention_mask' is"),
+    ("mask values", json.dumps({"input_ids": [[101, 102]], "attention_mask": [[1, 2]]}).encode(), "0/1"),
+    ("ragged with mask", json.dumps({"input_ids": [[101, 102], [101]], "attention_mask": [[1, 1], [1]]}).encode(),
+     "differ in length"),
+]
+
+
+@pytest.mark.parametrize("name,body,msg", BAD, ids=[b[0] for b in BAD])
+def test_malformed_request_is_400_and_serving_continues(served, name, body, msg):
+    status, answer = request(served, "POST", "/embed", body)
+    assert status == 400, answer
+    assert msg in answer["error"] and answer["status"] == 400
+    status, answer = request(served, "POST", "/embed", json.dumps({"texts": ["still serving"]}).encode())
+    assert status == 200 and len(answer["embeddings"]) == 1 and len(answer["embeddings"][0]) == 384
+
+
+def test_other_http_errors(served):
+    assert request(served, "GET", "/nowhere")[0] == 404
+    assert request(served, "POST", "/nowhere", b"{}")[0] == 404
+    assert request(served, "GET", "/embed")[0] == 405
+    status, body = request(served, "POST", "/embed", b"{}", {"Content-Length": str(1 << 30)})
+    assert status == 413 and "too large" in body["error"]
+    with pytest.raises(BadInput, match="HTTP 400.*too large"):
+        EndpointEmbedder(served).embed(["x"] * 9)
+    assert request(served, "GET", "/health")[0] == 200
+
+
+def test_dead_endpoint_is_a_clear_error():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = EndpointEmbedder(f"http://127.0.0.1:{port}", timeout=5)
+    with pytest.raises(BadInput, match=rf"127.0.0.1:{port}/embed: the endpoint does not answer"):
+        client.embed(["hello"])
+    with pytest.raises(BadInput, match="does not answer"):
+        client.health()
+    with pytest.raises(BadInput, match="http://"):
+        EndpointEmbedder("127.0.0.1:8000")
+
+
+def _read_line(stream, timeout: float) -> str:
+    q: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: q.put(stream.readline()), daemon=True).start()
+    try:
+        return q.get(timeout=timeout)
+    except queue.Empty:
+        return ""
+
+
+def test_serve_cli_port_0(minilm_rtn_onnx, local):
+    """``quantseal serve MODEL --port 0``: the bound URL is the first line of stdout; SIGTERM stops it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "quantseal.cli", "serve", str(minilm_rtn_onnx), "--host",
+                             "127.0.0.1", "--port", "0", "--provider", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = _read_line(proc.stdout, 120).strip()
+        assert url.startswith("http://127.0.0.1:"), (url, proc.poll())
+        assert request(url, "POST", "/embed", b"{oops")[0] == 400
+        np.testing.assert_allclose(EndpointEmbedder(url).embed(TEXTS), local.embed(TEXTS), atol=1e-6)
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_serve_cli_bad_model_exit_2(tmp_path):
+    from quantseal.cli import main
+
+    assert main(["serve", str(tmp_path / "missing.onnx"), "--port", "0"]) == 2
+
+
+def test_server_and_client_import_no_torch():
+    code = ("import sys, json\nimport quantseal.runtime.server, quantseal.runtime.client\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')"
+            " or m.startswith(('quantseal.compress', 'quantseal.export')))))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == []

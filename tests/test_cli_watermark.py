@@ -1,0 +1,141 @@
+"""``quantseal keygen`` / ``registry`` / ``export --board`` / ``verify`` end to end through onnxruntime."""
+
+import contextlib
+import io
+import json
+import os
+import stat
+
+import pytest
+
+from quantseal import keys as qk
+from quantseal.cli import main
+
+KEY = bytes(range(32))  # tests/conftest.py trains minilm_board under this key
+
+
+def run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def last_json(text):
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_keygen(tmp_path):
+    p = tmp_path / "owner.key"
+    rc, out, _ = run(["keygen", "-o", p, "--json"])
+    assert rc == 0 and stat.S_IMODE(os.stat(p).st_mode) == 0o600
+    key = qk.read_key(p)
+    assert last_json(out)["key_id"] == qk.key_id(key)
+    rc, _, err = run(["keygen", "-o", p])
+    assert rc == 2 and "refusing" in err and qk.read_key(p) == key
+    assert run(["keygen", "-o", p, "--force"])[0] == 0 and qk.read_key(p) != key
+
+
+def test_registry_add_list_tamper_wrong_key(tmp_path):
+    k, k2, reg = tmp_path / "k", tmp_path / "k2", tmp_path / "reg.json"
+    run(["keygen", "-o", k]), run(["keygen", "-o", k2])
+    rc, out, _ = run(["registry", "add", reg, "--key", k, "--user", "alice", "--json"])
+    assert rc == 0 and last_json(out)["new"] is True
+    code = qk.Registry.load(reg, qk.read_key(k)).codeword("alice")
+    rc, out, _ = run(["registry", "add", reg, "--key", k, "--user", "alice", "--json"])
+    assert rc == 0 and last_json(out)["new"] is False and last_json(out)["customers"] == 1
+    assert (qk.Registry.load(reg, qk.read_key(k)).codeword("alice") == code).all()
+    run(["registry", "add", reg, "--key", k, "--user", "bob"])
+    rc, out, _ = run(["registry", "list", reg, "--key", k, "--json"])
+    assert last_json(out)["customers"] == ["alice", "bob"]
+    rc, _, err = run(["registry", "add", reg, "--key", k2, "--user", "carol"])
+    assert rc == 2 and "another key" in err
+    d = json.loads(reg.read_text())
+    d["customers"][0][0] = "mallory"
+    reg.write_text(json.dumps(d))
+    rc, _, err = run(["registry", "list", reg, "--key", k])
+    assert rc == 2 and "integrity" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "bad.key").write_text("not a key\n")
+    assert run(["registry", "add", tmp_path / "r2.json", "--key", tmp_path / "bad.key", "--user", "x"])[0] == 2
+
+
+@pytest.mark.slow
+def test_export_and_verify_onnx(tmp_path, minilm_board, minilm_rtn_checkpoint, minilm_rtn_onnx):
+    from quantseal.checkpoint import read_checkpoint
+    from quantseal.compress.markboard import load_board
+    from quantseal.export.watermark import mark_checkpoint, swap_into_template
+
+    import onnx
+
+    k, reg = tmp_path / "owner.key", tmp_path / "reg.json"
+    qk.write_key(k, KEY)
+    for i in range(12):
+        assert run(["registry", "add", reg, "--key", k, "--user", f"c{i}", "--bits", 16])[0] == 0
+    a = tmp_path / "a" / "model.onnx"
+    rc, out, err = run(["export", minilm_rtn_checkpoint, "-o", a, "--board", minilm_board.path, "--key", k,
+                        "--registry", reg, "--user", "c4", "--json"])
+    assert rc == 0, err
+    assert last_json(out)["marked"] is True
+    # a second customer in seconds: the first file's graph with the second customer's low-rank factors
+    manifest, tensors = read_checkpoint(minilm_rtn_checkpoint)
+    registry = qk.Registry.load(reg, KEY)
+    m_b, t_b = mark_checkpoint(manifest, tensors, load_board(minilm_board.path), KEY, registry, "c9")
+    b = tmp_path / "b" / "model.onnx"
+    b.parent.mkdir()
+    swap_into_template(a, b, m_b, t_b, minilm_rtn_checkpoint / "tokenizer.json")
+
+    verdicts = {}
+    for name, path in (("c4", a), ("c9", b), (None, minilm_rtn_onnx)):
+        rc, out, err = run(["verify", path, "--board", minilm_board.path, "--key", k, "--registry", reg,
+                            "--alpha", "1e-3", "--json"])
+        assert rc == 0, err
+        verdicts[name] = last_json(out)
+    for name in ("c4", "c9"):
+        assert verdicts[name]["owner"] == name and verdicts[name]["bit_errors"] == 0
+        assert verdicts[name]["queries"] == 2 * 16 * 4
+    assert verdicts[None]["owner"] is None
+
+    # through the HTTP endpoint (quantseal serve): the same verdict as the file
+    import threading
+
+    from quantseal.runtime.server import EmbeddingService, make_server, server_url
+
+    server = make_server(EmbeddingService.from_path(a, provider="cpu"))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        rc, out, err = run(["verify", server_url(server), "--board", minilm_board.path, "--key", k,
+                            "--registry", reg, "--alpha", "1e-3", "--json"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert rc == 0, err
+    http = last_json(out)
+    assert {f: http[f] for f in ("owner", "bits", "bit_errors", "p_value", "queries")} == \
+        {f: verdicts["c4"][f] for f in ("owner", "bits", "bit_errors", "p_value", "queries")}
+    rc, _, err = run(["verify", server_url(server), "--board", minilm_board.path, "--key", k, "--registry", reg])
+    assert rc == 2 and "does not answer" in err
+
+    # two customers' files share no low-rank initialiser; no key material in the file
+    ia = {i.name: i.raw_data for i in onnx.load(str(a)).graph.initializer}
+    ib = {i.name: i.raw_data for i in onnx.load(str(b)).graph.initializer}
+    low = [n for n in ia if n.endswith((".L1", ".L2"))]
+    assert low and all(ia[n] != ib[n] for n in low)
+    assert all(ia[n] == ib[n] for n in ia if n not in low)
+    blob = a.read_bytes()
+    for secret in (KEY, KEY.hex().encode(), qk.bits_to_hex(registry.codeword("c4")).encode(),
+                   qk.key_id(KEY).encode(), minilm_board.manifest["trigger_digest"].encode()):
+        assert secret not in blob
+    meta = {p.key: p.value for p in onnx.load(str(a)).metadata_props}
+    assert not any("c4" in v or "board" in v or "watermark" in v for v in meta.values()), meta
+    # bad inputs: one line, exit 2
+    rc, _, err = run(["verify", tmp_path / "missing.onnx", "--board", minilm_board.path, "--key", k, "--registry", reg])
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    rc, _, err = run(["verify", tmp_path / "junk.onnx", "--board", minilm_board.path, "--key", k, "--registry", reg])
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    rc, _, err = run(["export", minilm_rtn_checkpoint, "-o", tmp_path / "x.onnx", "--board", minilm_board.path,
+                      "--key", k, "--registry", reg, "--user", "nobody"])
+    assert rc == 2 and "not in the registry" in err
+    rc, _, err = run(["export", minilm_rtn_checkpoint, "-o", tmp_path / "x.onnx", "--board", minilm_board.path])
+    assert rc == 2 and "--user" in err
