@@ -1,0 +1,170 @@
+"""``quantseal compress --method gptq|cbq``: calibrated uniform quantisation → checkpoint.
+
+Every compressible Linear gets the same format ``int{wbits}_b{block}`` (affine, float16 scales,
+integer zero points: exactly MatMulNBits).  The codes come from GPTQ (:mod:`.gptq`, the
+calibrated baseline) or from CBQ's cross-block reconstruction (:mod:`.cbq`); the checkpoint is
+an ordinary quantseal checkpoint (manifest ``method`` = gptq / cbq).  With ``abits < 16`` the
+calibrated static activation scales are recorded in the manifest's ``extra["activations"]``
+(``{linear name: {bits, scale, zero_point, signed}}``) for the exporter's QuantizeLinear /
+DequantizeLinear pairs; CFP's exact activation folds live in the stored norm / Linear tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..errors import BadInput
+from ..models import compressible_linears, default_model_path, load_model
+from ..text import calibration_texts
+from .calibration import calibration_batches, capture_block_inputs
+from .cbq import CBQConfig, StepCallback, cbq_quantize_model
+from .formats import BLOCK_SIZES, FormatSpec
+from .gptq import gptq_quantize_model
+from .quantizers import dequantize
+
+METHODS = ("gptq", "cbq")
+WBITS = (2, 3, 4, 8)
+ABITS = (4, 8, 16)
+
+
+@dataclass
+class CalibratedConfig:
+    """Everything ``quantseal compress --method gptq|cbq`` takes."""
+
+    output: Path
+    model: Path | None = None
+    method: str = "cbq"
+    wbits: int = 4
+    abits: int = 16
+    block: int = 64
+    window: int = 2
+    rank: int = 8
+    steps: int = 200
+    calib: Path | None = None
+    calib_samples: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise BadInput(f"unknown calibrated method {self.method!r} ({', '.join(METHODS)})")
+        if self.wbits not in WBITS:
+            raise BadInput(f"--wbits must be one of {WBITS}, not {self.wbits}")
+        if self.abits not in ABITS:
+            raise BadInput(f"--abits must be one of {ABITS}, not {self.abits}")
+        if self.method == "gptq" and self.abits != 16:
+            raise BadInput("GPTQ quantises weights only: use --abits 16 (or --method cbq)")
+        if self.block not in BLOCK_SIZES:
+            raise BadInput(f"--block must be one of {BLOCK_SIZES}, not {self.block}")
+        if self.window < 1:
+            raise BadInput(f"--window must be at least 1, not {self.window}")
+        if self.rank < 0:
+            raise BadInput(f"--rank must be non-negative, not {self.rank}")
+        if self.steps < 1:
+            raise BadInput(f"--steps must be at least 1, not {self.steps}")
+        if self.calib_samples < 1:
+            raise BadInput(f"--calib-samples must be at least 1, not {self.calib_samples}")
+        self.model = Path(self.model) if self.model is not None else default_model_path()
+        self.output = Path(self.output)
+
+    @property
+    def spec(self) -> FormatSpec:
+        return FormatSpec("int", self.wbits, self.block)
+
+    def cbq(self) -> CBQConfig:
+        return CBQConfig(wbits=self.wbits, abits=self.abits, block=self.block, window=self.window,
+                         overlap=1 if self.window > 1 else 0, rank=self.rank, steps=self.steps, seed=self.seed)
+
+
+def _no_callback(stage: str, done: int, total: int, info: dict) -> None:
+    pass
+
+
+def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_callback) -> dict:
+    """Run GPTQ or CBQ and write the checkpoint; returns the report ``--json`` prints."""
+    t0 = time.perf_counter()
+    if cfg.output.exists() and not ckpt.is_checkpoint(cfg.output):
+        raise BadInput(f"{cfg.output}: exists and is not a quantseal checkpoint; refusing to overwrite it")
+    torch.manual_seed(cfg.seed)
+    model, fam = load_model(cfg.model)
+    linears = compressible_linears(model, fam)
+    texts = calibration_texts(cfg.calib, cfg.calib_samples)
+    batches = calibration_batches(cfg.model, texts, cfg.batch_size)
+    spec = cfg.spec
+    t_cal = time.perf_counter()
+    activations: dict[str, dict] = {}
+    extra_info: dict = {}
+    if cfg.method == "gptq":
+        inputs = capture_block_inputs(model, fam, batches, torch.float32)
+        done = [0]
+
+        def tick(what: str) -> None:
+            done[0] += 1
+            callback("gptq", done[0], len(linears), {"layer": what})
+
+        quantized = gptq_quantize_model(model, fam, inputs, spec, tick=tick)
+    else:
+        inputs = capture_block_inputs(model, fam, batches, torch.float16)
+        res = cbq_quantize_model(model, fam, inputs, cfg.cbq(), callback)
+        quantized, activations = res.quantized, res.activations
+        extra_info = {"window_losses": [round(x, 6) for x in res.losses],
+                      "cfp_activation_channels": res.folded,
+                      "cfp_truncated_weights": res.truncated}
+    calib_seconds = time.perf_counter() - t_cal
+
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, ckpt.MatrixEntry] = {}
+    for name, lin in linears.items():
+        qt = quantized[name]
+        w_hat = dequantize(qt)
+        assert torch.equal(w_hat, lin.weight.detach()), name  # the model holds exactly the stored weights
+        mt = ckpt.matrix_tensors(name, spec, qt, None, None, None)
+        tensors.update(mt)
+        stored = sum(t.numel() * t.element_size() for t in mt.values())
+        assert stored == spec.stored_bytes(*qt.shape), (name, stored)
+        entries[name] = ckpt.MatrixEntry(spec.name, 0, list(qt.shape), 0.0, stored, "linear")
+    planned = {n + ".weight" for n in linears}
+    state = {k: v for k, v in model.state_dict().items() if "position_ids" not in k}
+    for k, v in state.items():
+        if k not in planned:
+            tensors[k] = v.detach().clone().contiguous()
+
+    lin_params = sum(l.weight.numel() for l in linears.values())
+    lin_bytes = sum(e.bytes for e in entries.values())
+    total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    bits_pp = lin_bytes * 8 / lin_params
+    budget = {"kind": "uniform", "asked": None, "bits_per_param": bits_pp, "compressible_bytes": lin_bytes,
+              "compressible_params": lin_params, "tensor_bytes": total_bytes}
+    source_file = next(iter(sorted(Path(cfg.model).glob("*.safetensors"))), None)
+    source = {"path": str(cfg.model), "family": fam.name, "model_type": model.config.model_type,
+              "sha256": ckpt.file_sha256(source_file) if source_file else None}
+    extra = {"seed": cfg.seed, "calib": str(cfg.calib) if cfg.calib else "pydoc_data.topics",
+             "calib_samples": len(texts), "wbits": cfg.wbits, "abits": cfg.abits, "block": cfg.block,
+             "stored_bits": spec.stored_bits, **extra_info, **cfg.extra}
+    if cfg.method == "cbq":
+        extra.update({"window": cfg.window, "rank": cfg.rank, "steps": cfg.steps})
+    if activations:
+        extra["activations"] = activations
+    manifest = ckpt.Manifest(source=source, method=cfg.method, budget=budget, matrices=entries, extra=extra)
+    ckpt.write_checkpoint(cfg.output, manifest, tensors, cfg.model)
+    return {
+        "output": str(cfg.output),
+        "method": cfg.method,
+        "format": spec.name,
+        "wbits": cfg.wbits,
+        "abits": cfg.abits,
+        "bits_per_param": round(bits_pp, 6),
+        "bytes": total_bytes,
+        "file_bytes": (cfg.output / ckpt.WEIGHTS).stat().st_size,
+        "compressible_bytes": lin_bytes,
+        "matrices": len(entries),
+        "calibration_seconds": round(calib_seconds, 3),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

@@ -1,0 +1,480 @@
+"""CBQ cross-block reconstruction (Ding et al. 2024, "CBQ: Cross-Block Quantization for Large
+Language Models", §3.1–3.2), producing plain blockwise INT-k codes in our exact format.
+
+Weights (per Linear ``W: (N, K)``, blocks of B along K, ``nb = ceil(K / B)``; everything below
+is (N, nb, B) unless said otherwise).  Initialised from round-to-nearest with MSE clipping
+(:func:`.quantizers.quantize_int`: step sizes s₀ (N, nb), integer zero points z (N, nb)):
+
+    Ŵ = s · (clamp(⌊W / s₀⌋ + h + z, 0, 2^k − 1) − z),   s = fp16(s₀ · e^t)          (CBQ eq. 5)
+    h = ΔW = clip(σ(V)(ζ − γ) + γ, 0, 1),                ζ = 1.1, γ = −0.1          (LoRA-Rounding)
+    V = V₀ + A1 · A2,   A1: (N, r), A2: (r, nb·B)
+
+V₀ is AdaRound's initialisation (h(V₀) = W/s₀ − ⌊W/s₀⌋, frozen); as in LoRA, the trainable
+low-rank product starts at zero (A1 = 0).  The step sizes are learned through t (N, nb), with the
+float16 rounding of the stored scales applied in the forward pass (straight-through), so training
+sees exactly the scales the file will hold.  At the end, h is hardened to (V ≥ 0) ∈ {0, 1}: the
+codes ⌊W/s₀⌋ + h + z are plain integers and dequantise with our :func:`~.quantizers.dequantize`
+to exactly the weights the reconstructed torch model uses.  With rank 0 the rounding is plain
+nearest rounding (straight-through) and only the step sizes are learned.
+
+Activations (A8 / A4): a static per-tensor affine quantiser in front of every Linear,
+x̂ = s_a (clamp(round(x / s_a) + z_a, 0, 2^b − 1) − z_a), s_a learned LSQ-style (Esser et al.
+2020) through the straight-through estimator, z_a fixed from the calibration range.
+
+Loss of a window of k blocks (eq. 6–7), over real (non-padding) tokens:
+
+    L = ‖h_fp − h_q‖² / ‖h_fp‖² + KL(softmax h_fp ‖ softmax h_q) + λ L₀ · mean(1 − |2h − 1|^β)
+
+with β annealed linearly 20 → 2 after a warm-up without the rounding term (AdaRound §3.3), and
+L₀ the window's loss at its round-to-nearest start (so λ is scale-free).
+Windows of k consecutive blocks slide with overlap 1 (stride k − 1): a block shared by two
+windows keeps its parameters and is trained again; the hard-rounded output of the blocks a
+window finalises is the next window's quantised input, the float model's output its target.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..models import Family, blocks
+from .calibration import BlockInputs, block_forward
+from .cfp import activation_channel_scales, fold_activation_scale, fold_sites, truncate_weight_outliers
+from .formats import FormatSpec
+from .quantizers import QuantizedTensor, _blocks, dequantize, quantize_int
+
+ZETA, GAMMA = 1.1, -0.1
+ACT_CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+StepCallback = Callable[[str, int, int, dict], None]  # (stage, done, total, info)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def _fp16_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (x.to(torch.float16).to(x.dtype) - x).detach()
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """h(V) = clip(σ(V)(ζ − γ) + γ, 0, 1) (AdaRound eq. 23)."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """Σ (1 − |2h − 1|^β): zero exactly when every h ∈ {0, 1} (AdaRound eq. 24)."""
+    return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+
+def kl_term(h_fp: torch.Tensor, h_q: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(softmax h_fp ‖ softmax h_q) along the hidden axis.  (n, H) → ()"""
+    return F.kl_div(F.log_softmax(h_q, -1), F.log_softmax(h_fp, -1), log_target=True, reduction="batchmean")
+
+
+def reconstruction_loss(h_fp: torch.Tensor, h_q: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖h_fp − h_q‖² / ‖h_fp‖², KL term) over real tokens.  h: (B, T, H), mask: (B, T) bool."""
+    a, b = h_fp[mask].float(), h_q[mask]
+    rel = ((a - b) ** 2).sum() / (a * a).sum().clamp(min=1e-12)
+    return rel, kl_term(a, b)
+
+
+class ActQuantizer(nn.Module):
+    """Static per-tensor affine activation quantiser with an LSQ-learned step size."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("s0", torch.tensor(1.0))
+        self.register_buffer("zero", torch.tensor(0.0))
+        self.log_scale = nn.Parameter(torch.zeros(()))
+        self.enabled = False  # until initialised from calibration data
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        """MSE-best range among shrunk [min, max] of a sample ``x`` (any shape)."""
+        x = x.float().flatten()
+        if x.numel() > (1 << 20):
+            x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 20]]
+        lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+        qmax = 2**self.bits - 1
+        best = None
+        for r in ACT_CLIP_GRID:
+            s = max((hi - lo) * r / qmax, 1e-8)
+            z = float(min(max(round(-lo * r / s), 0), qmax))
+            err = float((((torch.clamp(torch.round(x / s) + z, 0, qmax) - z) * s - x) ** 2).mean())
+            if best is None or err < best[0]:
+                best = (err, s, z)
+        self.s0.fill_(best[1])
+        self.zero.fill_(best[2])
+        self.log_scale.zero_()
+        self.enabled = True
+
+    def scale(self) -> torch.Tensor:
+        return self.s0 * torch.exp(self.log_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        s = self.scale()
+        q = torch.clamp(_round_ste(x / s) + self.zero, 0, 2**self.bits - 1)
+        return (q - self.zero) * s
+
+    def export(self) -> dict:
+        """What QuantizeLinear / DequantizeLinear need: float32 scale, integer zero point."""
+        return {"bits": self.bits, "scale": float(self.scale().detach().float()),
+                "zero_point": int(self.zero), "signed": False}
+
+
+class CBQLinear(nn.Module):
+    """A Linear with learnable step sizes and LoRA-Rounding (see the module docstring)."""
+
+    def __init__(self, linear: nn.Linear, spec: FormatSpec, rank: int, act_bits: int = 16,
+                 weight: torch.Tensor | None = None, generator: torch.Generator | None = None):
+        super().__init__()
+        if spec.kind != "int":
+            raise ValueError(f"CBQ learns integer formats, not {spec.name}")
+        w = (linear.weight if weight is None else weight).detach().float()
+        self.spec, self.rank = spec, rank
+        self.out_features, self.in_features = w.shape
+        n, k = w.shape
+        init = quantize_int(w, spec)  # round-to-nearest, MSE-clipped: the starting point
+        wb = _blocks(w, spec.block)  # (N, nb, B)
+        s0 = init.scales
+        zero = init.zeros.float() if init.zeros is not None else torch.full_like(s0, 2.0 ** (spec.bits - 1))
+        self.register_buffer("wb", wb)
+        self.register_buffer("s0", s0)
+        self.register_buffer("zero", zero)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        x = wb / s0[..., None]
+        base = torch.floor(x)
+        self.register_buffer("base", base)
+        rest = (x - base).clamp(0, 1)
+        self.register_buffer("v0", -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))  # h(V₀) = rest
+        self.log_scale = nn.Parameter(torch.zeros_like(s0))
+        if rank > 0:
+            self.a1 = nn.Parameter(torch.zeros(n, rank))
+            self.a2 = nn.Parameter(torch.randn(rank, wb.shape[1] * wb.shape[2], generator=generator))
+        self.act = ActQuantizer(act_bits) if act_bits < 16 else None
+        self.hard = False
+
+    def scale(self) -> torch.Tensor:
+        """s = fp16(s₀ e^t): (N, nb), float16-representable values."""
+        return _fp16_ste(self.s0 * torch.exp(self.log_scale))
+
+    def rounding(self) -> torch.Tensor:
+        """h: (N, nb, B) ∈ [0, 1] (soft) or {0, 1} (hard)."""
+        v = self.v0 + (self.a1 @ self.a2).view_as(self.v0)
+        return (v >= 0).to(v.dtype) if self.hard else rectified_sigmoid(v)
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q (N, nb, B) float codes in [0, 2^k − 1], s (N, nb))."""
+        s = self.scale()
+        qmax = 2**self.spec.bits - 1
+        if self.rank > 0:
+            q = self.base + self.rounding() + self.zero[..., None]
+        else:
+            q = _round_ste(self.wb / s[..., None]) + self.zero[..., None]
+        return torch.clamp(q, 0, qmax), s
+
+    def weight_hat(self) -> torch.Tensor:
+        """Ŵ: (N, K) float32."""
+        q, s = self.codes()
+        return ((q - self.zero[..., None]) * s[..., None]).reshape(self.out_features, -1)[:, :self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x)
+        return F.linear(x, self.weight_hat(), self.bias)
+
+    def regularizer(self, beta: float) -> tuple[torch.Tensor, int]:
+        """(Σ(1 − |2h − 1|^β), number of terms); zero for rank 0."""
+        if self.rank == 0:
+            return torch.zeros(()), 0
+        h = self.rounding()
+        return rounding_regularizer(h, beta), h.numel()
+
+    @torch.no_grad()
+    def to_quantized(self) -> QuantizedTensor:
+        """The hard-rounded integer codes in our format (float16-exact scales)."""
+        hard, self.hard = self.hard, True
+        try:
+            q, s = self.codes()
+        finally:
+            self.hard = hard
+        n, k = self.out_features, self.in_features
+        codes = q.reshape(n, -1).round()
+        if codes.shape[1] > k:
+            codes[:, k:] = self.zero.repeat_interleave(self.spec.block, dim=1)[:, k:]
+        return QuantizedTensor(codes.to(torch.uint8), s.detach().float().clone(),
+                               None if self.spec.symmetric else self.zero.to(torch.uint8), (n, k), self.spec)
+
+
+@dataclass
+class CBQConfig:
+    """Settings of one CBQ run (defaults sized for MiniLM on 2 CPU cores)."""
+
+    wbits: int = 4
+    abits: int = 16
+    block: int = 64
+    window: int = 2
+    overlap: int = 1
+    rank: int = 8
+    steps: int = 200
+    lr_scale: float = 2e-3
+    lr_round: float = 1e-2
+    lr_act: float = 2e-3
+    lam: float = 10.0  # rounding-term weight, relative to the window's round-to-nearest loss
+    kl_weight: float = 1.0
+    beta: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    # CFP weight truncation is off by default: MiniLM's few weight outliers (e.g. 7.9 where the
+    # kept range ends at 1.2) are real, and blockwise scales already isolate them to one block
+    cfp_weights: bool = False
+    cfp_activations: bool = True  # folds only when activations are quantised (abits < 16)
+    seed: int = 0
+
+    @property
+    def spec(self) -> FormatSpec:
+        return FormatSpec("int", self.wbits, self.block)
+
+
+@dataclass
+class CBQResult:
+    quantized: dict[str, QuantizedTensor]
+    activations: dict[str, dict] = field(default_factory=dict)  # linear name → ActQuantizer.export()
+    truncated: dict[str, int] = field(default_factory=dict)  # CFP weight outliers per matrix
+    folded: dict[str, list[int]] = field(default_factory=dict)  # CFP activation outlier channels
+    losses: list[float] = field(default_factory=list)  # final training loss of every window
+
+
+def window_starts(n_blocks: int, window: int, overlap: int) -> list[int]:
+    """First block of every window: stride ``window − overlap``, the last window ends at the last block."""
+    window = min(window, n_blocks)
+    stride = max(window - overlap, 1)
+    starts = list(range(0, n_blocks - window + 1, stride))
+    if starts[-1] != n_blocks - window:
+        starts.append(n_blocks - window)
+    return starts
+
+
+def _quant_block(block: nn.Module, fam: Family, cfg: CBQConfig, gen: torch.Generator,
+                 truncated: dict, prefix: str) -> nn.Module:
+    """A deep copy of ``block`` whose compressible Linears are :class:`CBQLinear`."""
+    from .qlinear import set_submodule
+
+    qb = copy.deepcopy(block)
+    for rel in fam.linears:
+        lin = qb.get_submodule(rel)
+        w = None
+        if cfg.cfp_weights:
+            w, n = truncate_weight_outliers(lin.weight.detach().float())
+            truncated[f"{prefix}.{rel}"] = n
+        set_submodule(qb, rel, CBQLinear(lin, cfg.spec, cfg.rank, cfg.abits, w, gen))
+    for p in qb.parameters():
+        p.requires_grad_(False)
+    for m in qb.modules():
+        if isinstance(m, CBQLinear):
+            for p in m.parameters():
+                p.requires_grad_(True)
+    return qb.train(False)
+
+
+@torch.no_grad()
+def _prepare_float_block(block: nn.Module, fam: Family, x: BlockInputs, cfg: CBQConfig,
+                         folded: dict, prefix: str, act_samples: dict) -> list[torch.Tensor]:
+    """Run the float block over ``x`` (returning its float32 outputs) while collecting activation
+    statistics; CFP folds activation outlier scales into the block (output unchanged)."""
+    sites = fold_sites(fam, block) if (cfg.abits < 16 and cfg.cfp_activations) else []
+    chmax: dict[str, torch.Tensor] = {}
+    samples: dict[str, list[torch.Tensor]] = {rel: [] for rel in fam.linears} if cfg.abits < 16 else {}
+    handles = []
+    state = {}
+    for rel in (fam.linears if cfg.abits < 16 else ()):
+        def hook(_m, args, _rel=rel):
+            a = args[0][state["mask"]].float()
+            chmax[_rel] = torch.maximum(chmax[_rel], a.abs().amax(0)) if _rel in chmax else a.abs().amax(0)
+            samples[_rel].append(a)
+        handles.append(block.get_submodule(rel).register_forward_pre_hook(hook))
+    outs = []
+    try:
+        for h, a, kw, m in zip(x.hidden, x.args, x.kwargs, x.token_mask):
+            state["mask"] = m
+            outs.append(block_forward(block, h, a, kw).float())
+    finally:
+        for hd in handles:
+            hd.remove()
+    for producer, consumers, first in sites:
+        s = activation_channel_scales(chmax[first])
+        if bool((s > 1).any()):
+            fold_activation_scale(producer, consumers, s)
+            for rel in fam.linears:
+                if block.get_submodule(rel) in consumers:
+                    samples[rel] = [t / s for t in samples[rel]]
+            folded[f"{prefix}.{first}"] = torch.nonzero(s > 1).flatten().tolist()
+    for rel, ts in samples.items():
+        act_samples[rel] = torch.cat(ts) if ts else torch.zeros(1)
+    return outs
+
+
+def cbq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, cfg: CBQConfig,
+                       callback: StepCallback | None = None) -> CBQResult:
+    """Windowed cross-block reconstruction over all blocks of ``model`` (float32, eval).
+
+    ``inputs``: block 0's captured calibration inputs.  On return the model's compressible
+    Linears hold the dequantised hard-rounded weights (and CFP's exact activation folds)."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    blist = blocks(model, fam)
+    n = len(blist)
+    starts = window_starts(n, cfg.window, cfg.overlap)
+    res = CBQResult({})
+    qblocks: dict[int, nn.Module] = {}
+    x_fp, x_q = inputs, inputs  # float and quantised streams at the current window's first block
+    done = 0  # blocks finalised so far
+    for wi, a in enumerate(starts):
+        b = min(a + cfg.window, n)
+        # float targets of the window; first visits prepare the block (CFP, activation init)
+        h = x_fp.hidden
+        fp_outs: dict[int, list[torch.Tensor]] = {}
+        for i in range(a, b):
+            cur = x_fp.with_hidden(h)
+            if i not in qblocks:
+                samples: dict[str, torch.Tensor] = {}
+                h = _prepare_float_block(blist[i], fam, cur, cfg, res.folded, f"{fam.blocks_attr}.{i}", samples)
+                qblocks[i] = _quant_block(blist[i], fam, cfg, gen, res.truncated, f"{fam.blocks_attr}.{i}")
+                for rel, smp in samples.items():
+                    act = qblocks[i].get_submodule(rel).act
+                    if act is not None:
+                        act.init_from(smp)
+            else:
+                with torch.no_grad():
+                    h = [block_forward(blist[i], t, ar, kw).float()
+                         for t, ar, kw in zip(cur.hidden, cur.args, cur.kwargs)]
+            fp_outs[i] = h
+        targets = h
+        last = wi == len(starts) - 1
+        res.losses.append(_train_window([qblocks[i] for i in range(a, b)], x_q, targets, cfg, gen,
+                                        wi, len(starts), callback))
+        # finalise the blocks no later window touches; advance both streams past them
+        stop = b if last else starts[wi + 1]
+        for i in range(done, stop):
+            qb = qblocks.pop(i)
+            for m in qb.modules():
+                if isinstance(m, CBQLinear):
+                    m.hard = True
+            with torch.no_grad():
+                x_q = x_q.with_hidden([block_forward(qb, t, ar, kw).to(inputs.hidden[0].dtype)
+                                       for t, ar, kw in zip(x_q.hidden, x_q.args, x_q.kwargs)])
+            x_fp = x_fp.with_hidden([t.to(inputs.hidden[0].dtype) for t in fp_outs[i]])
+            _write_back(blist[i], qb, fam, f"{fam.blocks_attr}.{i}", res)
+        done = stop
+    return res
+
+
+def _write_back(block: nn.Module, qb: nn.Module, fam: Family, prefix: str, res: CBQResult) -> None:
+    with torch.no_grad():
+        for rel in fam.linears:
+            ql: CBQLinear = qb.get_submodule(rel)
+            qt = ql.to_quantized()
+            block.get_submodule(rel).weight.data = dequantize(qt)
+            res.quantized[f"{prefix}.{rel}"] = qt
+            if ql.act is not None:
+                res.activations[f"{prefix}.{rel}"] = ql.act.export()
+
+
+def _train_window(qblocks: list[nn.Module], x_q: BlockInputs, targets: list[torch.Tensor], cfg: CBQConfig,
+                  gen: torch.Generator, wi: int, n_windows: int, callback: StepCallback | None) -> float:
+    """Adam on the window's step sizes, LoRA-Rounding factors and activation scales."""
+    qlins = [m for qb in qblocks for m in qb.modules() if isinstance(m, CBQLinear)]
+    groups = [{"params": [m.log_scale for m in qlins], "lr": cfg.lr_scale}]
+    rnd = [p for m in qlins if m.rank > 0 for p in (m.a1, m.a2)]
+    if rnd:
+        groups.append({"params": rnd, "lr": cfg.lr_round})
+    acts = [m.act.log_scale for m in qlins if m.act is not None]
+    if acts:
+        groups.append({"params": acts, "lr": cfg.lr_act})
+    opt = torch.optim.Adam(groups)
+    nb = len(targets)
+    # λ is relative to the window's loss at its hard-rounded (round-to-nearest) start, so the
+    # rounding term weighs the same against reconstruction whatever the scale of the hidden states
+    reg_weight = cfg.lam * _hard_loss(qblocks, qlins, x_q, targets, cfg) if rnd else 0.0
+    order: list[int] = []
+    warm = int(cfg.warmup * cfg.steps)
+    loss_val = float("nan")
+    for step in range(cfg.steps):
+        if not order:
+            order = torch.randperm(nb, generator=gen).tolist()
+        j = order.pop()
+        h = x_q.hidden[j].float()
+        for qb in qblocks:
+            h = block_forward(qb, h, x_q.args[j], x_q.kwargs[j])
+        rec, kl = reconstruction_loss(targets[j], h, x_q.token_mask[j])
+        loss = rec + cfg.kl_weight * kl
+        if rnd and step >= warm:
+            frac = (step - warm) / max(cfg.steps - warm - 1, 1)
+            beta = cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * frac
+            reg, cnt = zip(*(m.regularizer(beta) for m in qlins))
+            loss = loss + reg_weight * sum(reg) / max(sum(cnt), 1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_val = float(loss.detach())
+        if callback:
+            callback("cbq", wi * cfg.steps + step + 1, n_windows * cfg.steps,
+                     {"window": wi + 1, "windows": n_windows, "step": step + 1, "loss": loss_val,
+                      "rec": float(rec.detach()), "kl": float(kl.detach())})
+    return loss_val
+
+
+@torch.no_grad()
+def _hard_loss(qblocks: list[nn.Module], qlins: list[CBQLinear], x_q: BlockInputs, targets: list[torch.Tensor],
+               cfg: CBQConfig, max_batches: int = 4) -> float:
+    """Mean window loss (reconstruction + KL) with the current rounding hardened."""
+    for m in qlins:
+        m.hard = True
+    total = 0.0
+    try:
+        use = range(min(max_batches, len(targets)))
+        for j in use:
+            h = x_q.hidden[j].float()
+            for qb in qblocks:
+                h = block_forward(qb, h, x_q.args[j], x_q.kwargs[j])
+            rec, kl = reconstruction_loss(targets[j], h, x_q.token_mask[j])
+            total += float(rec + cfg.kl_weight * kl)
+    finally:
+        for m in qlins:
+            m.hard = False
+    return total / len(use)
+
+
+@torch.no_grad()
+def output_error(block_fn: Callable[[torch.Tensor], torch.Tensor], x: BlockInputs, targets: list[torch.Tensor]) -> float:
+    """Σ‖h_fp − h_q‖² / Σ‖h_fp‖² over real tokens (for tests and reports)."""
+    num = den = 0.0
+    for j, t in enumerate(targets):
+        m = x.token_mask[j]
+        h = block_fn(j)
+        num += float(((t[m].float() - h[m]) ** 2).sum())
+        den += float((t[m].float() ** 2).sum())
+    return num / max(den, 1e-30)
+
+
+def attach_activation_quant(model: nn.Module, activations: dict[str, dict]) -> list:
+    """Fake-quantise the inputs of the named Linears of a (loaded) model with the calibrated
+    static scales (the torch reference for QDQ exports).  Returns the hook handles."""
+    handles = []
+    for name, p in activations.items():
+        s, z, qmax = float(p["scale"]), float(p["zero_point"]), 2 ** int(p["bits"]) - 1
+
+        def hook(_m, args, _s=s, _z=z, _q=qmax):
+            x = args[0]
+            return ((torch.clamp(torch.round(x / _s) + _z, 0, _q) - _z) * _s,) + tuple(args[1:])
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    return handles

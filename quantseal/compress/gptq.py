@@ -1,0 +1,157 @@
+"""GPTQ (Frantar et al. 2023, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers"), in the paper's notation, producing our exact blockwise INT-k format.
+
+Per Linear ``W: (N, K)`` (out, in) with calibration inputs ``X: (K, n)`` (columns = tokens):
+
+    argmin_Ŵ ‖W X − Ŵ X‖²_F,      H = 2 X Xᵀ  (K, K)                               (eq. 1–2)
+
+Columns are quantised left to right; after column q the remaining columns absorb its error
+
+    δ_F = − (w_q − quant(w_q)) / [H_F⁻¹]_qq · (H_F⁻¹)_{:, q}                      (eq. 3)
+
+computed from the upper Cholesky factor of H⁻¹ (§"Step 3: Cholesky reformulation") and applied
+lazily, ``blocksize`` columns at a time (§"Step 2: lazy batch updates").  The group parameters
+(float16-rounded scale, integer zero point: :mod:`.quantizers`) of each block of ``spec.block``
+columns are chosen from the *current*, error-updated weights when the group starts, with the same
+MSE-optimal clip search as our round-to-nearest — so the result is a plain
+:class:`~.quantizers.QuantizedTensor` that exports exactly to MatMulNBits.
+
+:func:`gptq_quantize_model` is the sequential driver: block i's Linears are quantised one by one
+on inputs produced by the already-quantised blocks 0..i−1 (and, within the block, by the
+already-quantised Linears before them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..models import Family, blocks
+from .calibration import BlockInputs, block_forward, run_block
+from .formats import FormatSpec
+from .quantizers import QuantizedTensor, dequantize, quantize_int
+
+
+class GPTQ:
+    """The solver for one Linear: ``add_batch`` accumulates H, ``quantize`` solves, ``free``."""
+
+    def __init__(self, layer: nn.Linear):
+        self.layer = layer
+        self.rows, self.columns = layer.weight.shape  # N, K
+        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float64)
+        self.nsamples = 0
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """inp: (..., K) layer inputs (padding tokens already removed).  Keeps H = 2/n Σ x xᵀ."""
+        x = inp.reshape(-1, self.columns).double()
+        n = x.shape[0]
+        if n == 0:
+            return
+        self.H *= self.nsamples / (self.nsamples + n)
+        self.nsamples += n
+        x = math.sqrt(2 / self.nsamples) * x
+        self.H += x.T @ x
+
+    @torch.no_grad()
+    def quantize(self, spec: FormatSpec, blocksize: int = 128, percdamp: float = 0.01) -> QuantizedTensor:
+        """Run the lazy-batch Cholesky solver; returns codes/scales/zeros in our format.
+
+        ``percdamp``: λ = percdamp · mean(diag H) is added to the diagonal (§4, "dampening")."""
+        if spec.kind != "int":
+            raise ValueError(f"GPTQ writes integer formats, not {spec.name}")
+        W = self.layer.weight.detach().double().clone()  # (N, K)
+        N, K = W.shape
+        B = spec.block
+        blocksize = max(B, (blocksize // B) * B)  # a lazy batch holds whole groups
+        nb = -(-K // B)
+        qmax = 2**spec.bits - 1
+
+        H = self.H.clone()
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        damp = percdamp * torch.mean(torch.diag(H))
+        H += damp * torch.eye(K, dtype=H.dtype)
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.cholesky_inverse(L)
+        Hinv = torch.linalg.cholesky(Hinv, upper=True).float()  # upper factor: row q is (H_F⁻¹)_{q,:}/sqrt([H_F⁻¹]_qq)
+        W = W.float()
+
+        codes = torch.zeros(N, nb * B)
+        scales = torch.zeros(N, nb)
+        zeros = torch.zeros(N, nb)
+        for i1 in range(0, K, blocksize):
+            i2 = min(i1 + blocksize, K)
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                g = col // B
+                if col % B == 0:  # a new group: its parameters from the current weights
+                    # groups never straddle a lazy batch: blocksize and i1 are multiples of B
+                    qt = quantize_int(W1[:, i:i + B].float(), FormatSpec("int", spec.bits, B, spec.symmetric))
+                    scales[:, g] = qt.scales[:, 0]
+                    zeros[:, g] = qt.zeros[:, 0].float() if qt.zeros is not None else 2.0 ** (spec.bits - 1)
+                w = W1[:, i]
+                s, z = scales[:, g], zeros[:, g]
+                q = torch.clamp(torch.round(w.float() / s) + z, 0, qmax)
+                codes[:, col] = q
+                wq = (q - z) * s
+                d = Hinv1[i, i]
+                err = (w - wq) / d
+                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        if nb * B > K:
+            codes[:, K:] = zeros.repeat_interleave(B, dim=1)[:, K:]
+        return QuantizedTensor(
+            codes=codes.to(torch.uint8),
+            scales=scales,
+            zeros=None if spec.symmetric else zeros.to(torch.uint8),
+            shape=(N, K),
+            spec=spec,
+        )
+
+    def free(self) -> None:
+        self.H = None
+
+
+Tick = Callable[[str], None]
+
+
+@torch.no_grad()
+def gptq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, spec: FormatSpec,
+                        percdamp: float = 0.01, storage_dtype: torch.dtype = torch.float32,
+                        tick: Tick | None = None) -> dict[str, QuantizedTensor]:
+    """Sequential GPTQ over the blocks; the model's Linears are overwritten with their dequantised
+    weights.  ``inputs`` are block 0's captured inputs.  Returns ``{full_name: QuantizedTensor}``."""
+    result: dict[str, QuantizedTensor] = {}
+    x = inputs
+    for bi, block in enumerate(blocks(model, fam)):
+        for rel in fam.linears:
+            layer = block.get_submodule(rel)
+            solver = GPTQ(layer)
+            state = {}
+
+            def hook(_m, args, _state=state, _solver=solver):
+                _solver.add_batch(args[0][_state["mask"]])
+
+            h = layer.register_forward_pre_hook(hook)
+            try:
+                for hid, a, kw, m in zip(x.hidden, x.args, x.kwargs, x.token_mask):
+                    state["mask"] = m
+                    block_forward(block, hid, a, kw)
+            finally:
+                h.remove()
+            qt = solver.quantize(spec, percdamp=percdamp)
+            solver.free()
+            layer.weight.data = dequantize(qt).to(layer.weight.dtype)
+            result[f"{fam.blocks_attr}.{bi}.{rel}"] = qt
+            if tick:
+                tick(f"block {bi} {rel}")
+        x = run_block(block, x, storage_dtype)
+    return result
