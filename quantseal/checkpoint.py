@@ -153,9 +153,11 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, torch.Tensor],
-                     source_dir: str | Path) -> Path:
+                     source_dir: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write the folder atomically.  ``out`` must not exist, or be a quantseal checkpoint
-    (which is then replaced)."""
+    (which is then replaced).  ``extra_files`` (name → bytes) are written after the
+    :data:`SOURCE_FILES` copied from ``source_dir`` (e.g. the config and tokenizer of a GGUF source,
+    see :func:`quantseal.models.source_files`)."""
     out = Path(out)
     if out.exists() and not is_checkpoint(out):
         raise BadInput(f"{out}: exists and is not a quantseal checkpoint; refusing to overwrite it")
@@ -168,6 +170,10 @@ def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, tor
             src = Path(source_dir) / name
             if src.is_file():
                 shutil.copyfile(src, tmp / name)
+        for name, data in (extra_files or {}).items():
+            if Path(name).name != name or name in (MANIFEST, WEIGHTS):
+                raise ValueError(f"extra checkpoint file {name!r}: a plain file name other than {MANIFEST}/{WEIGHTS}")
+            (tmp / name).write_bytes(data)
         (tmp / MANIFEST).write_text(manifest.to_json())
         os.chmod(tmp, 0o755)
         if out.exists():

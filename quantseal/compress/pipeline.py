@@ -23,7 +23,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..errors import BadInput, BudgetInfeasible
-from ..models import compressible_linears, default_model_path, embedding, load_model
+from ..models import compressible_linears, default_model_path, embedding, load_model, source_files, source_weights
 from ..text import TextTokenizer, calibration_texts
 from .budget import MatrixOptions, solve_allocation
 from .fisher import floor_fisher, output_fisher
@@ -237,7 +237,7 @@ def compress(cfg: CompressConfig, progress: Progress = _no_progress) -> dict:
     solve_seconds = time.perf_counter() - t_solve
     tensors, entries = materialize(table, choice, progress)
     manifest = make_manifest(table, cfg, entries, tensors)
-    ckpt.write_checkpoint(cfg.output, manifest, tensors, cfg.model)
+    ckpt.write_checkpoint(cfg.output, manifest, tensors, cfg.model, source_files(cfg.model, table.model))
     report = summarize(manifest, cfg.output)
     report.update(solver_seconds=round(solve_seconds, 4), seconds=round(time.perf_counter() - t0, 3))
     return report
@@ -251,7 +251,7 @@ def make_manifest(table: CandidateTable, cfg: CompressConfig, entries: dict[str,
               "bits_per_param": lin_bytes * 8 / table.linear_params, "compressible_bytes": lin_bytes,
               "compressible_params": table.linear_params,
               "tensor_bytes": sum(_tensor_bytes(t) for t in tensors.values())}
-    source_file = next(iter(sorted(Path(cfg.model).glob("*.safetensors"))), None)
+    source_file = source_weights(cfg.model)
     source = {"path": str(cfg.model), "family": table.fam.name, "model_type": table.model.config.model_type,
               "sha256": ckpt.file_sha256(source_file) if source_file else None}
     return ckpt.Manifest(source=source, method=cfg.method, budget=budget, matrices=entries,

@@ -42,7 +42,7 @@ import onnx
 
 from .. import __version__
 from .. import checkpoint as ckpt
-from ..errors import Unsupported
+from ..errors import BadInput, Unsupported
 from .lowbit import OPSET, initializer_bytes
 from .onnx import (TOKENIZER, _metadata, float_effective, matrix_initializer_bytes, rewrite_lowbit,
                    stored_matrices, write_model)
@@ -146,10 +146,17 @@ def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tens
     if any(e.kind == "embedding" for e in manifest.matrices.values()):
         raise Unsupported(f"{checkpoint}: a decoder with a quantised token embedding (--budget-mb) is not exported "
                           "yet (its tied LM head would need the same codes as MatMulNBits); compress with --budget")
+    from ..models import family_of
+
+    fam = family_of(config)
+    foreign = [n for n in manifest.matrices if not n.startswith(fam.blocks_attr + ".") and n != fam.embedding_attr]
+    if foreign:
+        raise BadInput(f"{checkpoint}: matrix {foreign[0]!r} is not part of a {config.get('model_type')} model "
+                       "(config.json and the checkpoint's tensors disagree)")
     matrices = stored_matrices(manifest, tensors)
     del tensors
-    _make_parent(output)
     model, fam, _ = ckpt.load_compressed(checkpoint)
+    _make_parent(output)
     layers, kv, hd = cache_geometry(config)
     digests = float_effective(model)
     wrapper = _with_past(model, layers)

@@ -166,7 +166,7 @@ def swap_into_template(template, output, manifest: Manifest, tensors: dict[str, 
     import onnx
     from onnx import numpy_helper
 
-    from .onnx import write_model
+    from .onnx import _make_parent, write_model
 
     template, output = Path(template), Path(output)
     if not template.is_file():
@@ -198,4 +198,5 @@ def swap_into_template(template, output, manifest: Manifest, tensors: dict[str, 
         if list(old.dims) != list(arr.shape) or old.data_type != onnx.helper.np_dtype_to_tensor_dtype(arr.dtype):
             raise BadInput(f"{template}: initialiser {k} has another shape or dtype")
         old.CopyFrom(numpy_helper.from_array(arr, k))
+    _make_parent(output)
     return write_model(proto, output, None if tokenizer is None else Path(tokenizer))

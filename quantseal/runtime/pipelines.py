@@ -45,7 +45,8 @@ class Embedder:
                  threads: int | None = None, max_length: int = 128, batch_size: int = 32):
         self.session = Session(model_path, provider=provider, threads=threads)
         if "sentence_embedding" not in self.session.output_names:
-            raise BadInput(f"{model_path}: not an embedding model (outputs {self.session.output_names})")
+            hint = "; a decoder: use --prompt / CausalLM" if "logits" in self.session.output_names else ""
+            raise BadInput(f"{model_path}: not an embedding model (outputs {self.session.output_names[:4]}{hint})")
         self.tokenizer = TextTokenizer(find_tokenizer(model_path, tokenizer), max_length=max_length)
         if batch_size < 1:
             raise BadInput(f"batch size must be at least 1, not {batch_size}")

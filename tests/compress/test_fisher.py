@@ -26,11 +26,11 @@ def test_embedding_fisher_matches_exact_gauss_newton_diagonal(tiny_bert_dir):
             exact += weight.grad.double() ** 2
     exact /= len(texts)
 
-    est = output_fisher(model, fam, [batch] * 400, {name: weight}, seed=0)[name].double()
+    est = output_fisher(model, fam, [batch] * 200, {name: weight}, seed=0)[name].double()
     # unbiased random-direction estimator: agrees in aggregate and row by row
-    assert abs(est.sum() / exact.sum() - 1) < 0.05
+    assert abs(est.sum() / exact.sum() - 1) < 0.08
     rows_est, rows_exact = est.sum(1), exact.sum(1)
-    assert ((rows_est - rows_exact).abs() / rows_exact).max() < 0.25
+    assert ((rows_est - rows_exact).abs() / rows_exact).max() < 0.35
     # and element-wise: far closer to the exact diagonal than to a shuffled one
     shuffled = exact.flatten()[torch.randperm(exact.numel(), generator=torch.Generator().manual_seed(0))]
     assert (est.flatten() - exact.flatten()).norm() < 0.5 * (est.flatten() - shuffled).norm()

@@ -194,12 +194,13 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     _no_leftovers(out_dir, ["m.onnx", "tokenizer.json"])
 
 
-def test_decoder_is_unsupported(minilm_rtn_checkpoint, tmp_path):
+def test_decoder_config_over_encoder_tensors_is_bad_input(minilm_rtn_checkpoint, tmp_path):
+    # decoders export (tests/export/test_decoder.py); a llama config over BERT tensors is a clear error
     ck = tmp_path / "dec"
     shutil.copytree(minilm_rtn_checkpoint, ck)
     cfg = json.loads((ck / "config.json").read_text())
     cfg["model_type"] = "llama"
     (ck / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(Unsupported, match="not supported yet"):
+    with pytest.raises(BadInput, match="not part of a llama model"):
         export_onnx(ck, tmp_path / "out" / "m.onnx")
     assert not (tmp_path / "out").exists()
