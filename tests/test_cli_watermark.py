@@ -61,10 +61,6 @@ def test_registry_add_list_tamper_wrong_key(tmp_path):
 
 @pytest.mark.slow
 def test_export_and_verify_onnx(tmp_path, minilm_board, minilm_rtn_checkpoint, minilm_rtn_onnx):
-    from quantseal.checkpoint import read_checkpoint
-    from quantseal.compress.markboard import load_board
-    from quantseal.export.watermark import mark_checkpoint, swap_into_template
-
     import onnx
 
     k, reg = tmp_path / "owner.key", tmp_path / "reg.json"
@@ -76,13 +72,16 @@ def test_export_and_verify_onnx(tmp_path, minilm_board, minilm_rtn_checkpoint, m
                         "--registry", reg, "--user", "c4", "--json"])
     assert rc == 0, err
     assert last_json(out)["marked"] is True
-    # a second customer in seconds: the first file's graph with the second customer's low-rank factors
-    manifest, tensors = read_checkpoint(minilm_rtn_checkpoint)
     registry = qk.Registry.load(reg, KEY)
-    m_b, t_b = mark_checkpoint(manifest, tensors, load_board(minilm_board.path), KEY, registry, "c9")
+    # a second customer in seconds: the board keeps the first traced graph as a template and
+    # only the customer's low-rank initialisers change
     b = tmp_path / "b" / "model.onnx"
-    b.parent.mkdir()
-    swap_into_template(a, b, m_b, t_b, minilm_rtn_checkpoint / "tokenizer.json")
+    rc, out, err = run(["export", minilm_rtn_checkpoint, "-o", b, "--board", minilm_board.path, "--key", k,
+                        "--registry", reg, "--user", "c9", "--json"])
+    assert rc == 0, err
+    assert last_json(out)["path_taken"] == "template"
+    ops = last_json(out)["ops"]
+    assert ops.get("MatMulNBits", 0) + ops.get("MatMulBnb4", 0) == 36
 
     verdicts = {}
     for name, path in (("c4", a), ("c9", b), (None, minilm_rtn_onnx)):

@@ -121,35 +121,65 @@ def mark_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], board:
 
 def export_marked(checkpoint, output, board_path, key: bytes, registry: qkeys.Registry, customer: str,
                   accuracy_level: int = 0, seed: int | None = None) -> dict:
-    """``quantseal export --board``: mark the checkpoint for ``customer`` into a temporary folder
-    beside ``output``, then export it with :func:`quantseal.export.onnx.export_onnx`.  The report
-    adds ``mark_seconds`` (select + fold + obfuscate)."""
+    """``quantseal export --board``: mark the checkpoint for ``customer`` and write its ONNX file.
+
+    Every customer's graph is the same but for the low-rank initialisers, so the first marked
+    export of a (checkpoint, board) pair traces the model (:func:`quantseal.export.onnx.export_onnx`)
+    and keeps that file as a template in the owner-side board folder
+    (``templates/<fingerprint>-a<accuracy level>.onnx``); later customers are written from it by
+    :func:`swap_into_template` in seconds.  The report adds ``mark_seconds`` and ``path_taken``
+    (``"traced"`` or ``"template"``)."""
     import shutil
     import tempfile
     import time
+    from collections import Counter
     from pathlib import Path
+
+    import onnx
 
     from ..checkpoint import read_checkpoint, write_checkpoint
     from ..compress.markboard import load_board
-    from .onnx import export_onnx
+    from .onnx import TOKENIZER, _check_output, export_onnx
 
     t0 = time.perf_counter()
     checkpoint, output = Path(checkpoint), Path(output)
+    _check_output(output)
     board = load_board(board_path)
     manifest, tensors = read_checkpoint(checkpoint)
     marked = mark_checkpoint(manifest, tensors, board, key, registry, customer, seed=seed)
+    template = (Path(board_path) / "templates"
+                / f"{board.manifest['source_fingerprint'][:16]}-a{accuracy_level}.onnx")
     del tensors
     mark_seconds = time.perf_counter() - t0
     output.parent.mkdir(parents=True, exist_ok=True)
+    if template.is_file():
+        try:
+            written = swap_into_template(template, output, *marked, tokenizer=checkpoint / TOKENIZER)
+        except BadInput:
+            written = None  # a stale or foreign template: trace instead (and replace it below)
+        if written:
+            proto = onnx.load(str(output), load_external_data=False)
+            return {"path": str(output), "bytes": sum(p.stat().st_size for p in written if p.name != TOKENIZER),
+                    "files": [str(p) for p in written], "matrices": len(marked[0].matrices),
+                    "matrix_bytes": sum(e.bytes for e in marked[0].matrices.values()),
+                    "formats": dict(Counter(e.format for e in marked[0].matrices.values())),
+                    "ops": dict(sorted(Counter(n.op_type for n in proto.graph.node).items())),
+                    "mark_seconds": round(mark_seconds, 3), "marked": True, "path_taken": "template",
+                    "seconds": round(time.perf_counter() - t0, 3)}
     work = Path(tempfile.mkdtemp(prefix=".quantseal-mark.", dir=output.parent))
     try:
         write_checkpoint(work / "ck", *marked, checkpoint)
         res = export_onnx(work / "ck", output, accuracy_level=accuracy_level)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    template.parent.mkdir(parents=True, exist_ok=True)
+    tmp = template.with_name(template.name + ".tmp")
+    shutil.copyfile(output, tmp)
+    tmp.replace(template)
     res["mark_seconds"] = round(mark_seconds, 3)
     res["seconds"] = round(time.perf_counter() - t0, 3)
     res["marked"] = True
+    res["path_taken"] = "traced"
     return res
 
 
