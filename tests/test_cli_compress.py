@@ -45,6 +45,10 @@ def test_budget_mb_bounds_the_tensor_bytes(capsys, tiny_bert_dir, tmp_path):
     assert rep["file_bytes"] - rep["bytes"] < 20_000
     manifest, _ = ckpt.read_checkpoint(tmp_path / "ck")
     assert manifest.matrices["embeddings.word_embeddings"].kind == "embedding"
+    # the promise is about the exported file: graph, names and metadata included
+    code, out, err = run(capsys, "export", tmp_path / "ck", "-o", tmp_path / "model.onnx", "--json")
+    assert code == 0, err
+    assert (tmp_path / "model.onnx").stat().st_size <= 2.5e6
 
 
 def test_deterministic_bytes(capsys, tiny_bert_dir, tmp_path):

@@ -33,6 +33,9 @@ from .lowrank import lq_decompose
 DEFAULT_RANKS = (0, 8, 16, 32, 64)
 EMBEDDING_FAMILIES = ("int4", "int8", "fp16", "fp32")
 MB = 1_000_000
+# ``--budget-mb`` bounds the exported file, not only its tensors: the ONNX graph (nodes, names,
+# shapes) and quantseal's metadata took 175 KB for MiniLM (benchmarks/export_minilm.py).
+GRAPH_RESERVE_BYTES = 256_000
 
 Progress = Callable[[int, str], Callable[[int], None]]
 
@@ -140,10 +143,11 @@ class CandidateTable:
     max_iter: int
 
     def budget_bytes(self, budget_bits: float | None = None, budget_mb: float | None = None) -> int:
-        """Bytes the planned matrices may take: bits × Linear params / 8, or MB − fixed bytes."""
+        """Bytes the planned matrices may take: bits × Linear params / 8, or MB − fixed bytes −
+        the reserve for the ONNX graph itself."""
         if budget_bits is not None:
             return math.floor(budget_bits * self.linear_params / 8)
-        return math.floor(budget_mb * MB) - self.fixed_bytes
+        return math.floor(budget_mb * MB) - self.fixed_bytes - GRAPH_RESERVE_BYTES
 
 
 def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress) -> CandidateTable:
@@ -197,7 +201,7 @@ def plan(table: CandidateTable, budget_bits: float | None = None, budget_mb: flo
         if budget_bits is not None:
             need = f"{floor * 8 / table.linear_params:.4f} bits per parameter"
         else:
-            need = f"{(floor + table.fixed_bytes) / MB:.4f} MB"
+            need = f"{(floor + table.fixed_bytes + GRAPH_RESERVE_BYTES) / MB:.4f} MB"
         raise BudgetInfeasible(f"budget is infeasible: the smallest feasible plan needs {need}"
                                + (f" with formats {formats_label}" if formats_label else "")) from None
 
