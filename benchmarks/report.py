@@ -41,7 +41,25 @@ def compress_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"compress_minilm.json": compress_table}
+def decoder_table(res: dict) -> str:
+    lines = ["### SmolLM2-135M-Instruct: decoder export and generation", "",
+             f"`python benchmarks/decoder_smollm2.py` — {res['model']}; perplexity over "
+             f"{res['eval']['sentences']} held-out sentences ({res['eval']['tokens']} tokens); greedy "
+             f"{res['max_new_tokens']} new tokens on {len(res['prompts'])} prompts; "
+             f"formats {res['formats']}, ranks {res['ranks']}, {res['threads']} threads.", "",
+             "| budget | bits/param | ONNX MB | ppl fp32 (torch) | ppl compressed (torch) | ppl compressed (ORT) "
+             "| greedy ORT = torch | same text as fp32 | decode tok/s (ORT CPU) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        same = sum(g["same_as_fp32_text"] for g in r["generation"])
+        lines.append(f"| {r['budget']} | {r['bits_per_param']:.3f} | {r['onnx_mb']:.1f} | {res['ppl_fp32_torch']:.3f} | "
+                     f"{r['ppl_torch_compressed']:.4f} | {r['ppl_onnx_compressed']:.4f} | "
+                     f"{r['greedy_equal_onnx_vs_torch']} | {same}/{len(r['generation'])} | {r['onnx_decode_tokens_per_s']} |")
+    lines += ["", "Decode speed was measured while other jobs loaded the 2 cores (load 9–13): not representative."]
+    return "\n".join(lines)
+
+
+RENDERERS = {"compress_minilm.json": compress_table, "decoder_smollm2.json": decoder_table}
 
 
 def main() -> None:
