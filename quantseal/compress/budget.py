@@ -85,15 +85,3 @@ def solve_allocation(options: list[MatrixOptions], budget_bytes: int,
         start += len(f)
     return choice
 
-
-def brute_force_allocation(options: list[MatrixOptions], budget_bytes: int) -> tuple[float, list[int]]:
-    """Exhaustive reference for tiny instances: (best total error, choice)."""
-    import itertools
-
-    best = (float("inf"), [])
-    for combo in itertools.product(*[range(len(o.bytes)) for o in options]):
-        if sum(o.bytes[c] for o, c in zip(options, combo)) <= budget_bytes:
-            err = sum(o.errors[c] for o, c in zip(options, combo))
-            if err < best[0]:
-                best = (err, list(combo))
-    return best
