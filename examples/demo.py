@@ -68,6 +68,10 @@ def main() -> None:
                               "--key", out / "owner.key", "--registry", out / "registry.json", "--user", c)
 
     step("quality in onnxruntime vs the float32 model (held-out pydoc_data sentences)")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     from quantseal.models import default_model_path, load_model
     from quantseal.quality import embed_texts, embedding_error
     from quantseal.runtime.pipelines import Embedder
