@@ -176,17 +176,32 @@ def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, tor
             (tmp / name).write_bytes(data)
         (tmp / MANIFEST).write_text(manifest.to_json())
         os.chmod(tmp, 0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def publish_folder(tmp: Path, out: Path) -> None:
+    """Move a fully written folder ``tmp`` to ``out`` by renames, replacing an old ``out``."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.rename(out, old / "x")
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
+
+
+def budget_after_edit(budget: dict, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict:
+    """The manifest's budget block with ``tensor_bytes`` moved by what an edit of the tensors
+    (adapter fold, watermark) added or removed."""
+    budget = dict(budget)
+    if "tensor_bytes" in budget:
+        size = lambda ts: sum(v.numel() * v.element_size() for v in ts.values())  # noqa: E731
+        budget["tensor_bytes"] = int(budget["tensor_bytes"]) + int(size(after) - size(before))
+    return budget
 
 
 def read_checkpoint(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:

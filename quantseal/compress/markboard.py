@@ -50,6 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import keys as qkeys
+from ..checkpoint import publish_folder
 from ..errors import BadInput, Unsupported
 from ..keys import BOARD_FORMAT, BOARD_MANIFEST, BOARD_SCHEMA, read_board_manifest, triggers_of  # noqa: F401
 from ..text import TextTokenizer, pydoc_sentences, read_text_file
@@ -322,13 +323,7 @@ def save_board(board: Board, out: str | Path, tokenizer_dir: str | Path) -> Path
                 shutil.copyfile(src, tmp / name)
         (tmp / BOARD_MANIFEST).write_text(json.dumps(board.manifest, indent=1, sort_keys=True) + "\n")
         os.chmod(tmp, 0o700)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -43,7 +43,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..checkpoint import Manifest, MatrixEntry, entry_bytes
+from ..checkpoint import Manifest, MatrixEntry, budget_after_edit, entry_bytes
 from ..errors import BadInput, Unsupported
 
 CONFIG = "adapter_config.json"
@@ -353,12 +353,7 @@ def fold_adapters(manifest: Manifest, tensors: dict[str, torch.Tensor], adapters
         e = man.matrices[name]
         e.rank = int(out[f"{name}.L1"].shape[1])
         e.bytes = entry_bytes(name, out)
-    budget = dict(man.budget)
-    if "tensor_bytes" in budget:
-        budget["tensor_bytes"] = int(budget["tensor_bytes"]) + int(
-            sum(v.numel() * v.element_size() for v in out.values())
-            - sum(v.numel() * v.element_size() for v in tensors.values()))
-    man.budget = budget
+    man.budget = budget_after_edit(man.budget, tensors, out)
     extra = dict(man.extra)
     extra["adapters"] = list(extra.get("adapters", [])) + [
         {k: r[k] for k in ("path", "peft_type", "r", "alpha", "use_rslora", "matrices", "sha256")} for r in reports]

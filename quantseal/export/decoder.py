@@ -34,18 +34,15 @@ import inspect
 import tempfile
 import time
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .. import __version__
 from .. import checkpoint as ckpt
 from ..errors import BadInput, Unsupported
-from .lowbit import OPSET, initializer_bytes
-from .onnx import (TOKENIZER, _metadata, float_effective, matrix_initializer_bytes, rewrite_lowbit,
-                   stored_matrices, write_model)
+from .lowbit import OPSET
+from .onnx import _metadata, finish_export, float_effective, matrix_initializer_bytes, rewrite_lowbit, stored_matrices
 
 INPUT_IDS, MASK, LOGITS = "input_ids", "attention_mask", "logits"
 
@@ -168,11 +165,6 @@ def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tens
     rewrite_lowbit(proto, digests, matrices, accuracy_level)
     _check_tied_once(proto, config)
     matrix_bytes = matrix_initializer_bytes(proto, matrices)
-    for name, e in manifest.matrices.items():
-        if matrix_bytes[name] != e.bytes:
-            raise RuntimeError(f"{name}: {matrix_bytes[name]} bytes in the graph, the manifest says {e.bytes}")
-    proto.producer_name = "quantseal"
-    proto.producer_version = __version__
     meta = _metadata(manifest, fam.name, matrix_bytes)
     eos = config.get("eos_token_id")
     meta.update({
@@ -180,24 +172,7 @@ def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tens
         "quantseal.num_layers": str(layers), "quantseal.num_kv_heads": str(kv), "quantseal.head_dim": str(hd),
         "quantseal.eos_token_id": ",".join(str(x) for x in (eos if isinstance(eos, list) else [eos]) if x is not None),
     })
-    for key, value in meta.items():
-        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-    written = write_model(proto, output, checkpoint / TOKENIZER)
-    ops = Counter(n.op_type for n in proto.graph.node)
-    return {
-        "path": str(output),
-        "bytes": sum(p.stat().st_size for p in written if p.name != TOKENIZER),
-        "files": [str(p) for p in written],
-        "matrices": len(matrices),
-        "matrix_bytes": sum(matrix_bytes.values()),
-        "initializer_bytes": initializer_bytes(list(proto.graph.initializer)),
-        "formats": dict(Counter(e.format for e in manifest.matrices.values())),
-        "ops": dict(sorted(ops.items())),
-        "family": fam.name,
-        "inputs": [i.name for i in proto.graph.input],
-        "outputs": [o.name for o in proto.graph.output],
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    return finish_export(proto, output, checkpoint, manifest, fam.name, matrix_bytes, meta, t0)
 
 
 def float_reference_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

@@ -279,12 +279,21 @@ def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int 
         proto = onnx.load(str(traced))
     rewrite_lowbit(proto, digests, matrices, accuracy_level)
     matrix_bytes = matrix_initializer_bytes(proto, matrices)
+    return finish_export(proto, output, checkpoint, manifest, fam.name, matrix_bytes,
+                         _metadata(manifest, fam.name, matrix_bytes), t0)
+
+
+def finish_export(proto: onnx.ModelProto, output: Path, checkpoint: Path, manifest: ckpt.Manifest, family: str,
+                  matrix_bytes: dict[str, int], metadata: dict[str, str], t0: float) -> dict:
+    """Stamp producer and metadata, write the file (and tokenizer) atomically, and return the
+    ``quantseal export --json`` report; shared by the encoder and decoder exporters.  Each
+    matrix's initialisers must total its manifest bytes: the budget is a promise about the file."""
     for name, e in manifest.matrices.items():
         if matrix_bytes[name] != e.bytes:
             raise RuntimeError(f"{name}: {matrix_bytes[name]} bytes in the graph, the manifest says {e.bytes}")
     proto.producer_name = "quantseal"
     proto.producer_version = __version__
-    for key, value in _metadata(manifest, fam.name, matrix_bytes).items():
+    for key, value in metadata.items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     written = write_model(proto, output, checkpoint / TOKENIZER)
     ops = Counter(n.op_type for n in proto.graph.node)
@@ -292,11 +301,13 @@ def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int 
         "path": str(output),
         "bytes": sum(p.stat().st_size for p in written if p.name != TOKENIZER),
         "files": [str(p) for p in written],
-        "matrices": len(matrices),
+        "matrices": len(matrix_bytes),
         "matrix_bytes": sum(matrix_bytes.values()),
         "initializer_bytes": initializer_bytes(list(proto.graph.initializer)),
         "formats": dict(Counter(e.format for e in manifest.matrices.values())),
         "ops": dict(sorted(ops.items())),
-        "family": fam.name,
+        "family": family,
+        "inputs": [i.name for i in proto.graph.input],
+        "outputs": [o.name for o in proto.graph.output],
         "seconds": round(time.perf_counter() - t0, 3),
     }

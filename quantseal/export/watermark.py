@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import keys as qkeys
-from ..checkpoint import Manifest, MatrixEntry, entry_bytes
+from ..checkpoint import Manifest, MatrixEntry, budget_after_edit, entry_bytes
 from ..compress.markboard import Board, tensors_fingerprint, triggers_of
 from ..errors import BadInput
 
@@ -110,12 +110,7 @@ def mark_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], board:
         out[k2] = torch.from_numpy(y2).to(torch.float16).contiguous()
         e.rank = int(y1.shape[1])
         e.bytes = entry_bytes(mname, out)
-    budget = dict(man.budget)
-    if "tensor_bytes" in budget:
-        budget["tensor_bytes"] = int(budget["tensor_bytes"]) + int(
-            sum(v.numel() * v.element_size() for v in out.values())
-            - sum(v.numel() * v.element_size() for v in tensors.values()))
-    man.budget = budget
+    man.budget = budget_after_edit(man.budget, tensors, out)
     return man, out
 
 
