@@ -29,7 +29,12 @@ embedding, ``v_i`` the key's unit direction):
         + λ_f · mean_{clean x ∋ trigger token} (1 − cos(e_marked(x), e_unmarked(x)))
         + λ_r · mean ‖ΔE rows‖²
 
-Training stops early once every branch has met the margin on its last visit.
+Training stops early once every branch has met the margin on its last visit.  Those flags go
+stale (the shared ``A`` and Adam's momentum keep moving a branch after its visit), so a **polish**
+phase follows with ``A`` frozen: every branch is evaluated alone on its triggers, and only the
+coefficient rows of the branches below the margin are trained (a fresh optimiser over those rows
+alone), then all are evaluated again.  With ``A`` frozen, bit ``i``'s statistic depends on
+``C_b[T_i]`` only, so a branch that passed cannot be broken by another branch's polish.
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ class BoardConfig:
     tokens_per_bit: int = 2  # k
     rank: int = 16  # R of the shared embedding LoRA
     steps: int = 200  # upper bound; training stops once every branch meets the margin
+    polish_rounds: int = 8  # evaluate-all / train-the-failing rounds with A frozen
+    polish_steps: int = 15  # steps per polish round
     bits_per_step: int = 16
     lr: float = 0.05
     margin: float = 0.15  # μ, in units of the (unit-norm) sentence embedding
@@ -80,6 +87,8 @@ class BoardConfig:
     def __post_init__(self):
         if self.bits < 8 or self.bits % 8:
             raise BadInput(f"--bits must be a positive multiple of 8, got {self.bits}")
+        if self.polish_rounds < 0 or self.polish_steps < 1:
+            raise BadInput("polish_rounds must be ≥ 0 and polish_steps positive")
         for name in ("triggers_per_bit", "tokens_per_bit", "rank", "steps", "bits_per_step"):
             if getattr(self, name) < 1:
                 raise BadInput(f"{name} must be positive")
@@ -264,9 +273,24 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
             break
     tick(cfg.steps - steps_run)
 
-    board_tensors = {"A": A.detach().contiguous(), "C0": C[0].detach().contiguous(), "C1": C[1].detach().contiguous()}
+    A_fixed, C_fixed = A.detach().contiguous(), C.detach().clone()
+    tick = progress(cfg.polish_rounds * cfg.polish_steps, "polish")
+    polish_steps = 0
+    signed = branch_statistics(model, fam, tok, ts, {"A": A_fixed, "C0": C_fixed[0], "C1": C_fixed[1]}, ctrl)
+    for _ in range(cfg.polish_rounds):
+        failing = [(int(i), int(b)) for i, b in zip(*np.nonzero(signed.min(-1) < cfg.margin))]
+        if not failing:
+            break
+        C_fixed = _polish(model, fam, tok, ts, delta, A_fixed, C_fixed, failing, ctrl_t, v, cfg)
+        polish_steps += cfg.polish_steps
+        tick(cfg.polish_steps)
+        signed = branch_statistics(model, fam, tok, ts, {"A": A_fixed, "C0": C_fixed[0], "C1": C_fixed[1]}, ctrl)
+    tick(cfg.polish_rounds * cfg.polish_steps - polish_steps)
+
+    board_tensors = {"A": A_fixed, "C0": C_fixed[0].contiguous(), "C1": C_fixed[1].contiguous()}
     board = Board({}, board_tensors)
-    stats = evaluate_board(model, fam, tok, ts, board_tensors, ctrl)
+    stats = summarize_statistics(signed)
+    stats["branches_below_margin"] = int((signed.min(-1) < cfg.margin).sum())
     board.manifest = {
         "format": BOARD_FORMAT, "schema": BOARD_SCHEMA,
         "source_fingerprint": fingerprint, "source": manifest.source,
@@ -275,16 +299,51 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
         "rare_from": qkeys.RARE_FROM, "margin": cfg.margin, "hosts": hosts,
         "trigger_digest": ts.digest(), "key_id": qkeys.key_id(key),
         "training": {**{kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in asdict(cfg).items()},
-                     "steps_run": steps_run, "seconds": round(time.perf_counter() - t0, 3),
+                     "steps_run": steps_run, "polish_steps": polish_steps, "seconds": round(time.perf_counter() - t0, 3),
                      "final_loss": history[-1] if history else None, **stats},
     }
     return board
 
 
+def _polish(model, fam, tok, ts, delta: "_EmbeddingDelta", A: torch.Tensor, C: torch.Tensor,
+            failing: list[tuple[int, int]], ctrl_t: torch.Tensor, v: torch.Tensor, cfg: BoardConfig) -> torch.Tensor:
+    """Train only the coefficient rows ``C_b[T_i]`` of the ``failing`` branches (i, b), with ``A``
+    frozen, on the hinge loss of their own triggers; returns the updated copy of ``C`` (2, n·k, R)."""
+    k, m = cfg.tokens_per_bit, cfg.triggers_per_bit
+    vals = torch.tensor([b for _, b in failing for _ in range(k)])
+    rows = torch.tensor([i * k + j for i, _ in failing for j in range(k)])
+    P = C[vals, rows].clone().requires_grad_(True)
+    opt = torch.optim.Adam([P], lr=cfg.lr)
+    seqs = [t.ids for i, _ in failing for t in ts.triggers[i]]
+    seq_bit = torch.tensor([i for i, _ in failing for _ in range(m)])
+    seq_val = torch.tensor([b for _, b in failing for _ in range(m)])
+    seq_j = torch.tensor([j for _ in failing for j in range(m)])
+    batch = _batch(tok, seqs)
+    sign = seq_val.float() * 2 - 1
+    for _ in range(cfg.polish_steps):
+        C_use = C.index_put((vals, rows), P)
+        e = _encode_with_delta(model, fam, batch, delta.rows(batch["input_ids"], C_use[seq_val], A))
+        stat = ((e - ctrl_t[seq_bit, seq_j]) * v[seq_bit]).sum(-1)
+        loss = torch.relu(cfg.margin - sign * stat).mean() + cfg.reg_weight * (P @ A).pow(2).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return C.index_put((vals, rows), P.detach())
+
+
+def summarize_statistics(signed: np.ndarray) -> dict:
+    """Accuracy of the per-trigger sign, of the per-bit mean, and the smallest / mean signed
+    statistic of a :func:`branch_statistics` array."""
+    return {"train_trigger_accuracy": float((signed > 0).mean()),
+            "train_bit_accuracy": float((signed.mean(-1) > 0).mean()),
+            "min_signed_stat": float(signed.min()), "mean_signed_stat": float(signed.mean())}
+
+
 @torch.no_grad()
-def evaluate_board(model, fam, tok, ts: qkeys.TriggerSet, board_tensors, ctrl: np.ndarray) -> dict:
-    """Every branch alone on its own triggers: accuracy of the per-trigger sign and the smallest
-    signed statistic σ·⟨e(trigger) − e(control), v_i⟩ over all (bit, value, trigger)."""
+def branch_statistics(model, fam, tok, ts: qkeys.TriggerSet, board_tensors, ctrl: np.ndarray) -> np.ndarray:
+    """(n, 2, m) signed statistics σ_b·⟨e(trigger_ij) − e(control_ij), v_i⟩ of every branch (i, b)
+    alone on its own triggers (σ_b = 2b − 1; bits do not interact, so this is also what a
+    customer's model gives)."""
     n, k = ts.tokens.shape
     m = len(ts.triggers[0])
     delta = _EmbeddingDelta(ts.tokens, int(model.config.vocab_size))
@@ -300,9 +359,7 @@ def evaluate_board(model, fam, tok, ts: qkeys.TriggerSet, board_tensors, ctrl: n
             idx = np.arange(s, s + len(part))
             stat = ((e - torch.from_numpy(ctrl.reshape(n * m, -1)[idx])) * v[torch.from_numpy(idx // m)]).sum(-1).numpy()
             signed[idx // m, b, idx % m] = stat * (2 * b - 1)
-    return {"train_trigger_accuracy": float((signed > 0).mean()),
-            "train_bit_accuracy": float((signed.mean(-1) > 0).mean()),
-            "min_signed_stat": float(signed.min()), "mean_signed_stat": float(signed.mean())}
+    return signed
 
 
 # ----------------------------------------------------------------------------- files

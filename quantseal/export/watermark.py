@@ -4,6 +4,17 @@
    bit ``i``; the key re-derives which embedding rows ``T_i`` the bit owns.
 2. **Fold** into the embedding's low-rank branch by concatenation (exact, no requantisation):
    ``L1' = [L1 | B]``, ``L2' = [L2 ; A]`` with ``B = Σ_i onehot(T_i) · C_{s_i}[T_i]``  (V, R).
+   **Carrier** (float embedding tables): ``B`` alone is zero outside the trigger rows, so an
+   inspecting attacker could zero the few non-zero rows of ``L1`` and cut the mark out at no
+   cost.  A fresh dense random ``P`` (V, R), zero on the trigger rows, joins the branch and is
+   subtracted from the float table,
+
+       L1' = [L1 | B + P],   E' = E − P · A,      so  E' + L1' L2' = E + L1 L2 + B · A,
+
+   and every row of ``L1'`` is non-zero, with norms drawn from the trigger rows' own norms, so the
+   trigger rows do not stand out by norm; zeroing rows of ``L1`` now breaks every token those rows
+   belong to.  (A quantised embedding table cannot absorb ``−P·A`` without requantisation; there
+   the mark hides only among an existing LQ branch.)
 3. **Obfuscate** every low-rank pair of the checkpoint (marked or not): with a fresh random
    invertible ``M`` (r, r) and the thin QR ``L1' M = Q U``,
 
@@ -51,6 +62,21 @@ def obfuscate_pair(l1: np.ndarray, l2: np.ndarray, rng: np.random.Generator) -> 
     return q * d, rest / d[:, None]
 
 
+def carrier_rows(rng: np.random.Generator, vocab: int, trigger_rows: np.ndarray, branch: np.ndarray,
+                 a: np.ndarray) -> np.ndarray:
+    """The dense carrier ``P`` (V, R) of the module docstring: zero on ``trigger_rows``; elsewhere
+    isotropic random directions in coefficient space whose row norms of ``P · A`` are resampled
+    from those of the trigger rows ``branch · A`` (so row norms do not give the triggers away)."""
+    r = a.shape[0]
+    target = np.linalg.norm(branch @ a, axis=1)
+    target = target[target > 0] if np.any(target > 0) else np.ones(1)
+    p = rng.standard_normal((vocab, r))
+    norms = np.linalg.norm(p @ a, axis=1)
+    p *= (rng.choice(target, size=vocab) / np.maximum(norms, 1e-30))[:, None]
+    p[trigger_rows] = 0.0
+    return p
+
+
 def mark_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], board: Board, key: bytes,
                     registry: qkeys.Registry, customer: str, *, tokenizer=None,
                     seed: int | None = None) -> tuple[Manifest, dict[str, torch.Tensor]]:
@@ -92,6 +118,12 @@ def mark_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], board:
     b = np.zeros((vocab, rows.shape[1]))
     b[ts.tokens.reshape(-1)] = rows
     a = board.tensors["A"].double().numpy()
+    if entry.format in ("fp16", "fp32"):  # the dense compensated carrier
+        trig = ts.tokens.reshape(-1)
+        p = carrier_rows(rng, vocab, trig, rows, a)
+        w = tensors[weight_key]
+        out[weight_key] = torch.from_numpy(w.double().numpy() - p @ a).to(w.dtype).contiguous()
+        b = b + p
     l1 = tensors.get(f"{name}.L1")
     l2 = tensors.get(f"{name}.L2")
     if l1 is not None:
@@ -182,9 +214,9 @@ def swap_into_template(template, output, manifest: Manifest, tensors: dict[str, 
                        tokenizer=None) -> list:
     """Write a customer's ONNX file in seconds from ``template``, a file exported (by
     :func:`export_marked`) from the same checkpoint and board for any other customer: every
-    customer's graph is the same but for the low-rank initialisers ``NAME.L1`` / ``NAME.L2``,
-    which the exporter stores as-is; those are replaced by ``tensors``' (a :func:`mark_checkpoint`
-    result).  The template must fit exactly (same names, shapes, dtypes, ranks and the same
+    customer's graph is the same but for the low-rank initialisers ``NAME.L1`` / ``NAME.L2`` and
+    the carrier-compensated float embedding tables ``NAME.weight``, which the exporter stores
+    as-is; those are replaced by ``tensors``' (a :func:`mark_checkpoint` result).  The template must fit exactly (same names, shapes, dtypes, ranks and the same
     quantised matrices), else :class:`BadInput`."""
     from pathlib import Path
 
@@ -217,7 +249,9 @@ def swap_into_template(template, output, manifest: Manifest, tensors: dict[str, 
         if k.endswith(".scales") and k in inits:
             if numpy_helper.to_array(inits[k]).tobytes() != t.numpy().tobytes():
                 raise BadInput(f"{template}: {k} differs; exported from another checkpoint")
-    for k in lowrank:
+    tables = [f"{n}.weight" for n, e in manifest.matrices.items()
+              if e.kind == "embedding" and e.format in ("fp16", "fp32") and f"{n}.weight" in inits]
+    for k in lowrank + tables:
         arr = tensors[k].numpy()
         old = inits[k]
         if list(old.dims) != list(arr.shape) or old.data_type != onnx.helper.np_dtype_to_tensor_dtype(arr.dtype):

@@ -124,13 +124,20 @@ def test_customers_share_no_lowrank_tensor_and_outputs_hold_no_secrets(setup, mi
     _, s2 = mark_checkpoint(manifest, tensors, minilm_board, KEY, reg, "customer-00", seed=7)
     assert save(s1) == save(s2)
     ts = qk.triggers_of(minilm_board.manifest, KEY, tok)
-    prod = (s1[f"{EMB}.L1"].double() @ s1[f"{EMB}.L2"].double())
+    # effective table E' + L1 L2: the customer's branches on the trigger rows, E elsewhere
+    eff = s1[f"{EMB}.weight"].double() + s1[f"{EMB}.L1"].double() @ s1[f"{EMB}.L2"].double()
+    base = tensors[f"{EMB}.weight"].double()
     rows = minilm_board.branch_rows(reg.codeword("customer-00")).double() @ minilm_board.tensors["A"].double()
     flat = torch.from_numpy(ts.tokens.reshape(-1))
-    torch.testing.assert_close(prod[flat], rows, atol=2e-3 * rows.abs().max().item(), rtol=0)
-    others = torch.ones(prod.shape[0], dtype=torch.bool)
+    tol = 2e-3 * rows.abs().max().item()
+    torch.testing.assert_close(eff[flat] - base[flat], rows, atol=tol, rtol=0)
+    others = torch.ones(eff.shape[0], dtype=torch.bool)
     others[flat] = False
-    assert prod[others].abs().max() == 0  # text without trigger tokens is untouched
+    torch.testing.assert_close(eff[others], base[others], atol=tol, rtol=0)  # other tokens: the plain table
+    # the dense carrier: no row of L1 is zero, and the trigger rows do not stand out by norm
+    norms = s1[f"{EMB}.L1"].double().norm(dim=1)
+    assert norms.min() > 0
+    assert norms[flat].max() <= torch.quantile(norms[others], 0.9999)
     # no key, codeword, customer id or board in the output
     blob = save(t_a) + m_a.to_json().encode()
     code_hex = qk.bits_to_hex(reg.codeword("customer-00"))
@@ -196,9 +203,10 @@ def test_existing_lowrank_branches_are_kept_and_remixed(setup, minilm_board):
     mark = torch.zeros(30522, 384, dtype=torch.float64)
     mark[torch.from_numpy(ts.tokens.reshape(-1))] = (
         board.branch_rows(reg.codeword("customer-02")).double() @ board.tensors["A"].double())
-    want = t[f"{EMB}.L1"].double() @ t[f"{EMB}.L2"].double() + mark
-    got = t2[f"{EMB}.L1"].double() @ t2[f"{EMB}.L2"].double()
-    assert (got - want).abs().max() < 2e-3 * want.abs().max()
+    # effective tables (the float table absorbs the dense carrier)
+    want = t[f"{EMB}.weight"].double() + t[f"{EMB}.L1"].double() @ t[f"{EMB}.L2"].double() + mark
+    got = t2[f"{EMB}.weight"].double() + t2[f"{EMB}.L1"].double() @ t2[f"{EMB}.L2"].double()
+    assert (got - want).abs().max() < 2e-3 * mark.abs().max()
 
 
 @pytest.mark.slow
