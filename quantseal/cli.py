@@ -307,7 +307,7 @@ def _cmd_run(args) -> int:
 
 # ----------------------------------------------------------------------------- serve
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve an exported embedding model over HTTP (POST /embed, GET /health)")
+    p = sub.add_parser("serve", help="serve an exported model over HTTP (embedders: POST /embed; decoders: POST /generate, /logits; GET /health)")
     p.add_argument("model", type=Path, help="exported .onnx file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: pick a free one); the bound URL is the first line of stdout")
@@ -322,13 +322,13 @@ def _cmd_serve(args) -> int:
     import logging
     import signal
 
-    from .runtime.server import EmbeddingService, make_server, server_url
+    from .runtime.server import make_server, describe_routes, server_url, service_for
 
     logging.basicConfig(level=logging.WARNING, format="quantseal: %(message)s", stream=sys.stderr)
     if not 0 <= args.port <= 65535:
         raise BadInput(f"--port must be in 0..65535, not {args.port}")
-    service = EmbeddingService.from_path(args.model, provider=args.provider, threads=args.threads,
-                                         tokenizer=args.tokenizer, max_batch=args.max_batch)
+    service = service_for(args.model, provider=args.provider, threads=args.threads, tokenizer=args.tokenizer,
+                          max_batch=args.max_batch)
     server = make_server(service, args.host, args.port)
 
     def _stop(signum, frame):
@@ -336,8 +336,8 @@ def _cmd_serve(args) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     print(server_url(server), flush=True)
-    print(f"serving {args.model} on {service.embedder.provider} (dim {service.dim}): POST /embed, GET /health; "
-          "Ctrl-C stops", file=sys.stderr, flush=True)
+    print(f"serving {args.model} on {service.provider}: {describe_routes(service)}; Ctrl-C stops",
+          file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

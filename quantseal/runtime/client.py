@@ -3,7 +3,8 @@
 ``EndpointEmbedder(url).embed(texts)`` → float32 (n, H); ``.embed_ids(batch)`` takes a token
 batch (``{"input_ids": (B, T), "attention_mask": (B, T), ...}`` numpy arrays or lists), so it can
 stand in for a local model wherever a token-level ``embed_fn`` is expected (black-box
-verification).  Every failure, an endpoint that does not answer included, is a
+verification).  ``EndpointCausalLM(url)`` is the decoder side: ``generate(prompt)`` and
+``next_logits(id_lists, tokens)``.  Every failure, an endpoint that does not answer included, is a
 :class:`~quantseal.errors.BadInput` naming the URL.
 """
 
@@ -103,3 +104,37 @@ class EndpointEmbedder:
 
     def __repr__(self) -> str:
         return f"EndpointEmbedder({self.base!r})"
+
+
+class EndpointCausalLM(EndpointEmbedder):
+    """A decoder served by ``quantseal serve``: greedy ``/generate`` and next-token ``/logits``."""
+
+    def __init__(self, url: str, timeout: float = 60.0):
+        super().__init__(url, timeout)
+        for suffix in ("/generate", "/logits"):
+            if self.base.endswith(suffix):
+                self.base = self.base[: -len(suffix)]
+
+    def generate(self, prompt: str, max_new_tokens: int = 20) -> str:
+        out = self._request("/generate", {"prompt": prompt, "max_new_tokens": int(max_new_tokens)})
+        if not isinstance(out.get("text"), str):
+            raise BadInput(f"{self.base}/generate: the answer has no 'text'")
+        return out["text"]
+
+    def next_logits(self, id_lists, tokens=None) -> np.ndarray:
+        """float32 (len(id_lists), len(tokens) or V): each sequence's next-token logits."""
+        payload = {"input_ids": [[int(x) for x in row] for row in id_lists]}
+        if tokens is not None:
+            payload["tokens"] = [int(t) for t in tokens]
+        out = self._request("/logits", payload)
+        try:
+            logits = np.asarray(out["logits"], dtype=np.float32)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadInput(f"{self.base}/logits: the answer has no numeric 'logits' matrix") from exc
+        want = len(payload["input_ids"])
+        if logits.ndim != 2 or logits.shape[0] != want or (tokens is not None and logits.shape[1] != len(tokens)):
+            raise BadInput(f"{self.base}/logits: expected {want} rows, got an array of shape {list(logits.shape)}")
+        return logits
+
+    def __repr__(self) -> str:
+        return f"EndpointCausalLM({self.base!r})"

@@ -1,4 +1,4 @@
-"""HTTP serving of an exported embedding model: the black-box endpoint (DESIGN §6).
+"""HTTP serving of an exported model, embedding or decoder: the black-box endpoint (DESIGN §6).
 
 Standard library only (``http.server.ThreadingHTTPServer``), onnxruntime underneath; no torch.
 
@@ -10,6 +10,18 @@ request                    answer
 ``POST /embed``            body ``{"input_ids": [[...], ...], "attention_mask": [[...], ...]}``
                            (``attention_mask`` optional: rows may then differ in length and are
                            right-padded; ``token_type_ids`` optional, default zeros) → same answer
+=========================  ==================================================================
+
+A decoder (an export with ``logits`` and a KV cache) answers instead:
+
+=========================  ==================================================================
+``POST /generate``         body ``{"prompt": "...", "max_new_tokens": 20}`` (or ``"input_ids":
+                           [...]`` instead of the prompt) → ``{"text", "ids", "n"}``, greedy
+``POST /logits``           body ``{"input_ids": [[...], ...]}`` (rows may differ in length) and
+                           optionally ``"tokens": [...]`` → ``{"logits": [[...], ...]}``: each
+                           row's next-token logits after its last token, restricted to ``tokens``
+                           (in that order) when given — what a completion API's log-prob option
+                           exposes
 =========================  ==================================================================
 
 Every answer is JSON.  A malformed request (not JSON, missing or mistyped fields, an empty or
@@ -30,13 +42,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
-from .pipelines import Embedder
+from .pipelines import CausalLM, Embedder
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
 MAX_TOKENS = 512  # per row of a token-level query (BERT's position table)
 MAX_BODY = 16 << 20  # bytes
+MAX_NEW_TOKENS = 256
 
 
 class RequestError(Exception):
@@ -77,6 +90,8 @@ class EmbeddingService:
         self.vocab_size = embedder.tokenizer.vocab_size
         self._lock = threading.Lock()
         self.dim = int(self._run_texts(["ok"]).shape[1])  # warm-up; also proves the model runs
+        self.routes = {"/embed": self.embed}
+        self.provider = embedder.provider
 
     @classmethod
     def from_path(cls, model: str | Path, provider: str = "auto", threads: int | None = None,
@@ -148,10 +163,99 @@ class EmbeddingService:
         return {"input_ids": arr, "attention_mask": mask, "token_type_ids": types}
 
 
+class GenerationService:
+    """Request logic for a decoder: greedy ``/generate`` and next-token ``/logits``."""
+
+    def __init__(self, lm: CausalLM, max_batch: int = MAX_BATCH, max_tokens: int = MAX_TOKENS,
+                 max_new_tokens: int = MAX_NEW_TOKENS):
+        if max_batch < 1 or max_tokens < 1 or max_new_tokens < 0:
+            raise BadInput("max_batch and max_tokens must be at least 1, max_new_tokens non-negative")
+        self.lm = lm
+        self.max_batch, self.max_tokens, self.max_new_tokens = max_batch, max_tokens, max_new_tokens
+        self.vocab_size = int(lm.tokenizer.get_vocab_size())
+        self._lock = threading.Lock()
+        self.routes = {"/generate": self.generate, "/logits": self.logits}
+        self.provider = lm.provider
+        with self._lock:  # warm-up; also proves the model runs
+            self.vocab_out = int(lm.logits(np.array([[0]]))[0].shape[-1])
+
+    @classmethod
+    def from_path(cls, model: str | Path, provider: str = "auto", threads: int | None = None,
+                  tokenizer: str | Path | None = None, **kw) -> "GenerationService":
+        return cls(CausalLM(model, tokenizer=tokenizer, provider=provider, threads=threads), **kw)
+
+    def health(self) -> dict:
+        sess = self.lm.session
+        meta = {k: v for k, v in sess.metadata.items() if k in ("quantseal.version", "quantseal.family",
+                                                                  "quantseal.model_type")}
+        return {"status": "ok", "model": sess.path.name, "provider": sess.provider, "output": "logits",
+                "vocab_size": self.vocab_out, "max_batch": self.max_batch, "max_tokens": self.max_tokens,
+                "max_new_tokens": self.max_new_tokens, "metadata": meta}
+
+    def _ids(self, rows: list[list[int]]) -> None:
+        if min(min(r) for r in rows) < 0 or max(max(r) for r in rows) >= self.vocab_out:
+            raise RequestError(f"token ids must lie in [0, {self.vocab_out})")
+
+    def generate(self, payload) -> dict:
+        if not isinstance(payload, dict) or ("prompt" in payload) == ("input_ids" in payload):
+            raise RequestError("the body must be a JSON object with exactly one of 'prompt' or 'input_ids'")
+        n = payload.get("max_new_tokens", 20)
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self.max_new_tokens:
+            raise RequestError(f"'max_new_tokens' must be an integer in [0, {self.max_new_tokens}]")
+        if "prompt" in payload:
+            if not isinstance(payload["prompt"], str) or not payload["prompt"]:
+                raise RequestError("'prompt' must be a non-empty string")
+            ids = self.lm.encode(payload["prompt"])
+            if not ids:
+                raise RequestError("the prompt encodes to no tokens")
+        else:
+            ids = _int_matrix([payload["input_ids"]], "input_ids", 1, self.max_tokens, ragged=True)[0]
+            self._ids([ids])
+        if len(ids) + n > self.max_tokens:
+            raise RequestError(f"prompt of {len(ids)} tokens + {n} new exceeds {self.max_tokens}")
+        with self._lock:
+            new = self.lm.generate_ids(ids, n)
+        return {"text": self.lm.decode(new), "ids": new, "n": len(new)}
+
+    def logits(self, payload) -> dict:
+        if not isinstance(payload, dict) or "input_ids" not in payload:
+            raise RequestError("the body must be a JSON object with 'input_ids' (list of lists of ints)")
+        rows = _int_matrix(payload["input_ids"], "input_ids", self.max_batch, self.max_tokens, ragged=True)
+        self._ids(rows)
+        tokens = payload.get("tokens")
+        if tokens is not None:
+            tokens = _int_matrix([tokens], "tokens", 1, self.vocab_out, ragged=True)[0]
+            self._ids([tokens])
+        width = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, r in enumerate(rows):  # right-padded: the real tokens keep positions 0..len-1
+            ids[i, :len(r)] = r
+            mask[i, :len(r)] = 1
+        with self._lock:
+            out = self.lm.logits(ids, mask)
+        last = out[np.arange(len(rows)), mask.sum(1) - 1]
+        if tokens is not None:
+            last = last[:, tokens]
+        last = np.asarray(last, dtype=np.float32)
+        return {"logits": last.tolist(), "n": int(last.shape[0]), "dim": int(last.shape[1])}
+
+
+def service_for(model: str | Path, provider: str = "auto", threads: int | None = None,
+                tokenizer: str | Path | None = None, max_batch: int = MAX_BATCH):
+    """The service an exported file calls for: :class:`GenerationService` for a decoder (a
+    ``logits`` output), else :class:`EmbeddingService`."""
+    from .session import Session
+
+    outputs = Session(model, provider="cpu").output_names
+    cls = GenerationService if "logits" in outputs else EmbeddingService
+    return cls.from_path(model, provider=provider, threads=threads, tokenizer=tokenizer, max_batch=max_batch)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "quantseal"
     protocol_version = "HTTP/1.1"
-    service: EmbeddingService  # set on the subclass made by make_server
+    service: EmbeddingService | GenerationService  # set on the subclass made by make_server
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         log.info("%s %s", self.address_string(), format % args)
@@ -171,10 +275,13 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/health":
             self._send(HTTPStatus.OK, self.service.health())
-        elif path == "/embed":
-            self._error(HTTPStatus.METHOD_NOT_ALLOWED, "use POST /embed with a JSON body")
+        elif path in self.service.routes:
+            self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"use POST {path} with a JSON body")
         else:
-            self._error(HTTPStatus.NOT_FOUND, f"no such path {path!r} (POST /embed, GET /health)")
+            self._error(HTTPStatus.NOT_FOUND, f"no such path {path!r} ({self._paths()})")
+
+    def _paths(self) -> str:
+        return describe_routes(self.service)
 
     def do_POST(self):  # noqa: N802
         path = self.path.split("?", 1)[0]
@@ -193,13 +300,13 @@ class _Handler(BaseHTTPRequestHandler):
                 raise RequestError(f"body of {n} bytes is too large (at most {MAX_BODY})",
                                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             raw = self.rfile.read(n)
-            if path != "/embed":
-                raise RequestError(f"no such path {path!r} (POST /embed, GET /health)", HTTPStatus.NOT_FOUND)
+            if path not in self.service.routes:
+                raise RequestError(f"no such path {path!r} ({self._paths()})", HTTPStatus.NOT_FOUND)
             try:
                 payload = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise RequestError(f"the body is not valid JSON ({exc})") from None
-            self._send(HTTPStatus.OK, self.service.embed(payload))
+            self._send(HTTPStatus.OK, self.service.routes[path](payload))
         except RequestError as exc:
             self._error(exc.status, str(exc))
         except BadInput as exc:
@@ -209,7 +316,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error ({type(exc).__name__})")
 
 
-def make_server(service: EmbeddingService, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+def make_server(service: EmbeddingService | GenerationService, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     """A bound (not yet serving) server; ``port=0`` picks a free port (see :func:`server_url`)."""
     handler = type("Handler", (_Handler,), {"service": service})
     try:
@@ -225,3 +332,8 @@ def server_url(server: ThreadingHTTPServer) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}"
+
+
+def describe_routes(service) -> str:
+    """``POST /embed, GET /health`` (or the decoder's routes) for a startup message."""
+    return ", ".join([*(f"POST {p}" for p in service.routes), "GET /health"])
