@@ -10,7 +10,9 @@ For each budget: ``quantseal compress`` on the GGUF folder, ``quantseal export``
 
 Writes ``benchmarks/results/decoder_smollm2.json`` and ``decoder_smollm2.png``.  Not a test.
 
-    .venv/bin/python benchmarks/decoder_smollm2.py --budgets 8 4.5 --formats int4,int8 --ranks 0
+    .venv/bin/python benchmarks/decoder_smollm2.py --budgets 32 8 4.5 --formats int4,int8 --ranks 0
+
+(budget 32 is the float32 baseline: every matrix kept fp32, exported through the same path.)
 """
 
 from __future__ import annotations
@@ -134,8 +136,10 @@ def main() -> None:
         ck, onnx_path = args.work / f"ck_{tag}", args.work / f"onnx_{tag}" / "model.onnx"
         run: dict = {"budget": budget}
         if not (ck / "quantseal.json").is_file():
+            # budget 32: the float32 baseline through the same export path (every matrix fp32)
+            formats = "fp32" if budget >= 32 else args.formats
             rep = run_cli(["compress", str(src), "-o", str(ck), "--budget", str(budget), "--method", args.method,
-                           "--formats", args.formats, "--ranks", args.ranks, "--workers", str(args.workers), "--json"])
+                           "--formats", formats, "--ranks", args.ranks, "--workers", str(args.workers), "--json"])
             run["compress"] = {k: rep[k] for k in ("bits_per_param", "formats", "seconds", "compressible_bytes")}
         if not onnx_path.is_file():
             rep = run_cli(["export", str(ck), "-o", str(onnx_path), "--json"])

@@ -82,6 +82,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--window", type=int, default=2, help="cbq: blocks per reconstruction window (overlap 1)")
     p.add_argument("--rank", type=int, default=8, help="cbq: rank of the LoRA-Rounding factors (0: learned scales only)")
     p.add_argument("--steps", type=int, default=200, help="cbq: Adam steps per window")
+    p.add_argument("--init", default="gptq", choices=["gptq", "rtn"],
+                   help="cbq: starting codes (gptq: GPTQ's, then refined; rtn: round-to-nearest, as in the paper)")
     p.add_argument("--data-aware", action="store_true", help="weight errors by the output-sensitivity Fisher")
     p.add_argument("--calib", type=Path, help="calibration text file, one text per line (default: pydoc_data.topics)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration texts (default 256; gptq/cbq 128)")
@@ -121,7 +123,7 @@ def _cmd_compress_calibrated(args) -> int:
                        "drop --budget/--budget-mb")
     cfg = CalibratedConfig(
         output=args.output, model=args.model, method=args.method, wbits=args.wbits, abits=args.abits,
-        block=args.block, window=args.window, rank=args.rank, steps=args.steps, calib=args.calib,
+        block=args.block, window=args.window, rank=args.rank, steps=args.steps, init=args.init, calib=args.calib,
         calib_samples=args.calib_samples if args.calib_samples is not None else 128, seed=args.seed,
     )
     res = calibrated_compress(cfg, _step_progress(not args.json and sys.stderr.isatty()))

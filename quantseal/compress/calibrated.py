@@ -22,7 +22,7 @@ from ..errors import BadInput
 from ..models import compressible_linears, default_model_path, load_model
 from ..text import calibration_texts
 from .calibration import calibration_batches, capture_block_inputs
-from .cbq import CBQConfig, StepCallback, cbq_quantize_model
+from .cbq import CBQConfig, StepCallback, cbq_quantize_model, gptq_init
 from .formats import BLOCK_SIZES, FormatSpec
 from .gptq import gptq_quantize_model
 from .quantizers import dequantize
@@ -45,6 +45,7 @@ class CalibratedConfig:
     window: int = 2
     rank: int = 8
     steps: int = 200
+    init: str = "gptq"  # cbq's starting codes: "gptq" or "rtn"
     calib: Path | None = None
     calib_samples: int = 128
     batch_size: int = 16
@@ -66,6 +67,8 @@ class CalibratedConfig:
             raise BadInput(f"--window must be at least 1, not {self.window}")
         if self.rank < 0:
             raise BadInput(f"--rank must be non-negative, not {self.rank}")
+        if self.init not in ("gptq", "rtn"):
+            raise BadInput(f"--init must be gptq or rtn, not {self.init!r}")
         if self.steps < 1:
             raise BadInput(f"--steps must be at least 1, not {self.steps}")
         if self.calib_samples < 1:
@@ -79,7 +82,8 @@ class CalibratedConfig:
 
     def cbq(self) -> CBQConfig:
         return CBQConfig(wbits=self.wbits, abits=self.abits, block=self.block, window=self.window,
-                         overlap=1 if self.window > 1 else 0, rank=self.rank, steps=self.steps, seed=self.seed)
+                         overlap=1 if self.window > 1 else 0, rank=self.rank, steps=self.steps, init=self.init,
+                         seed=self.seed)
 
 
 def _no_callback(stage: str, done: int, total: int, info: dict) -> None:
@@ -111,10 +115,12 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
         quantized = gptq_quantize_model(model, fam, inputs, spec, tick=tick)
     else:
         inputs = capture_block_inputs(model, fam, batches, torch.float16)
-        res = cbq_quantize_model(model, fam, inputs, cfg.cbq(), callback)
+        ccfg = cfg.cbq()
+        init, folded = gptq_init(model, fam, inputs, ccfg) if cfg.init == "gptq" else (None, {})
+        res = cbq_quantize_model(model, fam, inputs, ccfg, callback, init=init)
         quantized, activations = res.quantized, res.activations
         extra_info = {"window_losses": [round(x, 6) for x in res.losses],
-                      "cfp_activation_channels": res.folded,
+                      "cfp_activation_channels": {**folded, **res.folded},
                       "cfp_truncated_weights": res.truncated}
     calib_seconds = time.perf_counter() - t_cal
 
@@ -148,7 +154,7 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
              "calib_samples": len(texts), "wbits": cfg.wbits, "abits": cfg.abits, "block": cfg.block,
              "stored_bits": spec.stored_bits, **extra_info, **cfg.extra}
     if cfg.method == "cbq":
-        extra.update({"window": cfg.window, "rank": cfg.rank, "steps": cfg.steps})
+        extra.update({"window": cfg.window, "rank": cfg.rank, "steps": cfg.steps, "init": cfg.init})
     if activations:
         extra["activations"] = activations
     manifest = ckpt.Manifest(source=source, method=cfg.method, budget=budget, matrices=entries, extra=extra)

@@ -135,26 +135,35 @@ class CBQLinear(nn.Module):
     """A Linear with learnable step sizes and LoRA-Rounding (see the module docstring)."""
 
     def __init__(self, linear: nn.Linear, spec: FormatSpec, rank: int, act_bits: int = 16,
-                 weight: torch.Tensor | None = None, generator: torch.Generator | None = None):
+                 weight: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 hard_forward: bool = True, init: QuantizedTensor | None = None):
         super().__init__()
         if spec.kind != "int":
             raise ValueError(f"CBQ learns integer formats, not {spec.name}")
         w = (linear.weight if weight is None else weight).detach().float()
-        self.spec, self.rank = spec, rank
+        self.spec, self.rank, self.hard_forward = spec, rank, hard_forward
         self.out_features, self.in_features = w.shape
         n, k = w.shape
-        init = quantize_int(w, spec)  # round-to-nearest, MSE-clipped: the starting point
+        start = init if init is not None else quantize_int(w, spec)  # default: RTN, MSE-clipped
+        if start.shape != (n, k) or start.spec != spec:
+            raise ValueError(f"init codes are {start.spec.name} {start.shape}, the layer needs {spec.name} {(n, k)}")
         wb = _blocks(w, spec.block)  # (N, nb, B)
-        s0 = init.scales
-        zero = init.zeros.float() if init.zeros is not None else torch.full_like(s0, 2.0 ** (spec.bits - 1))
+        s0 = start.scales.float()
+        zero = start.zeros.float() if start.zeros is not None else torch.full_like(s0, 2.0 ** (spec.bits - 1))
         self.register_buffer("wb", wb)
         self.register_buffer("s0", s0)
         self.register_buffer("zero", zero)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         x = wb / s0[..., None]
-        base = torch.floor(x)
+        if init is None:  # AdaRound: base ⌊W/s₀⌋, h(V₀) = the fractional part
+            base = torch.floor(x)
+            rest = (x - base).clamp(0, 1)
+        else:  # start from the given codes c: base = c − 1 where c rounded up, h(V₀) ∈ {0.25, 0.75}
+            c = start.codes.float().view_as(wb) - zero[..., None]
+            up = (c > x).float()
+            base = c - up
+            rest = 0.25 + 0.5 * up
         self.register_buffer("base", base)
-        rest = (x - base).clamp(0, 1)
         self.register_buffer("v0", -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))  # h(V₀) = rest
         self.log_scale = nn.Parameter(torch.zeros_like(s0))
         if rank > 0:
@@ -162,21 +171,28 @@ class CBQLinear(nn.Module):
             self.a2 = nn.Parameter(torch.randn(rank, wb.shape[1] * wb.shape[2], generator=generator))
         self.act = ActQuantizer(act_bits) if act_bits < 16 else None
         self.hard = False
+        self.fixed_codes = init is not None and rank == 0  # learn the scales of the given codes
 
     def scale(self) -> torch.Tensor:
         """s = fp16(s₀ e^t): (N, nb), float16-representable values."""
         return _fp16_ste(self.s0 * torch.exp(self.log_scale))
 
     def rounding(self) -> torch.Tensor:
-        """h: (N, nb, B) ∈ [0, 1] (soft) or {0, 1} (hard)."""
-        v = self.v0 + (self.a1 @ self.a2).view_as(self.v0)
-        return (v >= 0).to(v.dtype) if self.hard else rectified_sigmoid(v)
+        """h: (N, nb, B) ∈ [0, 1] (soft) or {0, 1} (hard).  With ``hard_forward`` (default) the
+        forward pass uses the hard h and the gradient flows through the soft one
+        (straight-through), so training sees the integer weights the file will hold."""
+        v = self.v0 + (self.a1 @ self.a2).view_as(self.v0) if self.rank > 0 else self.v0
+        hard = (v >= 0).to(v.dtype)
+        if self.hard:
+            return hard
+        soft = rectified_sigmoid(v)
+        return soft + (hard - soft).detach() if self.hard_forward else soft
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q (N, nb, B) float codes in [0, 2^k − 1], s (N, nb))."""
         s = self.scale()
         qmax = 2**self.spec.bits - 1
-        if self.rank > 0:
+        if self.rank > 0 or self.fixed_codes:
             q = self.base + self.rounding() + self.zero[..., None]
         else:
             q = _round_ste(self.wb / s[..., None]) + self.zero[..., None]
@@ -227,12 +243,17 @@ class CBQConfig:
     rank: int = 8
     steps: int = 200
     lr_scale: float = 2e-3
-    lr_round: float = 1e-2
+    # Adam moves every entry of A1 by ~lr per step, so V = V₀ + A1·A2 moves by ~√r·lr·steps:
+    # 1e-3 lets a few hundred steps flip the roundings that matter; 1e-2 flipped them wholesale
+    # (worse than round-to-nearest on MiniLM)
+    lr_round: float = 1e-3
     lr_act: float = 2e-3
-    lam: float = 10.0  # rounding-term weight, relative to the window's round-to-nearest loss
+    lam: float = 1.0  # rounding-term weight, relative to the window's round-to-nearest loss
     kl_weight: float = 1.0
     beta: tuple[float, float] = (20.0, 2.0)
     warmup: float = 0.2
+    hard_forward: bool = True  # train through the hard rounding (straight-through)
+    init: str = "rtn"  # starting codes: "rtn" (round-to-nearest, AdaRound init) or "gptq"
     # CFP weight truncation is off by default: MiniLM's few weight outliers (e.g. 7.9 where the
     # kept range ends at 1.2) are real, and blockwise scales already isolate them to one block
     cfp_weights: bool = False
@@ -264,7 +285,7 @@ def window_starts(n_blocks: int, window: int, overlap: int) -> list[int]:
 
 
 def _quant_block(block: nn.Module, fam: Family, cfg: CBQConfig, gen: torch.Generator,
-                 truncated: dict, prefix: str) -> nn.Module:
+                 truncated: dict, prefix: str, init: dict[str, QuantizedTensor] | None = None) -> nn.Module:
     """A deep copy of ``block`` whose compressible Linears are :class:`CBQLinear`."""
     from .qlinear import set_submodule
 
@@ -275,7 +296,8 @@ def _quant_block(block: nn.Module, fam: Family, cfg: CBQConfig, gen: torch.Gener
         if cfg.cfp_weights:
             w, n = truncate_weight_outliers(lin.weight.detach().float())
             truncated[f"{prefix}.{rel}"] = n
-        set_submodule(qb, rel, CBQLinear(lin, cfg.spec, cfg.rank, cfg.abits, w, gen))
+        start = None if init is None else init[f"{prefix}.{rel}"]
+        set_submodule(qb, rel, CBQLinear(lin, cfg.spec, cfg.rank, cfg.abits, w, gen, cfg.hard_forward, start))
     for p in qb.parameters():
         p.requires_grad_(False)
     for m in qb.modules():
@@ -287,10 +309,11 @@ def _quant_block(block: nn.Module, fam: Family, cfg: CBQConfig, gen: torch.Gener
 
 @torch.no_grad()
 def _prepare_float_block(block: nn.Module, fam: Family, x: BlockInputs, cfg: CBQConfig,
-                         folded: dict, prefix: str, act_samples: dict) -> list[torch.Tensor]:
+                         folded: dict, prefix: str, act_samples: dict, fold: bool = True) -> list[torch.Tensor]:
     """Run the float block over ``x`` (returning its float32 outputs) while collecting activation
-    statistics; CFP folds activation outlier scales into the block (output unchanged)."""
-    sites = fold_sites(fam, block) if (cfg.abits < 16 and cfg.cfp_activations) else []
+    statistics; CFP folds activation outlier scales into the block (output unchanged) unless
+    ``fold`` is False (already folded by :func:`cfp_prefold`)."""
+    sites = fold_sites(fam, block) if (fold and cfg.abits < 16 and cfg.cfp_activations) else []
     chmax: dict[str, torch.Tensor] = {}
     samples: dict[str, list[torch.Tensor]] = {rel: [] for rel in fam.linears} if cfg.abits < 16 else {}
     handles = []
@@ -323,11 +346,16 @@ def _prepare_float_block(block: nn.Module, fam: Family, x: BlockInputs, cfg: CBQ
 
 
 def cbq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, cfg: CBQConfig,
-                       callback: StepCallback | None = None) -> CBQResult:
+                       callback: StepCallback | None = None,
+                       init: dict[str, QuantizedTensor] | None = None) -> CBQResult:
     """Windowed cross-block reconstruction over all blocks of ``model`` (float32, eval).
 
-    ``inputs``: block 0's captured calibration inputs.  On return the model's compressible
+    ``inputs``: block 0's captured calibration inputs.  ``init``: starting codes per Linear (e.g.
+    GPTQ's, see :func:`gptq_init`); default round-to-nearest.  On return the model's compressible
     Linears hold the dequantised hard-rounded weights (and CFP's exact activation folds)."""
+    if init is not None and cfg.cfp_weights:
+        raise ValueError("CFP weight truncation changes W; it cannot start from codes computed before it")
+    prefolded = init is not None  # with given codes, CFP's activation folds were made before them
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     blist = blocks(model, fam)
@@ -346,8 +374,9 @@ def cbq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, cfg: 
             cur = x_fp.with_hidden(h)
             if i not in qblocks:
                 samples: dict[str, torch.Tensor] = {}
-                h = _prepare_float_block(blist[i], fam, cur, cfg, res.folded, f"{fam.blocks_attr}.{i}", samples)
-                qblocks[i] = _quant_block(blist[i], fam, cfg, gen, res.truncated, f"{fam.blocks_attr}.{i}")
+                h = _prepare_float_block(blist[i], fam, cur, cfg, res.folded, f"{fam.blocks_attr}.{i}", samples,
+                                         fold=not prefolded)
+                qblocks[i] = _quant_block(blist[i], fam, cfg, gen, res.truncated, f"{fam.blocks_attr}.{i}", init)
                 for rel, smp in samples.items():
                     act = qblocks[i].get_submodule(rel).act
                     if act is not None:
@@ -478,3 +507,28 @@ def attach_activation_quant(model: nn.Module, activations: dict[str, dict]) -> l
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     return handles
+
+
+@torch.no_grad()
+def cfp_prefold(model: nn.Module, fam: Family, inputs: BlockInputs, cfg: CBQConfig) -> dict[str, list[int]]:
+    """CFP's activation folds over the whole float model at once (output unchanged), so that
+    starting codes can be computed on the folded weights; returns the folded channels."""
+    folded: dict[str, list[int]] = {}
+    if cfg.abits >= 16 or not cfg.cfp_activations:
+        return folded
+    x = inputs
+    for i, block in enumerate(blocks(model, fam)):
+        outs = _prepare_float_block(block, fam, x, cfg, folded, f"{fam.blocks_attr}.{i}", {})
+        x = x.with_hidden([t.to(inputs.hidden[0].dtype) for t in outs])
+    return folded
+
+
+def gptq_init(model: nn.Module, fam: Family, inputs: BlockInputs, cfg: CBQConfig) -> tuple[dict, dict]:
+    """CBQ's ``init="gptq"`` starting point: CFP's activation folds applied to ``model`` in place
+    (:func:`cfp_prefold`; the float output is unchanged), then GPTQ's codes and scales for every
+    compressible Linear, computed on a copy (``model`` stays float).  Returns (codes, folds)."""
+    from .gptq import gptq_quantize_model
+
+    folded = cfp_prefold(model, fam, inputs, cfg)
+    codes = gptq_quantize_model(copy.deepcopy(model), fam, inputs, cfg.spec, storage_dtype=inputs.hidden[0].dtype)
+    return codes, folded

@@ -133,12 +133,33 @@ def _low_rank(g: Nodes, m: StoredMatrix, x: str) -> str | None:
     return g.node("MatMul", [h, l1t], f"{m.name}.lowrank_y")
 
 
-def linear_nodes(m: StoredMatrix, x: str, y: str, accuracy_level: int = 0) -> Nodes:
-    """Nodes computing ``y = x · dequant(Q)ᵀ + (x · L2ᵀ) · L1ᵀ`` for ``x: (..., K)`` float32."""
+def activation_qdq(g: "Nodes", name: str, x: str, act: dict) -> str:
+    """``x̂ = DequantizeLinear(QuantizeLinear(x))`` with a calibrated static per-tensor scale and
+    zero point (uint8 for A8, uint4 for A4: opset 21): exactly CBQ's fake quantiser
+    ``s · (clamp(round(x / s) + z, 0, 2^b − 1) − z)`` (both round half to even)."""
+    bits = int(act["bits"])
+    if bits not in (4, 8) or act.get("signed", False):
+        raise Unsupported(f"{name}: unsigned 4- or 8-bit activations export, not {bits}-bit")
+    scale = g.init(f"{name}.act_scale", np.array(act["scale"], dtype=np.float32))
+    if bits == 8:
+        zero = g.init(f"{name}.act_zero", np.array(act["zero_point"], dtype=np.uint8))
+    else:
+        g.initializers.append(helper.make_tensor(f"{name}.act_zero", TensorProto.UINT4, [], [int(act["zero_point"])]))
+        zero = f"{name}.act_zero"
+    q = g.node("QuantizeLinear", [x, scale, zero], f"{name}.x_q")
+    return g.node("DequantizeLinear", [q, scale, zero], f"{name}.x_dq")
+
+
+def linear_nodes(m: StoredMatrix, x: str, y: str, accuracy_level: int = 0, act: dict | None = None) -> Nodes:
+    """Nodes computing ``y = x · dequant(Q)ᵀ + (x · L2ᵀ) · L1ᵀ`` for ``x: (..., K)`` float32;
+    with ``act`` (calibrated activation quantiser) ``x`` is first fake-quantised by a
+    QuantizeLinear / DequantizeLinear pair (:func:`activation_qdq`)."""
     _check_runnable(m)
     n, k = m.shape
     spec = m.spec
     g = Nodes()
+    if act is not None:
+        x = activation_qdq(g, m.name, x, act)
     main = y if not m.rank else f"{m.name}.y_q"
     if spec.kind == "int":
         inputs = [x, g.init(f"{m.name}.qweight", m.tensors["qweight"]),

@@ -41,6 +41,7 @@ from .lowbit import MS_DOMAIN, OPSET, STORED_SUFFIXES, StoredMatrix, embedding_n
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT = "sentence_embedding"
+QDQ_OPSET = 21  # QuantizeLinear / DequantizeLinear with uint4
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph
 TOKENIZER = "tokenizer.json"
 
@@ -137,10 +138,16 @@ def _trace_to_onnx(wrapper, path: Path, vocab: int) -> None:
 
 # ----------------------------------------------------------------------------- graph rewrite
 def rewrite_lowbit(model: onnx.ModelProto, digests: dict[str, str], matrices: dict[str, StoredMatrix],
-                   accuracy_level: int = 0) -> None:
+                   accuracy_level: int = 0, activations: dict[str, dict] | None = None) -> None:
     """Replace, in place, the float MatMul / Gather of every planned matrix by its low-bit nodes.
 
-    ``digests`` maps the sha256 of a float32 constant to the matrix it stands for."""
+    ``digests`` maps the sha256 of a float32 constant to the matrix it stands for.
+    ``activations``: calibrated static activation quantisers per Linear (a CBQ manifest's
+    ``extra["activations"]``), exported as QuantizeLinear / DequantizeLinear pairs (opset 21)."""
+    activations = activations or {}
+    unknown = sorted(set(activations) - set(matrices))
+    if unknown:
+        raise Unsupported(f"activation quantiser for {unknown[0]!r}, which is not a compressed Linear")
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     owner: dict[str, str] = {}  # initialiser name → matrix name
@@ -158,7 +165,7 @@ def rewrite_lowbit(model: onnx.ModelProto, digests: dict[str, str], matrices: di
             m = matrices[target]
             if m.shape != tuple(inits[node.input[1]].dims[::-1]):
                 raise RuntimeError(f"{target}: graph constant has shape {list(inits[node.input[1]].dims)}")
-            g = linear_nodes(m, node.input[0], node.output[0], accuracy_level)
+            g = linear_nodes(m, node.input[0], node.output[0], accuracy_level, activations.get(target))
         elif node.op_type == "Gather" and node.input[0] in owner:
             target = owner[node.input[0]]
             g = embedding_nodes(matrices[target], node.input[1], node.output[0])
@@ -179,6 +186,10 @@ def rewrite_lowbit(model: onnx.ModelProto, digests: dict[str, str], matrices: di
     graph.initializer.extend(kept + new_inits)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    if activations:  # uint4 QuantizeLinear needs opset 21; no op of the traced graph changed meaning
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = max(o.version, QDQ_OPSET)
 
 
 def matrix_initializer_bytes(model: onnx.ModelProto, names) -> dict[str, int]:
@@ -277,7 +288,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int 
         _trace_to_onnx(wrapper, traced, int(config.get("vocab_size", 30522)))
         del wrapper, model
         proto = onnx.load(str(traced))
-    rewrite_lowbit(proto, digests, matrices, accuracy_level)
+    rewrite_lowbit(proto, digests, matrices, accuracy_level, manifest.extra.get("activations"))
     matrix_bytes = matrix_initializer_bytes(proto, matrices)
     return finish_export(proto, output, checkpoint, manifest, fam.name, matrix_bytes,
                          _metadata(manifest, fam.name, matrix_bytes), t0)

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from quantseal.compress.calibration import block_forward, capture_block_inputs, run_block
-from quantseal.compress.cbq import (CBQConfig, CBQLinear, attach_activation_quant, cbq_quantize_model, kl_term,
-                                    reconstruction_loss, rectified_sigmoid, rounding_regularizer, window_starts)
+from quantseal.compress.cbq import (CBQConfig, CBQLinear, attach_activation_quant, cbq_quantize_model, gptq_init,
+                                    kl_term, reconstruction_loss, rectified_sigmoid, rounding_regularizer,
+                                    window_starts)
+from quantseal.compress.gptq import gptq_quantize_model
 from quantseal.compress.formats import FormatSpec
 from quantseal.compress.quantizers import dequantize, fake_quantize, quantize_int
 from quantseal.models import ENCODER, compressible_linears
@@ -83,10 +85,34 @@ def test_lora_rounding_starts_at_round_to_nearest():
     rtn = quantize_int(lin.weight.detach(), spec)
     qt = ql.to_quantized()
     assert torch.equal(qt.codes, rtn.codes) and torch.equal(qt.scales, rtn.scales)
-    # the soft weights reproduce W wherever it is not clipped (h(V₀) is the rest of W / s₀)
-    q, _ = ql.codes()
+    # the training forward sees exactly the integer weights (straight-through hard rounding)
+    assert torch.equal(ql.weight_hat().detach(), dequantize(rtn))
+    # without hard_forward the soft weights reproduce W wherever it is not clipped (h(V₀) is the
+    # rest of W / s₀), as in AdaRound
+    soft = CBQLinear(lin, spec, rank=4, hard_forward=False)
+    q, _ = soft.codes()
     inside = ((q > 0) & (q < 3)).reshape(12, -1)[:, :40]
-    assert torch.allclose(ql.weight_hat()[inside], lin.weight.detach()[inside], atol=1e-6)
+    assert torch.allclose(soft.weight_hat()[inside], lin.weight.detach()[inside], atol=1e-6)
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_given_codes_are_the_starting_point(rank):
+    """init=QuantizedTensor (e.g. GPTQ's codes, which need not be nearest rounding): CBQ starts
+    from exactly those integers and scales."""
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(40, 12)
+    spec = FormatSpec("int", 3, 16)
+    start = quantize_int(lin.weight.detach(), spec)
+    g = torch.Generator().manual_seed(0)  # move some codes one step away from nearest rounding
+    flip = (torch.rand(start.codes.shape, generator=g) < 0.3) & (start.codes < 7)
+    flip[:, 40:] = False  # the padded columns keep the zero point
+    start.codes = (start.codes.int() + flip.int()).to(torch.uint8)
+    ql = CBQLinear(lin, spec, rank=rank, init=start)
+    qt = ql.to_quantized()
+    assert torch.equal(qt.codes, start.codes) and torch.equal(qt.scales, start.scales)
+    assert torch.equal(ql.weight_hat().detach(), dequantize(start))
+    with pytest.raises(ValueError):
+        CBQLinear(lin, FormatSpec("int", 2, 16), rank=rank, init=start)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +131,14 @@ def reconstruction():
         cfg = CBQConfig(wbits=2, block=16, window=2, rank=rank, steps=200, seed=0)
         res = cbq_quantize_model(m, ENCODER, x, cfg)
         out[rank] = (m, res, block_error(m, ref, x))
+    g = copy.deepcopy(ref)
+    gptq_quantize_model(g, ENCODER, x, spec)
+    out["gptq"] = block_error(g, ref, x)
+    m = copy.deepcopy(ref)
+    cfg = CBQConfig(wbits=2, block=16, window=2, rank=4, steps=200, seed=0, init="gptq")
+    init, _ = gptq_init(m, ENCODER, x, cfg)
+    cbq_quantize_model(m, ENCODER, x, cfg, init=init)
+    out["cbq_gptq"] = block_error(m, ref, x)
     return out
 
 
@@ -114,6 +148,12 @@ def test_lora_rounding_beats_rtn_and_learned_scales(reconstruction):
     assert err_scales < r["rtn"]
     assert err_lora < 0.8 * r["rtn"], (err_lora, r["rtn"])
     assert err_lora < err_scales, (err_lora, err_scales)
+
+
+def test_cbq_from_gptq_codes_improves_on_gptq(reconstruction):
+    r = reconstruction
+    assert r["gptq"] < r["rtn"]
+    assert r["cbq_gptq"] < 0.95 * r["gptq"], (r["cbq_gptq"], r["gptq"])
 
 
 def test_cbq_codes_are_exact_integers_the_model_uses(reconstruction):
