@@ -6,7 +6,10 @@ Every (setting, method) runs in a fresh subprocess (so its peak RSS is its own):
 - ``cbq-rtn``: CBQ as in the paper, starting from round-to-nearest (LoRA-Rounding rank ``--rank``);
 - ``cbq``: CBQ starting from GPTQ's codes (``quantseal compress --method cbq``, the default
   ``--init gptq``);
-- ``hqq`` (W4 only): onnxruntime's ``MatMulNBitsQuantizer`` HQQ on the float32 ONNX, run in onnxruntime.
+- ``hqq`` (W4 only): onnxruntime's ``MatMulNBitsQuantizer`` HQQ on the float32 ONNX, run in onnxruntime;
+- ``lq`` / ``lq+cbq`` (A16 only): the data-aware LQ + ILP plan over integer formats and ranks at
+  exactly the stored bits of uniform INT-w (so the same bytes), and that plan refined by CBQ with
+  the low-rank branches in the loop (``quantseal compress --method lq+cbq``).
 With A8/A4, RTN and GPTQ get static per-tensor activation scales (MSE range search on the
 calibration activations, no training); CBQ learns them (LSQ) and folds CFP's outlier channels.
 
@@ -33,9 +36,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SETTINGS = ("W4A16", "W3A16", "W2A16", "W4A8", "W4A4")
-METHODS = ("rtn", "gptq", "cbq-rtn", "cbq", "hqq")
+METHODS = ("rtn", "gptq", "cbq-rtn", "cbq", "hqq", "lq", "lq+cbq")
 LABELS = {"rtn": "RTN", "gptq": "GPTQ", "cbq-rtn": "CBQ (RTN init, as in the paper)",
-          "cbq": "CBQ (GPTQ init, quantseal default)", "hqq": "onnxruntime HQQ"}
+          "cbq": "CBQ (GPTQ init, quantseal default)", "hqq": "onnxruntime HQQ",
+          "lq": "LQ+ILP data-aware (int2/4/8, ranks 0/8/16) at RTN's bits",
+          "lq+cbq": "LQ+CBQ (that plan, refined by CBQ)"}
 
 
 def parse_setting(s: str) -> tuple[int, int]:
@@ -119,6 +124,26 @@ def run_one(setting: str, method: str, args) -> dict:
         test = ort_embed(str(out), tok, evals, threads=args.threads)
         return {"error": embedding_error(ref, test), "nn_agreement": nn_agreement(ref, test),
                 "calibration_seconds": calib_s, "peak_rss_mb": peak_rss_mb(), "evaluated_in": "onnxruntime"}
+    if method in ("lq", "lq+cbq"):
+        from quantseal.checkpoint import load_compressed
+        from quantseal.compress.lqcbq import lq_cbq_compress
+        from quantseal.compress.pipeline import CompressConfig, compress
+
+        shapes = [tuple(m.weight.shape) for m in compressible_linears(*load_model(mp)).values()]
+        bits = sum(spec.stored_bytes(n, k) for n, k in shapes) * 8 / sum(n * k for n, k in shapes)
+        out = Path(args.work) / f"{method}_{setting}"
+        cfg = CompressConfig(output=out, model=mp, budget_bits=bits, formats=("int2", "int4", "int8"),
+                             ranks=(0, 8, 16), data_aware=True, calib_samples=args.calib_samples, workers=1)
+        if method == "lq":
+            rep = compress(cfg)
+        else:
+            rep = lq_cbq_compress(cfg, CBQConfig(rank=args.rank, steps=args.steps, seed=0))
+        calib_s = time.perf_counter() - t0
+        model = load_compressed(out)[0]
+        test = embed_texts(model, tok, evals)
+        return {"error": embedding_error(ref, test), "nn_agreement": nn_agreement(ref, test),
+                "calibration_seconds": calib_s, "peak_rss_mb": peak_rss_mb(), "evaluated_in": "torch",
+                "bits_per_param": rep["bits_per_param"], "formats": rep["formats"]}
     model, fam = load_model(mp)
     batches = calibration_batches(mp, calibration_texts(None, args.calib_samples), 16)
     extra: dict = {}
@@ -165,7 +190,9 @@ def render(res: dict) -> str:
              f"held-out sentences; block {res['block']}; calibration {res['calib_samples']} sentences; CBQ "
              f"{res['steps']} steps per window, LoRA-Rounding rank {res['rank']}, windows of 2 blocks (overlap 1); "
              f"{res['threads']} thread(s); calibration seconds / peak RSS of each run's own process "
-             f"(load average {res['loadavg_start']} → {res['loadavg_end']}).", "",
+             f"(load average {res['loadavg_start']} → {res['loadavg_end']})"
+             + (f"; runs from {res['invocations']} invocations of the script" if res.get("invocations") else "")
+             + ".", "",
              "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     for m in res["methods"]:
         cells = []
@@ -242,6 +269,7 @@ def main() -> None:
     ap.add_argument("--ref", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--render", action="store_true", help="only re-render .md/.png from the JSON")
+    ap.add_argument("--merge", action="store_true", help="add these runs to the existing results JSON")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args)), flush=True)
@@ -258,6 +286,13 @@ def main() -> None:
            "block": args.block, "rank": args.rank, "steps": args.steps, "calib_samples": args.calib_samples,
            "eval_sentences": args.eval, "threads": args.threads, "runs": {},
            "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+    if args.merge and args.out.is_file():  # add runs to an earlier invocation's results
+        old = json.loads(args.out.read_text())
+        res["runs"] = old["runs"]
+        res["settings"] = old["settings"] + [x for x in settings if x not in old["settings"]]
+        res["methods"] = old["methods"] + [x for x in methods if x not in old["methods"]]
+        res["loadavg_start"] = old["loadavg_start"]
+        res["invocations"] = old.get("invocations", 1) + 1
     work = Path(tempfile.mkdtemp(prefix="quantseal_cbq_bench."))
     ref = work / "ref.npy"
     float_reference(ref, args.eval)
@@ -265,6 +300,8 @@ def main() -> None:
     for s in settings:
         for m in methods:
             if f"{s}/{m}" in skip or (m == "hqq" and (not s.endswith("A16") or parse_setting(s)[0] != 4)):
+                continue
+            if m in ("lq", "lq+cbq") and not s.endswith("A16"):
                 continue
             cmd = [sys.executable, __file__, "--one", s, m, "--ref", str(ref), "--work", str(work),
                    "--block", str(args.block), "--rank", str(args.rank), "--steps", str(args.steps),

@@ -23,6 +23,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -179,6 +180,7 @@ def main() -> None:
         prompt_ids = tok.encode(PROMPTS[2]).ids
         decode_speed(lm, prompt_ids, 4)  # warm-up
         run["onnx_decode_tokens_per_s"] = round(decode_speed(lm, prompt_ids, args.speed_tokens), 2)
+        run["loadavg_at_speed"] = [round(x, 2) for x in os.getloadavg()]  # other jobs on the cores
         result["runs"].append(run)
         print(json.dumps({k: v for k, v in run.items() if k != "generation"}, default=str), flush=True)
         del model, lm

@@ -55,7 +55,14 @@ def decoder_table(res: dict) -> str:
         lines.append(f"| {r['budget']} | {r['bits_per_param']:.3f} | {r['onnx_mb']:.1f} | {res['ppl_fp32_torch']:.3f} | "
                      f"{r['ppl_torch_compressed']:.4f} | {r['ppl_onnx_compressed']:.4f} | "
                      f"{r['greedy_equal_onnx_vs_torch']} | {same}/{len(r['generation'])} | {r['onnx_decode_tokens_per_s']} |")
-    lines += ["", "Decode speed was measured while other jobs loaded the 2 cores (load 9–13): not representative."]
+    loads = [r["loadavg_at_speed"][0] for r in res["runs"] if r.get("loadavg_at_speed")]
+    if loads:
+        lines += ["", f"1-minute load average when decode speed was measured: {', '.join(f'{x:.1f}' for x in loads)} "
+                      "(2 cores; a load above 2 means other jobs shared them, so tokens/s are low)."]
+    else:
+        lines += ["", "Decode speed was measured while other jobs shared the 2 cores: not representative."]
+    labels = {32.0: "32 = float32 baseline (every matrix fp32, same export path)"}
+    lines = [ln.replace("| 32.0 |", f"| {labels[32.0]} |") for ln in lines]
     return "\n".join(lines)
 
 

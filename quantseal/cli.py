@@ -74,8 +74,9 @@ def _add_compress(sub) -> None:
     g = p.add_mutually_exclusive_group(required=False)  # required for lq/rtn: checked in _cmd_compress
     g.add_argument("--budget", type=float, help="average stored bits per compressible parameter")
     g.add_argument("--budget-mb", type=float, help="whole-file budget in MB (10^6 bytes)")
-    p.add_argument("--method", default="lq", choices=["lq", "rtn", "gptq", "cbq"],
-                   help="lq/rtn: budgeted plan; gptq/cbq: calibrated uniform int{wbits}_b{block}")
+    p.add_argument("--method", default="lq", choices=["lq", "rtn", "gptq", "cbq", "lq+cbq"],
+                   help="lq/rtn: budgeted plan; gptq/cbq: calibrated uniform int{wbits}_b{block}; "
+                        "lq+cbq: the lq plan, then CBQ refines its integer matrices")
     p.add_argument("--wbits", type=int, default=4, choices=[2, 3, 4, 8], help="gptq/cbq weight bits (3 is stored as 4)")
     p.add_argument("--abits", type=int, default=16, choices=[4, 8, 16], help="cbq activation bits (16: float)")
     p.add_argument("--block", type=int, default=64, help="gptq/cbq block size along the input dimension")
@@ -144,13 +145,24 @@ def _cmd_compress(args) -> int:
 
     cfg = CompressConfig(
         output=args.output, model=args.model, budget_bits=args.budget, budget_mb=args.budget_mb,
-        method=args.method, data_aware=args.data_aware, calib=args.calib,
+        method="lq" if args.method == "lq+cbq" else args.method, data_aware=args.data_aware, calib=args.calib,
         calib_samples=args.calib_samples if args.calib_samples is not None else 256,
         ranks=args.ranks if args.ranks is not None else DEFAULT_RANKS,
         formats=tuple(args.formats.split(",")) if args.formats else DEFAULT_FAMILIES,
         workers=args.workers, seed=args.seed,
     )
-    res = compress(cfg, _progress_factory(not args.json and sys.stderr.isatty()))
+    if args.method == "lq+cbq":
+        from .compress.cbq import CBQConfig
+        from .compress.lqcbq import lq_cbq_compress
+
+        if args.abits != 16:
+            raise BadInput("--method lq+cbq refines weights only: use --abits 16 (or --method cbq)")
+        cbq = CBQConfig(window=args.window, overlap=1 if args.window > 1 else 0, rank=args.rank,
+                        steps=args.steps, seed=args.seed)
+        res = lq_cbq_compress(cfg, cbq, _progress_factory(not args.json and sys.stderr.isatty()),
+                              _step_progress(not args.json and sys.stderr.isatty()))
+    else:
+        res = compress(cfg, _progress_factory(not args.json and sys.stderr.isatty()))
     human = (f"wrote {res['output']}: {res['matrices']} matrices, {res['bits_per_param']:.4f} bits/param "
              f"(budget {res['budget']} {res['budget_kind']}), {res['bytes'] / 1e6:.2f} MB of tensors, "
              f"{res['seconds']:.1f} s")

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import BadInput
 from ..models import Family, blocks
 from .calibration import BlockInputs, block_forward
 from .cfp import activation_channel_scales, fold_activation_scale, fold_sites, truncate_weight_outliers
@@ -136,7 +137,8 @@ class CBQLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, spec: FormatSpec, rank: int, act_bits: int = 16,
                  weight: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 hard_forward: bool = True, init: QuantizedTensor | None = None):
+                 hard_forward: bool = True, init: QuantizedTensor | None = None,
+                 lowrank: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         if spec.kind != "int":
             raise ValueError(f"CBQ learns integer formats, not {spec.name}")
@@ -172,6 +174,9 @@ class CBQLinear(nn.Module):
         self.act = ActQuantizer(act_bits) if act_bits < 16 else None
         self.hard = False
         self.fixed_codes = init is not None and rank == 0  # learn the scales of the given codes
+        # LQ+CBQ: a frozen low-rank branch L1 L2 in the loop (W ≈ Q + L1 L2; Q learns around it)
+        self.register_buffer("l1", None if lowrank is None else lowrank[0].float().contiguous())
+        self.register_buffer("l2", None if lowrank is None else lowrank[1].float().contiguous())
 
     def scale(self) -> torch.Tensor:
         """s = fp16(s₀ e^t): (N, nb), float16-representable values."""
@@ -206,7 +211,10 @@ class CBQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
             x = self.act(x)
-        return F.linear(x, self.weight_hat(), self.bias)
+        y = F.linear(x, self.weight_hat(), self.bias)
+        if self.l1 is not None:
+            y = y + (x @ self.l2.T) @ self.l1.T
+        return y
 
     def regularizer(self, beta: float) -> tuple[torch.Tensor, int]:
         """(Σ(1 − |2h − 1|^β), number of terms); zero for rank 0."""
@@ -260,9 +268,25 @@ class CBQConfig:
     cfp_activations: bool = True  # folds only when activations are quantised (abits < 16)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.rank < 0 or self.steps < 1 or not 0 <= self.overlap < max(self.window, 1):
+            raise BadInput(f"CBQ needs window ≥ 1, 0 ≤ overlap < window, rank ≥ 0 and steps ≥ 1 "
+                           f"(got window {self.window}, overlap {self.overlap}, rank {self.rank}, steps {self.steps})")
+        if self.init not in ("rtn", "gptq"):
+            raise BadInput(f"CBQ init must be rtn or gptq, not {self.init!r}")
+
     @property
     def spec(self) -> FormatSpec:
         return FormatSpec("int", self.wbits, self.block)
+
+
+@dataclass
+class LQStart:
+    """What LQ+CBQ keeps from an LQ plan: each planned Linear's frozen low-rank branch (L1, L2)
+    and, for matrices in a non-integer format (NF4, float), the whole compressed module."""
+
+    lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    frozen: dict[str, nn.Module] = field(default_factory=dict)
 
 
 @dataclass
@@ -285,7 +309,8 @@ def window_starts(n_blocks: int, window: int, overlap: int) -> list[int]:
 
 
 def _quant_block(block: nn.Module, fam: Family, cfg: CBQConfig, gen: torch.Generator,
-                 truncated: dict, prefix: str, init: dict[str, QuantizedTensor] | None = None) -> nn.Module:
+                 truncated: dict, prefix: str, init: dict[str, QuantizedTensor] | None = None,
+                 lq: LQStart | None = None) -> nn.Module:
     """A deep copy of ``block`` whose compressible Linears are :class:`CBQLinear`."""
     from .qlinear import set_submodule
 
@@ -296,8 +321,16 @@ def _quant_block(block: nn.Module, fam: Family, cfg: CBQConfig, gen: torch.Gener
         if cfg.cfp_weights:
             w, n = truncate_weight_outliers(lin.weight.detach().float())
             truncated[f"{prefix}.{rel}"] = n
-        start = None if init is None else init[f"{prefix}.{rel}"]
-        set_submodule(qb, rel, CBQLinear(lin, cfg.spec, cfg.rank, cfg.abits, w, gen, cfg.hard_forward, start))
+        full = f"{prefix}.{rel}"
+        if lq is not None and full in lq.frozen:  # a non-integer LQ format: kept as it is
+            set_submodule(qb, rel, copy.deepcopy(lq.frozen[full]))
+            continue
+        start = None if init is None else init[full]
+        lowrank = None if lq is None else lq.lowrank.get(full)
+        if lowrank is not None:  # Q approximates the residual W − L1 L2
+            w = lin.weight.detach().float() - lowrank[0].float() @ lowrank[1].float()
+        spec = start.spec if start is not None else cfg.spec
+        set_submodule(qb, rel, CBQLinear(lin, spec, cfg.rank, cfg.abits, w, gen, cfg.hard_forward, start, lowrank))
     for p in qb.parameters():
         p.requires_grad_(False)
     for m in qb.modules():
@@ -347,11 +380,13 @@ def _prepare_float_block(block: nn.Module, fam: Family, x: BlockInputs, cfg: CBQ
 
 def cbq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, cfg: CBQConfig,
                        callback: StepCallback | None = None,
-                       init: dict[str, QuantizedTensor] | None = None) -> CBQResult:
+                       init: dict[str, QuantizedTensor] | None = None, lq: LQStart | None = None) -> CBQResult:
     """Windowed cross-block reconstruction over all blocks of ``model`` (float32, eval).
 
     ``inputs``: block 0's captured calibration inputs.  ``init``: starting codes per Linear (e.g.
-    GPTQ's, see :func:`gptq_init`); default round-to-nearest.  On return the model's compressible
+    GPTQ's, see :func:`gptq_init`); default round-to-nearest.  ``lq``: an LQ plan's low-rank
+    branches (frozen, in the loop) and its non-integer matrices (kept); ``init`` then holds its
+    integer matrices' codes (:func:`lq_start`).  On return the model's compressible
     Linears hold the dequantised hard-rounded weights (and CFP's exact activation folds)."""
     if init is not None and cfg.cfp_weights:
         raise ValueError("CFP weight truncation changes W; it cannot start from codes computed before it")
@@ -376,7 +411,7 @@ def cbq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, cfg: 
                 samples: dict[str, torch.Tensor] = {}
                 h = _prepare_float_block(blist[i], fam, cur, cfg, res.folded, f"{fam.blocks_attr}.{i}", samples,
                                          fold=not prefolded)
-                qblocks[i] = _quant_block(blist[i], fam, cfg, gen, res.truncated, f"{fam.blocks_attr}.{i}", init)
+                qblocks[i] = _quant_block(blist[i], fam, cfg, gen, res.truncated, f"{fam.blocks_attr}.{i}", init, lq)
                 for rel, smp in samples.items():
                     act = qblocks[i].get_submodule(rel).act
                     if act is not None:
@@ -409,9 +444,13 @@ def cbq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, cfg: 
 def _write_back(block: nn.Module, qb: nn.Module, fam: Family, prefix: str, res: CBQResult) -> None:
     with torch.no_grad():
         for rel in fam.linears:
-            ql: CBQLinear = qb.get_submodule(rel)
+            ql = qb.get_submodule(rel)
+            if not isinstance(ql, CBQLinear):  # an LQ matrix kept as it is
+                block.get_submodule(rel).weight.data = ql.effective_weight()
+                continue
             qt = ql.to_quantized()
-            block.get_submodule(rel).weight.data = dequantize(qt)
+            w = dequantize(qt)
+            block.get_submodule(rel).weight.data = w if ql.l1 is None else w + ql.l1 @ ql.l2
             res.quantized[f"{prefix}.{rel}"] = qt
             if ql.act is not None:
                 res.activations[f"{prefix}.{rel}"] = ql.act.export()
