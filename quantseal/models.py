@@ -123,6 +123,20 @@ def source_files(path: str | Path, model: nn.Module) -> dict[str, bytes]:
             "tokenizer.json": tok.backend_tokenizer.to_str().encode()}
 
 
+def model_tokenizer(path: str | Path, max_length: int = 128):
+    """The :class:`~quantseal.text.TextTokenizer` of a model folder: its ``tokenizer.json``, or for
+    a GGUF folder transformers' conversion of the GGUF vocabulary (as written into checkpoints)."""
+    from .text import TextTokenizer
+
+    g = gguf_file(path)
+    if g is None or (Path(path) / "tokenizer.json").is_file():
+        return TextTokenizer(path, max_length=max_length)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name, local_files_only=True)
+    return TextTokenizer.from_backend(tok.backend_tokenizer, max_length=max_length)
+
+
 def load_model(path: str | Path) -> tuple[nn.Module, Family]:
     """Load a local model folder in float32, eval mode; the encoder's pooler is not loaded.
 

@@ -87,9 +87,20 @@ class TextTokenizer:
         if not path.is_file():
             raise BadInput(f"{model_dir}: no tokenizer.json")
         try:
-            self._tok = Tokenizer.from_file(str(path))
+            tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises its own Exception type
             raise BadInput(f"{path}: cannot read the tokenizer ({exc})") from exc
+        self._setup(tok, max_length)
+
+    @classmethod
+    def from_backend(cls, tokenizer, max_length: int = 128) -> "TextTokenizer":
+        """From a ``tokenizers.Tokenizer`` object (e.g. converted from a GGUF file)."""
+        self = cls.__new__(cls)
+        self._setup(tokenizer, max_length)
+        return self
+
+    def _setup(self, tok, max_length: int) -> None:
+        self._tok = tok
         self._tok.no_padding()
         self._tok.enable_truncation(max_length)
         self.max_length = max_length

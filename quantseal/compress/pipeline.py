@@ -23,8 +23,9 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..errors import BadInput, BudgetInfeasible
-from ..models import compressible_linears, default_model_path, embedding, load_model, source_files, source_weights
-from ..text import TextTokenizer, calibration_texts
+from ..models import (compressible_linears, default_model_path, embedding, load_model, model_tokenizer, source_files,
+                      source_weights)
+from ..text import calibration_texts
 from .budget import MatrixOptions, solve_allocation
 from .fisher import floor_fisher, output_fisher
 from .formats import DEFAULT_FAMILIES, Candidate, FormatSpec, expand_families, max_useful_rank
@@ -161,7 +162,7 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
     fisher: dict[str, torch.Tensor | None] = {n: None for n in targets}
     if cfg.data_aware:
         texts = calibration_texts(cfg.calib, cfg.calib_samples)
-        tok = TextTokenizer(cfg.model)
+        tok = model_tokenizer(cfg.model)
         batches = []
         for i in range(0, len(texts), 16):
             enc = tok(texts[i:i + 16])
