@@ -91,6 +91,10 @@ def static_activation_scales(model, fam, batches, bits: int) -> dict:
 
 
 def run_one(setting: str, method: str, args) -> dict:
+    return {**_run_one(setting, method, args), "threads": args.threads}
+
+
+def _run_one(setting: str, method: str, args) -> dict:
     import torch
 
     from quantseal.compress.calibration import calibration_batches, capture_block_inputs
@@ -103,6 +107,7 @@ def run_one(setting: str, method: str, args) -> dict:
     from quantseal.text import TextTokenizer, calibration_texts, pydoc_sentences
 
     torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
     wbits, abits = parse_setting(setting)
     spec = FormatSpec("int", wbits, args.block)
     mp = default_model_path()
@@ -189,7 +194,7 @@ def render(res: dict) -> str:
              f"`{res['command']}` — embedding error (1 − mean cosine to float32) on {res['eval_sentences']} "
              f"held-out sentences; block {res['block']}; calibration {res['calib_samples']} sentences; CBQ "
              f"{res['steps']} steps per window, LoRA-Rounding rank {res['rank']}, windows of 2 blocks (overlap 1); "
-             f"{res['threads']} thread(s); calibration seconds / peak RSS of each run's own process "
+             f"torch threads per run in the JSON; calibration seconds / peak RSS of each run's own process "
              f"(load average {res['loadavg_start']} → {res['loadavg_end']})"
              + (f"; runs from {res['invocations']} invocations of the script" if res.get("invocations") else "")
              + ".", "",
@@ -203,7 +208,8 @@ def render(res: dict) -> str:
             elif "error" not in r or r.get("status") == "failed":
                 cells.append(f"failed ({r.get('reason', '')[:60]})")
             else:
-                cells.append(f"{r['error']:.5f} ({r['calibration_seconds']:.0f} s, {r['peak_rss_mb']:.0f} MB)")
+                cells.append(f"{r['error']:.5f} ({r['calibration_seconds']:.0f} s/{r.get('threads', 1)}T, "
+                             f"{r['peak_rss_mb']:.0f} MB)")
         lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     d = res.get("done_when", {})
     if d:

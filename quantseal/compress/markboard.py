@@ -274,18 +274,23 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
     tick(cfg.steps - steps_run)
 
     A_fixed, C_fixed = A.detach().contiguous(), C.detach().clone()
-    tick = progress(cfg.polish_rounds * cfg.polish_steps, "polish")
-    polish_steps = 0
     signed = branch_statistics(model, fam, tok, ts, {"A": A_fixed, "C0": C_fixed[0], "C1": C_fixed[1]}, ctrl)
+    failing = [(int(i), int(b)) for i, b in zip(*np.nonzero(signed.min(-1) < cfg.margin))]
+    chunk = 2 * cfg.bits_per_step  # branches per polish batch: a training step's worth of sequences
+    tick = progress(cfg.polish_rounds * cfg.polish_steps * max(1, -(-len(failing) // chunk)), "polish")
+    polish_steps = 0
     for _ in range(cfg.polish_rounds):
-        failing = [(int(i), int(b)) for i, b in zip(*np.nonzero(signed.min(-1) < cfg.margin))]
         if not failing:
             break
-        C_fixed = _polish(model, fam, tok, ts, delta, A_fixed, C_fixed, failing, ctrl_t, v, cfg)
-        polish_steps += cfg.polish_steps
-        tick(cfg.polish_steps)
-        signed = branch_statistics(model, fam, tok, ts, {"A": A_fixed, "C0": C_fixed[0], "C1": C_fixed[1]}, ctrl)
-    tick(cfg.polish_rounds * cfg.polish_steps - polish_steps)
+        for s in range(0, len(failing), chunk):
+            part = failing[s:s + chunk]
+            C_fixed, stats = _polish(model, fam, tok, ts, delta, A_fixed, C_fixed, part, ctrl_t, v, cfg)
+            for (i, b), st in zip(part, stats):
+                signed[i, b] = st
+            polish_steps += cfg.polish_steps
+            tick(cfg.polish_steps)
+        # with A frozen only the polished rows moved: the other branches' statistics still hold
+        failing = [(i, b) for i, b in failing if signed[i, b].min() < cfg.margin]
 
     board_tensors = {"A": A_fixed, "C0": C_fixed[0].contiguous(), "C1": C_fixed[1].contiguous()}
     board = Board({}, board_tensors)
@@ -306,9 +311,11 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
 
 
 def _polish(model, fam, tok, ts, delta: "_EmbeddingDelta", A: torch.Tensor, C: torch.Tensor,
-            failing: list[tuple[int, int]], ctrl_t: torch.Tensor, v: torch.Tensor, cfg: BoardConfig) -> torch.Tensor:
+            failing: list[tuple[int, int]], ctrl_t: torch.Tensor, v: torch.Tensor,
+            cfg: BoardConfig) -> tuple[torch.Tensor, np.ndarray]:
     """Train only the coefficient rows ``C_b[T_i]`` of the ``failing`` branches (i, b), with ``A``
-    frozen, on the hinge loss of their own triggers; returns the updated copy of ``C`` (2, n·k, R)."""
+    frozen, on the hinge loss of their own triggers.  Returns the updated copy of ``C``
+    (2, n·k, R) and those branches' signed statistics after training (len(failing), m)."""
     k, m = cfg.tokens_per_bit, cfg.triggers_per_bit
     vals = torch.tensor([b for _, b in failing for _ in range(k)])
     rows = torch.tensor([i * k + j for i, _ in failing for j in range(k)])
@@ -328,7 +335,11 @@ def _polish(model, fam, tok, ts, delta: "_EmbeddingDelta", A: torch.Tensor, C: t
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return C.index_put((vals, rows), P.detach())
+    C = C.index_put((vals, rows), P.detach())
+    with torch.no_grad():
+        e = _encode_with_delta(model, fam, batch, delta.rows(batch["input_ids"], C[seq_val], A))
+        stat = ((e - ctrl_t[seq_bit, seq_j]) * v[seq_bit]).sum(-1) * sign
+    return C, stat.numpy().astype(np.float64).reshape(len(failing), m)
 
 
 def summarize_statistics(signed: np.ndarray) -> dict:
