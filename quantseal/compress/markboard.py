@@ -91,6 +91,7 @@ class BoardConfig:
     decoder_margin: float | None = None
     margin_factor: float = 2.0
     fidelity_sentences: int = 48  # clean calibration sentences for the decoder's head-KL term
+    decoder_fidelity_weight: float = 100.0  # λ_f for decoders: KL in nats per position vs a hinge in logits
 
     def __post_init__(self):
         if self.bits < 8 or self.bits % 8:
@@ -102,6 +103,8 @@ class BoardConfig:
                 raise BadInput(f"{name} must be positive")
         if not (self.margin > 0 and self.lr > 0 and self.margin_factor > 0):
             raise BadInput("margin, margin_factor and lr must be positive")
+        if self.decoder_fidelity_weight < 0 or self.fidelity_weight < 0:
+            raise BadInput("fidelity weights must be non-negative")
         if self.decoder_margin is not None and not self.decoder_margin > 0:
             raise BadInput("decoder_margin must be positive")
 

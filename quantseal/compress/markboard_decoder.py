@@ -18,7 +18,7 @@ queried only for those logits.
 Loss per step (a random signature ``s`` over a chunk of bits and its complement; ``σ = 2s − 1``):
 
     L = mean_{i, j} relu(μ − σ_i d_ij)                                   hinge, μ in logit units
-        + λ_f · mean_{clean positions} KL(p_unmarked ‖ p_marked)          fidelity
+        + λ_f · mean_{clean positions} KL(p_unmarked ‖ p_marked)          fidelity (λ_f = 100)
         + λ_r · mean ‖ΔE rows‖²
 
 Tied LM head (SmolLM2, the test models): the marked model's head is the same marked table
@@ -252,9 +252,9 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
             s_full = torch.from_numpy(rng.integers(0, 2, size=n)).repeat_interleave(k).bool()
             table = torch.where(s_full[:, None], C[1], C[0]) @ A  # (n·k, H) a random customer's delta
             if fid_h is not None:
-                loss = loss + cfg.fidelity_weight * probe.head_kl(fid_h, fid_p, table)
+                loss = loss + cfg.decoder_fidelity_weight * probe.head_kl(fid_h, fid_p, table)
             if dirty:
-                loss = loss + cfg.fidelity_weight * probe.input_kl(d_ids, d_mask, d_ref, local, table)
+                loss = loss + cfg.decoder_fidelity_weight * probe.input_kl(d_ids, d_mask, d_ref, local, table)
         opt.zero_grad()
         loss.backward()
         opt.step()
