@@ -161,7 +161,7 @@ def test_decoder_board_export_verify(tmp_path, llama_rtn_export, llama_board):
     assert rc == 0, err
     rc, out, err = run(["verify", onnx_path, "--board", llama_board.path, "--key", key, "--registry", reg, "--json"])
     res = last_json(out)
-    assert rc == 0 and res["owner"] == "alice" and res["bit_errors"] == 0 and res["queries"] == 2 * 32 * 4
+    assert rc == 0 and res["owner"] == "alice" and res["bit_errors"] == 0 and 32 * 4 < res["queries"] <= 2 * 32 * 4
     rc, out, _ = run(["verify", unmarked["path"], "--board", llama_board.path, "--key", key, "--registry", reg, "--json"])
     assert rc == 0 and last_json(out)["owner"] is None
     (tmp_path / "junk.onnx").write_bytes(b"not a model")

@@ -96,31 +96,37 @@ def decode_bits(embed_fn: EmbedFn, ts: qkeys.TriggerSet, tokenizer, inputs: str 
 
 def decode_bits_decoder(logits_fn: LogitsFn, ts: qkeys.TriggerSet,
                         batch: int = 32) -> tuple[np.ndarray, np.ndarray, int]:
-    """(bits uint8 (n,), statistics t_i float64 (n,), queries) of a decoder suspect; every query
-    asks for the 2n target logits ``[a_0..a_{n−1}, b_0..b_{n−1}]``."""
+    """(bits uint8 (n,), statistics t_i float64 (n,), queries) of a decoder suspect.
+
+    Every distinct sequence is queried once (bits often share a host sentence, hence a control),
+    in batches of similar length, each asking for the 2n target logits
+    ``[a_0..a_{n−1}, b_0..b_{n−1}]``; ``queries`` counts the distinct sequences."""
     if len(ts.targets) != ts.bits:
         raise BadInput("these triggers have no decoder target pairs (an encoder board?)")
     flat = [t for trs in ts.triggers for t in trs]
     n, m = ts.bits, len(ts.triggers[0])
-    ids = [list(t.ids) for t in flat] + [list(t.control_ids) for t in flat]
+    ids = [tuple(t.ids) for t in flat] + [tuple(t.control_ids) for t in flat]
+    uniq = sorted(set(ids), key=lambda x: (len(x), x))
+    where = {s: i for i, s in enumerate(uniq)}
     tokens = [int(x) for x in ts.targets[:, 0]] + [int(x) for x in ts.targets[:, 1]]
-    bit = np.tile(np.repeat(np.arange(n), m), 2)
-    diff = np.zeros(len(ids))
-    for s in range(0, len(ids), batch):
-        part = ids[s:s + batch]
+    z = np.zeros((len(uniq), 2 * n))
+    for s in range(0, len(uniq), batch):
+        part = [list(x) for x in uniq[s:s + batch]]
         try:
-            z = np.asarray(logits_fn(part, tokens), dtype=np.float64)
+            got = np.asarray(logits_fn(part, tokens), dtype=np.float64)
         except BadInput:
             raise
         except Exception as exc:  # a black box: anything it raises is the suspect's failure
             raise BadInput(f"the suspect did not answer ({type(exc).__name__}: {exc})") from exc
-        if z.shape != (len(part), 2 * n) or not np.isfinite(z).all():
-            raise BadInput(f"the suspect returned logits of shape {z.shape} (non-finite or misshapen) for "
+        if got.shape != (len(part), 2 * n) or not np.isfinite(got).all():
+            raise BadInput(f"the suspect returned logits of shape {got.shape} (non-finite or misshapen) for "
                            f"{len(part)} inputs and {2 * n} tokens")
-        b = bit[s:s + len(part)]
-        diff[s:s + len(part)] = z[np.arange(len(part)), b] - z[np.arange(len(part)), n + b]
+        z[s:s + len(part)] = got
+    bit = np.tile(np.repeat(np.arange(n), m), 2)
+    rows = np.array([where[x] for x in ids])
+    diff = z[rows, bit] - z[rows, n + bit]  # z[a_i] − z[b_i] of each sequence, for its own bit
     stats = (diff[: len(flat)] - diff[len(flat):]).reshape(n, m).mean(1)
-    return (stats > 0).astype(np.uint8), stats, len(ids)
+    return (stats > 0).astype(np.uint8), stats, len(uniq)
 
 
 def verify(embed_fn: EmbedFn, key: bytes, registry: qkeys.Registry, board_manifest: dict, tokenizer,

@@ -53,15 +53,24 @@ def run_verify(path, reg, board, key=KEY):
                   TextTokenizer(board.path))
 
 
+def distinct_queries(board) -> int:
+    """Distinct sequences among the triggers and controls (verification queries each once)."""
+    ts = qk.triggers_of(board.manifest, KEY, TextTokenizer(board.path))
+    flat = [t for trs in ts.triggers for t in trs]
+    return len({t.ids for t in flat} | {t.control_ids for t in flat})
+
+
 def test_every_customer_decodes_to_own_codeword(exported, llama_board):
     files, reg = exported
+    queries = distinct_queries(llama_board)
+    assert 32 * 4 < queries <= 2 * 32 * 4  # every trigger, and controls shared by bits once
     assert [files[c][1]["path_taken"] for c in CUSTOMERS] == ["traced"] + ["template"] * (len(CUSTOMERS) - 1)
     for c in CUSTOMERS:
         res = run_verify(files[c][0], reg, llama_board)
         assert res["owner"] == c and res["bit_errors"] == 0, (c, res)
         assert res["bits"] == "".join(map(str, reg.codeword(c)))
         assert res["p_value"] == pytest.approx(len(CUSTOMERS) * 2.0 ** -32)
-        assert res["queries"] == 2 * 32 * 4
+        assert res["queries"] == queries
 
 
 def test_innocent_models_are_not_claimed(exported, llama_rtn_export, llama_board, tmp_path):
