@@ -149,7 +149,10 @@ class _DecoderProbe:
         if not self.tied:
             return h.new_zeros(())
         d = h @ delta_table.T  # (P, n·k)
-        return (-(p_t * d).sum(-1) + torch.log1p((p_t * torch.expm1(d)).sum(-1))).mean()
+        # log(1 + Σ p_t (e^δ − 1)) = logsumexp([log(1 − Σ p_t), log p_t + δ_t]): no overflow for large δ
+        rest = torch.log1p(-p_t.sum(-1, keepdim=True).clamp(max=1 - 1e-7))
+        lse = torch.logsumexp(torch.cat([rest, torch.log(p_t.clamp(min=1e-30)) + d], -1), -1)
+        return (lse - (p_t * d).sum(-1)).mean()
 
     def input_kl(self, ids: torch.Tensor, mask: torch.Tensor, ref_logp: torch.Tensor,
                  local: torch.Tensor, delta_table: torch.Tensor) -> torch.Tensor:
@@ -255,6 +258,8 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
                 loss = loss + cfg.decoder_fidelity_weight * probe.head_kl(fid_h, fid_p, table)
             if dirty:
                 loss = loss + cfg.decoder_fidelity_weight * probe.input_kl(d_ids, d_mask, d_ref, local, table)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"board training diverged at step {step} (loss {float(loss)})")
         opt.zero_grad()
         loss.backward()
         opt.step()
