@@ -74,14 +74,16 @@ def test_head_kl_shortcut_equals_full_softmax(probe):
     ids = [[7, 2003, 1037, 3231, 1012, 2023, 2003], [101, 2460, 1012]]
     h, p_t = p.clean_positions(ids)
     gen = torch.Generator().manual_seed(2)
-    delta = torch.randn(p.n * p.k, p.emb.shape[1], generator=gen) * 0.3
-    got = float(p.head_kl(h, p_t, delta))
     hd = h.double()
     w = p.head.double()
     ref = torch.log_softmax(hd @ w.T, -1)
-    w_marked = w.clone()
-    w_marked[p.trig_flat] += delta.double()
-    mk = torch.log_softmax(hd @ w_marked.T, -1)
-    want = float((ref.exp() * (ref - mk)).sum(-1).mean())
-    assert want > 1e-4
-    assert got == pytest.approx(want, rel=1e-3)
+    # 0.3: a small change; 300: trigger logits in the hundreds (e^δ overflows float32)
+    for scale in (0.3, 300.0):
+        delta = torch.randn(p.n * p.k, p.emb.shape[1], generator=gen) * scale
+        got = float(p.head_kl(h, p_t, delta))
+        w_marked = w.clone()
+        w_marked[p.trig_flat] += delta.double()
+        mk = torch.log_softmax(hd @ w_marked.T, -1)
+        want = float((ref.exp() * (ref - mk)).sum(-1).mean())
+        assert want > 1e-4 and np.isfinite(got)
+        assert got == pytest.approx(want, rel=1e-3)
