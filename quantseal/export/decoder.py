@@ -188,15 +188,6 @@ def _rewrite_tied_head(proto: onnx.ModelProto, table: str, m: StoredMatrix) -> N
     proto.graph.node.extend(out)
 
 
-def _retie_float_head(model, fam) -> bool | None:
-    """True when ``model``'s LM head is tied to its (compressed, float) token embedding, i.e. a
-    :class:`~quantseal.compress.qlinear.TiedHead`; None otherwise (an untied head keeps its own
-    weight)."""
-    from ..compress.qlinear import TiedHead
-
-    return True if isinstance(model.get_output_embeddings(), TiedHead) else None
-
-
 def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tensors: dict, config: dict,
                    accuracy_level: int = 0, t0: float | None = None) -> dict:
     """Export a compressed decoder checkpoint (already read) to ``output``; returns the same report
@@ -219,9 +210,12 @@ def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tens
     model, fam, _ = ckpt.load_compressed(checkpoint)
     _make_parent(output)
     layers, kv, hd = cache_geometry(config)
-    tied_table = _retie_float_head(model, fam) if fam.embedding_attr in manifest.matrices else None
+    from ..compress.qlinear import TiedHead
+
+    # load_compressed gives a head tied to a float embedding with a low-rank branch a TiedHead
+    tied_lowrank = isinstance(model.get_output_embeddings(), TiedHead)
     digests = float_effective(model)
-    if tied_table is not None:  # the head reads the same effective table as the Gather
+    if tied_lowrank:  # the head reads the same effective table as the Gather
         from torch import nn
 
         emb = model.get_submodule(fam.embedding_attr)
@@ -234,7 +228,7 @@ def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tens
         _trace(wrapper, traced, config)
         del wrapper, model
         proto = onnx.load(str(traced))
-    if tied_table is not None:
+    if tied_lowrank:
         from onnx import numpy_helper
 
         from .onnx import _digest
