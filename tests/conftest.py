@@ -165,7 +165,10 @@ def llama_board(tmp_path_factory, llama_rtn_export):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        board = train_board(ck, WATERMARK_KEY, BoardConfig(bits=32, triggers_per_bit=4, steps=60, seed=0))
+        # A trained at lr / sqrt(hidden): on this random 64-wide model a frozen random A (the default,
+        # chosen on SmolLM2) leaves a few branches below the margin within 60 steps
+        board = train_board(ck, WATERMARK_KEY, BoardConfig(bits=32, triggers_per_bit=4, steps=60, seed=0,
+                                                           decoder_a_lr=None))
     finally:
         torch.set_num_threads(threads)
     return load_board(save_board(board, tmp_path_factory.mktemp("llama_board") / "board", ck))

@@ -92,6 +92,11 @@ class BoardConfig:
     margin_factor: float = 2.0
     fidelity_sentences: int = 48  # clean calibration sentences for the decoder's head-KL term
     decoder_fidelity_weight: float = 100.0  # λ_f for decoders: KL in nats per position vs a hinge in logits
+    # Adam step for the shared A on decoders.  0 (default): A stays at its random orthonormal init
+    # and only the coefficient rows train.  With A trained at lr 0.05, A's rows grew to norms 7-22 on
+    # SmolLM2 and the tied head's KL exploded (148 nats per position); at 16 bits, A frozen gave a
+    # head KL of 6e-4 and A at lr / sqrt(hidden) (None) 2.6e-3, every branch meeting its margin.
+    decoder_a_lr: float | None = 0.0
 
     def __post_init__(self):
         if self.bits < 8 or self.bits % 8:

@@ -39,7 +39,11 @@ tokens through the model with that cache, O(k) instead of O(sentence) tokens per
 Margin: ``μ`` defaults to ``margin_factor`` (2) times the standard deviation of the unmarked
 model's own ``d_ij`` (what appending the pattern does by itself), so it scales with the model's
 logits.  Early stop and the polish phase (``A`` frozen, only failing branches trained) are the
-encoder's.
+encoder's; the polish keeps the head-KL term.
+
+``A`` is frozen at its random orthonormal init by default (``decoder_a_lr=0``): trained with
+Adam at lr 0.05 its rows grew to norms 7–22 on SmolLM2, and the tied head's KL on clean text
+exploded (148 nats per position, perplexity destroyed) although every bit still decoded.
 """
 
 from __future__ import annotations
@@ -212,7 +216,8 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
         natural = decoder_branch_statistics(probe, A.detach(), C.detach())[:, 1]  # d_ij of the unmarked model
     margin = float(cfg.decoder_margin if cfg.decoder_margin is not None
                    else max(cfg.margin_factor * natural.std(), 1e-3))
-    opt = torch.optim.Adam([A, C], lr=cfg.lr)
+    a_lr = cfg.decoder_a_lr if cfg.decoder_a_lr is not None else cfg.lr / hidden ** 0.5
+    opt = torch.optim.Adam([{"params": [C], "lr": cfg.lr}, {"params": [A], "lr": a_lr}])
 
     # fidelity data: clean calibration text without trigger tokens (head term) and with them (input term)
     calib = read_text_file(cfg.calib) if cfg.calib is not None else pydoc_sentences("calibration")
@@ -282,7 +287,7 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
         failing = [(int(i), int(b)) for i, b in zip(*np.nonzero(signed.min(-1) < margin))]
         if not failing:
             break
-        C_fixed = _polish(probe, A_fixed, C_fixed, failing, margin, cfg)
+        C_fixed = _polish(probe, A_fixed, C_fixed, failing, margin, cfg, fid_h, fid_p, rng)
         polish_steps += cfg.polish_steps
         tick(cfg.polish_steps)
         signed = decoder_branch_statistics(probe, A_fixed, C_fixed)
@@ -318,9 +323,10 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
 
 
 def _polish(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, failing: list[tuple[int, int]],
-            margin: float, cfg) -> torch.Tensor:
+            margin: float, cfg, fid_h=None, fid_p=None, rng=None) -> torch.Tensor:
     """Train only the coefficient rows of the ``failing`` branches (i, b), ``A`` frozen, on their
-    own triggers' hinge; returns the updated copy of ``C`` (2, n·k, R)."""
+    own triggers' hinge plus the head-KL fidelity term (a random customer's table with the polished
+    rows in it); returns the updated copy of ``C`` (2, n·k, R)."""
     k, m = probe.k, probe.m
     vals = torch.tensor([b for _, b in failing for _ in range(k)])
     rows = torch.tensor([i * k + j for i, _ in failing for j in range(k)])
@@ -334,6 +340,11 @@ def _polish(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, failing: lis
         C_use = C.index_put((vals, rows), P)
         d = probe.trigger_diff(seq_rows, _branch_delta(C_use, A, seq_bit, seq_val, k))
         loss = torch.relu(margin - sign * d).mean() + cfg.reg_weight * (P @ A).pow(2).sum(-1).mean()
+        if fid_h is not None:
+            s_full = torch.from_numpy(rng.integers(0, 2, size=probe.n)).repeat_interleave(k).bool()
+            table = torch.where(s_full[:, None], C_use[1], C_use[0])
+            table = table.index_put((rows,), C_use[vals, rows]) @ A  # the polished rows in a random customer
+            loss = loss + cfg.decoder_fidelity_weight * probe.head_kl(fid_h, fid_p, table)
         opt.zero_grad()
         loss.backward()
         opt.step()
