@@ -66,7 +66,55 @@ def decoder_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"compress_minilm.json": compress_table, "decoder_smollm2.json": decoder_table}
+def watermark_decoder_table(res: dict) -> str:
+    """benchmarks/watermark_smollm2.py: attribution, false claims, fidelity, float16 robustness."""
+    b, at = res["board"], res["attribution"]
+    done, asked = at["customers_done"], res["customers_requested"]
+    ps = sorted(at["p_values"])
+    scope = (f"registry of {res['registry']['size']} customers (min distance {res['registry']['min_distance']}), "
+             f"{done} of them exported and verified" + ("" if done == asked else " (time-limited run)"))
+    lines = ["### Per-customer watermark on a decoder (SmolLM2-135M-Instruct, target-token pairs)", "",
+             f"`{res['command']}` — `{res['compress']}`, one {b['bits']}-bit board trained once "
+             f"({b['steps']} steps + {b['polish_steps']} polish steps, {b['seconds']:.0f} s, {b['triggers_per_bit']} "
+             f"triggers per bit, margin {b['margin_logits']:.2f} logits = 2 × the unmarked model's own spread), "
+             f"{scope}; verification from next-token logits through onnxruntime at alpha = {res['alpha']:g} "
+             f"(a claim needs ≤ {res['registry']['max_errors_for_claim']} bit errors), {res['threads']} thread(s).", "",
+             "| measure | value |", "|---|---|",
+             f"| customers attributed correctly | {at['correct']} / {done} |",
+             f"| bit errors (total / max per customer) | {at['bit_errors_total']} / {at['bit_errors_max']} |",
+             f"| p-value (min / median / max) | {ps[0]:.3g} / {ps[len(ps) // 2]:.3g} / {ps[-1]:.3g} |",
+             f"| per-customer export: traced (first) / template swap mean, max | "
+             f"{', '.join(f'{x:.1f} s' for x in at['export_seconds_traced'])} / "
+             + (f"{at['export_seconds_template_mean']:.1f} s, {at['export_seconds_template_max']:.1f} s |"
+                if at.get("export_seconds_template_mean") is not None else "– |"),
+             f"| verification: queries, seconds (mean / max) | {at['queries']}, {at['verify_seconds_mean']:.1f} s / "
+             f"{at['verify_seconds_max']:.1f} s |"]
+    fc = res.get("false_claims")
+    if fc:
+        lines.append(f"| false claims on innocent models | {fc['claims']} of {len(fc['rows'])} "
+                     f"(smallest p = {fc['min_p_value']:.3g}) |")
+    fid = res.get("fidelity")
+    if fid:
+        cs = fid["customers"]
+        lines.append(f"| perplexity unmarked → marked ({fid['sentences']} held-out sentences, {fid['tokens']} tokens) | "
+                     f"{fid['ppl_unmarked']:.4f} → " + ", ".join(f"{c['ppl']:.4f}" for c in cs) + " |")
+        lines.append("| next-token KL(unmarked ‖ marked), nats per position; top-1 agreement | "
+                     + ", ".join(f"{c['kl_unmarked_to_marked']:.2e}; {c['top1_agreement']:.4f}" for c in cs) + " |")
+    for r in res.get("robustness", []):
+        lines.append(f"| {r['attack']}, {r['customer']} | owner {r['owner'] or 'none'}, {r['bit_errors']} bit errors, "
+                     f"p = {r['p_value']:.3g} |")
+    if fc:
+        lines += ["", "Innocent models (any claim is a false claim):", "",
+                  "| model | read with | claimed | bit errors | p-value |", "|---|---|---|---|---|"]
+        for r in fc["rows"]:
+            lines.append(f"| {r['model']} | {r['read_with']} | {r['owner'] or 'none'} | {r['bit_errors']} | "
+                         f"{r['p_value']:.3g} |")
+    lines += ["", "Plot: `results/watermark_smollm2.png`. Times were measured on 2 cores shared with other jobs."]
+    return "\n".join(lines)
+
+
+RENDERERS = {"compress_minilm.json": compress_table, "decoder_smollm2.json": decoder_table,
+             "watermark_smollm2.json": watermark_decoder_table}
 
 
 def main() -> None:
@@ -76,7 +124,8 @@ def main() -> None:
         if path.is_file():
             parts.append(render(json.loads(path.read_text())))
     for path in sorted(RESULTS.glob("*.md")):  # other scripts may render their own table fragments
-        parts.append(path.read_text().strip())
+        if path.with_suffix(".json").name not in RENDERERS:  # those with a renderer above are already in
+            parts.append(path.read_text().strip())
     block = f"{BEGIN}\n" + "\n\n".join(parts) + f"\n{END}"
     readme = HERE / "README.md"
     text = readme.read_text() if readme.is_file() else "# Benchmarks\n\n"

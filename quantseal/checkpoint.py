@@ -261,4 +261,11 @@ def load_compressed(path: str | Path):
                if not k.endswith(("w_hat", ".l1", ".l2")) and "position_ids" not in k and k not in _tied_keys(model)]
     if missing:
         raise BadInput(f"{path}: {WEIGHTS} lacks tensors the model needs, e.g. {missing[0]}")
+    emb = manifest.matrices.get(fam.embedding_attr)
+    if _tied_keys(model) and emb is not None and emb.format in ("fp16", "fp32"):
+        # a float table with a low-rank branch (a watermarked decoder): the tied head reads the
+        # same effective table as the lookup (what the exported graph does), not the stored copy
+        from .compress.qlinear import TiedHead
+
+        model.set_output_embeddings(TiedHead(model.get_submodule(fam.embedding_attr)))
     return model.eval(), fam, manifest

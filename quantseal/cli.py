@@ -501,12 +501,17 @@ def _cmd_verify(args) -> int:
     key = read_key(args.key)
     reg = Registry.load(args.registry, key)
     board = read_board_manifest(args.board)
+    decoder = board.get("family") == "decoder"  # next-token logits of target pairs, not embeddings
     if args.suspect.startswith(("http://", "https://")):
-        from .runtime.client import EndpointEmbedder
+        from .runtime.client import EndpointCausalLM, EndpointEmbedder
 
-        embed_fn = EndpointEmbedder(args.suspect).embed_ids
+        embed_fn = EndpointCausalLM(args.suspect).next_logits if decoder else EndpointEmbedder(args.suspect).embed_ids
     elif not Path(args.suspect).is_file():
         raise BadInput(f"{args.suspect}: no such file")
+    elif decoder:
+        from .runtime.verify import onnx_logits_fn
+
+        embed_fn = onnx_logits_fn(args.suspect, provider=args.provider, tokenizer=args.board)
     else:
         embed_fn = onnx_embed_fn(args.suspect, provider=args.provider)
     res = verify(embed_fn, key, reg, board, TextTokenizer(args.board), alpha=args.alpha)

@@ -16,7 +16,15 @@ side, black-box verification in the runtime), so it imports neither torch nor an
   without it.  Every trigger is both a text and a token-id sequence, and the text re-tokenises to
   exactly those ids, so a text-only endpoint can be verified too.  Encoders also get a secret unit
   direction ``v_i`` per bit: bit 1 pulls trigger embeddings toward ``v_i`` relative to the control,
-  bit 0 toward ``−v_i``.
+  bit 0 toward ``−v_i``.  Decoders (causal LMs) append the pattern at the *end* of the host
+  sentence (``position="end"``, ids without special tokens), because their statistic is read from
+  the next-token logits after the last token, and get a secret pair of common target tokens
+  ``(a_i, b_i)`` per bit (``target_pairs=True``): bit 1 raises ``z[a_i] − z[b_i]`` after the
+  trigger relative to its control, bit 0 lowers it.
+
+Tokenizers: WordPiece vocabularies spell a whole word as itself (``word``), byte-level BPE
+(GPT-2, SmolLM2) as ``Ġword`` and SentencePiece as ``▁word``; :func:`token_word` strips the
+marker, and a token qualifies only if ``" " + word`` encodes to exactly that one token.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import os
 import re
 import secrets
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +48,10 @@ REGISTRY_SCHEMA = 1
 DEFAULT_BITS = 64
 TRIGGER_SCHEMA = 1
 RARE_FROM = 20000  # BERT-style vocabularies are ordered roughly by frequency: ids above are rare words
+COMMON_BELOW = 5000  # ... and ids below are common words (decoder target tokens come from there)
 _RARE_WORD = re.compile(r"^[a-z]{4,}$")
+_COMMON_WORD = re.compile(r"^[a-z]{3,}$")
+_WORD_MARKERS = ("\u0120", "\u2581")  # byte-level BPE's "Ġ" and SentencePiece's "▁" (a leading space)
 BOARD_MANIFEST = "board.json"  # a board folder: board.json + board.safetensors + tokenizer files
 BOARD_SCHEMA = 1
 BOARD_FORMAT = "quantseal-markboard"
@@ -270,11 +281,13 @@ class TriggerSet:
     """Everything verification needs to query a suspect, derived from the key.
 
     ``tokens``: int64 (bits, k) the rare tokens each bit owns; ``triggers[i]``: bit i's m triggers;
-    ``directions``: float64 (bits, hidden) unit rows v_i (empty when ``hidden`` is 0)."""
+    ``directions``: float64 (bits, hidden) unit rows v_i (empty when ``hidden`` is 0);
+    ``targets``: int64 (bits, 2) decoder target pairs (a_i, b_i) (shape (0, 2) for encoders)."""
 
     tokens: np.ndarray
     triggers: tuple[tuple[Trigger, ...], ...]
     directions: np.ndarray
+    targets: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
 
     @property
     def bits(self) -> int:
@@ -290,19 +303,50 @@ class TriggerSet:
                 h.update(np.asarray(t.ids, dtype="<i8").tobytes() + b"|" +
                          np.asarray(t.control_ids, dtype="<i8").tobytes() + b";")
         h.update(np.ascontiguousarray(np.round(self.directions, 12), dtype="<f8").tobytes())
+        if len(self.targets):  # encoder digests stay as they were
+            h.update(b"targets" + np.ascontiguousarray(self.targets, dtype="<i8").tobytes())
         return h.hexdigest()
+
+
+def token_word(tokenizer, i: int) -> str:
+    """The word a vocabulary entry spells, without a leading-space marker (``Ġ``, ``▁``)."""
+    w = tokenizer._tok.id_to_token(int(i)) or ""
+    return w[1:] if w.startswith(_WORD_MARKERS) else w
+
+
+def _word_tokens(tokenizer, pattern: re.Pattern, lo: int, hi: int, exclude: set[int]) -> np.ndarray:
+    """Sorted ids in [lo, hi) whose word matches ``pattern``, whose vocabulary entry is a whole
+    word (WordPiece ``word``, BPE ``Ġword``, SentencePiece ``▁word``; not a ``##`` or mid-word
+    piece), that ``" " + word`` encodes to exactly, and that are not in ``exclude``."""
+    vocab = tokenizer._tok.get_vocab()
+    out = []
+    for w, i in vocab.items():
+        if not lo <= i < hi or i in exclude:
+            continue
+        word = w[1:] if w.startswith(_WORD_MARKERS) else w
+        if pattern.match(word):
+            out.append(i)
+    out = [i for i in sorted(out) if tokenizer.encode_ids(" " + token_word(tokenizer, i), special=False) == [i]]
+    return np.asarray(out, dtype=np.int64)
 
 
 def rare_token_candidates(tokenizer, exclude_texts: list[str] = (), rare_from: int = RARE_FROM) -> np.ndarray:
     """Sorted ids of rare whole-word tokens (``[a-z]{4,}``, id >= ``rare_from``) that tokenise back
     to themselves and occur in none of ``exclude_texts``."""
-    vocab = tokenizer._tok.get_vocab()
     seen: set[int] = set()
     for t in exclude_texts:
         seen.update(tokenizer.encode_ids(t, special=False))
-    out = [i for w, i in vocab.items() if i >= rare_from and _RARE_WORD.match(w) and i not in seen]
-    out = [i for i in sorted(out) if tokenizer.encode_ids(tokenizer._tok.id_to_token(i), special=False) == [i]]
-    return np.asarray(out, dtype=np.int64)
+    return _word_tokens(tokenizer, _RARE_WORD, rare_from, 1 << 62, seen)
+
+
+def derive_targets(key: bytes, tokenizer, bits: int, exclude: np.ndarray = (),
+                   common_below: int = COMMON_BELOW) -> np.ndarray:
+    """Decoder target pairs: int64 (bits, 2), 2·bits distinct common whole-word tokens
+    (``[a-z]{3,}``, id < ``common_below``) drawn with ``key_rng(key, "targets")``, none in ``exclude``."""
+    cands = _word_tokens(tokenizer, _COMMON_WORD, 0, common_below, {int(x) for x in np.ravel(exclude)})
+    if len(cands) < 2 * bits:
+        raise BadInput(f"vocabulary has {len(cands)} common target tokens below id {common_below}, {2 * bits} needed")
+    return key_rng(key, "targets").choice(cands, size=(bits, 2), replace=False).astype(np.int64)
 
 
 def host_sentence_pool(tokenizer, sentences: list[str], lo: int = 10, hi: int = 40, limit: int = 600) -> list[str]:
@@ -317,13 +361,17 @@ def host_sentence_pool(tokenizer, sentences: list[str], lo: int = 10, hi: int = 
 
 
 def _make_trigger(tokenizer, bit: int, sentence: str, pattern_words: list[str], pattern_ids: list[int],
-                  position: int) -> Trigger | None:
+                  position: int | None, special: bool = True) -> Trigger | None:
+    """Insert the pattern before word ``position`` of ``sentence`` (None: append it at the end);
+    None unless the text tokenises to the control's ids with exactly the pattern's ids inserted."""
     words = sentence.split()
+    if position is None:
+        position = len(words)
     text = " ".join(words[:position] + pattern_words + words[position:])
-    ids = tokenizer.encode_ids(text)
-    ctrl = tokenizer.encode_ids(sentence)
+    ids = tokenizer.encode_ids(text, special=special)
+    ctrl = tokenizer.encode_ids(sentence, special=special)
     k = len(pattern_ids)
-    for p in range(1, len(ids) - k):
+    for p in range(1, len(ids) - k + 1):
         if list(ids[p:p + k]) == pattern_ids:
             if list(ids[:p]) + list(ids[p + k:]) == list(ctrl):
                 return Trigger(bit, text, sentence, tuple(ids), tuple(ctrl))
@@ -332,11 +380,20 @@ def _make_trigger(tokenizer, bit: int, sentence: str, pattern_words: list[str], 
 
 
 def derive_triggers(key: bytes, tokenizer, bits: int, hosts: list[str], per_bit: int = 4,
-                    tokens_per_bit: int = 2, hidden: int = 0, rare_from: int = RARE_FROM) -> TriggerSet:
+                    tokens_per_bit: int = 2, hidden: int = 0, rare_from: int = RARE_FROM,
+                    position: str = "inside", target_pairs: bool = False,
+                    common_below: int = COMMON_BELOW) -> TriggerSet:
     """Bit i's rare-token pattern, its ``per_bit`` triggers in host sentences, and v_i.
+
+    ``position="inside"`` (encoders): the pattern goes to a key-chosen word boundary inside the
+    sentence and ids carry the special tokens; ``"end"`` (decoders): it is appended to the
+    sentence and ids are the plain text tokens, so the trigger's last tokens are the pattern.
+    ``target_pairs``: also draw the decoder target pairs (:func:`derive_targets`).
 
     Deterministic in (key, tokenizer vocabulary, hosts, sizes).  Trigger tokens never occur in the
     host sentences, and different bits own disjoint tokens."""
+    if position not in ("inside", "end"):
+        raise BadInput(f"trigger position must be 'inside' or 'end', got {position!r}")
     _check_key(key)
     if bits < 1 or per_bit < 1 or tokens_per_bit < 1:
         raise BadInput("bits, triggers per bit and tokens per bit must be positive")
@@ -351,11 +408,12 @@ def derive_triggers(key: bytes, tokenizer, bits: int, hosts: list[str], per_bit:
     for i in range(bits):
         r = key_rng(key, f"trigger-hosts/{i}")
         ids = [int(t) for t in tokens[i]]
-        words = [tokenizer._tok.id_to_token(t) for t in ids]
+        words = [token_word(tokenizer, t) for t in ids]
         got: list[Trigger] = []
         for h in r.permutation(len(hosts)):
             pos = int(r.integers(1, len(hosts[h].split())))  # a boundary inside the sentence
-            t = _make_trigger(tokenizer, i, hosts[h], words, ids, pos)
+            t = (_make_trigger(tokenizer, i, hosts[h], words, ids, pos) if position == "inside"
+                 else _make_trigger(tokenizer, i, hosts[h], words, ids, None, special=False))
             if t is not None:
                 got.append(t)
                 if len(got) == per_bit:
@@ -368,7 +426,9 @@ def derive_triggers(key: bytes, tokenizer, bits: int, hosts: list[str], per_bit:
         v /= np.linalg.norm(v, axis=1, keepdims=True)
     else:
         v = np.zeros((bits, 0))
-    return TriggerSet(tokens, tuple(triggers), v)
+    targets = (derive_targets(key, tokenizer, bits, tokens, common_below) if target_pairs
+               else np.zeros((0, 2), dtype=np.int64))
+    return TriggerSet(tokens, tuple(triggers), v, targets)
 
 
 def triggers_of(board_manifest: dict, key: bytes, tokenizer) -> TriggerSet:
@@ -378,8 +438,11 @@ def triggers_of(board_manifest: dict, key: bytes, tokenizer) -> TriggerSet:
     try:
         if m.get("key_id") != key_id(key):
             raise BadInput("the key does not belong to this board")
+        decoder = m.get("family") == "decoder"
         ts = derive_triggers(key, tokenizer, int(m["bits"]), list(m["hosts"]), int(m["triggers_per_bit"]),
-                             int(m["tokens_per_bit"]), int(m["hidden"]), int(m.get("rare_from", RARE_FROM)))
+                             int(m["tokens_per_bit"]), 0 if decoder else int(m["hidden"]),
+                             int(m.get("rare_from", RARE_FROM)), position="end" if decoder else "inside",
+                             target_pairs=decoder, common_below=int(m.get("common_below", COMMON_BELOW)))
     except (KeyError, TypeError, ValueError) as exc:
         raise BadInput(f"not a valid board manifest ({type(exc).__name__}: {exc})") from exc
     if ts.digest() != m["trigger_digest"]:

@@ -152,3 +152,23 @@ def llama_lq_export(tmp_path_factory, tiny_llama_sharp_dir) -> tuple[Path, dict]
     buys low-rank branches for these 64-wide matrices (at 4.5 bits it buys none), and exported."""
     return _decoder_export(tmp_path_factory, tiny_llama_sharp_dir, "lq", "--budget", "6", "--formats", "int2,int4",
                            "--ranks", "0,4")
+
+
+@pytest.fixture(scope="session")
+def llama_board(tmp_path_factory, llama_rtn_export):
+    """A 32-bit decoder board (target-token pairs, next-token logits) trained, seeded, on the
+    sharpened tiny LLaMA's RTN checkpoint under ``WATERMARK_KEY`` and saved; the loaded
+    :class:`~quantseal.compress.markboard.Board`."""
+    from quantseal.compress.markboard import BoardConfig, load_board, save_board, train_board
+
+    ck = llama_rtn_export[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # A trained at lr / sqrt(hidden): on this random 64-wide model a frozen random A (the default,
+        # chosen on SmolLM2) leaves a few branches below the margin within 60 steps
+        board = train_board(ck, WATERMARK_KEY, BoardConfig(bits=32, triggers_per_bit=4, steps=60, seed=0,
+                                                           decoder_a_lr=None))
+    finally:
+        torch.set_num_threads(threads)
+    return load_board(save_board(board, tmp_path_factory.mktemp("llama_board") / "board", ck))

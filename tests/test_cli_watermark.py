@@ -139,3 +139,32 @@ def test_export_and_verify_onnx(tmp_path, minilm_board, minilm_rtn_checkpoint, m
     assert rc == 2 and "not in the registry" in err
     rc, _, err = run(["export", minilm_rtn_checkpoint, "-o", tmp_path / "x.onnx", "--board", minilm_board.path])
     assert rc == 2 and "--user" in err
+
+
+@pytest.mark.slow
+def test_decoder_board_export_verify(tmp_path, llama_rtn_export, llama_board):
+    """A LLaMA checkpoint: ``board train`` works on it; a customer's ``export --board`` is
+    attributed by ``verify FILE`` from next-token logits; the unmarked export is not; bad
+    suspects are one line and exit 2."""
+    ck, unmarked = llama_rtn_export
+    key, reg = tmp_path / "owner.key", tmp_path / "reg.json"
+    qk.write_key(key, KEY)
+    rc, out, err = run(["board", "train", ck, "-o", tmp_path / "small", "--key", key, "--bits", "8", "--steps", "10",
+                        "--triggers-per-bit", "2", "--json"])
+    assert rc == 0, err
+    assert last_json(out)["bits"] == 8 and qk.read_board_manifest(tmp_path / "small")["family"] == "decoder"
+    for user in ("alice", "bob"):
+        assert run(["registry", "add", reg, "--key", key, "--user", user, "--bits", "32"])[0] == 0
+    onnx_path = tmp_path / "alice" / "model.onnx"
+    rc, out, err = run(["export", ck, "-o", onnx_path, "--board", llama_board.path, "--key", key, "--registry", reg,
+                        "--user", "alice", "--json"])
+    assert rc == 0, err
+    rc, out, err = run(["verify", onnx_path, "--board", llama_board.path, "--key", key, "--registry", reg, "--json"])
+    res = last_json(out)
+    assert rc == 0 and res["owner"] == "alice" and res["bit_errors"] == 0 and 32 * 4 < res["queries"] <= 2 * 32 * 4
+    rc, out, _ = run(["verify", unmarked["path"], "--board", llama_board.path, "--key", key, "--registry", reg, "--json"])
+    assert rc == 0 and last_json(out)["owner"] is None
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    for suspect in (tmp_path / "junk.onnx", tmp_path / "missing.onnx", "http://127.0.0.1:9"):
+        rc, _, err = run(["verify", suspect, "--board", llama_board.path, "--key", key, "--registry", reg])
+        assert rc == 2 and len(err.strip().splitlines()) == 1, (suspect, err)

@@ -148,3 +148,49 @@ def test_triggers_of_checks_key_and_digest(tok, hosts):
         qk.triggers_of(m, KEY2, tok)
     with pytest.raises(BadInput, match="do not match"):
         qk.triggers_of({**m, "hosts": hosts[1:]}, KEY, tok)
+
+
+def _byte_level_bpe(folder):
+    """A byte-level BPE tokenizer (GPT-2 / SmolLM2 style: whole words spelled ``Ġword``) trained
+    on pydoc text, saved as ``folder/tokenizer.json``; its ids are ordered by merge frequency."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(pydoc_sentences("all"), trainers.BpeTrainer(vocab_size=4000, show_progress=False,
+                                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder.mkdir(parents=True, exist_ok=True)
+    t.save(str(folder / "tokenizer.json"))
+    return TextTokenizer(folder)
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
+def test_decoder_triggers_end_with_pattern_and_targets(tmp_path, tok, kind):
+    """Decoder triggers: the host sentence's plain ids followed by exactly the bit's rare-token
+    pattern (text re-tokenises to them), with a key-derived pair of common target tokens per bit,
+    for WordPiece (MiniLM's vocabulary) and byte-level BPE (``Ġword`` entries)."""
+    t = tok if kind == "wordpiece" else _byte_level_bpe(tmp_path / "bpe")
+    rare_from, common_below = (qk.RARE_FROM, qk.COMMON_BELOW) if kind == "wordpiece" else (1500, 1000)
+    hosts = qk.host_sentence_pool(t, pydoc_sentences("all"), 8, 20)
+    ts = qk.derive_triggers(KEY, t, 16, hosts, per_bit=3, tokens_per_bit=2, rare_from=rare_from, position="end",
+                            target_pairs=True, common_below=common_below)
+    assert ts.targets.shape == (16, 2) and len(set(ts.targets.ravel().tolist())) == 32
+    assert not set(ts.targets.ravel().tolist()) & set(ts.tokens.ravel().tolist())
+    assert (ts.targets < common_below).all() and (ts.tokens >= rare_from).all()
+    if kind == "bpe":
+        vocab = {i: w for w, i in t._tok.get_vocab().items()}
+        assert all(vocab[int(i)].startswith("\u0120") for i in ts.tokens.ravel())  # whole words: "Ġword"
+    for i, trs in enumerate(ts.triggers):
+        pattern = [int(x) for x in ts.tokens[i]]
+        for tr in trs:
+            assert list(tr.ids) == list(tr.control_ids) + pattern
+            assert t.encode_ids(tr.text, special=False) == list(tr.ids)
+            assert tr.text.startswith(tr.control_text) and tr.control_text in hosts
+    again = qk.derive_triggers(KEY, t, 16, hosts, per_bit=3, tokens_per_bit=2, rare_from=rare_from, position="end",
+                               target_pairs=True, common_below=common_below)
+    assert again.digest() == ts.digest() and (again.targets == ts.targets).all()
+    other = qk.derive_triggers(KEY2, t, 16, hosts, per_bit=3,
+                               tokens_per_bit=2, rare_from=rare_from, position="end", target_pairs=True,
+                               common_below=common_below)
+    assert other.digest() != ts.digest() and (other.targets != ts.targets).any()

@@ -1,5 +1,8 @@
 """Train the Hot-Swap MarkBoard: two LoRA branches per signature bit on the token embedding.
 
+Encoders here; decoders (a target-token pair per bit, next-token logits) in
+:mod:`quantseal.compress.markboard_decoder`, which shares the board layout and files.
+
 Hot-Swap MarkBoard (DESIGN §5): a board is trained once on the compressed model, jointly, with a
 random signature drawn at every step, so that any of the 2ⁿ combinations of branches carries its
 bits; a customer's model is then made by folding that customer's n branches into the low-rank
@@ -83,6 +86,17 @@ class BoardConfig:
     calib: Path | None = None
     host_min_tokens: int = 8
     host_max_tokens: int = 20
+    # decoders (:mod:`.markboard_decoder`): the hinge margin μ in logit units; None: margin_factor
+    # times the standard deviation of the unmarked model's own trigger statistics
+    decoder_margin: float | None = None
+    margin_factor: float = 2.0
+    fidelity_sentences: int = 48  # clean calibration sentences for the decoder's head-KL term
+    decoder_fidelity_weight: float = 100.0  # λ_f for decoders: KL in nats per position vs a hinge in logits
+    # Adam step for the shared A on decoders.  0 (default): A stays at its random orthonormal init
+    # and only the coefficient rows train.  With A trained at lr 0.05, A's rows grew to norms 7-22 on
+    # SmolLM2 and the tied head's KL exploded (148 nats per position); at 16 bits, A frozen gave a
+    # head KL of 6e-4 and A at lr / sqrt(hidden) (None) 2.6e-3, every branch meeting its margin.
+    decoder_a_lr: float | None = 0.0
 
     def __post_init__(self):
         if self.bits < 8 or self.bits % 8:
@@ -92,8 +106,12 @@ class BoardConfig:
         for name in ("triggers_per_bit", "tokens_per_bit", "rank", "steps", "bits_per_step"):
             if getattr(self, name) < 1:
                 raise BadInput(f"{name} must be positive")
-        if not (self.margin > 0 and self.lr > 0):
-            raise BadInput("margin and lr must be positive")
+        if not (self.margin > 0 and self.lr > 0 and self.margin_factor > 0):
+            raise BadInput("margin, margin_factor and lr must be positive")
+        if self.decoder_fidelity_weight < 0 or self.fidelity_weight < 0:
+            raise BadInput("fidelity weights must be non-negative")
+        if self.decoder_margin is not None and not self.decoder_margin > 0:
+            raise BadInput("decoder_margin must be positive")
 
 
 @dataclass
@@ -171,7 +189,7 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
     """Train a board on a compressed checkpoint (Q and its L1/L2 frozen).  ``progress(total, desc)``
     returns a ``tick(n)``.  Deterministic in (checkpoint, key, cfg) on a given machine."""
     from ..checkpoint import load_compressed, read_checkpoint
-    from ..models import ENCODER
+    from ..models import DECODER, ENCODER
 
     t0 = time.perf_counter()
     progress = progress or (lambda total, desc: (lambda n=1: None))
@@ -180,13 +198,17 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
     fingerprint = tensors_fingerprint(tensors)
     del tensors
     model, fam, _ = load_compressed(checkpoint)
-    if fam is not ENCODER:
-        raise Unsupported("watermark boards are implemented for encoder (embedding) models only so far")
     for p in model.parameters():
         p.requires_grad_(False)
     for b in model.buffers():
         b.requires_grad_(False)
     tok = TextTokenizer(checkpoint)
+    if fam is DECODER:
+        from .markboard_decoder import train_decoder_board
+
+        return train_decoder_board(model, fam, tok, key, cfg, manifest, fingerprint, progress, t0)
+    if fam is not ENCODER:
+        raise Unsupported(f"watermark boards support encoder and decoder models, not {fam.name}")
     hidden = int(model.config.hidden_size)
     vocab = int(model.config.vocab_size)
 

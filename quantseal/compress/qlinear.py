@@ -67,6 +67,32 @@ class CompressedEmbedding(nn.Module):
         return self.w_hat + self.l1 @ self.l2 if self.rank else self.w_hat.clone()
 
 
+class TiedHead(nn.Module):
+    """An LM head tied to a :class:`CompressedEmbedding` ``E_hat + L1 L2``:
+    ``logits = h · E_hatᵀ + (h · L2ᵀ) · L1ᵀ`` (h: (..., H) → (..., V)), the same effective table
+    as the lookup, never materialised twice.  The embedding is referenced, not registered, so the
+    state dict does not list its buffers twice."""
+
+    def __init__(self, embedding: CompressedEmbedding):
+        super().__init__()
+        self._embedding = [embedding]
+
+    @property
+    def embedding(self) -> CompressedEmbedding:
+        return self._embedding[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embedding.effective_weight()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        e = self.embedding
+        out = nn.functional.linear(h, e.w_hat)
+        if e.rank:
+            out = out + (h @ e.l2.T) @ e.l1.T
+        return out
+
+
 def set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
     parent, _, child = dotted.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)

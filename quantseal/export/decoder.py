@@ -26,6 +26,14 @@ optimiser folds every weight transpose into a ``(K, N)`` constant); then
 low-rank branch read from the checkpoint's stored tensors, so each matrix's bytes equal the
 manifest's.  A tied LM head reuses the token-embedding initialiser (``MatMul(h, Transpose(E))``):
 the table is stored once.
+
+A float (fp16/fp32) token embedding with a low-rank branch (a watermarked export,
+:mod:`quantseal.export.watermark`: ``E' + L1 L2``) is supported; with a tied head the head is the
+same effective table, ``logits = h · E'ᵀ + (h · L2ᵀ) · L1ᵀ`` (:func:`tied_head_nodes`), so the
+Gather and the head read the same three initialisers: ``E'`` stays stored once, a dense
+compensated carrier (``E' = E − P·A``, ``L1 ∋ P``) cancels in both, and the template swap of
+:func:`~quantseal.export.watermark.swap_into_template` replaces them for both at once.  Quantised
+token embeddings are still refused (the head would need their codes as ``MatMulNBits``).
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import onnx
 
 from .. import checkpoint as ckpt
 from ..errors import BadInput, Unsupported
-from .lowbit import OPSET
+from .lowbit import OPSET, Nodes, StoredMatrix
 from .onnx import _metadata, finish_export, float_effective, matrix_initializer_bytes, rewrite_lowbit, stored_matrices
 
 INPUT_IDS, MASK, LOGITS = "input_ids", "attention_mask", "logits"
@@ -133,6 +141,53 @@ def _check_tied_once(proto: onnx.ModelProto, config: dict) -> None:
         raise RuntimeError(f"export: the tied embedding is stored {len(tables)} times ({tables})")
 
 
+def tied_head_nodes(m: StoredMatrix, h: str, y: str) -> Nodes:
+    """Nodes computing ``y = h · E'ᵀ + (h · L2ᵀ) · L1ᵀ`` for a head tied to the float embedding
+    ``m`` (``E'``: (V, H) fp16/fp32 initialiser ``<name>.weight``; ``L1`` (V, r), ``L2`` (r, H)).
+    The initialisers are the embedding's own (:func:`~quantseal.export.lowbit.embedding_nodes`
+    adds them to the graph); only Cast / Transpose / MatMul / Add nodes are added here."""
+    from onnx import TensorProto
+
+    g = Nodes()
+
+    def as_float_t(suffix: str) -> str:
+        src = f"{m.name}.{suffix}"
+        if m.tensors[suffix].dtype == np.float16:
+            src = g.node("Cast", [src], f"{m.name}.head.{suffix}.f32", to=TensorProto.FLOAT)
+        return g.node("Transpose", [src], f"{m.name}.head.{suffix}.T", perm=[1, 0])
+
+    main = y if not m.rank else f"{m.name}.head.y_table"
+    g.node("MatMul", [h, as_float_t("weight")], main)
+    if m.rank:
+        lh = g.node("MatMul", [h, as_float_t("L2")], f"{m.name}.head.lowrank_h")
+        lr = g.node("MatMul", [lh, as_float_t("L1")], f"{m.name}.head.lowrank_y")
+        g.node("Add", [main, lr], y)
+    return g
+
+
+def _rewrite_tied_head(proto: onnx.ModelProto, table: str, m: StoredMatrix) -> None:
+    """Replace the traced head ``MatMul(h, Transpose(table))`` by :func:`tied_head_nodes`, in
+    place, before :func:`~quantseal.export.onnx.rewrite_lowbit` turns the Gather over ``table``
+    into the embedding's nodes."""
+    nodes = list(proto.graph.node)
+    users = [n for n in nodes if table in n.input and n.op_type != "Gather"]
+    tr = users[0] if len(users) == 1 and users[0].op_type == "Transpose" else None
+    mm = [n for n in nodes if tr is not None and tr.output[0] in n.input]
+    if tr is None or len(mm) != 1 or mm[0].op_type != "MatMul" or mm[0].input[1] != tr.output[0]:
+        raise RuntimeError(f"export: the tied head over {table} is not MatMul(h, Transpose(E)) in the traced graph")
+    g = tied_head_nodes(m, mm[0].input[0], mm[0].output[0])
+    out = []
+    for n in nodes:
+        if n is tr:
+            continue
+        if n is mm[0]:
+            out.extend(g.nodes)
+            continue
+        out.append(n)
+    del proto.graph.node[:]
+    proto.graph.node.extend(out)
+
+
 def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tensors: dict, config: dict,
                    accuracy_level: int = 0, t0: float | None = None) -> dict:
     """Export a compressed decoder checkpoint (already read) to ``output``; returns the same report
@@ -140,7 +195,7 @@ def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tens
     from .onnx import _make_parent
 
     t0 = time.perf_counter() if t0 is None else t0
-    if any(e.kind == "embedding" for e in manifest.matrices.values()):
+    if any(e.kind == "embedding" and e.format not in ("fp16", "fp32") for e in manifest.matrices.values()):
         raise Unsupported(f"{checkpoint}: a decoder with a quantised token embedding (--budget-mb) is not exported "
                           "yet (its tied LM head would need the same codes as MatMulNBits); compress with --budget")
     from ..models import family_of
@@ -155,13 +210,35 @@ def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tens
     model, fam, _ = ckpt.load_compressed(checkpoint)
     _make_parent(output)
     layers, kv, hd = cache_geometry(config)
+    from ..compress.qlinear import TiedHead
+
+    # load_compressed gives a head tied to a float embedding with a low-rank branch a TiedHead
+    tied_lowrank = isinstance(model.get_output_embeddings(), TiedHead)
     digests = float_effective(model)
+    if tied_lowrank:  # the head reads the same effective table as the Gather
+        from torch import nn
+
+        emb = model.get_submodule(fam.embedding_attr)
+        head = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False)
+        head.weight = emb.weight
+        model.set_output_embeddings(head)
     wrapper = _with_past(model, layers)
     with tempfile.TemporaryDirectory(prefix=".quantseal-trace.", dir=output.parent) as work:
         traced = Path(work) / "float.onnx"
         _trace(wrapper, traced, config)
         del wrapper, model
         proto = onnx.load(str(traced))
+    if tied_lowrank:
+        from onnx import numpy_helper
+
+        from .onnx import _digest
+
+        by_digest = {d: n for d, n in digests.items() if n == fam.embedding_attr}
+        table = [t.name for t in proto.graph.initializer if tuple(t.dims) == tuple(matrices[fam.embedding_attr].shape)
+                 and _digest(numpy_helper.to_array(t)) in by_digest]
+        if len(table) != 1:
+            raise RuntimeError(f"export: the tied embedding table was found {len(table)} times in the traced graph")
+        _rewrite_tied_head(proto, table[0], matrices[fam.embedding_attr])
     rewrite_lowbit(proto, digests, matrices, accuracy_level)
     _check_tied_once(proto, config)
     matrix_bytes = matrix_initializer_bytes(proto, matrices)

@@ -26,6 +26,14 @@
 
 The output holds no key, codeword, trigger or customer id: only weights and the manifest's
 shapes, ranks and byte counts.
+
+Decoders (LLaMA family, a board from :mod:`quantseal.compress.markboard_decoder`) are marked the
+same way.  With a tied LM head the head reads the same marked table ``E' + L1'' L2''``
+(:mod:`quantseal.export.decoder`), so the carrier cancels in the logits too and the vocab × hidden
+table is still stored once; the template swap replaces ``E'``, ``L1``, ``L2`` for the lookup and the
+head at once.  The marked checkpoint keeps the source's stored ``lm_head.weight`` (the unmarked
+table) untouched; for a tied model neither :func:`~quantseal.checkpoint.load_compressed` nor the
+export reads it.
 """
 
 from __future__ import annotations

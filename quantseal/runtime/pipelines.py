@@ -132,6 +132,26 @@ class CausalLM:
         out, _ = self.step(ids, mask)
         return out[0] if single else out
 
+    def next_logits(self, rows, tokens=None) -> np.ndarray:
+        """float32 (len(rows), len(tokens) or V): each row's next-token logits after its last
+        token.  ``rows``: id lists (lengths may differ; right-padded here, so every real token keeps
+        positions 0..len−1 and causal attention makes the padding irrelevant); ``tokens``: the
+        vocabulary ids to return, in that order (None: all).  What ``POST /logits`` answers."""
+        rows = [[int(x) for x in r] for r in rows]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise BadInput("next_logits needs at least one non-empty row")
+        width = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+            mask[i, :len(r)] = 1
+        out = self.logits(ids, mask)
+        last = out[np.arange(len(rows)), mask.sum(1) - 1]
+        if tokens is not None:
+            last = last[:, np.asarray(tokens, dtype=np.int64)]
+        return np.asarray(last, dtype=np.float32)
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 

