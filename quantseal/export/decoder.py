@@ -239,7 +239,7 @@ def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tens
         if len(table) != 1:
             raise RuntimeError(f"export: the tied embedding table was found {len(table)} times in the traced graph")
         _rewrite_tied_head(proto, table[0], matrices[fam.embedding_attr])
-    rewrite_lowbit(proto, digests, matrices, accuracy_level)
+    rewrite_lowbit(proto, digests, matrices, accuracy_level, manifest.extra.get("activations"))
     _check_tied_once(proto, config)
     matrix_bytes = matrix_initializer_bytes(proto, matrices)
     meta = _metadata(manifest, fam.name, matrix_bytes)
