@@ -598,17 +598,17 @@ def main() -> None:
             l1 = get_init(proto, f"{EMB}.L1")
             nz = np.flatnonzero(np.abs(l1).sum(1))
             norms = np.linalg.norm(l1.astype(np.float64), axis=1)
-            for label, rows in (("zero the non-zero rows of the embedding low-rank factor L1", nz),
+            for label, zrows in (("zero the non-zero rows of the embedding low-rank factor L1", nz),
                                 (f"zero the {len(trig)} largest-norm rows of the embedding L1",
                                  np.argsort(-norms)[:len(trig)])):
                 pp = copy.deepcopy(proto)
                 z = l1.copy()
-                z[rows] = 0
+                z[zrows] = 0
                 set_init(pp, f"{EMB}.L1", z)
                 attack(label, c, save_proto(pp, att / c / "zero" / "model.onnx"), fidelity=True,
-                       extra={"zeroed_rows": int(len(rows)), "nonzero_rows": int(len(nz)),
-                              "trigger_rows_hit": len(trig & set(rows.tolist())),
-                              "rows_are_the_trigger_tokens": set(rows.tolist()) == trig})
+                       extra={"zeroed_rows": int(len(zrows)), "nonzero_rows": int(len(nz)),
+                              "trigger_rows_hit": len(trig & set(zrows.tolist())),
+                              "rows_are_the_trigger_tokens": set(zrows.tolist()) == trig})
             shutil.rmtree(att / c, ignore_errors=True)
         except Exception as exc:  # noqa: BLE001 - a failed measurement is reported, not fatal
             log(f"robustness {c} failed: {type(exc).__name__}: {exc}")
