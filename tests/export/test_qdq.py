@@ -4,38 +4,19 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
 from quantseal.checkpoint import load_compressed, read_checkpoint
 from quantseal.cli import main
 from quantseal.compress.cbq import attach_activation_quant
 from quantseal.export.lowbit import Nodes, activation_qdq
-from quantseal.models import default_model_path
 from quantseal.quality import embed_texts
 from quantseal.text import TextTokenizer, pydoc_sentences
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    src = default_model_path()
-    d = tmp_path_factory.mktemp("tiny_bert_qdq")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg, add_pooling_layer=False).save_pretrained(d)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, d / name)
-    return d
 
 
 @pytest.mark.parametrize("bits,zero", [(8, 131), (4, 9)])
