@@ -297,22 +297,14 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
 
     A_fixed, C_fixed = A.detach().contiguous(), C.detach().clone()
     signed = branch_statistics(model, fam, tok, ts, {"A": A_fixed, "C0": C_fixed[0], "C1": C_fixed[1]}, ctrl)
-    failing = [(int(i), int(b)) for i, b in zip(*np.nonzero(signed.min(-1) < cfg.margin))]
-    chunk = 2 * cfg.bits_per_step  # branches per polish batch: a training step's worth of sequences
-    tick = progress(cfg.polish_rounds * cfg.polish_steps * max(1, -(-len(failing) // chunk)), "polish")
-    polish_steps = 0
-    for _ in range(cfg.polish_rounds):
-        if not failing:
-            break
-        for s in range(0, len(failing), chunk):
-            part = failing[s:s + chunk]
-            C_fixed, stats = _polish(model, fam, tok, ts, delta, A_fixed, C_fixed, part, ctrl_t, v, cfg)
-            for (i, b), st in zip(part, stats):
-                signed[i, b] = st
-            polish_steps += cfg.polish_steps
-            tick(cfg.polish_steps)
-        # with A frozen only the polished rows moved: the other branches' statistics still hold
-        failing = [(i, b) for i, b in failing if signed[i, b].min() < cfg.margin]
+    box = [C_fixed]
+
+    def polish_part(part: list[tuple[int, int]]) -> np.ndarray:
+        box[0], stats_ = _polish(model, fam, tok, ts, delta, A_fixed, box[0], part, ctrl_t, v, cfg)
+        return stats_
+
+    polish_steps = polish_failing(signed, cfg.margin, cfg, polish_part, progress)
+    C_fixed = box[0]
 
     board_tensors = {"A": A_fixed, "C0": C_fixed[0].contiguous(), "C1": C_fixed[1].contiguous()}
     board = Board({}, board_tensors)
@@ -330,6 +322,32 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
                      "final_loss": history[-1] if history else None, **stats},
     }
     return board
+
+
+def polish_failing(signed: np.ndarray, margin: float, cfg: BoardConfig,
+                   polish_part: Callable[[list[tuple[int, int]]], np.ndarray],
+                   progress: Callable[[int, str], Callable[[int], None]]) -> int:
+    """The polish schedule shared by encoder and decoder boards (module docstring), with ``A``
+    frozen: the branches (i, b) whose smallest signed statistic in ``signed`` (n, 2, m) is below
+    ``margin`` are trained in chunks of 2·bits_per_step (a training step's worth of sequences) by
+    ``polish_part(part)``, which returns their new statistics (len(part), m); only those are
+    re-evaluated, since with ``A`` frozen a branch's statistic depends on its own rows alone.
+    Updates ``signed`` in place; returns the number of polish steps run."""
+    failing = [(int(i), int(b)) for i, b in zip(*np.nonzero(signed.min(-1) < margin))]
+    chunk = 2 * cfg.bits_per_step
+    tick = progress(cfg.polish_rounds * cfg.polish_steps * max(1, -(-len(failing) // chunk)), "polish")
+    steps = 0
+    for _ in range(cfg.polish_rounds):
+        if not failing:
+            break
+        for s in range(0, len(failing), chunk):
+            part = failing[s:s + chunk]
+            for (i, b), st in zip(part, polish_part(part)):
+                signed[i, b] = st
+            steps += cfg.polish_steps
+            tick(cfg.polish_steps)
+        failing = [(i, b) for i, b in failing if signed[i, b].min() < margin]
+    return steps
 
 
 def _polish(model, fam, tok, ts, delta: "_EmbeddingDelta", A: torch.Tensor, C: torch.Tensor,

@@ -197,7 +197,7 @@ def decoder_branch_statistics(probe: _DecoderProbe, A: torch.Tensor, C: torch.Te
 
 def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint: str, progress, t0: float):
     """Train a decoder board (module docstring); returns a :class:`~quantseal.compress.markboard.Board`."""
-    from .markboard import Board, board_hosts, summarize_statistics
+    from .markboard import Board, board_hosts, polish_failing, summarize_statistics
 
     hidden = int(model.config.hidden_size)
     vocab = int(model.config.vocab_size)
@@ -280,18 +280,15 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     tick(cfg.steps - steps_run)
 
     A_fixed, C_fixed = A.detach().contiguous(), C.detach().clone()
-    tick = progress(cfg.polish_rounds * cfg.polish_steps, "polish")
-    polish_steps = 0
     signed = decoder_branch_statistics(probe, A_fixed, C_fixed)
-    for _ in range(cfg.polish_rounds):
-        failing = [(int(i), int(b)) for i, b in zip(*np.nonzero(signed.min(-1) < margin))]
-        if not failing:
-            break
-        C_fixed = _polish(probe, A_fixed, C_fixed, failing, margin, cfg, fid_h, fid_p, rng)
-        polish_steps += cfg.polish_steps
-        tick(cfg.polish_steps)
-        signed = decoder_branch_statistics(probe, A_fixed, C_fixed)
-    tick(cfg.polish_rounds * cfg.polish_steps - polish_steps)
+    box = [C_fixed]
+
+    def polish_part(part: list[tuple[int, int]]) -> np.ndarray:
+        box[0], stats_ = _polish(probe, A_fixed, box[0], part, margin, cfg, fid_h, fid_p, rng)
+        return stats_
+
+    polish_steps = polish_failing(signed, margin, cfg, polish_part, progress)
+    C_fixed = box[0]
 
     fidelity = None
     if fid_h is not None:
@@ -323,10 +320,11 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
 
 
 def _polish(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, failing: list[tuple[int, int]],
-            margin: float, cfg, fid_h=None, fid_p=None, rng=None) -> torch.Tensor:
+            margin: float, cfg, fid_h=None, fid_p=None, rng=None) -> tuple[torch.Tensor, np.ndarray]:
     """Train only the coefficient rows of the ``failing`` branches (i, b), ``A`` frozen, on their
     own triggers' hinge plus the head-KL fidelity term (a random customer's table with the polished
-    rows in it); returns the updated copy of ``C`` (2, n·k, R)."""
+    rows in it); returns the updated copy of ``C`` (2, n·k, R) and those branches' signed
+    statistics after training (len(failing), m)."""
     k, m = probe.k, probe.m
     vals = torch.tensor([b for _, b in failing for _ in range(k)])
     rows = torch.tensor([i * k + j for i, _ in failing for j in range(k)])
@@ -348,4 +346,7 @@ def _polish(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, failing: lis
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return C.index_put((vals, rows), P.detach())
+    C = C.index_put((vals, rows), P.detach())
+    with torch.no_grad():
+        d = probe.trigger_diff(seq_rows, _branch_delta(C, A, seq_bit, seq_val, k))
+    return C, (d * sign).numpy().astype(np.float64).reshape(len(failing), m)
