@@ -11,7 +11,9 @@ Every (setting, method) runs in a fresh subprocess (so its peak RSS is its own):
   exactly the stored bits of uniform INT-w (so the same bytes), and that plan refined by CBQ with
   the low-rank branches in the loop (``quantseal compress --method lq+cbq``).
 With A8/A4, RTN and GPTQ get static per-tensor activation scales (MSE range search on the
-calibration activations, no training); CBQ learns them (LSQ) and folds CFP's outlier channels.
+calibration activations, no training); CBQ learns them (LSQ) after CFP has scaled the outlier
+channels down (folded into the producer where that is exact, else an explicit x / s in front of
+the Linear: quantseal/compress/smoothing.py).
 
 Embedding error = 1 − mean cosine to the float32 model over the held-out ``pydoc_data``
 sentences (torch, fake-quantised weights and activations; HQQ in onnxruntime).  Calibration:

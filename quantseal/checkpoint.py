@@ -12,7 +12,12 @@ key                    dtype      shape                                         
 ``NAME.weight``        fp16/fp32  [N, K]                                          fp formats
 ``NAME.L1``            float16    [N, r]                                          rank r > 0
 ``NAME.L2``            float16    [r, K]                                          rank r > 0
+``NAME.input_smooth``  float32    [K]  CFP divisor s: the layer computes on x / s  CBQ A8/A4
 =====================  =========  ==============================================  =============
+
+With ``input_smooth`` the stored matrix is the quantised W · diag(s) (compress/smoothing.py).
+A manifest's ``extra["activations"]`` (CBQ with A8/A4) holds each Linear's static activation
+quantiser; :func:`load_compressed` attaches them, so the torch model computes what the export does.
 
 The quantised token embedding (``kind: "embedding"`` in the manifest) uses the same keys with
 N = vocabulary size and K = hidden size; its optional low-rank branch ``L1: [V, r]``,
@@ -38,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from .compress.formats import FormatSpec
 from .compress.packing import pack_weight, pack_zero_points, unpack_weight, unpack_zero_points
 from .compress.quantizers import QuantizedTensor, dequantize
+from .compress.smoothing import BUFFER as SMOOTH
 from .errors import BadInput
 
 SCHEMA_VERSION = 1
@@ -233,10 +239,10 @@ def _tied_keys(model) -> set[str]:
     return set()
 
 
-def load_compressed(path: str | Path):
-    """A torch model whose compressed Linears compute x·dequant(Q)ᵀ + (x·L2ᵀ)·L1ᵀ.
-
-    Returns ``(model, family, manifest)``."""
+def load_compressed(path: str | Path, activations: bool = True):
+    """A torch model whose compressed Linears compute x·dequant(Q)ᵀ + (x·L2ᵀ)·L1ᵀ, with the
+    calibrated activation quantisers of an A8/A4 checkpoint attached unless ``activations`` is
+    False.  Returns ``(model, family, manifest)``."""
     from .compress.qlinear import CompressedEmbedding, CompressedLinear, set_submodule
     from .models import build_model, family_of, read_config
 
@@ -254,11 +260,11 @@ def load_compressed(path: str | Path):
             set_submodule(model, name, CompressedEmbedding(w_hat, l1, l2, model.get_submodule(name).padding_idx))
             continue
         bias = tensors.get(f"{name}.bias")
-        set_submodule(model, name, CompressedLinear(w_hat, l1, l2, bias))
+        set_submodule(model, name, CompressedLinear(w_hat, l1, l2, bias, tensors.get(f"{name}.{SMOOTH}")))
     plain.update({k: v.float() for k, v in tensors.items() if k not in covered or k.endswith(".bias")})
     result = model.load_state_dict(plain, strict=False)
     missing = [k for k in result.missing_keys
-               if not k.endswith(("w_hat", ".l1", ".l2")) and "position_ids" not in k and k not in _tied_keys(model)]
+               if not k.endswith(("w_hat", ".l1", ".l2", f".{SMOOTH}")) and "position_ids" not in k and k not in _tied_keys(model)]
     if missing:
         raise BadInput(f"{path}: {WEIGHTS} lacks tensors the model needs, e.g. {missing[0]}")
     emb = manifest.matrices.get(fam.embedding_attr)
@@ -268,4 +274,9 @@ def load_compressed(path: str | Path):
         from .compress.qlinear import TiedHead
 
         model.set_output_embeddings(TiedHead(model.get_submodule(fam.embedding_attr)))
+    quantisers = manifest.extra.get("activations")
+    if activations and quantisers:  # calibrated static activation quantisers: what the export computes
+        from .compress.cbq import attach_activation_quant
+
+        attach_activation_quant(model, quantisers)
     return model.eval(), fam, manifest

@@ -48,6 +48,7 @@ from .calibration import BlockInputs, block_forward
 from .cfp import activation_channel_scales, fold_activation_scale, fold_sites, truncate_weight_outliers
 from .formats import FormatSpec
 from .quantizers import QuantizedTensor, _blocks, dequantize, quantize_int
+from .smoothing import attach_input_smoothing, has_input_smoothing, input_smoothing, smooth_linear_input
 
 ZETA, GAMMA = 1.1, -0.1
 ACT_CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
@@ -172,6 +173,8 @@ class CBQLinear(nn.Module):
             self.a1 = nn.Parameter(torch.zeros(n, rank))
             self.a2 = nn.Parameter(torch.randn(rank, wb.shape[1] * wb.shape[2], generator=generator))
         self.act = ActQuantizer(act_bits) if act_bits < 16 else None
+        if has_input_smoothing(linear):  # x / s first, then the activation quantiser (forward)
+            attach_input_smoothing(self, input_smoothing(linear))
         self.hard = False
         self.fixed_codes = init is not None and rank == 0  # learn the scales of the given codes
         # LQ+CBQ: a frozen low-rank branch L1 L2 in the loop (W ≈ Q + L1 L2; Q learns around it)
@@ -266,6 +269,9 @@ class CBQConfig:
     # kept range ends at 1.2) are real, and blockwise scales already isolate them to one block
     cfp_weights: bool = False
     cfp_activations: bool = True  # folds only when activations are quantised (abits < 16)
+    # where no layer can absorb CFP's scale (post-LN residual, GELU): an explicit x / s in front
+    # of the Linear (smoothing.py); off = only exact folds, the rest quantised as they are
+    cfp_smooth: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -365,14 +371,26 @@ def _prepare_float_block(block: nn.Module, fam: Family, x: BlockInputs, cfg: CBQ
     finally:
         for hd in handles:
             hd.remove()
+    covered = set()
     for producer, consumers, first in sites:
         s = activation_channel_scales(chmax[first])
+        for rel in fam.linears:
+            if block.get_submodule(rel) in consumers:
+                covered.add(rel)
+                if bool((s > 1).any()):
+                    samples[rel] = [t / s for t in samples[rel]]
         if bool((s > 1).any()):
             fold_activation_scale(producer, consumers, s)
-            for rel in fam.linears:
-                if block.get_submodule(rel) in consumers:
-                    samples[rel] = [t / s for t in samples[rel]]
             folded[f"{prefix}.{first}"] = torch.nonzero(s > 1).flatten().tolist()
+    if fold and cfg.abits < 16 and cfg.cfp_activations and cfg.cfp_smooth:
+        for rel in fam.linears:  # no producer can absorb the scale: an explicit x / s (smoothing.py)
+            if rel in covered:
+                continue
+            s = activation_channel_scales(chmax[rel])
+            if bool((s > 1).any()):
+                smooth_linear_input(block.get_submodule(rel), s)
+                samples[rel] = [t / s for t in samples[rel]]
+                folded[f"{prefix}.{rel}"] = torch.nonzero(s > 1).flatten().tolist()
     for rel, ts in samples.items():
         act_samples[rel] = torch.cat(ts) if ts else torch.zeros(1)
     return outs
@@ -541,8 +559,8 @@ def attach_activation_quant(model: nn.Module, activations: dict[str, dict]) -> l
         s, z, qmax = float(p["scale"]), float(p["zero_point"]), 2 ** int(p["bits"]) - 1
 
         def hook(_m, args, _s=s, _z=z, _q=qmax):
-            x = args[0]
-            return ((torch.clamp(torch.round(x / _s) + _z, 0, _q) - _z) * _s,) + tuple(args[1:])
+            x = args[0]  # after any input smoothing (its hook was registered first)
+            return ((torch.clamp(_round_ste(x / _s) + _z, 0, _q) - _z) * _s,) + tuple(args[1:])
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     return handles

@@ -2,6 +2,8 @@
 
     y = x · dequant(Q)ᵀ + (x · L2ᵀ) · L1ᵀ + b          (LQ-LoRA, eq. 1: W ≈ Q + L1 L2)
 
+(with CFP's input smoothing, x is first divided by the stored per-channel s: smoothing.py)
+
 ``Q`` is held dequantised in float32 (evaluation speed on CPU matters more here than memory);
 the packed codes live in the checkpoint and the ONNX file.
 """
@@ -11,14 +13,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .smoothing import attach_input_smoothing
+
 
 class CompressedLinear(nn.Module):
     """A Linear whose weight is ``w_hat + l1 @ l2``; all three are frozen buffers."""
 
     def __init__(self, w_hat: torch.Tensor, l1: torch.Tensor | None, l2: torch.Tensor | None,
-                 bias: torch.Tensor | None):
+                 bias: torch.Tensor | None, input_smooth: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = w_hat.shape
+        if input_smooth is not None:  # computes on x / s (CFP's smoothing; W_hat holds W·diag(s))
+            attach_input_smoothing(self, input_smooth)
         self.register_buffer("w_hat", w_hat.float().contiguous())
         rank = 0 if l1 is None else l1.shape[1]
         self.rank = rank

@@ -36,7 +36,7 @@ import copy
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Manifest, MatrixEntry, budget_after_edit, entry_bytes
+from ..compress.smoothing import BUFFER as SMOOTH
 from ..errors import BadInput, Unsupported
 
 CONFIG = "adapter_config.json"
@@ -295,6 +296,9 @@ def fold_adapters(manifest: Manifest, tensors: dict[str, torch.Tensor], adapters
                                f"{name} is {list(shape)} (an adapter for another model?)")
             if name in mapped:
                 raise BadInput(f"{ad.path}: two adapter modules map to {name}")
+            smooth = tensors.get(f"{name}.{SMOOTH}")
+            if smooth is not None:  # the layer computes on x / s: ΔW·diag(s) acts on it (smoothing.py)
+                d = replace(d, a=d.a * smooth.double().numpy()[None, :])
             mapped[name] = d
         plan.append((ad, mapped))
 

@@ -69,6 +69,7 @@ def float_effective(model) -> dict[str, str]:
     from torch import nn
 
     from ..compress.qlinear import CompressedEmbedding, CompressedLinear, set_submodule
+    from ..compress.smoothing import attach_input_smoothing, has_input_smoothing, input_smoothing
 
     digests: dict[str, str] = {}
     for name, mod in list(model.named_modules()):
@@ -79,6 +80,8 @@ def float_effective(model) -> dict[str, str]:
                 lin.weight.copy_(w)
                 if mod.bias is not None:
                     lin.bias.copy_(mod.bias)
+            if has_input_smoothing(mod):  # traced as Div(x, s) in front of the MatMul
+                attach_input_smoothing(lin, input_smoothing(mod))
             set_submodule(model, name, lin)
             key = _digest(w.T.contiguous().numpy())
         elif isinstance(mod, CompressedEmbedding):

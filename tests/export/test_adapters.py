@@ -255,6 +255,29 @@ def test_fold_is_a_concatenation(tmp_path):
     assert torch.equal(out["other.weight"], tensors["other.weight"])
 
 
+def test_fold_into_a_smoothed_matrix_acts_on_the_unsmoothed_input(tmp_path):
+    """CFP's input smoothing (compress/smoothing.py): the layer computes on x / s, so a LoRA
+    ΔW = B·A folded into it is stored as B·A·diag(s) and still acts on the unsmoothed x."""
+    n, k = 24, 40
+    g = torch.Generator().manual_seed(0)
+    name = "encoder.layer.0.intermediate.dense"
+    s = 1 + 3 * torch.rand(k, generator=g)
+    tensors = {f"{name}.weight": torch.randn(n, k, generator=g).half(), f"{name}.input_smooth": s}
+    entry = ckpt.MatrixEntry("fp16", 0, [n, k], 0.0, ckpt.entry_bytes(name, tensors))
+    manifest = ckpt.Manifest({}, "test", {"tensor_bytes": 1000}, {name: entry})
+    pair = lora_pair(name, n, k, r=2, seed=1)
+    ad = read_adapter(write_adapter(tmp_path / "ad", pair, r=2, lora_alpha=2))
+    _, out, _ = fold_adapters(manifest, tensors, [ad], dtype=torch.float32)
+    a = pair[f"base_model.model.{name}.lora_A.weight"].double()
+    b = pair[f"base_model.model.{name}.lora_B.weight"].double()
+    x = torch.randn(6, k, generator=g, dtype=torch.float64)
+    w = tensors[f"{name}.weight"].double()
+    cl = CompressedLinear(w, out[f"{name}.L1"].double(), out[f"{name}.L2"].double(), None, input_smooth=s)
+    cl = cl.double()
+    want = (x / s.double()) @ w.T + x @ (b @ a).T
+    np.testing.assert_allclose(cl(x).numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_adapter_rank_error_is_exact_and_monotone(minilm_rtn_checkpoint, adapter_a, adapter_b):
     manifest, tensors = ckpt.read_checkpoint(minilm_rtn_checkpoint)
     ads = [read_adapter(adapter_a), read_adapter(adapter_b)]

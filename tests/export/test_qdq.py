@@ -13,7 +13,6 @@ import pytest
 
 from quantseal.checkpoint import load_compressed, read_checkpoint
 from quantseal.cli import main
-from quantseal.compress.cbq import attach_activation_quant
 from quantseal.export.lowbit import Nodes, activation_qdq
 from quantseal.quality import embed_texts
 from quantseal.text import TextTokenizer, pydoc_sentences
@@ -51,12 +50,18 @@ def test_exported_activation_quantised_model_matches_torch(tiny_bert_dir, tmp_pa
     zero_types = Counter(i.data_type for i in proto.graph.initializer if i.name.endswith(".act_zero"))
     assert zero_types == Counter({onnx.TensorProto.UINT8 if abits == 8 else onnx.TensorProto.UINT4: 12})
 
-    model, _, _ = load_compressed(ck)
-    plain = embed_texts(model, TextTokenizer(ck), pydoc_sentences("evaluation")[:12])
-    attach_activation_quant(model, acts)
     tok = TextTokenizer(ck)
     texts = pydoc_sentences("evaluation")[:12]
+    plain = embed_texts(load_compressed(ck, activations=False)[0], tok, texts)
+    model, _, _ = load_compressed(ck)  # attaches the manifest's activation quantisers
     ref = embed_texts(model, tok, texts)
+    # the torch model and the export both divide by CFP's smoothing factors before quantising
+    _, tensors = read_checkpoint(ck)
+    smoothed = sorted(k.removesuffix(".input_smooth") for k in tensors if k.endswith(".input_smooth"))
+    assert smoothed, "the tiny model's LayerNorm / GELU outputs have outlier channels to smooth"
+    divs = {n.input[1] for n in proto.graph.node if n.op_type == "Div"}
+    smooth_inits = [i for i in proto.graph.initializer if i.name in divs and len(i.dims) == 1 and i.dims[0] > 1]
+    assert len(smooth_inits) >= len({tuple(tensors[f"{n}.input_smooth"].tolist()) for n in smoothed})
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = sess.run(["sentence_embedding"], tok(texts))[0]
     cos = np.sum(ref * got, axis=1) / np.linalg.norm(got, axis=1)
