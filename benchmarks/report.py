@@ -101,8 +101,12 @@ def watermark_decoder_table(res: dict) -> str:
         lines.append("| next-token KL(unmarked ‖ marked), nats per position; top-1 agreement | "
                      + ", ".join(f"{c['kl_unmarked_to_marked']:.2e}; {c['top1_agreement']:.4f}" for c in cs) + " |")
     for r in res.get("robustness", []):
+        if "error" in r:
+            lines.append(f"| {r['attack']}, {r['customer']} | not measured: {r['error'][:120]} |")
+            continue
+        ppl = f", perplexity {r['ppl']:.2f}" if r.get("ppl") is not None else ""
         lines.append(f"| {r['attack']}, {r['customer']} | owner {r['owner'] or 'none'}, {r['bit_errors']} bit errors, "
-                     f"p = {r['p_value']:.3g} |")
+                     f"p = {r['p_value']:.3g}{ppl} |")
     if fc:
         lines += ["", "Innocent models (any claim is a false claim):", "",
                   "| model | read with | claimed | bit errors | p-value |", "|---|---|---|---|---|"]

@@ -14,7 +14,12 @@ host sentences and a secret pair of target tokens, read from next-token logits),
    registry) of a customer's file and of the unmarked file;
 3. **fidelity cost** on held-out ``pydoc_sentences("evaluation")``: perplexity and mean
    next-token KL(unmarked ‖ marked) over every position, onnxruntime, for two customers;
-4. **robustness**: every float32 initialiser of a customer's file converted to float16 (+ Cast).
+4. **robustness** (the first two customers' files): every float32 initialiser converted to float16
+   (+ Cast); onnxruntime ``quantize_dynamic`` int8 (defaults, and after upcasting the float16
+   factors); 10 % / 30 % magnitude pruning (all float matrices, or the embedding's low-rank
+   factors); the average of the two customers (effective tables, and naively every initialiser);
+   fine-tuning the customer's token table and factors for ``--ft-steps`` steps of next-token loss
+   on other text (standard-library docstrings), verified in torch.  Each with its perplexity.
 
     nice -n 10 .venv/bin/python benchmarks/watermark_smollm2.py [--customers 100] [--work DIR]
         # writes results/watermark_smollm2.{json,png,md}; then: python benchmarks/report.py
@@ -118,6 +123,7 @@ def main() -> None:
     ap.add_argument("--time-budget-s", type=float, default=None,
                     help="stop adding customers once the run has used this many seconds")
     ap.add_argument("--skip-fp32", action="store_true", help="skip the float32 source (a ~100 s GGUF load)")
+    ap.add_argument("--ft-steps", type=int, default=200, help="fine-tuning attack steps (0: skip)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "quantseal_wm_smollm2",
                     help="checkpoint, board and ONNX files (checkpoint and board reused when present)")
     args = ap.parse_args()
@@ -306,6 +312,7 @@ def fixed_cost_phase(args, result, ck, board, board_dir, keep, reg, tok, seqs, v
         shutil.rmtree(out.parent, ignore_errors=True)
     result["robustness"] = rob
     save()
+    attacks(args, result, ck, board, keep, reg, tok, seqs, verify_file, log, save)
 
     if not args.skip_fp32:
         from quantseal.models import load_model
@@ -317,6 +324,192 @@ def fixed_cost_phase(args, result, ck, board, board_dir, keep, reg, tok, seqs, v
         add("float32 source (torch)", res, "key A")
         result["fp32_seconds"] = round(time.perf_counter() - t, 1)
         del fp32
+
+
+EMB = "model.embed_tokens"
+PRUNE = (0.1, 0.3)
+FT_BATCH, FT_LR, FT_MAXLEN = 8, 1e-4, 64
+
+
+def ort_ppl(path: Path, seqs: list[list[int]], threads: int) -> float:
+    from quantseal.runtime.pipelines import CausalLM
+
+    return next_token_stats(CausalLM(path, provider="cpu", threads=threads), seqs)[1]
+
+
+def torch_ppl(model, seqs: list[list[int]]) -> float:
+    import torch
+
+    nll, count = 0.0, 0
+    for s in seqs:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([s])).logits[0].double(), -1)
+        nll -= float(lp[torch.arange(len(s) - 1), torch.tensor(s[1:])].sum())
+        count += len(s) - 1
+    return math.exp(nll / count)
+
+
+def finetune_decoder(ck_dir: Path, tok, texts: list[str], seed: int, steps: int):
+    """The customer's token table and low-rank factors (and those of any compressed Linear with a
+    branch) trained with Adam on next-token loss over ``texts``: what a customer who wants to
+    adapt, or wash, the model can do with the weights in hand."""
+    import torch
+
+    from quantseal.checkpoint import load_compressed
+    from quantseal.compress.qlinear import CompressedEmbedding, CompressedLinear
+
+    model, _, _ = load_compressed(ck_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train = []
+    for mod in model.modules():
+        if isinstance(mod, CompressedEmbedding):
+            train += [mod.w_hat] + ([mod.l1, mod.l2] if mod.rank else [])
+        elif isinstance(mod, CompressedLinear) and mod.rank:
+            train += [mod.l1, mod.l2]
+    for t in train:
+        t.requires_grad_(True)
+    enc = [x[:FT_MAXLEN] for x in (tok.encode_ids(t, special=False) for t in texts) if len(x) >= 4]
+    opt = torch.optim.Adam(train, lr=FT_LR)
+    gen = torch.Generator().manual_seed(seed)
+    losses, t0 = [], time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randint(0, len(enc), (FT_BATCH,), generator=gen).tolist()
+        width = max(len(enc[i]) for i in idx)
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, :len(enc[i])], mask[r, :len(enc[i])] = torch.tensor(enc[i]), 1
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        tgt = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    for t in train:
+        t.requires_grad_(False)
+    return model.eval(), {"steps": steps, "batch": FT_BATCH, "lr": FT_LR, "seconds": round(time.perf_counter() - t0, 1),
+                          "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
+                          "trainable_tensors": len(train)}
+
+
+def attacks(args, result, ck, board, keep, reg, tok, seqs, verify_file, log, save) -> None:
+    """int8 re-quantisation, pruning, averaging and fine-tuning of the kept customers' files."""
+    import copy
+
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from quantseal.checkpoint import read_checkpoint, write_checkpoint
+    from quantseal.export.watermark import mark_checkpoint
+    from quantseal.runtime.verify import verify as verify_fn
+    from watermark_minilm import (float_inits, get_init, loads, other_text, prune, quantize_int8, save_proto,
+                                  set_init, upcast_fp16_inits)
+
+    rob = result["robustness"]
+    att = args.work / "attacked"
+
+    def attack(name: str, c: str | None, path: Path, owner: str | None, extra: dict | None = None) -> None:
+        err = loads(path)
+        if err is not None:
+            rob.append({"attack": name, "customer": c, "error": err})
+        else:
+            res = verify_file(path)
+            rob.append({"attack": name, "customer": c, **verify_row(res), "correct": res["owner"] == owner,
+                        "ppl": ort_ppl(path, seqs, args.threads), **(extra or {})})
+        log(f"robustness {rob[-1]}")
+        save()
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+    def guarded(label: str, fn) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - a failed measurement is reported, not fatal
+            rob.append({"attack": label, "customer": None, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            log(f"robustness {label} failed: {rob[-1]['error']}")
+            save()
+
+    for c, src in keep.items():
+        proto = onnx.load(str(src))
+
+        def int8_default(c=c, src=src):
+            p = att / c / "int8" / "model.onnx"
+            info = quantize_int8(src, p)
+            attack("int8 dynamic (quantize_dynamic defaults)", c, p, c, {"int8_weights": len(info["int8_names"])})
+
+        def int8_upcast(c=c, proto=proto):
+            up = save_proto(upcast_fp16_inits(proto), att / c / "up" / "model.onnx")
+            p = att / c / "int8_up" / "model.onnx"
+            info = quantize_int8(up, p)
+            shutil.rmtree(up.parent, ignore_errors=True)
+            attack("int8 dynamic (float16 factors upcast first)", c, p, c, {"int8_weights": len(info["int8_names"])})
+
+        guarded(f"int8 dynamic (defaults), {c}", int8_default)
+        guarded(f"int8 dynamic (upcast), {c}", int8_upcast)
+        for frac in PRUNE:
+            for scope, pick in (("all float matrices", lambda t: True),
+                                ("embedding low-rank factors", lambda t: t.name in (f"{EMB}.L1", f"{EMB}.L2"))):
+                def pruned(c=c, proto=proto, frac=frac, scope=scope, pick=pick):
+                    pp = copy.deepcopy(proto)
+                    for t in float_inits(pp):
+                        if pick(t):
+                            set_init(pp, t.name, prune(numpy_helper.to_array(t), frac))
+                    attack(f"magnitude pruning {int(frac * 100)} % ({scope})", c,
+                           save_proto(pp, att / c / "prune" / "model.onnx"), c)
+                guarded(f"pruning {frac} {scope}, {c}", pruned)
+        del proto
+
+    if len(keep) >= 2:
+        (ca, pa_path), (cb, pb_path) = list(keep.items())[:2]
+
+        def averaged():
+            pa, pb = onnx.load(str(pa_path)), onnx.load(str(pb_path))
+            eff = [get_init(x, f"{EMB}.weight").astype(np.float64) + get_init(x, f"{EMB}.L1").astype(np.float64)
+                   @ get_init(x, f"{EMB}.L2").astype(np.float64) for x in (pa, pb)]
+            pe = copy.deepcopy(pa)
+            set_init(pe, f"{EMB}.weight", ((eff[0] + eff[1]) / 2).astype(np.float32))
+            set_init(pe, f"{EMB}.L1", np.zeros_like(get_init(pa, f"{EMB}.L1")))
+            del eff
+            attack("average of two customers (effective tables)", f"{ca}+{cb}",
+                   save_proto(pe, att / "avg" / "model.onnx"), None)
+            pn = copy.deepcopy(pa)
+            for t in float_inits(pn):
+                set_init(pn, t.name, (numpy_helper.to_array(t).astype(np.float64)
+                                      + get_init(pb, t.name).astype(np.float64)) / 2)
+            attack("average of two customers (every float initialiser, element-wise)", f"{ca}+{cb}",
+                   save_proto(pn, att / "avg_naive" / "model.onnx"), None)
+
+        guarded("averaging", averaged)
+
+    if args.ft_steps > 0:
+        c = next(iter(keep))
+
+        def finetuned():
+            manifest, tensors = read_checkpoint(ck)
+            m_c, t_c = mark_checkpoint(manifest, tensors, board, KEY_A, reg, c, seed=0)
+            ckc = att / c / "ck"
+            write_checkpoint(ckc, m_c, t_c, ck)
+            del tensors, t_c
+            texts = other_text(set(pydoc_texts()))
+            torch.manual_seed(0)
+            model, info = finetune_decoder(ckc, tok, texts, 0, args.ft_steps)
+            res = verify_fn(torch_logits_fn(model), KEY_A, reg, board.manifest, tok, alpha=ALPHA)
+            rob.append({"attack": f"fine-tuning token table + factors, {args.ft_steps} steps of next-token loss on "
+                                  "other text (torch)", "customer": c, **verify_row(res), "correct": res["owner"] == c,
+                        "ppl": torch_ppl(model, seqs), "finetune": info})
+            log(f"robustness {rob[-1]}")
+            save()
+            shutil.rmtree(ckc, ignore_errors=True)
+
+        guarded("fine-tuning", finetuned)
+
+
+def pydoc_texts() -> list[str]:
+    from quantseal.text import pydoc_sentences
+
+    return pydoc_sentences("calibration") + pydoc_sentences("evaluation")
 
 
 def render(result: dict) -> None:

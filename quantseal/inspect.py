@@ -11,13 +11,20 @@ from .errors import BadInput
 def inspect_checkpoint(path: Path) -> dict:
     manifest, tensors = ckpt.read_checkpoint(path)
     rows = []
+    acts = manifest.extra.get("activations") or {}
     for name, e in manifest.matrices.items():
         n, k = e.shape
         stored = ckpt.entry_bytes(name, tensors)
-        note = "3-bit codes stored in 4-bit slots (onnxruntime runs 2/4/8)" if e.spec.bits == 3 else ""
+        notes = ["3-bit codes stored in 4-bit slots (onnxruntime runs 2/4/8)"] if e.spec.bits == 3 else []
+        act = acts.get(name)
+        if act is not None:
+            notes.append(f"A{act['bits']} static input, scale {act['scale']:.4g}, zero {act['zero_point']}")
+        smooth = tensors.get(f"{name}.{ckpt.SMOOTH}")
+        if smooth is not None:
+            notes.append(f"input divided by CFP factors on {int((smooth != 1).sum())} channels")
         rows.append({"name": name, "kind": e.kind, "format": e.format, "rank": e.rank, "shape": [n, k],
                      "bytes": stored, "bits_per_param": stored * 8 / (n * k), "error": e.error,
-                     "op": e.spec.onnx_op, "note": note})
+                     "op": e.spec.onnx_op, "activation": act, "note": "; ".join(notes)})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     lines = [f"{path}: quantseal checkpoint (schema {manifest.schema_version}), method {manifest.method}, "
              f"source {manifest.source.get('model_type')} ({manifest.source.get('family')})",

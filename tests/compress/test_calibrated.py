@@ -1,7 +1,6 @@
 """`quantseal compress --method gptq|cbq` end to end on a tiny BERT with MiniLM's tokenizer."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -9,29 +8,12 @@ import torch
 from quantseal.checkpoint import load_compressed, read_checkpoint
 from quantseal.cli import main
 from quantseal.compress.formats import FormatSpec
-from quantseal.models import default_model_path
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    src = default_model_path()
-    d = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg, add_pooling_layer=False).save_pretrained(d)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, d / name)
-    return d
 
 
 @pytest.mark.parametrize("method,abits", [("gptq", 16), ("cbq", 16), ("cbq", 8)])
-def test_calibrated_compress_writes_a_loadable_checkpoint(tiny_model_dir, tmp_path, capsys, method, abits):
+def test_calibrated_compress_writes_a_loadable_checkpoint(tiny_bert_dir, tmp_path, capsys, method, abits):
     out = tmp_path / "ckpt"
-    rc = main(["compress", str(tiny_model_dir), "-o", str(out), "--method", method, "--wbits", "2",
+    rc = main(["compress", str(tiny_bert_dir), "-o", str(out), "--method", method, "--wbits", "2",
                "--abits", str(abits), "--block", "16", "--steps", "4", "--rank", "2", "--calib-samples", "8",
                "--json"])
     assert rc == 0
@@ -42,7 +24,7 @@ def test_calibrated_compress_writes_a_loadable_checkpoint(tiny_model_dir, tmp_pa
     assert all(e.format == "int2_b16" for e in manifest.matrices.values())
     assert ("activations" in manifest.extra) == (abits < 16)
     spec = FormatSpec.parse("int2_b16")  # exact stored bytes: codes + float16 scales + packed zero points
-    shapes = [(32, 32)] * 4 + [(64, 32), (32, 64)]
+    shapes = [(64, 64)] * 4 + [(128, 64), (64, 128)]  # conftest's tiny BERT: hidden 64, FFN 128
     expect = 2 * sum(spec.stored_bytes(n, k) for n, k in shapes) * 8 / (2 * sum(n * k for n, k in shapes))
     assert rep["bits_per_param"] == pytest.approx(expect, abs=1e-6)
     model, _, _ = load_compressed(out)
@@ -51,9 +33,9 @@ def test_calibrated_compress_writes_a_loadable_checkpoint(tiny_model_dir, tmp_pa
         assert torch.isfinite(model(input_ids=ids).last_hidden_state).all()
 
 
-def test_budget_is_rejected_for_calibrated_methods(tiny_model_dir, tmp_path, capsys):
-    rc = main(["compress", str(tiny_model_dir), "-o", str(tmp_path / "x"), "--method", "gptq", "--budget", "3"])
+def test_budget_is_rejected_for_calibrated_methods(tiny_bert_dir, tmp_path, capsys):
+    rc = main(["compress", str(tiny_bert_dir), "-o", str(tmp_path / "x"), "--method", "gptq", "--budget", "3"])
     assert rc == 2
-    rc = main(["compress", str(tiny_model_dir), "-o", str(tmp_path / "x"), "--method", "rtn"])
+    rc = main(["compress", str(tiny_bert_dir), "-o", str(tmp_path / "x"), "--method", "rtn"])
     assert rc == 2
     assert "needs one of --budget" in capsys.readouterr().err

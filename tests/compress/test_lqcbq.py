@@ -2,7 +2,6 @@
 matrices are refined by CBQ with the low-rank branch in the loop, and the refined model
 reconstructs the float model better than the plan it started from."""
 
-import copy
 import json
 import shutil
 
@@ -31,9 +30,7 @@ def tiny_model_dir(tmp_path_factory):
             n, k = lin.weight.shape
             lin.weight += 0.6 * torch.randn(n, 2) @ torch.randn(2, k) / k ** 0.5
     model.save_pretrained(d)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, d / name)
+    shutil.copyfile(src / "tokenizer.json", d / "tokenizer.json")
     return d
 
 

@@ -62,6 +62,11 @@ def test_exported_activation_quantised_model_matches_torch(tiny_bert_dir, tmp_pa
     divs = {n.input[1] for n in proto.graph.node if n.op_type == "Div"}
     smooth_inits = [i for i in proto.graph.initializer if i.name in divs and len(i.dims) == 1 and i.dims[0] > 1]
     assert len(smooth_inits) >= len({tuple(tensors[f"{n}.input_smooth"].tolist()) for n in smoothed})
+    capsys.readouterr()
+    assert main(["inspect", str(ck), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["matrices"]}
+    assert all(rows[n]["activation"] == acts[n] and f"A{abits} static input" in rows[n]["note"] for n in acts)
+    assert all("input divided by CFP factors" in rows[n]["note"] for n in smoothed)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = sess.run(["sentence_embedding"], tok(texts))[0]
     cos = np.sum(ref * got, axis=1) / np.linalg.norm(got, axis=1)
