@@ -236,6 +236,96 @@ def prune(arr: np.ndarray, frac: float) -> np.ndarray:
     return flat.reshape(arr.shape)
 
 
+def projection_clean(proto: onnx.ModelProto, n_rows: int, score: str,
+                     rows: np.ndarray | None = None) -> tuple[onnx.ModelProto, np.ndarray]:
+    """A key-less attack on the embedding: fold the low-rank branch into the table
+    (E_eff = E' + L1·L2, which the carrier cannot change: it cancels there), project every row
+    onto span(L2) — the only directions the branch can move a row along — and for the ``n_rows``
+    rows whose projection stands out most (``score``: "norm" ‖E_eff[t]·U‖, or "fraction"
+    ‖E_eff[t]·U‖ / ‖E_eff[t]‖) remove that component.  Returns the attacked model (table
+    E_eff with those rows cleaned, L1 = 0) and the rows touched.  ``rows``: clean these instead
+    (e.g. every id the scheme could draw triggers from, which the attacker knows without the key)."""
+    e = get_init(proto, f"{EMB}.weight").astype(np.float64)
+    l1, l2 = get_init(proto, f"{EMB}.L1").astype(np.float64), get_init(proto, f"{EMB}.L2").astype(np.float64)
+    eff = e + l1 @ l2
+    u = np.linalg.qr(l2.T)[0]  # (H, r): orthonormal basis of span(L2)
+    proj = eff @ u
+    pn = np.linalg.norm(proj, axis=1)
+    val = pn if score == "norm" else pn / np.maximum(np.linalg.norm(eff, axis=1), 1e-12)
+    if rows is None:
+        rows = np.argsort(-val)[:n_rows]
+    eff[rows] -= proj[rows] @ u.T
+    out = copy.deepcopy(proto)
+    set_init(out, f"{EMB}.weight", eff.astype(get_init(proto, f"{EMB}.weight").dtype))
+    set_init(out, f"{EMB}.L1", np.zeros_like(get_init(proto, f"{EMB}.L1")))
+    return out, rows
+
+
+def attacker(rob: dict, key: bytes, reg: qk.Registry, board: Board, tok, ref: np.ndarray, eval_texts: list[str]):
+    """``attack(name, customer, path, owner=None, extra=None, fidelity=False)``: verify an
+    attacked file and record the run under ``rob[name]`` (or that it does not load)."""
+
+    def attack(name: str, c: str, path: Path, owner: str | None = None, extra: dict | None = None,
+               fidelity: bool = False):
+        err = loads(path)
+        if err is not None:
+            rob.setdefault(name, {"runs": []})["runs"].append({"customer": c, "error": err})
+            return
+        r = summary(verify_onnx(path, key, reg, board.manifest, tok), owner or c)
+        r["customer"] = c
+        if fidelity:
+            r["embedding_error"] = embedding_error(ref, onnx_embed_texts(path, tok, eval_texts))
+        r.update(extra or {})
+        rob.setdefault(name, {"runs": []})["runs"].append(r)
+
+    return attack
+
+
+def projection_only(args) -> None:
+    """``--projection-only``: run :func:`projection_attacks` on the kept customers' files of an
+    earlier run's ``--work`` folder and add them to its results JSON (re-rendered)."""
+    R = json.loads(args.out.read_text())
+    work = args.work
+    tok = TextTokenizer(default_model_path())
+    key_a = qk.read_key(work / "owner_A.key")
+    board = load_board(work / "board_A")
+    reg_a = qk.Registry(key_a, BITS)
+    customers = [f"customer-{i:03d}" for i in range(R["attribution"]["customers_asked"])]
+    for c in customers:
+        reg_a.add(c)
+    trig = set(int(t) for t in qk.triggers_of(board.manifest, key_a, tok).tokens.reshape(-1))
+    eval_texts = pydoc_sentences("evaluation")
+    ref = onnx_embed_texts(work / "innocent" / "float32" / "model.onnx", tok, eval_texts)
+    rob = {k: v for k, v in R["robustness"].items() if not k.startswith("remove span(L2)")}
+    attack = attacker(rob, key_a, reg_a, board, tok, ref, eval_texts)
+    for c in customers[:args.robust]:
+        projection_attacks(onnx.load(str(work / "customers" / c / "model.onnx")), trig, c, work / "attacked", attack)
+        log(f"projection attacks done for {c}")
+    shutil.rmtree(work / "attacked", ignore_errors=True)
+    aggregate(rob)
+    R["robustness"] = rob
+    R["projection_attacks_added"] = "python benchmarks/watermark_minilm.py --projection-only --work DIR"
+    args.out.write_text(json.dumps(R, indent=1) + "\n")
+    plot(R, args.out.with_suffix(".png"))
+    args.out.with_suffix(".md").write_text(table(R) + "\n")
+
+
+def projection_attacks(proto: onnx.ModelProto, trig: set[int], c: str, att: Path, attack) -> None:
+    for n_rows in (len(trig), 4 * len(trig)):
+        for score in ("norm", "fraction"):
+            pp, rows = projection_clean(proto, n_rows, score)
+            attack(f"remove span(L2) from the {n_rows} rows of E + L1·L2 with the largest projection {score}", c,
+                   save_proto(pp, att / c / "proj" / "model.onnx"), fidelity=True,
+                   extra={"rows_cleaned": int(n_rows), "trigger_rows_hit": len(trig & set(rows.tolist())),
+                          "trigger_rows": len(trig)})
+    vocab = int(get_init(proto, f"{EMB}.weight").shape[0])
+    pp, rows = projection_clean(proto, 0, "norm", np.arange(qk.RARE_FROM, vocab))
+    attack(f"remove span(L2) from every row of E + L1·L2 from id {qk.RARE_FROM} on (all rare ids, no key needed)", c,
+           save_proto(pp, att / c / "proj" / "model.onnx"), fidelity=True,
+           extra={"rows_cleaned": int(len(rows)), "trigger_rows_hit": len(trig & set(rows.tolist())),
+                  "trigger_rows": len(trig)})
+
+
 # ----------------------------------------------------------------------------- fine-tuning text
 def other_text(exclude: set[str], limit: int = 2000) -> list[str]:
     """Sentences from standard-library docstrings (not pydoc_data.topics), 40–250 characters."""
@@ -319,7 +409,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="work folder (kept; cached models are reused)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "watermark_minilm.json")
     ap.add_argument("--render-only", action="store_true", help="re-render .md and .png from the JSON")
+    ap.add_argument("--projection-only", action="store_true",
+                    help="add the span(L2) projection attacks to the JSON, from an earlier run's --work")
     args = ap.parse_args()
+    if args.projection_only:
+        projection_only(args)
+        return
     if args.render_only:
         R = json.loads(args.out.read_text())
         aggregate(R["robustness"])
@@ -531,19 +626,7 @@ def main() -> None:
 
     # --- 4. robustness
     rob: dict[str, dict] = {}
-
-    def attack(name: str, c: str, path: Path, owner: str | None = None, extra: dict | None = None,
-               fidelity: bool = False):
-        err = loads(path)
-        if err is not None:
-            rob.setdefault(name, {"runs": []})["runs"].append({"customer": c, "error": err})
-            return
-        r = summary(verify_onnx(path, key_a, reg_a, board.manifest, tok), owner or c)
-        r["customer"] = c
-        if fidelity:
-            r["embedding_error"] = embedding_error(ref, onnx_embed_texts(path, tok, eval_texts))
-        r.update(extra or {})
-        rob.setdefault(name, {"runs": []})["runs"].append(r)
+    attack = attacker(rob, key_a, reg_a, board, tok, ref, eval_texts)
 
     att = work / "attacked"
     robust_customers = customers[:args.robust]
@@ -609,6 +692,7 @@ def main() -> None:
                        extra={"zeroed_rows": int(len(zrows)), "nonzero_rows": int(len(nz)),
                               "trigger_rows_hit": len(trig & set(zrows.tolist())),
                               "rows_are_the_trigger_tokens": set(zrows.tolist()) == trig})
+            projection_attacks(proto, trig, c, att, attack)
             shutil.rmtree(att / c, ignore_errors=True)
         except Exception as exc:  # noqa: BLE001 - a failed measurement is reported, not fatal
             log(f"robustness {c} failed: {type(exc).__name__}: {exc}")

@@ -27,12 +27,12 @@ low-rank branch read from the checkpoint's stored tensors, so each matrix's byte
 manifest's.  A tied LM head reuses the token-embedding initialiser (``MatMul(h, Transpose(E))``):
 the table is stored once.
 
-A float (fp16/fp32) token embedding with a low-rank branch (a watermarked export,
-:mod:`quantseal.export.watermark`: ``E' + L1 L2``) is supported; with a tied head the head is the
-same effective table, ``logits = h · E'ᵀ + (h · L2ᵀ) · L1ᵀ`` (:func:`tied_head_nodes`), so the
-Gather and the head read the same three initialisers: ``E'`` stays stored once, a dense
-compensated carrier (``E' = E − P·A``, ``L1 ∋ P``) cancels in both, and the template swap of
-:func:`~quantseal.export.watermark.swap_into_template` replaces them for both at once.  Quantised
+A float (fp16/fp32) token embedding matrix (a watermarked export, :mod:`quantseal.export.watermark`:
+the marked table ``E'``, optionally with a low-rank branch ``E' + L1 L2``) is supported; with a
+tied head the head is the same effective table, ``logits = h · E'ᵀ (+ (h · L2ᵀ) · L1ᵀ)``
+(:func:`tied_head_nodes`), so the Gather and the head read the same initialisers: ``E'`` stays
+stored once, and the template swap of :func:`~quantseal.export.watermark.swap_into_template`
+replaces it for both at once.  Quantised
 token embeddings are still refused (the head would need their codes as ``MatMulNBits``).
 """
 

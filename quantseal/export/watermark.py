@@ -2,19 +2,23 @@
 
 1. **Select**: the customer's codeword ``s`` (from the registry) picks branch ``C_{s_i}`` of every
    bit ``i``; the key re-derives which embedding rows ``T_i`` the bit owns.
-2. **Fold** into the embedding's low-rank branch by concatenation (exact, no requantisation):
-   ``L1' = [L1 | B]``, ``L2' = [L2 ; A]`` with ``B = Σ_i onehot(T_i) · C_{s_i}[T_i]``  (V, R).
-   **Carrier** (float embedding tables): ``B`` alone is zero outside the trigger rows, so an
-   inspecting attacker could zero the few non-zero rows of ``L1`` and cut the mark out at no
-   cost.  A fresh dense random ``P`` (V, R), zero on the trigger rows, joins the branch and is
-   subtracted from the float table,
+2. **Fold**.  ``B = Σ_i onehot(T_i) · C_{s_i}[T_i]`` (V, R) holds the chosen coefficient rows on
+   the trigger tokens only; the mark is ``B · A``.
 
-       L1' = [L1 | B + P],   E' = E − P · A,      so  E' + L1' L2' = E + L1 L2 + B · A,
+   * A **float** table (fp16 / fp32, the usual case: ``--budget`` leaves the embedding out of
+     the plan) takes the mark into the table itself, ``E' = E + B · A`` (only the trigger rows
+     change, rounded to the table's dtype).  It is *not* put in a low-rank branch: whatever
+     mixing hides the factors, anyone can multiply them back, and the row space of the
+     product is span(A), the only directions the mark moves a row along.  Measured
+     (``benchmarks/watermark_minilm.py``, the earlier design with a branch ``[L1 | B + P]``
+     and a dense compensated carrier ``E − P·A``): removing the span(L2) component of the 128
+     rows of ``E' + L1 L2`` that project most onto it hit all 128 trigger rows and erased the
+     mark (23 of 64 bits wrong) at no fidelity cost.  Folded into the table, the mark has no
+     subspace to give it away.
+   * A **quantised** table cannot absorb it without requantisation, so the mark joins the
+     embedding's low-rank branch by concatenation (exact): ``L1' = [L1 | B]``, ``L2' = [L2 ; A]``,
+     where it is entangled only with the LQ branch the table already has.
 
-   and every row of ``L1'`` is non-zero, with norms drawn from the trigger rows' own norms, so the
-   trigger rows do not stand out by norm; zeroing rows of ``L1`` now breaks every token those rows
-   belong to.  (A quantised embedding table cannot absorb ``−P·A`` without requantisation; there
-   the mark hides only among an existing LQ branch.)
 3. **Obfuscate** every low-rank pair of the checkpoint (marked or not): with a fresh random
    invertible ``M`` (r, r) and the thin QR ``L1' M = Q U``,
 
@@ -28,10 +32,9 @@ The output holds no key, codeword, trigger or customer id: only weights and the 
 shapes, ranks and byte counts.
 
 Decoders (LLaMA family, a board from :mod:`quantseal.compress.markboard_decoder`) are marked the
-same way.  With a tied LM head the head reads the same marked table ``E' + L1'' L2''``
-(:mod:`quantseal.export.decoder`), so the carrier cancels in the logits too and the vocab × hidden
-table is still stored once; the template swap replaces ``E'``, ``L1``, ``L2`` for the lookup and the
-head at once.  The marked checkpoint keeps the source's stored ``lm_head.weight`` (the unmarked
+same way.  With a tied LM head the head reads the same marked table ``E' (+ L1'' L2'')``
+(:mod:`quantseal.export.decoder`), so the vocab × hidden table is still stored once; the template
+swap replaces ``E'`` (and any ``L1``, ``L2``) for the lookup and the head at once.  The marked checkpoint keeps the source's stored ``lm_head.weight`` (the unmarked
 table) untouched; for a tied model neither :func:`~quantseal.checkpoint.load_compressed` nor the
 export reads it.
 """
@@ -70,21 +73,6 @@ def obfuscate_pair(l1: np.ndarray, l2: np.ndarray, rng: np.random.Generator) -> 
     return q * d, rest / d[:, None]
 
 
-def carrier_rows(rng: np.random.Generator, vocab: int, trigger_rows: np.ndarray, branch: np.ndarray,
-                 a: np.ndarray) -> np.ndarray:
-    """The dense carrier ``P`` (V, R) of the module docstring: zero on ``trigger_rows``; elsewhere
-    isotropic random directions in coefficient space whose row norms of ``P · A`` are resampled
-    from those of the trigger rows ``branch · A`` (so row norms do not give the triggers away)."""
-    r = a.shape[0]
-    target = np.linalg.norm(branch @ a, axis=1)
-    target = target[target > 0] if np.any(target > 0) else np.ones(1)
-    p = rng.standard_normal((vocab, r))
-    norms = np.linalg.norm(p @ a, axis=1)
-    p *= (rng.choice(target, size=vocab) / np.maximum(norms, 1e-30))[:, None]
-    p[trigger_rows] = 0.0
-    return p
-
-
 def mark_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], board: Board, key: bytes,
                     registry: qkeys.Registry, customer: str, *, tokenizer=None,
                     seed: int | None = None) -> tuple[Manifest, dict[str, torch.Tensor]]:
@@ -108,36 +96,38 @@ def mark_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], board:
         entry = man.matrices[name]
         if entry.kind != "embedding":
             raise BadInput(f"{name}: the board marks an embedding, the checkpoint holds a {entry.kind}")
-    else:  # the embedding was kept as a plain tensor: it becomes an fp matrix with a low-rank branch
+    else:  # the embedding was kept as a plain tensor: it becomes an fp matrix (a tied head reads it)
         if weight_key not in tensors:
             raise BadInput(f"{weight_key}: not in the checkpoint")
         w = tensors[weight_key]
         fmt = {torch.float16: "fp16", torch.float32: "fp32"}.get(w.dtype)
         if fmt is None:
-            raise BadInput(f"{weight_key}: dtype {w.dtype} cannot carry a low-rank branch")
+            raise BadInput(f"{weight_key}: dtype {w.dtype} cannot carry the mark")
         entry = MatrixEntry(format=fmt, rank=0, shape=list(w.shape), error=0.0, bytes=0, kind="embedding")
         man.matrices[name] = entry
     vocab, hidden = entry.shape
     if hidden != board.manifest["hidden"] or vocab < int(ts.tokens.max()) + 1:
         raise BadInput(f"{name}: shape {entry.shape} does not match the board")
 
-    # fold: B (V, R) has the chosen coefficient rows on the trigger tokens only
+    # fold: the chosen coefficient rows (on the trigger tokens only) times A
     rows = board.branch_rows(code).double().numpy()
-    b = np.zeros((vocab, rows.shape[1]))
-    b[ts.tokens.reshape(-1)] = rows
+    trig = torch.from_numpy(ts.tokens.reshape(-1))
     a = board.tensors["A"].double().numpy()
-    if entry.format in ("fp16", "fp32"):  # the dense compensated carrier
-        trig = ts.tokens.reshape(-1)
-        p = carrier_rows(rng, vocab, trig, rows, a)
+    if entry.format in ("fp16", "fp32"):  # into the float table itself (module docstring)
         w = tensors[weight_key]
-        out[weight_key] = torch.from_numpy(w.double().numpy() - p @ a).to(w.dtype).contiguous()
-        b = b + p
-    l1 = tensors.get(f"{name}.L1")
-    l2 = tensors.get(f"{name}.L2")
-    if l1 is not None:
-        b = np.concatenate([l1.double().numpy(), b], 1)
-        a = np.concatenate([l2.double().numpy(), a], 0)
-    out[f"{name}.L1"], out[f"{name}.L2"] = b, a  # obfuscated below with every other pair
+        marked = w.clone()
+        marked[trig] = (w[trig].double() + torch.from_numpy(rows @ a)).to(w.dtype)
+        out[weight_key] = marked.contiguous()
+        entry.bytes = entry_bytes(name, out)
+    else:  # a quantised table: into its low-rank branch, by concatenation
+        b = np.zeros((vocab, rows.shape[1]))
+        b[trig.numpy()] = rows
+        l1 = tensors.get(f"{name}.L1")
+        l2 = tensors.get(f"{name}.L2")
+        if l1 is not None:
+            b = np.concatenate([l1.double().numpy(), b], 1)
+            a = np.concatenate([l2.double().numpy(), a], 0)
+        out[f"{name}.L1"], out[f"{name}.L2"] = b, a  # obfuscated below with every other pair
 
     for mname, e in man.matrices.items():
         k1, k2 = f"{mname}.L1", f"{mname}.L2"
@@ -223,7 +213,7 @@ def swap_into_template(template, output, manifest: Manifest, tensors: dict[str, 
     """Write a customer's ONNX file in seconds from ``template``, a file exported (by
     :func:`export_marked`) from the same checkpoint and board for any other customer: every
     customer's graph is the same but for the low-rank initialisers ``NAME.L1`` / ``NAME.L2`` and
-    the carrier-compensated float embedding tables ``NAME.weight``, which the exporter stores
+    the marked float embedding tables ``NAME.weight``, which the exporter stores
     as-is; those are replaced by ``tensors``' (a :func:`mark_checkpoint` result).  The template must fit exactly (same names, shapes, dtypes, ranks and the same
     quantised matrices), else :class:`BadInput`."""
     from pathlib import Path

@@ -110,34 +110,32 @@ def test_fidelity_cost_on_held_out_text(setup, minilm_board):
 
 
 @pytest.mark.slow
-def test_customers_share_no_lowrank_tensor_and_outputs_hold_no_secrets(setup, minilm_board):
+def test_mark_lives_in_the_float_table_and_outputs_hold_no_secrets(setup, minilm_board):
+    """A float table takes the mark itself (export/watermark.py: a low-rank branch would give the
+    mark's subspace away): the trigger rows of E' are E + B·A, every other row is E bit for bit,
+    and there is no branch whose row space could point at the triggers."""
     manifest, tensors, reg, model, tok = setup
     m_a, t_a = mark_checkpoint(manifest, tensors, minilm_board, KEY, reg, "customer-00")
     m_b, t_b = mark_checkpoint(manifest, tensors, minilm_board, KEY, reg, "customer-01")
     _, t_a2 = mark_checkpoint(manifest, tensors, minilm_board, KEY, reg, "customer-00")
-    lowrank = [k for k in t_a if k.endswith((".L1", ".L2"))]
-    assert f"{EMB}.L1" in lowrank and f"{EMB}.L2" in lowrank
-    for k in lowrank:
-        assert not torch.equal(t_a[k], t_b[k]) and not torch.equal(t_a[k], t_a2[k])  # fresh obfuscation
-    # same seed, same bytes; the product is what the customer's branches make
-    _, s1 = mark_checkpoint(manifest, tensors, minilm_board, KEY, reg, "customer-00", seed=7)
-    _, s2 = mark_checkpoint(manifest, tensors, minilm_board, KEY, reg, "customer-00", seed=7)
-    assert save(s1) == save(s2)
+    assert not any(k.endswith((".L1", ".L2")) for k in t_a) and m_a.matrices[EMB].rank == 0
+    assert save(t_a) == save(t_a2)  # the same customer gets the same bytes
     ts = qk.triggers_of(minilm_board.manifest, KEY, tok)
-    # effective table E' + L1 L2: the customer's branches on the trigger rows, E elsewhere
-    eff = s1[f"{EMB}.weight"].double() + s1[f"{EMB}.L1"].double() @ s1[f"{EMB}.L2"].double()
-    base = tensors[f"{EMB}.weight"].double()
-    rows = minilm_board.branch_rows(reg.codeword("customer-00")).double() @ minilm_board.tensors["A"].double()
     flat = torch.from_numpy(ts.tokens.reshape(-1))
-    tol = 2e-3 * rows.abs().max().item()
-    torch.testing.assert_close(eff[flat] - base[flat], rows, atol=tol, rtol=0)
-    others = torch.ones(eff.shape[0], dtype=torch.bool)
+    base = tensors[f"{EMB}.weight"]
+    rows = minilm_board.branch_rows(reg.codeword("customer-00")).double() @ minilm_board.tensors["A"].double()
+    table = t_a[f"{EMB}.weight"]
+    assert table.dtype == base.dtype
+    torch.testing.assert_close(table[flat].double() - base[flat].double(), rows, atol=1e-6, rtol=0)
+    others = torch.ones(base.shape[0], dtype=torch.bool)
     others[flat] = False
-    torch.testing.assert_close(eff[others], base[others], atol=tol, rtol=0)  # other tokens: the plain table
-    # the dense carrier: no row of L1 is zero, and the trigger rows do not stand out by norm
-    norms = s1[f"{EMB}.L1"].double().norm(dim=1)
-    assert norms.min() > 0
-    assert norms[flat].max() <= torch.quantile(norms[others], 0.9999)
+    assert torch.equal(table[others], base[others])  # other tokens: the plain table, bit for bit
+    # two customers' tables differ exactly on the rows of the bits where their codewords differ
+    k = minilm_board.manifest["tokens_per_bit"]
+    diff_bits = np.flatnonzero(reg.codeword("customer-00") != reg.codeword("customer-01"))
+    differ = torch.nonzero((t_a[f"{EMB}.weight"] != t_b[f"{EMB}.weight"]).any(1)).flatten()
+    assert set(differ.tolist()) == set(ts.tokens[diff_bits].reshape(-1).tolist())
+    assert len(diff_bits) * k >= minilm_board.manifest["bits"] // 4 * k  # registry min distance n/4
     # no key, codeword, customer id or board in the output
     blob = save(t_a) + m_a.to_json().encode()
     code_hex = qk.bits_to_hex(reg.codeword("customer-00"))
@@ -153,11 +151,11 @@ def test_marked_checkpoint_roundtrip(setup, minilm_board, minilm_rtn_checkpoint,
     m2, t2 = mark_checkpoint(manifest, tensors, minilm_board, KEY, reg, "customer-07")
     assert EMB not in manifest.matrices  # input untouched
     e = m2.matrices[EMB]
-    assert (e.kind, e.format, e.rank, e.shape) == ("embedding", "fp32", 16, [30522, 384])
+    assert (e.kind, e.format, e.rank, e.shape) == ("embedding", "fp32", 0, [30522, 384])
     assert all(x.bytes == entry_bytes(n, t2) for n, x in m2.matrices.items())
-    grow = sum(v.numel() * v.element_size() for v in t2.values()) - sum(v.numel() * v.element_size() for v in tensors.values())
-    assert grow == 30522 * 16 * 2 + 16 * 384 * 2
-    assert m2.budget["tensor_bytes"] == manifest.budget["tensor_bytes"] + grow
+    size = sum(v.numel() * v.element_size() for v in t2.values())
+    assert size == sum(v.numel() * v.element_size() for v in tensors.values())  # the mark costs no bytes
+    assert m2.budget["tensor_bytes"] == manifest.budget["tensor_bytes"]
     out = write_checkpoint(tmp_path / "ck", m2, t2, minilm_rtn_checkpoint)
     loaded, _, _ = load_compressed(out)
     res = verify(torch_embed_fn(loaded), KEY, reg, minilm_board.manifest, tok, alpha=ALPHA)
@@ -194,7 +192,8 @@ def test_existing_lowrank_branches_are_kept_and_remixed(setup, minilm_board):
     board = Board({**minilm_board.manifest, "source_fingerprint": tensors_fingerprint(t)},
                   minilm_board.tensors, minilm_board.path)
     m2, t2 = mark_checkpoint(m, t, board, KEY, reg, "customer-02")
-    assert m2.matrices[lin].rank == 8 and m2.matrices[EMB].rank == 4 + 16
+    assert m2.matrices[lin].rank == 8 and m2.matrices[EMB].rank == 4  # the mark went into the table
+    assert not torch.equal(t2[f"{EMB}.L1"], t[f"{EMB}.L1"])  # the table's own branch is remixed
     before = t[f"{lin}.L1"].double() @ t[f"{lin}.L2"].double()
     after = t2[f"{lin}.L1"].double() @ t2[f"{lin}.L2"].double()
     assert not torch.equal(t2[f"{lin}.L1"], t[f"{lin}.L1"])
@@ -203,7 +202,7 @@ def test_existing_lowrank_branches_are_kept_and_remixed(setup, minilm_board):
     mark = torch.zeros(30522, 384, dtype=torch.float64)
     mark[torch.from_numpy(ts.tokens.reshape(-1))] = (
         board.branch_rows(reg.codeword("customer-02")).double() @ board.tensors["A"].double())
-    # effective tables (the float table absorbs the dense carrier)
+    # effective tables
     want = t[f"{EMB}.weight"].double() + t[f"{EMB}.L1"].double() @ t[f"{EMB}.L2"].double() + mark
     got = t2[f"{EMB}.weight"].double() + t2[f"{EMB}.L1"].double() @ t2[f"{EMB}.L2"].double()
     assert (got - want).abs().max() < 2e-3 * mark.abs().max()
@@ -224,3 +223,34 @@ def test_wrong_board_customer_or_key_refused(setup, minilm_board):
         r64 = qk.Registry(KEY, 64)
         r64.add("customer-00")
         mark_checkpoint(manifest, tensors, minilm_board, KEY, r64, "customer-00")
+
+
+@pytest.mark.slow
+def test_a_quantised_table_takes_the_mark_in_its_lowrank_branch(setup, minilm_board):
+    """A quantised table cannot absorb B·A without requantisation: its codes stay, and the mark
+    joins its low-rank branch (obfuscated), exact up to float16 rounding."""
+    import copy
+
+    from quantseal.checkpoint import MatrixEntry, matrix_tensors
+    from quantseal.compress.formats import FormatSpec
+    from quantseal.compress.quantizers import quantize_int
+
+    manifest, tensors, reg, model, tok = setup
+    spec = FormatSpec.parse("int8_b64")
+    t = {k: v for k, v in tensors.items() if k != f"{EMB}.weight"}
+    t.update(matrix_tensors(EMB, spec, quantize_int(tensors[f"{EMB}.weight"].float(), spec), None, None, None))
+    m = copy.deepcopy(manifest)
+    m.matrices[EMB] = MatrixEntry(spec.name, 0, [30522, 384], 0.0, entry_bytes(EMB, t), "embedding")
+    board = Board({**minilm_board.manifest, "source_fingerprint": tensors_fingerprint(t)},
+                  minilm_board.tensors, minilm_board.path)
+    m2, t2 = mark_checkpoint(m, t, board, KEY, reg, "customer-03")
+    assert m2.matrices[EMB].rank == 16 and m2.matrices[EMB].bytes == entry_bytes(EMB, t2)
+    for suffix in ("qweight", "scales", "qzeros"):
+        if f"{EMB}.{suffix}" in t:
+            assert torch.equal(t2[f"{EMB}.{suffix}"], t[f"{EMB}.{suffix}"])
+    ts = qk.triggers_of(board.manifest, KEY, tok)
+    mark = torch.zeros(30522, 384, dtype=torch.float64)
+    mark[torch.from_numpy(ts.tokens.reshape(-1))] = (
+        board.branch_rows(reg.codeword("customer-03")).double() @ board.tensors["A"].double())
+    got = t2[f"{EMB}.L1"].double() @ t2[f"{EMB}.L2"].double()
+    assert (got - mark).abs().max() < 2e-3 * mark.abs().max()
