@@ -236,29 +236,38 @@ def prune(arr: np.ndarray, frac: float) -> np.ndarray:
     return flat.reshape(arr.shape)
 
 
-def projection_clean(proto: onnx.ModelProto, n_rows: int, score: str,
-                     rows: np.ndarray | None = None) -> tuple[onnx.ModelProto, np.ndarray]:
-    """A key-less attack on the embedding: fold the low-rank branch into the table
-    (E_eff = E' + L1·L2, which the carrier cannot change: it cancels there), project every row
-    onto span(L2) — the only directions the branch can move a row along — and for the ``n_rows``
-    rows whose projection stands out most (``score``: "norm" ‖E_eff[t]·U‖, or "fraction"
-    ‖E_eff[t]·U‖ / ‖E_eff[t]‖) remove that component.  Returns the attacked model (table
-    E_eff with those rows cleaned, L1 = 0) and the rows touched.  ``rows``: clean these instead
-    (e.g. every id the scheme could draw triggers from, which the attacker knows without the key)."""
-    e = get_init(proto, f"{EMB}.weight").astype(np.float64)
-    l1, l2 = get_init(proto, f"{EMB}.L1").astype(np.float64), get_init(proto, f"{EMB}.L2").astype(np.float64)
-    eff = e + l1 @ l2
-    u = np.linalg.qr(l2.T)[0]  # (H, r): orthonormal basis of span(L2)
+def effective_table(proto: onnx.ModelProto, emb: str = EMB) -> np.ndarray:
+    """E' (+ L1·L2 when the file has an embedding branch), float64: what the lookup reads."""
+    eff = get_init(proto, f"{emb}.weight").astype(np.float64)
+    if any(t.name == f"{emb}.L1" for t in proto.graph.initializer):
+        eff = eff + get_init(proto, f"{emb}.L1").astype(np.float64) @ get_init(proto, f"{emb}.L2").astype(np.float64)
+    return eff
+
+
+def with_table(proto: onnx.ModelProto, table: np.ndarray, emb: str = EMB) -> onnx.ModelProto:
+    """``proto`` with the embedding table replaced (in its dtype) and any branch zeroed."""
+    out = copy.deepcopy(proto)
+    set_init(out, f"{emb}.weight", table.astype(get_init(proto, f"{emb}.weight").dtype))
+    if any(t.name == f"{emb}.L1" for t in proto.graph.initializer):
+        set_init(out, f"{emb}.L1", np.zeros_like(get_init(proto, f"{emb}.L1")))
+    return out
+
+
+def projection_clean(proto: onnx.ModelProto, n_rows: int, score: str) -> tuple[onnx.ModelProto, np.ndarray]:
+    """A key-less attack on an embedding that carries the mark in a low-rank branch: fold the
+    branch into the table (E_eff = E' + L1·L2; mixing the factors does not change the product),
+    project every row onto span(L2) — the only directions the branch moves a row along — and for
+    the ``n_rows`` rows whose projection stands out most (``score``: "norm" ‖E_eff[t]·U‖, or
+    "fraction" ‖E_eff[t]·U‖ / ‖E_eff[t]‖) remove that component.  Returns the attacked model
+    (table E_eff with those rows cleaned, L1 = 0) and the rows touched."""
+    eff = effective_table(proto)
+    u = np.linalg.qr(get_init(proto, f"{EMB}.L2").astype(np.float64).T)[0]  # (H, r): basis of span(L2)
     proj = eff @ u
     pn = np.linalg.norm(proj, axis=1)
     val = pn if score == "norm" else pn / np.maximum(np.linalg.norm(eff, axis=1), 1e-12)
-    if rows is None:
-        rows = np.argsort(-val)[:n_rows]
+    rows = np.argsort(-val)[:n_rows]
     eff[rows] -= proj[rows] @ u.T
-    out = copy.deepcopy(proto)
-    set_init(out, f"{EMB}.weight", eff.astype(get_init(proto, f"{EMB}.weight").dtype))
-    set_init(out, f"{EMB}.L1", np.zeros_like(get_init(proto, f"{EMB}.L1")))
-    return out, rows
+    return with_table(proto, eff), rows
 
 
 def attacker(rob: dict, key: bytes, reg: qk.Registry, board: Board, tok, ref: np.ndarray, eval_texts: list[str]):
@@ -282,7 +291,7 @@ def attacker(rob: dict, key: bytes, reg: qk.Registry, board: Board, tok, ref: np
 
 
 def projection_only(args) -> None:
-    """``--projection-only``: run :func:`projection_attacks` on the kept customers' files of an
+    """``--projection-only``: run :func:`table_attacks` on the kept customers' files of an
     earlier run's ``--work`` folder and add them to its results JSON (re-rendered)."""
     R = json.loads(args.out.read_text())
     work = args.work
@@ -296,10 +305,10 @@ def projection_only(args) -> None:
     trig = set(int(t) for t in qk.triggers_of(board.manifest, key_a, tok).tokens.reshape(-1))
     eval_texts = pydoc_sentences("evaluation")
     ref = onnx_embed_texts(work / "innocent" / "float32" / "model.onnx", tok, eval_texts)
-    rob = {k: v for k, v in R["robustness"].items() if not k.startswith("remove span(L2)")}
+    rob = {k: v for k, v in R["robustness"].items() if not k.startswith(("remove span(L2)", "replace every row"))}
     attack = attacker(rob, key_a, reg_a, board, tok, ref, eval_texts)
     for c in customers[:args.robust]:
-        projection_attacks(onnx.load(str(work / "customers" / c / "model.onnx")), trig, c, work / "attacked", attack)
+        table_attacks(onnx.load(str(work / "customers" / c / "model.onnx")), trig, c, work / "attacked", attack)
         log(f"projection attacks done for {c}")
     shutil.rmtree(work / "attacked", ignore_errors=True)
     aggregate(rob)
@@ -310,19 +319,24 @@ def projection_only(args) -> None:
     args.out.with_suffix(".md").write_text(table(R) + "\n")
 
 
-def projection_attacks(proto: onnx.ModelProto, trig: set[int], c: str, att: Path, attack) -> None:
-    for n_rows in (len(trig), 4 * len(trig)):
-        for score in ("norm", "fraction"):
-            pp, rows = projection_clean(proto, n_rows, score)
-            attack(f"remove span(L2) from the {n_rows} rows of E + L1·L2 with the largest projection {score}", c,
-                   save_proto(pp, att / c / "proj" / "model.onnx"), fidelity=True,
-                   extra={"rows_cleaned": int(n_rows), "trigger_rows_hit": len(trig & set(rows.tolist())),
-                          "trigger_rows": len(trig)})
-    vocab = int(get_init(proto, f"{EMB}.weight").shape[0])
-    pp, rows = projection_clean(proto, 0, "norm", np.arange(qk.RARE_FROM, vocab))
-    attack(f"remove span(L2) from every row of E + L1·L2 from id {qk.RARE_FROM} on (all rare ids, no key needed)", c,
-           save_proto(pp, att / c / "proj" / "model.onnx"), fidelity=True,
-           extra={"rows_cleaned": int(len(rows)), "trigger_rows_hit": len(trig & set(rows.tolist())),
+def table_attacks(proto: onnx.ModelProto, trig: set[int], c: str, att: Path, attack) -> None:
+    """Key-less attacks on where the mark lives: the span(L2) projection (only when the file has
+    an embedding branch), and replacing every row the scheme could draw triggers from (ids from
+    ``RARE_FROM`` on; the attacker knows the scheme, not the key) by their mean."""
+    if any(t.name == f"{EMB}.L1" for t in proto.graph.initializer):
+        for n_rows in (len(trig), 4 * len(trig)):
+            for score in ("norm", "fraction"):
+                pp, rows = projection_clean(proto, n_rows, score)
+                attack(f"remove span(L2) from the {n_rows} rows of E + L1·L2 with the largest projection {score}", c,
+                       save_proto(pp, att / c / "proj" / "model.onnx"), fidelity=True,
+                       extra={"rows_cleaned": int(n_rows), "trigger_rows_hit": len(trig & set(rows.tolist())),
+                              "trigger_rows": len(trig)})
+    eff = effective_table(proto)
+    rare = np.arange(qk.RARE_FROM, eff.shape[0])
+    eff[rare] = eff[rare].mean(0)
+    attack(f"replace every row from id {qk.RARE_FROM} on ({len(rare)} rare ids) by their mean (no key needed)", c,
+           save_proto(with_table(proto, eff), att / c / "rare" / "model.onnx"), fidelity=True,
+           extra={"rows_replaced": int(len(rare)), "trigger_rows_hit": len(trig & set(rare.tolist())),
                   "trigger_rows": len(trig)})
 
 
@@ -646,10 +660,11 @@ def main() -> None:
             # dequantise everything to a float32 graph (what the attacker can compute from the file), then int8
             ckc = att / c / "ck"
             m_c, t_c = mark_checkpoint(manifest, tensors, board, key_a, reg_a, c)
-            # the ONNX file's own factors, not a fresh obfuscation: its effective weights
+            # the ONNX file's own table (and factors, if any; not a fresh obfuscation): its effective weights
             t_c = dict(t_c)
-            for k in (f"{EMB}.L1", f"{EMB}.L2"):
-                t_c[k] = torch.from_numpy(get_init(proto, k).copy())
+            for k in (f"{EMB}.weight", f"{EMB}.L1", f"{EMB}.L2"):
+                if k in t_c:
+                    t_c[k] = torch.from_numpy(get_init(proto, k).copy())
             write_checkpoint(ckc, m_c, t_c, ck)
             fm, _, _ = load_compressed(ckc)
             wrapper, _ = _float_encoder(fm)
@@ -667,10 +682,13 @@ def main() -> None:
             attack("float16 weights (every float32 initialiser → float16 + Cast)", c,
                    save_proto(p16, att / c / "fp16" / "model.onnx"), extra={"converted": n16}, fidelity=True)
             # pruning
+            has_branch = any(t.name == f"{EMB}.L1" for t in proto.graph.initializer)
             for frac in PRUNE:
                 for scope, pick in (("all float initialisers", lambda t: True),
                                     ("embedding table", lambda t: t.name == f"{EMB}.weight"),
                                     ("embedding low-rank factors", lambda t: t.name in (f"{EMB}.L1", f"{EMB}.L2"))):
+                    if scope == "embedding low-rank factors" and not has_branch:
+                        continue
                     pp = copy.deepcopy(proto)
                     for t in float_inits(pp):
                         if pick(t):
@@ -678,12 +696,13 @@ def main() -> None:
                     attack(f"magnitude pruning {int(frac * 100)} % ({scope})", c,
                            save_proto(pp, att / c / "prune" / "model.onnx"), fidelity=True)
             # cutting the branch out: the embedding's L1 rows an inspecting attacker can see
-            l1 = get_init(proto, f"{EMB}.L1")
+            # (only when the mark lives in a low-rank branch: quantised tables)
+            l1 = get_init(proto, f"{EMB}.L1") if has_branch else np.zeros((0, 0))
             nz = np.flatnonzero(np.abs(l1).sum(1))
             norms = np.linalg.norm(l1.astype(np.float64), axis=1)
-            for label, zrows in (("zero the non-zero rows of the embedding low-rank factor L1", nz),
-                                (f"zero the {len(trig)} largest-norm rows of the embedding L1",
-                                 np.argsort(-norms)[:len(trig)])):
+            cuts = (("zero the non-zero rows of the embedding low-rank factor L1", nz),
+                    (f"zero the {len(trig)} largest-norm rows of the embedding L1", np.argsort(-norms)[:len(trig)]))
+            for label, zrows in (cuts if has_branch else ()):
                 pp = copy.deepcopy(proto)
                 z = l1.copy()
                 z[zrows] = 0
@@ -692,7 +711,7 @@ def main() -> None:
                        extra={"zeroed_rows": int(len(zrows)), "nonzero_rows": int(len(nz)),
                               "trigger_rows_hit": len(trig & set(zrows.tolist())),
                               "rows_are_the_trigger_tokens": set(zrows.tolist()) == trig})
-            projection_attacks(proto, trig, c, att, attack)
+            table_attacks(proto, trig, c, att, attack)
             shutil.rmtree(att / c, ignore_errors=True)
         except Exception as exc:  # noqa: BLE001 - a failed measurement is reported, not fatal
             log(f"robustness {c} failed: {type(exc).__name__}: {exc}")
@@ -706,11 +725,11 @@ def main() -> None:
         try:
             pa, pb = onnx.load(str(onnx_dir / ca / "model.onnx")), onnx.load(str(onnx_dir / cb / "model.onnx"))
             # effective weights: E + (L1a L2a + L1b L2b) / 2, the low-rank branch folded into the table
-            eff = [get_init(x, f"{EMB}.weight").astype(np.float64) + get_init(x, f"{EMB}.L1").astype(np.float64)
-                   @ get_init(x, f"{EMB}.L2").astype(np.float64) for x in (pa, pb)]
+            eff = [effective_table(x) for x in (pa, pb)]
             pe = copy.deepcopy(pa)
             set_init(pe, f"{EMB}.weight", (eff[0] + eff[1]) / 2)
-            set_init(pe, f"{EMB}.L1", np.zeros_like(get_init(pa, f"{EMB}.L1")))
+            if any(t.name == f"{EMB}.L1" for t in pa.graph.initializer):
+                set_init(pe, f"{EMB}.L1", np.zeros_like(get_init(pa, f"{EMB}.L1")))
             for name, proto in (("average of two customers (effective weights)", pe),):
                 p = save_proto(proto, att / "avg" / "model.onnx")
                 r = verify_onnx(p, key_a, reg_a, board.manifest, tok)

@@ -15,11 +15,12 @@ host sentences and a secret pair of target tokens, read from next-token logits),
 3. **fidelity cost** on held-out ``pydoc_sentences("evaluation")``: perplexity and mean
    next-token KL(unmarked ‖ marked) over every position, onnxruntime, for two customers;
 4. **robustness** (the first two customers' files): every float32 initialiser converted to float16
-   (+ Cast); onnxruntime ``quantize_dynamic`` int8 (defaults, and after upcasting the float16
-   factors); 10 % / 30 % magnitude pruning (all float matrices, or the embedding's low-rank
-   factors); the average of the two customers (effective tables, and naively every initialiser);
-   fine-tuning the customer's token table and factors for ``--ft-steps`` steps of next-token loss
-   on other text (standard-library docstrings), verified in torch.  Each with its perplexity.
+   (+ Cast); onnxruntime ``quantize_dynamic`` int8 (defaults, and after upcasting float16
+   initialisers); 10 % / 30 % magnitude pruning of all float matrices; the average of the two
+   customers' tables; replacing every row from ``RARE_FROM`` on (the ids the scheme draws
+   triggers from) by their mean; fine-tuning the customer's token table for ``--ft-steps`` steps
+   of next-token loss on other text (standard-library docstrings), verified in torch.  Each with
+   its perplexity.
 
     nice -n 10 .venv/bin/python benchmarks/watermark_smollm2.py [--customers 100] [--work DIR]
         # writes results/watermark_smollm2.{json,png,md}; then: python benchmarks/report.py
@@ -405,8 +406,10 @@ def attacks(args, result, ck, board, keep, reg, tok, seqs, verify_file, log, sav
     from quantseal.checkpoint import read_checkpoint, write_checkpoint
     from quantseal.export.watermark import mark_checkpoint
     from quantseal.runtime.verify import verify as verify_fn
-    from watermark_minilm import (float_inits, get_init, loads, other_text, prune, quantize_int8, save_proto,
-                                  set_init, upcast_fp16_inits)
+    from watermark_minilm import (effective_table, float_inits, loads, other_text, prune, quantize_int8,
+                                  save_proto, set_init, upcast_fp16_inits, with_table)
+
+    from quantseal.keys import RARE_FROM
 
     rob = result["robustness"]
     att = args.work / "attacked"
@@ -449,16 +452,20 @@ def attacks(args, result, ck, board, keep, reg, tok, seqs, verify_file, log, sav
         guarded(f"int8 dynamic (defaults), {c}", int8_default)
         guarded(f"int8 dynamic (upcast), {c}", int8_upcast)
         for frac in PRUNE:
-            for scope, pick in (("all float matrices", lambda t: True),
-                                ("embedding low-rank factors", lambda t: t.name in (f"{EMB}.L1", f"{EMB}.L2"))):
-                def pruned(c=c, proto=proto, frac=frac, scope=scope, pick=pick):
-                    pp = copy.deepcopy(proto)
-                    for t in float_inits(pp):
-                        if pick(t):
-                            set_init(pp, t.name, prune(numpy_helper.to_array(t), frac))
-                    attack(f"magnitude pruning {int(frac * 100)} % ({scope})", c,
-                           save_proto(pp, att / c / "prune" / "model.onnx"), c)
-                guarded(f"pruning {frac} {scope}, {c}", pruned)
+            def pruned(c=c, proto=proto, frac=frac):
+                pp = copy.deepcopy(proto)
+                for t in float_inits(pp):
+                    set_init(pp, t.name, prune(numpy_helper.to_array(t), frac))
+                attack(f"magnitude pruning {int(frac * 100)} % (all float matrices)", c,
+                       save_proto(pp, att / c / "prune" / "model.onnx"), c)
+            guarded(f"pruning {frac}, {c}", pruned)
+
+        def rare_reset(c=c, proto=proto):
+            eff = effective_table(proto, EMB)
+            eff[RARE_FROM:] = eff[RARE_FROM:].mean(0)
+            attack(f"replace every row from id {RARE_FROM} on ({len(eff) - RARE_FROM} ids) by their mean (no key needed)",
+                   c, save_proto(with_table(proto, eff, EMB), att / c / "rare" / "model.onnx"), c)
+        guarded(f"rare-row reset, {c}", rare_reset)
         del proto
 
     if len(keep) >= 2:
@@ -466,20 +473,9 @@ def attacks(args, result, ck, board, keep, reg, tok, seqs, verify_file, log, sav
 
         def averaged():
             pa, pb = onnx.load(str(pa_path)), onnx.load(str(pb_path))
-            eff = [get_init(x, f"{EMB}.weight").astype(np.float64) + get_init(x, f"{EMB}.L1").astype(np.float64)
-                   @ get_init(x, f"{EMB}.L2").astype(np.float64) for x in (pa, pb)]
-            pe = copy.deepcopy(pa)
-            set_init(pe, f"{EMB}.weight", ((eff[0] + eff[1]) / 2).astype(np.float32))
-            set_init(pe, f"{EMB}.L1", np.zeros_like(get_init(pa, f"{EMB}.L1")))
-            del eff
+            pe = with_table(pa, (effective_table(pa, EMB) + effective_table(pb, EMB)) / 2, EMB)
             attack("average of two customers (effective tables)", f"{ca}+{cb}",
                    save_proto(pe, att / "avg" / "model.onnx"), None)
-            pn = copy.deepcopy(pa)
-            for t in float_inits(pn):
-                set_init(pn, t.name, (numpy_helper.to_array(t).astype(np.float64)
-                                      + get_init(pb, t.name).astype(np.float64)) / 2)
-            attack("average of two customers (every float initialiser, element-wise)", f"{ca}+{cb}",
-                   save_proto(pn, att / "avg_naive" / "model.onnx"), None)
 
         guarded("averaging", averaged)
 

@@ -73,3 +73,31 @@ def test_exported_activation_quantised_model_matches_torch(tiny_bert_dir, tmp_pa
     assert cos.min() >= 0.9999, cos.min()
     # the quantisers are not a no-op: the fake-quantised model differs from the plain one
     assert np.abs(ref - plain).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_exported_a8_decoder_matches_torch(tiny_llama_dir, tmp_path, capsys):
+    """The decoder path (KV-cache graph) carries the QDQ pairs and CFP's folds / smoothing too."""
+    import torch
+
+    from quantseal.runtime.pipelines import CausalLM
+
+    ck, out = tmp_path / "ck", tmp_path / "model.onnx"
+    assert main(["compress", str(tiny_llama_dir), "-o", str(ck), "--method", "cbq", "--wbits", "4", "--abits", "8",
+                 "--block", "16", "--steps", "4", "--rank", "2", "--calib-samples", "8", "--json"]) == 0
+    assert main(["export", str(ck), "-o", str(out), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    manifest, tensors = read_checkpoint(ck)
+    assert rep["ops"]["QuantizeLinear"] == len(manifest.extra["activations"]) == 14
+    tok = TextTokenizer(ck)
+    seqs = [tok.encode_ids(s, special=False)[:24] for s in pydoc_sentences("evaluation")[:4]]
+    model, _, _ = load_compressed(ck)
+    plain, _, _ = load_compressed(ck, activations=False)
+    lm = CausalLM(out, provider="cpu")
+    for s in seqs:
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([s])).logits[0].numpy()
+            unq = plain(input_ids=torch.tensor([s])).logits[0].numpy()
+        got = lm.logits(np.array(s))
+        np.testing.assert_allclose(got, ref, atol=2e-3 * np.abs(ref).max(), rtol=0)
+        assert np.abs(ref - unq).max() > 1e-4  # the quantisers are not a no-op
