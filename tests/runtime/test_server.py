@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import queue
@@ -14,6 +13,7 @@ import threading
 
 import numpy as np
 import pytest
+from http_request import request  # tests/runtime/http_request.py
 
 from quantseal.errors import BadInput
 from quantseal.runtime.client import EndpointEmbedder
@@ -43,17 +43,6 @@ def served(minilm_rtn_onnx):
         server.shutdown()
         server.server_close()
         thread.join(10)
-
-
-def request(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        conn.request(method, path, body=body, headers=headers or {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
 
 
 def test_round_trip_equals_embedder(served, local):

@@ -4,28 +4,16 @@ requests get HTTP 400 and the server keeps serving."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import threading
 
 import numpy as np
 import pytest
+from http_request import request  # tests/runtime/http_request.py
 
 from quantseal.errors import BadInput
 from quantseal.runtime.client import EndpointCausalLM
 from quantseal.runtime.pipelines import CausalLM
 
-
-
-def request(url: str, method: str, path: str, body: bytes | None = None):
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
 
 pytestmark = pytest.mark.slow
 
