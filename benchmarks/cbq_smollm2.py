@@ -49,11 +49,19 @@ def float_folder(work: Path) -> Path:
 
     from quantseal.models import load_model, source_files
 
+    from safetensors.torch import save_file
+
     src = smollm2_folder()
     model, _ = load_model(src)
     tmp = Path(tempfile.mkdtemp(prefix=".fp32.", dir=work))
-    model.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "tokenizer.json").write_bytes(source_files(src, model)["tokenizer.json"])
+    files = source_files(src, model)  # config.json and tokenizer.json as checkpoints get them
+    config = json.loads(files["config.json"])
+    config.pop("quantization_config", None)  # transformers marks a GGUF-loaded model; these are float32 weights
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    (tmp / "tokenizer.json").write_bytes(files["tokenizer.json"])
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (config.get("tie_word_embeddings") and k == "lm_head.weight")}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     os.replace(tmp, out)
     return out
 
