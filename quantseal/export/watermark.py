@@ -15,9 +15,10 @@
      rows of ``E' + L1 L2`` that project most onto it hit all 128 trigger rows and erased the
      mark (23 of 64 bits wrong) at no fidelity cost.  Folded into the table, the mark has no
      subspace to give it away.
-   * A **quantised** table cannot absorb it without requantisation, so the mark joins the
-     embedding's low-rank branch by concatenation (exact): ``L1' = [L1 | B]``, ``L2' = [L2 ; A]``,
-     where it is entangled only with the LQ branch the table already has.
+   * A **quantised** table (``--budget-mb`` puts the embedding in the plan) takes it the same
+     way: the trigger rows of ``dequant(Q) + B · A`` are requantised in the table's own format
+     (blocks run along a row, so every other row keeps its codes and scales bit for bit); the
+     mark then carries that format's rounding error (:func:`requantised_rows`).
 
 3. **Obfuscate** every low-rank pair of the checkpoint (marked or not): with a fresh random
    invertible ``M`` (r, r) and the thin QR ``L1' M = Q U``,
@@ -49,7 +50,8 @@ import numpy as np
 import torch
 
 from .. import keys as qkeys
-from ..checkpoint import Manifest, MatrixEntry, budget_after_edit, entry_bytes
+from ..checkpoint import Manifest, MatrixEntry, budget_after_edit, entry_bytes, matrix_tensors, stored_quantized
+from ..compress.quantizers import QuantizedTensor, dequantize, quantize
 from ..compress.markboard import Board, tensors_fingerprint, triggers_of
 from ..errors import BadInput
 
@@ -71,6 +73,24 @@ def obfuscate_pair(l1: np.ndarray, l2: np.ndarray, rng: np.random.Generator) -> 
     rest = u @ np.linalg.solve(m, l2)  # U M⁻¹ L2
     d = np.sqrt(np.maximum(np.linalg.norm(rest, axis=1), 1e-30))
     return q * d, rest / d[:, None]
+
+
+def requantised_rows(name: str, entry: MatrixEntry, tensors: dict[str, torch.Tensor], rows: torch.Tensor,
+                     delta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The stored code tensors of a quantised matrix whose ``rows`` are replaced by the
+    requantisation of ``dequant(Q)[rows] + delta`` in the matrix's own format (MSE clip search,
+    as compression did); every other row keeps its codes, scales and zero points."""
+    spec = entry.spec
+    qt = stored_quantized(name, entry, tensors)
+    zeros = None if qt.zeros is None else qt.zeros[rows]
+    part = QuantizedTensor(qt.codes[rows], qt.scales[rows], zeros, (len(rows), qt.shape[1]), spec)
+    new = quantize(dequantize(part) + delta.float(), spec)
+    codes, scales = qt.codes.clone(), qt.scales.clone()
+    codes[rows], scales[rows] = new.codes, new.scales
+    if qt.zeros is not None:
+        zeros = qt.zeros.clone()
+        zeros[rows] = new.zeros
+    return matrix_tensors(name, spec, QuantizedTensor(codes, scales, zeros, qt.shape, spec), None, None, None)
 
 
 def mark_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], board: Board, key: bytes,
@@ -119,15 +139,9 @@ def mark_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], board:
         marked[trig] = (w[trig].double() + torch.from_numpy(rows @ a)).to(w.dtype)
         out[weight_key] = marked.contiguous()
         entry.bytes = entry_bytes(name, out)
-    else:  # a quantised table: into its low-rank branch, by concatenation
-        b = np.zeros((vocab, rows.shape[1]))
-        b[trig.numpy()] = rows
-        l1 = tensors.get(f"{name}.L1")
-        l2 = tensors.get(f"{name}.L2")
-        if l1 is not None:
-            b = np.concatenate([l1.double().numpy(), b], 1)
-            a = np.concatenate([l2.double().numpy(), a], 0)
-        out[f"{name}.L1"], out[f"{name}.L2"] = b, a  # obfuscated below with every other pair
+    else:  # a quantised table: its trigger rows requantised
+        out.update(requantised_rows(name, entry, tensors, trig, torch.from_numpy(rows @ a)))
+        entry.bytes = entry_bytes(name, out)
 
     for mname, e in man.matrices.items():
         k1, k2 = f"{mname}.L1", f"{mname}.L2"
@@ -213,7 +227,7 @@ def swap_into_template(template, output, manifest: Manifest, tensors: dict[str, 
     """Write a customer's ONNX file in seconds from ``template``, a file exported (by
     :func:`export_marked`) from the same checkpoint and board for any other customer: every
     customer's graph is the same but for the low-rank initialisers ``NAME.L1`` / ``NAME.L2`` and
-    the marked float embedding tables ``NAME.weight``, which the exporter stores
+    the marked embedding tables (``NAME.weight``, or a quantised table's code tensors), which the exporter stores
     as-is; those are replaced by ``tensors``' (a :func:`mark_checkpoint` result).  The template must fit exactly (same names, shapes, dtypes, ranks and the same
     quantised matrices), else :class:`BadInput`."""
     from pathlib import Path
@@ -221,6 +235,7 @@ def swap_into_template(template, output, manifest: Manifest, tensors: dict[str, 
     import onnx
     from onnx import numpy_helper
 
+    from .lowbit import STORED_SUFFIXES, StoredMatrix, embedding_nodes
     from .onnx import _make_parent, write_model
 
     template, output = Path(template), Path(output)
@@ -243,14 +258,24 @@ def swap_into_template(template, output, manifest: Manifest, tensors: dict[str, 
     lowrank = [k for k in tensors if k.endswith((".L1", ".L2"))]
     if sorted(lowrank) != sorted(k for k in inits if k.endswith((".L1", ".L2"))):
         raise BadInput(f"{template}: its low-rank initialisers differ from the marked checkpoint's")
+    marked = {n for n, e in manifest.matrices.items() if e.kind == "embedding"}  # the tables that carry the mark
     for k, t in tensors.items():  # the frozen part must be the same checkpoint's
-        if k.endswith(".scales") and k in inits:
+        if k.endswith(".scales") and k in inits and k.removesuffix(".scales") not in marked:
             if numpy_helper.to_array(inits[k]).tobytes() != t.numpy().tobytes():
                 raise BadInput(f"{template}: {k} differs; exported from another checkpoint")
-    tables = [f"{n}.weight" for n, e in manifest.matrices.items()
-              if e.kind == "embedding" and e.format in ("fp16", "fp32") and f"{n}.weight" in inits]
-    for k in lowrank + tables:
-        arr = tensors[k].numpy()
+    new = {k: tensors[k].numpy() for k in lowrank}
+    for n in marked:
+        e = manifest.matrices[n]
+        if e.format in ("fp16", "fp32"):
+            if f"{n}.weight" in inits:
+                new[f"{n}.weight"] = tensors[f"{n}.weight"].numpy()
+            continue
+        # a quantised table: its initialisers exactly as the exporter lays them out
+        arrays = {s[1:]: tensors[n + s].numpy() for s in STORED_SUFFIXES if n + s in tensors}
+        for init in embedding_nodes(StoredMatrix(n, e.spec, tuple(e.shape), arrays), "ids", "y").initializers:
+            if init.name in inits and not init.name.endswith((".L1", ".L2")):
+                new[init.name] = numpy_helper.to_array(init)
+    for k, arr in new.items():
         old = inits[k]
         if list(old.dims) != list(arr.shape) or old.data_type != onnx.helper.np_dtype_to_tensor_dtype(arr.dtype):
             raise BadInput(f"{template}: initialiser {k} has another shape or dtype")

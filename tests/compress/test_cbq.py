@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from quantseal.compress.calibration import block_forward, capture_block_inputs, run_block
+from quantseal.compress.calibration import block_forward, capture_block_inputs
 from quantseal.compress.cbq import (CBQConfig, CBQLinear, attach_activation_quant, cbq_quantize_model, gptq_init,
                                     kl_term, reconstruction_loss, rectified_sigmoid, rounding_regularizer,
                                     window_starts)

@@ -16,7 +16,7 @@ import pytest
 
 from quantseal.checkpoint import load_compressed, read_checkpoint
 from quantseal.cli import main
-from quantseal.errors import BadInput, Unsupported
+from quantseal.errors import BadInput
 from quantseal.export.inspect_onnx import inspect_onnx
 from quantseal.export.onnx import export_onnx, matrix_initializer_bytes, write_model
 from quantseal.quality import embed_texts

@@ -4,7 +4,9 @@ next-token logits (quantseal/runtime/verify.py) of the ONNX file and of ``POST /
 
 from __future__ import annotations
 
+import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -38,6 +40,7 @@ def exported(tmp_path_factory, llama_rtn_export, llama_board):
     for c in CUSTOMERS:
         reg.add(c)
     root = tmp_path_factory.mktemp("llama_marked")
+    shutil.rmtree(Path(llama_board.path) / "templates", ignore_errors=True)  # another test's template: trace anew
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
