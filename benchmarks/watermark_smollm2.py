@@ -415,6 +415,7 @@ def attacks(args, result, ck, board, keep, reg, tok, seqs, verify_file, log, sav
     att = args.work / "attacked"
 
     def attack(name: str, c: str | None, path: Path, owner: str | None, extra: dict | None = None) -> None:
+        shutil.copyfile(ck / "tokenizer.json", path.parent / "tokenizer.json")  # as export writes it
         err = loads(path)
         if err is not None:
             rob.append({"attack": name, "customer": c, "error": err})
