@@ -274,3 +274,26 @@ def test_a_quantised_table_takes_the_mark_by_requantised_rows(setup, minilm_boar
         assert rep["path_taken"] == ("traced" if i == 0 else "template")
         res = verify(onnx_embed_fn(out, provider="cpu"), KEY, reg, board.manifest, tok, alpha=ALPHA)
         assert res["owner"] == c and res["bit_errors"] == 0, res
+
+
+@pytest.mark.slow
+def test_twenty_customers_exported_through_onnxruntime_decode_exactly(minilm_rtn_checkpoint, minilm_board, tmp_path):
+    """The issue's acceptance test: twenty customers, each exported (`export_marked`: traced once,
+    then swapped into the template) and verified black-box through onnxruntime."""
+    import shutil
+
+    from quantseal.export.watermark import export_marked
+    from quantseal.runtime.verify import onnx_embed_fn
+
+    reg = qk.Registry(KEY, 16)
+    customers = [f"tw-{i:02d}" for i in range(20)]
+    for c in customers:
+        reg.add(c)
+    tok = TextTokenizer(minilm_rtn_checkpoint)
+    for i, c in enumerate(customers):
+        out = tmp_path / c / "model.onnx"
+        export_marked(minilm_rtn_checkpoint, out, minilm_board.path, KEY, reg, c, seed=i)
+        res = verify(onnx_embed_fn(out, provider="cpu"), KEY, reg, minilm_board.manifest, tok, alpha=ALPHA)
+        assert res["owner"] == c and res["bit_errors"] == 0, (c, res)
+        assert res["p_value"] == pytest.approx(20 * 2.0 ** -16)
+        shutil.rmtree(out.parent)
