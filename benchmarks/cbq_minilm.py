@@ -92,6 +92,34 @@ def static_activation_scales(model, fam, batches, bits: int) -> dict:
     return out
 
 
+def quantize_in_place(model, fam, batches, method: str, spec, abits: int, args) -> tuple[dict, dict]:
+    """RTN, GPTQ or CBQ (``cbq``: GPTQ init; ``cbq-rtn``: the paper's RTN init) on ``model`` in
+    place; returns (activation quantisers for A < 16, extra report fields).  Shared with
+    ``cbq_smollm2.py``."""
+    import torch
+
+    from quantseal.compress.calibration import capture_block_inputs
+    from quantseal.compress.cbq import CBQConfig, cbq_quantize_model, gptq_init
+    from quantseal.compress.gptq import gptq_quantize_model
+    from quantseal.compress.quantizers import dequantize, quantize_int
+    from quantseal.models import compressible_linears
+
+    if method in ("rtn", "gptq"):
+        if method == "rtn":
+            for lin in compressible_linears(model, fam).values():
+                lin.weight.data = dequantize(quantize_int(lin.weight.data, spec))
+        else:
+            gptq_quantize_model(model, fam, capture_block_inputs(model, fam, batches, torch.float32), spec)
+        return (static_activation_scales(model, fam, batches, abits) if abits < 16 else {}), {}
+    cfg = CBQConfig(wbits=spec.bits, abits=abits, block=spec.block, rank=args.rank, steps=args.steps,
+                    init="gptq" if method == "cbq" else "rtn", seed=0)
+    inputs = capture_block_inputs(model, fam, batches, torch.float16)
+    init = gptq_init(model, fam, inputs, cfg)[0] if cfg.init == "gptq" else None
+    res = cbq_quantize_model(model, fam, inputs, cfg, init=init)
+    return res.activations, {"window_losses": [round(x, 6) for x in res.losses], "rank": args.rank,
+                             "steps": args.steps, "cfp_channels": sum(len(v) for v in res.folded.values())}
+
+
 def run_one(setting: str, method: str, args) -> dict:
     return {**_run_one(setting, method, args), "threads": args.threads}
 
@@ -99,11 +127,9 @@ def run_one(setting: str, method: str, args) -> dict:
 def _run_one(setting: str, method: str, args) -> dict:
     import torch
 
-    from quantseal.compress.calibration import calibration_batches, capture_block_inputs
-    from quantseal.compress.cbq import CBQConfig, attach_activation_quant, cbq_quantize_model, gptq_init
+    from quantseal.compress.calibration import calibration_batches
+    from quantseal.compress.cbq import CBQConfig, attach_activation_quant
     from quantseal.compress.formats import FormatSpec
-    from quantseal.compress.gptq import gptq_quantize_model
-    from quantseal.compress.quantizers import dequantize, quantize_int
     from quantseal.models import compressible_linears, default_model_path, load_model
     from quantseal.quality import embed_texts, embedding_error, nn_agreement
     from quantseal.text import TextTokenizer, calibration_texts, pydoc_sentences
@@ -153,24 +179,7 @@ def _run_one(setting: str, method: str, args) -> dict:
                 "bits_per_param": rep["bits_per_param"], "formats": rep["formats"]}
     model, fam = load_model(mp)
     batches = calibration_batches(mp, calibration_texts(None, args.calib_samples), 16)
-    extra: dict = {}
-    if method == "rtn":
-        for lin in compressible_linears(model, fam).values():
-            lin.weight.data = dequantize(quantize_int(lin.weight.data, spec))
-        acts = static_activation_scales(model, fam, batches, abits) if abits < 16 else {}
-    elif method == "gptq":
-        inputs = capture_block_inputs(model, fam, batches, torch.float32)
-        gptq_quantize_model(model, fam, inputs, spec)
-        del inputs
-        acts = static_activation_scales(model, fam, batches, abits) if abits < 16 else {}
-    else:
-        cfg = CBQConfig(wbits=wbits, abits=abits, block=args.block, rank=args.rank, steps=args.steps,
-                        init="gptq" if method == "cbq" else "rtn", seed=0)
-        inputs = capture_block_inputs(model, fam, batches, torch.float16)
-        init = gptq_init(model, fam, inputs, cfg)[0] if cfg.init == "gptq" else None
-        res = cbq_quantize_model(model, fam, inputs, cfg, init=init)
-        acts = res.activations
-        extra = {"window_losses": [round(x, 6) for x in res.losses], "rank": args.rank, "steps": args.steps}
+    acts, extra = quantize_in_place(model, fam, batches, method, spec, abits, args)
     calib_s = time.perf_counter() - t0
     if acts:
         attach_activation_quant(model, acts)

@@ -75,14 +75,10 @@ def eval_sequences(folder: Path, n: int) -> list[list[int]]:
 
 
 def perplexity(model, seqs: list[list[int]]) -> float:
-    import torch
+    sys.path.insert(0, str(HERE))
+    from decoder_smollm2 import nll_torch
 
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for s in seqs:
-            logits = model(input_ids=torch.tensor([s])).logits[0, :-1].double()
-            nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(s[1:]), reduction="sum"))
-            count += len(s) - 1
+    nll, count = nll_torch(model, seqs)
     return math.exp(nll / count)
 
 
@@ -90,14 +86,12 @@ def run_one(setting: str, method: str, args) -> dict:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from cbq_minilm import parse_setting, peak_rss_mb, static_activation_scales
+    from cbq_minilm import parse_setting, peak_rss_mb, quantize_in_place
 
-    from quantseal.compress.calibration import calibration_batches, capture_block_inputs
-    from quantseal.compress.cbq import CBQConfig, attach_activation_quant, cbq_quantize_model, gptq_init
+    from quantseal.compress.calibration import calibration_batches
+    from quantseal.compress.cbq import attach_activation_quant
     from quantseal.compress.formats import FormatSpec
-    from quantseal.compress.gptq import gptq_quantize_model
-    from quantseal.compress.quantizers import dequantize, quantize_int
-    from quantseal.models import compressible_linears, load_model
+    from quantseal.models import load_model
     from quantseal.text import calibration_texts
 
     torch.set_num_threads(args.threads)
@@ -110,25 +104,7 @@ def run_one(setting: str, method: str, args) -> dict:
     spec = FormatSpec("int", wbits, args.block)
     t0 = time.perf_counter()
     batches = calibration_batches(folder, calibration_texts(None, args.calib_samples), 8)
-    extra: dict = {}
-    if method == "rtn":
-        for lin in compressible_linears(model, fam).values():
-            lin.weight.data = dequantize(quantize_int(lin.weight.data, spec))
-        acts = static_activation_scales(model, fam, batches, abits) if abits < 16 else {}
-    elif method == "gptq":
-        inputs = capture_block_inputs(model, fam, batches, torch.float32)
-        gptq_quantize_model(model, fam, inputs, spec)
-        del inputs
-        acts = static_activation_scales(model, fam, batches, abits) if abits < 16 else {}
-    else:
-        cfg = CBQConfig(wbits=wbits, abits=abits, block=args.block, rank=args.rank, steps=args.steps, seed=0,
-                        init="gptq")
-        inputs = capture_block_inputs(model, fam, batches, torch.float16)
-        init = gptq_init(model, fam, inputs, cfg)[0]
-        res = cbq_quantize_model(model, fam, inputs, cfg, init=init)
-        acts = res.activations
-        extra = {"window_losses": [round(x, 6) for x in res.losses], "rank": args.rank, "steps": args.steps,
-                 "cfp_channels": sum(len(v) for v in res.folded.values())}
+    acts, extra = quantize_in_place(model, fam, batches, method, spec, abits, args)
     calib_s = time.perf_counter() - t0
     if acts:
         attach_activation_quant(model, acts)

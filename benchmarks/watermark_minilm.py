@@ -361,10 +361,9 @@ def other_text(exclude: set[str], limit: int = 2000) -> list[str]:
     return out[:limit]
 
 
-def finetune(ck_dir: Path, teacher, tok, texts: list[str], seed: int, steps: int = FT_STEPS) -> tuple[torch.nn.Module, dict]:
-    """Self-distillation toward the float32 model: the customer's embedding table and low-rank
-    factors (every ``w_hat``/``l1``/``l2`` of the embedding, ``l1``/``l2`` of compressed Linears)
-    trained with Adam on ``1 − cos(student, float32 teacher)`` over ``texts``."""
+def customer_trainables(ck_dir: Path) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """A customer's checkpoint in torch with everything frozen but what a fine-tuning attack
+    trains: the token table (and its low-rank factors) and any compressed Linear's factors."""
     from quantseal.compress.qlinear import CompressedEmbedding, CompressedLinear
 
     model, _, _ = load_compressed(ck_dir)
@@ -378,6 +377,14 @@ def finetune(ck_dir: Path, teacher, tok, texts: list[str], seed: int, steps: int
             train += [mod.l1, mod.l2]
     for t in train:
         t.requires_grad_(True)
+    return model, train
+
+
+def finetune(ck_dir: Path, teacher, tok, texts: list[str], seed: int, steps: int = FT_STEPS) -> tuple[torch.nn.Module, dict]:
+    """Self-distillation toward the float32 model: the customer's embedding table and low-rank
+    factors (every ``w_hat``/``l1``/``l2`` of the embedding, ``l1``/``l2`` of compressed Linears)
+    trained with Adam on ``1 − cos(student, float32 teacher)`` over ``texts``."""
+    model, train = customer_trainables(ck_dir)
     enc = tok(texts)
     enc = {k: torch.from_numpy(v[:, :FT_MAXLEN].copy()) for k, v in enc.items()}
     with torch.no_grad():

@@ -339,14 +339,9 @@ def ort_ppl(path: Path, seqs: list[list[int]], threads: int) -> float:
 
 
 def torch_ppl(model, seqs: list[list[int]]) -> float:
-    import torch
+    from decoder_smollm2 import nll_torch
 
-    nll, count = 0.0, 0
-    for s in seqs:
-        with torch.no_grad():
-            lp = torch.log_softmax(model(input_ids=torch.tensor([s])).logits[0].double(), -1)
-        nll -= float(lp[torch.arange(len(s) - 1), torch.tensor(s[1:])].sum())
-        count += len(s) - 1
+    nll, count = nll_torch(model, seqs)
     return math.exp(nll / count)
 
 
@@ -355,21 +350,9 @@ def finetune_decoder(ck_dir: Path, tok, texts: list[str], seed: int, steps: int)
     branch) trained with Adam on next-token loss over ``texts``: what a customer who wants to
     adapt, or wash, the model can do with the weights in hand."""
     import torch
+    from watermark_minilm import customer_trainables
 
-    from quantseal.checkpoint import load_compressed
-    from quantseal.compress.qlinear import CompressedEmbedding, CompressedLinear
-
-    model, _, _ = load_compressed(ck_dir)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    train = []
-    for mod in model.modules():
-        if isinstance(mod, CompressedEmbedding):
-            train += [mod.w_hat] + ([mod.l1, mod.l2] if mod.rank else [])
-        elif isinstance(mod, CompressedLinear) and mod.rank:
-            train += [mod.l1, mod.l2]
-    for t in train:
-        t.requires_grad_(True)
+    model, train = customer_trainables(ck_dir)
     enc = [x[:FT_MAXLEN] for x in (tok.encode_ids(t, special=False) for t in texts) if len(x) >= 4]
     opt = torch.optim.Adam(train, lr=FT_LR)
     gen = torch.Generator().manual_seed(seed)

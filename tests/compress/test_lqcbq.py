@@ -7,10 +7,11 @@ import shutil
 
 import pytest
 import torch
+from test_cbq import block_error  # tests/compress is on sys.path
 
 from quantseal.checkpoint import load_compressed, read_checkpoint
 from quantseal.cli import main
-from quantseal.compress.calibration import block_forward, calibration_batches, capture_block_inputs
+from quantseal.compress.calibration import calibration_batches, capture_block_inputs
 from quantseal.models import ENCODER, default_model_path, load_model
 from quantseal.text import calibration_texts
 
@@ -32,19 +33,6 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(d)
     shutil.copyfile(src / "tokenizer.json", d / "tokenizer.json")
     return d
-
-
-def stack_error(model, ref, x) -> float:
-    """Σ‖h_fp − h_q‖² / Σ‖h_fp‖² at the encoder's output on captured inputs (real tokens)."""
-    num = den = 0.0
-    with torch.no_grad():
-        for h, a, kw, m in zip(x.hidden, x.args, x.kwargs, x.token_mask):
-            hq, hf = h.float(), h.float()
-            for bq, bf in zip(model.encoder.layer, ref.encoder.layer):
-                hq, hf = block_forward(bq, hq, a, kw), block_forward(bf, hf, a, kw)
-            num += float(((hq - hf)[m] ** 2).sum())
-            den += float((hf[m] ** 2).sum())
-    return num / den
 
 
 @pytest.mark.slow
@@ -71,8 +59,8 @@ def test_lq_cbq_keeps_the_plan_and_lowers_the_error(tiny_model_dir, tmp_path, ca
     ref, _ = load_model(tiny_model_dir)
     x = capture_block_inputs(ref, ENCODER, calibration_batches(tiny_model_dir, calibration_texts(None, 32), 16),
                              torch.float32)
-    err_lq = stack_error(load_compressed(tmp_path / "lq")[0], ref, x)
-    err_cb = stack_error(load_compressed(tmp_path / "lqcbq")[0], ref, x)
+    err_lq = block_error(load_compressed(tmp_path / "lq")[0], ref, x)
+    err_cb = block_error(load_compressed(tmp_path / "lqcbq")[0], ref, x)
     assert err_cb < 0.9 * err_lq, (err_cb, err_lq)
 
 
