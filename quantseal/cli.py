@@ -52,18 +52,21 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _quiet_libraries() -> None:
+    """Quiet transformers and the hub through their environment variables, which they read when
+    (and only if) a command imports them: importing transformers here would cost every command,
+    ``run`` / ``serve`` / ``verify`` included, its 1–2 s import (issue 13, fast start)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
     warnings.filterwarnings("ignore")
-    try:
+    if "transformers" in sys.modules:  # already imported (e.g. main() called in-process): quiet it directly
         from transformers.utils import logging as hf_logging
-    except ImportError:  # a device with only the runtime (onnxruntime, numpy, tokenizers)
-        return
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 # ----------------------------------------------------------------------------- compress
