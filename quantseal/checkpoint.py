@@ -1,5 +1,6 @@
 """The compressed checkpoint folder: ``quantseal.json`` + ``weights.safetensors`` + the source's
-config and tokenizer files.  Written atomically (a temporary folder, then a rename).
+config and tokenizer files (and its sentence-transformers json files, :mod:`quantseal.sbert`).
+Written atomically (a temporary folder, then a rename).
 
 Tensors of a compressed matrix ``NAME`` (e.g. ``encoder.layer.0.attention.self.query``):
 
@@ -45,6 +46,7 @@ from .compress.packing import pack_weight, pack_zero_points, unpack_weight, unpa
 from .compress.quantizers import QuantizedTensor, dequantize
 from .compress.smoothing import BUFFER as SMOOTH
 from .errors import BadInput
+from .sbert import convention_files
 
 SCHEMA_VERSION = 1
 MANIFEST = "quantseal.json"
@@ -172,9 +174,10 @@ def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, tor
     try:
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp / WEIGHTS),
                   metadata={"format": "pt"})  # one key: safetensors orders a map arbitrarily
-        for name in SOURCE_FILES:
+        for name in SOURCE_FILES + tuple(convention_files(source_dir)):  # + sentence-transformers' json files
             src = Path(source_dir) / name
             if src.is_file():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, tmp / name)
         for name, data in (extra_files or {}).items():
             if Path(name).name != name or name in (MANIFEST, WEIGHTS):

@@ -261,6 +261,8 @@ def _add_run(sub) -> None:
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json or its folder (default: beside the model)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="embedders: truncate texts at this many tokens (default: the model's max_seq_length)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_run)
 
@@ -304,10 +306,11 @@ def _cmd_run(args) -> int:
     if any(not t.strip() for t in texts):
         raise BadInput("empty --text")
     t0 = time.perf_counter()
-    emb = Embedder(args.model, tokenizer=args.tokenizer, provider=args.provider, threads=args.threads)
+    emb = Embedder(args.model, tokenizer=args.tokenizer, provider=args.provider, threads=args.threads,
+                   max_length=args.max_length)
     vectors = emb.embed(texts)
     res = {"model": str(args.model), "provider": emb.provider, "n": int(vectors.shape[0]),
-           "dim": int(vectors.shape[1]), "seconds": round(time.perf_counter() - t0, 3)}
+           "dim": int(vectors.shape[1]), "max_length": emb.max_length, "seconds": round(time.perf_counter() - t0, 3)}
     if args.output is not None:
         _save_npy(args.output, vectors)
         res["output"] = str(args.output)
@@ -332,6 +335,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json or its folder (default: beside the model)")
     p.add_argument("--max-batch", type=int, default=256, help="most texts (or token rows) per request")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="embedders: truncate texts at this many tokens (default: the model's max_seq_length)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -345,7 +350,7 @@ def _cmd_serve(args) -> int:
     if not 0 <= args.port <= 65535:
         raise BadInput(f"--port must be in 0..65535, not {args.port}")
     service = service_for(args.model, provider=args.provider, threads=args.threads, tokenizer=args.tokenizer,
-                          max_batch=args.max_batch)
+                          max_batch=args.max_batch, max_length=args.max_length)
     server = make_server(service, args.host, args.port)
 
     def _stop(signum, frame):
@@ -372,6 +377,8 @@ def _run_generate(args) -> int:
 
     if not args.prompt.strip():
         raise BadInput("empty --prompt")
+    if args.max_length is not None:
+        raise BadInput("--max-length applies to embedding models (--text); use --max-new-tokens with --prompt")
     if args.max_new_tokens < 0:
         raise BadInput(f"--max-new-tokens must be non-negative, not {args.max_new_tokens}")
     lm = CausalLM(args.model, tokenizer=args.tokenizer, provider=args.provider, threads=args.threads)

@@ -95,8 +95,8 @@ class EmbeddingService:
 
     @classmethod
     def from_path(cls, model: str | Path, provider: str = "auto", threads: int | None = None,
-                  tokenizer: str | Path | None = None, **kw) -> "EmbeddingService":
-        return cls(Embedder(model, tokenizer=tokenizer, provider=provider, threads=threads), **kw)
+                  tokenizer: str | Path | None = None, max_length: int | None = None, **kw) -> "EmbeddingService":
+        return cls(Embedder(model, tokenizer=tokenizer, provider=provider, threads=threads, max_length=max_length), **kw)
 
     def health(self) -> dict:
         sess = self.embedder.session
@@ -232,14 +232,19 @@ class GenerationService:
 
 
 def service_for(model: str | Path, provider: str = "auto", threads: int | None = None,
-                tokenizer: str | Path | None = None, max_batch: int = MAX_BATCH):
+                tokenizer: str | Path | None = None, max_batch: int = MAX_BATCH, max_length: int | None = None):
     """The service an exported file calls for: :class:`GenerationService` for a decoder (a
     ``logits`` output), else :class:`EmbeddingService`."""
     from .session import Session
 
     outputs = Session(model, provider="cpu").output_names
-    cls = GenerationService if "logits" in outputs else EmbeddingService
-    return cls.from_path(model, provider=provider, threads=threads, tokenizer=tokenizer, max_batch=max_batch)
+    if "logits" in outputs:
+        if max_length is not None:
+            raise BadInput("--max-length applies to embedding models; this is a decoder")
+        return GenerationService.from_path(model, provider=provider, threads=threads, tokenizer=tokenizer,
+                                           max_batch=max_batch)
+    return EmbeddingService.from_path(model, provider=provider, threads=threads, tokenizer=tokenizer,
+                                      max_batch=max_batch, max_length=max_length)
 
 
 class _Handler(BaseHTTPRequestHandler):
