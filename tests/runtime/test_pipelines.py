@@ -162,6 +162,16 @@ def test_max_length_is_checked(minilm_rtn_onnx, tmp_path):
     assert p.returncode == 0 and json.loads(p.stdout.strip().splitlines()[-1])["max_length"] == 64
 
 
+def test_serve_max_length_reaches_the_embedder(minilm_rtn_onnx):
+    from quantseal.cli import build_parser
+    from quantseal.runtime.server import service_for
+
+    args = build_parser().parse_args(["serve", str(minilm_rtn_onnx), "--max-length", "64"])
+    assert args.max_length == 64
+    assert service_for(minilm_rtn_onnx, provider="cpu", max_length=args.max_length).embedder.max_length == 64
+    assert service_for(minilm_rtn_onnx, provider="cpu").embedder.max_length == 256
+
+
 def test_file_without_conventions_keeps_the_old_length(minilm_rtn_onnx, tmp_path):
     """A file exported before the conventions were recorded: mean + L2 (in its graph) at 128."""
     proto = onnx.load(str(minilm_rtn_onnx))
