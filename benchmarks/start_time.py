@@ -53,6 +53,7 @@ def build_model(work: Path) -> Path:
 
 def extract_revision(rev: str, dest: Path) -> Path:
     """``quantseal/`` as it was at ``rev``, unpacked under ``dest`` (for PYTHONPATH)."""
+    dest.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "quantseal"], check=True,
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)

@@ -3,8 +3,8 @@
 Encoders (BERT family): inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64,
 dynamic batch × sequence), output ``sentence_embedding`` (B, D): pooling over the mask and
 normalisation inside the graph as the source's sentence-transformers files say (mean + L2 by
-default; :mod:`quantseal.sbert`), recorded with ``max_seq_length`` in the metadata (DESIGN §5).  Decoders (LLaMA family) go through
-:mod:`.decoder` (logits + KV cache), which reuses steps 2–3 below.
+default; :mod:`quantseal.sbert`), recorded with ``max_seq_length`` in the metadata (DESIGN §5).
+Decoders (LLaMA family) go through :mod:`.decoder` (logits + KV cache), which reuses steps 2–3 below.
 
 How:
 

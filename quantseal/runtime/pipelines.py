@@ -2,10 +2,10 @@
 
 ``Embedder``: texts → sentence embeddings (n, D) float32 from an exported encoder, whose graph
 already holds the pooling and normalisation; truncation length and lowercasing follow the model's
-sentence-transformers conventions recorded in the file (:mod:`quantseal.sbert`).  Tokenisation is
-the ``tokenizers`` library on ``tokenizer.json``: neither torch nor transformers is imported.  ``CausalLM``: logits and greedy
-generation with the KV cache from an exported decoder (:mod:`quantseal.export.decoder` describes
-its inputs and outputs).  No torch (DESIGN §2).
+sentence-transformers conventions recorded in the file (:mod:`quantseal.sbert`).  ``CausalLM``:
+logits and greedy generation with the KV cache from an exported decoder
+(:mod:`quantseal.export.decoder` describes its inputs and outputs).  Tokenisation is the
+``tokenizers`` library on ``tokenizer.json``: neither torch nor transformers is imported (DESIGN §2).
 """
 
 from __future__ import annotations

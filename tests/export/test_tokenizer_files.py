@@ -40,6 +40,15 @@ def test_auto_tokenizer_gives_the_graph_inputs(minilm_rtn_onnx, minilm_path):
     np.testing.assert_allclose(out["sentence_embedding"], Embedder(minilm_rtn_onnx, provider="cpu").embed(texts),
                                atol=1e-6)
 
+    # sentence-transformers itself loads the export folder as its tokenizer: same length, same inputs
+    from sentence_transformers.base.modules.transformer import Transformer
+
+    st_tok = Transformer(str(minilm_path), tokenizer_name_or_path=str(folder))
+    assert st_tok.max_seq_length == 256
+    feats = st_tok.tokenize(texts)
+    for k in ("input_ids", "token_type_ids", "attention_mask"):
+        np.testing.assert_array_equal(enc[k], feats[k].numpy())
+
     sb = json.loads((folder / "sentence_bert_config.json").read_text())
     assert sb == {"max_seq_length": 256, "do_lower_case": False}
 
