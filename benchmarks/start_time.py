@@ -18,7 +18,8 @@ gives medians (and min/max).
 The model is the bundled all-MiniLM-L6-v2 compressed by RTN at 4.5 bits and exported
 (``--model`` to use another file).
 
-    python benchmarks/start_time.py [--before c969ff8] [--repeats 9]   # results/start_time.json
+    python benchmarks/start_time.py [--before c969ff8] [--repeats 9]   # results/start_time.json + README block
+    python benchmarks/start_time.py --render   # rewrite the README block from the JSON only
 """
 
 from __future__ import annotations
@@ -60,10 +61,11 @@ def extract_revision(rev: str, dest: Path) -> Path:
     return dest
 
 
-def measure(argv: list[str], env: dict) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) of one fresh process; it must exit 0."""
+def measure(argv: list[str], env: dict, cwd: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of one fresh process run in ``cwd``; it must exit 0.  ``cwd``
+    must not hold a ``quantseal`` folder: ``python -m`` puts it first on ``sys.path``."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -88,13 +90,53 @@ def render(res: dict) -> str:
     return "\n".join(rows)
 
 
+README_BEGIN = "<!-- start_time:begin (python benchmarks/start_time.py --render) -->"
+README_END = "<!-- start_time:end -->"
+
+
+def readme_block(res: dict) -> str:
+    after = res["variants"]["after"]
+    before = res["variants"].get("before")
+    lines = [README_BEGIN, "### Start time of `quantseal run` (runtime commands import neither torch nor transformers)", "",
+             f"`{res['command']}` on {res['model']}: wall time from spawn to exit and peak RSS of a fresh process, "
+             f"median of {res['repeats']} runs per variant, round-robin. `before` is the package at "
+             f"`{res['before_revision']}`, whose CLI imported transformers in every command.", "",
+             render(res), "",
+             f"Target ≤ {res['target_s']} s: median {after['wall_s_median']:.2f} s "
+             f"({'met' if res['done_when']['target_met'] else 'not met'} in this run)"
+             + (f"; before {before['wall_s_median']:.2f} s / {before['peak_rss_mb_median']:.0f} MB" if before else "")
+             + f". Load average {res['load_average_before'][0]:.1f} → {res['load_average_after'][0]:.1f} "
+             f"on {res['cpus']} cores (shared with other jobs: wall times are load-bound; the floor rows show "
+             f"what the interpreter and the runtime libraries alone take in the same run).", README_END]
+    return "\n".join(lines)
+
+
+def write_readme(res: dict, readme: Path) -> None:
+    """Replace (or append) this benchmark's block in benchmarks/README.md."""
+    text = readme.read_text(encoding="utf-8")
+    block = readme_block(res)
+    if README_BEGIN in text and README_END in text:
+        head, rest = text.split(README_BEGIN, 1)
+        text = head + block + rest.split(README_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = readme.with_name(readme.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(readme)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="an exported encoder (default: build MiniLM RTN 4.5 bits)")
     ap.add_argument("--before", default=DEFAULT_BEFORE, help="git revision for the 'before' variant ('' to skip)")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "start_time.json")
+    ap.add_argument("--readme", default=str(HERE / "README.md"), help="README to put the table in ('' to skip)")
+    ap.add_argument("--render", action="store_true", help="only rewrite the README block from --out")
     args = ap.parse_args()
+    if args.render:
+        write_readme(json.loads(args.out.read_text()), Path(args.readme))
+        return
     with tempfile.TemporaryDirectory(prefix="quantseal-start.") as tmp:
         tmp = Path(tmp)
         model = args.model or build_model(tmp)
@@ -107,14 +149,21 @@ def main() -> None:
             variants["before"] = (run, dict(env, PYTHONPATH=str(old)))
         variants["python -c pass"] = ([sys.executable, "-c", "pass"], env)
         variants["runtime imports"] = ([sys.executable, "-c", "import numpy, onnxruntime, tokenizers"], env)
-        for argv, e in variants.values():  # warm the page cache once
-            measure(argv, e)
+        which = "import quantseal, sys; print(quantseal.__file__)"
+        for name, (argv, e) in variants.items():  # warm the page cache once; check which package runs
+            measure(argv, e, tmp)
+            if argv is run:
+                where = subprocess.run([sys.executable, "-c", which], env=e, cwd=tmp, capture_output=True,
+                                       text=True, check=True).stdout.strip()
+                expected = str(tmp / "before") if name == "before" else str(ROOT)
+                if not where.startswith(expected):
+                    raise RuntimeError(f"variant {name!r} imports quantseal from {where}, not {expected}")
         load_before = os.getloadavg()
         walls = {k: [] for k in variants}
         rss = {k: [] for k in variants}
         for _ in range(args.repeats):
             for name, (argv, e) in variants.items():
-                w, r = measure(argv, e)
+                w, r = measure(argv, e, tmp)
                 walls[name].append(w)
                 rss[name].append(r)
         load_after = os.getloadavg()
@@ -139,6 +188,8 @@ def main() -> None:
     tmp_out = args.out.with_name(args.out.name + ".tmp")
     tmp_out.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
     tmp_out.replace(args.out)
+    if args.readme:
+        write_readme(res, Path(args.readme))
     print(render(res))
     print(f"load average {res['load_average_before']} -> {res['load_average_after']}; launcher peak RSS "
           f"{own_rss:.0f} MB; wrote {args.out}")
