@@ -122,3 +122,13 @@ def test_commands_that_import_transformers_find_it_quiet():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split() == ["True", "False"]
+
+
+def test_inspect_of_an_onnx_file_imports_neither(minilm_rtn_onnx):
+    """``inspect model.onnx`` reads the graph with onnx alone (a checkpoint still needs torch)."""
+    p = subprocess.run(_cmd("inspect", str(minilm_rtn_onnx), "--json"), capture_output=True, text=True, env=_env(),
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["path"] == str(minilm_rtn_onnx)
+    mods = imported_modules(p.stderr)
+    assert "onnx" in mods and not set(HEAVY) & mods, sorted(set(HEAVY) & mods)
