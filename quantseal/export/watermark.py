@@ -198,7 +198,8 @@ def export_marked(checkpoint, output, board_path, key: bytes, registry: qkeys.Re
             written = None  # a stale or foreign template: trace instead (and replace it below)
         if written:
             proto = onnx.load(str(output), load_external_data=False)
-            return {"path": str(output), "bytes": sum(p.stat().st_size for p in written if p.suffix in (".onnx", ".data")),
+            return {"path": str(output),
+                    "bytes": sum(p.stat().st_size for p in written if p.suffix in (".onnx", ".data")),
                     "files": [str(p) for p in written], "matrices": len(marked[0].matrices),
                     "matrix_bytes": sum(e.bytes for e in marked[0].matrices.values()),
                     "formats": dict(Counter(e.format for e in marked[0].matrices.values())),

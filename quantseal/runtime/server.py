@@ -238,13 +238,11 @@ def service_for(model: str | Path, provider: str = "auto", threads: int | None =
     from .session import Session
 
     outputs = Session(model, provider="cpu").output_names
-    if "logits" in outputs:
-        if max_length is not None:
-            raise BadInput("--max-length applies to embedding models; this is a decoder")
-        return GenerationService.from_path(model, provider=provider, threads=threads, tokenizer=tokenizer,
-                                           max_batch=max_batch)
-    return EmbeddingService.from_path(model, provider=provider, threads=threads, tokenizer=tokenizer,
-                                      max_batch=max_batch, max_length=max_length)
+    cls = GenerationService if "logits" in outputs else EmbeddingService
+    extra = {} if max_length is None else {"max_length": max_length}  # embedders' truncation length
+    if extra and cls is GenerationService:
+        raise BadInput("--max-length applies to embedding models; this is a decoder")
+    return cls.from_path(model, provider=provider, threads=threads, tokenizer=tokenizer, max_batch=max_batch, **extra)
 
 
 class _Handler(BaseHTTPRequestHandler):
