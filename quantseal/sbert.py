@@ -117,6 +117,14 @@ def _modules(folder: Path) -> list[dict] | None:
     return mods
 
 
+def _module_dir(module: dict, where: Path) -> Path:
+    """A module's folder relative to the model folder; never outside it."""
+    rel = Path(str(module.get("path") or ""))
+    if rel.is_absolute() or ".." in rel.parts:
+        raise BadInput(f"{where}: module path {str(rel)!r} points outside the model folder")
+    return rel
+
+
 def _short_type(module: dict) -> str:
     return module["type"].rsplit(".", 1)[-1]
 
@@ -148,8 +156,10 @@ def convention_files(folder: str | Path) -> list[str]:
     out = [MODULES]
     for m in mods:
         for name in (SBERT_CONFIG, POOLING_CONFIG):
-            rel = (Path(m.get("path") or "") / name).as_posix()
-            if rel not in out and (folder / rel).is_file() and (rel != POOLING_CONFIG):
+            rel = (_module_dir(m, folder / MODULES) / name).as_posix()
+            if rel == POOLING_CONFIG:  # the root config.json is the model's own, copied anyway
+                continue
+            if rel not in out and (folder / rel).is_file():
                 out.append(rel)
     return out
 
@@ -188,7 +198,7 @@ def read_conventions(folder: str | Path, config: dict | None = None) -> Conventi
         what = extra[0] if extra else " → ".join(kinds)
         raise Unsupported(f"{folder / MODULES}: module {what!r} is not supported (an encoder export bakes in "
                           f"Transformer → Pooling → Normalize only)")
-    transformer = Path(mods[0].get("path") or "")
+    transformer = _module_dir(mods[0], folder / MODULES)
     sb_path = folder / transformer / SBERT_CONFIG
     sb = _read_json(sb_path) if sb_path.is_file() else {}
     length = sb.get("max_seq_length") or _default_length(folder, config)
@@ -196,7 +206,7 @@ def read_conventions(folder: str | Path, config: dict | None = None) -> Conventi
     if len(pool) > 1:
         raise Unsupported(f"{folder / MODULES}: several Pooling modules")
     if pool:
-        pool_cfg = folder / (pool[0].get("path") or "") / POOLING_CONFIG
+        pool_cfg = folder / _module_dir(pool[0], folder / MODULES) / POOLING_CONFIG
         modes = pooling_modes(_read_json(pool_cfg), str(pool_cfg)) if pool_cfg.is_file() else ("mean",)
     else:
         raise Unsupported(f"{folder / MODULES}: no Pooling module (token embeddings out) is not supported")

@@ -96,3 +96,6 @@ def test_refusals(tmp_path):
         read_conventions(bad)
     with pytest.raises(BadInput, match="list of"):
         read_conventions(_folder(tmp_path / "d", {"type": "x"}))
+    escape = [ST_CHAIN[0], {**ST_CHAIN[1], "path": "../../elsewhere"}]
+    with pytest.raises(BadInput, match="outside the model folder"):
+        convention_files(_folder(tmp_path / "e", escape))
