@@ -155,6 +155,13 @@ def llama_lq_export(tmp_path_factory, tiny_llama_sharp_dir) -> tuple[Path, dict]
 
 
 @pytest.fixture(scope="session")
+def llama_mb_export(tmp_path_factory, tiny_llama_sharp_dir) -> tuple[Path, dict]:
+    """The same under a whole-file budget (``--budget-mb 1.5``), so the tied token table joins the
+    plan and is quantised, and exported: (checkpoint, report)."""
+    return _decoder_export(tmp_path_factory, tiny_llama_sharp_dir, "rtn", "--budget-mb", "1.5")
+
+
+@pytest.fixture(scope="session")
 def llama_board(tmp_path_factory, llama_rtn_export):
     """A 32-bit decoder board (target-token pairs, next-token logits) trained, seeded, on the
     sharpened tiny LLaMA's RTN checkpoint under ``WATERMARK_KEY`` and saved; the loaded

@@ -136,7 +136,7 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
         assert stored == spec.stored_bytes(*qt.shape), (name, stored)
         entries[name] = ckpt.MatrixEntry(spec.name, 0, list(qt.shape), 0.0, stored, "linear")
     planned = {n + ".weight" for n in linears}
-    state = {k: v for k, v in model.state_dict().items() if "position_ids" not in k}
+    state = ckpt.stored_state(model)
     for k, v in state.items():
         if k not in planned:
             tensors[k] = v.detach().clone().contiguous()

@@ -223,8 +223,11 @@ def _make_parent(output: Path) -> None:
 
 
 def write_model(model: onnx.ModelProto, output: Path, tokenizer: Path | None) -> list[Path]:
-    """Write ``model`` (and ``<name>.data`` when large, and ``tokenizer.json``) atomically:
-    everything goes to a temporary folder beside ``output`` first, then is renamed into place."""
+    """Write ``model`` (and ``<name>.data`` when large, ``tokenizer.json``, and for a decoder the
+    onnxruntime-genai files its metadata carries: :func:`~.genai_config.companion_files`)
+    atomically: everything goes to a temporary folder beside ``output`` first, then is renamed
+    into place, the model last."""
+    from .genai_config import companion_files
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     except OSError as exc:
@@ -238,6 +241,9 @@ def write_model(model: onnx.ModelProto, output: Path, tokenizer: Path | None) ->
         if tokenizer is not None and tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / TOKENIZER)
             moves.append((tmp / TOKENIZER, output.parent / TOKENIZER))
+        for name, data in companion_files({p.key: p.value for p in model.metadata_props}, output.name).items():
+            (tmp / name).write_bytes(data)
+            moves.append((tmp / name, output.parent / name))
         moves.append((tmp / output.name, output))  # the model last: it is what makes the set visible
         for src, dst in moves:
             if dst.is_dir():
@@ -313,7 +319,7 @@ def finish_export(proto: onnx.ModelProto, output: Path, checkpoint: Path, manife
     ops = Counter(n.op_type for n in proto.graph.node)
     return {
         "path": str(output),
-        "bytes": sum(p.stat().st_size for p in written if p.name != TOKENIZER),
+        "bytes": sum(p.stat().st_size for p in written if p.suffix in (".onnx", ".data")),
         "files": [str(p) for p in written],
         "matrices": len(matrix_bytes),
         "matrix_bytes": sum(matrix_bytes.values()),
