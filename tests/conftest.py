@@ -134,7 +134,7 @@ def _decoder_export(tmp_path_factory, model_dir: Path, method: str, *compress_ar
                      *compress_args]) == 0
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            assert main(["export", str(ck), "-o", str(root / "onnx" / "model.onnx"), "--json"]) == 0
+            assert main(["export", str(ck), "-o", str(root / "onnx" / "model.onnx"), "--json", "--accuracy-level", "0"]) == 0
     finally:
         torch.set_num_threads(threads)
     return ck, json.loads(buf.getvalue().strip().splitlines()[-1])

@@ -188,6 +188,10 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
     state = ckpt.stored_state(model)
     planned = {n + ".weight" for n in targets}
     fixed = sum(_tensor_bytes(v) for k, v in state.items() if k not in planned)
+    if fam.name == "decoder":  # the exported graph also holds the rotary tables (GroupQueryAttention's caches)
+        from ..export.decoder_arch import arch_of, graph_table_bytes
+
+        fixed += graph_table_bytes(arch_of(model.config.to_dict()))
     lin_params = sum(w.numel() for w, kind in targets.values() if kind == "linear")
     return CandidateTable(model, fam, targets, fisher, cands, options, fixed, lin_params, clip, cfg.max_iter)
 

@@ -155,3 +155,10 @@ def rope_tables(arch: DecoderArch, positions: int | None = None) -> tuple[np.nda
     n = arch.max_positions if positions is None else int(positions)
     angles = np.outer(np.arange(n, dtype=np.float64), inverse_frequencies(arch))
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def graph_table_bytes(arch: DecoderArch, positions: int | None = None) -> int:
+    """Bytes of the float32 ``cos_cache`` and ``sin_cache`` initialisers of the exported graph
+    (counted against a whole-file ``--budget-mb``)."""
+    n = arch.max_positions if positions is None else int(positions)
+    return 2 * n * (arch.head_dim // 2) * 4

@@ -272,6 +272,21 @@ def _metadata(manifest: ckpt.Manifest, family: str, matrix_bytes: dict[str, int]
     }
 
 
+def default_accuracy_level(checkpoint: str | Path) -> int:
+    """MatMulNBits' ``accuracy_level`` for a checkpoint's target: 4 (int8 activations) for a
+    decoder, which runs one token at a time on CPU — there an 8-bit MatMulNBits is ~80x and a
+    4-bit one ~2.7x slower at level 0 (benchmarks/decoder_smollm2.py measures the quality cost) —
+    and 0 (float32 compute) for an encoder; 0 when the folder cannot be read (export says why)."""
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    from ..models import FAMILY_BY_MODEL_TYPE
+
+    fam = FAMILY_BY_MODEL_TYPE.get(config.get("model_type") if isinstance(config, dict) else None)
+    return 4 if fam is not None and fam.name == "decoder" else 0
+
+
 def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int = 0) -> dict:
     """Export a compressed checkpoint folder to ``output`` (.onnx).  Returns the report that
     ``quantseal export --json`` prints: path, bytes, matrices, ops, seconds, ..."""

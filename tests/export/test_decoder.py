@@ -3,6 +3,8 @@ onnxruntime's logits, cache and greedy generation match the torch compressed mod
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -207,3 +209,21 @@ def test_onnxruntime_genai_runs_the_export_and_agrees(quantised_table):
     assert len(set(out)) >= 3
     lm.eos_ids = set()
     assert lm.generate_ids(prompt, len(out)) == out
+
+
+def test_decoder_exports_default_to_accuracy_level_4_and_stay_close(llama_rtn_export, tmp_path):
+    """The CLI's default for a decoder is int8-activation MatMulNBits (accuracy_level 4: an
+    8-bit matrix runs ~80x faster per token on CPU); its logits stay near the level-0 graph's."""
+    from quantseal.cli import main
+
+    ck, report = llama_rtn_export
+    out = tmp_path / "acc4" / "model.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["export", str(ck), "-o", str(out)]) == 0
+    levels = {a.i for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    exact, fast = CausalLM(report["path"], provider="cpu"), CausalLM(out, provider="cpu")
+    ids = np.array([[101, 7592, 2088, 2003, 1037, 3231, 1012]])
+    a, b = exact.logits(ids), fast.logits(ids)
+    assert 0 < np.abs(a - b).max() <= 0.05 * np.abs(a).max()

@@ -65,7 +65,7 @@ def arch_export(request, tmp_path_factory, minilm_path):
         ck, onnx_path = root / "ck", root / "onnx" / "model.onnx"
         assert main(["compress", str(root / "src"), "-o", str(ck), "--method", "rtn", "--budget", "8",
                      "--workers", "1", "--json"]) == 0
-        assert main(["export", str(ck), "-o", str(onnx_path), "--json"]) == 0
+        assert main(["export", str(ck), "-o", str(onnx_path), "--json", "--accuracy-level", "0"]) == 0
         compressed, _, _ = load_compressed(ck)
     finally:
         torch.set_num_threads(threads)
