@@ -93,6 +93,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--calib-samples", type=int, default=None, help="calibration texts (default 256; gptq/cbq 128)")
     p.add_argument("--ranks", type=_int_list, default=None, help="low-rank candidates, e.g. 0,8,16,32,64")
     p.add_argument("--formats", default=None, help="format families or names, e.g. int2,int4,int8,nf4,fp16")
+    p.add_argument("--max-decode-ms", type=float, default=None,
+                   help="lq/rtn: bound the plan's estimated per-token CPU time of its matrices (ms, batch 1, "
+                        "onnxruntime at accuracy level 4; the per-format costs of compress/decode_cost.py)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -122,9 +125,9 @@ def _step_progress(enabled: bool):
 def _cmd_compress_calibrated(args) -> int:
     from .compress.calibrated import CalibratedConfig, calibrated_compress
 
-    if args.budget is not None or args.budget_mb is not None:
+    if args.budget is not None or args.budget_mb is not None or args.max_decode_ms is not None:
         raise BadInput(f"--method {args.method} quantises every matrix to int{args.wbits}_b{args.block}: "
-                       "drop --budget/--budget-mb")
+                       "drop --budget/--budget-mb/--max-decode-ms")
     cfg = CalibratedConfig(
         output=args.output, model=args.model, method=args.method, wbits=args.wbits, abits=args.abits,
         block=args.block, window=args.window, rank=args.rank, steps=args.steps, init=args.init, calib=args.calib,
@@ -144,16 +147,15 @@ def _cmd_compress(args) -> int:
         return _cmd_compress_calibrated(args)
     if args.budget is None and args.budget_mb is None:
         raise BadInput(f"--method {args.method} needs one of --budget BITS and --budget-mb MB")
-    from .compress.formats import DEFAULT_FAMILIES
-    from .compress.pipeline import DEFAULT_RANKS, CompressConfig, compress
+    from .compress.pipeline import DEFAULT_RANKS, CompressConfig, compress, default_families
 
     cfg = CompressConfig(
         output=args.output, model=args.model, budget_bits=args.budget, budget_mb=args.budget_mb,
         method="lq" if args.method == "lq+cbq" else args.method, data_aware=args.data_aware, calib=args.calib,
         calib_samples=args.calib_samples if args.calib_samples is not None else 256,
         ranks=args.ranks if args.ranks is not None else DEFAULT_RANKS,
-        formats=tuple(args.formats.split(",")) if args.formats else DEFAULT_FAMILIES,
-        workers=args.workers, seed=args.seed,
+        formats=tuple(args.formats.split(",")) if args.formats else default_families(args.model),
+        workers=args.workers, seed=args.seed, max_decode_ms=args.max_decode_ms,
     )
     if args.method == "lq+cbq":
         from .compress.cbq import CBQConfig
