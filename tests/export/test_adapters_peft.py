@@ -1,0 +1,272 @@
+"""Every PEFT kind of the LoRA family folds exactly, or is refused (issue 13, parts 1 and 3).
+
+For each kind an adapter is made by the real ``peft`` library on a tiny seeded BERT, its weights
+set to seeded random values (PEFT initialises most kinds to a no-op) and saved with
+``save_pretrained``.  Then, PEFT's merge test adapted: the adapter is first shown to change the
+output at all; ``quantseal export --adapter DIR --adapter-dtype float32`` run by onnxruntime must
+equal PEFT's own forward on the *compressed* torch model (each compressed Linear as an
+``nn.Linear`` holding ``dequant(Q) + L1 L2``) to 1 − cos ≤ 1e-6.  The checkpoint mixes INT4, INT8,
+NF4 and fp16 matrices, some with a low-rank branch, so every kind lands on quantised rows and on
+existing branches."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from quantseal import checkpoint as ckpt
+from quantseal.cli import main
+from quantseal.compress.formats import FormatSpec
+from quantseal.compress.qlinear import CompressedLinear, set_submodule
+from quantseal.compress.quantizers import dequantize, quantize, round_float
+from quantseal.models import encode
+from quantseal.text import TextTokenizer, pydoc_sentences
+
+peft = pytest.importorskip("peft")
+
+TEXTS = pydoc_sentences("evaluation")[:6]
+FORMATS = ["int4_b32", "nf4_b64", "int8_b64", "fp16", "int4s_b32", "int2_b16"]
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny_ck(tmp_path_factory, tiny_bert_dir) -> Path:
+    """The tiny BERT with its Linears stored in mixed formats, every other one with a rank-4 branch
+    fitted to the quantisation residual (built directly, < 1 s)."""
+    from quantseal.models import compressible_linears, load_model
+
+    model, fam = load_model(tiny_bert_dir)
+    tensors, entries = {}, {}
+    for i, (name, lin) in enumerate(compressible_linears(model, fam).items()):
+        spec = FormatSpec.parse(FORMATS[i % len(FORMATS)])
+        w = lin.weight.detach().float()
+        if spec.kind == "fp":
+            qt, weight, w_hat = None, round_float(w, spec), round_float(w, spec)
+        else:
+            qt = quantize(w, spec, clip_search=False)
+            weight, w_hat = None, dequantize(qt)
+        l1 = l2 = None
+        if i % 2:
+            u, s, vh = torch.linalg.svd(w - w_hat, full_matrices=False)
+            l1, l2 = u[:, :4] * s[:4], vh[:4]
+        t = ckpt.matrix_tensors(name, spec, qt, weight, l1, l2)
+        entries[name] = ckpt.MatrixEntry(spec.name, 4 if i % 2 else 0, list(w.shape), 0.0, ckpt.entry_bytes(name, t))
+        tensors.update(t)
+    for k, v in model.state_dict().items():
+        if k not in {n + ".weight" for n in entries} and "position_ids" not in k:
+            tensors[k] = v.detach().clone().contiguous()
+    manifest = ckpt.Manifest(source={"family": "encoder", "model_type": "bert", "path": str(tiny_bert_dir),
+                                     "sha256": None}, method="test-mixed",
+                             budget={"kind": "bits", "asked": None, "tensor_bytes": 0}, matrices=entries)
+    return ckpt.write_checkpoint(tmp_path_factory.mktemp("tiny_mixed") / "ck", manifest, tensors, tiny_bert_dir)
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_ck) -> nn.Module:
+    return ckpt.load_compressed(tiny_ck)[0]
+
+
+@pytest.fixture(scope="module")
+def feeds(tiny_ck) -> dict:
+    return TextTokenizer(tiny_ck)(TEXTS)
+
+
+def plain_linears(model: nn.Module) -> nn.Module:
+    """Each CompressedLinear as an nn.Linear holding ``dequant(Q) + L1 L2``: the base PEFT sees."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, CompressedLinear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(mod.effective_weight())
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            set_submodule(model, name, lin)
+    return model
+
+
+def embed(model: nn.Module, feeds: dict) -> np.ndarray:
+    with torch.no_grad():
+        return encode(model, {k: torch.from_numpy(v) for k, v in feeds.items()}).numpy().astype(np.float64)
+
+
+def one_minus_cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.max(1 - np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+# ----------------------------------------------------------------------------- making adapters with peft
+T = ["query", "value", "intermediate.dense", "output.dense"]
+KINDS = {
+    "lora_bias": ("LoraConfig", dict(r=4, lora_alpha=8, target_modules=T, lora_bias=True)),
+    "rslora_patterns": ("LoraConfig", dict(r=4, lora_alpha=8, target_modules=T, use_rslora=True,
+                                           rank_pattern={"value": 2}, alpha_pattern={"query": 3})),
+    "lora_bias_all": ("LoraConfig", dict(r=4, lora_alpha=8, target_modules=T, bias="all")),
+    "lora_only": ("LoraConfig", dict(r=4, lora_alpha=8, target_modules=T, bias="lora_only")),
+    "dora": ("LoraConfig", dict(r=4, lora_alpha=8, target_modules=T, use_dora=True)),
+    "adalora": ("AdaLoraConfig", dict(init_r=6, target_r=4, lora_alpha=16, target_modules=T, total_step=10)),
+    "vera": ("VeraConfig", dict(r=8, target_modules=T, projection_prng_key=7)),
+    "vera_key": ("VeraConfig", dict(r=8, target_modules=T, projection_prng_key=11, save_projection=False)),
+    "ia3": ("IA3Config", dict(target_modules=T, feedforward_modules=["intermediate.dense"])),
+    "loha": ("LoHaConfig", dict(r=3, alpha=6, target_modules=T, rank_pattern={"value": 2})),
+    "lokr": ("LoKrConfig", dict(r=2, alpha=4, target_modules=T)),
+    "lokr_both": ("LoKrConfig", dict(r=2, alpha=4, target_modules=T, decompose_both=True)),
+    "miss": ("MissConfig", dict(r=8, target_modules=T)),
+    "miss_mini": ("MissConfig", dict(r=8, mini_r=16, init_weights="mini", target_modules=T)),
+}
+
+
+def randomise(model: nn.Module, seed: int) -> None:
+    """Seeded random values for every trainable tensor: scale-like ones around 1 (IA³, DoRA's
+    magnitude, VeRA's λ), the rest N(0, 0.3²) (so the delta is clearly not zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            noise = torch.randn(p.shape, generator=g)
+            if "ia3_l" in name or "magnitude" in name:
+                p.mul_(1 + 0.3 * noise.abs().clamp(max=2) * noise.sign())
+                p.abs_()
+            elif "lambda" in name:
+                p.copy_(1 + 0.5 * noise)
+            elif name.endswith("bias") and "lora" not in name:
+                p.add_(0.3 * noise)
+            else:
+                p.copy_(0.3 * noise)
+
+
+def make_adapter(base_dir: Path, out: Path, kind: str, seed: int = 0) -> Path:
+    from quantseal.models import load_model
+
+    cls, kw = KINDS[kind]
+    model, _ = load_model(base_dir)
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(model, getattr(peft, cls)(**kw))
+    randomise(pm, seed + 1)
+    pm.save_pretrained(out)
+    return out
+
+
+def peft_reference(compressed: nn.Module, adapter: Path) -> np.ndarray:
+    model = peft.PeftModel.from_pretrained(plain_linears(copy.deepcopy(compressed)), str(adapter)).eval()
+    return model
+
+
+def export(ck: Path, out: Path, *adapters: Path, extra: tuple[str, ...] = ()) -> tuple[int, dict]:
+    import contextlib
+    import io
+
+    argv = ["export", str(ck), "-o", str(out), "--adapter-dtype", "float32", "--json", *extra]
+    for a in adapters:
+        argv += ["--adapter", str(a)]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(argv)
+    return rc, (json.loads(buf.getvalue().strip().splitlines()[-1]) if rc == 0 else {})
+
+
+def run_onnx(path: Path, feeds: dict) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(["sentence_embedding"], feeds)[0]
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_kind_folds_exactly_through_onnxruntime(kind, tiny_bert_dir, tiny_ck, compressed, feeds, tmp_path):
+    adapter = make_adapter(tiny_bert_dir, tmp_path / "adapter", kind)
+    ref_model = peft_reference(compressed, adapter)
+    ref = embed(ref_model, feeds)
+    base = embed(compressed, feeds)
+    assert one_minus_cos(ref, base) > 1e-4, "the adapter must change the output at all"
+
+    rc, res = export(tiny_ck, tmp_path / "onnx" / "model.onnx", adapter)
+    assert rc == 0
+    got = run_onnx(tmp_path / "onnx" / "model.onnx", feeds)
+    assert one_minus_cos(got, ref) <= 1e-6, kind
+    # the torch model of the folded checkpoint agrees too (what load_compressed builds)
+    rep = res["adapters"]
+    assert rep["dtype"] == "float32" and rep["adapters"][0]["fold_rel_error"] < 1e-6
+    assert rep["adapters"][0]["matrices"] == 10  # query, value, intermediate, both output.dense × 2 layers
+    if kind == "ia3":
+        assert rep["adapters"][0]["edits"] == {"low_rank": 0, "input_scale": 2, "magnitude": 0, "bias_add": 0,
+                                               "output_scale": 8, "replaced_biases": 0}
+        assert res["ops"].get("Mul", 0) >= 8
+    if kind == "dora":
+        assert rep["adapters"][0]["edits"]["magnitude"] == 10
+    if kind == "lora_bias_all":
+        assert rep["adapters"][0]["edits"]["replaced_biases"] > 10  # LayerNorm biases too
+
+
+def test_face_splitting_and_kronecker_are_exact():
+    """LoHa's rank-r² and LoKr's rank-r1·r2 factorisations equal the dense products (float64)."""
+    from quantseal.export.adapters.loha import face_split
+
+    rng = np.random.default_rng(0)
+    p1, q1, p2, q2 = rng.standard_normal((7, 3)), rng.standard_normal((3, 5)), rng.standard_normal((7, 2)), \
+        rng.standard_normal((2, 5))
+    b, a = face_split(p1, q1, p2, q2)
+    assert b.shape == (7, 6) and a.shape == (6, 5)
+    np.testing.assert_allclose(b @ a, (p1 @ q1) * (p2 @ q2), rtol=1e-13, atol=1e-13)
+    u1, v1, u2, v2 = rng.standard_normal((3, 2)), rng.standard_normal((2, 4)), rng.standard_normal((5, 3)), \
+        rng.standard_normal((3, 2))
+    np.testing.assert_allclose(np.kron(u1, u2) @ np.kron(v1, v2), np.kron(u1 @ v1, u2 @ v2), rtol=1e-13, atol=1e-13)
+
+
+def test_vera_projections_equal_peft(tmp_path):
+    """The shared VeRA pair regenerated from the key is bit-identical to PEFT's."""
+    from peft.tuners.vera.model import _kaiming_init
+
+    from quantseal.export.adapters.vera import projections
+
+    g = torch.Generator(device="cpu").manual_seed(11)
+    want_a, want_b = _kaiming_init((8, 128), generator=g), _kaiming_init((128, 8), generator=g)
+    a, b = projections(11, 8, 128, 128)
+    assert np.array_equal(a, want_a.double().numpy()) and np.array_equal(b, want_b.double().numpy())
+
+
+# ----------------------------------------------------------------------------- refusals (part 3)
+REFUSED = {
+    "alora": ("LoraConfig", dict(r=4, target_modules=["query"], alora_invocation_tokens=[101, 102]),
+              "alora_invocation_tokens"),
+    "pissa": ("LoraConfig", dict(r=4, target_modules=["query"], init_lora_weights="pissa"), "init_lora_weights"),
+    "miss_bat": ("MissConfig", dict(r=8, target_modules=["query"], init_weights="bat"), "init_weights"),
+}
+
+
+def _edit_config(folder: Path, **changes) -> Path:
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED) + ["unknown_field", "bdlora", "kasa", "arrow", "qalora",
+                                                     "modules_to_save"])
+def test_refusals_name_the_field_and_exit_2(case, tiny_bert_dir, tiny_ck, tmp_path, capsys):
+    if case in REFUSED:
+        cls, kw, field = REFUSED[case]
+        KINDS[case] = (cls, kw)
+        try:
+            adapter = make_adapter(tiny_bert_dir, tmp_path / "a", case)
+        finally:
+            del KINDS[case]
+    else:
+        adapter = make_adapter(tiny_bert_dir, tmp_path / "a", "lora_bias")
+        field, value = {"unknown_field": ("use_future_trick", True), "bdlora": ("use_bdlora", {"nblocks": 2}),
+                        "kasa": ("kasa_config", {"k": 1}), "arrow": ("arrow_config", {"top_k": 2}),
+                        "qalora": ("use_qalora", True), "modules_to_save": ("modules_to_save", ["pooler"])}[case]
+        _edit_config(adapter, **{field: value})
+    out = tmp_path / "out"
+    capsys.readouterr()
+    rc = main(["export", str(tiny_ck), "-o", str(out / "m.onnx"), "--adapter", str(adapter)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, case
+    assert len(err.splitlines()) == 1 and field in err, (case, err)
+    assert not out.exists() or list(out.iterdir()) == []
