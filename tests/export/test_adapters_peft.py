@@ -115,6 +115,7 @@ KINDS = {
     "vera_key": ("VeraConfig", dict(r=8, target_modules=T, projection_prng_key=11, save_projection=False)),
     "ia3": ("IA3Config", dict(target_modules=T, feedforward_modules=["intermediate.dense"])),
     "loha": ("LoHaConfig", dict(r=3, alpha=6, target_modules=T, rank_pattern={"value": 2})),
+    "loha_r81": ("LoHaConfig", dict(r=9, alpha=6, target_modules=T)),  # r² = 81 > 64: stored at rank ≤ 64
     "lokr": ("LoKrConfig", dict(r=2, alpha=4, target_modules=T)),
     "lokr_both": ("LoKrConfig", dict(r=2, alpha=4, target_modules=T, decompose_both=True)),
     "miss": ("MissConfig", dict(r=8, target_modules=T)),
@@ -198,6 +199,10 @@ def test_kind_folds_exactly_through_onnxruntime(kind, tiny_bert_dir, tiny_ck, co
         assert rep["adapters"][0]["edits"] == {"low_rank": 0, "input_scale": 2, "magnitude": 0, "bias_add": 0,
                                                "output_scale": 8, "replaced_biases": 0}
         assert res["ops"].get("Mul", 0) >= 8
+    if kind == "loha_r81":  # each 64-wide matrix gets 64 new ranks, not 81, beside its old branch
+        layer = "encoder.layer.0."
+        assert rep["ranks"][layer + "attention.self.query"] == 64  # no branch before
+        assert rep["ranks"][layer + "attention.output.dense"] == 4 + 64  # a rank-4 branch before
     if kind == "dora":
         assert rep["adapters"][0]["edits"]["magnitude"] == 10
     if kind == "lora_bias_all":
@@ -270,3 +275,57 @@ def test_refusals_name_the_field_and_exit_2(case, tiny_bert_dir, tiny_ck, tmp_pa
     assert rc == 2, case
     assert len(err.splitlines()) == 1 and field in err, (case, err)
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_adapters_in_sequence_match_peft_merging_each(tiny_bert_dir, tiny_ck, compressed, feeds, tmp_path):
+    """IA³, then DoRA, then LoRA with ``lora_bias`` on the same matrices: each folds on top of the
+    previous ones (a low-rank delta after an output scale is stored as ``b / o``; DoRA's norm is over
+    the rows already scaled by IA³), as PEFT computes when it merges each before loading the next."""
+    kinds = ["ia3", "dora", "lora_bias"]
+    adapters = [make_adapter(tiny_bert_dir, tmp_path / k, k, seed=i) for i, k in enumerate(kinds)]
+    model = plain_linears(copy.deepcopy(compressed))
+    for i, a in enumerate(adapters):
+        model = peft.PeftModel.from_pretrained(model, str(a)).eval()
+        if i < len(adapters) - 1:
+            model = model.merge_and_unload()
+    ref = embed(model, feeds)
+    last_only = embed(peft_reference(compressed, adapters[-1]), feeds)
+    assert one_minus_cos(ref, last_only) > 1e-4
+    rc, res = export(tiny_ck, tmp_path / "onnx" / "model.onnx", *adapters)
+    assert rc == 0 and [a["peft_type"] for a in res["adapters"]["adapters"]] == ["IA3", "LORA", "LORA"]
+    got = run_onnx(tmp_path / "onnx" / "model.onnx", feeds)
+    assert one_minus_cos(got, ref) <= 1e-6
+
+
+DECODER_KINDS = {
+    "dora": ("LoraConfig", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)),
+    "ia3": ("IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    # LLaMA's Linears have no bias: lora_bias makes one (PEFT warns, and its forward adds it)
+    "lora_bias": ("LoraConfig", dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], lora_bias=True)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(DECODER_KINDS))
+def test_decoder_kinds_match_peft_logits(kind, tiny_llama_sharp_dir, llama_lq_export, tmp_path):
+    """The LLaMA graph (built by the dynamo exporter) takes the output Mul and a new bias too:
+    onnxruntime's logits equal PEFT's on the compressed model."""
+    from quantseal.runtime.pipelines import CausalLM
+
+    ck, _ = llama_lq_export
+    compressed_lm = ckpt.load_compressed(ck)[0]
+    KINDS[f"dec_{kind}"] = DECODER_KINDS[kind]
+    try:
+        adapter = make_adapter(tiny_llama_sharp_dir, tmp_path / "a", f"dec_{kind}")
+    finally:
+        del KINDS[f"dec_{kind}"]
+    ids = np.array([[101, 7592, 2088, 2003, 1037, 3231]], dtype=np.int64)
+    with torch.no_grad():
+        ref = peft_reference(compressed_lm, adapter)(input_ids=torch.from_numpy(ids)).logits[0].double().numpy()
+        base = compressed_lm(input_ids=torch.from_numpy(ids)).logits[0].double().numpy()
+    assert one_minus_cos(ref, base) > 1e-4
+    rc, res = export(ck, tmp_path / "onnx" / "model.onnx", adapter)
+    assert rc == 0
+    got = CausalLM(res["path"], provider="cpu").logits(ids)[0]
+    assert one_minus_cos(got, ref) <= 1e-6
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -158,6 +158,8 @@ def _apply(name: str, d: MatrixDelta, man: Manifest, out: dict, exact: dict, dty
         _set(out, f"{name}.{SMOOTH}", (np.ones(k) if s is None else s) / d.input_scale)
     if d.b is not None:
         b, a = d.b, d.a
+        if b.shape[1] > min(n, k):  # LoHa's r², LoKr's r1·r2: the rank cannot exceed min(N, K)
+            b, a, _, _ = truncate_factored(b, a, min(n, k))  # lossless (no singular value dropped)
         o, s = _vector(out, f"{name}.{OUTPUT_SCALE}", n), _vector(out, f"{name}.{SMOOTH}", k)
         if o is not None:
             if (o == 0).any():
