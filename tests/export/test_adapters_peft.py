@@ -332,3 +332,26 @@ def test_decoder_kinds_match_peft_logits(kind, tiny_llama_sharp_dir, llama_lq_ex
     got = CausalLM(res["path"], provider="cpu").logits(ids)[0]
     assert one_minus_cos(got, ref) <= 1e-6
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_adalora_with_an_allocated_rank_pattern(tiny_bert_dir, tiny_ck, compressed, feeds, tmp_path):
+    """After AdaLoRA's budget allocation the saved factors keep only the masked-in ranks and PEFT
+    reloads them with ``ranknum`` = the kept count: the fold divides by that count, not ``init_r``."""
+    from quantseal.models import load_model
+
+    model, _ = load_model(tiny_bert_dir)
+    pm = peft.get_peft_model(model, peft.AdaLoraConfig(init_r=6, target_r=4, lora_alpha=16, target_modules=T,
+                                                       total_step=10))
+    randomise(pm, 5)
+    names = sorted({n.split(".lora_E")[0] for n, _ in pm.named_parameters() if "lora_E" in n})
+    keep = [True, False, True, True, False, True]
+    pm.peft_config["default"].rank_pattern = {n.replace("base_model.model.", "") + ".lora_E": keep for n in names}
+    pm.save_pretrained(tmp_path / "a")
+    ad = __import__("quantseal.export.adapters", fromlist=["read_adapter"]).read_adapter(tmp_path / "a")
+    assert {d.rank for d in ad.deltas.values()} == {4}
+    ref = embed(peft_reference(compressed, tmp_path / "a"), feeds)
+    assert one_minus_cos(ref, embed(compressed, feeds)) > 1e-4
+    rc, _ = export(tiny_ck, tmp_path / "onnx" / "model.onnx", tmp_path / "a")
+    assert rc == 0
+    got = run_onnx(tmp_path / "onnx" / "model.onnx", feeds)
+    assert one_minus_cos(got, ref) <= 1e-6 and np.abs(got - ref).max() <= 1e-5
