@@ -202,6 +202,14 @@ def test_kind_folds_exactly_through_onnxruntime(kind, tiny_bert_dir, tiny_ck, co
         assert rep["adapters"][0]["edits"] == {"low_rank": 0, "input_scale": 2, "magnitude": 0, "bias_add": 0,
                                                "output_scale": 8, "replaced_biases": 0}
         assert res["ops"].get("Mul", 0) >= 8
+    if kind.startswith("lokr"):  # stored as the Kronecker factors themselves: 8·8 + 8·8 numbers on 64×64
+        assert rep["kronecker"]["encoder.layer.0.attention.self.query"] == [[8, 8], [8, 8]]
+        assert rep["ranks"]["encoder.layer.0.attention.self.query"] == 0
+        import onnx
+
+        inits = {t.name: list(t.dims) for t in onnx.load(res["path"]).graph.initializer}
+        assert inits["encoder.layer.0.attention.self.query.K1"] == [8, 8]
+        assert "encoder.layer.0.attention.self.query.L1" not in inits
     if kind == "loha_r81":  # each 64-wide matrix gets 64 new ranks, not 81, beside its old branch
         layer = "encoder.layer.0."
         assert rep["ranks"][layer + "attention.self.query"] == 64  # no branch before
@@ -280,11 +288,13 @@ def test_refusals_name_the_field_and_exit_2(case, tiny_bert_dir, tiny_ck, tmp_pa
     assert not out.exists() or list(out.iterdir()) == []
 
 
-def test_adapters_in_sequence_match_peft_merging_each(tiny_bert_dir, tiny_ck, compressed, feeds, tmp_path):
-    """IA³, then DoRA, then LoRA with ``lora_bias`` on the same matrices: each folds on top of the
-    previous ones (a low-rank delta after an output scale is stored as ``b / o``; DoRA's norm is over
-    the rows already scaled by IA³), as PEFT computes when it merges each before loading the next."""
-    kinds = ["ia3", "dora", "lora_bias"]
+@pytest.mark.parametrize("kinds", [["ia3", "dora", "lora_bias"], ["lokr", "ia3", "lokr_both"], ["ia3", "lokr"]])
+def test_adapters_in_sequence_match_peft_merging_each(kinds, tiny_bert_dir, tiny_ck, compressed, feeds, tmp_path):
+    """Adapters on the same matrices fold each on top of the previous ones, as PEFT computes when it
+    merges each before loading the next: a low-rank delta after an output scale is stored as
+    ``b / o``; DoRA's norm is over rows already scaled by IA³; a Kronecker branch stays under a later
+    output scale but moves into the low-rank branch before a later input divisor; a LoKr on a
+    scaled layer (or on one that has a Kronecker branch already) takes the rank form."""
     adapters = [make_adapter(tiny_bert_dir, tmp_path / k, k, seed=i) for i, k in enumerate(kinds)]
     model = plain_linears(copy.deepcopy(compressed))
     for i, a in enumerate(adapters):
@@ -295,7 +305,12 @@ def test_adapters_in_sequence_match_peft_merging_each(tiny_bert_dir, tiny_ck, co
     last_only = embed(peft_reference(compressed, adapters[-1]), feeds)
     assert one_minus_cos(ref, last_only) > 1e-4
     rc, res = export(tiny_ck, tmp_path / "onnx" / "model.onnx", *adapters)
-    assert rc == 0 and [a["peft_type"] for a in res["adapters"]["adapters"]] == ["IA3", "LORA", "LORA"]
+    assert rc == 0 and len(res["adapters"]["adapters"]) == len(kinds)
+    kron = res["adapters"]["kronecker"]
+    if kinds[0] == "lokr":  # stored as K1 ⊗ K2 where IA³ scales outputs; moved where it divides inputs
+        assert "encoder.layer.0.attention.self.query" in kron and "encoder.layer.0.intermediate.dense" not in kron
+    if kinds[0] == "ia3":
+        assert kron == {}
     got = run_onnx(tmp_path / "onnx" / "model.onnx", feeds)
     assert one_minus_cos(got, ref) <= 1e-6 and np.abs(got - ref).max() <= 1e-5
 
@@ -303,6 +318,7 @@ def test_adapters_in_sequence_match_peft_merging_each(tiny_bert_dir, tiny_ck, co
 DECODER_KINDS = {
     "dora": ("LoraConfig", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)),
     "ia3": ("IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    "lokr": ("LoKrConfig", dict(r=2, alpha=4, target_modules=["q_proj", "gate_proj", "down_proj"])),  # Kronecker nodes
     # LLaMA's Linears have no bias: lora_bias makes one (PEFT warns, and its forward adds it)
     "lora_bias": ("LoraConfig", dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], lora_bias=True)),
 }
@@ -355,3 +371,26 @@ def test_adalora_with_an_allocated_rank_pattern(tiny_bert_dir, tiny_ck, compress
     assert rc == 0
     got = run_onnx(tmp_path / "onnx" / "model.onnx", feeds)
     assert one_minus_cos(got, ref) <= 1e-6 and np.abs(got - ref).max() <= 1e-5
+
+
+def test_fold_bytes_and_budget_are_counted(tiny_bert_dir, tiny_ck, tmp_path):
+    """DoRA adds a float32 ``output_scale`` (N,) per matrix and rank-4 factors; LoKr its Kronecker
+    factors.  Each matrix's manifest ``bytes`` still equal its stored codes + factors (the export
+    checks them against the graph), and ``tensor_bytes`` grows by exactly what was added."""
+    from quantseal.export.adapters import fold_adapters, read_adapter
+
+    manifest, tensors = ckpt.read_checkpoint(tiny_ck)
+    ads = [read_adapter(make_adapter(tiny_bert_dir, tmp_path / k, k)) for k in ("dora", "lokr")]
+    man, out, rep = fold_adapters(manifest, tensors, ads, dtype=torch.float32)
+    q = "encoder.layer.0.attention.self.query"
+    assert out[f"{q}.output_scale"].dtype == torch.float32 and out[f"{q}.output_scale"].shape == (64,)
+    # DoRA rank 4, then LoKr in rank form (8 · 2 = 16): DoRA's output scale came first
+    assert out[f"{q}.L1"].shape == (64, 4 + 16) and q not in rep["kronecker"]
+    added = sum(t.numel() * t.element_size() for k, t in out.items() if k not in tensors)
+    grown = sum(out[k].numel() * out[k].element_size() - t.numel() * t.element_size()
+                for k, t in tensors.items() if k in out)
+    assert man.budget["tensor_bytes"] == manifest.budget["tensor_bytes"] + added + grown
+    for name, e in man.matrices.items():
+        assert e.bytes == ckpt.entry_bytes(name, out)
+    lokr_only = fold_adapters(manifest, tensors, ads[1:], dtype=torch.float32)
+    assert lokr_only[0].matrices[q].bytes == manifest.matrices[q].bytes + 4 * (8 * 8 + 8 * 8)

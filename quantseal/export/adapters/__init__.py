@@ -14,7 +14,8 @@ ADALORA    P·Λ·Q · σ / (ranknum + 1e-5)                 rank-r branch
 VERA       Λ_b·B·Λ_d·A, shared random A, B              rank-r branch
 IA3        l ⊙ x (feed-forward) or l ⊙ y                input divisor or output Mul
 LOHA       s·(W1a W1b) ⊙ (W2a W2b)                      rank-r² branch (face-splitting)
-LOKR       s·W1 ⊗ W2                                    rank-r1·r2 branch (mixed product)
+LOKR       s·W1 ⊗ W2                                    K1 ⊗ K2 (Reshape + 2 MatMuls), or a
+                                                        rank-r1·r2 branch (mixed product)
 MISS       Dᵀ · S (chunk sums)                          rank-r branch
 =========  ===========================================  ====================================
 """

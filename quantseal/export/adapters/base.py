@@ -4,7 +4,8 @@ An adapter changes a Linear ``y = x · Wᵀ + β`` (``W: (N, K)`` out × in) by 
 exact edits, applied in this order (each kind's module says which it uses and why):
 
 1. ``input_scale``  l (K,):  x ↦ x ⊙ l                     (IA³ on a feed-forward layer)
-2. ``b · a``        (N, r)·(r, K):  W ↦ W + b a            (every low-rank kind, already scaled)
+2. ``b · a``        (N, r)·(r, K):  W ↦ W + b a            (every low-rank kind, already scaled;
+                    LoKr also offers ``kron = (W1, W2)`` with ``b a = W1 ⊗ W2``, stored so when smaller)
 3. ``magnitude``    m (N,):  y ↦ m ⊙ (x Wᵀ) / ‖W‖_row + β   (DoRA: W is the matrix after step 2)
 4. ``bias_add``     δ (N,):  β ↦ β + δ                      (LoRA with ``lora_bias``)
 5. ``output_scale`` l (N,):  y ↦ l ⊙ y, bias included       (IA³ on any other layer)
@@ -53,6 +54,7 @@ class MatrixDelta:
     magnitude: np.ndarray | None = None
     bias_add: np.ndarray | None = None
     output_scale: np.ndarray | None = None
+    kron: tuple[np.ndarray, np.ndarray] | None = None  # LoKr's (s·W1, W2): stored as K1 ⊗ K2 when smaller
 
     @property
     def rank(self) -> int:

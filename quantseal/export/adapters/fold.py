@@ -13,6 +13,9 @@ touched (PEFT's own ``merge`` into a quantised base requantises, which is lossy)
 5. output scale l:  ``o ← o ⊙ l``, ``β ← β ⊙ l``
 
 and ``bias="lora_only"/"all"`` adapters replace the stored biases they carry before their edits.
+A LoKr delta ``W1 ⊗ W2`` is stored as its factors ``K1 ⊗ K2`` (``<name>.K1``/``.K2``, inside M, so
+under o and s) when that is smaller than its rank form and the layer has neither o nor s; a later
+input divisor first moves it into the low-rank branch (exactly: :func:`.lokr.kron_lowrank`).
 Adapters fold in order, each on top of the previous ones (PEFT's sequential merge).  A LoRA on an
 ``nn.Embedding`` (``E ≈ dequant(Q) + L1 L2``) takes step 2 with ``o = s = 1``.
 
@@ -22,8 +25,8 @@ and so does the fold by default: exact up to float16 rounding of the new factors
 report states ``‖L1'L2' − (L1 L2 + b'a')‖_F / ‖b'a'‖_F`` per adapter.  ``dtype=torch.float32``
 stores the folded factors in float32 (exact to float32).  Scales and biases are float32.
 
-**Bytes.** A matrix's ``bytes`` count its codes, scales, zero points and low-rank factors, as
-before; ``output_scale`` / ``input_smooth`` / biases are plain tensors (4 bytes per feature), counted
+**Bytes.** A matrix's ``bytes`` count its codes, scales, zero points, low-rank and Kronecker
+factors; ``output_scale`` / ``input_smooth`` / biases are plain tensors (4 bytes per feature), counted
 with every other tensor in ``budget["tensor_bytes"]``.
 
 **Re-compression.** ``rank=R`` replaces each folded branch by its best rank-R approximation
@@ -123,11 +126,13 @@ def _vector(out: dict, key: str, n: int) -> np.ndarray | None:
 
 
 def effective_weight(name: str, entry: MatrixEntry, out: dict[str, torch.Tensor]) -> np.ndarray:
-    """``W = diag(o) (dequant(Q) + L1 L2) diag(1/s)`` (N, K) float64 from the stored tensors."""
+    """``W = diag(o) (dequant(Q) + L1 L2 + K1 ⊗ K2) diag(1/s)`` (N, K) float64 from the stored tensors."""
     w_hat, _, _ = dequantized_matrix(name, entry, out)
     w = w_hat.double().numpy()
     if f"{name}.L1" in out:
         w = w + out[f"{name}.L1"].double().numpy() @ out[f"{name}.L2"].double().numpy()
+    if f"{name}.K1" in out:
+        w = w + np.kron(out[f"{name}.K1"].double().numpy(), out[f"{name}.K2"].double().numpy())
     n, k = w.shape
     o, s = _vector(out, f"{name}.{OUTPUT_SCALE}", n), _vector(out, f"{name}.{SMOOTH}", k)
     if o is not None:
@@ -151,6 +156,10 @@ def _apply(name: str, d: MatrixDelta, man: Manifest, out: dict, exact: dict, dty
     if d.kind == "embedding" and any(v is not None for v in (d.input_scale, d.magnitude, d.bias_add, d.output_scale)):
         raise Unsupported(f"{where}: {d.module}: only a low-rank delta folds into a token embedding")
     num = den = 0.0
+    if d.input_scale is not None and f"{name}.K1" in out:  # x / s would reach the Kronecker branch too
+        _kron_to_branch(name, out, exact, dtype)
+    if d.kron is not None and _use_kron(name, d, out):
+        return _store_kron(name, d, out, dtype)
     if d.input_scale is not None:
         if not (d.input_scale > 0).all():
             raise Unsupported(f"{where}: {d.module}: a non-positive input scale cannot become the layer's divisor")
@@ -201,9 +210,55 @@ def _apply(name: str, d: MatrixDelta, man: Manifest, out: dict, exact: dict, dty
     return num, den
 
 
+def _use_kron(name: str, d: MatrixDelta, out: dict) -> bool:
+    """Store LoKr's ``K1 ⊗ K2`` as is: smaller than its rank form, the layer has no output scale or
+    input divisor (they do not factor through a Kronecker product) and no Kronecker branch yet."""
+    (k1, k2), n, k = d.kron, *d.shape
+    if any(f"{name}.{x}" in out for x in (OUTPUT_SCALE, SMOOTH, "K1")):
+        return False
+    return k1.size + k2.size < min(d.rank, min(n, k)) * (n + k)
+
+
+def _store_kron(name: str, d: MatrixDelta, out: dict, dtype: torch.dtype) -> tuple[float, float]:
+    """K1, K2 balanced (‖K1‖ = ‖K2‖, product unchanged) and stored; returns (squared rounding
+    error, squared norm) of ``K1 ⊗ K2``, from ‖A⊗B − C⊗D‖² = ‖A‖²‖B‖² + ‖C‖²‖D‖² − 2⟨A,C⟩⟨B,D⟩."""
+    k1, k2 = d.kron
+    n1, n2 = np.linalg.norm(k1), np.linalg.norm(k2)
+    f = np.sqrt(n2 / n1) if n1 > 0 and n2 > 0 else 1.0
+    k1, k2 = k1 * f, k2 / f
+    s1, s2 = torch.from_numpy(k1).to(dtype), torch.from_numpy(k2).to(dtype)
+    if not (torch.isfinite(s1).all() and torch.isfinite(s2).all()):
+        raise BadInput(f"{d.module}: the Kronecker factors overflow {dtype}")
+    out[f"{name}.K1"], out[f"{name}.K2"] = s1.contiguous(), s2.contiguous()
+    c1, c2 = s1.double().numpy(), s2.double().numpy()
+    den = float(np.sum(k1 * k1) * np.sum(k2 * k2))
+    num = den + float(np.sum(c1 * c1) * np.sum(c2 * c2)) - 2 * float(np.sum(k1 * c1) * np.sum(k2 * c2))
+    return max(num, 0.0), den
+
+
+def _kron_to_branch(name: str, out: dict, exact: dict, dtype: torch.dtype) -> None:
+    """Move a stored ``K1 ⊗ K2`` into the low-rank branch (exact: the mixed product of thin
+    factorisations), so a later input divisor acts on it like on the rest of the matrix."""
+    from .lokr import kron_lowrank
+
+    b, a = kron_lowrank(out.pop(f"{name}.K1").double().numpy(), out.pop(f"{name}.K2").double().numpy())
+    n, k = b.shape[0], a.shape[1]
+    if b.shape[1] > min(n, k):
+        b, a, _, _ = truncate_factored(b, a, min(n, k))
+    l1, l2 = out.get(f"{name}.L1"), out.get(f"{name}.L2")
+    if name not in exact:
+        exact[name] = ((l1.double().numpy(), l2.double().numpy()) if l1 is not None
+                       else (np.zeros((n, 0)), np.zeros((0, k))))
+    bb, aa = balanced(b, a)
+    b_st, a_st = torch.from_numpy(bb).to(dtype), torch.from_numpy(aa).to(dtype)
+    out[f"{name}.L1"] = (b_st if l1 is None else torch.cat([l1.to(dtype), b_st], 1)).contiguous()
+    out[f"{name}.L2"] = (a_st if l2 is None else torch.cat([l2.to(dtype), a_st], 0)).contiguous()
+    exact[name] = (np.concatenate([exact[name][0], b], 1), np.concatenate([exact[name][1], a], 0))
+
+
 def _edits(mapped: dict[str, MatrixDelta]) -> dict[str, int]:
-    keys = ("b", "input_scale", "magnitude", "bias_add", "output_scale")
-    names = ("low_rank", "input_scale", "magnitude", "bias_add", "output_scale")
+    keys = ("b", "input_scale", "magnitude", "bias_add", "output_scale", "kron")
+    names = ("low_rank", "input_scale", "magnitude", "bias_add", "output_scale", "kronecker")
     return {nm: sum(getattr(d, k) is not None for d in mapped.values()) for k, nm in zip(keys, names)}
 
 
@@ -280,6 +335,8 @@ def fold_adapters(manifest: Manifest, tensors: dict[str, torch.Tensor], adapters
     total_norm = np.sqrt(sum(product_distance(*exact[n], exact[n][0][:, :0], exact[n][1][:0]) ** 2 for n in exact))
     report = {"adapters": reports, "matrices": sorted(touched), "dtype": str(dtype).replace("torch.", ""),
               "ranks": {n: man.matrices[n].rank for n in sorted(touched)},
+              "kronecker": {n: [list(out[f"{n}.K1"].shape), list(out[f"{n}.K2"].shape)]
+                            for n in sorted(touched) if f"{n}.K1" in out},
               "branch_rel_error": float(total_err / total_norm) if total_norm > 0 else 0.0}
     if truncation is not None:
         report["adapter_rank"] = truncation

@@ -9,6 +9,11 @@ factor written ``I · W`` or ``W · I``, whichever is thinner) the mixed-product
     ΔW = (s · U1 ⊗ U2) (V1 ⊗ V2):   b = s · U1 ⊗ U2  (N, r1 r2),   a = V1 ⊗ V2  (r1 r2, K),
 
 a rank-r1·r2 branch (stored at rank min(N, K) when that is smaller: a lossless SVD).
+
+That branch is often large (MiniLM's 384×384 at r = 8: 384 = 16·24, W1 whole 16×16, W2 = rank 8,
+so r1·r2 = 128 ranks, 2.4× the INT4 matrix).  So the fold stores ``K1 = s·W1``, ``K2 = W2`` as
+they are when that is smaller and the layer has no output scale or input divisor yet; the graph
+computes ``x (K1 ⊗ K2)ᵀ`` as Reshape → MatMul → MatMul → Reshape (:func:`~quantseal.export.lowbit.linear_nodes`).
 """
 
 from __future__ import annotations
@@ -24,13 +29,23 @@ from .loha import lycoris_scale
 PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 
+def thin(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``w = U V`` with the thinner of ``I · w`` and ``w · I``."""
+    o, i = w.shape
+    return (np.eye(o), w) if o <= i else (w, np.eye(i))
+
+
+def kron_lowrank(w1: np.ndarray, w2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``W1 ⊗ W2 = b a`` (mixed product of the thin factorisations), b: (N, r1 r2), a: (r1 r2, K)."""
+    (u1, v1), (u2, v2) = thin(w1), thin(w2)
+    return np.kron(u1, u2), np.kron(v1, v2)
+
+
 def factor(tensors: Tensors, module: str, which: str) -> tuple[np.ndarray, np.ndarray]:
     """``(U, V)`` with ``U V`` = the Kronecker factor ``which`` ("w1" / "w2")."""
     p = tensors.modules[module]
     if f"lokr_{which}" in p:
-        w = tensors.need(module, f"lokr_{which}", 2)
-        o, i = w.shape
-        return (np.eye(o), w) if o <= i else (w, np.eye(i))
+        return thin(tensors.need(module, f"lokr_{which}", 2))
     u, v = tensors.need(module, f"lokr_{which}_a", 2), tensors.need(module, f"lokr_{which}_b", 2)
     if u.shape[1] != v.shape[0]:
         raise BadInput(f"{tensors.where}: {module}: lokr_{which}_a {list(u.shape)} and lokr_{which}_b "
@@ -48,5 +63,6 @@ def read_lokr(folder: Path, cfg: dict, tensors: Tensors) -> dict[str, MatrixDelt
         u2, v2 = factor(tensors, module, "w2")
         _, s = lycoris_scale(cfg, folder, module)
         b, a = np.kron(u1, u2), np.kron(v1, v2)
-        out[module] = MatrixDelta(module, (b.shape[0], a.shape[1]), "linear", s * b, a, s)
+        out[module] = MatrixDelta(module, (b.shape[0], a.shape[1]), "linear", s * b, a, s,
+                                  kron=(s * (u1 @ v1), u2 @ v2))
     return out
