@@ -264,7 +264,7 @@ def _edit_config(folder: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED) + ["unknown_field", "bdlora", "kasa", "arrow", "qalora",
-                                                     "modules_to_save"])
+                                                     "modules_to_save", "xlora"])
 def test_refusals_name_the_field_and_exit_2(case, tiny_bert_dir, tiny_ck, tmp_path, capsys):
     if case in REFUSED:
         cls, kw, field = REFUSED[case]
@@ -275,7 +275,7 @@ def test_refusals_name_the_field_and_exit_2(case, tiny_bert_dir, tiny_ck, tmp_pa
             del KINDS[case]
     else:
         adapter = make_adapter(tiny_bert_dir, tmp_path / "a", "lora_bias")
-        field, value = {"unknown_field": ("use_future_trick", True), "bdlora": ("use_bdlora", {"nblocks": 2}),
+        field, value = {"xlora": ("peft_type", "XLORA"), "unknown_field": ("use_future_trick", True), "bdlora": ("use_bdlora", {"nblocks": 2}),
                         "kasa": ("kasa_config", {"k": 1}), "arrow": ("arrow_config", {"top_k": 2}),
                         "qalora": ("use_qalora", True), "modules_to_save": ("modules_to_save", ["pooler"])}[case]
         _edit_config(adapter, **{field: value})

@@ -16,6 +16,9 @@ def read_adapter(folder: str | Path) -> Adapter:
     cfg = read_config(folder)
     kind = str(cfg.get("peft_type", "")).upper()
     reader = READERS.get(kind)
+    if kind == "XLORA":
+        raise Unsupported(f"{folder}: peft_type 'XLORA' mixes its experts per token by a learned classifier, which "
+                          "cannot be folded, and its routed export is not implemented")
     if reader is None:
         raise Unsupported(f"{folder}: peft_type {cfg.get('peft_type')!r} cannot be folded; supported: {sorted(READERS)}")
     check_fields(folder, cfg)
