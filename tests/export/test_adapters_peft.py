@@ -200,7 +200,7 @@ def test_kind_folds_exactly_through_onnxruntime(kind, tiny_bert_dir, tiny_ck, co
     assert rep["adapters"][0]["matrices"] == 10  # query, value, intermediate, both output.dense × 2 layers
     if kind == "ia3":
         assert rep["adapters"][0]["edits"] == {"low_rank": 0, "input_scale": 2, "magnitude": 0, "bias_add": 0,
-                                               "output_scale": 8, "replaced_biases": 0}
+                                               "output_scale": 8, "kronecker": 0, "replaced_biases": 0}
         assert res["ops"].get("Mul", 0) >= 8
     if kind.startswith("lokr"):  # stored as the Kronecker factors themselves: 8·8 + 8·8 numbers on 64×64
         assert rep["kronecker"]["encoder.layer.0.attention.self.query"] == [[8, 8], [8, 8]]
@@ -325,26 +325,37 @@ DECODER_KINDS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", sorted(DECODER_KINDS))
-def test_decoder_kinds_match_peft_logits(kind, tiny_llama_sharp_dir, llama_lq_export, tmp_path):
-    """The LLaMA graph (built by the dynamo exporter) takes the output Mul and a new bias too:
-    onnxruntime's logits equal PEFT's on the compressed model."""
+@pytest.mark.parametrize("kinds", [["lokr", "ia3"], ["dora", "lora_bias"]])
+def test_decoder_kinds_match_peft_logits(kinds, tiny_llama_sharp_dir, llama_lq_export, tmp_path):
+    """The LLaMA graph (built by the dynamo exporter) takes the Kronecker nodes, the output Mul, the
+    input divisor and a new bias too: onnxruntime's logits equal PEFT's on the compressed model
+    (two adapters per export, PEFT merging the first before loading the second)."""
     from quantseal.runtime.pipelines import CausalLM
 
     ck, _ = llama_lq_export
     compressed_lm = ckpt.load_compressed(ck)[0]
-    KINDS[f"dec_{kind}"] = DECODER_KINDS[kind]
-    try:
-        adapter = make_adapter(tiny_llama_sharp_dir, tmp_path / "a", f"dec_{kind}")
-    finally:
-        del KINDS[f"dec_{kind}"]
+    adapters = []
+    for i, kind in enumerate(kinds):
+        KINDS[f"dec_{kind}"] = DECODER_KINDS[kind]
+        try:
+            adapters.append(make_adapter(tiny_llama_sharp_dir, tmp_path / kind, f"dec_{kind}", seed=i))
+        finally:
+            del KINDS[f"dec_{kind}"]
     ids = np.array([[101, 7592, 2088, 2003, 1037, 3231]], dtype=np.int64)
+    model = plain_linears(copy.deepcopy(compressed_lm))
+    for i, a in enumerate(adapters):
+        model = peft.PeftModel.from_pretrained(model, str(a)).eval()
+        if i < len(adapters) - 1:
+            model = model.merge_and_unload()
     with torch.no_grad():
-        ref = peft_reference(compressed_lm, adapter)(input_ids=torch.from_numpy(ids)).logits[0].double().numpy()
+        ref = model(input_ids=torch.from_numpy(ids)).logits[0].double().numpy()
         base = compressed_lm(input_ids=torch.from_numpy(ids)).logits[0].double().numpy()
     assert one_minus_cos(ref, base) > 1e-4
-    rc, res = export(ck, tmp_path / "onnx" / "model.onnx", adapter)
+    rc, res = export(ck, tmp_path / "onnx" / "model.onnx", *adapters)
     assert rc == 0
+    if kinds[0] == "lokr":  # q_proj and gate_proj keep K1 ⊗ K2; down_proj's moved before IA³'s divisor
+        assert sorted(res["adapters"]["kronecker"]) == [f"model.layers.{i}.{m}" for i in range(2)
+                                                        for m in ("mlp.gate_proj", "self_attn.q_proj")]
     got = CausalLM(res["path"], provider="cpu").logits(ids)[0]
     assert one_minus_cos(got, ref) <= 1e-6
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
