@@ -205,6 +205,7 @@ def test_kind_folds_exactly_through_onnxruntime(kind, tiny_bert_dir, tiny_ck, co
     if kind.startswith("lokr"):  # stored as the Kronecker factors themselves: 8·8 + 8·8 numbers on 64×64
         assert rep["kronecker"]["encoder.layer.0.attention.self.query"] == [[8, 8], [8, 8]]
         assert rep["ranks"]["encoder.layer.0.attention.self.query"] == 0
+        assert rep["adapters"][0]["edits"]["kronecker"] == 10 and rep["adapters"][0]["edits"]["low_rank"] == 0
         import onnx
 
         inits = {t.name: list(t.dims) for t in onnx.load(res["path"]).graph.initializer}

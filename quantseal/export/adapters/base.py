@@ -55,6 +55,7 @@ class MatrixDelta:
     bias_add: np.ndarray | None = None
     output_scale: np.ndarray | None = None
     kron: tuple[np.ndarray, np.ndarray] | None = None  # LoKr's (s·W1, W2): stored as K1 ⊗ K2 when smaller
+    stored_as: str = ""  # set by the fold: "kronecker" when ``kron`` was stored as is
 
     @property
     def rank(self) -> int:

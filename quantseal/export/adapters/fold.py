@@ -156,9 +156,11 @@ def _apply(name: str, d: MatrixDelta, man: Manifest, out: dict, exact: dict, dty
     if d.kind == "embedding" and any(v is not None for v in (d.input_scale, d.magnitude, d.bias_add, d.output_scale)):
         raise Unsupported(f"{where}: {d.module}: only a low-rank delta folds into a token embedding")
     num = den = 0.0
+    d.stored_as = ""
     if d.input_scale is not None and f"{name}.K1" in out:  # x / s would reach the Kronecker branch too
         _kron_to_branch(name, out, exact, dtype)
     if d.kron is not None and _use_kron(name, d, out):
+        d.stored_as = "kronecker"
         return _store_kron(name, d, out, dtype)
     if d.input_scale is not None:
         if not (d.input_scale > 0).all():
@@ -257,9 +259,12 @@ def _kron_to_branch(name: str, out: dict, exact: dict, dtype: torch.dtype) -> No
 
 
 def _edits(mapped: dict[str, MatrixDelta]) -> dict[str, int]:
-    keys = ("b", "input_scale", "magnitude", "bias_add", "output_scale", "kron")
-    names = ("low_rank", "input_scale", "magnitude", "bias_add", "output_scale", "kronecker")
-    return {nm: sum(getattr(d, k) is not None for d in mapped.values()) for k, nm in zip(keys, names)}
+    keys = ("b", "input_scale", "magnitude", "bias_add", "output_scale")
+    names = ("low_rank", "input_scale", "magnitude", "bias_add", "output_scale")
+    out = {nm: sum(getattr(d, k) is not None for d in mapped.values()) for k, nm in zip(keys, names)}
+    out["kronecker"] = sum(d.stored_as == "kronecker" for d in mapped.values())
+    out["low_rank"] -= out["kronecker"]
+    return out
 
 
 def fold_adapters(manifest: Manifest, tensors: dict[str, torch.Tensor], adapters: list[Adapter],
