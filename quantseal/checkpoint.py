@@ -242,6 +242,14 @@ def _tied_keys(model) -> set[str]:
     return set()
 
 
+def stored_state(model) -> dict:
+    """The state-dict entries a checkpoint stores: no ``position_ids`` buffers and no alias of
+    another tensor (a tied LM head is the token table; storing it again doubled a 135M decoder's
+    checkpoint and counted twice against ``--budget-mb``)."""
+    tied = _tied_keys(model)
+    return {k: v for k, v in model.state_dict().items() if "position_ids" not in k and k not in tied}
+
+
 def load_compressed(path: str | Path, activations: bool = True):
     """A torch model whose compressed Linears compute x·dequant(Q)ᵀ + (x·L2ᵀ)·L1ᵀ, with the
     calibrated activation quantisers of an A8/A4 checkpoint attached unless ``activations`` is
@@ -273,9 +281,10 @@ def load_compressed(path: str | Path, activations: bool = True):
     if missing:
         raise BadInput(f"{path}: {WEIGHTS} lacks tensors the model needs, e.g. {missing[0]}")
     emb = manifest.matrices.get(fam.embedding_attr)
-    if _tied_keys(model) and emb is not None and emb.format in ("fp16", "fp32"):
-        # a float table with a low-rank branch (a watermarked decoder): the tied head reads the
-        # same effective table as the lookup (what the exported graph does), not the stored copy
+    if _tied_keys(model) and emb is not None:
+        # a planned table (quantised, or float with a low-rank branch as in a watermarked decoder):
+        # the tied head reads the same effective table as the lookup, which is what the exported
+        # graph does (MatMulNBits over the lookup's codes, or Gemm over the stored float table)
         from .compress.qlinear import TiedHead
 
         model.set_output_embeddings(TiedHead(model.get_submodule(fam.embedding_attr)))

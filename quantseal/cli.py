@@ -85,6 +85,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--steps", type=int, default=200, help="cbq: Adam steps per window")
     p.add_argument("--init", default="gptq", choices=["gptq", "rtn"],
                    help="cbq: starting codes (gptq: GPTQ's, then refined; rtn: round-to-nearest, as in the paper)")
+    p.add_argument("--table", default=None, metavar="FORMAT",
+                   help="gptq/cbq: also store the token table in FORMAT (e.g. int4_b32, int8_b32, fp16), "
+                        "round-to-nearest; a tied LM head reads the same codes (default: kept as is)")
     p.add_argument("--data-aware", action="store_true", help="weight errors by the output-sensitivity Fisher")
     p.add_argument("--calib", type=Path, help="calibration text file, one text per line (default: pydoc_data.topics)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration texts (default 256; gptq/cbq 128)")
@@ -126,6 +129,7 @@ def _cmd_compress_calibrated(args) -> int:
         output=args.output, model=args.model, method=args.method, wbits=args.wbits, abits=args.abits,
         block=args.block, window=args.window, rank=args.rank, steps=args.steps, init=args.init, calib=args.calib,
         calib_samples=args.calib_samples if args.calib_samples is not None else 128, seed=args.seed,
+        table=args.table,
     )
     res = calibrated_compress(cfg, _step_progress(not args.json and sys.stderr.isatty()))
     human = (f"wrote {res['output']}: {res['matrices']} matrices as {res['format']} (A{res['abits']}), "
@@ -191,8 +195,9 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a compressed checkpoint to one ONNX file")
     p.add_argument("checkpoint", type=Path, help="compressed checkpoint folder (quantseal compress)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .onnx file (tokenizer.json is written beside it)")
-    p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
-                   help="MatMulNBits accuracy_level (0: float32 compute; 4: int8 activations, faster on CPU)")
+    p.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits accuracy_level (0: float32 compute; 4: int8 activations, faster on CPU; "
+                        "default: 4 for decoders, whose 8-bit matrices run ~80x slower per token at 0, else 0)")
     p.add_argument("--board", type=Path, help="watermark board folder (quantseal board train); with --key --registry --user")
     p.add_argument("--key", type=Path, help="watermark key file")
     p.add_argument("--registry", type=Path, help="customer registry (quantseal registry add)")
@@ -208,7 +213,10 @@ def _add_export(sub) -> None:
 
 
 def _cmd_export(args) -> int:
-    from .export.onnx import export_onnx
+    from .export.onnx import default_accuracy_level, export_onnx
+
+    if args.accuracy_level is None:
+        args.accuracy_level = default_accuracy_level(args.checkpoint)
 
     mark = (args.board, args.key, args.registry, args.user)
     if args.adapter_rank is not None and not args.adapter:

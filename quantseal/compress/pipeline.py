@@ -185,9 +185,13 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
     results = evaluate_candidates(tasks, cfg.workers, progress(len(tasks), "candidates"))
     options = [MatrixOptions(n, [c.name for c in cands[n]], [b for _, b in r], [e for e, _ in r])
                for n, r in zip(targets, results)]
-    state = {k: v for k, v in model.state_dict().items() if "position_ids" not in k}
+    state = ckpt.stored_state(model)
     planned = {n + ".weight" for n in targets}
     fixed = sum(_tensor_bytes(v) for k, v in state.items() if k not in planned)
+    if fam.name == "decoder":  # the exported graph also holds the rotary tables (GroupQueryAttention's caches)
+        from ..export.decoder_arch import arch_of, graph_table_bytes
+
+        fixed += graph_table_bytes(arch_of(model.config.to_dict()))
     lin_params = sum(w.numel() for w, kind in targets.values() if kind == "linear")
     return CandidateTable(model, fam, targets, fisher, cands, options, fixed, lin_params, clip, cfg.max_iter)
 
@@ -225,8 +229,8 @@ def materialize(table: CandidateTable, choice: list[int],
         entries[n] = ckpt.MatrixEntry(cand.fmt.name, cand.rank, list(w.shape), res.error, stored, kind)
         tick(1)
     planned = {n + ".weight" for n in table.targets}
-    for k, v in table.model.state_dict().items():
-        if k not in planned and "position_ids" not in k:
+    for k, v in ckpt.stored_state(table.model).items():
+        if k not in planned:
             tensors[k] = v.detach().clone().contiguous()
     return tensors, entries
 
