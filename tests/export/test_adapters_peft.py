@@ -166,7 +166,7 @@ def export(ck: Path, out: Path, *adapters: Path, extra: tuple[str, ...] = ()) ->
     import contextlib
     import io
 
-    argv = ["export", str(ck), "-o", str(out), "--adapter-dtype", "float32", "--json", *extra]
+    argv = ["export", str(ck), "-o", str(out), "--adapter-dtype", "float32", "--accuracy-level", "0", "--json", *extra]
     for a in adapters:
         argv += ["--adapter", str(a)]
     buf = io.StringIO()
