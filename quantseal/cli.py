@@ -205,8 +205,11 @@ def _add_export(sub) -> None:
     p.add_argument("--registry", type=Path, help="customer registry (quantseal registry add)")
     p.add_argument("--user", help="customer id whose watermark the exported model carries")
     p.add_argument("--adapter", type=Path, action="append", default=[],
-                   help="PEFT LoRA adapter folder to fold exactly into the low-rank branch (repeatable, in order)")
+                   help="PEFT adapter folder (LoRA/DoRA/AdaLoRA/VeRA/IA3/LoHa/LoKr/MiSS) to fold exactly "
+                        "(repeatable, in order)")
     p.add_argument("--adapter-rank", type=int, help="re-compress each folded branch to this rank by SVD (reports the error)")
+    p.add_argument("--adapter-dtype", choices=("float16", "float32"), default="float16",
+                   help="storage of the folded low-rank factors (float32: exact to float32)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_export)
 
@@ -226,8 +229,10 @@ def _cmd_export(args) -> int:
     if args.adapter:
         from .export.adapters import export_with_adapters
 
+        import torch
+
         res = export_with_adapters(args.checkpoint, args.output, args.adapter, rank=args.adapter_rank,
-                                   accuracy_level=args.accuracy_level)
+                                   accuracy_level=args.accuracy_level, dtype=getattr(torch, args.adapter_dtype))
     elif any(x is not None for x in mark):
         if any(x is None for x in mark):
             raise BadInput("a watermarked export needs all of --board, --key, --registry and --user")

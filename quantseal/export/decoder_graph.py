@@ -43,6 +43,7 @@ from .lowbit import MS_DOMAIN, OPSET, StoredMatrix, embedding_nodes, linear_node
 
 QDQ_OPSET = 21
 SMOOTH = "input_smooth"
+OUTPUT_SCALE = "output_scale"  # compress/qlinear.py
 
 
 def _packable(ms: list[StoredMatrix], acts: list, smooths: list) -> bool:
@@ -50,6 +51,8 @@ def _packable(ms: list[StoredMatrix], acts: list, smooths: list) -> bool:
     same integer format, no low-rank branch, no activation quantiser, the same input smoothing."""
     spec = ms[0].spec
     if spec.kind != "int" or any(m.spec != spec or m.rank or m.shape[1] != ms[0].shape[1] for m in ms):
+        return False
+    if any("K1" in m.tensors for m in ms):  # a folded LoKr's Kronecker branch (adapters/lokr.py)
         return False
     if any(a is not None for a in acts):
         return False
@@ -129,8 +132,13 @@ class DecoderGraph:
             xs = self._smoothed(x, name)
             bias = self.plain.get(f"{name}.bias")
             out = y if (y is not None and bias is None) else f"{self.g._prefix()}/MatMul/output_0"
-            self.g.extend(linear_nodes(m, xs, out, self.accuracy_level, self.activations.get(name)))
+            scale = self.plain.get(f"{name}.{OUTPUT_SCALE}")  # a folded DoRA / IA³: o ⊙ (x Wᵀ) + b
+            mm = out if scale is None else f"{self.g._prefix()}/MatMul/output_unscaled"
+            self.g.extend(linear_nodes(m, xs, mm, self.accuracy_level, self.activations.get(name)))
             self._owned(m)
+            if scale is not None:
+                o = self._plain(f"{name}.{OUTPUT_SCALE}")
+                out = self.g.op("Mul", [mm, o], [out] if out == y else 1)
             if bias is not None:
                 b = self._plain(f"{name}.bias")
                 out = self.g.op("Add", [out, b], [y] if y is not None else 1)
@@ -144,7 +152,8 @@ class DecoderGraph:
         acts = [self.activations.get(n) for n in names]
         smooths = [self.plain.get(f"{n}.{SMOOTH}") for n in names]
         biased = any(f"{n}.bias" in self.plain for n in names)
-        if not _packable(ms, acts, smooths):
+        scaled = any(f"{n}.{OUTPUT_SCALE}" in self.plain for n in names)
+        if scaled or not _packable(ms, acts, smooths):
             return tuple(self.linear(n, x) for n in names)
         packed = pack_rows(f"{attn}.qkv_proj", ms)
         with self.g.scope("qkv_proj"):

@@ -68,14 +68,17 @@ def float_effective(model) -> dict[str, str]:
     import torch
     from torch import nn
 
-    from ..compress.qlinear import CompressedEmbedding, CompressedLinear, set_submodule
+    from ..compress.qlinear import CompressedEmbedding, CompressedLinear, OutputScaledLinear, set_submodule
     from ..compress.smoothing import attach_input_smoothing, has_input_smoothing, input_smoothing
 
     digests: dict[str, str] = {}
     for name, mod in list(model.named_modules()):
         if isinstance(mod, CompressedLinear):
             w = mod.effective_weight()
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            if mod.output_scale is not None:  # traced as Mul(MatMul(x, Wᵀ), o) (+ bias)
+                lin = OutputScaledLinear(mod.in_features, mod.out_features, mod.bias is not None, mod.output_scale)
+            else:
+                lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
             with torch.no_grad():
                 lin.weight.copy_(w)
                 if mod.bias is not None:
