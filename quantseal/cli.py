@@ -200,6 +200,8 @@ def _add_export(sub) -> None:
     p.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy_level (0: float32 compute; 4: int8 activations, faster on CPU; "
                         "default: 4 for decoders, whose 8-bit matrices run ~80x slower per token at 0, else 0)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"],
+                   help="decoder compute type: fp32 (CPU) or fp16 (for the CUDA execution provider)")
     p.add_argument("--board", type=Path, help="watermark board folder (quantseal board train); with --key --registry --user")
     p.add_argument("--key", type=Path, help="watermark key file")
     p.add_argument("--registry", type=Path, help="customer registry (quantseal registry add)")
@@ -219,6 +221,8 @@ def _cmd_export(args) -> int:
 
     if args.accuracy_level is None:
         args.accuracy_level = default_accuracy_level(args.checkpoint)
+    if args.dtype != "fp32" and (args.adapter or args.board is not None):
+        raise BadInput(f"--dtype {args.dtype} with --adapter or --board is not supported yet; export in fp32")
 
     mark = (args.board, args.key, args.registry, args.user)
     if args.adapter_rank is not None and not args.adapter:
@@ -243,7 +247,7 @@ def _cmd_export(args) -> int:
         res = export_marked(args.checkpoint, args.output, args.board, key, Registry.load(args.registry, key),
                             args.user, accuracy_level=args.accuracy_level)
     else:
-        res = export_onnx(args.checkpoint, args.output, accuracy_level=args.accuracy_level)
+        res = export_onnx(args.checkpoint, args.output, accuracy_level=args.accuracy_level, dtype=args.dtype)
     lowbit = {op: res["ops"].get(op, 0) for op in ("MatMulNBits", "MatMulBnb4", "GatherBlockQuantized")}
     human = (f"wrote {res['path']}: {res['bytes'] / 1e6:.2f} MB, {res['matrices']} compressed matrices "
              f"({res['matrix_bytes'] / 1e6:.3f} MB), low-bit ops {lowbit}, {res['seconds']:.1f} s")
