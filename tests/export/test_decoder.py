@@ -274,3 +274,18 @@ def test_float16_is_refused_for_an_encoder(minilm_rtn_checkpoint, tmp_path, caps
     assert main(["export", str(minilm_rtn_checkpoint), "-o", str(tmp_path / "m.onnx"), "--dtype", "fp16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "decoder" in err[0] and not (tmp_path / "m.onnx").exists()
+
+
+def test_inspect_lists_packed_and_shared_matrices_with_manifest_bytes(exported, quantised_table):
+    """``quantseal inspect`` on a built decoder: the packed q/k/v appear as their three matrices
+    and the tied quantised table once (read by the lookup and the head), each with its manifest bytes."""
+    from quantseal.export.inspect_onnx import inspect_onnx
+
+    for ck, report in ((exported[0], exported[1]), (quantised_table[0], quantised_table[1])):
+        manifest, _ = read_checkpoint(ck)
+        rows = {r["name"]: r for r in inspect_onnx(report["path"])["matrices"]}
+        assert set(rows) == set(manifest.matrices)
+        for name, e in manifest.matrices.items():
+            assert rows[name]["bytes"] == e.bytes and rows[name]["format"] == e.format, name
+    rows = {r["name"]: r for r in inspect_onnx(quantised_table[1]["path"])["matrices"]}
+    assert rows["model.embed_tokens"]["op"] == "MatMulNBits+GatherBlockQuantized"
