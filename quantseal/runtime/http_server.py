@@ -203,6 +203,8 @@ class HTTPServer:
             return False
         close = version == "HTTP/1.0" or headers.get("connection", "").lower() == "close"
         head_only = method == "HEAD"
+        if method not in ("GET", "POST"):  # a body it may carry is not read: close after answering
+            close = True
         try:
             status, body = await self._answer(reader, method, path, headers)
         except RequestError as exc:  # the body was not read: the connection cannot be reused
@@ -225,7 +227,8 @@ class HTTPServer:
             known = path == "/health" or path in routes
             return HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"method {method} is not allowed"
                                                    + (f" on {path}" if known else ""), "status": 405}
-        if method == "POST":
+        raw = b""
+        if method == "POST" or headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
             if "transfer-encoding" in headers:
                 raise RequestError("chunked bodies are not accepted: send a Content-Length",
                                    HTTPStatus.LENGTH_REQUIRED)
