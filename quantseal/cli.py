@@ -525,6 +525,8 @@ def _add_verify(sub) -> None:
     g.add_argument("--model", help="the 'model' field of OpenAI-style requests")
     g.add_argument("--text-only", action="store_true",
                    help="decoders: read the greedy text only, do not ask for log-probabilities")
+    g.add_argument("--no-logit-bias", action="store_true",
+                   help="decoders: do not send logit_bias (for APIs that refuse it; the mark is then rarely visible)")
     g.add_argument("--timeout", type=float, default=60.0, help="seconds per query, retries included (default 60)")
     g.add_argument("--deadline", type=float, default=None, help="seconds for the whole verification")
     g.add_argument("--max-response-mb", type=float, default=64.0, help="largest answer accepted (default 64 MB)")
@@ -570,7 +572,8 @@ def _cmd_verify(args) -> int:
         from .runtime.suspects import endpoint_query
 
         embed_fn, inputs, probe = endpoint_query(args.suspect, args.api, board, key, TextTokenizer(args.board),
-                                                 args.model, not args.text_only, **_endpoint_options(args))
+                                                 args.model, not args.text_only, logit_bias=not args.no_logit_bias,
+                                                 **_endpoint_options(args))
     elif args.api != "quantseal":
         raise BadInput(f"--api {args.api} is for http:// suspects, not files")
     elif not Path(args.suspect).is_file():
@@ -584,7 +587,8 @@ def _cmd_verify(args) -> int:
     res = verify(embed_fn, key, reg, board, TextTokenizer(args.board), alpha=args.alpha, inputs=inputs)
     res["suspect"] = args.suspect
     if probe is not None:  # what an OpenAI-style decoder API showed: log-probabilities or greedy text
-        res.update(api=args.api, read_from=probe.mode, target_top1=probe.hits, sequences=probe.observed)
+        res.update(api=args.api, read_from=probe.mode, logit_bias=probe.logit_bias, censored=probe.censored,
+                   sequence_bits=probe.observed, http_requests=probe.requests)
     human = (f"owner: {res['owner'] or 'none'} (p = {res['p_value']:.3g}, {res['bit_errors']} bit errors "
              f"of {res['n_bits']}, {res['queries']} queries, {res['seconds']:.1f} s)")
     _emit(res, args.json, human)

@@ -6,27 +6,34 @@
 ``data[i].index``).  Encoder trigger texts re-tokenise to exactly their ids (:mod:`quantseal.keys`),
 so the suspect sees the triggers the board was trained on.
 
-``OpenAITargets`` is a decoder ``logits_fn(id_lists, tokens)`` →
-(B, len(tokens)) for :func:`quantseal.runtime.verify.decode_bits_decoder`, read from
-``POST /v1/completions`` (prompts batched) or ``POST /v1/chat/completions`` (one user message per
-query), each asked for one greedy token (``max_tokens: 1, temperature: 0``).  The decoder
-statistic of bit i is a difference of ``z[a_i] − z[b_i]`` between a trigger and its control
-(target pair ``(a_i, b_i)`` from :func:`quantseal.keys.derive_targets`).  What stands in for z:
+``OpenAITargets`` is a decoder ``logits_fn(id_lists, tokens)`` → (B, len(tokens)) for
+:func:`quantseal.runtime.verify.decode_bits_decoder`, read from ``POST /v1/completions`` or
+``POST /v1/chat/completions`` (one user message), one greedy token each (``max_tokens: 1,
+temperature: 0``).  Bit i's statistic is a difference of ``Δ = z[a_i] − z[b_i]`` between a
+trigger and its control (target pair ``(a_i, b_i)``, :func:`quantseal.keys.derive_targets`), so
+each queried sequence needs Δ for the bits it serves (a trigger: its bit; a control: the bits of
+the triggers built on it); the row gets ``z[a_i] = Δ, z[b_i] = 0``.
 
-- **top-k log-probabilities** (``logprobs``/``top_logprobs``): log-probabilities differ from
-  logits by one constant per sequence, so ``lp[a] − lp[b] = z[a] − z[b]`` exactly when both are
-  listed.  A target outside the top k is censored: its probability lies in (0, p_min] (p_min the
-  smallest listed), and it is imputed at ``log(p_min / 2)``.  With one target listed the sign of
-  the difference is then still right, with neither listed it is 0 (no information).
-- **greedy text only**: the one observation is the top-1 token, read as the first word of the
-  continuation (a target is a whole-word token, so its text is ``" word"``).  ``z`` is the
-  indicator of that token: ``z[a] − z[b] ∈ {+1, 0, −1}`` (a is top-1 / neither / b is top-1), and
-  the bit statistic is the mean over the bit's triggers of ``[top1 = a] − [top1 = b]`` after the
-  trigger minus the same after its control.  A bit none of whose triggers puts a target at top-1
-  reads 0 (decoded as bit 0: against an innocent codeword still a fair coin).  How many bits this
-  reads depends on whether the board made a target top-1: ``hits`` / ``observed`` count it.
+The board moves Δ by a fraction of a logit (its margin), while the targets sit thousands of ranks
+down the vocabulary (measured on the tiny test decoder: median rank 12,600–16,000 of 30,522, 3 %
+of them in the top 20, none top-1), so neither the top-k list nor the greedy token shows them by
+themselves.  OpenAI's ``logit_bias`` (token id → bias in [−100, 100], honoured by vLLM and
+llama.cpp's server) makes them visible, exactly:
 
-Each query's text is the trigger's own text (``texts``: ids → text, from the key's trigger set).
+- **log-probabilities + logit_bias** (default where the answer carries ``logprobs``): bias both
+  targets by +``boost`` (50); they become the top two, and a common bias cancels in
+  ``lp[a] − lp[b] = z[a] − z[b] = Δ``: exact, one query per (sequence, bit).
+- **greedy text + logit_bias**: bias ``a`` by ``boost + c/2`` and ``b`` by ``boost − c/2``; the
+  greedy token is ``a`` iff ``Δ > −c``.  Bisection over c finds Δ in [−``span``, ``span``] to
+  ``precision`` in ⌈log2(2·span/precision)⌉ queries (13 for ±40 to 0.01) per (sequence, bit).
+- without ``logit_bias`` (``logit_bias=False``, for APIs that refuse it): top-k log-probabilities
+  with a target outside the top k censored at ``log(p_min / 2)`` (p_min the smallest listed), so
+  Δ is exact with both listed, of the right sign with one, 0 with neither; or greedy text alone,
+  Δ = [top1 = a] − [top1 = b].  Weak: see above.
+
+The greedy token is read as the first word of the continuation (targets are whole-word tokens,
+``" word"``).  An answer whose greedy token is neither target despite the boost counts in
+``censored`` and gives Δ = 0.  ``requests`` counts HTTP queries.
 """
 
 from __future__ import annotations
@@ -103,45 +110,50 @@ class OpenAIEmbeddings:
 
 class OpenAITargets:
     """A decoder ``logits_fn(id_lists, tokens)`` through ``/v1/completions`` (``api="completions"``)
-    or ``/v1/chat/completions`` (``api="chat"``).
+    or ``/v1/chat/completions`` (``api="chat"``) (module docstring).
 
     ``texts``: token ids (tuple) → the text to send; ``words``: target token id → its word
-    (:func:`quantseal.keys.token_word`).  ``logprobs=True`` asks for the top ``top_k``
-    log-probabilities and falls back to the greedy text when the first answer has none;
-    ``False`` reads the text only.  After a call, ``mode`` is ``"logprobs"`` or ``"text"``,
-    ``observed`` the sequences read and ``hits`` those whose top-1 token was one of the targets."""
+    (:func:`quantseal.keys.token_word`); ``uses``: token ids → the bits that sequence serves;
+    ``pairs``: (n, 2) target ids per bit.  ``logprobs=True`` asks for the top ``top_k``
+    log-probabilities and falls back to the greedy text when the first answer has none; ``False``
+    reads the text only.  After a call, ``mode`` is ``"logprobs"`` or ``"text"``."""
 
-    def __init__(self, transport: Transport, api: str, texts: dict, words: dict, model: str | None = None,
-                 logprobs: bool = True, top_k: int = 20):
+    def __init__(self, transport: Transport, api: str, texts: dict, words: dict, uses: dict, pairs,
+                 model: str | None = None, logprobs: bool = True, top_k: int = 20, logit_bias: bool = True,
+                 boost: float = 50.0, span: float = 40.0, precision: float = 0.01):
         if api not in ("completions", "chat"):
             raise BadInput(f"unknown decoder API {api!r} (completions, chat)")
         if not 1 <= top_k <= 20:
             raise BadInput(f"top_logprobs must be in 1..20, not {top_k}")
+        if not (0 < span <= 2 * (100 - boost) and 0 < boost <= 100 and 0 < precision < span):
+            raise BadInput("logit_bias settings out of range (boost ± span/2 must stay within ±100)")
         self.transport, self.api, self.model = transport, api, model
         self.texts, self.words = dict(texts), {int(k): str(v) for k, v in words.items()}
-        self.want_logprobs, self.top_k = bool(logprobs), int(top_k)
+        self.uses = {tuple(k): sorted({int(b) for b in v}) for k, v in uses.items()}
+        self.pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        self.want_logprobs, self.top_k, self.logit_bias = bool(logprobs), int(top_k), bool(logit_bias)
+        self.boost, self.span, self.precision = float(boost), float(span), float(precision)
         self.route = _ROUTE[f"openai-{api}"]
         self.mode: str | None = None if logprobs else "text"
-        self.observed = self.hits = 0
+        self.observed = self.censored = 0
 
-    # ------------------------------------------------------------------ queries
-    def _payload(self) -> dict:
+    @property
+    def requests(self) -> int:
+        return self.transport.queries
+
+    # ------------------------------------------------------------------ one query
+    def _ask(self, prompts: list[str], bias: dict | None) -> list[tuple[str, dict | None]]:
+        """(continuation text, {token text: logprob} or None) per prompt, one request."""
         p = {"max_tokens": 1, "temperature": 0}
         if self.model:
             p["model"] = self.model
+        if bias:
+            p["logit_bias"] = {str(int(t)): round(float(v), 6) for t, v in bias.items()}
         if self.mode != "text":
-            if self.api == "chat":
-                p.update(logprobs=True, top_logprobs=self.top_k)
-            else:
-                p["logprobs"] = self.top_k
-        return p
-
-    def _ask(self, prompts: list[str]) -> list[tuple[str, dict | None]]:
-        """(continuation text, {token text: logprob} or None) per prompt."""
+            p.update({"logprobs": True, "top_logprobs": self.top_k} if self.api == "chat" else {"logprobs": self.top_k})
         url = self.transport.url(self.route)
         if self.api == "completions":
-            out = self.transport.post(self.route, {**self._payload(), "prompt": prompts})
-            choices = _field(out, "choices")
+            choices = _field(self.transport.post(self.route, {**p, "prompt": prompts}), "choices")
             if not isinstance(choices, list) or len(choices) != len(prompts):
                 raise BadInput(f"{url}: expected {len(prompts)} choices")
             got = [None] * len(prompts)
@@ -151,26 +163,33 @@ class OpenAITargets:
                 if not isinstance(i, int) or not 0 <= i < len(prompts) or got[i] is not None:
                     raise BadInput(f"{url}: bad or repeated 'index' in the answer's choices")
                 top = _field(c, "logprobs", "top_logprobs", 0)
-                got[i] = (_field(c, "text"), top if isinstance(top, dict) else None)
+                got[i] = (_field(c, "text"), self._table(top.items() if isinstance(top, dict) else None, url))
             return got
         got = []
         for prompt in prompts:
-            payload = {**self._payload(), "messages": [{"role": "user", "content": prompt}]}
-            c = _field(self.transport.post(self.route, payload), "choices", 0)
+            c = _field(self.transport.post(self.route, {**p, "messages": [{"role": "user", "content": prompt}]}),
+                       "choices", 0)
             if c is None:
                 raise BadInput(f"{url}: the answer has no choices")
             top = _field(c, "logprobs", "content", 0, "top_logprobs")
-            table = None
-            if isinstance(top, list):
-                table = {}
-                for e in top:
-                    tok, lp = _field(e, "token"), _field(e, "logprob")
-                    if isinstance(tok, str) and isinstance(lp, (int, float)) and not isinstance(lp, bool):
-                        table[tok] = max(float(lp), table.get(tok, -math.inf))
-            got.append((_field(c, "message", "content"), table))
+            pairs = [(_field(e, "token"), _field(e, "logprob")) for e in top] if isinstance(top, list) else None
+            got.append((_field(c, "message", "content"), self._table(pairs, url)))
         return got
 
-    # ------------------------------------------------------------------ reading
+    def _table(self, items, url: str) -> dict | None:
+        """{word: best logprob} of a top-k list (None: the answer has none)."""
+        if items is None:
+            return None
+        out = {}
+        for tok, lp in items:
+            if not isinstance(tok, str):
+                continue
+            if not isinstance(lp, (int, float)) or isinstance(lp, bool) or not math.isfinite(lp) or lp > 1e-6:
+                raise BadInput(f"{url}: a log-probability in the answer is not a finite number <= 0")
+            w = self._word(tok)
+            out[w] = max(out.get(w, -math.inf), float(lp))
+        return out or None
+
     @staticmethod
     def _word(token: str) -> str:
         t = token.strip()
@@ -179,48 +198,93 @@ class OpenAITargets:
                 t = t[len(m):]
         return t
 
-    def _from_logprobs(self, table: dict, tokens: list[int], url: str) -> np.ndarray:
-        lps = {}
-        for tok, lp in table.items():
-            if not isinstance(lp, (int, float)) or isinstance(lp, bool) or not math.isfinite(lp) or lp > 1e-6:
-                raise BadInput(f"{url}: a log-probability in the answer is not a finite number <= 0")
-            w = self._word(tok)
-            lps[w] = max(lps.get(w, -math.inf), float(lp))
-        if not lps:
-            raise BadInput(f"{url}: the answer's top log-probabilities are empty")
-        floor = min(lps.values()) - math.log(2.0)  # a censored target: probability in (0, p_min]
-        return np.array([lps.get(self.words[t], floor) for t in tokens])
+    @staticmethod
+    def _first_word(text) -> str:
+        m = _FIRST_WORD.match(text) if isinstance(text, str) else None
+        return m.group(1) if m else ""
 
-    def _from_text(self, text, tokens: list[int], url: str) -> np.ndarray:
-        if not isinstance(text, str):
-            raise BadInput(f"{url}: the answer has no text")
-        m = _FIRST_WORD.match(text)
-        word = m.group(1) if m else ""
-        return np.array([1.0 if self.words[t] == word else 0.0 for t in tokens])
+    def _settle_mode(self, table) -> None:
+        if self.mode is None:
+            self.mode = "logprobs" if table is not None else "text"
+        elif self.mode == "logprobs" and table is None:
+            raise BadInput(f"{self.transport.url(self.route)}: some answers carry log-probabilities and some do not")
+
+    # ------------------------------------------------------------------ Δ per (sequence, bit)
+    def _deltas_biased(self, prompts: list[str], bit: int) -> list[float]:
+        """Δ_i of each prompt through logit_bias (exact from log-probabilities, else bisection)."""
+        a, b = (int(x) for x in self.pairs[bit])
+        wa, wb = self.words[a], self.words[b]
+        if self.mode != "text":
+            answers = self._ask(prompts, {a: self.boost, b: self.boost}) if self.api == "completions" else \
+                [self._ask([q], {a: self.boost, b: self.boost})[0] for q in prompts]
+            self._settle_mode(answers[0][1])
+            if self.mode == "logprobs":
+                out = []
+                for text, table in answers:
+                    self._settle_mode(table)
+                    if wa in table and wb in table:
+                        out.append(table[wa] - table[wb])
+                    else:
+                        self.censored += 1
+                        out.append(0.0)
+                return out
+        out = []
+        for q in prompts:  # greedy text: bisection on c (a wins iff Δ > −c)
+            lo, hi = -self.span, self.span
+            while hi - lo > self.precision:
+                mid = (lo + hi) / 2
+                word = self._first_word(self._ask([q], {a: self.boost - mid / 2, b: self.boost + mid / 2})[0][0])
+                if word == wa:
+                    lo = mid
+                elif word == wb:
+                    hi = mid
+                else:
+                    self.censored += 1
+                    lo = hi = 0.0
+                    break
+            out.append((lo + hi) / 2)
+        return out
+
+    def _deltas_plain(self, prompts: list[str], bits: list[list[int]], tokens: list[int]) -> np.ndarray:
+        """Without logit_bias: the censored top-k / greedy-indicator reading of every target."""
+        out = np.zeros((len(prompts), len(tokens)))
+        batches = [prompts] if self.api == "completions" else [[q] for q in prompts]
+        answers = [ans for batch in batches for ans in self._ask(batch, None)]
+        for r, (text, table) in enumerate(answers):
+            self._settle_mode(table)
+            if self.mode == "logprobs":
+                floor = min(table.values()) - math.log(2.0)  # a censored target: probability in (0, p_min]
+                out[r] = [table.get(self.words[t], floor) for t in tokens]
+                seen = set(table)
+            else:
+                word = self._first_word(text)
+                out[r] = [1.0 if self.words[t] == word else 0.0 for t in tokens]
+                seen = {word}
+            for i in bits[r]:  # a (sequence, bit) whose targets the answer does not show
+                self.censored += int(not seen.intersection(self.words[int(t)] for t in self.pairs[i]))
+        return out
 
     def __call__(self, id_lists, tokens) -> np.ndarray:
         tokens = [int(t) for t in tokens]
-        missing = [t for t in tokens if t not in self.words]
-        if missing:
-            raise BadInput(f"no word for target token {missing[0]}")
+        n = len(self.pairs)
+        want = [int(x) for x in self.pairs[:, 0]] + [int(x) for x in self.pairs[:, 1]]
+        if tokens != want:
+            raise BadInput("OpenAITargets answers the key's target pairs [a_0..a_n-1, b_0..b_n-1] only")
         try:
-            prompts = [self.texts[tuple(int(x) for x in row)] for row in id_lists]
+            keys = [tuple(int(x) for x in row) for row in id_lists]
+            prompts = [self.texts[k] for k in keys]
         except KeyError:
             raise BadInput("a queried sequence is not one of the key's trigger or control texts") from None
-        url = self.transport.url(self.route)
-        out = np.zeros((len(prompts), len(tokens)))
-        for i, (text, table) in enumerate(self._ask(prompts)):
-            if self.mode is None:
-                self.mode = "logprobs" if table is not None else "text"
-            if self.mode == "logprobs":
-                if table is None:
-                    raise BadInput(f"{url}: some answers carry log-probabilities and some do not")
-                out[i] = self._from_logprobs(table, tokens, url)
-                top1 = max(table, key=table.get)
-                hit = self._word(top1) in {self.words[t] for t in tokens}
-            else:
-                out[i] = self._from_text(text, tokens, url)
-                hit = bool(out[i].any())
-            self.observed += 1
-            self.hits += int(hit)
+        bits = [self.uses.get(k, []) for k in keys]
+        self.observed += sum(len(b) for b in bits)
+        if not self.logit_bias:
+            return self._deltas_plain(prompts, bits, tokens)
+        out = np.zeros((len(prompts), 2 * n))
+        by_bit: dict[int, list[int]] = {}
+        for r, bs in enumerate(bits):
+            for i in bs:
+                by_bit.setdefault(i, []).append(r)
+        for i, rows in sorted(by_bit.items()):
+            for r, d in zip(rows, self._deltas_biased([prompts[r] for r in rows], i)):
+                out[r, i] = d
         return out

@@ -34,8 +34,18 @@ def decoder_texts(ts: qkeys.TriggerSet) -> dict[tuple[int, ...], str]:
     return out
 
 
+def decoder_uses(ts: qkeys.TriggerSet) -> dict[tuple[int, ...], set[int]]:
+    """Every trigger's and control's ids → the bits whose statistic reads it."""
+    out: dict[tuple[int, ...], set[int]] = {}
+    for i, trs in enumerate(ts.triggers):
+        for t in trs:
+            out.setdefault(tuple(t.ids), set()).add(i)
+            out.setdefault(tuple(t.control_ids), set()).add(i)
+    return out
+
+
 def endpoint_query(url: str, api: str, board_manifest: dict, key: bytes, tokenizer, model: str | None = None,
-                   logprobs: bool = True, top_k: int = 20, **transport):
+                   logprobs: bool = True, top_k: int = 20, logit_bias: bool = True, **transport):
     """(query function, inputs, probe) for ``verify`` against the endpoint ``url`` speaking ``api``.
     ``transport``: :class:`~quantseal.runtime.transport.Transport` keywords (``timeout``,
     ``deadline``, ``max_bytes``, ``qps``, ``headers``, ``retries``)."""
@@ -58,5 +68,6 @@ def endpoint_query(url: str, api: str, board_manifest: dict, key: bytes, tokeniz
         return OpenAIEmbeddings(tr, model), "text", None
     ts = qkeys.triggers_of(board_manifest, key, tokenizer)
     words = {int(t): qkeys.token_word(tokenizer, int(t)) for t in ts.targets.reshape(-1)}
-    probe = OpenAITargets(tr, api.removeprefix("openai-"), decoder_texts(ts), words, model, logprobs, top_k)
+    probe = OpenAITargets(tr, api.removeprefix("openai-"), decoder_texts(ts), words, decoder_uses(ts), ts.targets,
+                          model, logprobs, top_k, logit_bias)
     return probe, "ids", probe
