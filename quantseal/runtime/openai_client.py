@@ -214,20 +214,24 @@ class OpenAITargets:
         """Δ_i of each prompt through logit_bias (exact from log-probabilities, else bisection)."""
         a, b = (int(x) for x in self.pairs[bit])
         wa, wb = self.words[a], self.words[b]
-        if self.mode != "text":
-            answers = self._ask(prompts, {a: self.boost, b: self.boost}) if self.api == "completions" else \
-                [self._ask([q], {a: self.boost, b: self.boost})[0] for q in prompts]
-            self._settle_mode(answers[0][1])
-            if self.mode == "logprobs":
-                out = []
-                for text, table in answers:
-                    self._settle_mode(table)
-                    if wa in table and wb in table:
-                        out.append(table[wa] - table[wb])
-                    else:
-                        self.censored += 1
-                        out.append(0.0)
-                return out
+        boost = {a: self.boost, b: self.boost}
+        first = []
+        if self.mode is None:  # the first answer tells whether the API gives log-probabilities
+            first = self._ask(prompts[:1], boost)
+            self._settle_mode(first[0][1])
+        if self.mode == "logprobs":
+            rest = prompts[len(first):]
+            answers = first + ((self._ask(rest, boost) if rest else []) if self.api == "completions"
+                               else [self._ask([q], boost)[0] for q in rest])
+            out = []
+            for _, table in answers:
+                self._settle_mode(table)
+                if wa in table and wb in table:
+                    out.append(table[wa] - table[wb])
+                else:
+                    self.censored += 1
+                    out.append(0.0)
+            return out
         out = []
         for q in prompts:  # greedy text: bisection on c (a wins iff Δ > −c)
             lo, hi = -self.span, self.span

@@ -4,14 +4,15 @@
 ``POST /v1/embeddings``        (encoders) ``{"input": str | [str] | [[int]], "model"?}`` →
                                ``{"object": "list", "data": [{"index", "embedding"}], "usage"}``
 ``POST /v1/completions``       (decoders) ``{"prompt": str | [str], "max_tokens"?: 16,
-                               "logprobs"?: 0..20}`` → ``{"choices": [{"index", "text",
+                               "logprobs"?: 0..20, "logit_bias"?: {id: bias}}`` → ``{"choices": [{"index", "text",
                                "logprobs": {"tokens", "token_logprobs", "top_logprobs"}}]}``
 ``POST /v1/chat/completions``  (decoders) ``{"messages": [{"role", "content"}], "max_tokens"?,
                                "logprobs"?: bool, "top_logprobs"?: 0..20}`` → ``{"choices":
                                [{"message": {"role", "content"}, "logprobs": {"content": [...]}}]}``
 =============================  ===================================================================
 
-Decoding is greedy whatever ``temperature`` says (``n`` must be 1).  The exported file carries no
+Decoding is greedy whatever ``temperature`` says (``n`` must be 1); ``logit_bias`` (token id →
+bias in [−100, 100]) is added to the logits before the greedy choice and the log-probabilities.  The exported file carries no
 chat template, so a chat prompt is its messages' contents joined by newlines, tokenised without
 special tokens — the same ids a completion prompt gets, and the ids verification's triggers have.
 Log-probabilities are ``log_softmax`` of the model's logits at each generated position; a token's
@@ -34,6 +35,23 @@ def _int_field(payload: dict, name: str, default: int, lo: int, hi: int) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise RequestError(f"'{name}' must be an integer in [{lo}, {hi}]")
     return v
+
+
+def _logit_bias(payload, vocab: int) -> dict[int, float]:
+    """OpenAI's ``logit_bias``: {token id (a string): bias in [−100, 100]} added to the logits."""
+    raw = payload.get("logit_bias")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or len(raw) > 1024:
+        raise RequestError("'logit_bias' must be an object of at most 1024 token ids")
+    out = {}
+    for k, v in raw.items():
+        if not (isinstance(k, str) and k.isdigit() and len(k) < 12 and int(k) < vocab):
+            raise RequestError(f"'logit_bias' key {k[:20]!r} is not a token id in [0, {vocab})")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not -100 <= v <= 100:
+            raise RequestError("'logit_bias' values must be numbers in [-100, 100]")
+        out[int(k)] = float(v)
+    return out
 
 
 def _common(payload) -> None:
@@ -86,14 +104,19 @@ def token_text(tokenizer, i: int) -> str:
     return tokenizer.decode([int(i)], skip_special_tokens=False)
 
 
-def greedy_with_logprobs(lm, ids: list[int], n: int, k: int) -> tuple[list[int], list[float], list[list]]:
+def greedy_with_logprobs(lm, ids: list[int], n: int, k: int, bias: dict[int, float] | None = None
+                         ) -> tuple[list[int], list[float], list[list]]:
     """Greedy continuation of ``ids`` by ``n`` tokens with the KV cache: (new ids, their
-    log-probabilities, the top ``k`` (id, logprob) pairs at each step, best first)."""
+    log-probabilities, the top ``k`` (id, logprob) pairs at each step, best first), the logits
+    shifted by ``bias`` (token id → added logit) first, as OpenAI's ``logit_bias`` does."""
     new, lps, tops, past, feed = [], [], [], None, list(ids)
+    cols = np.fromiter((bias or {}).keys(), dtype=np.int64)
+    shift = np.fromiter((bias or {}).values(), dtype=np.float64)
     for _ in range(n):
         mask = np.ones((1, len(ids) + len(new)), dtype=np.int64)
         logits, past = lm.step(np.array([feed]), mask, past)
         z = logits[0, -1].astype(np.float64)
+        z[cols] += shift
         lp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
         tok = int(np.argmax(z))
         new.append(tok)
@@ -115,11 +138,11 @@ def _prompt_ids(service, text: str, what: str) -> list[int]:
     return ids
 
 
-def _generate(service, ids: list[int], n: int, k: int):
+def _generate(service, ids: list[int], n: int, k: int, bias: dict[int, float]):
     if len(ids) + n > service.max_tokens:
         raise RequestError(f"prompt of {len(ids)} tokens + {n} new exceeds {service.max_tokens}")
     with service.lock:
-        new, lps, tops = greedy_with_logprobs(service.lm, ids, n, k)
+        new, lps, tops = greedy_with_logprobs(service.lm, ids, n, k, bias)
     finish = "stop" if new and new[-1] in service.lm.eos_ids else "length"
     return new, lps, tops, finish
 
@@ -138,11 +161,12 @@ def completions(service, payload) -> dict:
         raise RequestError(f"batch of {len(prompts)} prompts is too large (at most {service.max_batch})")
     n = _int_field(payload, "max_tokens", 16, 0, service.max_new_tokens)
     k = _int_field(payload, "logprobs", 0, 0, MAX_TOP_LOGPROBS) if payload.get("logprobs") is not None else None
+    bias = _logit_bias(payload, service.vocab_out)
     tok = service.lm.tokenizer
     ids = [_prompt_ids(service, p, f"prompt {i}") for i, p in enumerate(prompts)]  # all checked first
     choices, used = [], 0
     for i, row in enumerate(ids):
-        new, lps, tops, finish = _generate(service, row, n, k or 0)
+        new, lps, tops, finish = _generate(service, row, n, k or 0, bias)
         used += len(new)
         lp = None
         if k is not None:
@@ -169,8 +193,9 @@ def chat_completions(service, payload) -> dict:
     if not isinstance(want, bool):
         raise RequestError("'logprobs' must be true or false")
     k = _int_field(payload, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+    bias = _logit_bias(payload, service.vocab_out)
     ids = _prompt_ids(service, "\n".join(m["content"] for m in msgs), "the conversation")
-    new, lps, tops, finish = _generate(service, ids, n, k if want else 0)
+    new, lps, tops, finish = _generate(service, ids, n, k if want else 0, bias)
     tok = service.lm.tokenizer
     lp = None
     if want:

@@ -318,6 +318,6 @@ def test_logit_bias_reads_exact_differences():
                         assert got[r, i] == got[r, n + i] == 0
             pairs_read = sum(len(u) for u in uses.values())
             if logprobs:
-                assert len(tr.sent) == (pairs_read if api == "chat" else n)  # completions: a batch per bit
+                assert len(tr.sent) == (pairs_read if api == "chat" else n + 1)  # completions: a batch per bit + the first probe
             else:
                 assert len(tr.sent) == 13 * pairs_read

@@ -106,13 +106,26 @@ def test_completions_and_chat_logprobs_equal_local(lm_path):
         status, plain = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": prompts[0]}],
                                                            "max_tokens": 1})
         assert plain["choices"][0]["logprobs"] is None and plain["choices"][0]["message"] == c["message"]
+        # logit_bias shifts the logits before the greedy choice and the log-probabilities
+        pick = int(np.argsort(lp)[len(lp) // 2])  # a middling token, boosted to the top
+        status, biased = post(url, "/v1/completions", {"prompt": prompts[0], "max_tokens": 1, "logprobs": 2,
+                                                       "logit_bias": {str(pick): 100}})
+        shifted = lp.copy()
+        shifted[pick] += 100
+        shifted = _log_softmax(shifted)
+        assert status == 200 and biased["choices"][0]["text"] == local.decode([pick])
+        assert biased["choices"][0]["logprobs"]["token_logprobs"][0] == pytest.approx(shifted[pick], abs=1e-4)
         for path, bad in (("/v1/completions", {"prompt": ""}), ("/v1/completions", {"prompt": "a", "logprobs": 21}),
                           ("/v1/completions", {"prompt": "a", "max_tokens": -1}),
                           ("/v1/completions", {"prompt": "a", "echo": True}),
                           ("/v1/chat/completions", {"messages": "hi"}),
                           ("/v1/chat/completions", {"messages": [{"role": "user"}]}),
                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": 1}),
-                          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]})):
+                          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}),
+                          ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 101}}),
+                          ("/v1/completions", {"prompt": "a", "logit_bias": {"-5": 1}}),
+                          ("/v1/completions", {"prompt": "a", "logit_bias": {"99999999": 1}}),
+                          ("/v1/completions", {"prompt": "a", "logit_bias": [1]})):
             status, err = post(url, path, bad)
             assert status == 400, (path, bad, err)
 
@@ -145,3 +158,4 @@ def test_verify_through_serve_openai_routes(tmp_path, llama_rtn_export, llama_bo
             assert rc == 0, err
             res = json.loads(out.strip().splitlines()[-1])
             assert res["owner"] == "ben" and res["bit_errors"] == 0 and res["read_from"] == "logprobs", res
+            assert res["censored"] == 0 and res["logit_bias"] is True

@@ -183,7 +183,7 @@ def test_serve_cli_bad_model_exit_2(tmp_path):
 
 
 def test_server_and_client_import_no_torch():
-    code = ("import sys, json\nimport quantseal.runtime.server, quantseal.runtime.client\n"
+    code = ("import sys, json\nimport quantseal.runtime.server, quantseal.runtime.client, quantseal.runtime.suspects\n"
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')"
             " or m.startswith(('quantseal.compress', 'quantseal.export')))))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
