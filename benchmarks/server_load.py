@@ -198,14 +198,17 @@ def main() -> None:
             port = int(url.rsplit(":", 1)[1])
             for _ in range(20):  # warm-up
                 post(port, json.dumps({"texts": sentences[:4]}).encode())
+            load_avg = [os.getloadavg()[0]]  # the machine is shared: how busy it was
             load = load_phase(port, proc.pid, args.clients, args.requests, sentences)
+            load_avg.append(os.getloadavg()[0])
             hostile = hostile_phase(port, proc.pid)
         finally:
             proc.terminate()
             proc.wait(30)
     res = {"model": "all-MiniLM-L6-v2, RTN 4.5 bits, exported", "server": "quantseal serve (asyncio + worker pool)",
            "onnxruntime_threads": args.threads, "workers": args.workers, "cpus": os.cpu_count(),
-           "platform": platform.platform(), "load": load, "hostile": hostile}
+           "platform": platform.platform(), "load_average_1min_before_after": [round(x, 2) for x in load_avg],
+           "load": load, "hostile": hostile}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     tmp = OUT.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(res, indent=1) + "\n")
