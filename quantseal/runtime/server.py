@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
 MAX_TOKENS = 512  # per row of a token-level query (BERT's position table)
-MAX_BODY = 16 << 20  # bytes
 MAX_NEW_TOKENS = 256
 MAX_CHARS = 100_000  # per text, checked before tokenisation
 _ID_LIMIT = 1 << 31

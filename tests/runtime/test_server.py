@@ -180,6 +180,10 @@ def test_serve_cli_bad_model_exit_2(tmp_path):
     from quantseal.cli import main
 
     assert main(["serve", str(tmp_path / "missing.onnx"), "--port", "0"]) == 2
+    (tmp_path / "empty-token").write_text("\n")
+    for flags in (["--workers", "0"], ["--header-timeout", "nan"], ["--body-timeout", "-1"], ["--max-chars", "0"],
+                  ["--token-file", str(tmp_path / "no-token")], ["--token-file", str(tmp_path / "empty-token")]):
+        assert main(["serve", str(tmp_path / "missing.onnx"), "--port", "0", *flags]) == 2, flags
 
 
 def test_server_and_client_import_no_torch():
