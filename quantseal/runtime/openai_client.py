@@ -23,9 +23,10 @@ llama.cpp's server) makes them visible, exactly:
 - **log-probabilities + logit_bias** (default where the answer carries ``logprobs``): bias both
   targets by +``boost`` (50); they become the top two, and a common bias cancels in
   ``lp[a] − lp[b] = z[a] − z[b] = Δ``: exact, one query per (sequence, bit).
-- **greedy text + logit_bias**: bias ``a`` by ``boost + c/2`` and ``b`` by ``boost − c/2``; the
-  greedy token is ``a`` iff ``Δ > −c``.  Bisection over c finds Δ in [−``span``, ``span``] to
-  ``precision`` in ⌈log2(2·span/precision)⌉ queries (13 for ±40 to 0.01) per (sequence, bit).
+- **greedy text + logit_bias**: bias ``a`` by ``boost − t/2`` and ``b`` by ``boost + t/2``; the
+  greedy token is ``a`` iff ``Δ > t``.  The sign (t = 0), a doubling search, then bisection find
+  Δ in [−``span``, ``span``] to ``precision`` (0.02) in about log2(|Δ|/precision) + 3 queries per
+  (sequence, bit) (6–9 for |Δ| of 0.1–1 logit).
 - without ``logit_bias`` (``logit_bias=False``, for APIs that refuse it): top-k log-probabilities
   with a target outside the top k censored at ``log(p_min / 2)`` (p_min the smallest listed), so
   Δ is exact with both listed, of the right sign with one, 0 with neither; or greedy text alone,
@@ -120,7 +121,7 @@ class OpenAITargets:
 
     def __init__(self, transport: Transport, api: str, texts: dict, words: dict, uses: dict, pairs,
                  model: str | None = None, logprobs: bool = True, top_k: int = 20, logit_bias: bool = True,
-                 boost: float = 50.0, span: float = 40.0, precision: float = 0.01):
+                 boost: float = 50.0, span: float = 40.0, precision: float = 0.02):
         if api not in ("completions", "chat"):
             raise BadInput(f"unknown decoder API {api!r} (completions, chat)")
         if not 1 <= top_k <= 20:
@@ -232,22 +233,38 @@ class OpenAITargets:
                     self.censored += 1
                     out.append(0.0)
             return out
-        out = []
-        for q in prompts:  # greedy text: bisection on c (a wins iff Δ > −c)
-            lo, hi = -self.span, self.span
-            while hi - lo > self.precision:
-                mid = (lo + hi) / 2
-                word = self._first_word(self._ask([q], {a: self.boost - mid / 2, b: self.boost + mid / 2})[0][0])
-                if word == wa:
-                    lo = mid
-                elif word == wb:
-                    hi = mid
-                else:
-                    self.censored += 1
-                    lo = hi = 0.0
-                    break
-            out.append((lo + hi) / 2)
-        return out
+        return [self._search(q, a, b, wa, wb) for q in prompts]
+
+    def _search(self, prompt: str, a: int, b: int, wa: str, wb: str) -> float:
+        """Δ of one prompt from greedy tokens alone: ``a`` is greedy under biases
+        ``boost − t/2`` (a) and ``boost + t/2`` (b) iff Δ > t.  The sign first (t = 0), then t
+        doubles from 16·precision until it passes Δ (at most ``span``), then bisection to
+        ``precision``: about log2(|Δ| / precision) + 3 queries.  0 when neither target is greedy."""
+        def above(t: float) -> int:
+            word = self._first_word(self._ask([prompt], {a: self.boost - t / 2, b: self.boost + t / 2})[0][0])
+            return 1 if word == wa else -1 if word == wb else 0
+
+        sign = above(0.0)
+        if sign == 0:
+            self.censored += 1
+            return 0.0
+        lo, hi = 0.0, 16 * self.precision  # |Δ| in [lo, hi) once bracketed
+        while hi < self.span:
+            got = above(sign * hi)
+            if got == 0:
+                self.censored += 1
+                return 0.0
+            if got != sign:
+                break
+            lo, hi = hi, min(2 * hi, self.span)
+        while hi - lo > self.precision:
+            mid = (lo + hi) / 2
+            got = above(sign * mid)
+            if got == 0:
+                self.censored += 1
+                return 0.0
+            lo, hi = (mid, hi) if got == sign else (lo, mid)
+        return sign * (lo + hi) / 2
 
     def _deltas_plain(self, prompts: list[str], bits: list[list[int]], tokens: list[int]) -> np.ndarray:
         """Without logit_bias: the censored top-k / greedy-indicator reading of every target."""

@@ -85,11 +85,11 @@ class Suspect:
         z = self.model.next_logits([tok.encode(prompt, add_special_tokens=False).ids])[0].astype(np.float64)
         for t, bias in (body.get("logit_bias") or {}).items():  # OpenAI: token id → bias in [-100, 100]
             z[int(t)] += float(bias)
-        lp = z - z.max() - np.log(np.exp(z - z.max()).sum())
-        order = np.argsort(-lp, kind="stable")
         word = lambda i: " " + tok.id_to_token(int(i))  # WordPiece: every non-## piece starts a word
-        choice = {"index": 0, "message": {"role": "assistant", "content": word(order[0])}, "finish_reason": "length"}
+        choice = {"index": 0, "message": {"role": "assistant", "content": word(np.argmax(z))}, "finish_reason": "length"}
         if self.with_logprobs and body.get("logprobs"):
+            lp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+            order = np.argsort(-lp, kind="stable")
             top = [{"token": word(i), "logprob": float(lp[i])} for i in order[: body["top_logprobs"]]]
             choice["logprobs"] = {"content": [{**top[0], "top_logprobs": top}]}
         return {"object": "chat.completion", "choices": [choice]}
@@ -171,6 +171,8 @@ def test_marked_decoder_through_chat_text_only(marked_decoder):
     assert res["read_from"] == "text" and res["censored"] == 0
     assert res["owner"] == "bob" and res["bit_errors"] == 0 and res["p_value"] < 1e-6, res
     assert res["http_requests"] <= 13 * res["sequence_bits"] + 1
+    print("text + logit_bias:", {k: res[k] for k in ("bit_errors", "p_value", "http_requests", "sequence_bits",
+                                                      "min_abs_statistic")})
     for extra in (["--no-logit-bias"], ["--no-logit-bias", "--text-only"]):
         with Suspect(marked, with_logprobs="--text-only" not in extra) as s:
             rc, out, err = run(["verify", s.url, "--api", "openai-chat", *extra, *flags])
@@ -265,7 +267,8 @@ def test_plain_top_k_censoring_and_text_reading_against_exact_logits():
 
 def test_logit_bias_reads_exact_differences():
     """With logit_bias: from top-k log-probabilities Δ = z[a] − z[b] exactly in one query per
-    (sequence, bit); from greedy text by bisection to within the precision, in 13 queries."""
+    (sequence, bit); from greedy text by a sign / doubling / bisection search to within the
+    precision (0.02: the midpoint is within 0.01)."""
     from quantseal.runtime.openai_client import OpenAITargets
 
     rng = np.random.default_rng(1)
@@ -313,11 +316,11 @@ def test_logit_bias_reads_exact_differences():
                 for i in range(n):
                     if i in uses[tuple(row)]:
                         want = z[pairs[i, 0]] - z[pairs[i, 1]]
-                        assert got[r, i] - got[r, n + i] == pytest.approx(want, abs=1e-9 if logprobs else 0.01)
+                        assert got[r, i] - got[r, n + i] == pytest.approx(want, abs=1e-9 if logprobs else 0.0101)
                     else:
                         assert got[r, i] == got[r, n + i] == 0
             pairs_read = sum(len(u) for u in uses.values())
             if logprobs:
                 assert len(tr.sent) == (pairs_read if api == "chat" else n + 1)  # completions: a batch per bit + the first probe
             else:
-                assert len(tr.sent) == 13 * pairs_read
+                assert pairs_read * 3 <= len(tr.sent) <= 20 * pairs_read
