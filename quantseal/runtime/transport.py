@@ -59,16 +59,17 @@ def parse_header(text: str) -> tuple[str, str]:
 
 
 def read_api_key(path) -> tuple[str, str]:
-    """The ``Authorization: Bearer <key>`` header from a file holding the key (whitespace stripped)."""
+    """The ``Authorization: Bearer <token>`` header from a file holding the token (an API key;
+    surrounding whitespace stripped): verify's ``--api-key-file`` and serve's ``--token-file``."""
     from pathlib import Path
 
     p = Path(path)
     try:
         key = p.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{p}: cannot read the API key ({getattr(exc, 'strerror', None) or exc})") from exc
+        raise BadInput(f"{p}: cannot read the bearer token ({getattr(exc, 'strerror', None) or exc})") from exc
     if not key or any(c.isspace() or not c.isprintable() for c in key):
-        raise BadInput(f"{p}: an API key file holds one printable token")
+        raise BadInput(f"{p}: a bearer token file holds one printable token")
     return "Authorization", f"Bearer {key}"
 
 

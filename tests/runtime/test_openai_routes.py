@@ -153,6 +153,8 @@ def test_verify_through_serve_openai_routes(tmp_path, llama_rtn_export, llama_bo
     with serving(marked, token="serve-token") as url:
         rc, _, err = run(["verify", url, "--api", "openai-completions", *flags])
         assert rc == 2 and "HTTP 401" in err
+        rc, out, err = run(["verify", url, "--api", "quantseal", "--api-key-file", tok, *flags])  # POST /logits
+        assert rc == 0 and json.loads(out.strip().splitlines()[-1])["owner"] == "ben", err
         for api in ("openai-completions", "openai-chat"):
             rc, out, err = run(["verify", url + "/v1", "--api", api, "--api-key-file", tok, *flags])
             assert rc == 0, err
