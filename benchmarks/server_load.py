@@ -182,7 +182,9 @@ def main() -> None:
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
     if args.render:
-        render(json.loads(OUT.with_suffix(".json").read_text()))
+        res = json.loads(OUT.with_suffix(".json").read_text())
+        write(res)
+        render(res)
         return
     from quantseal.text import pydoc_sentences
 
@@ -209,13 +211,22 @@ def main() -> None:
            "onnxruntime_threads": args.threads, "workers": args.workers, "cpus": os.cpu_count(),
            "platform": platform.platform(), "load_average_1min_before_after": [round(x, 2) for x in load_avg],
            "load": load, "hostile": hostile}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    os.replace(tmp, OUT.with_suffix(".json"))
+    write(res)
     render(res)
     summary = {k: v for k, v in load.items() if k not in ("rss_timeline", "latency_ms")}
     print(json.dumps({"load": summary, "hostile": hostile}, indent=1))
+
+
+def write(res: dict) -> None:
+    """results/server_load.json, atomically; the raw series (latencies, RSS timeline) one line each."""
+    series = {k: res["load"][k] for k in ("rss_timeline", "latency_ms")}
+    text = json.dumps({**res, "load": {**res["load"], **{k: f"@{k}@" for k in series}}}, indent=1)
+    for k, v in series.items():
+        text = text.replace(f'"@{k}@"', json.dumps(v, separators=(",", ":")))
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    tmp = OUT.with_suffix(".json.tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, OUT.with_suffix(".json"))
 
 
 if __name__ == "__main__":
