@@ -24,10 +24,10 @@ KEY = bytes(range(32))
 
 
 @contextlib.contextmanager
-def serving(path, **kw):
+def serving(path, max_batch=8, **kw):
     from quantseal.runtime.server import make_server, server_url, service_for
 
-    server = make_server(service_for(path, provider="cpu", max_batch=8), "127.0.0.1", 0, **kw)
+    server = make_server(service_for(path, provider="cpu", max_batch=max_batch), "127.0.0.1", 0, **kw)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -150,7 +150,7 @@ def test_verify_through_serve_openai_routes(tmp_path, llama_rtn_export, llama_bo
     assert run(["export", ck, "-o", marked, "--board", llama_board.path, "--key", key, "--registry", reg,
                 "--user", "ben"])[0] == 0
     flags = ["--board", llama_board.path, "--key", key, "--registry", reg, "--json"]
-    with serving(marked, token="serve-token") as url:
+    with serving(marked, max_batch=32, token="serve-token") as url:  # /logits: verify sends 32 rows
         rc, _, err = run(["verify", url, "--api", "openai-completions", *flags])
         assert rc == 2 and "HTTP 401" in err
         rc, out, err = run(["verify", url, "--api", "quantseal", "--api-key-file", tok, *flags])  # POST /logits
