@@ -296,9 +296,12 @@ def default_accuracy_level(checkpoint: str | Path) -> int:
     return 4 if fam is not None and fam.name == "decoder" else 0
 
 
-def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int = 0) -> dict:
+def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int = 0, dtype: str = "fp32") -> dict:
     """Export a compressed checkpoint folder to ``output`` (.onnx).  Returns the report that
-    ``quantseal export --json`` prints: path, bytes, matrices, ops, seconds, ..."""
+    ``quantseal export --json`` prints: path, bytes, matrices, ops, seconds, ...  ``dtype``:
+    the compute type, ``"fp32"`` or (decoders, for the CUDA execution provider) ``"fp16"``."""
+    if dtype not in ("fp32", "fp16"):
+        raise BadInput(f"--dtype must be fp32 or fp16, not {dtype!r}")
     t0 = time.perf_counter()
     checkpoint, output = Path(checkpoint), Path(output)
     _check_output(output)
@@ -310,7 +313,9 @@ def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int 
     if fam is not ENCODER:
         from .decoder import export_decoder
 
-        return export_decoder(checkpoint, output, manifest, tensors, config, accuracy_level, t0)
+        return export_decoder(checkpoint, output, manifest, tensors, config, accuracy_level, t0, dtype)
+    if dtype != "fp32":
+        raise Unsupported(f"{checkpoint}: --dtype {dtype} is for decoder graphs; encoders export in float32")
     matrices = stored_matrices(manifest, tensors)
     del tensors
     _make_parent(output)

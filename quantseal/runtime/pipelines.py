@@ -143,7 +143,8 @@ class CausalLM:
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         """The cache of no tokens: float32 (batch, kv_heads, 0, head_dim) per layer and key/value."""
-        z = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), dtype=np.float32)
+        dtype = np.float16 if self.session.input_types.get(self._past_names[0]) == "tensor(float16)" else np.float32
+        z = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), dtype=dtype)
         return {n: z for n in self._past_names}
 
     def step(self, ids: np.ndarray, attention_mask: np.ndarray,
@@ -155,7 +156,7 @@ class CausalLM:
         feeds.update(self.empty_past(ids.shape[0]) if past is None else past)
         out = self.session.run(feeds, ["logits", *self._present_names])
         present = {p: out[q] for p, q in zip(self._past_names, self._present_names)}
-        return out["logits"], present
+        return out["logits"].astype(np.float32, copy=False), present  # a float16 graph's too
 
     def logits(self, ids, attention_mask=None) -> np.ndarray:
         """float32 (B, T, V) logits of a batch of token ids (B, T) (or one sequence (T,) → (T, V))."""
