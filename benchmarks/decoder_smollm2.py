@@ -45,6 +45,9 @@ PY = sys.executable
 QUANTSEAL = {
     "qs-rtn": (["--method", "rtn", "--formats", "int4_b32,int8_b32", "--budget-mb", "{mb}"], 4),
     "qs-rtn-acc0": (["--method", "rtn", "--formats", "int4_b32,int8_b32", "--budget-mb", "{mb}"], 0),
+    # 8-bit, under the builder int8 file's size; the decode bound (all matrices and the tied head at
+    # int8: ~3.6 ms by compress/decode_cost.py) moves the tied table off float32, whose head is slow
+    "qs-rtn8": (["--method", "rtn", "--formats", "int8s_b32", "--budget-mb", "{mb8}", "--max-decode-ms", "3.7"], 4),
     "qs-lq": (["--method", "lq", "--data-aware", "--formats", "int4_b32,int8_b32", "--ranks", "0",
                "--budget-mb", "{mb}"], 4),
     "qs-gptq": (["--method", "gptq", "--wbits", "4", "--block", "32", "--table", "int4_b32"], 4),
@@ -87,7 +90,7 @@ def float_folder(work: Path) -> Path:
     return out
 
 
-def build_variant(name: str, work: Path, src: Path, mb: float | None) -> tuple[Path, dict]:
+def build_variant(name: str, work: Path, src: Path, mb: float | None, mb8: float | None = None) -> tuple[Path, dict]:
     """The variant's folder (built once, cached in ``work``) and what building it cost."""
     out = work / name
     info: dict = {}
@@ -106,7 +109,7 @@ def build_variant(name: str, work: Path, src: Path, mb: float | None) -> tuple[P
         ck = work / f"{name}.ck"
         if not (ck / "quantseal.json").is_file():
             subprocess.run([PY, "-m", "quantseal.cli", "compress", str(src), "-o", str(ck), "--workers", "1", "--json",
-                            *[a.format(mb=mb) for a in args]], check=True, stdout=subprocess.DEVNULL)
+                            *[a.format(mb=mb, mb8=mb8) for a in args]], check=True, stdout=subprocess.DEVNULL)
         info["compress_s"] = round(time.perf_counter() - t0, 1)
         t1 = time.perf_counter()
         subprocess.run([PY, "-m", "quantseal.cli", "export", str(ck), "-o", str(out / "model.onnx"),
@@ -130,7 +133,6 @@ def folder_mb(folder: Path) -> float:
 # ----------------------------------------------------------------------------- measured in a child
 def _child(folder: str, threads: int) -> dict:
     """Runs in a fresh process: load with onnxruntime-genai, prefill 256 tokens, decode 64."""
-    import resource
     import tempfile
 
     import onnxruntime_genai as og
@@ -149,7 +151,8 @@ def _child(folder: str, threads: int) -> dict:
     t0 = time.perf_counter()
     model = og.Model(config)
     load_s = time.perf_counter() - t0
-    rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report its parent's peak
+    rss_load = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM")) / 1024
     tok = og.Tokenizer(model)
     prompt = list(tok.encode(PROMPT))[:20]
 
@@ -243,13 +246,13 @@ def main() -> None:
     src = float_folder(work)
     names = [v for v in args.variants.split(",") if v]
     folders, builds = {}, {}
-    mb = None
-    for name in sorted(names, key=lambda n: not n.startswith("builder-int4")):  # the int4 size first
+    mb = mb8 = None
+    for name in sorted(names, key=lambda n: not n.startswith("builder-int")):  # the builder sizes first
         if name.startswith("qs") and mb is None:
-            ref, _ = build_variant("builder-int4", work, src, None)
-            mb = round(folder_mb(ref) - 0.05, 2)
+            mb = round(folder_mb(build_variant("builder-int4", work, src, None)[0]) - 0.05, 2)
+            mb8 = round(folder_mb(build_variant("builder-int8", work, src, None)[0]) - 0.05, 2)
         print(f"building {name} ...", file=sys.stderr, flush=True)
-        folders[name], builds[name] = build_variant(name, work, src, mb)
+        folders[name], builds[name] = build_variant(name, work, src, mb, mb8)
     from tokenizers import Tokenizer
 
     from quantseal.text import pydoc_sentences
@@ -282,7 +285,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = {"benchmark": "decoder_smollm2", "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "eval_tokens": sum(len(s) - 1 for s in seqs),
-           "rounds": args.rounds, "new_tokens": NEW_TOKENS, "prefill_tokens": PREFILL, "budget_mb": mb, "rows": rows}
+           "rounds": args.rounds, "new_tokens": NEW_TOKENS, "prefill_tokens": PREFILL, "budget_mb": mb,
+           "budget_mb_8bit": mb8, "rows": rows}
     (RESULTS / "decoder_smollm2.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(rows, RESULTS / "decoder_smollm2.png")
     for r in rows:

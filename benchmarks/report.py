@@ -65,7 +65,9 @@ def decoder_table(res: dict) -> str:
               "(int4: accuracy level 4, its CPU default; `-acc0`: `int4_accuracy_level=0`); `qs-rtn` = "
               "`compress --method rtn --formats int4_b32,int8_b32 --budget-mb B` (the token table joins the plan), "
               "`qs-gptq` / `qs-cbq` = `compress --method gptq|cbq --wbits 4 --block 32 --table int4_b32` "
-              "(cbq: 50 steps per window), each exported with `quantseal export` (accuracy level 4, `-acc0`: 0).",
+              "(cbq: 50 steps per window), `qs-rtn8` = `compress --method rtn --formats int8s_b32 --budget-mb B8 "
+              "--max-decode-ms 3.7` (B8: the builder int8 file; the decode bound moves the tied table off float32), "
+              "each exported with `quantseal export` (accuracy level 4, `-acc0`: 0).",
               "Plot: `results/decoder_smollm2.png`."]
     return "\n".join(lines)
 
