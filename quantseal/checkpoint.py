@@ -1,5 +1,6 @@
 """The compressed checkpoint folder: ``quantseal.json`` + ``weights.safetensors`` + the source's
-config and tokenizer files.  Written atomically (a temporary folder, then a rename).
+config and tokenizer files.  Written into a temporary folder, fsynced, then published atomically
+(quantseal/publish.py: the path always holds the old or the new complete folder).
 
 Tensors of a compressed matrix ``NAME`` (e.g. ``encoder.layer.0.attention.self.query``):
 
@@ -32,7 +33,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from .compress.packing import pack_weight, pack_zero_points, unpack_weight, unpa
 from .compress.quantizers import QuantizedTensor, dequantize
 from .compress.smoothing import BUFFER as SMOOTH
 from .errors import BadInput
+from .publish import check_output_folder, publish_folder, temp_folder  # noqa: F401  (publish_folder: re-exported)
 
 SCHEMA_VERSION = 1
 MANIFEST = "quantseal.json"
@@ -164,11 +165,8 @@ def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, tor
     (which is then replaced).  ``extra_files`` (name → bytes) are written after the
     :data:`SOURCE_FILES` copied from ``source_dir`` (e.g. the config and tokenizer of a GGUF source,
     see :func:`quantseal.models.source_files`)."""
-    out = Path(out)
-    if out.exists() and not is_checkpoint(out):
-        raise BadInput(f"{out}: exists and is not a quantseal checkpoint; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    out = check_output_folder(out, MANIFEST, "checkpoint")
+    tmp = temp_folder(out)
     try:
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp / WEIGHTS),
                   metadata={"format": "pt"})  # one key: safetensors orders a map arbitrarily
@@ -187,17 +185,6 @@ def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, tor
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def publish_folder(tmp: Path, out: Path) -> None:
-    """Move a fully written folder ``tmp`` to ``out`` by renames, replacing an old ``out``."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        os.rename(out, old / "x")
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)
 
 
 def budget_after_edit(budget: dict, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict:

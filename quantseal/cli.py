@@ -136,6 +136,10 @@ def _cmd_compress_calibrated(args) -> int:
 
 
 def _cmd_compress(args) -> int:
+    from .checkpoint import MANIFEST
+    from .publish import check_output_folder
+
+    check_output_folder(args.output, MANIFEST, "checkpoint")  # before any compute
     if args.method in ("gptq", "cbq"):
         return _cmd_compress_calibrated(args)
     if args.budget is None and args.budget_mb is None:
@@ -425,8 +429,10 @@ def _add_board(sub) -> None:
 
 def _cmd_board_train(args) -> int:
     from .compress.markboard import BoardConfig, save_board, train_board
-    from .keys import read_key
+    from .keys import BOARD_MANIFEST, read_key
+    from .publish import check_output_folder
 
+    check_output_folder(args.output, BOARD_MANIFEST, "board")  # before any compute
     key = read_key(args.key)
     cfg = BoardConfig(bits=args.bits, calib=args.calib, steps=args.steps, rank=args.rank,
                       triggers_per_bit=args.triggers_per_bit, seed=args.seed)
@@ -588,6 +594,27 @@ def _cmd_verify(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- gc
+def _add_gc(sub) -> None:
+    p = sub.add_parser("gc", help="remove what killed runs left behind (temporary folders of checkpoints and boards)")
+    p.add_argument("path", type=Path, help="a folder to clean, or an output path (its leftovers beside it are cleaned)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_gc)
+
+
+def _cmd_gc(args) -> int:
+    from .publish import collect_orphans
+
+    path = args.path
+    if not path.is_dir() and not path.parent.is_dir():
+        raise BadInput(f"{path}: no such folder")
+    done = collect_orphans(path.parent, path.name)
+    if path.is_dir() and not path.is_symlink():
+        done += collect_orphans(path)
+    _emit({"path": str(path), "actions": done}, args.json, "\n".join(done) or "nothing to clean")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantseal", description=__doc__.splitlines()[0])
@@ -601,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_board(sub)
     _add_registry(sub)
     _add_verify(sub)
+    _add_gc(sub)
     return parser
 
 
