@@ -29,11 +29,10 @@ layout as the integer formats; the exporter re-lays them for ``MatMulBnb4``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,6 +44,7 @@ from .compress.packing import pack_weight, pack_zero_points, unpack_weight, unpa
 from .compress.quantizers import QuantizedTensor, dequantize
 from .compress.smoothing import BUFFER as SMOOTH
 from .errors import BadInput
+from .integrity import check_files, check_finite, check_matrix, file_records, file_sha256  # noqa: F401
 from .publish import check_output_folder, publish_folder, temp_folder  # noqa: F401  (publish_folder: re-exported)
 
 SCHEMA_VERSION = 1
@@ -78,6 +78,7 @@ class Manifest:
     matrices: dict[str, MatrixEntry]
     extra: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    files: dict = field(default_factory=dict)  # name -> {"sha256", "bytes"}, set by write_checkpoint
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -90,21 +91,20 @@ class Manifest:
             if d.get("schema_version") != SCHEMA_VERSION:
                 raise BadInput(f"{where}: schema version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
             mats = {k: MatrixEntry(**v) for k, v in d["matrices"].items()}
-            for e in mats.values():
-                e.spec  # validates the format name
-            return cls(d["source"], d["method"], d["budget"], mats, d.get("extra", {}), d["schema_version"])
+            for name, e in mats.items():
+                try:
+                    e.spec  # validates the format name
+                except BadInput as exc:
+                    raise BadInput(f"{where}: matrix {name}: {exc}") from None
+            for key in ("source", "budget", "extra", "files"):
+                if not isinstance(d.get(key, {}), dict):
+                    raise BadInput(f"{where}: manifest field {key!r} is not a mapping")
+            return cls(d["source"], d["method"], d["budget"], mats, d.get("extra", {}), d["schema_version"],
+                       d.get("files", {}))
         except BadInput:
             raise
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             raise BadInput(f"{where}: not a valid quantseal manifest ({type(exc).__name__}: {exc})") from exc
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def matrix_tensors(name: str, spec: FormatSpec, qt: QuantizedTensor | None, weight: torch.Tensor | None,
@@ -178,7 +178,8 @@ def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, tor
             if Path(name).name != name or name in (MANIFEST, WEIGHTS):
                 raise ValueError(f"extra checkpoint file {name!r}: a plain file name other than {MANIFEST}/{WEIGHTS}")
             (tmp / name).write_bytes(data)
-        (tmp / MANIFEST).write_text(manifest.to_json())
+        files = file_records(tmp, [p.name for p in tmp.iterdir() if p.is_file()])
+        (tmp / MANIFEST).write_text(replace(manifest, files=files).to_json())
         os.chmod(tmp, 0o755)
         publish_folder(tmp, out)
     except BaseException:
@@ -198,7 +199,10 @@ def budget_after_edit(budget: dict, before: dict[str, torch.Tensor], after: dict
 
 
 def read_checkpoint(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
-    """Manifest and every stored tensor; any damage is a :class:`BadInput`."""
+    """Manifest and every stored tensor; any damage is a :class:`BadInput` naming the file or the
+    tensor: a file whose size or sha256 differs from the manifest's record, a manifest entry whose
+    format, shape, rank or bytes disagree with the stored tensors, a NaN or Inf anywhere
+    (quantseal/integrity.py)."""
     path = Path(path)
     if not path.is_dir():
         raise BadInput(f"{path}: no such checkpoint folder")
@@ -208,14 +212,17 @@ def read_checkpoint(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]
     wpath = path / WEIGHTS
     if not wpath.is_file():
         raise BadInput(f"{path}: {WEIGHTS} is missing")
+    if manifest.files:  # checkpoints written before the hashes existed carry none
+        if WEIGHTS not in manifest.files:
+            raise BadInput(f"{path / MANIFEST}: records no sha256 for {WEIGHTS}")
+        check_files(path, manifest.files)
     try:
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise BadInput(f"{wpath}: corrupt safetensors file ({exc})") from exc
     for name, e in manifest.matrices.items():
-        key = f"{name}.weight" if e.spec.kind == "fp" else f"{name}.qweight"
-        if key not in tensors:
-            raise BadInput(f"{wpath}: tensor {key} named in the manifest is missing")
+        check_matrix(str(wpath), name, e, tensors)
+    check_finite(str(wpath), tensors)
     return manifest, tensors
 
 
