@@ -79,8 +79,6 @@ def gc(out: Path) -> int:
 
 
 def loop_kills(n: int, work: Path, src: Path, rng: random.Random) -> dict:
-    from quantseal.checkpoint import read_checkpoint
-
     out = work / "loop-ck"
     child = work / "child.py"
     child.write_text(CHILD)

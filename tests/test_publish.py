@@ -116,7 +116,7 @@ def test_check_output_folder_accepts(tmp_path):
 
 @pytest.mark.parametrize("command", ["compress", "board"])
 @pytest.mark.parametrize("where", ["proc", "under_file", "foreign_folder"])
-def test_cli_refuses_bad_output_before_compute(tmp_path, tiny_bert_dir, command, where):
+def test_cli_refuses_bad_output_before_compute(tmp_path, command, where):
     (tmp_path / "f").write_text("x")
     (tmp_path / "d").mkdir()
     out = {"proc": "/proc/self/ck", "under_file": tmp_path / "f" / "ck", "foreign_folder": tmp_path / "d"}[where]

@@ -2,7 +2,6 @@
 
 import contextlib
 import io
-import itertools
 import json
 import multiprocessing as mp
 import os
