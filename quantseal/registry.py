@@ -1,10 +1,11 @@
-"""The owner's customer registry as a database: SQLite (standard library) with an HMAC on every row.
+"""The owner's customer registry as a database, with an HMAC on every row.
 
-DESIGN §8 "Registry is a database".  One file (mode 0600) holds
+DESIGN §8 "Registry is a database".  The database is an SQLite file (standard library, mode 0600)
+or a PostgreSQL server (a ``postgresql://`` URL; :mod:`quantseal.registry_store`).  It holds
 
-* ``meta`` (one row): schema, codeword length ``bits``, ``min_distance``, the key's public id, the
+* ``registry_meta`` (one row): schema, codeword length ``bits``, ``min_distance``, the key's public id, the
   number of customer rows ``rows``, and ``mac`` = HMAC(key, "registry-db/meta", those fields);
-* ``customers``: ``seq`` (1, 2, ... without gaps, in the order customers were added), ``id``,
+* ``registry_customers``: ``seq`` (1, 2, ... without gaps, in the order customers were added), ``id``,
   ``codeword`` (hex, ``bits`` bits), ``status`` (``active`` | ``removed``) and ``mac`` =
   HMAC(key, "registry-db/row", seq, id, codeword, status, bits, key id).
 
@@ -13,8 +14,9 @@ swapped, inserted or deleted row, or a database opened with another key, is a
 :class:`~quantseal.errors.BadInput` naming the row.  (A whole-file rollback to an older copy made
 with the same key cannot be detected by MACs; back the file up, don't trust its age.)
 
-Every change is one transaction begun with ``BEGIN IMMEDIATE`` in WAL mode with a busy timeout, so
-concurrent writers (processes) serialise: an ``add`` reads every committed row, draws the new
+Every change is one transaction that takes the writer lock first (SQLite: ``BEGIN IMMEDIATE`` in
+WAL mode with a busy timeout; PostgreSQL: an advisory transaction lock), so concurrent writers
+(processes, machines) serialise: an ``add`` reads every committed row, draws the new
 codeword against all of them (:meth:`quantseal.keys.Registry.add`: the first HMAC(key, id,
 attempt) candidate at distance ≥ ``min_distance`` from every existing codeword, removed ones
 included) and commits, or waits for the writer before it.  No customer is lost, no two codewords
@@ -30,38 +32,33 @@ Customer ids: 1–128 characters from ``[A-Za-z0-9._@+-]`` (:data:`CUSTOMER_ID`)
 The JSON registry of earlier versions (:class:`quantseal.keys.Registry`) is still read by
 ``export`` and ``verify`` (:func:`open_registry`), read-only; ``registry add``/``remove`` refuse it
 with a pointer to ``quantseal registry import OLD.json NEW.db``, which copies it (codewords
-unchanged, order kept).  A ``postgresql://`` URL is reserved for a server database and refused as
-unsupported for now.
+unchanged, order kept).
 """
 
 from __future__ import annotations
 
 import hmac
-import os
 import re
-import sqlite3
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import keys as qkeys
-from .errors import BadInput, Unsupported
+from .errors import BadInput
+from .registry_store import SQLiteStore, Store, is_sqlite, is_url, store_for
 
 DB_SCHEMA = 1
 CUSTOMER_ID = re.compile(r"[A-Za-z0-9._@+-]{1,128}")
 MIN_BITS, MAX_BITS = 16, 1024
-BUSY_TIMEOUT_S = 120.0
-SQLITE_MAGIC = b"SQLite format 3\x00"
 ACTIVE, REMOVED = "active", "removed"
 
 _SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS meta (
+CREATE TABLE IF NOT EXISTS registry_meta (
     one INTEGER PRIMARY KEY CHECK (one = 1),
     schema INTEGER NOT NULL, bits INTEGER NOT NULL, min_distance INTEGER NOT NULL,
     key_id TEXT NOT NULL, rows INTEGER NOT NULL, mac TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS customers (
+CREATE TABLE IF NOT EXISTS registry_customers (
     seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, codeword TEXT NOT NULL,
     status TEXT NOT NULL, mac TEXT NOT NULL);
 """
@@ -82,26 +79,6 @@ def check_bits(bits) -> int:
             or bits % 8:
         raise BadInput(f"codeword bits must be a multiple of 8 in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
     return int(bits)
-
-
-def is_sqlite(path: Path) -> bool:
-    """True when ``path`` is a file starting with SQLite's header, or an empty file (a database
-    another process has just created)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(SQLITE_MAGIC))
-    except OSError:
-        return False
-    return head == SQLITE_MAGIC or head == b""
-
-
-def _refuse_url(target) -> None:
-    text = str(target)
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", text):  # (a Path argument has folded "//" to "/")
-        scheme = text.split(":", 1)[0].lower()
-        if scheme in ("postgresql", "postgres"):
-            raise Unsupported(f"{scheme}:// registries are not supported yet; use a SQLite file path")
-        raise BadInput(f"{scheme}:// is not a registry location; give a file path")
 
 
 # ----------------------------------------------------------------------------- MACs
@@ -178,73 +155,29 @@ class RegistryView:
 
 # ----------------------------------------------------------------------------- the database
 class RegistryDB:
-    """The SQLite registry at ``path`` under ``key``.  Every public method is one transaction."""
+    """The registry database at ``target`` (an SQLite file path, or a ``postgresql://`` URL) under
+    ``key``.  Every public method is one transaction."""
 
-    def __init__(self, path: str | Path, key: bytes):
-        _refuse_url(path)
+    def __init__(self, target, key: bytes, store: Store | None = None):
         qkeys._check_key(key)
-        self.path = Path(path)
+        self.store = store if store is not None else store_for(target)
+        self.path = self.store.where
         self._key = bytes(key)
         self._kid = qkeys.key_id(key)
 
-    # -- connection
-    def _connect(self, create: bool) -> sqlite3.Connection:
-        p = self.path
-        if p.is_dir():
-            raise BadInput(f"{p}: is a folder, not a registry")
-        if not p.exists():
-            if not create:
-                raise BadInput(f"{p}: no such registry")
-            if not p.parent.is_dir():
-                raise BadInput(f"{p.parent}: no such folder")
-            try:  # created 0600 by us (SQLite would use the umask); a racing creator is fine
-                os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                raise BadInput(f"{p}: cannot create the registry ({exc.strerror})") from exc
-        elif not p.is_file():
-            raise BadInput(f"{p}: not a regular file")
-        if not is_sqlite(p):
-            raise BadInput(f"{p}: not a quantseal registry database (a JSON registry? convert it with "
-                           f"`quantseal registry import {p} NEW.db --key KEY`)")
-        try:
-            con = sqlite3.connect(str(p), timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            con.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            self._wal(con)
-            con.execute("PRAGMA synchronous = FULL")
-        except sqlite3.DatabaseError as exc:
-            raise BadInput(f"{p}: not a readable registry database ({exc})") from exc
-        return con
-
-    @staticmethod
-    def _wal(con: sqlite3.Connection) -> None:
-        """Switch to WAL; a concurrent first opener may hold the lock briefly, so retry."""
-        deadline = time.monotonic() + BUSY_TIMEOUT_S
-        while True:
-            try:
-                mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() == "wal":
-                    return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-            if time.monotonic() > deadline:
-                raise BadInput("registry database stays locked; is another process stuck on it?")
-            time.sleep(0.01)
-
-    def _transaction(self, con: sqlite3.Connection, write: bool) -> None:
-        con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    def _q(self, con, sql: str, params=()):
+        return con.execute(self.store.sql(sql), params)
 
     # -- reading under a transaction
-    def _meta(self, con: sqlite3.Connection) -> tuple[int, int, int] | None:
+    def _meta(self, con) -> tuple[int, int, int] | None:
         """(bits, min_distance, rows) after checking the meta row; None for a fresh database."""
-        have = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "meta" not in have:
-            if have:
-                raise BadInput(f"{self.path}: an SQLite file but not a quantseal registry")
+        have = self.store.tables(con)
+        if "registry_meta" not in have:
+            if "registry_customers" in have or (have and isinstance(self.store, SQLiteStore)):
+                raise BadInput(f"{self.path}: a database but not a quantseal registry")
             return None
-        got = con.execute("SELECT schema, bits, min_distance, key_id, rows, mac FROM meta WHERE one = 1").fetchall()
+        got = self._q(con, "SELECT schema, bits, min_distance, key_id, rows, mac FROM registry_meta "
+                           "WHERE one = 1").fetchall()
         if not got:
             return None
         schema, bits, mind, kid, rows, mac = got[0]
@@ -257,14 +190,14 @@ class RegistryDB:
             raise BadInput(f"{self.path}: registry schema {schema}, expected {DB_SCHEMA}")
         return int(bits), int(mind), int(rows)
 
-    def _view(self, con: sqlite3.Connection) -> RegistryView | None:
+    def _view(self, con) -> RegistryView | None:
         meta = self._meta(con)
         if meta is None:
             return None
         bits, mind, n = meta
         rows = []
-        for seq, cid, code, status, mac in con.execute(
-                "SELECT seq, id, codeword, status, mac FROM customers ORDER BY seq"):
+        for seq, cid, code, status, mac in self._q(
+                con, "SELECT seq, id, codeword, status, mac FROM registry_customers ORDER BY seq").fetchall():
             where = f"{self.path}: row {seq} (customer {ascii(cid)[:60]})"
             ok = (isinstance(mac, str) and isinstance(cid, str) and isinstance(code, str) and isinstance(status, str)
                   and hmac.compare_digest(mac, _row_mac(self._key, seq, cid, code, status, bits)))
@@ -280,15 +213,13 @@ class RegistryDB:
 
     def _write_meta(self, con, bits: int, mind: int, rows: int) -> None:
         mac = _meta_mac(self._key, DB_SCHEMA, bits, mind, self._kid, rows)
-        con.execute("INSERT OR REPLACE INTO meta (one, schema, bits, min_distance, key_id, rows, mac) "
-                    "VALUES (1, ?, ?, ?, ?, ?, ?)", (DB_SCHEMA, bits, mind, self._kid, rows, mac))
+        con.execute(self.store.upsert_meta, (DB_SCHEMA, bits, mind, self._kid, rows, mac))
 
     def _insert(self, con, view: RegistryView, customer: str, code: np.ndarray, status: str = ACTIVE) -> Row:
         seq = len(view.rows) + 1
         hexcode = qkeys.bits_to_hex(code)
-        con.execute("INSERT INTO customers (seq, id, codeword, status, mac) VALUES (?, ?, ?, ?, ?)",
-                    (seq, customer, hexcode, status,
-                     _row_mac(self._key, seq, customer, hexcode, status, view.bits)))
+        self._q(con, "INSERT INTO registry_customers (seq, id, codeword, status, mac) VALUES (?, ?, ?, ?, ?)",
+                (seq, customer, hexcode, status, _row_mac(self._key, seq, customer, hexcode, status, view.bits)))
         row = Row(seq, customer, np.asarray(code, np.uint8).copy(), status)
         view.rows.append(row)
         view._by_id[customer] = row
@@ -296,9 +227,9 @@ class RegistryDB:
 
     def _run(self, write: bool, fn, create: bool = False):
         """Run ``fn(con)`` in one transaction; commit when ``write``, else roll back."""
-        con = self._connect(create)
+        con = self.store.connect(create)
         try:
-            self._transaction(con, write)
+            self.store.begin(con, write)
             try:
                 out = fn(con)
             except BaseException:
@@ -306,8 +237,9 @@ class RegistryDB:
                 raise
             con.execute("COMMIT" if write else "ROLLBACK")
             return out
-        except sqlite3.DatabaseError as exc:
-            raise BadInput(f"{self.path}: registry database error ({exc})") from exc
+        except self.store.errors as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BadInput(f"{self.path}: registry database error ({first})") from exc
         finally:
             con.close()
 
@@ -315,7 +247,7 @@ class RegistryDB:
         view = self._view(con)
         if view is None:
             b = check_bits(bits if bits is not None else qkeys.DEFAULT_BITS)
-            # one statement at a time: executescript would commit the open transaction
+            # one statement at a time: SQLite's executescript would commit the open transaction
             for stmt in filter(str.strip, _SCHEMA_SQL.split(";")):
                 con.execute(stmt)
             self._write_meta(con, b, b // 4, 0)
@@ -366,8 +298,8 @@ class RegistryDB:
             if r.status == REMOVED:
                 raise BadInput(f"customer {customer!r} is already removed")
             hexcode = qkeys.bits_to_hex(r.codeword)
-            con.execute("UPDATE customers SET status = ?, mac = ? WHERE seq = ?",
-                        (REMOVED, _row_mac(self._key, r.seq, r.id, hexcode, REMOVED, view.bits), r.seq))
+            self._q(con, "UPDATE registry_customers SET status = ?, mac = ? WHERE seq = ?",
+                    (REMOVED, _row_mac(self._key, r.seq, r.id, hexcode, REMOVED, view.bits), r.seq))
             return Row(r.seq, r.id, r.codeword, REMOVED)
 
         return self._run(True, tx)
@@ -407,10 +339,12 @@ class RegistryDB:
 
 
 # ----------------------------------------------------------------------------- entry points
-def open_registry(target: str | Path, key: bytes):
-    """A read-only, authenticated registry for export and verification: a SQLite database
-    (:class:`RegistryView`) or a legacy JSON registry (:class:`quantseal.keys.Registry`)."""
-    _refuse_url(target)
+def open_registry(target, key: bytes):
+    """A read-only, authenticated registry for export and verification: a database (an SQLite
+    file or a ``postgresql://`` URL; :class:`RegistryView`) or a legacy JSON registry file
+    (:class:`quantseal.keys.Registry`)."""
+    if is_url(str(target)):
+        return RegistryDB(str(target), key).snapshot()
     path = Path(target)
     if not path.exists():
         raise BadInput(f"{path}: no such registry")
@@ -421,10 +355,10 @@ def open_registry(target: str | Path, key: bytes):
     return qkeys.Registry.load(path, key)
 
 
-def import_registry(json_path: str | Path, db_path: str | Path, key: bytes) -> tuple[int, int]:
+def import_registry(json_path, db_target, key: bytes) -> tuple[int, int]:
     """``quantseal registry import``: a JSON registry file into a (new or existing) database."""
     json_path = Path(json_path)
     if json_path.is_file() and is_sqlite(json_path):
         raise BadInput(f"{json_path}: already a registry database, not a JSON registry")
     legacy = qkeys.Registry.load(json_path, key)
-    return RegistryDB(db_path, key).import_json(legacy)
+    return RegistryDB(db_target, key).import_json(legacy)

@@ -53,7 +53,7 @@ def test_registry_add_list_tamper_wrong_key(tmp_path):
     rc, _, err = run(["registry", "add", reg, "--key", k2, "--user", "carol"])
     assert rc == 2 and "another key" in err
     con = sqlite3.connect(str(reg))
-    con.execute("UPDATE customers SET id = 'mallory' WHERE seq = 1")
+    con.execute("UPDATE registry_customers SET id = 'mallory' WHERE seq = 1")
     con.commit()
     con.close()
     rc, _, err = run(["registry", "list", reg, "--key", k])

@@ -96,15 +96,15 @@ def _tamper(path, sql, *params):
 
 
 @pytest.mark.parametrize("edit,match", [
-    ("UPDATE customers SET id = 'mallory' WHERE seq = 2", "row 2"),
-    ("UPDATE customers SET codeword = '00000000' WHERE seq = 1", "row 1"),
-    ("UPDATE customers SET status = 'active' WHERE seq = 3", "row 3"),
-    ("UPDATE customers SET seq = 9 WHERE seq = 3", "row 3 is missing"),
-    ("DELETE FROM customers WHERE seq = 4", "3 customer rows"),
-    ("INSERT INTO customers VALUES (5, 'eve', '00000000', 'active', 'x')", "row 5"),
-    ("DELETE FROM customers WHERE seq = 1", "row 1 is missing"),
-    ("UPDATE meta SET rows = 2", "header"),
-    ("UPDATE meta SET min_distance = 0", "header"),
+    ("UPDATE registry_customers SET id = 'mallory' WHERE seq = 2", "row 2"),
+    ("UPDATE registry_customers SET codeword = '00000000' WHERE seq = 1", "row 1"),
+    ("UPDATE registry_customers SET status = 'active' WHERE seq = 3", "row 3"),
+    ("UPDATE registry_customers SET seq = 9 WHERE seq = 3", "row 3 is missing"),
+    ("DELETE FROM registry_customers WHERE seq = 4", "3 customer rows"),
+    ("INSERT INTO registry_customers VALUES (5, 'eve', '00000000', 'active', 'x')", "row 5"),
+    ("DELETE FROM registry_customers WHERE seq = 1", "row 1 is missing"),
+    ("UPDATE registry_meta SET rows = 2", "header"),
+    ("UPDATE registry_meta SET min_distance = 0", "header"),
 ])
 def test_tampered_rows_refused(tmp_path, edit, match):
     path = tmp_path / "r.db"
@@ -127,9 +127,9 @@ def test_row_copied_from_another_registry_refused(tmp_path):
     RegistryDB(p1, KEY).add("alice", 32)
     RegistryDB(p2, KEY).add("mallory", 32)
     con = sqlite3.connect(str(p2))
-    row = con.execute("SELECT codeword, mac FROM customers WHERE seq = 1").fetchone()
+    row = con.execute("SELECT codeword, mac FROM registry_customers WHERE seq = 1").fetchone()
     con.close()
-    _tamper(p1, "UPDATE customers SET codeword = ?, mac = ? WHERE seq = 1", *row)
+    _tamper(p1, "UPDATE registry_customers SET codeword = ?, mac = ? WHERE seq = 1", *row)
     with pytest.raises(BadInput, match="row 1"):
         RegistryDB(p1, KEY).snapshot()
 
@@ -220,10 +220,18 @@ def test_bad_registry_files(tmp_path):
                           (tmp_path / "other.db", "empty registry")]:
         rc, _, err = run(["registry", "list", target, "--key", k])
         assert rc == 2 and match in err and len(err.strip().splitlines()) == 1, (target, err)
-    with pytest.raises(Unsupported, match="postgresql"):
-        open_registry("postgresql://owner@db/registry", KEY)
-    rc, _, err = run(["registry", "add", "postgresql://owner@db/registry", "--key", k, "--user", "a"])
-    assert rc == 2 and "not supported" in err
+    url = "postgresql://owner:secret@/registry?host=/nonexistent-socket-dir"
+    try:
+        import psycopg  # noqa: F401
+        with pytest.raises(BadInput, match="cannot connect"):
+            open_registry(url, KEY)
+    except ImportError:
+        with pytest.raises(Unsupported, match="quantseal\\[postgres\\]"):
+            open_registry(url, KEY)
+    rc, _, err = run(["registry", "add", url, "--key", k, "--user", "a"])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "secret" not in err
+    rc, _, err = run(["registry", "add", "mysql://h/db", "--key", k, "--user", "a"])
+    assert rc == 2 and "not a registry location" in err
 
 
 def test_cli_add_list_show_remove(tmp_path):
