@@ -485,6 +485,12 @@ def _add_registry(sub) -> None:
     im.set_defaults(func=_cmd_registry_import)
 
 
+def _registry_name(target) -> str:
+    from .registry_store import display_name
+
+    return display_name(target)
+
+
 def _cmd_registry_add(args) -> int:
     from .keys import read_key
     from .registry import RegistryDB
@@ -492,7 +498,7 @@ def _cmd_registry_add(args) -> int:
     db = RegistryDB(args.registry, read_key(args.key))
     row, new = db.add(args.user, args.bits)
     view = db.snapshot()
-    res = {"registry": str(args.registry), "user": args.user, "new": new, "customers": len(view), "bits": view.bits}
+    res = {"registry": _registry_name(args.registry), "user": args.user, "new": new, "customers": len(view), "bits": view.bits}
     _emit(res, args.json, f"{'registered' if new else 'already registered:'} {args.user} "
                           f"({len(view)} customers, {view.bits}-bit codewords)")
     return 0
@@ -504,7 +510,7 @@ def _cmd_registry_list(args) -> int:
 
     reg = open_registry(args.registry, read_key(args.key))
     removed = reg.removed() if hasattr(reg, "removed") else []
-    res = {"registry": str(args.registry), "customers": reg.customers(), "bits": reg.bits}
+    res = {"registry": _registry_name(args.registry), "customers": reg.customers(), "bits": reg.bits}
     human = "\n".join(reg.customers()) or "(no customers)"
     if args.all:
         res["removed"] = removed
@@ -525,7 +531,7 @@ def _cmd_registry_show(args) -> int:
     else:  # a JSON registry
         code = reg.codeword(args.user)
         seq, status = reg.customers().index(args.user) + 1, "active"
-    res = {"registry": str(args.registry), "user": args.user, "seq": seq, "status": status, "bits": reg.bits,
+    res = {"registry": _registry_name(args.registry), "user": args.user, "seq": seq, "status": status, "bits": reg.bits,
            "codeword": bits_to_hex(code)}
     _emit(res, args.json, f"{args.user}: #{seq}, {status}, {reg.bits}-bit codeword {res['codeword']}")
     return 0
@@ -536,7 +542,7 @@ def _cmd_registry_remove(args) -> int:
     from .registry import RegistryDB
 
     row = RegistryDB(args.registry, read_key(args.key)).remove(args.user)
-    res = {"registry": str(args.registry), "user": args.user, "seq": row.seq, "status": row.status}
+    res = {"registry": _registry_name(args.registry), "user": args.user, "seq": row.seq, "status": row.status}
     _emit(res, args.json, f"removed {args.user} (#{row.seq}; its id and codeword stay reserved)")
     return 0
 
@@ -546,7 +552,7 @@ def _cmd_registry_import(args) -> int:
     from .registry import import_registry
 
     added, same = import_registry(args.source, args.registry, read_key(args.key))
-    res = {"registry": str(args.registry), "source": str(args.source), "added": added, "already_present": same}
+    res = {"registry": _registry_name(args.registry), "source": str(args.source), "added": added, "already_present": same}
     _emit(res, args.json, f"imported {added} customers from {args.source} into {args.registry}"
                           + (f" ({same} already present)" if same else ""))
     return 0

@@ -140,11 +140,7 @@ class PostgresStore(Store):
         self._psycopg = psycopg
         self.errors = (psycopg.Error,)
         self.url = url
-        parts = urlsplit(url)
-        netloc = parts.netloc.rsplit("@", 1)
-        if len(netloc) == 2 and ":" in netloc[0]:  # never print a password
-            netloc = [netloc[0].split(":", 1)[0] + ":***", netloc[1]]
-        self.where = urlunsplit(parts._replace(netloc="@".join(netloc)))
+        self.where = display_name(url)
 
     def sql(self, text: str) -> str:
         return text.replace("?", "%s")
@@ -166,6 +162,19 @@ class PostgresStore(Store):
     def tables(self, con) -> set[str]:
         return {r[0] for r in con.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}
+
+
+def display_name(target) -> str:
+    """``target`` as it may be printed: a URL's password replaced by ``***``."""
+    text = str(target)
+    if not is_url(text):
+        return text
+    parts = urlsplit(text)
+    netloc = parts.netloc.rsplit("@", 1)
+    if len(netloc) == 2 and ":" in netloc[0]:
+        netloc = [netloc[0].split(":", 1)[0] + ":***", netloc[1]]
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urlunsplit(parts._replace(netloc="@".join(netloc), query=query))
 
 
 def store_for(target) -> Store:
