@@ -58,6 +58,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import keys as qkeys
 from ..checkpoint import publish_folder
+from ..integrity import check_files, file_records
 from ..publish import check_output_folder, temp_folder
 from ..errors import BadInput, Unsupported
 from ..keys import BOARD_FORMAT, BOARD_MANIFEST, BOARD_SCHEMA, read_board_manifest, triggers_of  # noqa: F401
@@ -426,7 +427,8 @@ def save_board(board: Board, out: str | Path, tokenizer_dir: str | Path) -> Path
             src = Path(tokenizer_dir) / name
             if src.is_file():
                 shutil.copyfile(src, tmp / name)
-        (tmp / BOARD_MANIFEST).write_text(json.dumps(board.manifest, indent=1, sort_keys=True) + "\n")
+        files = file_records(tmp, [p.name for p in tmp.iterdir() if p.is_file()])
+        (tmp / BOARD_MANIFEST).write_text(json.dumps({**board.manifest, "files": files}, indent=1, sort_keys=True) + "\n")
         os.chmod(tmp, 0o700)
         publish_folder(tmp, out)
     except BaseException:
@@ -439,6 +441,8 @@ def save_board(board: Board, out: str | Path, tokenizer_dir: str | Path) -> Path
 def load_board(path: str | Path) -> Board:
     path = Path(path)
     manifest = read_board_manifest(path)
+    if manifest.get("files"):  # size + sha256 of every file (boards written before carry none)
+        check_files(path, manifest["files"])
     try:
         tensors = load_file(str(path / BOARD_WEIGHTS))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
