@@ -85,11 +85,17 @@ def _add_compress(sub) -> None:
     p.add_argument("--steps", type=int, default=200, help="cbq: Adam steps per window")
     p.add_argument("--init", default="gptq", choices=["gptq", "rtn"],
                    help="cbq: starting codes (gptq: GPTQ's, then refined; rtn: round-to-nearest, as in the paper)")
+    p.add_argument("--table", default=None, metavar="FORMAT",
+                   help="gptq/cbq: also store the token table in FORMAT (e.g. int4_b32, int8_b32, fp16), "
+                        "round-to-nearest; a tied LM head reads the same codes (default: kept as is)")
     p.add_argument("--data-aware", action="store_true", help="weight errors by the output-sensitivity Fisher")
     p.add_argument("--calib", type=Path, help="calibration text file, one text per line (default: pydoc_data.topics)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration texts (default 256; gptq/cbq 128)")
     p.add_argument("--ranks", type=_int_list, default=None, help="low-rank candidates, e.g. 0,8,16,32,64")
     p.add_argument("--formats", default=None, help="format families or names, e.g. int2,int4,int8,nf4,fp16")
+    p.add_argument("--max-decode-ms", type=float, default=None,
+                   help="lq/rtn: bound the plan's estimated per-token CPU time of its matrices (ms, batch 1, "
+                        "onnxruntime at accuracy level 4; the per-format costs of compress/decode_cost.py)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -119,13 +125,14 @@ def _step_progress(enabled: bool):
 def _cmd_compress_calibrated(args) -> int:
     from .compress.calibrated import CalibratedConfig, calibrated_compress
 
-    if args.budget is not None or args.budget_mb is not None:
+    if args.budget is not None or args.budget_mb is not None or args.max_decode_ms is not None:
         raise BadInput(f"--method {args.method} quantises every matrix to int{args.wbits}_b{args.block}: "
-                       "drop --budget/--budget-mb")
+                       "drop --budget/--budget-mb/--max-decode-ms")
     cfg = CalibratedConfig(
         output=args.output, model=args.model, method=args.method, wbits=args.wbits, abits=args.abits,
         block=args.block, window=args.window, rank=args.rank, steps=args.steps, init=args.init, calib=args.calib,
         calib_samples=args.calib_samples if args.calib_samples is not None else 128, seed=args.seed,
+        table=args.table,
     )
     res = calibrated_compress(cfg, _step_progress(not args.json and sys.stderr.isatty()))
     human = (f"wrote {res['output']}: {res['matrices']} matrices as {res['format']} (A{res['abits']}), "
@@ -144,16 +151,15 @@ def _cmd_compress(args) -> int:
         return _cmd_compress_calibrated(args)
     if args.budget is None and args.budget_mb is None:
         raise BadInput(f"--method {args.method} needs one of --budget BITS and --budget-mb MB")
-    from .compress.formats import DEFAULT_FAMILIES
-    from .compress.pipeline import DEFAULT_RANKS, CompressConfig, compress
+    from .compress.pipeline import DEFAULT_RANKS, CompressConfig, compress, default_families
 
     cfg = CompressConfig(
         output=args.output, model=args.model, budget_bits=args.budget, budget_mb=args.budget_mb,
         method="lq" if args.method == "lq+cbq" else args.method, data_aware=args.data_aware, calib=args.calib,
         calib_samples=args.calib_samples if args.calib_samples is not None else 256,
         ranks=args.ranks if args.ranks is not None else DEFAULT_RANKS,
-        formats=tuple(args.formats.split(",")) if args.formats else DEFAULT_FAMILIES,
-        workers=args.workers, seed=args.seed,
+        formats=tuple(args.formats.split(",")) if args.formats else default_families(args.model),
+        workers=args.workers, seed=args.seed, max_decode_ms=args.max_decode_ms,
     )
     if args.method == "lq+cbq":
         from .compress.cbq import CBQConfig
@@ -195,21 +201,28 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a compressed checkpoint to one ONNX file")
     p.add_argument("checkpoint", type=Path, help="compressed checkpoint folder (quantseal compress)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .onnx file (tokenizer.json is written beside it)")
-    p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
-                   help="MatMulNBits accuracy_level (0: float32 compute; 4: int8 activations, faster on CPU)")
+    p.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits accuracy_level (0: float32 compute; 4: int8 activations, faster on CPU; "
+                        "default: 4 for decoders, whose 8-bit matrices run ~80x slower per token at 0, else 0)")
     p.add_argument("--board", type=Path, help="watermark board folder (quantseal board train); with --key --registry --user")
     p.add_argument("--key", type=Path, help="watermark key file")
     p.add_argument("--registry", help="customer registry: an SQLite file or postgresql:// URL (quantseal registry add), or a legacy JSON file")
     p.add_argument("--user", help="customer id whose watermark the exported model carries")
     p.add_argument("--adapter", type=Path, action="append", default=[],
-                   help="PEFT LoRA adapter folder to fold exactly into the low-rank branch (repeatable, in order)")
+                   help="PEFT adapter folder (LoRA/DoRA/AdaLoRA/VeRA/IA3/LoHa/LoKr/MiSS) to fold exactly "
+                        "(repeatable, in order)")
     p.add_argument("--adapter-rank", type=int, help="re-compress each folded branch to this rank by SVD (reports the error)")
+    p.add_argument("--adapter-dtype", choices=("float16", "float32"), default="float16",
+                   help="storage of the folded low-rank factors (float32: exact to float32)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args) -> int:
-    from .export.onnx import export_onnx
+    from .export.onnx import default_accuracy_level, export_onnx
+
+    if args.accuracy_level is None:
+        args.accuracy_level = default_accuracy_level(args.checkpoint)
 
     mark = (args.board, args.key, args.registry, args.user)
     if args.adapter_rank is not None and not args.adapter:
@@ -220,8 +233,10 @@ def _cmd_export(args) -> int:
     if args.adapter:
         from .export.adapters import export_with_adapters
 
+        import torch
+
         res = export_with_adapters(args.checkpoint, args.output, args.adapter, rank=args.adapter_rank,
-                                   accuracy_level=args.accuracy_level)
+                                   accuracy_level=args.accuracy_level, dtype=getattr(torch, args.adapter_dtype))
     elif any(x is not None for x in mark):
         if any(x is None for x in mark):
             raise BadInput("a watermarked export needs all of --board, --key, --registry and --user")

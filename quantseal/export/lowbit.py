@@ -20,12 +20,16 @@ nf4_bB         ``MatMulBnb4`` (quant_type 1 = NF4).  bitsandbytes' layout: the c
 fp16 / fp32    Cast (fp16 only) → Transpose → MatMul.
 =============  ==========================================================================
 
+A folded LoKr adapter may add a Kronecker branch ``K1 ⊗ K2`` (``K1: (o1, i1)``, ``K2: (o2, i2)``,
+N = o1·o2, K = i1·i2), computed without forming it: ``Reshape(x, [−1, i1, i2]) · K2ᵀ``, then
+``K1 ·`` that (broadcast MatMul), then ``Reshape`` to ``(..., N)``, and added to y.
+
 A token embedding ``E ≈ dequant(Q) + L1 L2`` (``E: (V, H)``) becomes
 ``GatherBlockQuantized(Q, ids)`` (uint8 data [V, nb·B·k/8], bits 2/4/8, quantize_axis 1; Slice
 when H is not a multiple of B) plus ``Gather(L1, ids) · L2``; fp16/fp32 tables are a plain Gather.
 
 Every stored tensor keeps its checkpoint name (``<matrix>.qweight``, ``.scales``, ``.qzeros``,
-``.weight``, ``.L1``, ``.L2``) and byte count, so the initialisers of a matrix total exactly the
+``.weight``, ``.L1``, ``.L2``, ``.K1``, ``.K2``) and byte count, so the initialisers of a matrix total exactly the
 manifest's ``bytes``.  Float16 tensors are cast to float32 inside the graph (onnxruntime folds
 those casts into the constants at load).  Functions here are pure: arrays in, nodes out.
 """
@@ -43,7 +47,7 @@ from ..errors import Unsupported
 MS_DOMAIN = "com.microsoft"
 OPSET = 18  # Pad with an ``axes`` input (NF4 with a padded last block)
 RUNNABLE_BITS = (2, 4, 8)  # MatMulNBits / GatherBlockQuantized on CPU in onnxruntime 1.32
-STORED_SUFFIXES = (".qweight", ".scales", ".qzeros", ".weight", ".L1", ".L2")
+STORED_SUFFIXES = (".qweight", ".scales", ".qzeros", ".weight", ".L1", ".L2", ".K1", ".K2")
 
 
 @dataclass
@@ -133,6 +137,23 @@ def _low_rank(g: Nodes, m: StoredMatrix, x: str) -> str | None:
     return g.node("MatMul", [h, l1t], f"{m.name}.lowrank_y")
 
 
+def _kronecker(g: Nodes, m: StoredMatrix, x: str) -> str | None:
+    """``x · (K1 ⊗ K2)ᵀ`` for x (..., i1·i2): Reshape to (−1, i1, i2), MatMul by K2ᵀ, MatMul K1 from
+    the left (broadcast), Reshape back to (..., o1·o2); None without a Kronecker branch (LoKr)."""
+    if "K1" not in m.tensors:
+        return None
+    (o1, i1), (o2, i2) = m.tensors["K1"].shape, m.tensors["K2"].shape
+    k1 = g.as_float(f"{m.name}.K1", m.tensors["K1"])
+    k2t = g.transposed(f"{m.name}.K2", m.tensors["K2"])
+    x3 = g.node("Reshape", [x, g.init(f"{m.name}.kron_in", np.array([-1, i1, i2], dtype=np.int64))], f"{m.name}.kron_x")
+    h = g.node("MatMul", [x3, k2t], f"{m.name}.kron_h")  # (B, i1, o2)
+    h = g.node("MatMul", [k1, h], f"{m.name}.kron_y3")  # (B, o1, o2)
+    lead = g.node("Shape", [x], f"{m.name}.kron_shape", end=-1)
+    out_shape = g.node("Concat", [lead, g.init(f"{m.name}.kron_n", np.array([o1 * o2], dtype=np.int64))],
+                       f"{m.name}.kron_out", axis=0)
+    return g.node("Reshape", [h, out_shape], f"{m.name}.kron_y")
+
+
 def activation_qdq(g: "Nodes", name: str, x: str, act: dict) -> str:
     """``x̂ = DequantizeLinear(QuantizeLinear(x))`` with a calibrated static per-tensor scale and
     zero point (uint8 for A8, uint4 for A4: opset 21): exactly CBQ's fake quantiser
@@ -160,7 +181,8 @@ def linear_nodes(m: StoredMatrix, x: str, y: str, accuracy_level: int = 0, act: 
     g = Nodes()
     if act is not None:
         x = activation_qdq(g, m.name, x, act)
-    main = y if not m.rank else f"{m.name}.y_q"
+    kron = "K1" in m.tensors
+    main = y if not (m.rank or kron) else f"{m.name}.y_q"
     if spec.kind == "int":
         inputs = [x, g.init(f"{m.name}.qweight", m.tensors["qweight"]),
                   g.as_float(f"{m.name}.scales", m.tensors["scales"])]
@@ -185,8 +207,11 @@ def linear_nodes(m: StoredMatrix, x: str, y: str, accuracy_level: int = 0, act: 
         wt = g.transposed(f"{m.name}.weight", m.tensors["weight"])
         g.node("MatMul", [x, wt], main)
     lr = _low_rank(g, m, x)
-    if lr is not None:
-        g.node("Add", [main, lr], y)
+    kr = _kronecker(g, m, x)
+    if lr is not None and kr is not None:
+        g.node("Add", [g.node("Add", [main, lr], f"{m.name}.y_lr"), kr], y)
+    elif lr is not None or kr is not None:
+        g.node("Add", [main, lr if lr is not None else kr], y)
     return g
 
 

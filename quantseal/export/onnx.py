@@ -68,14 +68,17 @@ def float_effective(model) -> dict[str, str]:
     import torch
     from torch import nn
 
-    from ..compress.qlinear import CompressedEmbedding, CompressedLinear, set_submodule
+    from ..compress.qlinear import CompressedEmbedding, CompressedLinear, OutputScaledLinear, set_submodule
     from ..compress.smoothing import attach_input_smoothing, has_input_smoothing, input_smoothing
 
     digests: dict[str, str] = {}
     for name, mod in list(model.named_modules()):
         if isinstance(mod, CompressedLinear):
             w = mod.effective_weight()
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            if mod.output_scale is not None:  # traced as Mul(MatMul(x, Wᵀ), o) (+ bias)
+                lin = OutputScaledLinear(mod.in_features, mod.out_features, mod.bias is not None, mod.output_scale)
+            else:
+                lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
             with torch.no_grad():
                 lin.weight.copy_(w)
                 if mod.bias is not None:
@@ -223,8 +226,11 @@ def _make_parent(output: Path) -> None:
 
 
 def write_model(model: onnx.ModelProto, output: Path, tokenizer: Path | None) -> list[Path]:
-    """Write ``model`` (and ``<name>.data`` when large, and ``tokenizer.json``) atomically:
-    everything goes to a temporary folder beside ``output`` first, then is renamed into place."""
+    """Write ``model`` (and ``<name>.data`` when large, ``tokenizer.json``, and for a decoder the
+    onnxruntime-genai files its metadata carries: :func:`~.genai_config.companion_files`)
+    atomically: everything goes to a temporary folder beside ``output`` first, then is renamed
+    into place, the model last."""
+    from .genai_config import companion_files
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     except OSError as exc:
@@ -238,6 +244,9 @@ def write_model(model: onnx.ModelProto, output: Path, tokenizer: Path | None) ->
         if tokenizer is not None and tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / TOKENIZER)
             moves.append((tmp / TOKENIZER, output.parent / TOKENIZER))
+        for name, data in companion_files({p.key: p.value for p in model.metadata_props}, output.name).items():
+            (tmp / name).write_bytes(data)
+            moves.append((tmp / name, output.parent / name))
         moves.append((tmp / output.name, output))  # the model last: it is what makes the set visible
         for src, dst in moves:
             if dst.is_dir():
@@ -264,6 +273,21 @@ def _metadata(manifest: ckpt.Manifest, family: str, matrix_bytes: dict[str, int]
         "quantseal.pooling": "mean+l2",
         "quantseal.matrices": json.dumps(mats, sort_keys=True),
     }
+
+
+def default_accuracy_level(checkpoint: str | Path) -> int:
+    """MatMulNBits' ``accuracy_level`` for a checkpoint's target: 4 (int8 activations) for a
+    decoder, which runs one token at a time on CPU — there an 8-bit MatMulNBits is ~80x and a
+    4-bit one ~2.7x slower at level 0 (benchmarks/decoder_smollm2.py measures the quality cost) —
+    and 0 (float32 compute) for an encoder; 0 when the folder cannot be read (export says why)."""
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    from ..models import FAMILY_BY_MODEL_TYPE
+
+    fam = FAMILY_BY_MODEL_TYPE.get(config.get("model_type") if isinstance(config, dict) else None)
+    return 4 if fam is not None and fam.name == "decoder" else 0
 
 
 def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int = 0) -> dict:
@@ -313,7 +337,7 @@ def finish_export(proto: onnx.ModelProto, output: Path, checkpoint: Path, manife
     ops = Counter(n.op_type for n in proto.graph.node)
     return {
         "path": str(output),
-        "bytes": sum(p.stat().st_size for p in written if p.name != TOKENIZER),
+        "bytes": sum(p.stat().st_size for p in written if p.suffix in (".onnx", ".data")),
         "files": [str(p) for p in written],
         "matrices": len(matrix_bytes),
         "matrix_bytes": sum(matrix_bytes.values()),
