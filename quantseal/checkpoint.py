@@ -181,7 +181,7 @@ def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, tor
             if Path(name).name != name or name in (MANIFEST, WEIGHTS):
                 raise ValueError(f"extra checkpoint file {name!r}: a plain file name other than {MANIFEST}/{WEIGHTS}")
             (tmp / name).write_bytes(data)
-        files = file_records(tmp, [p.name for p in tmp.iterdir() if p.is_file()])
+        files = file_records(tmp, [WEIGHTS])  # the tensor file; config/tokenizer stay hand-editable
         (tmp / MANIFEST).write_text(replace(manifest, files=files).to_json())
         os.chmod(tmp, 0o755)
         publish_folder(tmp, out)

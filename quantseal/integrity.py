@@ -6,18 +6,15 @@ out); :func:`quantseal.checkpoint.read_checkpoint` runs them on every read, so `
 What a stored matrix ``NAME`` of shape ``(N, K)``, format ``f`` and rank ``r`` must hold
 (checkpoint.py's table; ``nb = ceil(K / f.block)``, ``s = f.stored_bits``):
 
-======================  =================  ===================================
-tensor                  dtype              shape
-======================  =================  ===================================
-``NAME.qweight``        uint8              (N, nb, f.block · s / 8)     int/nf
-``NAME.scales``         float16            (N, nb)                      int/nf
-``NAME.qzeros``         uint8              (N, ceil(nb · s / 8))        affine int only
-``NAME.weight``         float16 / float32  (N, K)                       fp16 / fp32
-``NAME.L1``, ``.L2``    float16 / float32  (N, r), (r, K)               iff r > 0
-``NAME.input_smooth``   float32            (K,)                         optional
-======================  =================  ===================================
+* ``NAME.qweight``: uint8 (N, nb, f.block · s / 8) and ``NAME.scales``: float16/32 (N, nb), int/nf;
+* ``NAME.qzeros``: uint8 (N, ceil(nb · s / 8)), affine int only;
+* ``NAME.weight``: float16 / float32 (N, K), fp16 / fp32;
+* ``NAME.L1``, ``NAME.L2``: float16/32 (N, r), (r, K), iff r > 0;
+* optional ``NAME.K1``, ``NAME.K2`` (o1, i1), (o2, i2) with o1·o2 = N, i1·i2 = K (a Kronecker
+  branch), ``NAME.input_smooth`` (K,), ``NAME.output_scale`` (N,);
 
-and the entry's ``bytes`` equals the bytes of its codes, scales, zero points, weight and factors.
+and the entry's ``bytes`` equals the bytes of its codes, scales, zero points, weight and factors
+(:func:`quantseal.checkpoint.entry_bytes`).
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ import torch
 from .errors import BadInput
 
 _FACTOR_DTYPES = (torch.float16, torch.float32)
-_MATRIX_SUFFIXES = (".qweight", ".scales", ".qzeros", ".weight", ".L1", ".L2")
+_MATRIX_SUFFIXES = (".qweight", ".scales", ".qzeros", ".weight", ".L1", ".L2", ".K1", ".K2")
 
 
 def file_sha256(path: Path) -> str:
@@ -108,9 +105,18 @@ def check_matrix(where: str, name: str, entry, tensors: dict) -> None:
         _expect(where, tensors, f"{name}.L2", _FACTOR_DTYPES, (rank, k))
     elif f"{name}.L1" in tensors or f"{name}.L2" in tensors:
         raise BadInput(f"{where}: tensor {name}.L1 is stored but the manifest says rank 0")
-    smooth = tensors.get(f"{name}.input_smooth")
-    if smooth is not None and tuple(smooth.shape) != (k,):
-        raise BadInput(f"{where}: tensor {name}.input_smooth has shape {list(smooth.shape)}, expected [{k}]")
+    if (f"{name}.K1" in tensors) != (f"{name}.K2" in tensors):
+        raise BadInput(f"{where}: tensor {name}.K1 or {name}.K2 stored without the other")
+    if f"{name}.K1" in tensors:  # a Kronecker branch K1 ⊗ K2: (o1 o2, i1 i2) = (N, K)
+        k1, k2 = tensors[f"{name}.K1"], tensors[f"{name}.K2"]
+        if (k1.dim() != 2 or k2.dim() != 2 or k1.dtype not in _FACTOR_DTYPES or k2.dtype not in _FACTOR_DTYPES
+                or k1.shape[0] * k2.shape[0] != n or k1.shape[1] * k2.shape[1] != k):
+            raise BadInput(f"{where}: tensors {name}.K1 {list(k1.shape)} and {name}.K2 {list(k2.shape)} do not "
+                           f"make a Kronecker factor pair of a [{n}, {k}] matrix")
+    for suffix, size in (("input_smooth", k), ("output_scale", n)):
+        vec = tensors.get(f"{name}.{suffix}")
+        if vec is not None and tuple(vec.shape) != (size,):
+            raise BadInput(f"{where}: tensor {name}.{suffix} has shape {list(vec.shape)}, expected [{size}]")
     stored = sum(t.numel() * t.element_size() for key, t in tensors.items()
                  if key.startswith(name + ".") and key[len(name):] in _MATRIX_SUFFIXES)
     if not isinstance(entry.bytes, int) or isinstance(entry.bytes, bool) or entry.bytes != stored:

@@ -427,7 +427,7 @@ def save_board(board: Board, out: str | Path, tokenizer_dir: str | Path) -> Path
             src = Path(tokenizer_dir) / name
             if src.is_file():
                 shutil.copyfile(src, tmp / name)
-        files = file_records(tmp, [p.name for p in tmp.iterdir() if p.is_file()])
+        files = file_records(tmp, [BOARD_WEIGHTS])
         (tmp / BOARD_MANIFEST).write_text(json.dumps({**board.manifest, "files": files}, indent=1, sort_keys=True) + "\n")
         os.chmod(tmp, 0o700)
         publish_folder(tmp, out)
@@ -441,7 +441,7 @@ def save_board(board: Board, out: str | Path, tokenizer_dir: str | Path) -> Path
 def load_board(path: str | Path) -> Board:
     path = Path(path)
     manifest = read_board_manifest(path)
-    if manifest.get("files"):  # size + sha256 of every file (boards written before carry none)
+    if manifest.get("files"):  # size + sha256 of board.safetensors (boards written before carry none)
         check_files(path, manifest["files"])
     try:
         tensors = load_file(str(path / BOARD_WEIGHTS))
