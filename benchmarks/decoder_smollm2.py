@@ -190,11 +190,11 @@ def perplexity(folder: Path, seqs: list[list[int]]) -> float:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     sess = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
     feeds_proto = {}
-    for i in sess.get_inputs():
+    for i in sess.get_inputs():  # the builder names the head dimension symbolically
         if i.name.startswith("past_key_values"):
-            heads, dim = i.shape[1], i.shape[3]
-            feeds_proto[i.name] = np.zeros((1, heads, 0, dim), np.float32)
+            feeds_proto[i.name] = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
     total, count = 0.0, 0
     for s in seqs:
         ids = np.array([s], np.int64)
@@ -256,16 +256,21 @@ def main() -> None:
 
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
     seqs = [tok.encode(s).ids for s in pydoc_sentences("evaluation")[: args.eval_sentences]]
+    ppl = {}
+    for n in names:  # first, so a graph that cannot be read fails before the long timing rounds
+        ppl[n] = round(perplexity(folders[n], seqs), 3)
+        print(f"{n}: perplexity {ppl[n]}", file=sys.stderr, flush=True)
     threads = [int(t) for t in args.threads.split(",")]
     runs: dict = {n: {t: [] for t in threads} for n in names}
     for r in range(args.rounds):  # interleaved: each round measures every variant once per thread count
         for n in names:
             for t in threads:
                 runs[n][t].append(measure(folders[n], t))
+                (work / "measurements.json").write_text(json.dumps(runs))  # kept if a later step fails
                 print(f"round {r} {n} {t}t: {runs[n][t][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
     rows = []
     for n in names:
-        row = {"variant": n, "file_mb": round(folder_mb(folders[n]), 2), "perplexity": round(perplexity(folders[n], seqs), 3),
+        row = {"variant": n, "file_mb": round(folder_mb(folders[n]), 2), "perplexity": ppl[n],
                **builds[n]}
         for t in threads:
             ms = runs[n][t]

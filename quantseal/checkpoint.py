@@ -1,6 +1,7 @@
 """The compressed checkpoint folder: ``quantseal.json`` + ``weights.safetensors`` + the source's
-config and tokenizer files.  Written into a temporary folder, fsynced, then published atomically
-(quantseal/publish.py: the path always holds the old or the new complete folder).
+config and tokenizer files (and its sentence-transformers json files, :mod:`quantseal.sbert`).
+Written into a temporary folder, fsynced, then published atomically (quantseal/publish.py: the
+path always holds the old or the new complete folder).
 
 Tensors of a compressed matrix ``NAME`` (e.g. ``encoder.layer.0.attention.self.query``):
 
@@ -49,6 +50,7 @@ from .compress.smoothing import BUFFER as SMOOTH
 from .errors import BadInput
 from .integrity import check_files, check_finite, check_matrix, file_records, file_sha256  # noqa: F401
 from .publish import check_output_folder, publish_folder, temp_folder  # noqa: F401  (publish_folder: re-exported)
+from .sbert import convention_files
 
 SCHEMA_VERSION = 1
 MANIFEST = "quantseal.json"
@@ -173,9 +175,10 @@ def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, tor
     try:
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp / WEIGHTS),
                   metadata={"format": "pt"})  # one key: safetensors orders a map arbitrarily
-        for name in SOURCE_FILES:
+        for name in SOURCE_FILES + tuple(convention_files(source_dir)):  # + sentence-transformers' json files
             src = Path(source_dir) / name
             if src.is_file():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, tmp / name)
         for name, data in (extra_files or {}).items():
             if Path(name).name != name or name in (MANIFEST, WEIGHTS):

@@ -37,6 +37,7 @@ from .lowbit import STORED_SUFFIXES
 from .onnx import _metadata, finish_export, stored_matrices
 
 INPUT_IDS, MASK, LOGITS = "input_ids", "attention_mask", "logits"
+COMPUTE = {"fp32": np.float32, "fp16": np.float16}  # export --dtype: CPU graphs compute in float32
 
 
 def _plain_tensors(manifest: ckpt.Manifest, tensors: dict) -> dict[str, np.ndarray]:
@@ -46,7 +47,7 @@ def _plain_tensors(manifest: ckpt.Manifest, tensors: dict) -> dict[str, np.ndarr
 
 
 def build_decoder(manifest: ckpt.Manifest, tensors: dict, config: dict, accuracy_level: int = 0,
-                  max_positions: int | None = None) -> tuple[onnx.ModelProto, dict[str, int]]:
+                  max_positions: int | None = None, dtype: str = "fp32") -> tuple[onnx.ModelProto, dict[str, int]]:
     """The decoder graph of a checkpoint read by :func:`~quantseal.checkpoint.read_checkpoint`:
     ``(ModelProto, bytes of each planned matrix's initialisers)``."""
     from ..models import family_of
@@ -58,12 +59,12 @@ def build_decoder(manifest: ckpt.Manifest, tensors: dict, config: dict, accuracy
         raise BadInput(f"matrix {foreign[0]!r} is not part of a {config.get('model_type')} model "
                        "(config.json and the checkpoint's tensors disagree)")
     builder = DecoderGraph(arch, stored_matrices(manifest, tensors), _plain_tensors(manifest, tensors),
-                           accuracy_level, manifest.extra.get("activations"), max_positions)
+                           accuracy_level, manifest.extra.get("activations"), max_positions, COMPUTE[dtype])
     return builder.build(fam.embedding_attr, prefix=fam.blocks_attr.split(".")[0])
 
 
 def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tensors: dict, config: dict,
-                   accuracy_level: int = 0, t0: float | None = None) -> dict:
+                   accuracy_level: int = 0, t0: float | None = None, dtype: str = "fp32") -> dict:
     """Export a compressed decoder checkpoint (already read) to ``output`` and its
     onnxruntime-genai companions; returns the same report as
     :func:`~quantseal.export.onnx.export_onnx`."""
@@ -71,7 +72,7 @@ def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tens
 
     t0 = time.perf_counter() if t0 is None else t0
     try:
-        proto, matrix_bytes = build_decoder(manifest, tensors, config, accuracy_level)
+        proto, matrix_bytes = build_decoder(manifest, tensors, config, accuracy_level, dtype=dtype)
     except BadInput as exc:
         raise BadInput(f"{checkpoint}: {exc}") from None
     del tensors
@@ -92,7 +93,9 @@ def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tens
         "quantseal.num_layers": str(arch.layers), "quantseal.num_kv_heads": str(arch.kv_heads),
         "quantseal.head_dim": str(arch.head_dim), "quantseal.architecture": arch.model_type,
         "quantseal.eos_token_id": ",".join(str(x) for x in (eos if isinstance(eos, list) else [eos]) if x is not None),
-        META_GENAI: json.dumps(genai_config(arch, config, output.name, generation=generation), sort_keys=True),
+        META_GENAI: json.dumps(genai_config(arch, config, output.name, generation=generation,
+                                            provider="cuda" if dtype == "fp16" else None), sort_keys=True),
+        "quantseal.dtype": dtype,
         META_TOKENIZER_CONFIG: tokenizer_config(tok_cfg.read_text() if tok_cfg.is_file() else None, config),
     })
     return finish_export(proto, output, checkpoint, manifest, "decoder", matrix_bytes, meta, t0)

@@ -20,10 +20,13 @@ Inputs and outputs (onnxruntime-genai's names; ``genai_config.json`` lists them)
 =================================  =============================================  ====================
 ``input_ids``                      [batch, sequence] int64                        new tokens
 ``attention_mask``                 [batch, past + sequence] int64                 1 = real token
-``past_key_values.{i}.key/value``  [batch, kv_heads, past, head_dim] float32       layer i's cache
-``logits``                         [batch, sequence, vocab] float32               next-token logits
+``past_key_values.{i}.key/value``  [batch, kv_heads, past, head_dim] float*       layer i's cache
+``logits``                         [batch, sequence, vocab] float*                next-token logits
 ``present.{i}.key/value``          [batch, kv_heads, past + sequence, head_dim]   the cache to feed back
 =================================  =============================================  ====================
+
+``float*`` is the compute type: float32 (CPU), or float16 (``export --dtype fp16``, for the CUDA
+execution provider: MatMulNBits reads the stored float16 scales directly).
 
 GroupQueryAttention takes each row's length from the mask (``seqlens_k = Σ mask − 1``), so a
 batch is *right*-padded: each row's real tokens sit at positions 0..len−1.
@@ -77,27 +80,27 @@ class DecoderGraph:
 
     def __init__(self, arch: DecoderArch, matrices: dict[str, StoredMatrix], plain: dict[str, np.ndarray],
                  accuracy_level: int = 0, activations: dict[str, dict] | None = None,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, dtype=np.float32):
         self.arch, self.matrices, self.plain = arch, matrices, plain
+        self.dtype = np.dtype(dtype).type
         self.accuracy_level = accuracy_level
         self.activations = activations or {}
         self.positions = max_positions or arch.max_positions
-        self.g = GraphBuilder()
+        self.g = GraphBuilder(self.dtype)
         self.matrix_bytes = {n: 0 for n in matrices}
         self._plain_used: dict[str, str] = {}
         self._table_scales: str | None = None  # float32 scales of a quantised tied table
 
     # ------------------------------------------------------------------ stored tensors
     def _plain(self, name: str) -> str:
-        """A non-matrix stored tensor as an initialiser (float32 in the graph)."""
+        """A non-matrix stored tensor as an initialiser (read in the compute type)."""
         if name in self._plain_used:
             return self._plain_used[name]
         if name not in self.plain:
             raise Unsupported(f"the checkpoint has no tensor {name!r} that a {self.arch.model_type} graph needs")
         arr = self.plain[name]
         out = self.g.init(name, arr)
-        if arr.dtype != np.float32:
-            out = self.g.op("Cast", [out], to=TensorProto.FLOAT)
+        out = self.g.cast_float(out, arr.dtype)
         self._plain_used[name] = out
         return out
 
@@ -123,7 +126,7 @@ class DecoderGraph:
         if s is None:
             return x
         self._plain_used[f"{name}.{SMOOTH}"] = f"{name}.{SMOOTH}"
-        return self.g.op("Div", [x, self.g.init(f"{name}.{SMOOTH}", s.astype(np.float32))])
+        return self.g.op("Div", [x, self.g.init(f"{name}.{SMOOTH}", s.astype(self.dtype))])
 
     def linear(self, name: str, x: str, y: str | None = None) -> str:
         """``y = smooth(x) · Wᵀ (+ low-rank) (+ bias)`` for the planned (or float) Linear ``name``."""
@@ -134,7 +137,7 @@ class DecoderGraph:
             out = y if (y is not None and bias is None) else f"{self.g._prefix()}/MatMul/output_0"
             scale = self.plain.get(f"{name}.{OUTPUT_SCALE}")  # a folded DoRA / IA³: o ⊙ (x Wᵀ) + b
             mm = out if scale is None else f"{self.g._prefix()}/MatMul/output_unscaled"
-            self.g.extend(linear_nodes(m, xs, mm, self.accuracy_level, self.activations.get(name)))
+            self.g.extend(linear_nodes(m, xs, mm, self.accuracy_level, self.activations.get(name), self.dtype))
             self._owned(m)
             if scale is not None:
                 o = self._plain(f"{name}.{OUTPUT_SCALE}")
@@ -162,10 +165,10 @@ class DecoderGraph:
                 if f"{n}.{SMOOTH}" in self.plain:
                     self._plain_used[f"{n}.{SMOOTH}"] = "shared with q_proj"
             out = f"{self.g._prefix()}/MatMul/output_0"
-            self.g.extend(linear_nodes(packed, xs, out, self.accuracy_level))
+            self.g.extend(linear_nodes(packed, xs, out, self.accuracy_level, dtype=self.dtype))
             self._owned(packed, *ms)
             if biased:
-                b = np.concatenate([self.plain.get(f"{n}.bias", np.zeros(m.shape[0], np.float32)).astype(np.float32)
+                b = np.concatenate([self.plain.get(f"{n}.bias", np.zeros(m.shape[0], np.float32)).astype(self.dtype)
                                     for n, m in zip(names, ms)])
                 for n in names:
                     self._plain_used[f"{n}.bias"] = "packed"
@@ -203,7 +206,7 @@ class DecoderGraph:
             if self.arch.tied and m.spec.kind == "int":
                 g = self._quantised_tied_lookup(m, out)
             else:
-                g = embedding_nodes(m, "input_ids", out)
+                g = embedding_nodes(m, "input_ids", out, self.dtype)
                 self.g.extend(g)
             self._owned(m)
         return out, m
@@ -240,7 +243,7 @@ class DecoderGraph:
                 if m.spec.kind == "fp":
                     self._float_head(h, m, own=True)
                 else:
-                    self.g.extend(linear_nodes(m, h, "logits", self.accuracy_level))
+                    self.g.extend(linear_nodes(m, h, "logits", self.accuracy_level, dtype=self.dtype))
                     self._owned(m)
                 return
             if table.spec.kind == "int":  # the codes were added by the lookup: reference them
@@ -285,7 +288,7 @@ class DecoderGraph:
                 width = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const("one", np.array(1, np.int64))],
                              axis=0)
                 total_len = g.op("Cast", [width], to=TensorProto.INT32)
-            cos, sin = rope_tables(a, self.positions)
+            cos, sin = (t.astype(self.dtype) for t in rope_tables(a, self.positions))
             cos, sin = g.init("cos_cache", cos), g.init("sin_cache", sin)
             residual, skip = x, None
             for i in range(a.layers):
@@ -324,7 +327,8 @@ class DecoderGraph:
 
     def _model(self) -> onnx.ModelProto:
         a, g = self.arch, self.g
-        f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+        f32 = TensorProto.FLOAT if self.dtype == np.float32 else TensorProto.FLOAT16
+        i64 = TensorProto.INT64
         cache = lambda n, t: helper.make_tensor_value_info(n, f32, ["batch_size", a.kv_heads, t, a.head_dim])  # noqa: E731
         inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
                   helper.make_tensor_value_info("attention_mask", i64, ["batch_size", "total_sequence_length"])]

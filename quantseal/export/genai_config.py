@@ -27,10 +27,11 @@ def _ids(value) -> list[int]:
 
 
 def genai_config(arch: DecoderArch, config: dict, filename: str = "model.onnx", context_length: int | None = None,
-                 generation: dict | None = None) -> dict:
+                 generation: dict | None = None, provider: str | None = None) -> dict:
     """onnxruntime-genai's configuration for the graph of :mod:`.decoder_graph` (its input and
     output names, the KV cache shared between past and present: GroupQueryAttention reads the
-    valid length of each row from ``attention_mask``)."""
+    valid length of each row from ``attention_mask``).  ``provider`` (``"cuda"`` for a float16
+    graph) becomes the session's execution provider; a CPU user clears it (``Config.clear_providers``)."""
     generation = generation or {}
     eos = _ids(generation.get("eos_token_id", config.get("eos_token_id")))
     bos = _ids(generation.get("bos_token_id", config.get("bos_token_id")))
@@ -41,7 +42,8 @@ def genai_config(arch: DecoderArch, config: dict, filename: str = "model.onnx", 
             "bos_token_id": bos[0] if bos else 0,
             "context_length": context,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {"log_id": "onnxruntime-genai",
+                                    "provider_options": [{provider: {}}] if provider else []},
                 "filename": filename,
                 "head_size": arch.head_dim,
                 "hidden_size": arch.hidden,

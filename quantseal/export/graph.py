@@ -20,7 +20,8 @@ from .lowbit import MS_DOMAIN, Nodes
 class GraphBuilder:
     """Nodes and initialisers in topological order, with a stack of name scopes."""
 
-    def __init__(self):
+    def __init__(self, dtype=np.float32):
+        self.dtype = dtype  # the compute type: float32, or float16 for a CUDA graph
         self.nodes: list[NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._names: set[str] = set()
@@ -82,4 +83,7 @@ class GraphBuilder:
         self.initializers.extend(g.initializers)
 
     def cast_float(self, x: str, dtype) -> str:
-        return x if dtype == np.float32 else self.op("Cast", [x], to=TensorProto.FLOAT)
+        """``x`` (of float type ``dtype``) in the graph's compute type (:attr:`dtype`)."""
+        if np.dtype(dtype) == np.dtype(self.dtype):
+            return x
+        return self.op("Cast", [x], to=TensorProto.FLOAT if self.dtype == np.float32 else TensorProto.FLOAT16)

@@ -78,6 +78,7 @@ class Nodes:
 
     nodes: list[NodeProto] = field(default_factory=list)
     initializers: list[TensorProto] = field(default_factory=list)
+    dtype: type = np.float32  # the compute type: float32 (CPU), or float16 (a CUDA graph)
 
     def init(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
@@ -88,13 +89,19 @@ class Nodes:
         return output
 
     def as_float(self, name: str, array: np.ndarray) -> str:
-        """An initialiser stored as-is, read as float32 (Cast when it is float16)."""
+        """An initialiser stored as-is, read in the compute type (a Cast when the stored float
+        type differs; onnxruntime folds it into the constant at load)."""
         self.init(name, array)
-        if array.dtype == np.float16:
-            return self.node("Cast", [name], name + ".f32", to=TensorProto.FLOAT)
-        if array.dtype != np.float32:
+        if array.dtype not in (np.float16, np.float32):
             raise TypeError(f"{name}: unexpected dtype {array.dtype}")
-        return name
+        return self.cast(name, array.dtype)
+
+    def cast(self, value: str, dtype) -> str:
+        """``value`` (of float type ``dtype``) in the compute type."""
+        if np.dtype(dtype) == np.dtype(self.dtype):
+            return value
+        suffix, to = (".f32", TensorProto.FLOAT) if self.dtype == np.float32 else (".f16", TensorProto.FLOAT16)
+        return self.node("Cast", [value], value + suffix, to=to)
 
     def transposed(self, name: str, array: np.ndarray) -> str:
         """float32 view of ``arrayᵀ`` (2-D), the stored tensor kept untransposed."""
@@ -161,7 +168,7 @@ def activation_qdq(g: "Nodes", name: str, x: str, act: dict) -> str:
     bits = int(act["bits"])
     if bits not in (4, 8) or act.get("signed", False):
         raise Unsupported(f"{name}: unsigned 4- or 8-bit activations export, not {bits}-bit")
-    scale = g.init(f"{name}.act_scale", np.array(act["scale"], dtype=np.float32))
+    scale = g.init(f"{name}.act_scale", np.array(act["scale"], dtype=g.dtype))
     if bits == 8:
         zero = g.init(f"{name}.act_zero", np.array(act["zero_point"], dtype=np.uint8))
     else:
@@ -171,14 +178,16 @@ def activation_qdq(g: "Nodes", name: str, x: str, act: dict) -> str:
     return g.node("DequantizeLinear", [q, scale, zero], f"{name}.x_dq")
 
 
-def linear_nodes(m: StoredMatrix, x: str, y: str, accuracy_level: int = 0, act: dict | None = None) -> Nodes:
-    """Nodes computing ``y = x · dequant(Q)ᵀ + (x · L2ᵀ) · L1ᵀ`` for ``x: (..., K)`` float32;
-    with ``act`` (calibrated activation quantiser) ``x`` is first fake-quantised by a
-    QuantizeLinear / DequantizeLinear pair (:func:`activation_qdq`)."""
+def linear_nodes(m: StoredMatrix, x: str, y: str, accuracy_level: int = 0, act: dict | None = None,
+                 dtype=np.float32) -> Nodes:
+    """Nodes computing ``y = x · dequant(Q)ᵀ + (x · L2ᵀ) · L1ᵀ`` for ``x: (..., K)`` of the compute
+    type ``dtype`` (float32, or float16 for a CUDA graph); with ``act`` (calibrated activation
+    quantiser) ``x`` is first fake-quantised by a QuantizeLinear / DequantizeLinear pair
+    (:func:`activation_qdq`)."""
     _check_runnable(m)
     n, k = m.shape
     spec = m.spec
-    g = Nodes()
+    g = Nodes(dtype=dtype)
     if act is not None:
         x = activation_qdq(g, m.name, x, act)
     kron = "K1" in m.tensors
@@ -215,12 +224,13 @@ def linear_nodes(m: StoredMatrix, x: str, y: str, accuracy_level: int = 0, act: 
     return g
 
 
-def embedding_nodes(m: StoredMatrix, ids: str, y: str) -> Nodes:
-    """Nodes computing ``y = dequant(Q)[ids] + L1[ids] · L2`` for int64 ``ids`` of any shape."""
+def embedding_nodes(m: StoredMatrix, ids: str, y: str, dtype=np.float32) -> Nodes:
+    """Nodes computing ``y = dequant(Q)[ids] + L1[ids] · L2`` (compute type ``dtype``) for int64
+    ``ids`` of any shape."""
     _check_runnable(m)
     v, hdim = m.shape
     spec = m.spec
-    g = Nodes()
+    g = Nodes(dtype=dtype)
     main = y if not m.rank else f"{m.name}.y_q"
     if spec.kind == "int":
         q = m.tensors["qweight"]
@@ -239,17 +249,16 @@ def embedding_nodes(m: StoredMatrix, ids: str, y: str) -> Nodes:
             g.node("Slice", [out, starts, ends, axes], main)
     elif spec.kind == "fp":
         w = m.tensors["weight"]
-        rows = g.node("Gather", [g.init(f"{m.name}.weight", w), ids], main if w.dtype == np.float32 else f"{m.name}.rows")
-        if w.dtype == np.float16:
-            g.node("Cast", [rows], main, to=TensorProto.FLOAT)
+        same = np.dtype(w.dtype) == np.dtype(dtype)
+        rows = g.node("Gather", [g.init(f"{m.name}.weight", w), ids], main if same else f"{m.name}.rows")
+        if not same:
+            g.node("Cast", [rows], main, to=TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16)
     else:
         raise Unsupported(f"{m.name}: a {spec.name} token embedding has no onnxruntime op "
                           "(GatherBlockQuantized takes integer codes); use int4/int8/fp16")
     if m.rank:
         l1 = g.init(f"{m.name}.L1", m.tensors["L1"])
-        rows = g.node("Gather", [l1, ids], f"{m.name}.L1_rows")
-        if m.tensors["L1"].dtype == np.float16:
-            rows = g.node("Cast", [rows], f"{m.name}.L1_rows.f32", to=TensorProto.FLOAT)
+        rows = g.cast(g.node("Gather", [l1, ids], f"{m.name}.L1_rows"), m.tensors["L1"].dtype)
         l2 = g.as_float(f"{m.name}.L2", m.tensors["L2"])
         lr = g.node("MatMul", [rows, l2], f"{m.name}.lowrank_y")
         g.node("Add", [main, lr], y)

@@ -227,3 +227,65 @@ def test_decoder_exports_default_to_accuracy_level_4_and_stay_close(llama_rtn_ex
     ids = np.array([[101, 7592, 2088, 2003, 1037, 3231, 1012]])
     a, b = exact.logits(ids), fast.logits(ids)
     assert 0 < np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+
+
+def test_float16_graph_for_cuda_runs_and_agrees(llama_rtn_export, tmp_path):
+    """``--dtype fp16`` (the CUDA execution provider's graph): float16 inputs, cache and logits,
+    MatMulNBits reading the stored float16 scales with no Cast; onnxruntime's CPU kernels run it
+    here, within float16 rounding of the float32 graph, and onnxruntime-genai loads the folder."""
+    from quantseal.cli import main
+
+    ck, report = llama_rtn_export
+    out = tmp_path / "fp16" / "model.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["export", str(ck), "-o", str(out), "--dtype", "fp16", "--accuracy-level", "0"]) == 0
+    proto = onnx.load(str(out))
+    types = {i.name: i.type.tensor_type.elem_type for i in [*proto.graph.input, *proto.graph.output]}
+    assert types["logits"] == types["past_key_values.0.key"] == onnx.TensorProto.FLOAT16
+    mnb = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert mnb and all(n.input[2].endswith(".scales") for n in mnb)  # the stored fp16 scales, no Cast
+    genai = json.loads((out.parent / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
+    exact, half = CausalLM(report["path"], provider="cpu"), CausalLM(out, provider="cpu")
+    ids = np.array([[101, 7592, 2088, 2003, 1037, 3231, 1012]])
+    a, b = exact.logits(ids), half.logits(ids)
+    assert b.dtype == np.float32 and 0 < np.abs(a - b).max() <= 1e-2 * np.abs(a).max()
+    seq = ids[:, :5]
+    first, past = half.step(seq[:, :3], np.ones((1, 3), dtype=np.int64))
+    assert past["past_key_values.0.key"].dtype == np.float16
+    second, _ = half.step(seq[:, 3:], np.ones((1, 5), dtype=np.int64), past)
+    np.testing.assert_allclose(np.concatenate([first, second], 1), half.logits(seq), atol=2e-3 * np.abs(a).max())
+    og = pytest.importorskip("onnxruntime_genai")
+    config = og.Config(str(out.parent))
+    config.clear_providers()
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=8)
+    gen = og.Generator(model, params)
+    gen.append_tokens(list(PROMPTS[1]))
+    gen.generate_next_token()
+    assert int(gen.get_next_tokens()[0]) == int(np.argmax(half.logits(np.array(PROMPTS[1]))[-1]))
+
+
+def test_float16_is_refused_for_an_encoder(minilm_rtn_checkpoint, tmp_path, capsys):
+    from quantseal.cli import main
+
+    capsys.readouterr()
+    assert main(["export", str(minilm_rtn_checkpoint), "-o", str(tmp_path / "m.onnx"), "--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "decoder" in err[0] and not (tmp_path / "m.onnx").exists()
+
+
+def test_inspect_lists_packed_and_shared_matrices_with_manifest_bytes(exported, quantised_table):
+    """``quantseal inspect`` on a built decoder: the packed q/k/v appear as their three matrices
+    and the tied quantised table once (read by the lookup and the head), each with its manifest bytes."""
+    from quantseal.export.inspect_onnx import inspect_onnx
+
+    for ck, report in ((exported[0], exported[1]), (quantised_table[0], quantised_table[1])):
+        manifest, _ = read_checkpoint(ck)
+        rows = {r["name"]: r for r in inspect_onnx(report["path"])["matrices"]}
+        assert set(rows) == set(manifest.matrices)
+        for name, e in manifest.matrices.items():
+            assert rows[name]["bytes"] == e.bytes and rows[name]["format"] == e.format, name
+    rows = {r["name"]: r for r in inspect_onnx(quantised_table[1]["path"])["matrices"]}
+    assert rows["model.embed_tokens"]["op"] == "MatMulNBits+GatherBlockQuantized"
