@@ -1,6 +1,7 @@
 """The compressed checkpoint folder: ``quantseal.json`` + ``weights.safetensors`` + the source's
 config and tokenizer files (and its sentence-transformers json files, :mod:`quantseal.sbert`).
-Written atomically (a temporary folder, then a rename).
+Written into a temporary folder, fsynced, then published atomically (quantseal/publish.py: the
+path always holds the old or the new complete folder).
 
 Tensors of a compressed matrix ``NAME`` (e.g. ``encoder.layer.0.attention.self.query``):
 
@@ -31,12 +32,10 @@ layout as the integer formats; the exporter re-lays them for ``MatMulBnb4``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -49,6 +48,8 @@ from .compress.quantizers import QuantizedTensor, dequantize
 from .compress.qlinear import OUTPUT_SCALE
 from .compress.smoothing import BUFFER as SMOOTH
 from .errors import BadInput
+from .integrity import check_files, check_finite, check_matrix, file_records, file_sha256  # noqa: F401
+from .publish import check_output_folder, publish_folder, temp_folder  # noqa: F401  (publish_folder: re-exported)
 from .sbert import convention_files
 
 SCHEMA_VERSION = 1
@@ -82,6 +83,7 @@ class Manifest:
     matrices: dict[str, MatrixEntry]
     extra: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    files: dict = field(default_factory=dict)  # name -> {"sha256", "bytes"}, set by write_checkpoint
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -94,21 +96,20 @@ class Manifest:
             if d.get("schema_version") != SCHEMA_VERSION:
                 raise BadInput(f"{where}: schema version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
             mats = {k: MatrixEntry(**v) for k, v in d["matrices"].items()}
-            for e in mats.values():
-                e.spec  # validates the format name
-            return cls(d["source"], d["method"], d["budget"], mats, d.get("extra", {}), d["schema_version"])
+            for name, e in mats.items():
+                try:
+                    e.spec  # validates the format name
+                except BadInput as exc:
+                    raise BadInput(f"{where}: matrix {name}: {exc}") from None
+            for key in ("source", "budget", "extra", "files"):
+                if not isinstance(d.get(key, {}), dict):
+                    raise BadInput(f"{where}: manifest field {key!r} is not a mapping")
+            return cls(d["source"], d["method"], d["budget"], mats, d.get("extra", {}), d["schema_version"],
+                       d.get("files", {}))
         except BadInput:
             raise
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             raise BadInput(f"{where}: not a valid quantseal manifest ({type(exc).__name__}: {exc})") from exc
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def matrix_tensors(name: str, spec: FormatSpec, qt: QuantizedTensor | None, weight: torch.Tensor | None,
@@ -169,11 +170,8 @@ def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, tor
     (which is then replaced).  ``extra_files`` (name → bytes) are written after the
     :data:`SOURCE_FILES` copied from ``source_dir`` (e.g. the config and tokenizer of a GGUF source,
     see :func:`quantseal.models.source_files`)."""
-    out = Path(out)
-    if out.exists() and not is_checkpoint(out):
-        raise BadInput(f"{out}: exists and is not a quantseal checkpoint; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    out = check_output_folder(out, MANIFEST, "checkpoint")
+    tmp = temp_folder(out)
     try:
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp / WEIGHTS),
                   metadata={"format": "pt"})  # one key: safetensors orders a map arbitrarily
@@ -186,24 +184,14 @@ def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, tor
             if Path(name).name != name or name in (MANIFEST, WEIGHTS):
                 raise ValueError(f"extra checkpoint file {name!r}: a plain file name other than {MANIFEST}/{WEIGHTS}")
             (tmp / name).write_bytes(data)
-        (tmp / MANIFEST).write_text(manifest.to_json())
+        files = file_records(tmp, [WEIGHTS])  # the tensor file; config/tokenizer stay hand-editable
+        (tmp / MANIFEST).write_text(replace(manifest, files=files).to_json())
         os.chmod(tmp, 0o755)
         publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def publish_folder(tmp: Path, out: Path) -> None:
-    """Move a fully written folder ``tmp`` to ``out`` by renames, replacing an old ``out``."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        os.rename(out, old / "x")
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)
 
 
 def budget_after_edit(budget: dict, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict:
@@ -217,7 +205,10 @@ def budget_after_edit(budget: dict, before: dict[str, torch.Tensor], after: dict
 
 
 def read_checkpoint(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
-    """Manifest and every stored tensor; any damage is a :class:`BadInput`."""
+    """Manifest and every stored tensor; any damage is a :class:`BadInput` naming the file or the
+    tensor: a file whose size or sha256 differs from the manifest's record, a manifest entry whose
+    format, shape, rank or bytes disagree with the stored tensors, a NaN or Inf anywhere
+    (quantseal/integrity.py)."""
     path = Path(path)
     if not path.is_dir():
         raise BadInput(f"{path}: no such checkpoint folder")
@@ -227,14 +218,17 @@ def read_checkpoint(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]
     wpath = path / WEIGHTS
     if not wpath.is_file():
         raise BadInput(f"{path}: {WEIGHTS} is missing")
+    if manifest.files:  # checkpoints written before the hashes existed carry none
+        if WEIGHTS not in manifest.files:
+            raise BadInput(f"{path / MANIFEST}: records no sha256 for {WEIGHTS}")
+        check_files(path, manifest.files)
     try:
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise BadInput(f"{wpath}: corrupt safetensors file ({exc})") from exc
     for name, e in manifest.matrices.items():
-        key = f"{name}.weight" if e.spec.kind == "fp" else f"{name}.qweight"
-        if key not in tensors:
-            raise BadInput(f"{wpath}: tensor {key} named in the manifest is missing")
+        check_matrix(str(wpath), name, e, tensors)
+    check_finite(str(wpath), tensors)
     return manifest, tensors
 
 

@@ -146,6 +146,10 @@ def _cmd_compress_calibrated(args) -> int:
 
 
 def _cmd_compress(args) -> int:
+    from .checkpoint import MANIFEST
+    from .publish import check_output_folder
+
+    check_output_folder(args.output, MANIFEST, "checkpoint")  # before any compute
     if args.method in ("gptq", "cbq"):
         return _cmd_compress_calibrated(args)
     if args.budget is None and args.budget_mb is None:
@@ -207,7 +211,7 @@ def _add_export(sub) -> None:
                    help="decoder compute type: fp32 (CPU) or fp16 (for the CUDA execution provider)")
     p.add_argument("--board", type=Path, help="watermark board folder (quantseal board train); with --key --registry --user")
     p.add_argument("--key", type=Path, help="watermark key file")
-    p.add_argument("--registry", type=Path, help="customer registry (quantseal registry add)")
+    p.add_argument("--registry", help="customer registry: an SQLite file or postgresql:// URL (quantseal registry add), or a legacy JSON file")
     p.add_argument("--user", help="customer id whose watermark the exported model carries")
     p.add_argument("--adapter", type=Path, action="append", default=[],
                    help="PEFT adapter folder (LoRA/DoRA/AdaLoRA/VeRA/IA3/LoHa/LoKr/MiSS) to fold exactly "
@@ -244,10 +248,11 @@ def _cmd_export(args) -> int:
         if any(x is None for x in mark):
             raise BadInput("a watermarked export needs all of --board, --key, --registry and --user")
         from .export.watermark import export_marked
-        from .keys import Registry, read_key
+        from .keys import read_key
+        from .registry import open_registry
 
         key = read_key(args.key)
-        res = export_marked(args.checkpoint, args.output, args.board, key, Registry.load(args.registry, key),
+        res = export_marked(args.checkpoint, args.output, args.board, key, open_registry(args.registry, key),
                             args.user, accuracy_level=args.accuracy_level)
     else:
         res = export_onnx(args.checkpoint, args.output, accuracy_level=args.accuracy_level, dtype=args.dtype)
@@ -481,8 +486,10 @@ def _add_board(sub) -> None:
 
 def _cmd_board_train(args) -> int:
     from .compress.markboard import BoardConfig, save_board, train_board
-    from .keys import read_key
+    from .keys import BOARD_MANIFEST, read_key
+    from .publish import check_output_folder
 
+    check_output_folder(args.output, BOARD_MANIFEST, "board")  # before any compute
     key = read_key(args.key)
     cfg = BoardConfig(bits=args.bits, calib=args.calib, steps=args.steps, rank=args.rank,
                       triggers_per_bit=args.triggers_per_bit, seed=args.seed)
@@ -499,42 +506,112 @@ def _cmd_board_train(args) -> int:
 
 
 def _add_registry(sub) -> None:
-    p = sub.add_parser("registry", help="the owner's customer → codeword registry")
+    p = sub.add_parser("registry", help="the owner's customer → codeword registry (an SQLite file of mode 0600, or postgresql://)")
     rsub = p.add_subparsers(dest="registry_command", required=True)
     a = rsub.add_parser("add", help="register a customer (the registry file is created on first use)")
-    a.add_argument("registry", type=Path)
+    a.add_argument("registry", help="registry database: an SQLite file or a postgresql:// URL")
     a.add_argument("--key", type=Path, required=True)
-    a.add_argument("--user", required=True, help="customer id")
-    a.add_argument("--bits", type=int, default=64, help="codeword bits for a new registry (the board's --bits)")
+    a.add_argument("--user", required=True, help="customer id: 1-128 characters from A-Z a-z 0-9 . _ @ + -")
+    a.add_argument("--bits", type=int, default=None,
+                   help="codeword bits for a new registry (the board's --bits; 16..1024, default 64)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=_cmd_registry_add)
     ls = rsub.add_parser("list", help="list the registered customers")
-    ls.add_argument("registry", type=Path)
+    ls.add_argument("registry", help="registry database: an SQLite file or a postgresql:// URL")
     ls.add_argument("--key", type=Path, required=True)
+    ls.add_argument("--all", action="store_true", help="also list removed customers")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_cmd_registry_list)
+    sh = rsub.add_parser("show", help="one customer's row: sequence number, status, codeword")
+    sh.add_argument("registry", help="registry database: an SQLite file or a postgresql:// URL")
+    sh.add_argument("--key", type=Path, required=True)
+    sh.add_argument("--user", required=True)
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(func=_cmd_registry_show)
+    rm = rsub.add_parser("remove", help="retire a customer (kept as a tombstone: the id and codeword are never reused)")
+    rm.add_argument("registry", help="registry database: an SQLite file or a postgresql:// URL")
+    rm.add_argument("--key", type=Path, required=True)
+    rm.add_argument("--user", required=True)
+    rm.add_argument("--json", action="store_true")
+    rm.set_defaults(func=_cmd_registry_remove)
+    im = rsub.add_parser("import", help="copy a JSON registry (earlier versions) into a registry database")
+    im.add_argument("source", type=Path, help="JSON registry file")
+    im.add_argument("registry", help="registry database, an SQLite file or a postgresql:// URL (created when absent)")
+    im.add_argument("--key", type=Path, required=True)
+    im.add_argument("--json", action="store_true")
+    im.set_defaults(func=_cmd_registry_import)
+
+
+def _registry_name(target) -> str:
+    from .registry_store import display_name
+
+    return display_name(target)
 
 
 def _cmd_registry_add(args) -> int:
-    from .keys import Registry, read_key
+    from .keys import read_key
+    from .registry import RegistryDB
 
-    reg = Registry.open(args.registry, read_key(args.key), args.bits)
-    new = args.user not in reg
-    reg.add(args.user)
-    if new:
-        reg.save()
-    res = {"registry": str(args.registry), "user": args.user, "new": new, "customers": len(reg), "bits": reg.bits}
+    db = RegistryDB(args.registry, read_key(args.key))
+    row, new = db.add(args.user, args.bits)
+    view = db.snapshot()
+    res = {"registry": _registry_name(args.registry), "user": args.user, "new": new, "customers": len(view), "bits": view.bits}
     _emit(res, args.json, f"{'registered' if new else 'already registered:'} {args.user} "
-                          f"({len(reg)} customers, {reg.bits}-bit codewords)")
+                          f"({len(view)} customers, {view.bits}-bit codewords)")
     return 0
 
 
 def _cmd_registry_list(args) -> int:
-    from .keys import Registry, read_key
+    from .keys import read_key
+    from .registry import open_registry
 
-    reg = Registry.load(args.registry, read_key(args.key))
-    res = {"registry": str(args.registry), "customers": reg.customers(), "bits": reg.bits}
-    _emit(res, args.json, "\n".join(reg.customers()) or "(no customers)")
+    reg = open_registry(args.registry, read_key(args.key))
+    removed = reg.removed() if hasattr(reg, "removed") else []
+    res = {"registry": _registry_name(args.registry), "customers": reg.customers(), "bits": reg.bits}
+    human = "\n".join(reg.customers()) or "(no customers)"
+    if args.all:
+        res["removed"] = removed
+        human += "".join(f"\n{c} (removed)" for c in removed)
+    _emit(res, args.json, human)
+    return 0
+
+
+def _cmd_registry_show(args) -> int:
+    from .keys import bits_to_hex, read_key
+    from .registry import check_customer_id, open_registry
+
+    check_customer_id(args.user)
+    reg = open_registry(args.registry, read_key(args.key))
+    if hasattr(reg, "row"):
+        row = reg.row(args.user)
+        seq, status, code = row.seq, row.status, row.codeword
+    else:  # a JSON registry
+        code = reg.codeword(args.user)
+        seq, status = reg.customers().index(args.user) + 1, "active"
+    res = {"registry": _registry_name(args.registry), "user": args.user, "seq": seq, "status": status, "bits": reg.bits,
+           "codeword": bits_to_hex(code)}
+    _emit(res, args.json, f"{args.user}: #{seq}, {status}, {reg.bits}-bit codeword {res['codeword']}")
+    return 0
+
+
+def _cmd_registry_remove(args) -> int:
+    from .keys import read_key
+    from .registry import RegistryDB
+
+    row = RegistryDB(args.registry, read_key(args.key)).remove(args.user)
+    res = {"registry": _registry_name(args.registry), "user": args.user, "seq": row.seq, "status": row.status}
+    _emit(res, args.json, f"removed {args.user} (#{row.seq}; its id and codeword stay reserved)")
+    return 0
+
+
+def _cmd_registry_import(args) -> int:
+    from .keys import read_key
+    from .registry import import_registry
+
+    added, same = import_registry(args.source, args.registry, read_key(args.key))
+    res = {"registry": _registry_name(args.registry), "source": str(args.source), "added": added, "already_present": same}
+    _emit(res, args.json, f"imported {added} customers from {args.source} into {args.registry}"
+                          + (f" ({same} already present)" if same else ""))
     return 0
 
 
@@ -543,7 +620,7 @@ def _add_verify(sub) -> None:
     p.add_argument("suspect", help="a suspect ONNX file or an http://HOST:PORT endpoint (quantseal serve)")
     p.add_argument("--board", type=Path, required=True)
     p.add_argument("--key", type=Path, required=True)
-    p.add_argument("--registry", type=Path, required=True)
+    p.add_argument("--registry", required=True, help="registry database (SQLite file or postgresql:// URL) or legacy JSON")
     p.add_argument("--alpha", type=float, default=1e-6)
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true")
@@ -588,12 +665,13 @@ def _endpoint_options(args) -> dict:
 
 
 def _cmd_verify(args) -> int:
-    from .keys import Registry, read_board_manifest, read_key
+    from .keys import read_board_manifest, read_key
+    from .registry import open_registry
     from .runtime.verify import onnx_embed_fn, verify
     from .text import TextTokenizer
 
     key = read_key(args.key)
-    reg = Registry.load(args.registry, key)
+    reg = open_registry(args.registry, key)
     board = read_board_manifest(args.board)
     decoder = board.get("family") == "decoder"  # next-token logits of target pairs, not embeddings
     inputs, probe = "ids", None
@@ -624,6 +702,27 @@ def _cmd_verify(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- gc
+def _add_gc(sub) -> None:
+    p = sub.add_parser("gc", help="remove what killed runs left behind (temporary folders of checkpoints and boards)")
+    p.add_argument("path", type=Path, help="a folder to clean, or an output path (its leftovers beside it are cleaned)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_gc)
+
+
+def _cmd_gc(args) -> int:
+    from .publish import collect_orphans
+
+    path = args.path
+    if not path.is_dir() and not path.parent.is_dir():
+        raise BadInput(f"{path}: no such folder")
+    done = collect_orphans(path.parent, path.name)
+    if path.is_dir() and not path.is_symlink():
+        done += collect_orphans(path)
+    _emit({"path": str(path), "actions": done}, args.json, "\n".join(done) or "nothing to clean")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantseal", description=__doc__.splitlines()[0])
@@ -637,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_board(sub)
     _add_registry(sub)
     _add_verify(sub)
+    _add_gc(sub)
     return parser
 
 

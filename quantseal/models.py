@@ -157,17 +157,33 @@ def load_model(path: str | Path) -> tuple[nn.Module, Family]:
             raise BadInput(f"{path}: no weights (*.safetensors) in the folder")
     try:
         if fam is ENCODER:
-            model = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
+            model, info = AutoModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except Exception as exc:  # transformers / safetensors / gguf raise many types for a damaged folder
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"{path}: cannot load the model ({first})") from exc
+    check_loaded(path, model, info)
     if fam is None:
         fam = family_of(model.config.to_dict())
         if fam is not DECODER:
             raise Unsupported(f"{gguf}: GGUF is supported for decoders only, not {model.config.model_type!r}")
     return model.eval(), fam
+
+
+def check_loaded(path, model: nn.Module, info: dict) -> None:
+    """Refuse a source whose weights transformers would fill with random values (missing from the
+    files; a tied head and buffers such as ``position_ids`` aside) or that holds NaN/Inf, naming
+    the tensors."""
+    from .integrity import check_finite
+
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(k for k in info.get("missing_keys", ()) if k not in tied and not k.endswith("position_ids"))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise BadInput(f"{path}: weights missing from the model files (they would be random): "
+                       f"{', '.join(missing[:3])}{more}")
+    check_finite(str(path), dict(model.state_dict()), what="source weight")
 
 
 def get_submodule(root: nn.Module, dotted: str) -> nn.Module:

@@ -4,12 +4,14 @@ import contextlib
 import io
 import json
 import os
+import sqlite3
 import stat
 
 import pytest
 
 from quantseal import keys as qk
 from quantseal.cli import main
+from quantseal.registry import open_registry
 
 KEY = bytes(range(32))  # tests/conftest.py trains minilm_board under this key
 
@@ -37,22 +39,23 @@ def test_keygen(tmp_path):
 
 
 def test_registry_add_list_tamper_wrong_key(tmp_path):
-    k, k2, reg = tmp_path / "k", tmp_path / "k2", tmp_path / "reg.json"
+    k, k2, reg = tmp_path / "k", tmp_path / "k2", tmp_path / "reg.db"
     run(["keygen", "-o", k]), run(["keygen", "-o", k2])
     rc, out, _ = run(["registry", "add", reg, "--key", k, "--user", "alice", "--json"])
     assert rc == 0 and last_json(out)["new"] is True
-    code = qk.Registry.load(reg, qk.read_key(k)).codeword("alice")
+    code = open_registry(reg, qk.read_key(k)).codeword("alice")
     rc, out, _ = run(["registry", "add", reg, "--key", k, "--user", "alice", "--json"])
     assert rc == 0 and last_json(out)["new"] is False and last_json(out)["customers"] == 1
-    assert (qk.Registry.load(reg, qk.read_key(k)).codeword("alice") == code).all()
+    assert (open_registry(reg, qk.read_key(k)).codeword("alice") == code).all()
     run(["registry", "add", reg, "--key", k, "--user", "bob"])
     rc, out, _ = run(["registry", "list", reg, "--key", k, "--json"])
     assert last_json(out)["customers"] == ["alice", "bob"]
     rc, _, err = run(["registry", "add", reg, "--key", k2, "--user", "carol"])
     assert rc == 2 and "another key" in err
-    d = json.loads(reg.read_text())
-    d["customers"][0][0] = "mallory"
-    reg.write_text(json.dumps(d))
+    con = sqlite3.connect(str(reg))
+    con.execute("UPDATE registry_customers SET id = 'mallory' WHERE seq = 1")
+    con.commit()
+    con.close()
     rc, _, err = run(["registry", "list", reg, "--key", k])
     assert rc == 2 and "integrity" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "bad.key").write_text("not a key\n")
@@ -63,7 +66,7 @@ def test_registry_add_list_tamper_wrong_key(tmp_path):
 def test_export_and_verify_onnx(tmp_path, minilm_board, minilm_rtn_checkpoint, minilm_rtn_onnx):
     import onnx
 
-    k, reg = tmp_path / "owner.key", tmp_path / "reg.json"
+    k, reg = tmp_path / "owner.key", tmp_path / "reg.db"
     qk.write_key(k, KEY)
     for i in range(12):
         assert run(["registry", "add", reg, "--key", k, "--user", f"c{i}", "--bits", 16])[0] == 0
@@ -72,7 +75,7 @@ def test_export_and_verify_onnx(tmp_path, minilm_board, minilm_rtn_checkpoint, m
                         "--registry", reg, "--user", "c4", "--json"])
     assert rc == 0, err
     assert last_json(out)["marked"] is True
-    registry = qk.Registry.load(reg, KEY)
+    registry = open_registry(reg, KEY)
     # a second customer in seconds: the board keeps the first traced graph as a template and
     # only the customer's low-rank initialisers change
     b = tmp_path / "b" / "model.onnx"
@@ -146,7 +149,7 @@ def test_decoder_board_export_verify(tmp_path, llama_rtn_export, llama_board):
     attributed by ``verify FILE`` from next-token logits; the unmarked export is not; bad
     suspects are one line and exit 2."""
     ck, unmarked = llama_rtn_export
-    key, reg = tmp_path / "owner.key", tmp_path / "reg.json"
+    key, reg = tmp_path / "owner.key", tmp_path / "reg.db"
     qk.write_key(key, KEY)
     rc, out, err = run(["board", "train", ck, "-o", tmp_path / "small", "--key", key, "--bits", "8", "--steps", "10",
                         "--triggers-per-bit", "2", "--json"])

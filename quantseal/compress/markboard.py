@@ -46,7 +46,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +58,8 @@ from safetensors.torch import load_file, save_file
 
 from .. import keys as qkeys
 from ..checkpoint import publish_folder
+from ..integrity import check_files, file_records
+from ..publish import check_output_folder, temp_folder
 from ..errors import BadInput, Unsupported
 from ..keys import BOARD_FORMAT, BOARD_MANIFEST, BOARD_SCHEMA, read_board_manifest, triggers_of  # noqa: F401
 from ..text import TextTokenizer, pydoc_sentences, read_text_file
@@ -417,11 +418,8 @@ def branch_statistics(model, fam, tok, ts: qkeys.TriggerSet, board_tensors, ctrl
 def save_board(board: Board, out: str | Path, tokenizer_dir: str | Path) -> Path:
     """Write ``out/board.json`` + ``out/board.safetensors`` (+ the model's tokenizer files)
     atomically.  The key is not inside (only its public id)."""
-    out = Path(out)
-    if out.exists() and not (out / BOARD_MANIFEST).is_file():
-        raise BadInput(f"{out}: exists and is not a quantseal board; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    out = check_output_folder(out, BOARD_MANIFEST, "board")
+    tmp = temp_folder(out)
     try:
         save_file({k: v.contiguous() for k, v in sorted(board.tensors.items())}, str(tmp / BOARD_WEIGHTS),
                   metadata={"format": BOARD_FORMAT})
@@ -429,7 +427,8 @@ def save_board(board: Board, out: str | Path, tokenizer_dir: str | Path) -> Path
             src = Path(tokenizer_dir) / name
             if src.is_file():
                 shutil.copyfile(src, tmp / name)
-        (tmp / BOARD_MANIFEST).write_text(json.dumps(board.manifest, indent=1, sort_keys=True) + "\n")
+        files = file_records(tmp, [BOARD_WEIGHTS])
+        (tmp / BOARD_MANIFEST).write_text(json.dumps({**board.manifest, "files": files}, indent=1, sort_keys=True) + "\n")
         os.chmod(tmp, 0o700)
         publish_folder(tmp, out)
     except BaseException:
@@ -442,6 +441,8 @@ def save_board(board: Board, out: str | Path, tokenizer_dir: str | Path) -> Path
 def load_board(path: str | Path) -> Board:
     path = Path(path)
     manifest = read_board_manifest(path)
+    if manifest.get("files"):  # size + sha256 of board.safetensors (boards written before carry none)
+        check_files(path, manifest["files"])
     try:
         tensors = load_file(str(path / BOARD_WEIGHTS))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

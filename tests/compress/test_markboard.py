@@ -78,3 +78,20 @@ def test_board_roundtrip_and_damage(minilm_board, tmp_path):
     (tmp_path / "board.json").write_text("{}")
     with pytest.raises(BadInput):
         load_board(tmp_path)
+
+
+def test_board_files_hashed(minilm_board, tmp_path):
+    """A flipped byte in the board's tensors (or a truncated file) is refused, naming the file."""
+    import shutil
+
+    copy = tmp_path / "board"
+    shutil.copytree(minilm_board.path, copy, ignore=shutil.ignore_patterns("templates"))
+    w = copy / "board.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-3] ^= 0x04  # inside the last tensor: still finite, still the right shape
+    w.write_bytes(bytes(data))
+    with pytest.raises(BadInput, match="board.safetensors: sha256"):
+        load_board(copy)
+    w.write_bytes(bytes(data[:-1]))
+    with pytest.raises(BadInput, match="truncated"):
+        load_board(copy)

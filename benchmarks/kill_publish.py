@@ -1,0 +1,162 @@
+"""kill -9 at random moments of a process publishing a checkpoint over an existing one (issue 11).
+
+Two kinds of child process, each killed with SIGKILL at a uniformly random moment:
+
+* ``loop``: a Python loop calling :func:`quantseal.checkpoint.write_checkpoint` over the same path
+  (MiniLM-sized tensors, 94 MB per checkpoint), each version tagged in its manifest; the clock
+  starts when its first version is published (``old`` = that version, ``new`` = a later one), so
+  the kill lands anywhere in write / fsync / publish / delete-the-old;
+* ``cli``: the real ``quantseal compress --method rtn`` on the bundled all-MiniLM-L6-v2 over an
+  existing checkpoint made with another budget (so old and new are told apart by the manifest),
+  killed at a random moment of its measured run time.
+
+After each kill the path is classified: ``absent``, ``invalid`` (``read_checkpoint`` refuses it:
+missing files, a wrong sha256, a lying manifest), ``old_kept`` or ``new_complete``.  Orphaned
+temporary folders are counted, then ``quantseal gc`` runs and what is left is counted again.
+
+    python benchmarks/kill_publish.py                       # 40 loop + 10 cli kills
+    python benchmarks/kill_publish.py --loop 50 --cli 0     # publish path only (a minute)
+
+Writes ``benchmarks/results/kill_publish.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+CHILD = textwrap.dedent("""
+    import sys, torch
+    from quantseal.checkpoint import Manifest, write_checkpoint
+    out, src, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    g = torch.Generator().manual_seed(start)
+    tensors = {f"layer{j}.w": torch.randn(384, 1536, generator=g) for j in range(40)}
+    for i in range(start, start + 10**6):
+        tensors["version"] = torch.full((4,), float(i))
+        write_checkpoint(out, Manifest({"model_type": "bert"}, "rtn", {"version": i}, {}), tensors, src)
+        print(i, flush=True)
+""")
+
+
+def classify(out: Path, before, is_new) -> str:
+    from quantseal.checkpoint import read_checkpoint
+    from quantseal.errors import BadInput
+
+    if not out.exists():
+        return "absent"
+    try:
+        manifest, _ = read_checkpoint(out)
+    except BadInput:
+        return "invalid"
+    tag = manifest.budget.get("version", manifest.budget.get("asked"))
+    if is_new(tag):
+        return "new_complete"
+    return "old_kept" if tag == before else "invalid"
+
+
+def orphans(folder: Path, name: str) -> int:
+    return sum(1 for p in folder.iterdir() if p.name.startswith(f".{name}."))
+
+
+def gc(out: Path) -> int:
+    r = subprocess.run([sys.executable, "-m", "quantseal", "gc", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return orphans(out.parent, out.name)
+
+
+def loop_kills(n: int, work: Path, src: Path, rng: random.Random) -> dict:
+    out = work / "loop-ck"
+    child = work / "child.py"
+    child.write_text(CHILD)
+    counts = {"absent": 0, "invalid": 0, "old_kept": 0, "new_complete": 0}
+    left, max_left, delays = 0, 0, []
+    for k in range(n):
+        start = (k + 1) * 10**6
+        p = subprocess.Popen([sys.executable, str(child), str(out), str(src), str(start)],
+                             stdout=subprocess.PIPE, text=True)
+        before = int(p.stdout.readline())  # torch imported, its first version published: the clock starts
+        delay = rng.uniform(0.0, 2.0)  # a version takes ~0.3-1 s here: kills land anywhere in the loop
+        time.sleep(delay)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        delays.append(delay)
+        c = classify(out, before, lambda v, b=before: isinstance(v, int) and v > b)
+        counts[c] += 1
+        left = orphans(work, out.name)
+        max_left = max(max_left, left)
+        print(f"loop kill {k + 1}/{n} after {delay:.2f}s: {c}, {left} orphan(s) beside it", flush=True)
+    return {**counts, "kills": n, "orphans_after_last_kill": left, "max_orphans_seen": max_left,
+            "orphans_after_gc": gc(out), "kill_delay_s": [min(delays), max(delays)] if delays else None}
+
+
+def cli_kills(n: int, work: Path, rng: random.Random) -> dict:
+    out = work / "cli-ck"
+    base = [sys.executable, "-m", "quantseal", "compress", "-o", str(out), "--method", "rtn", "--workers", "1"]
+    t0 = time.perf_counter()
+    subprocess.run(base + ["--budget", "4.5"], check=True, capture_output=True)
+    full = time.perf_counter() - t0
+    counts = {"absent": 0, "invalid": 0, "old_kept": 0, "new_complete": 0}
+    budgets = (4.5, 5.0)
+    for k in range(n):
+        from quantseal.checkpoint import read_checkpoint
+
+        before = read_checkpoint(out)[0].budget["asked"]
+        new = budgets[1] if before == budgets[0] else budgets[0]
+        delay = rng.uniform(0.0, full * 1.1)
+        p = subprocess.Popen(base + ["--budget", str(new)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        c = classify(out, before, lambda v, s=new: v == s)
+        counts[c] += 1
+        print(f"cli kill {k + 1}/{n} after {delay:.2f}s of ~{full:.1f}s: {c}", flush=True)
+    return {**counts, "kills": n, "full_run_seconds": round(full, 2), "orphans_before_gc": orphans(work, out.name),
+            "orphans_after_gc": gc(out)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--loop", type=int, default=40)
+    ap.add_argument("--cli", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "kill_publish.json")
+    args = ap.parse_args()
+    from quantseal.models import default_model_path
+    from quantseal.publish import exchange
+
+    rng = random.Random(args.seed)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="kill_publish.") as tmp:
+        work = Path(tmp)
+        probe_a, probe_b = work / "a", work / "b"
+        probe_a.mkdir(), probe_b.mkdir()
+        res = {"benchmark": "kill_publish", "seed": args.seed, "platform": platform.platform(),
+               "python": platform.python_version(), "rename_exchange": exchange(probe_a, probe_b)}
+        probe_a.rmdir(), probe_b.rmdir()
+        res["loop"] = loop_kills(args.loop, work, default_model_path(), rng) if args.loop else None
+        res["cli"] = cli_kills(args.cli, work, rng) if args.cli else None
+    parts = [r for r in (res["loop"], res["cli"]) if r]
+    res["total"] = {k: sum(r[k] for r in parts) for k in ("kills", "absent", "invalid", "old_kept", "new_complete")}
+    res["never_absent_or_invalid"] = res["total"]["absent"] == 0 and res["total"]["invalid"] == 0
+    res["seconds"] = round(time.time() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+    print(json.dumps(res["total"]), "never absent or invalid:", res["never_absent_or_invalid"])
+
+
+if __name__ == "__main__":
+    main()
