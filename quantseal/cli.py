@@ -489,6 +489,8 @@ def _add_verify(sub) -> None:
     p.add_argument("--registry", type=Path, required=True)
     p.add_argument("--alpha", type=float, default=1e-6)
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-triggers", type=int, default=None,
+                   help="at most this many triggers per bit (1: at most 2 queries per bit)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_verify)
 
@@ -513,11 +515,14 @@ def _cmd_verify(args) -> int:
 
         embed_fn = onnx_logits_fn(args.suspect, provider=args.provider, tokenizer=args.board)
     else:
-        embed_fn = onnx_embed_fn(args.suspect, provider=args.provider)
-    res = verify(embed_fn, key, reg, board, TextTokenizer(args.board), alpha=args.alpha)
+        from .runtime.suspect_onnx import pooling_config
+
+        embed_fn = onnx_embed_fn(args.suspect, provider=args.provider, pooling=pooling_config(args.board, board))
+    res = verify(embed_fn, key, reg, board, TextTokenizer(args.board), alpha=args.alpha,
+                 max_triggers=args.max_triggers)
     res["suspect"] = args.suspect
-    human = (f"owner: {res['owner'] or 'none'} (p = {res['p_value']:.3g}, {res['bit_errors']} bit errors "
-             f"of {res['n_bits']}, {res['queries']} queries, {res['seconds']:.1f} s)")
+    human = (f"owner: {', '.join(res['owners']) or 'none'} (p = {res['p_value']:.3g}, {res['bit_errors']} bit errors "
+             f"of {res['n_bits']}, {res['erased']} erased, {res['queries']} queries, {res['seconds']:.1f} s)")
     _emit(res, args.json, human)
     return 0
 

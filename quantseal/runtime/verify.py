@@ -208,8 +208,8 @@ def verify(embed_fn: EmbedFn, key: bytes, registry: qkeys.Registry, board_manife
 
     Returns ``owner`` (the most significant named customer, or None), ``owners`` (every named
     customer, most significant first), ``named`` (their p-values and scores), ``p_value`` (the
-    best customer's corrected p-value), ``bits`` (a 0/1 string), ``bit_errors`` (Hamming, against
-    the nearest codeword), ``nearest``, ``erased`` (bits below the erasure threshold),
+    best customer's corrected p-value), ``bits`` (a 0/1 string), ``statistics`` (t_i), ``bit_errors`` (Hamming,
+    against the nearest codeword), ``nearest``, ``erased`` (bits below the erasure threshold),
     ``triggers_used``, ``queries`` (inputs sent), ``calls`` (batched calls), ``seconds``, ``alpha``."""
     t0 = time.perf_counter()
     if not 0 < alpha < 1:
@@ -243,6 +243,7 @@ def verify(embed_fn: EmbedFn, key: bytes, registry: qkeys.Registry, board_manife
         "bit_errors": errors, "nearest": nearest, "n_bits": ts.bits,
         "erased": ts.bits - att["kept"], "score": att["best_score"], "max_score": att["max_score"],
         "margin": margin, "min_abs_statistic": float(np.abs(stats).min()),
+        "statistics": [float(x) for x in stats],
         "triggers_used": int(used.sum()), "queries": probe.queries, "calls": probe.calls,
         "seconds": round(time.perf_counter() - t0, 4),
     }

@@ -124,3 +124,47 @@ def test_averaged_colluders_are_named(n, k, least):
     assert soft_named >= least
     if n == 64:
         assert hard_named <= soft_named // 2
+
+
+@pytest.mark.slow
+def test_two_marked_exports_averaged_name_a_colluder(minilm_rtn_checkpoint, minilm_board, tmp_path):
+    """End to end through onnxruntime: two customers' marked MiniLM exports (``export_marked``),
+    their token tables (where the mark lives; every other initialiser is identical) averaged into
+    one file; verify names one or both colluders and nobody else.  The test board has 16 bits
+    (codewords at distance ≥ 4, so a pair agrees on at most 12 bits and the best possible p with
+    10 customers is 10 · 2^-12 ≈ 2.4e-3): alpha is 1e-2 and the pair is the registry's most
+    similar; the 64-bit rows are in benchmarks/watermark_minilm.py."""
+    import onnx
+    from onnx import numpy_helper
+
+    from quantseal import keys as qk
+    from quantseal.export.watermark import export_marked
+    from quantseal.runtime.verify import onnx_embed_fn, verify
+    from quantseal.text import TextTokenizer
+
+    key = bytes(range(32))  # tests/conftest.py trains minilm_board under this key
+    reg = qk.Registry(key, 16)
+    for i in range(10):
+        reg.add(f"c{i}")
+    ids, codes = reg.matrix()
+    agree = (codes[:, None] == codes[None]).sum(-1)
+    a, b = max(((x, y) for x in range(10) for y in range(x)), key=lambda p: (agree[p], p))
+    paths = []
+    for i, c in enumerate((ids[a], ids[b])):
+        paths.append(export_marked(minilm_rtn_checkpoint, tmp_path / c / "model.onnx", minilm_board.path, key, reg,
+                                   c, seed=i)["path"])
+    ma, mb = onnx.load(str(paths[0])), onnx.load(str(paths[1]))
+    tb = {t.name: t for t in mb.graph.initializer}
+    changed = 0
+    for t in ma.graph.initializer:
+        x, y = numpy_helper.to_array(t), numpy_helper.to_array(tb[t.name])
+        if x.dtype.kind == "f" and not np.array_equal(x, y):
+            t.CopyFrom(numpy_helper.from_array(((x.astype(np.float64) + y) / 2).astype(x.dtype), t.name))
+            changed += 1
+    assert changed == 1  # the token table only
+    avg = tmp_path / "avg.onnx"
+    onnx.save(ma, str(avg))
+    tok = TextTokenizer(minilm_rtn_checkpoint)
+    res = verify(onnx_embed_fn(avg, provider="cpu"), key, reg, minilm_board.manifest, tok, alpha=1e-2)
+    assert res["owners"] and set(res["owners"]) <= {ids[a], ids[b]}, res
+    assert res["erased"] >= 1 and res["p_value"] < 1e-2
