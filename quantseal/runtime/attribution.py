@@ -37,6 +37,28 @@ exact.  Registry codewords are drawn from the key with a minimum distance to ear
 colluders' and is not modelled (the uniform null is the conservative side of it in practice:
 the measured false-claim rate is in ``tests/runtime/test_attribution.py``).
 
+**Guarantee.**  *False claims*: for any suspect whose observations are independent of an innocent's
+codeword, the chance that the innocent is named is at most ``alpha / N``, that anyone innocent is
+named at most ``alpha`` — whatever the coalition, the attack or the number of colluders.
+*Detection* of ``k`` customers who average their files (uniform codewords): the bits where the
+coalition is unanimous (about ``n · 2^{1−k}`` of them) keep a full-margin statistic and full
+weight, the split ones shrink towards zero (erased, or weighted by the majority's excess), so a
+colluder is named when roughly ``N · 2^{−(unanimous bits)} < alpha``.  Simulated on the averaging
+channel (``benchmarks/collusion_codes.py``: N = 100, alpha = 1e-6, 100 coalitions each), a
+colluder is named in
+
+    bits  |  k = 2   k = 3   k = 4
+    64    |   90 %    16 %     2 %
+    128   |  100 %    94 %    83 %
+    256   |  100 %   100 %   100 %
+
+with no innocent named in any run: 64 bits for single customers and most pairs, 128 for pairs
+and triples, 256 for up to four colluders (``quantseal board train --bits 128|256``; the
+registry takes the board's length).  Tardos-biased codes with Škorić's symmetric score (the
+binary-marking-assumption design) did worse on this channel at every length (64 bits: 3 % of
+pairs; 256 bits: 27 % of quadruples), because averaging reveals how many colluders carry a 1,
+which the uniform code's matched score uses; so new registries keep uniform codewords.
+
 Pure numpy and integer arithmetic; no I/O.
 """
 
