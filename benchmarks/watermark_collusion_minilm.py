@@ -65,7 +65,8 @@ def row(res: dict, reg: qk.Registry, coalition: list[str]) -> dict:
             "errors_vs_each": [qk.hamming(np.array([int(x) for x in res["bits"]]), reg.codeword(c)) for c in coalition],
             "agreement_of_coalition": int(np.all([reg.codeword(c) == reg.codeword(coalition[0]) for c in coalition],
                                                  axis=0).sum()),
-            "hard_owner": hard["owner"], "hard_p_value": hard["p_value"], "hard_bit_errors": hard["bit_errors"]}
+            "hard_owner": hard["owner"], "hard_p_value": hard["p_value"], "hard_bit_errors": hard["bit_errors"],
+            "statistics": [round(x, 6) for x in res["statistics"]]}
 
 
 def aggregate(rows: list[dict]) -> dict:
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--triples", type=int, default=5)
     ap.add_argument("--mixes", type=int, default=3)
     ap.add_argument("--bits", type=int, default=BITS)
+    ap.add_argument("--all-triggers", action="store_true", help="query every trigger of every bit (verify stop=None)")
     ap.add_argument("--work", type=Path, default=None, help="work folder (kept; checkpoint and board are reused)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "watermark_collusion_minilm.json")
     args = ap.parse_args()
@@ -120,7 +122,7 @@ def main() -> None:
         reg.add(c)
     R: dict = {"model": "all-MiniLM-L6-v2", "command": "python benchmarks/watermark_collusion_minilm.py " +
                " ".join(sys.argv[1:]), "machine": f"{platform.machine()}, onnxruntime CPU", "alpha": ALPHA,
-               "bits": args.bits, "customers": len(reg), "board_seconds": board.manifest["training"]["seconds"],
+               "bits": args.bits, "customers": len(reg), "all_triggers": args.all_triggers, "board_seconds": board.manifest["training"]["seconds"],
                "rows": {}}
     files = {}
 
@@ -130,7 +132,8 @@ def main() -> None:
         return files[c]
 
     def check(name: str, path: Path, coalition: list[str]) -> None:
-        res = verify(onnx_embed_fn(path, provider="cpu"), key, reg, board.manifest, tok, alpha=ALPHA)
+        res = verify(onnx_embed_fn(path, provider="cpu"), key, reg, board.manifest, tok, alpha=ALPHA,
+                     **({"stop": None} if args.all_triggers else {}))
         r = row(res, reg, coalition)
         R["rows"].setdefault(name, []).append(r)
         log(f"{name} {coalition}: named {r['named']} (p {r['p_value']:.2g}, {r['erased']} erased, "

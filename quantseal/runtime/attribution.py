@@ -135,7 +135,7 @@ class NullTail:
         for s in range(len(counts) - 1, -1, -1):
             cum[s] = cum[s + 1] + counts[s]
         self._cum, self._total, self.max_score = cum, total, len(counts) - 1
-        self._tail = np.array([_ratio(c, total) for c in cum], dtype=np.float64)
+        self._tail = np.array([c / total for c in cum], dtype=np.float64)  # int / int: correctly rounded
 
     def tail(self, s):
         s = np.clip(np.asarray(s, dtype=np.int64), 0, self.max_score + 1)
@@ -145,11 +145,6 @@ class NullTail:
         """(numerator, denominator) of ``P(S ≥ s)``."""
         s = min(max(int(s), 0), self.max_score + 1)
         return self._cum[s], self._total
-
-
-def _ratio(num: int, den: int) -> float:
-    """num / den as a float without overflow for huge integers (correctly rounded by Python)."""
-    return num / den
 
 
 def scores(codes: np.ndarray, bits: np.ndarray, weights: np.ndarray) -> np.ndarray:
