@@ -53,7 +53,10 @@ colluder is named in
     256   |  100 %   100 %   100 %
 
 with no innocent named in any run: 64 bits for single customers and most pairs, 128 for pairs
-and triples, 256 for up to four colluders (``quantseal board train --bits 128|256``; the
+and triples, 256 for up to four colluders.  The simulation sends split bits to zero; on the real
+MiniLM they keep 0.6–1.5 margins with the majority's sign (``benchmarks/watermark_collusion_minilm.py``:
+64 bits, 20 customers: 8/10 averaged pairs named, 0/5 triples, no innocent), so for 3 or more
+colluders the real channel is a majority vote and needs the longer boards (``quantseal board train --bits 128|256``; the
 registry takes the board's length).  Tardos-biased codes with Škorić's symmetric score (the
 binary-marking-assumption design) did worse on this channel at every length (64 bits: 3 % of
 pairs; 256 bits: 27 % of quadruples), because averaging reveals how many colluders carry a 1,
