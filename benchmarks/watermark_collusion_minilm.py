@@ -34,7 +34,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from watermark_minilm import (ALPHA, BASE_BUDGET, BITS, EMB, HERE, compress, effective_table, log,  # noqa: E402
+from watermark_minilm import (ALPHA, BASE_BUDGET, BITS, HERE, compress, effective_table, log,  # noqa: E402
                               save_proto, with_table)
 
 from quantseal import keys as qk  # noqa: E402
