@@ -55,8 +55,9 @@ colluder is named in
 with no innocent named in any run: 64 bits for single customers and most pairs, 128 for pairs
 and triples, 256 for up to four colluders.  The simulation sends split bits to zero; on the real
 MiniLM they keep 0.6–1.5 margins with the majority's sign (``benchmarks/watermark_collusion_minilm.py``:
-64 bits, 20 customers: 8/10 averaged pairs named, 0/5 triples, no innocent), so for 3 or more
-colluders the real channel is a majority vote and needs the longer boards (``quantseal board train --bits 128|256``; the
+64 bits, 20 customers: 8/10 averaged pairs named, 0/5 triples; 128 bits: 10/10 pairs (both
+colluders each time), 5/5 triples, 3/3 row-by-row mixes; no innocent in any), so for 3 or more
+colluders the real channel is close to a majority vote and needs the longer boards (``quantseal board train --bits 128|256``; the
 registry takes the board's length).  Tardos-biased codes with Škorić's symmetric score (the
 binary-marking-assumption design) did worse on this channel at every length (64 bits: 3 % of
 pairs; 256 bits: 27 % of quadruples), because averaging reveals how many colluders carry a 1,
