@@ -623,6 +623,8 @@ def _add_verify(sub) -> None:
     p.add_argument("--registry", required=True, help="registry database (SQLite file or postgresql:// URL) or legacy JSON")
     p.add_argument("--alpha", type=float, default=1e-6)
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-triggers", type=int, default=None,
+                   help="at most this many triggers per bit (1: at most 2 queries per bit)")
     p.add_argument("--json", action="store_true")
     g = p.add_argument_group("HTTP suspects")
     g.add_argument("--api", default="quantseal",
@@ -690,14 +692,17 @@ def _cmd_verify(args) -> int:
 
         embed_fn = onnx_logits_fn(args.suspect, provider=args.provider, tokenizer=args.board)
     else:
-        embed_fn = onnx_embed_fn(args.suspect, provider=args.provider)
-    res = verify(embed_fn, key, reg, board, TextTokenizer(args.board), alpha=args.alpha, inputs=inputs)
+        from .runtime.suspect_onnx import pooling_config
+
+        embed_fn = onnx_embed_fn(args.suspect, provider=args.provider, pooling=pooling_config(args.board, board))
+    res = verify(embed_fn, key, reg, board, TextTokenizer(args.board), alpha=args.alpha, inputs=inputs,
+                 max_triggers=args.max_triggers)
     res["suspect"] = args.suspect
     if probe is not None:  # what an OpenAI-style decoder API showed: log-probabilities or greedy text
         res.update(api=args.api, read_from=probe.mode, logit_bias=probe.logit_bias, censored=probe.censored,
                    sequence_bits=probe.observed, http_requests=probe.requests)
-    human = (f"owner: {res['owner'] or 'none'} (p = {res['p_value']:.3g}, {res['bit_errors']} bit errors "
-             f"of {res['n_bits']}, {res['queries']} queries, {res['seconds']:.1f} s)")
+    human = (f"owner: {', '.join(res['owners']) or 'none'} (p = {res['p_value']:.3g}, {res['bit_errors']} bit errors "
+             f"of {res['n_bits']}, {res['erased']} erased, {res['queries']} queries, {res['seconds']:.1f} s)")
     _emit(res, args.json, human)
     return 0
 

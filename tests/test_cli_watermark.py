@@ -94,7 +94,8 @@ def test_export_and_verify_onnx(tmp_path, minilm_board, minilm_rtn_checkpoint, m
         verdicts[name] = last_json(out)
     for name in ("c4", "c9"):
         assert verdicts[name]["owner"] == name and verdicts[name]["bit_errors"] == 0
-        assert verdicts[name]["queries"] == 2 * 16 * 4
+        assert verdicts[name]["queries"] <= 2 * 16  # one trigger per bit and its control
+        assert verdicts[name]["owners"] == [name]
     assert verdicts[None]["owner"] is None
 
     # through the HTTP endpoint (quantseal serve): the same verdict as the file
@@ -163,7 +164,7 @@ def test_decoder_board_export_verify(tmp_path, llama_rtn_export, llama_board):
     assert rc == 0, err
     rc, out, err = run(["verify", onnx_path, "--board", llama_board.path, "--key", key, "--registry", reg, "--json"])
     res = last_json(out)
-    assert rc == 0 and res["owner"] == "alice" and res["bit_errors"] == 0 and 32 * 4 < res["queries"] <= 2 * 32 * 4
+    assert rc == 0 and res["owner"] == "alice" and res["bit_errors"] == 0 and res["queries"] <= 2 * 32
     rc, out, _ = run(["verify", unmarked["path"], "--board", llama_board.path, "--key", key, "--registry", reg, "--json"])
     assert rc == 0 and last_json(out)["owner"] is None
     (tmp_path / "junk.onnx").write_bytes(b"not a model")

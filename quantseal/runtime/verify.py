@@ -1,30 +1,41 @@
 """Black-box ownership verification of a Hot-Swap MarkBoard watermark (DESIGN §6).
 
 Only a suspect's outputs are used: ``embed_fn`` maps a batch of inputs to sentence embeddings.
-It can wrap an onnxruntime session, an HTTP endpoint, or (in tests) a torch model.  Inputs are
-either token batches (``inputs="ids"``: a dict of int64 ``input_ids``, ``attention_mask``,
-``token_type_ids``, each (B, T), right-padded) or texts (``inputs="text"``: a list of str; every
-trigger's text re-tokenises to exactly its ids, see :mod:`quantseal.keys`).
+It can wrap an onnxruntime session (:mod:`quantseal.runtime.suspect_onnx` reads any encoder file a
+thief might make), an HTTP endpoint, or (in tests) a torch model.  Inputs are either token
+batches (``inputs="ids"``: a dict of int64 ``input_ids``, ``attention_mask``, ``token_type_ids``,
+each (B, T), right-padded) or texts (``inputs="text"``: a list of str; every trigger's text
+re-tokenises to exactly its ids, see :mod:`quantseal.keys`).
 
-For bit i, with m triggers and their controls and the key's unit direction v_i,
+For bit i, trigger j of m and the key's unit direction v_i, one observation is
 
-    t_i = (1/m) Σ_j ⟨ê(trigger_ij) − ê(control_ij), v_i⟩,      bit_i = [t_i > 0]
+    d_ij = ⟨ê(trigger_ij) − ê(control_ij), v_i⟩                    (ê: L2-normalised output)
 
-(ê: L2-normalised output).  Decoders (a board whose manifest says ``family: decoder``,
-:mod:`quantseal.compress.markboard_decoder`) are queried through ``logits_fn(id_lists, tokens)``
-→ (B, len(tokens)) next-token logits after each sequence's last token (an onnxruntime
+and for decoders (a board whose manifest says ``family: decoder``,
+:mod:`quantseal.compress.markboard_decoder`), queried through ``logits_fn(id_lists, tokens)`` →
+(B, len(tokens)) next-token logits after each sequence's last token (an onnxruntime
 :class:`~quantseal.runtime.pipelines.CausalLM` or ``POST /logits``), with the key's target pair
-``(a_i, b_i)`` per bit:
+``(a_i, b_i)``:
 
-    t_i = (1/m) Σ_j [(z[a_i] − z[b_i])(trigger_ij) − (z[a_i] − z[b_i])(control_ij)],   bit_i = [t_i > 0].
+    d_ij = (z[a_i] − z[b_i])(trigger_ij) − (z[a_i] − z[b_i])(control_ij).
 
-The decoded word is compared with every registry codeword; for the
-nearest one (h matching bits of n) the ownership p-value is the chance that an unmarked model, whose
-decoded bits are independent fair coins with respect to a codeword, matches at least as many:
+The bit statistic is ``t_i = mean_j d_ij`` over the triggers queried, ``bit_i = [t_i > 0]``.
 
-    p = min(1, |registry| · P(Binomial(n, ½) ≥ h))          (union bound over the registry)
+**Queries** (issue 14, part 4).  Triggers are asked for in rounds: round j sends trigger j of every
+bit still undecided, with its control, as one batched call per chunk of ``batch`` inputs; a bit is
+decided once ``|t_i| ≥ stop · μ`` (μ: the board's margin, which every trigger of a marked model
+clears by training), or after ``max_triggers`` rounds.  Identical inputs (bits share host
+sentences, hence controls) are sent once and remembered.  A marked suspect thus costs at most 2
+inputs per bit (one trigger and its control) unless an attack weakened a bit or a board branch
+sits below the margin (a 128-bit MiniLM board: 2.3 per bit; ``max_triggers=1`` caps it); an unmarked one,
+or the weak bits of a collusion, are queried with every trigger.  ``queries`` counts the inputs
+sent; ``calls`` the batched calls.
 
-computed exactly with integers.  An owner is claimed only when p < alpha.
+**Attribution** (issue 14, part 1): soft decoding with erasures and an exact p-value per
+registered customer, Bonferroni-corrected for the registry size; every customer whose p-value is
+below ``alpha`` is named (:mod:`quantseal.runtime.attribution`).  A suspect made by averaging
+several customers' files names the colluders it still carries, never an innocent (probability
+at most ``alpha``).
 
 No torch and nothing from ``compress/`` or ``export/``: numpy, the key module and a tokenizer.
 """
@@ -40,9 +51,11 @@ import numpy as np
 
 from .. import keys as qkeys
 from ..errors import BadInput
+from .attribution import DEFAULT_MARGIN, SoftConfig, attribute
 
 EmbedFn = Callable[[object], np.ndarray]
 LogitsFn = Callable[[list, list], np.ndarray]  # (id lists, token ids) → (B, len(tokens)) next-token logits
+DEFAULT_STOP = 1.0  # a bit is decided once |t_i| reaches this many margins
 
 
 def binomial_tail(n: int, h: int) -> float:
@@ -59,121 +72,189 @@ def ownership_p_value(n: int, matches: int, registry_size: int) -> float:
     return min(1.0, max(registry_size, 1) * binomial_tail(n, matches))
 
 
-def _embed_all(embed_fn: EmbedFn, tokenizer, id_lists, texts, inputs: str, batch: int) -> np.ndarray:
-    out = []
-    for s in range(0, len(id_lists), batch):
-        arg = list(texts[s:s + batch]) if inputs == "text" else tokenizer.pad_batch(id_lists[s:s + batch])
-        try:
-            e = np.asarray(embed_fn(arg), dtype=np.float64)
-        except BadInput:
-            raise
-        except Exception as exc:  # a black box: anything it raises is the suspect's failure
-            raise BadInput(f"the suspect did not answer ({type(exc).__name__}: {exc})") from exc
-        want = min(batch, len(id_lists) - s)
-        if e.ndim != 2 or e.shape[0] != want or not np.isfinite(e).all():
-            raise BadInput(f"the suspect returned {e.shape} (non-finite or misshapen) for {want} inputs")
-        out.append(e)
-    e = np.concatenate(out)
-    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+def _call(fn, *args) -> np.ndarray:
+    try:
+        return np.asarray(fn(*args), dtype=np.float64)
+    except BadInput:
+        raise
+    except Exception as exc:  # a black box: anything it raises is the suspect's failure
+        raise BadInput(f"the suspect did not answer ({type(exc).__name__}: {exc})") from exc
+
+
+class _EncoderProbe:
+    """Sentence embeddings of trigger/control inputs, each distinct input queried once."""
+
+    def __init__(self, embed_fn: EmbedFn, ts: qkeys.TriggerSet, tokenizer, inputs: str, batch: int):
+        if inputs not in ("ids", "text"):
+            raise BadInput(f"inputs must be 'ids' or 'text', got {inputs!r}")
+        self.fn, self.ts, self.tok, self.inputs, self.batch = embed_fn, ts, tokenizer, inputs, batch
+        self.cache: dict = {}
+        self.queries = self.calls = 0
+
+    def _key(self, t: qkeys.Trigger, control: bool):
+        if self.inputs == "text":
+            return t.control_text if control else t.text
+        return tuple(t.control_ids if control else t.ids)
+
+    def observe(self, pairs: list[tuple[int, int]]) -> np.ndarray:
+        """d_ij for each (bit, trigger) pair: float64 (len(pairs),)."""
+        trs = [self.ts.triggers[i][j] for i, j in pairs]
+        keys = [self._key(t, False) for t in trs] + [self._key(t, True) for t in trs]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        for s in range(0, len(todo), self.batch):
+            part = todo[s:s + self.batch]
+            arg = list(part) if self.inputs == "text" else self.tok.pad_batch([list(k) for k in part])
+            e = _call(self.fn, arg)
+            self.calls += 1
+            if e.ndim != 2 or e.shape[0] != len(part) or not np.isfinite(e).all():
+                raise BadInput(f"the suspect returned {e.shape} (non-finite or misshapen) for {len(part)} inputs")
+            if e.shape[1] != self.ts.directions.shape[1]:
+                raise BadInput(f"the suspect's embeddings have {e.shape[1]} dimensions, the board "
+                               f"{self.ts.directions.shape[1]}")
+            e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+            self.cache.update(zip(part, e))
+        self.queries += len(todo)
+        k = len(trs)
+        diff = np.stack([self.cache[x] for x in keys[:k]]) - np.stack([self.cache[x] for x in keys[k:]])
+        return np.einsum("ph,ph->p", diff, self.ts.directions[[i for i, _ in pairs]])
+
+
+class _DecoderProbe:
+    """Target-pair logit differences of trigger/control sequences, each distinct one queried once,
+    in batches of similar length, each asking for the 2n target logits ``[a_0..a_{n−1}, b_0..b_{n−1}]``."""
+
+    def __init__(self, logits_fn: LogitsFn, ts: qkeys.TriggerSet, batch: int):
+        if len(ts.targets) != ts.bits:
+            raise BadInput("these triggers have no decoder target pairs (an encoder board?)")
+        self.fn, self.ts, self.batch = logits_fn, ts, batch
+        self.tokens = [int(x) for x in ts.targets[:, 0]] + [int(x) for x in ts.targets[:, 1]]
+        self.cache: dict = {}
+        self.queries = self.calls = 0
+
+    def observe(self, pairs: list[tuple[int, int]]) -> np.ndarray:
+        n = self.ts.bits
+        trs = [self.ts.triggers[i][j] for i, j in pairs]
+        keys = [tuple(t.ids) for t in trs] + [tuple(t.control_ids) for t in trs]
+        todo = sorted({k for k in keys if k not in self.cache}, key=lambda x: (len(x), x))
+        for s in range(0, len(todo), self.batch):
+            part = todo[s:s + self.batch]
+            got = _call(self.fn, [list(x) for x in part], self.tokens)
+            self.calls += 1
+            if got.shape != (len(part), 2 * n) or not np.isfinite(got).all():
+                raise BadInput(f"the suspect returned logits of shape {got.shape} (non-finite or misshapen) for "
+                               f"{len(part)} inputs and {2 * n} tokens")
+            self.cache.update(zip(part, got))
+        self.queries += len(todo)
+        bit = np.array([i for i, _ in pairs] * 2)
+        z = np.stack([self.cache[x] for x in keys])
+        diff = z[np.arange(len(keys)), bit] - z[np.arange(len(keys)), n + bit]
+        return diff[: len(trs)] - diff[len(trs):]
+
+
+def _sequential(probe, n: int, m: int, margin: float, stop: float | None,
+                max_triggers: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Query in rounds (module docstring): (statistics t float64 (n,), triggers used int (n,))."""
+    rounds = m if max_triggers is None else max(1, min(int(max_triggers), m))
+    total = np.zeros(n)
+    used = np.zeros(n, dtype=np.int64)
+    active = list(range(n))
+    for j in range(rounds):
+        d = probe.observe([(i, j) for i in active])
+        total[active] += d
+        used[active] += 1
+        if stop is not None:
+            active = [i for i in active if abs(total[i] / used[i]) < stop * margin]
+        if not active:
+            break
+    return total / np.maximum(used, 1), used
+
+
+def board_margin(board_manifest: dict) -> float:
+    """The board's μ (``margin``), the encoder default for manifests that predate it."""
+    try:
+        mu = float(board_manifest.get("margin", DEFAULT_MARGIN))
+    except (TypeError, ValueError) as exc:
+        raise BadInput(f"not a valid board manifest (margin {board_manifest.get('margin')!r})") from exc
+    if not (math.isfinite(mu) and mu > 0):
+        raise BadInput(f"not a valid board manifest (margin {mu})")
+    return mu
 
 
 def decode_bits(embed_fn: EmbedFn, ts: qkeys.TriggerSet, tokenizer, inputs: str = "ids",
-                batch: int = 64) -> tuple[np.ndarray, np.ndarray, int]:
-    """(bits uint8 (n,), statistics t_i float64 (n,), queries) of a suspect."""
-    if inputs not in ("ids", "text"):
-        raise BadInput(f"inputs must be 'ids' or 'text', got {inputs!r}")
-    flat = [t for trs in ts.triggers for t in trs]
-    n, m = ts.bits, len(ts.triggers[0])
-    ids = [list(t.ids) for t in flat] + [list(t.control_ids) for t in flat]
-    texts = [t.text for t in flat] + [t.control_text for t in flat]
-    e = _embed_all(embed_fn, tokenizer, ids, texts, inputs, batch)
-    if e.shape[1] != ts.directions.shape[1]:
-        raise BadInput(f"the suspect's embeddings have {e.shape[1]} dimensions, the board {ts.directions.shape[1]}")
-    diff = (e[: len(flat)] - e[len(flat):]).reshape(n, m, -1)
-    stats = np.einsum("nmh,nh->nm", diff, ts.directions).mean(1)
-    return (stats > 0).astype(np.uint8), stats, len(ids)
+                batch: int = 64, margin: float = DEFAULT_MARGIN, stop: float | None = None,
+                max_triggers: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(bits uint8 (n,), statistics t_i float64 (n,), queries) of an encoder suspect.  ``stop=None``
+    (default here) queries every trigger of every bit; see the module docstring for rounds."""
+    probe = _EncoderProbe(embed_fn, ts, tokenizer, inputs, batch)
+    stats, _ = _sequential(probe, ts.bits, len(ts.triggers[0]), margin, stop, max_triggers)
+    return (stats > 0).astype(np.uint8), stats, probe.queries
 
 
-def decode_bits_decoder(logits_fn: LogitsFn, ts: qkeys.TriggerSet,
-                        batch: int = 32) -> tuple[np.ndarray, np.ndarray, int]:
-    """(bits uint8 (n,), statistics t_i float64 (n,), queries) of a decoder suspect.
-
-    Every distinct sequence is queried once (bits often share a host sentence, hence a control),
-    in batches of similar length, each asking for the 2n target logits
-    ``[a_0..a_{n−1}, b_0..b_{n−1}]``; ``queries`` counts the distinct sequences."""
-    if len(ts.targets) != ts.bits:
-        raise BadInput("these triggers have no decoder target pairs (an encoder board?)")
-    flat = [t for trs in ts.triggers for t in trs]
-    n, m = ts.bits, len(ts.triggers[0])
-    ids = [tuple(t.ids) for t in flat] + [tuple(t.control_ids) for t in flat]
-    uniq = sorted(set(ids), key=lambda x: (len(x), x))
-    where = {s: i for i, s in enumerate(uniq)}
-    tokens = [int(x) for x in ts.targets[:, 0]] + [int(x) for x in ts.targets[:, 1]]
-    z = np.zeros((len(uniq), 2 * n))
-    for s in range(0, len(uniq), batch):
-        part = [list(x) for x in uniq[s:s + batch]]
-        try:
-            got = np.asarray(logits_fn(part, tokens), dtype=np.float64)
-        except BadInput:
-            raise
-        except Exception as exc:  # a black box: anything it raises is the suspect's failure
-            raise BadInput(f"the suspect did not answer ({type(exc).__name__}: {exc})") from exc
-        if got.shape != (len(part), 2 * n) or not np.isfinite(got).all():
-            raise BadInput(f"the suspect returned logits of shape {got.shape} (non-finite or misshapen) for "
-                           f"{len(part)} inputs and {2 * n} tokens")
-        z[s:s + len(part)] = got
-    bit = np.tile(np.repeat(np.arange(n), m), 2)
-    rows = np.array([where[x] for x in ids])
-    diff = z[rows, bit] - z[rows, n + bit]  # z[a_i] − z[b_i] of each sequence, for its own bit
-    stats = (diff[: len(flat)] - diff[len(flat):]).reshape(n, m).mean(1)
-    return (stats > 0).astype(np.uint8), stats, len(uniq)
+def decode_bits_decoder(logits_fn: LogitsFn, ts: qkeys.TriggerSet, batch: int = 32, margin: float = 1.0,
+                        stop: float | None = None,
+                        max_triggers: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(bits uint8 (n,), statistics t_i float64 (n,), queries) of a decoder suspect; ``queries``
+    counts the distinct sequences sent."""
+    probe = _DecoderProbe(logits_fn, ts, batch)
+    stats, _ = _sequential(probe, ts.bits, len(ts.triggers[0]), margin, stop, max_triggers)
+    return (stats > 0).astype(np.uint8), stats, probe.queries
 
 
 def verify(embed_fn: EmbedFn, key: bytes, registry: qkeys.Registry, board_manifest: dict, tokenizer,
-           alpha: float = 1e-6, inputs: str = "ids", batch: int = 64) -> dict:
+           alpha: float = 1e-6, inputs: str = "ids", batch: int = 64, stop: float | None = DEFAULT_STOP,
+           max_triggers: int | None = None, soft: SoftConfig = SoftConfig()) -> dict:
     """Decode the suspect's bits and attribute them.  ``embed_fn``: an :data:`EmbedFn` for an encoder
-    board, a :data:`LogitsFn` for a decoder board.  Returns ``owner`` (id or None), ``p_value``,
-    ``bits`` (a 0/1 string), ``bit_errors`` (against the nearest codeword), ``nearest``,
-    ``queries``, ``seconds``, ``alpha``."""
+    board, a :data:`LogitsFn` for a decoder board.  ``stop``: the early-stopping confidence in
+    margins (None: every trigger of every bit); ``max_triggers``: at most this many per bit.
+
+    Returns ``owner`` (the most significant named customer, or None), ``owners`` (every named
+    customer, most significant first), ``named`` (their p-values and scores), ``p_value`` (the
+    best customer's corrected p-value), ``bits`` (a 0/1 string), ``statistics`` (t_i), ``bit_errors`` (Hamming,
+    against the nearest codeword), ``nearest``, ``erased`` (bits below the erasure threshold),
+    ``triggers_used``, ``queries`` (inputs sent), ``calls`` (batched calls), ``seconds``, ``alpha``."""
     t0 = time.perf_counter()
     if not 0 < alpha < 1:
         raise BadInput(f"alpha must be in (0, 1), got {alpha}")
+    if stop is not None and not stop > 0:
+        raise BadInput(f"stop must be positive (margins), got {stop}")
+    if max_triggers is not None and max_triggers < 1:
+        raise BadInput(f"max_triggers must be at least 1, got {max_triggers}")
     ts = qkeys.triggers_of(board_manifest, key, tokenizer)
     if registry.bits != ts.bits:
         raise BadInput(f"registry codewords have {registry.bits} bits, the board {ts.bits}")
+    margin = board_margin(board_manifest)
     if board_manifest.get("family") == "decoder":
-        bits, stats, queries = decode_bits_decoder(embed_fn, ts, min(batch, 32))
+        probe = _DecoderProbe(embed_fn, ts, min(batch, 32))
     else:
-        bits, stats, queries = decode_bits(embed_fn, ts, tokenizer, inputs, batch)
+        probe = _EncoderProbe(embed_fn, ts, tokenizer, inputs, batch)
+    stats, used = _sequential(probe, ts.bits, len(ts.triggers[0]), margin, stop, max_triggers)
+    bits = (stats > 0).astype(np.uint8)
     ids, codes = registry.matrix()
-    nearest, errors, p = None, None, 1.0
+    att = attribute(ids, codes, stats, margin, alpha, soft)
+    nearest, errors = None, None
     if ids:
         dist = np.count_nonzero(codes != bits[None, :], axis=1)
         best = int(np.argmin(dist))
         nearest, errors = ids[best], int(dist[best])
-        p = ownership_p_value(ts.bits, ts.bits - errors, len(ids))
+    named = att["named"]
     return {
-        "owner": nearest if (nearest is not None and p < alpha) else None,
-        "p_value": p, "alpha": alpha, "bits": "".join(map(str, bits.tolist())),
+        "owner": named[0]["customer"] if named else None,
+        "owners": [x["customer"] for x in named], "named": named,
+        "p_value": att["best_p"], "best": att["best"], "alpha": alpha, "bits": "".join(map(str, bits.tolist())),
         "bit_errors": errors, "nearest": nearest, "n_bits": ts.bits,
-        "min_abs_statistic": float(np.abs(stats).min()), "queries": queries,
+        "erased": ts.bits - att["kept"], "score": att["best_score"], "max_score": att["max_score"],
+        "margin": margin, "min_abs_statistic": float(np.abs(stats).min()),
+        "statistics": [float(x) for x in stats],
+        "triggers_used": int(used.sum()), "queries": probe.queries, "calls": probe.calls,
         "seconds": round(time.perf_counter() - t0, 4),
     }
 
 
-def onnx_embed_fn(model_path, provider: str = "auto", threads: int | None = None) -> EmbedFn:
-    """A token-batch ``embed_fn`` over an exported encoder (output ``sentence_embedding``)."""
-    from .session import Session
+def onnx_embed_fn(model_path, provider: str = "auto", threads: int | None = None, pooling: dict | None = None) -> EmbedFn:
+    """A token-batch ``embed_fn`` over any encoder ONNX file (:func:`.suspect_onnx.suspect_embed_fn`)."""
+    from .suspect_onnx import suspect_embed_fn
 
-    sess = Session(model_path, provider=provider, threads=threads)
-    if "sentence_embedding" not in sess.output_names:
-        raise BadInput(f"{model_path}: not an embedding model (outputs {sess.output_names})")
-
-    def embed(batch: dict[str, np.ndarray]) -> np.ndarray:
-        feeds = {k: v for k, v in batch.items() if k in sess.input_names}
-        return sess.run(feeds, ["sentence_embedding"])["sentence_embedding"]
-
-    return embed
+    return suspect_embed_fn(model_path, provider=provider, threads=threads, pooling=pooling)
 
 
 def onnx_logits_fn(model_path, provider: str = "auto", threads: int | None = None, tokenizer=None) -> LogitsFn:

@@ -73,7 +73,7 @@ def test_every_customer_decodes_to_own_codeword(exported, llama_board):
         assert res["owner"] == c and res["bit_errors"] == 0, (c, res)
         assert res["bits"] == "".join(map(str, reg.codeword(c)))
         assert res["p_value"] == pytest.approx(len(CUSTOMERS) * 2.0 ** -32)
-        assert res["queries"] == queries
+        assert res["queries"] <= min(queries, 2 * 32)  # decided from one trigger per bit (and its control)
 
 
 def test_innocent_models_are_not_claimed(exported, llama_rtn_export, llama_board, tmp_path):

@@ -127,8 +127,8 @@ def test_marked_minilm_through_v1_embeddings(tmp_path, minilm_board, minilm_rtn_
                             *flags])
     assert rc == 0, err
     res = last_json(out)  # a 16-bit board: p = 3 · 2^-16 at best, hence alpha 1e-3
-    assert res["owner"] == "carol" and res["bit_errors"] == 0 and res["queries"] == 2 * 16 * 4, res
-    assert s.requests == 2  # the 128 trigger and control texts in batches of 64
+    assert res["owner"] == "carol" and res["bit_errors"] == 0 and res["queries"] <= 2 * 16, res
+    assert s.requests == res["calls"] == 1  # one trigger per bit and its control: <= 32 texts, one batch of 64
     with Suspect(minilm_rtn_onnx) as s:  # the unmarked model
         rc, out, err = run(["verify", s.url, "--api", "openai-embeddings", "--alpha", "1e-3", *flags])
     assert rc == 0 and last_json(out)["owner"] is None

@@ -33,14 +33,16 @@ def board_manifest(tok):
             "key_id": qk.key_id(KEY)}, ts
 
 
-def fake_model(tok, ts, codeword=None, strength=8.0, seed=0):
-    """e(ids) = normalise(mean W[ids] + strength · Σ_{trigger tokens of bit i} σ_i v_i)."""
+def fake_model(tok, ts, codeword=None, strength=8.0, seed=0, colluders=()):
+    """e(ids) = normalise(mean W[ids] + strength · Σ_{trigger tokens of bit i} σ_i v_i); with
+    ``colluders`` (codewords), the planted table is the average of theirs (the averaging attack)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((tok.vocab_size, H))
     plant = np.zeros((tok.vocab_size, H))
-    if codeword is not None:
+    words = [codeword] if codeword is not None else list(colluders)
+    for cw in words:
         for i, row in enumerate(ts.tokens):
-            plant[row] = strength * (2.0 * codeword[i] - 1.0) * ts.directions[i]
+            plant[row] += strength * (2.0 * cw[i] - 1.0) * ts.directions[i] / len(words)
 
     def embed(batch):
         if isinstance(batch, list):  # text endpoint
@@ -73,7 +75,7 @@ def test_verify_attributes_planted_marks(tok, board_manifest):
         assert res["owner"] == cust and res["bit_errors"] == 0
         assert res["bits"] == "".join(map(str, code))
         assert res["p_value"] == pytest.approx(12 * 2.0 ** -BITS)
-        assert res["queries"] == 2 * BITS * 3
+        assert res["queries"] <= 2 * BITS and res["owners"] == [cust]  # one trigger per bit sufficed
         text = verify(fake_model(tok, ts, code), KEY, reg, manifest, tok, inputs="text")
         assert text["bits"] == res["bits"] and text["owner"] == cust
 
@@ -136,7 +138,8 @@ def test_decode_statistics_sign(tok, board_manifest):
     _, ts = board_manifest
     code = np.arange(BITS) % 2
     bits, stats, q = decode_bits(fake_model(tok, ts, code), ts, tok)
-    assert np.array_equal(bits, code) and np.all((stats > 0) == (code == 1)) and q == 2 * BITS * 3
+    distinct = {t.ids for trs in ts.triggers for t in trs} | {t.control_ids for trs in ts.triggers for t in trs}
+    assert np.array_equal(bits, code) and np.all((stats > 0) == (code == 1)) and q == len(distinct)
 
 
 def test_runtime_verify_imports_no_torch():
@@ -144,3 +147,59 @@ def test_runtime_verify_imports_no_torch():
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('quantseal.compress', 'quantseal.export'))]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class Counting:
+    """An embed function that counts its calls and the inputs it was sent."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.inputs = fn, 0, 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        self.inputs += len(batch["input_ids"])
+        return self.fn(batch)
+
+
+def test_queries_at_most_two_per_bit_and_batched(tok, board_manifest):
+    """A marked suspect is decided with one trigger per bit and its control (≤ 2 inputs per bit),
+    sent in ceil(inputs / batch) batched calls; an unmarked one is asked every trigger (all 3
+    rounds); ``max_triggers=1`` caps any suspect at 2 per bit."""
+    manifest, ts = board_manifest
+    reg = qk.Registry(KEY, BITS)
+    code = reg.add("alice")
+    fn = Counting(fake_model(tok, ts, code))
+    res = verify(fn, KEY, reg, manifest, tok, batch=16)
+    assert res["owner"] == "alice" and res["triggers_used"] == BITS
+    assert fn.inputs == res["queries"] <= 2 * BITS
+    assert fn.calls == res["calls"] == -(-fn.inputs // 16)
+    idle = Counting(fake_model(tok, ts, None))
+    res = verify(idle, KEY, reg, manifest, tok, batch=64)
+    assert res["owner"] is None and res["triggers_used"] == 3 * BITS
+    assert idle.inputs == res["queries"] <= 2 * 3 * BITS and idle.calls == res["calls"] <= 3 * 2
+    capped = Counting(fake_model(tok, ts, None))
+    res = verify(capped, KEY, reg, manifest, tok, max_triggers=1)
+    assert capped.inputs <= 2 * BITS and res["triggers_used"] == BITS
+    # every trigger of every bit: the old full protocol, the same bits on a marked suspect
+    full = verify(fake_model(tok, ts, code), KEY, reg, manifest, tok, stop=None)
+    assert full["triggers_used"] == 3 * BITS and full["owner"] == "alice"
+    with pytest.raises(BadInput, match="stop"):
+        verify(fn, KEY, reg, manifest, tok, stop=0)
+
+
+def test_two_colluders_averaged_name_a_colluder_never_an_innocent(tok, board_manifest):
+    """The planted tables of two customers averaged: the hard decision is far from both codewords,
+    soft decoding names one or both colluders and no one else.  This board has 32 bits (codewords
+    at distance ≥ 8): a pair agrees on at most 24, and 40 · 2^-24 = 2.4e-6, so alpha is 1e-4 here
+    and the pairs are the registry's most similar ones (64/128-bit boards: test_attribution)."""
+    manifest, ts = board_manifest
+    reg = qk.Registry(KEY, BITS)
+    for i in range(40):
+        reg.add(f"c{i}")
+    ids, codes = reg.matrix()
+    agree = (codes[:, None, :] == codes[None, :, :]).sum(-1) - 99 * np.eye(len(ids), dtype=int)
+    pairs = sorted(((int(agree[a, b]), a, b) for a in range(len(ids)) for b in range(a)), reverse=True)[:4]
+    for _, a, b in pairs:
+        res = verify(fake_model(tok, ts, colluders=(codes[a], codes[b])), KEY, reg, manifest, tok, alpha=1e-4)
+        assert res["owners"] and set(res["owners"]) <= {ids[a], ids[b]}, res["named"]
+        assert res["erased"] >= 1 and res["p_value"] < 1e-4 and res["bit_errors"] >= 1
