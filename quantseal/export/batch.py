@@ -194,13 +194,13 @@ def export_batch(checkpoint, customers_file, out_dir, board, key_path, registry_
         raise BadInput(f"{checkpoint}: not a quantseal checkpoint folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInput(f"{out_dir}: exists and is not a directory")
+    for c in customers:
+        _check_output(out_dir / f"{c}.onnx")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".quantseal-batch.", dir=out_dir))
     except OSError as exc:
         raise BadInput(f"{out_dir}: cannot write there ({exc.strerror})") from None
-    for c in customers:
-        _check_output(out_dir / f"{c}.onnx")
     tick = progress(len(customers), "export") if progress is not None else (lambda n=1: None)
     jobs = [(c, obfuscation_seed(seed, c)) for c in customers]
     local = Inputs(checkpoint, board_dir, key, registry, accuracy_level, out_dir, staging)
