@@ -136,11 +136,16 @@ def _reraise(ray, exc: BaseException):
 
 
 class _Host:
-    """A Ray actor's body: ``setup(shared)`` once, then ``fn(state, item)`` per call."""
+    """A Ray actor's body: ``setup(shared)`` once, then ``fn(state, item)`` per call.
 
-    def __init__(self, setup: Callable, shared) -> None:
+    ``shared`` arrives as ``[ObjectRef]`` and is fetched here: the driver holds the reference for
+    the whole map, so a restarted actor can fetch it again."""
+
+    def __init__(self, setup: Callable, shared_ref: list) -> None:
+        import ray
+
         _one_thread()
-        self.state = setup(shared)
+        self.state = setup(ray.get(shared_ref[0]))
 
     def run(self, fn: Callable, item):
         return fn(self.state, item)
@@ -172,7 +177,7 @@ def _ray_actors(ray, fn: Callable, items: Sequence, setup: Callable, shared, n_a
                 tick: Tick, collect: Collect) -> list:
     host = ray.remote(num_cpus=1, max_restarts=retries, max_task_retries=retries)(_Host)
     shared_ref = ray.put(shared)
-    actors = [host.remote(setup, shared_ref) for _ in range(max(1, min(n_actors, len(items))))]
+    actors = [host.remote(setup, [shared_ref]) for _ in range(max(1, min(n_actors, len(items))))]
     results: list = [None] * len(items)
     in_flight: dict = {}  # ref → (item index, actor)
     queue = list(range(len(items)))
