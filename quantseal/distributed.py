@@ -209,6 +209,7 @@ def _ray_actors(ray, fn: Callable, items: Sequence, setup: Callable, shared, n_a
 
 def _pool_setup_call(setup_fn_shared_item):
     setup, shared, fn, item = setup_fn_shared_item
+    _one_thread()  # torch may have been imported by unpickling fn
     return fn(setup(shared), item)
 
 
@@ -251,4 +252,5 @@ def fan_out(fn: Callable, items: Sequence, how: Fanout, tick: Tick = _no_tick, *
 
 def _pool_call(fn_item):
     fn, item = fn_item
+    _one_thread()  # torch may have been imported by unpickling fn
     return fn(item)
