@@ -186,18 +186,21 @@ def plot(R: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    t = R["table"]
+    t = _ordered(R["table"])
     ax1.bar(range(len(t)), [v["seconds"] for v in t.values()], color="tab:blue")
     ax1.set_xticks(range(len(t)), list(t), fontsize=7)
     ax1.set_ylabel("seconds")
     first = next(iter(t.values()))
     ax1.set_title(f"MiniLM LQ candidate table: {first['candidates']} candidates, {first['matrices']} matrices", fontsize=9)
-    e = R["export"]
+    e = _ordered(R["export"])
     ax2.bar(range(len(e)), [v["customers_per_minute"] for v in e.values()], color="tab:green")
     ax2.set_xticks(range(len(e)), list(e), fontsize=7)
     ax2.set_ylabel("customers per minute")
     n = next(iter(e.values()))["customers"]
     ax2.set_title(f"export-batch of {n} watermarked MiniLM customers", fontsize=9)
+    loads = [v[k] for part in (t, e) for v in part.values() for k in ("load_before", "load_after")]
+    fig.suptitle(f"{R['machine']['cpus']} cores shared with other jobs: 1-minute load average "
+                 f"{min(loads):.1f}–{max(loads):.1f} during the run", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -209,8 +212,34 @@ def _cpu(v: dict, cpu_key: str, wall_key: str, label: str) -> str:
     return f"{v[cpu_key]:.0f} / {v[wall_key]:.0f}{note}"
 
 
+ORDER = ("serial", "process pool (2)", "ray, 2 CPUs (cold)", "ray, 2 CPUs (warm)")
+
+
+def _ordered(d: dict) -> dict:
+    return {k: d[k] for k in sorted(d, key=lambda k: ORDER.index(k) if k in ORDER else len(ORDER))}
+
+
+def _share_note(t: dict, e: dict) -> str:
+    """What the CPU columns say about the cores (computed from the JSON, not typed)."""
+    key = ("cpu_seconds_with_model_load", "wall_with_model_load")
+    if not all(key[0] in t.get(k, {}) for k in ORDER[:2]):
+        return ""
+    shares = [t[k][key[0]] / t[k][key[1]] for k in ORDER[:2]] + [e[k]["cpu_seconds"] / e[k]["seconds"] for k in ORDER[:2]]
+    line = (f"CPU share (CPU s / wall s): candidate table serial {shares[0]:.2f} core, process pool {shares[1]:.2f} "
+            f"for both workers together; export-batch serial {shares[2]:.2f}, process pool {shares[3]:.2f}.")
+    first = next(iter(e.values()))
+    mb = first["bytes"] / first["customers"] / 1e6
+    if shares[1] < 1.5 * shares[0]:
+        line += (" The cores were saturated by other jobs: a second worker (or Ray CPU) got no more CPU than one "
+                 "process had, so no speed-up could show, and the fan-out's start-up (spawned interpreters "
+                 f"importing torch, Ray's workers, shipping {mb:.0f} MB per customer back to the driver) shows as a "
+                 "slow-down. Rerun on an idle machine for the speed-up itself; every way's candidate errors and "
+                 "files are identical regardless.")
+    return line
+
+
 def table(R: dict) -> str:
-    t, e = R["table"], R["export"]
+    t, e = _ordered(R["table"]), _ordered(R["export"])
     first = next(iter(t.values()))
     serial_t = t["serial"]["seconds"]
     lines = ["### Fan-out: candidate table and export-batch, serial vs process pool vs Ray (all-MiniLM-L6-v2)", "",
@@ -233,7 +262,8 @@ def table(R: dict) -> str:
     for label, v in e.items():
         lines.append(f"| {label} | {v['seconds']:.1f} | {v['customers_per_minute']:.1f} | {_cpu(v, 'cpu_seconds', 'seconds', label)} | "
                      f"{v['load_before']} → {v['load_after']} | {'yes' if v['digest'] == e['serial']['digest'] else 'NO'} |")
-    lines += ["", f"Plot: `results/{NAME}.png`."]
+    note = _share_note(t, e)
+    lines += ["", *([note, ""] if note else []), f"Plot: `results/{NAME}.png`."]
     return "\n".join(lines)
 
 
