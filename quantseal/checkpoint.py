@@ -1,5 +1,6 @@
 """The compressed checkpoint folder: ``quantseal.json`` + ``weights.safetensors`` + the source's
-config and tokenizer files.  Written atomically (a temporary folder, then a rename).
+config and tokenizer files (and its sentence-transformers json files, :mod:`quantseal.sbert`).
+Written atomically (a temporary folder, then a rename).
 
 Tensors of a compressed matrix ``NAME`` (e.g. ``encoder.layer.0.attention.self.query``):
 
@@ -12,7 +13,9 @@ key                    dtype      shape                                         
 ``NAME.weight``        fp16/fp32  [N, K]                                          fp formats
 ``NAME.L1``            float16    [N, r]                                          rank r > 0
 ``NAME.L2``            float16    [r, K]                                          rank r > 0
-``NAME.input_smooth``  float32    [K]  CFP divisor s: the layer computes on x / s  CBQ A8/A4
+``NAME.input_smooth``  float32    [K]  CFP divisor s: the layer computes on x / s  CBQ A8/A4, IA³
+``NAME.output_scale``  float32    [N]  o: y = o ⊙ (x Wᵀ) + b (a Mul after the MatMul)  DoRA, IA³
+``NAME.K1``, ``.K2``   fp16/fp32  [o1, i1], [o2, i2]: a Kronecker branch K1 ⊗ K2       LoKr
 =====================  =========  ==============================================  =============
 
 With ``input_smooth`` the stored matrix is the quantised W · diag(s) (compress/smoothing.py).
@@ -43,8 +46,10 @@ from safetensors.torch import load_file, save_file
 from .compress.formats import FormatSpec
 from .compress.packing import pack_weight, pack_zero_points, unpack_weight, unpack_zero_points
 from .compress.quantizers import QuantizedTensor, dequantize
+from .compress.qlinear import OUTPUT_SCALE
 from .compress.smoothing import BUFFER as SMOOTH
 from .errors import BadInput
+from .sbert import convention_files
 
 SCHEMA_VERSION = 1
 MANIFEST = "quantseal.json"
@@ -149,7 +154,7 @@ def dequantized_matrix(name: str, entry: MatrixEntry, tensors: dict[str, torch.T
 
 def entry_bytes(name: str, tensors: dict[str, torch.Tensor]) -> int:
     """Bytes actually stored for a matrix: the sum over its keys."""
-    suffixes = (".qweight", ".scales", ".qzeros", ".weight", ".L1", ".L2")
+    suffixes = (".qweight", ".scales", ".qzeros", ".weight", ".L1", ".L2", ".K1", ".K2")
     return sum(t.numel() * t.element_size() for k, t in tensors.items()
                if k.startswith(name + ".") and k[len(name):] in suffixes)
 
@@ -172,9 +177,10 @@ def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, tor
     try:
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp / WEIGHTS),
                   metadata={"format": "pt"})  # one key: safetensors orders a map arbitrarily
-        for name in SOURCE_FILES:
+        for name in SOURCE_FILES + tuple(convention_files(source_dir)):  # + sentence-transformers' json files
             src = Path(source_dir) / name
             if src.is_file():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, tmp / name)
         for name, data in (extra_files or {}).items():
             if Path(name).name != name or name in (MANIFEST, WEIGHTS):
@@ -239,6 +245,14 @@ def _tied_keys(model) -> set[str]:
     return set()
 
 
+def stored_state(model) -> dict:
+    """The state-dict entries a checkpoint stores: no ``position_ids`` buffers and no alias of
+    another tensor (a tied LM head is the token table; storing it again doubled a 135M decoder's
+    checkpoint and counted twice against ``--budget-mb``)."""
+    tied = _tied_keys(model)
+    return {k: v for k, v in model.state_dict().items() if "position_ids" not in k and k not in tied}
+
+
 def load_compressed(path: str | Path, activations: bool = True):
     """A torch model whose compressed Linears compute x·dequant(Q)ᵀ + (x·L2ᵀ)·L1ᵀ, with the
     calibrated activation quantisers of an A8/A4 checkpoint attached unless ``activations`` is
@@ -260,17 +274,20 @@ def load_compressed(path: str | Path, activations: bool = True):
             set_submodule(model, name, CompressedEmbedding(w_hat, l1, l2, model.get_submodule(name).padding_idx))
             continue
         bias = tensors.get(f"{name}.bias")
-        set_submodule(model, name, CompressedLinear(w_hat, l1, l2, bias, tensors.get(f"{name}.{SMOOTH}")))
+        kron = (tensors[f"{name}.K1"], tensors[f"{name}.K2"]) if f"{name}.K1" in tensors else None
+        set_submodule(model, name, CompressedLinear(w_hat, l1, l2, bias, tensors.get(f"{name}.{SMOOTH}"),
+                                                    tensors.get(f"{name}.{OUTPUT_SCALE}"), kron))
     plain.update({k: v.float() for k, v in tensors.items() if k not in covered or k.endswith(".bias")})
     result = model.load_state_dict(plain, strict=False)
     missing = [k for k in result.missing_keys
-               if not k.endswith(("w_hat", ".l1", ".l2", f".{SMOOTH}")) and "position_ids" not in k and k not in _tied_keys(model)]
+               if not k.endswith(("w_hat", ".l1", ".l2", ".k1", ".k2", f".{SMOOTH}", f".{OUTPUT_SCALE}")) and "position_ids" not in k and k not in _tied_keys(model)]
     if missing:
         raise BadInput(f"{path}: {WEIGHTS} lacks tensors the model needs, e.g. {missing[0]}")
     emb = manifest.matrices.get(fam.embedding_attr)
-    if _tied_keys(model) and emb is not None and emb.format in ("fp16", "fp32"):
-        # a float table with a low-rank branch (a watermarked decoder): the tied head reads the
-        # same effective table as the lookup (what the exported graph does), not the stored copy
+    if _tied_keys(model) and emb is not None:
+        # a planned table (quantised, or float with a low-rank branch as in a watermarked decoder):
+        # the tied head reads the same effective table as the lookup, which is what the exported
+        # graph does (MatMulNBits over the lookup's codes, or Gemm over the stored float table)
         from .compress.qlinear import TiedHead
 
         model.set_output_embeddings(TiedHead(model.get_submodule(fam.embedding_attr)))

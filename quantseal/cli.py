@@ -52,18 +52,21 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _quiet_libraries() -> None:
+    """Quiet transformers and the hub through their environment variables, which they read when
+    (and only if) a command imports them: importing transformers here would cost every command,
+    ``run`` / ``serve`` / ``verify`` included, its 1–2 s import (issue 13, fast start)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
     warnings.filterwarnings("ignore")
-    try:
+    if "transformers" in sys.modules:  # already imported (e.g. main() called in-process): quiet it directly
         from transformers.utils import logging as hf_logging
-    except ImportError:  # a device with only the runtime (onnxruntime, numpy, tokenizers)
-        return
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 # ----------------------------------------------------------------------------- compress
@@ -85,11 +88,17 @@ def _add_compress(sub) -> None:
     p.add_argument("--steps", type=int, default=200, help="cbq: Adam steps per window")
     p.add_argument("--init", default="gptq", choices=["gptq", "rtn"],
                    help="cbq: starting codes (gptq: GPTQ's, then refined; rtn: round-to-nearest, as in the paper)")
+    p.add_argument("--table", default=None, metavar="FORMAT",
+                   help="gptq/cbq: also store the token table in FORMAT (e.g. int4_b32, int8_b32, fp16), "
+                        "round-to-nearest; a tied LM head reads the same codes (default: kept as is)")
     p.add_argument("--data-aware", action="store_true", help="weight errors by the output-sensitivity Fisher")
     p.add_argument("--calib", type=Path, help="calibration text file, one text per line (default: pydoc_data.topics)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration texts (default 256; gptq/cbq 128)")
     p.add_argument("--ranks", type=_int_list, default=None, help="low-rank candidates, e.g. 0,8,16,32,64")
     p.add_argument("--formats", default=None, help="format families or names, e.g. int2,int4,int8,nf4,fp16")
+    p.add_argument("--max-decode-ms", type=float, default=None,
+                   help="lq/rtn: bound the plan's estimated per-token CPU time of its matrices (ms, batch 1, "
+                        "onnxruntime at accuracy level 4; the per-format costs of compress/decode_cost.py)")
     p.add_argument("--workers", type=int, default=2)
     _add_ray_flag(p, "the per-matrix candidate table")
     p.add_argument("--seed", type=int, default=0)
@@ -133,13 +142,14 @@ def _step_progress(enabled: bool):
 def _cmd_compress_calibrated(args) -> int:
     from .compress.calibrated import CalibratedConfig, calibrated_compress
 
-    if args.budget is not None or args.budget_mb is not None:
+    if args.budget is not None or args.budget_mb is not None or args.max_decode_ms is not None:
         raise BadInput(f"--method {args.method} quantises every matrix to int{args.wbits}_b{args.block}: "
-                       "drop --budget/--budget-mb")
+                       "drop --budget/--budget-mb/--max-decode-ms")
     cfg = CalibratedConfig(
         output=args.output, model=args.model, method=args.method, wbits=args.wbits, abits=args.abits,
         block=args.block, window=args.window, rank=args.rank, steps=args.steps, init=args.init, calib=args.calib,
         calib_samples=args.calib_samples if args.calib_samples is not None else 128, seed=args.seed,
+        table=args.table,
     )
     res = calibrated_compress(cfg, _step_progress(not args.json and sys.stderr.isatty()))
     human = (f"wrote {res['output']}: {res['matrices']} matrices as {res['format']} (A{res['abits']}), "
@@ -154,16 +164,15 @@ def _cmd_compress(args) -> int:
         return _cmd_compress_calibrated(args)
     if args.budget is None and args.budget_mb is None:
         raise BadInput(f"--method {args.method} needs one of --budget BITS and --budget-mb MB")
-    from .compress.formats import DEFAULT_FAMILIES
-    from .compress.pipeline import DEFAULT_RANKS, CompressConfig, compress
+    from .compress.pipeline import DEFAULT_RANKS, CompressConfig, compress, default_families
 
     cfg = CompressConfig(
         output=args.output, model=args.model, budget_bits=args.budget, budget_mb=args.budget_mb,
         method="lq" if args.method == "lq+cbq" else args.method, data_aware=args.data_aware, calib=args.calib,
         calib_samples=args.calib_samples if args.calib_samples is not None else 256,
         ranks=args.ranks if args.ranks is not None else DEFAULT_RANKS,
-        formats=tuple(args.formats.split(",")) if args.formats else DEFAULT_FAMILIES,
-        workers=args.workers, ray=_ray_address(args), seed=args.seed,
+        formats=tuple(args.formats.split(",")) if args.formats else default_families(args.model),
+        workers=args.workers, ray=_ray_address(args), seed=args.seed, max_decode_ms=args.max_decode_ms,
     )
     if args.method == "lq+cbq":
         from .compress.cbq import CBQConfig
@@ -205,15 +214,21 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a compressed checkpoint to one ONNX file")
     p.add_argument("checkpoint", type=Path, help="compressed checkpoint folder (quantseal compress)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .onnx file (tokenizer.json is written beside it)")
-    p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
-                   help="MatMulNBits accuracy_level (0: float32 compute; 4: int8 activations, faster on CPU)")
+    p.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits accuracy_level (0: float32 compute; 4: int8 activations, faster on CPU; "
+                        "default: 4 for decoders, whose 8-bit matrices run ~80x slower per token at 0, else 0)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"],
+                   help="decoder compute type: fp32 (CPU) or fp16 (for the CUDA execution provider)")
     p.add_argument("--board", type=Path, help="watermark board folder (quantseal board train); with --key --registry --user")
     p.add_argument("--key", type=Path, help="watermark key file")
     p.add_argument("--registry", type=Path, help="customer registry (quantseal registry add)")
     p.add_argument("--user", help="customer id whose watermark the exported model carries")
     p.add_argument("--adapter", type=Path, action="append", default=[],
-                   help="PEFT LoRA adapter folder to fold exactly into the low-rank branch (repeatable, in order)")
+                   help="PEFT adapter folder (LoRA/DoRA/AdaLoRA/VeRA/IA3/LoHa/LoKr/MiSS) to fold exactly "
+                        "(repeatable, in order)")
     p.add_argument("--adapter-rank", type=int, help="re-compress each folded branch to this rank by SVD (reports the error)")
+    p.add_argument("--adapter-dtype", choices=("float16", "float32"), default="float16",
+                   help="storage of the folded low-rank factors (float32: exact to float32)")
     p.add_argument("--seed", type=int, help="watermarked export: seed of the low-rank obfuscation, mixed with --user "
                                             "(reproducible bytes, as export-batch --seed; default: OS randomness)")
     p.add_argument("--json", action="store_true")
@@ -221,7 +236,12 @@ def _add_export(sub) -> None:
 
 
 def _cmd_export(args) -> int:
-    from .export.onnx import export_onnx
+    from .export.onnx import default_accuracy_level, export_onnx
+
+    if args.accuracy_level is None:
+        args.accuracy_level = default_accuracy_level(args.checkpoint)
+    if args.dtype != "fp32" and (args.adapter or args.board is not None):
+        raise BadInput(f"--dtype {args.dtype} with --adapter or --board is not supported yet; export in fp32")
 
     mark = (args.board, args.key, args.registry, args.user)
     if args.adapter_rank is not None and not args.adapter:
@@ -232,8 +252,10 @@ def _cmd_export(args) -> int:
     if args.adapter:
         from .export.adapters import export_with_adapters
 
+        import torch
+
         res = export_with_adapters(args.checkpoint, args.output, args.adapter, rank=args.adapter_rank,
-                                   accuracy_level=args.accuracy_level)
+                                   accuracy_level=args.accuracy_level, dtype=getattr(torch, args.adapter_dtype))
     elif any(x is not None for x in mark):
         if any(x is None for x in mark):
             raise BadInput("a watermarked export needs all of --board, --key, --registry and --user")
@@ -247,7 +269,7 @@ def _cmd_export(args) -> int:
     else:
         if args.seed is not None:
             raise BadInput("--seed seeds a watermarked export's obfuscation: it needs --board --key --registry --user")
-        res = export_onnx(args.checkpoint, args.output, accuracy_level=args.accuracy_level)
+        res = export_onnx(args.checkpoint, args.output, accuracy_level=args.accuracy_level, dtype=args.dtype)
     lowbit = {op: res["ops"].get(op, 0) for op in ("MatMulNBits", "MatMulBnb4", "GatherBlockQuantized")}
     human = (f"wrote {res['path']}: {res['bytes'] / 1e6:.2f} MB, {res['matrices']} compressed matrices "
              f"({res['matrix_bytes'] / 1e6:.3f} MB), low-bit ops {lowbit}, {res['seconds']:.1f} s")
@@ -264,10 +286,10 @@ def _cmd_export(args) -> int:
 
 
 def _add_export_batch(sub) -> None:
-    p = sub.add_parser("export-batch", help="export one watermarked ONNX file per customer, DIR/<id>.onnx")
+    p = sub.add_parser("export-batch", help="export one watermarked model folder per customer, DIR/<id>/model.onnx")
     p.add_argument("checkpoint", type=Path, help="compressed checkpoint folder (quantseal compress)")
     p.add_argument("--customers", type=Path, required=True, help="file of customer ids, one per line")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output folder (DIR/<id>.onnx, DIR/tokenizer.json)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder: DIR/<id>/ holds each customer's model.onnx and its companion files")
     p.add_argument("--board", type=Path, required=True, help="watermark board folder (quantseal board train)")
     p.add_argument("--key", type=Path, required=True, help="watermark key file")
     p.add_argument("--registry", type=Path, required=True, help="customer registry holding every id")
@@ -308,6 +330,8 @@ def _add_run(sub) -> None:
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json or its folder (default: beside the model)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="embedders: truncate texts at this many tokens (default: the model's max_seq_length)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_run)
 
@@ -351,10 +375,11 @@ def _cmd_run(args) -> int:
     if any(not t.strip() for t in texts):
         raise BadInput("empty --text")
     t0 = time.perf_counter()
-    emb = Embedder(args.model, tokenizer=args.tokenizer, provider=args.provider, threads=args.threads)
+    emb = Embedder(args.model, tokenizer=args.tokenizer, provider=args.provider, threads=args.threads,
+                   max_length=args.max_length)
     vectors = emb.embed(texts)
     res = {"model": str(args.model), "provider": emb.provider, "n": int(vectors.shape[0]),
-           "dim": int(vectors.shape[1]), "seconds": round(time.perf_counter() - t0, 3)}
+           "dim": int(vectors.shape[1]), "max_length": emb.max_length, "seconds": round(time.perf_counter() - t0, 3)}
     if args.output is not None:
         _save_npy(args.output, vectors)
         res["output"] = str(args.output)
@@ -371,7 +396,7 @@ def _cmd_run(args) -> int:
 
 # ----------------------------------------------------------------------------- serve
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve an exported model over HTTP (embedders: POST /embed; decoders: POST /generate, /logits; GET /health)")
+    p = sub.add_parser("serve", help="serve an exported model over HTTP (embedders: POST /embed, /v1/embeddings; decoders: POST /generate, /logits, /v1/completions, /v1/chat/completions; GET /health)")
     p.add_argument("model", type=Path, help="exported .onnx file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: pick a free one); the bound URL is the first line of stdout")
@@ -379,7 +404,31 @@ def _add_serve(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json or its folder (default: beside the model)")
     p.add_argument("--max-batch", type=int, default=256, help="most texts (or token rows) per request")
+    p.add_argument("--max-chars", type=int, default=100_000, help="most characters per text, checked before tokenising")
+    p.add_argument("--token-file", type=Path, help="a file holding a bearer token every route but /health then needs")
+    p.add_argument("--workers", type=int, default=4, help="worker threads answering requests (default 4)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's line and headers")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request's body")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="embedders: truncate texts at this many tokens (default: the model's max_seq_length)")
     p.set_defaults(func=_cmd_serve)
+
+
+def _serve_limits(args):
+    """The HTTP layer's limits from serve's flags, checked before the model loads."""
+    import math
+
+    from .runtime.http_server import Limits
+
+    for flag in ("header_timeout", "body_timeout"):
+        v = getattr(args, flag)
+        if not (math.isfinite(v) and 0 < v <= 3600):
+            raise BadInput(f"--{flag.replace('_', '-')} must be in (0, 3600] seconds, not {v}")
+    if not 1 <= args.workers <= 256:
+        raise BadInput(f"--workers must be in 1..256, not {args.workers}")
+    if args.max_chars < 1 or args.max_batch < 1:
+        raise BadInput("--max-chars and --max-batch must be at least 1")
+    return Limits(header_timeout=args.header_timeout, body_timeout=args.body_timeout, workers=args.workers)
 
 
 def _cmd_serve(args) -> int:
@@ -391,9 +440,15 @@ def _cmd_serve(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="quantseal: %(message)s", stream=sys.stderr)
     if not 0 <= args.port <= 65535:
         raise BadInput(f"--port must be in 0..65535, not {args.port}")
+    limits = _serve_limits(args)
+    token = None
+    if args.token_file is not None:
+        from .runtime.transport import read_api_key
+
+        token = read_api_key(args.token_file)[1].removeprefix("Bearer ")
     service = service_for(args.model, provider=args.provider, threads=args.threads, tokenizer=args.tokenizer,
-                          max_batch=args.max_batch)
-    server = make_server(service, args.host, args.port)
+                          max_batch=args.max_batch, max_chars=args.max_chars, max_length=args.max_length)
+    server = make_server(service, args.host, args.port, token=token, limits=limits)
 
     def _stop(signum, frame):
         raise KeyboardInterrupt
@@ -419,6 +474,8 @@ def _run_generate(args) -> int:
 
     if not args.prompt.strip():
         raise BadInput("empty --prompt")
+    if args.max_length is not None:
+        raise BadInput("--max-length applies to embedding models (--text); use --max-new-tokens with --prompt")
     if args.max_new_tokens < 0:
         raise BadInput(f"--max-new-tokens must be non-negative, not {args.max_new_tokens}")
     lm = CausalLM(args.model, tokenizer=args.tokenizer, provider=args.provider, threads=args.threads)
@@ -540,7 +597,44 @@ def _add_verify(sub) -> None:
     p.add_argument("--alpha", type=float, default=1e-6)
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true")
+    g = p.add_argument_group("HTTP suspects")
+    g.add_argument("--api", default="quantseal",
+                   choices=["quantseal", "openai-embeddings", "openai-completions", "openai-chat"],
+                   help="what the endpoint speaks (quantseal: POST /embed or /logits)")
+    g.add_argument("--model", help="the 'model' field of OpenAI-style requests")
+    g.add_argument("--text-only", action="store_true",
+                   help="decoders: read the greedy text only, do not ask for log-probabilities")
+    g.add_argument("--no-logit-bias", action="store_true",
+                   help="decoders: do not send logit_bias (for APIs that refuse it; the mark is then rarely visible)")
+    g.add_argument("--timeout", type=float, default=60.0, help="seconds per query, retries included (default 60)")
+    g.add_argument("--deadline", type=float, default=None, help="seconds for the whole verification")
+    g.add_argument("--max-response-mb", type=float, default=64.0, help="largest answer accepted (default 64 MB)")
+    g.add_argument("--qps", type=float, default=None, help="at most this many queries per second")
+    g.add_argument("--retries", type=int, default=5, help="retries of HTTP 429/503 answers (default 5)")
+    g.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="an HTTP header for every query (repeatable), e.g. 'Authorization: Bearer ...'")
+    g.add_argument("--api-key-file", type=Path, help="a file holding a bearer token for the Authorization header")
     p.set_defaults(func=_cmd_verify)
+
+
+def _endpoint_options(args) -> dict:
+    """Transport keywords from verify's HTTP flags (checked before any query)."""
+    import math
+
+    from .runtime.transport import Deadline, parse_header, read_api_key
+
+    for flag in ("timeout", "deadline", "max_response_mb", "qps"):
+        v = getattr(args, flag)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise BadInput(f"--{flag.replace('_', '-')} must be a positive number, not {v}")
+    if not 0 <= args.retries <= 100:
+        raise BadInput(f"--retries must be in 0..100, not {args.retries}")
+    headers = dict(parse_header(h) for h in args.header)
+    if args.api_key_file is not None:
+        name, value = read_api_key(args.api_key_file)
+        headers[name] = value
+    return {"timeout": args.timeout, "deadline": Deadline(args.deadline), "qps": args.qps, "headers": headers,
+            "max_bytes": int(args.max_response_mb * 1e6), "retries": args.retries}
 
 
 def _cmd_verify(args) -> int:
@@ -552,10 +646,15 @@ def _cmd_verify(args) -> int:
     reg = Registry.load(args.registry, key)
     board = read_board_manifest(args.board)
     decoder = board.get("family") == "decoder"  # next-token logits of target pairs, not embeddings
+    inputs, probe = "ids", None
     if args.suspect.startswith(("http://", "https://")):
-        from .runtime.client import EndpointCausalLM, EndpointEmbedder
+        from .runtime.suspects import endpoint_query
 
-        embed_fn = EndpointCausalLM(args.suspect).next_logits if decoder else EndpointEmbedder(args.suspect).embed_ids
+        embed_fn, inputs, probe = endpoint_query(args.suspect, args.api, board, key, TextTokenizer(args.board),
+                                                 args.model, not args.text_only, logit_bias=not args.no_logit_bias,
+                                                 **_endpoint_options(args))
+    elif args.api != "quantseal":
+        raise BadInput(f"--api {args.api} is for http:// suspects, not files")
     elif not Path(args.suspect).is_file():
         raise BadInput(f"{args.suspect}: no such file")
     elif decoder:
@@ -564,8 +663,11 @@ def _cmd_verify(args) -> int:
         embed_fn = onnx_logits_fn(args.suspect, provider=args.provider, tokenizer=args.board)
     else:
         embed_fn = onnx_embed_fn(args.suspect, provider=args.provider)
-    res = verify(embed_fn, key, reg, board, TextTokenizer(args.board), alpha=args.alpha)
+    res = verify(embed_fn, key, reg, board, TextTokenizer(args.board), alpha=args.alpha, inputs=inputs)
     res["suspect"] = args.suspect
+    if probe is not None:  # what an OpenAI-style decoder API showed: log-probabilities or greedy text
+        res.update(api=args.api, read_from=probe.mode, logit_bias=probe.logit_bias, censored=probe.censored,
+                   sequence_bits=probe.observed, http_requests=probe.requests)
     human = (f"owner: {res['owner'] or 'none'} (p = {res['p_value']:.3g}, {res['bit_errors']} bit errors "
              f"of {res['n_bits']}, {res['queries']} queries, {res['seconds']:.1f} s)")
     _emit(res, args.json, human)

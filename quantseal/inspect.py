@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import checkpoint as ckpt
 from .errors import BadInput
 
 
 def inspect_checkpoint(path: Path) -> dict:
+    from . import checkpoint as ckpt  # torch: imported only for a checkpoint, not for an .onnx file
+
     manifest, tensors = ckpt.read_checkpoint(path)
     rows = []
     acts = manifest.extra.get("activations") or {}

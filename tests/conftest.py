@@ -134,7 +134,7 @@ def _decoder_export(tmp_path_factory, model_dir: Path, method: str, *compress_ar
                      *compress_args]) == 0
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            assert main(["export", str(ck), "-o", str(root / "onnx" / "model.onnx"), "--json"]) == 0
+            assert main(["export", str(ck), "-o", str(root / "onnx" / "model.onnx"), "--json", "--accuracy-level", "0"]) == 0
     finally:
         torch.set_num_threads(threads)
     return ck, json.loads(buf.getvalue().strip().splitlines()[-1])
@@ -152,6 +152,13 @@ def llama_lq_export(tmp_path_factory, tiny_llama_sharp_dir) -> tuple[Path, dict]
     buys low-rank branches for these 64-wide matrices (at 4.5 bits it buys none), and exported."""
     return _decoder_export(tmp_path_factory, tiny_llama_sharp_dir, "lq", "--budget", "6", "--formats", "int2,int4",
                            "--ranks", "0,4")
+
+
+@pytest.fixture(scope="session")
+def llama_mb_export(tmp_path_factory, tiny_llama_sharp_dir) -> tuple[Path, dict]:
+    """The same under a whole-file budget (``--budget-mb 1.5``), so the tied token table joins the
+    plan and is quantised, and exported: (checkpoint, report)."""
+    return _decoder_export(tmp_path_factory, tiny_llama_sharp_dir, "rtn", "--budget-mb", "1.5")
 
 
 @pytest.fixture(scope="session")

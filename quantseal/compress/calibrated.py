@@ -50,6 +50,7 @@ class CalibratedConfig:
     calib_samples: int = 128
     batch_size: int = 16
     seed: int = 0
+    table: str | None = None  # the token table's format (round-to-nearest), None: kept as is
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -73,6 +74,8 @@ class CalibratedConfig:
             raise BadInput(f"--steps must be at least 1, not {self.steps}")
         if self.calib_samples < 1:
             raise BadInput(f"--calib-samples must be at least 1, not {self.calib_samples}")
+        if self.table is not None:
+            FormatSpec.parse(self.table)  # BadInput for an unknown name
         self.model = Path(self.model) if self.model is not None else default_model_path()
         self.output = Path(self.output)
 
@@ -88,6 +91,25 @@ class CalibratedConfig:
 
 def _no_callback(stage: str, done: int, total: int, info: dict) -> None:
     pass
+
+
+def _table_entry(model, fam, spec: FormatSpec):
+    """The token table stored in ``spec`` (round-to-nearest with the MSE clip search, as the
+    budgeted planner's candidates): ``(name, stored tensors, manifest entry)``."""
+    from ..models import embedding
+    from .quantizers import quantize, round_float
+
+    name = fam.embedding_attr
+    w = embedding(model, fam).weight.detach().float()
+    if spec.kind == "fp":
+        w_hat, qt = round_float(w, spec), None
+    else:
+        qt = quantize(w, spec)
+        w_hat = dequantize(qt)
+    mt = ckpt.matrix_tensors(name, spec, qt, w_hat, None, None)
+    stored = sum(t.numel() * t.element_size() for t in mt.values())
+    error = float(((w - w_hat) ** 2).sum())
+    return name, mt, ckpt.MatrixEntry(spec.name, 0, list(w.shape), error, stored, "embedding")
 
 
 def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_callback) -> dict:
@@ -136,7 +158,12 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
         assert stored == spec.stored_bytes(*qt.shape), (name, stored)
         entries[name] = ckpt.MatrixEntry(spec.name, 0, list(qt.shape), 0.0, stored, "linear")
     planned = {n + ".weight" for n in linears}
-    state = {k: v for k, v in model.state_dict().items() if "position_ids" not in k}
+    if cfg.table is not None:
+        name, mt, entry = _table_entry(model, fam, FormatSpec.parse(cfg.table))
+        tensors.update(mt)
+        entries[name] = entry
+        planned.add(name + ".weight")
+    state = ckpt.stored_state(model)
     for k, v in state.items():
         if k not in planned:
             tensors[k] = v.detach().clone().contiguous()

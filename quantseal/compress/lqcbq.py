@@ -57,7 +57,7 @@ def lq_cbq_compress(cfg: CompressConfig, cbq: CBQConfig, progress: Progress = _n
     if cfg.output.exists() and not ckpt.is_checkpoint(cfg.output):
         raise BadInput(f"{cfg.output}: exists and is not a quantseal checkpoint; refusing to overwrite it")
     table = build_candidate_table(cfg, progress)
-    choice = plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats))
+    choice = plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats), cfg.max_decode_ms)
     tensors, entries = materialize(table, choice, progress)
     model, fam = table.model, table.fam
     init, start = lq_start(entries, tensors, compressible_linears(model, fam))

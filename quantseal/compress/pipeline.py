@@ -25,6 +25,7 @@ from ..models import (compressible_linears, default_model_path, embedding, load_
                       source_weights)
 from ..text import calibration_texts
 from .budget import MatrixOptions, solve_allocation
+from .decode_cost import DECODER_FAMILIES, candidate_cost_us
 from .fisher import floor_fisher, output_fisher
 from .formats import DEFAULT_FAMILIES, Candidate, FormatSpec, expand_families, max_useful_rank
 from .lowrank import lq_decompose
@@ -41,6 +42,25 @@ Progress = Callable[[int, str], Callable[[int], None]]
 
 def _no_progress(total: int, desc: str) -> Callable[[int], None]:
     return lambda n=1: None
+
+
+def default_families(model: Path | None) -> tuple[str, ...]:
+    """The candidate format families when ``--formats`` is not given: without nf4 for a decoder,
+    whose nf4 matrices decode ~20x slower per token than int4 (:mod:`.decode_cost`)."""
+    from ..models import FAMILY_BY_MODEL_TYPE, gguf_file
+
+    path = Path(model) if model is not None else None
+    if path is None or not path.is_dir():
+        return DEFAULT_FAMILIES
+    if gguf_file(path) is not None:
+        return DECODER_FAMILIES
+    try:
+        import json
+
+        fam = FAMILY_BY_MODEL_TYPE.get(json.loads((path / "config.json").read_text()).get("model_type"))
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_FAMILIES
+    return DECODER_FAMILIES if fam is not None and fam.name == "decoder" else DEFAULT_FAMILIES
 
 
 @dataclass
@@ -61,6 +81,7 @@ class CompressConfig:
     ray: str | None = None  # Ray address for the candidate table (quantseal.distributed.ray_address)
     seed: int = 0
     max_iter: int = 4
+    max_decode_ms: float | None = None  # bound on the plan's estimated per-token decode time (decode_cost)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,6 +95,8 @@ class CompressConfig:
             raise BadInput(f"unknown method {self.method!r} (lq, rtn)")
         if any(r < 0 for r in self.ranks):
             raise BadInput("ranks must be non-negative")
+        if self.max_decode_ms is not None and not (0 < self.max_decode_ms < float("inf")):
+            raise BadInput(f"--max-decode-ms must be a positive number, not {self.max_decode_ms}")
         self.model = Path(self.model) if self.model is not None else default_model_path()
         self.output = Path(self.output)
         self.ranks = tuple(sorted(set(self.ranks) | {0})) if self.method == "lq" else (0,)
@@ -171,21 +194,42 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
                     else [Candidate(f) for f in emb_formats])
         tasks.append((w.detach().float().clone(), fisher[n], cands[n], clip, cfg.max_iter))
     results = evaluate_candidates(tasks, cfg.workers, progress(len(tasks), "candidates"), cfg.ray)
-    options = [MatrixOptions(n, [c.name for c in cands[n]], [b for _, b in r], [e for e, _ in r])
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    options = [MatrixOptions(n, [c.name for c in cands[n]], [b for _, b in r], [e for e, _ in r],
+                             _decode_costs(cands[n], targets[n], tied))
                for n, r in zip(targets, results)]
-    state = {k: v for k, v in model.state_dict().items() if "position_ids" not in k}
+    state = ckpt.stored_state(model)
     planned = {n + ".weight" for n in targets}
     fixed = sum(_tensor_bytes(v) for k, v in state.items() if k not in planned)
+    if fam.name == "decoder":  # the exported graph also holds the rotary tables (GroupQueryAttention's caches)
+        from ..export.decoder_arch import arch_of, graph_table_bytes
+
+        fixed += graph_table_bytes(arch_of(model.config.to_dict()))
     lin_params = sum(w.numel() for w, kind in targets.values() if kind == "linear")
     return CandidateTable(model, fam, targets, fisher, cands, options, fixed, lin_params, clip, cfg.max_iter)
 
 
+def _decode_costs(cands: list[Candidate], target: tuple[torch.Tensor, str], tied: bool) -> list[float]:
+    """Estimated per-token µs of each candidate (:mod:`.decode_cost`): a Linear's product, a token
+    table's only when a tied head multiplies by it (the lookup itself is a gather)."""
+    w, kind = target
+    n, k = w.shape
+    if kind == "embedding" and not tied:
+        return [0.0] * len(cands)
+    return [candidate_cost_us(c, n, k) for c in cands]
+
+
 def plan(table: CandidateTable, budget_bits: float | None = None, budget_mb: float | None = None,
-         formats_label: str = "") -> list[int]:
+         formats_label: str = "", max_decode_ms: float | None = None) -> list[int]:
     """Step 4: the ILP; an infeasible budget names the smallest feasible one."""
+    max_cost = None if max_decode_ms is None else 1000.0 * max_decode_ms
     try:
-        return solve_allocation(table.options, table.budget_bytes(budget_bits, budget_mb))
+        return solve_allocation(table.options, table.budget_bytes(budget_bits, budget_mb), max_cost=max_cost)
     except BudgetInfeasible as exc:
+        if getattr(exc, "min_cost", None) is not None:
+            raise BudgetInfeasible(f"--max-decode-ms {max_decode_ms:g} is infeasible: the fastest plan is estimated "
+                                   f"at {exc.min_cost / 1000:.3f} ms per token"
+                                   + (f" with formats {formats_label}" if formats_label else "")) from None
         floor = exc.min_bytes
         if budget_bits is not None:
             need = f"{floor * 8 / table.linear_params:.4f} bits per parameter"
@@ -213,8 +257,8 @@ def materialize(table: CandidateTable, choice: list[int],
         entries[n] = ckpt.MatrixEntry(cand.fmt.name, cand.rank, list(w.shape), res.error, stored, kind)
         tick(1)
     planned = {n + ".weight" for n in table.targets}
-    for k, v in table.model.state_dict().items():
-        if k not in planned and "position_ids" not in k:
+    for k, v in ckpt.stored_state(table.model).items():
+        if k not in planned:
             tensors[k] = v.detach().clone().contiguous()
     return tensors, entries
 
@@ -226,13 +270,15 @@ def compress(cfg: CompressConfig, progress: Progress = _no_progress) -> dict:
         raise BadInput(f"{cfg.output}: exists and is not a quantseal checkpoint; refusing to overwrite it")
     table = build_candidate_table(cfg, progress)
     t_solve = time.perf_counter()
-    choice = plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats))
+    choice = plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats), cfg.max_decode_ms)
     solve_seconds = time.perf_counter() - t_solve
     tensors, entries = materialize(table, choice, progress)
     manifest = make_manifest(table, cfg, entries, tensors)
     ckpt.write_checkpoint(cfg.output, manifest, tensors, cfg.model, source_files(cfg.model, table.model))
     report = summarize(manifest, cfg.output)
-    report.update(solver_seconds=round(solve_seconds, 4), seconds=round(time.perf_counter() - t0, 3))
+    decode_us = sum(o.costs[c] for o, c in zip(table.options, choice))
+    report.update(solver_seconds=round(solve_seconds, 4), seconds=round(time.perf_counter() - t0, 3),
+                  decode_ms_estimate=round(decode_us / 1000, 6))
     return report
 
 

@@ -1,6 +1,8 @@
-"""``quantseal export-batch``: one watermarked ONNX file per customer, ``DIR/<id>.onnx``.
+"""``quantseal export-batch``: one watermarked export folder per customer, ``DIR/<id>/model.onnx``.
 
-Each file is exactly what ``quantseal export CK --board B --key K --registry R --user ID`` writes
+Each folder is exactly what ``quantseal export CK -o DIR/<id>/model.onnx --board B --key K
+--registry R --user ID`` writes (the model and its companion files: tokenizer files, and for a
+decoder the onnxruntime-genai ``genai_config.json`` that names the model file)
 (:func:`quantseal.export.watermark.export_marked`), byte for byte when both are given the same
 ``--seed`` (the obfuscation seed of customer ``ID`` is :func:`obfuscation_seed` of the seed and the
 id, so no two customers share a low-rank tensor).  The customers are independent, so they fan out
@@ -13,13 +15,11 @@ id, so no two customers share a low-rank tensor).  The customers are independent
 3. the rest run serially, on a process pool (``--workers``; inputs and outputs by path), or on
    Ray (``--ray``): a few actors each receive the checkpoint folder, the board with its template,
    the key and the registry once through the object store (no shared file system needed), export
-   into their own scratch folder and return the file's bytes, which the driver publishes;
-4. every output is published atomically (temporary name, then rename; ``<id>.onnx.data`` before
-   ``<id>.onnx`` for a model with external data).  A process pool's scratch files live in a hidden
-   staging folder under ``DIR`` that is removed at the end, so a failure leaves only finished
-   files.  On Ray a dead worker is restarted and its customer retried (``max_task_retries``).
-
-``DIR/tokenizer.json`` (the checkpoint's tokenizer) is written once, beside the models.
+   into their own scratch folder and return the files' bytes, which the driver publishes;
+4. every customer's folder is published atomically: written in a hidden staging folder under
+   ``DIR`` (removed at the end, so a failure leaves only finished folders), then renamed into
+   place (replacing an earlier export folder of that customer).  On Ray a dead worker is
+   restarted and its customer retried (``max_task_retries``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ..distributed import Fanout, fan_out
 from ..errors import BadInput
 
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,199}")
-TOKENIZER = "tokenizer.json"
+MODEL = "model.onnx"
 
 
 def obfuscation_seed(seed: int | None, customer: str) -> int | None:
@@ -97,23 +97,20 @@ class Inputs:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def _publish_bytes(files: dict[str, bytes], out_dir: Path) -> None:
-    """Write ``name → bytes`` into ``out_dir`` atomically, the ``.onnx`` file last."""
-    for name in sorted(files, key=lambda n: n.endswith(".onnx")):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(files[name])
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out_dir / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+def _publish_folder(folder: Path, dst: Path) -> None:
+    """Rename a finished export folder to ``dst`` (replacing an earlier one)."""
+    from ..checkpoint import publish_folder
+
+    os.chmod(folder, 0o755)
+    publish_folder(folder, dst)
 
 
-def _publish_files(src_dir: Path, names: list[str], out_dir: Path) -> None:
-    for name in sorted(names, key=lambda n: n.endswith(".onnx")):
-        os.replace(src_dir / name, out_dir / name)
+def _publish_bytes(files: dict[str, bytes], staging: Path, dst: Path) -> None:
+    """Write ``name → bytes`` into a new folder in ``staging``, then publish it as ``dst``."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=staging))
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    _publish_folder(folder, dst)
 
 
 def export_one(inputs: Inputs, job: tuple[str, int | None]) -> dict:
@@ -124,16 +121,14 @@ def export_one(inputs: Inputs, job: tuple[str, int | None]) -> dict:
     customer, seed = job
     own = Path(tempfile.mkdtemp(prefix=f".{customer}.", dir=inputs.staging or inputs.scratch))
     try:
-        out = own / f"{customer}.onnx"
-        rep = export_marked(inputs.checkpoint, out, inputs.board, inputs.key, inputs.registry, customer,
+        rep = export_marked(inputs.checkpoint, own / MODEL, inputs.board, inputs.key, inputs.registry, customer,
                             accuracy_level=inputs.accuracy_level, seed=seed)
-        names = [p.name for p in own.iterdir() if p.name != TOKENIZER and not p.name.startswith(".")]
         res = {"customer": customer, "path_taken": rep["path_taken"], "bytes": rep["bytes"],
                "seconds": rep["seconds"]}
         if inputs.staging is None:
-            res["files"] = {n: (own / n).read_bytes() for n in names}
+            res["files"] = {p.name: p.read_bytes() for p in own.iterdir() if not p.name.startswith(".")}
         else:
-            _publish_files(own, names, inputs.output)
+            _publish_folder(own, inputs.output / customer)
         return res
     finally:
         shutil.rmtree(own, ignore_errors=True)
@@ -172,7 +167,7 @@ def _local_inputs(inputs: Inputs) -> Inputs:
 
 def export_batch(checkpoint, customers_file, out_dir, board, key_path, registry_path, *, accuracy_level: int = 0,
                  seed: int | None = None, fanout: Fanout = Fanout(), progress=None) -> dict:
-    """Write ``out_dir/<id>.onnx`` for every customer in ``customers_file``; returns the
+    """Write ``out_dir/<id>/model.onnx`` for every customer in ``customers_file``; returns the
     ``--json`` report (files, bytes, seconds, customers per minute, how the work ran)."""
     from ..checkpoint import is_checkpoint
     from ..compress.markboard import load_board
@@ -195,7 +190,9 @@ def export_batch(checkpoint, customers_file, out_dir, board, key_path, registry_
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInput(f"{out_dir}: exists and is not a directory")
     for c in customers:
-        _check_output(out_dir / f"{c}.onnx")
+        _check_output(out_dir / c / MODEL)
+        if (out_dir / c).exists() and not (out_dir / c / MODEL).is_file():
+            raise BadInput(f"{out_dir / c}: exists and is not an export folder; refusing to replace it")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".quantseal-batch.", dir=out_dir))
@@ -211,13 +208,11 @@ def export_batch(checkpoint, customers_file, out_dir, board, key_path, registry_
             reports.append(export_one(local, jobs[0]))
             jobs = jobs[1:]
             tick(1)
-        if (checkpoint / TOKENIZER).is_file():
-            _publish_bytes({TOKENIZER: (checkpoint / TOKENIZER).read_bytes()}, out_dir)
         if fanout.ray is None:
             reports += fan_out(export_one, jobs, fanout, tick, setup=_local_inputs, shared=local)
         else:
             def publish(i: int, rep: dict) -> dict:  # as each arrives: write it, keep only the report
-                _publish_bytes(rep.pop("files"), out_dir)
+                _publish_bytes(rep.pop("files"), staging, out_dir / rep["customer"])
                 return rep
 
             bundle = bundle_inputs(checkpoint, board_dir, template, key, registry, accuracy_level)
@@ -226,7 +221,7 @@ def export_batch(checkpoint, customers_file, out_dir, board, key_path, registry_
         shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - t0
     return {"output_dir": str(out_dir), "customers": len(customers), "fanout": fanout.describe(),
-            "files": [str(out_dir / f"{r['customer']}.onnx") for r in reports],
+            "files": [str(out_dir / r["customer"] / MODEL) for r in reports],
             "bytes": sum(r["bytes"] for r in reports),
             "traced": sum(r["path_taken"] == "traced" for r in reports),
             "seconds": round(seconds, 3), "customers_per_minute": round(60 * len(customers) / seconds, 2),

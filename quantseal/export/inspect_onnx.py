@@ -66,13 +66,21 @@ def inspect_onnx(path: str | Path) -> dict:
         l1 = inits.get(name + ".L1")
         return int(l1.dims[1]) if l1 is not None and len(l1.dims) == 2 else 0
 
+    producer = {o: n for n in graph.node for o in n.output}
     rows: dict[str, dict] = {}
     for node in graph.node:
         if node.op_type not in LOWBIT_OPS:
             continue
         a = _attrs(node)
         if node.op_type == "GatherBlockQuantized":
-            name = _matrix_name(node.input[0])
+            data = node.input[0]
+            if data in producer and producer[data].op_type == "Reshape":  # a tied table's codes, shared with its head
+                data = producer[data].input[0]
+            name = _matrix_name(data)
+            if name in rows:  # the head's MatMulNBits came first: one matrix, two readers
+                rows[name]["op"] = "MatMulNBits+GatherBlockQuantized"
+                rows[name]["shape"] = list(planned.get(name, {}).get("shape", [])) or rows[name]["shape"]
+                continue
             scales = inits.get(name + ".scales")
             guess = [int(scales.dims[0]), int(scales.dims[1]) * a["block_size"]] if scales is not None else []
             shape = list(planned.get(name, {}).get("shape", [])) or guess  # (V, H); H rounded up to blocks
@@ -81,8 +89,18 @@ def inspect_onnx(path: str | Path) -> dict:
             name = _matrix_name(node.input[1])
             shape = [a.get("N"), a.get("K")]
             fmt = _node_format(node, len(node.input))
+            if name in rows:  # a tied head over the lookup's codes
+                rows[name]["op"] = "MatMulNBits+GatherBlockQuantized"
+                continue
         rows[name] = {"name": name, "op": node.op_type, "format": fmt, "rank": rank_of(name), "shape": shape,
                       "bytes": own_bytes(name)}
+    for name, p in planned.items():  # q/k/v packed into one MatMulNBits (rows concatenated)
+        packed = rows.get(name.rsplit(".", 1)[0] + ".qkv_proj") if name.endswith(("q_proj", "k_proj", "v_proj")) else None
+        if packed is not None and name not in rows:
+            rows[name] = {"name": name, "op": "MatMulNBits (packed qkv)", "format": p.get("format"), "rank": 0,
+                          "shape": p.get("shape"), "bytes": p.get("bytes")}
+    for name in [n for n in rows if n.endswith(".qkv_proj") and n not in planned]:
+        del rows[name]  # listed as its three matrices
     for name, p in planned.items():  # floating-point matrices are plain MatMul / Gather in the graph
         if name not in rows:
             rows[name] = {"name": name, "op": "Gather" if p.get("kind") == "embedding" else "MatMul",
@@ -102,11 +120,11 @@ def inspect_onnx(path: str | Path) -> dict:
              + (f", family {meta['quantseal.family']}" if "quantseal.family" in meta else ""),
              "ops: " + ", ".join(f"{op} {c}" for op, c in sorted(ops.items(), key=lambda x: (-x[1], x[0])))]
     if rows:
-        lines.append(f"{'matrix':<48} {'op':<20} {'format':<10} {'rank':>4} {'shape':>11} {'bytes':>9} {'bits/p':>7}")
+        lines.append(f"{'matrix':<48} {'op':<32} {'format':<10} {'rank':>4} {'shape':>11} {'bytes':>9} {'bits/p':>7}")
         for r in rows.values():
             shape = "x".join(map(str, r["shape"])) if r["shape"] else "?"
             bpp = f"{r['bits_per_param']:.3f}" if r["bits_per_param"] else "?"
-            lines.append(f"{r['name']:<48} {r['op']:<20} {r['format']:<10} {r['rank']:>4} {shape:>11} {r['bytes']:>9} {bpp:>7}")
+            lines.append(f"{r['name']:<48} {r['op']:<32} {r['format']:<10} {r['rank']:>4} {shape:>11} {r['bytes']:>9} {bpp:>7}")
     return {"path": str(path), "type": "onnx", "bytes": file_bytes, "initializer_bytes": total_init,
             "nodes": len(graph.node), "ops": dict(sorted(ops.items())), "matrices": list(rows.values()),
             "metadata": meta, "text": "\n".join(lines)}

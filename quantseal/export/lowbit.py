@@ -20,12 +20,16 @@ nf4_bB         ``MatMulBnb4`` (quant_type 1 = NF4).  bitsandbytes' layout: the c
 fp16 / fp32    Cast (fp16 only) → Transpose → MatMul.
 =============  ==========================================================================
 
+A folded LoKr adapter may add a Kronecker branch ``K1 ⊗ K2`` (``K1: (o1, i1)``, ``K2: (o2, i2)``,
+N = o1·o2, K = i1·i2), computed without forming it: ``Reshape(x, [−1, i1, i2]) · K2ᵀ``, then
+``K1 ·`` that (broadcast MatMul), then ``Reshape`` to ``(..., N)``, and added to y.
+
 A token embedding ``E ≈ dequant(Q) + L1 L2`` (``E: (V, H)``) becomes
 ``GatherBlockQuantized(Q, ids)`` (uint8 data [V, nb·B·k/8], bits 2/4/8, quantize_axis 1; Slice
 when H is not a multiple of B) plus ``Gather(L1, ids) · L2``; fp16/fp32 tables are a plain Gather.
 
 Every stored tensor keeps its checkpoint name (``<matrix>.qweight``, ``.scales``, ``.qzeros``,
-``.weight``, ``.L1``, ``.L2``) and byte count, so the initialisers of a matrix total exactly the
+``.weight``, ``.L1``, ``.L2``, ``.K1``, ``.K2``) and byte count, so the initialisers of a matrix total exactly the
 manifest's ``bytes``.  Float16 tensors are cast to float32 inside the graph (onnxruntime folds
 those casts into the constants at load).  Functions here are pure: arrays in, nodes out.
 """
@@ -43,7 +47,7 @@ from ..errors import Unsupported
 MS_DOMAIN = "com.microsoft"
 OPSET = 18  # Pad with an ``axes`` input (NF4 with a padded last block)
 RUNNABLE_BITS = (2, 4, 8)  # MatMulNBits / GatherBlockQuantized on CPU in onnxruntime 1.32
-STORED_SUFFIXES = (".qweight", ".scales", ".qzeros", ".weight", ".L1", ".L2")
+STORED_SUFFIXES = (".qweight", ".scales", ".qzeros", ".weight", ".L1", ".L2", ".K1", ".K2")
 
 
 @dataclass
@@ -74,6 +78,7 @@ class Nodes:
 
     nodes: list[NodeProto] = field(default_factory=list)
     initializers: list[TensorProto] = field(default_factory=list)
+    dtype: type = np.float32  # the compute type: float32 (CPU), or float16 (a CUDA graph)
 
     def init(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
@@ -84,13 +89,19 @@ class Nodes:
         return output
 
     def as_float(self, name: str, array: np.ndarray) -> str:
-        """An initialiser stored as-is, read as float32 (Cast when it is float16)."""
+        """An initialiser stored as-is, read in the compute type (a Cast when the stored float
+        type differs; onnxruntime folds it into the constant at load)."""
         self.init(name, array)
-        if array.dtype == np.float16:
-            return self.node("Cast", [name], name + ".f32", to=TensorProto.FLOAT)
-        if array.dtype != np.float32:
+        if array.dtype not in (np.float16, np.float32):
             raise TypeError(f"{name}: unexpected dtype {array.dtype}")
-        return name
+        return self.cast(name, array.dtype)
+
+    def cast(self, value: str, dtype) -> str:
+        """``value`` (of float type ``dtype``) in the compute type."""
+        if np.dtype(dtype) == np.dtype(self.dtype):
+            return value
+        suffix, to = (".f32", TensorProto.FLOAT) if self.dtype == np.float32 else (".f16", TensorProto.FLOAT16)
+        return self.node("Cast", [value], value + suffix, to=to)
 
     def transposed(self, name: str, array: np.ndarray) -> str:
         """float32 view of ``arrayᵀ`` (2-D), the stored tensor kept untransposed."""
@@ -133,6 +144,23 @@ def _low_rank(g: Nodes, m: StoredMatrix, x: str) -> str | None:
     return g.node("MatMul", [h, l1t], f"{m.name}.lowrank_y")
 
 
+def _kronecker(g: Nodes, m: StoredMatrix, x: str) -> str | None:
+    """``x · (K1 ⊗ K2)ᵀ`` for x (..., i1·i2): Reshape to (−1, i1, i2), MatMul by K2ᵀ, MatMul K1 from
+    the left (broadcast), Reshape back to (..., o1·o2); None without a Kronecker branch (LoKr)."""
+    if "K1" not in m.tensors:
+        return None
+    (o1, i1), (o2, i2) = m.tensors["K1"].shape, m.tensors["K2"].shape
+    k1 = g.as_float(f"{m.name}.K1", m.tensors["K1"])
+    k2t = g.transposed(f"{m.name}.K2", m.tensors["K2"])
+    x3 = g.node("Reshape", [x, g.init(f"{m.name}.kron_in", np.array([-1, i1, i2], dtype=np.int64))], f"{m.name}.kron_x")
+    h = g.node("MatMul", [x3, k2t], f"{m.name}.kron_h")  # (B, i1, o2)
+    h = g.node("MatMul", [k1, h], f"{m.name}.kron_y3")  # (B, o1, o2)
+    lead = g.node("Shape", [x], f"{m.name}.kron_shape", end=-1)
+    out_shape = g.node("Concat", [lead, g.init(f"{m.name}.kron_n", np.array([o1 * o2], dtype=np.int64))],
+                       f"{m.name}.kron_out", axis=0)
+    return g.node("Reshape", [h, out_shape], f"{m.name}.kron_y")
+
+
 def activation_qdq(g: "Nodes", name: str, x: str, act: dict) -> str:
     """``x̂ = DequantizeLinear(QuantizeLinear(x))`` with a calibrated static per-tensor scale and
     zero point (uint8 for A8, uint4 for A4: opset 21): exactly CBQ's fake quantiser
@@ -140,7 +168,7 @@ def activation_qdq(g: "Nodes", name: str, x: str, act: dict) -> str:
     bits = int(act["bits"])
     if bits not in (4, 8) or act.get("signed", False):
         raise Unsupported(f"{name}: unsigned 4- or 8-bit activations export, not {bits}-bit")
-    scale = g.init(f"{name}.act_scale", np.array(act["scale"], dtype=np.float32))
+    scale = g.init(f"{name}.act_scale", np.array(act["scale"], dtype=g.dtype))
     if bits == 8:
         zero = g.init(f"{name}.act_zero", np.array(act["zero_point"], dtype=np.uint8))
     else:
@@ -150,17 +178,20 @@ def activation_qdq(g: "Nodes", name: str, x: str, act: dict) -> str:
     return g.node("DequantizeLinear", [q, scale, zero], f"{name}.x_dq")
 
 
-def linear_nodes(m: StoredMatrix, x: str, y: str, accuracy_level: int = 0, act: dict | None = None) -> Nodes:
-    """Nodes computing ``y = x · dequant(Q)ᵀ + (x · L2ᵀ) · L1ᵀ`` for ``x: (..., K)`` float32;
-    with ``act`` (calibrated activation quantiser) ``x`` is first fake-quantised by a
-    QuantizeLinear / DequantizeLinear pair (:func:`activation_qdq`)."""
+def linear_nodes(m: StoredMatrix, x: str, y: str, accuracy_level: int = 0, act: dict | None = None,
+                 dtype=np.float32) -> Nodes:
+    """Nodes computing ``y = x · dequant(Q)ᵀ + (x · L2ᵀ) · L1ᵀ`` for ``x: (..., K)`` of the compute
+    type ``dtype`` (float32, or float16 for a CUDA graph); with ``act`` (calibrated activation
+    quantiser) ``x`` is first fake-quantised by a QuantizeLinear / DequantizeLinear pair
+    (:func:`activation_qdq`)."""
     _check_runnable(m)
     n, k = m.shape
     spec = m.spec
-    g = Nodes()
+    g = Nodes(dtype=dtype)
     if act is not None:
         x = activation_qdq(g, m.name, x, act)
-    main = y if not m.rank else f"{m.name}.y_q"
+    kron = "K1" in m.tensors
+    main = y if not (m.rank or kron) else f"{m.name}.y_q"
     if spec.kind == "int":
         inputs = [x, g.init(f"{m.name}.qweight", m.tensors["qweight"]),
                   g.as_float(f"{m.name}.scales", m.tensors["scales"])]
@@ -185,17 +216,21 @@ def linear_nodes(m: StoredMatrix, x: str, y: str, accuracy_level: int = 0, act: 
         wt = g.transposed(f"{m.name}.weight", m.tensors["weight"])
         g.node("MatMul", [x, wt], main)
     lr = _low_rank(g, m, x)
-    if lr is not None:
-        g.node("Add", [main, lr], y)
+    kr = _kronecker(g, m, x)
+    if lr is not None and kr is not None:
+        g.node("Add", [g.node("Add", [main, lr], f"{m.name}.y_lr"), kr], y)
+    elif lr is not None or kr is not None:
+        g.node("Add", [main, lr if lr is not None else kr], y)
     return g
 
 
-def embedding_nodes(m: StoredMatrix, ids: str, y: str) -> Nodes:
-    """Nodes computing ``y = dequant(Q)[ids] + L1[ids] · L2`` for int64 ``ids`` of any shape."""
+def embedding_nodes(m: StoredMatrix, ids: str, y: str, dtype=np.float32) -> Nodes:
+    """Nodes computing ``y = dequant(Q)[ids] + L1[ids] · L2`` (compute type ``dtype``) for int64
+    ``ids`` of any shape."""
     _check_runnable(m)
     v, hdim = m.shape
     spec = m.spec
-    g = Nodes()
+    g = Nodes(dtype=dtype)
     main = y if not m.rank else f"{m.name}.y_q"
     if spec.kind == "int":
         q = m.tensors["qweight"]
@@ -214,17 +249,16 @@ def embedding_nodes(m: StoredMatrix, ids: str, y: str) -> Nodes:
             g.node("Slice", [out, starts, ends, axes], main)
     elif spec.kind == "fp":
         w = m.tensors["weight"]
-        rows = g.node("Gather", [g.init(f"{m.name}.weight", w), ids], main if w.dtype == np.float32 else f"{m.name}.rows")
-        if w.dtype == np.float16:
-            g.node("Cast", [rows], main, to=TensorProto.FLOAT)
+        same = np.dtype(w.dtype) == np.dtype(dtype)
+        rows = g.node("Gather", [g.init(f"{m.name}.weight", w), ids], main if same else f"{m.name}.rows")
+        if not same:
+            g.node("Cast", [rows], main, to=TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16)
     else:
         raise Unsupported(f"{m.name}: a {spec.name} token embedding has no onnxruntime op "
                           "(GatherBlockQuantized takes integer codes); use int4/int8/fp16")
     if m.rank:
         l1 = g.init(f"{m.name}.L1", m.tensors["L1"])
-        rows = g.node("Gather", [l1, ids], f"{m.name}.L1_rows")
-        if m.tensors["L1"].dtype == np.float16:
-            rows = g.node("Cast", [rows], f"{m.name}.L1_rows.f32", to=TensorProto.FLOAT)
+        rows = g.cast(g.node("Gather", [l1, ids], f"{m.name}.L1_rows"), m.tensors["L1"].dtype)
         l2 = g.as_float(f"{m.name}.L2", m.tensors["L2"])
         lr = g.node("MatMul", [rows, l2], f"{m.name}.lowrank_y")
         g.node("Add", [main, lr], y)

@@ -1,9 +1,10 @@
 """Compressed checkpoint → one ONNX file that plain onnxruntime runs with the weights kept low-bit.
 
 Encoders (BERT family): inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64,
-dynamic batch × sequence), output ``sentence_embedding`` (B, H): mean pooling over the mask and
-L2 normalisation inside the graph (DESIGN §5).  Decoders (LLaMA family) go through
-:mod:`.decoder` (logits + KV cache), which reuses steps 2–3 below.
+dynamic batch × sequence), output ``sentence_embedding`` (B, D): pooling over the mask and
+normalisation inside the graph as the source's sentence-transformers files say (mean + L2 by
+default; :mod:`quantseal.sbert`), recorded with ``max_seq_length`` in the metadata (DESIGN §5).
+Decoders (LLaMA family) go through :mod:`.decoder` (logits + KV cache), which reuses steps 2–3 below.
 
 How:
 
@@ -37,6 +38,7 @@ from onnx import helper, numpy_helper
 from .. import __version__
 from .. import checkpoint as ckpt
 from ..errors import BadInput, Unsupported
+from ..sbert import Conventions, convention_files, read_conventions
 from .lowbit import MS_DOMAIN, OPSET, STORED_SUFFIXES, StoredMatrix, embedding_nodes, initializer_bytes, linear_nodes
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -68,14 +70,17 @@ def float_effective(model) -> dict[str, str]:
     import torch
     from torch import nn
 
-    from ..compress.qlinear import CompressedEmbedding, CompressedLinear, set_submodule
+    from ..compress.qlinear import CompressedEmbedding, CompressedLinear, OutputScaledLinear, set_submodule
     from ..compress.smoothing import attach_input_smoothing, has_input_smoothing, input_smoothing
 
     digests: dict[str, str] = {}
     for name, mod in list(model.named_modules()):
         if isinstance(mod, CompressedLinear):
             w = mod.effective_weight()
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            if mod.output_scale is not None:  # traced as Mul(MatMul(x, Wᵀ), o) (+ bias)
+                lin = OutputScaledLinear(mod.in_features, mod.out_features, mod.bias is not None, mod.output_scale)
+            else:
+                lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
             with torch.no_grad():
                 lin.weight.copy_(w)
                 if mod.bias is not None:
@@ -96,27 +101,25 @@ def float_effective(model) -> dict[str, str]:
     return digests
 
 
-def _float_encoder(model):
+def _float_encoder(model, conventions: Conventions | None = None):
     """The encoder with effective float weights (:func:`float_effective`) wrapped to output the
-    pooled, normalised sentence embedding; returns ``(wrapper, digests)``."""
-    from torch import nn
-
-    from ..models import mean_pool_normalize
+    sentence embedding pooled as ``conventions`` say (default: mean + L2, see
+    :mod:`quantseal.sbert`); returns ``(wrapper, digests)``."""
+    from .pooling import SentenceEncoder
 
     digests = float_effective(model)
+    return SentenceEncoder(model, conventions).eval(), digests
 
-    class SentenceEncoder(nn.Module):
-        """(input_ids, attention_mask, token_type_ids) → L2-normalised mean-pooled (B, H)."""
 
-        def __init__(self, encoder):
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-            return mean_pool_normalize(out.last_hidden_state, attention_mask)
-
-    return SentenceEncoder(model).eval(), digests
+def checkpoint_conventions(checkpoint: Path, manifest: ckpt.Manifest, config: dict) -> Conventions:
+    """The sentence-transformers conventions of a checkpoint: its own copies of the source's
+    ``modules.json`` / ``sentence_bert_config.json`` / pooling config, else (a checkpoint written
+    before they were copied) the source folder's when it is still there, else the defaults."""
+    source = Path(str(manifest.source.get("path") or ""))
+    folder = checkpoint
+    if not convention_files(checkpoint) and manifest.source.get("path") and convention_files(source):
+        folder = source
+    return read_conventions(folder, config)
 
 
 def _trace_to_onnx(wrapper, path: Path, vocab: int) -> None:
@@ -223,8 +226,14 @@ def _make_parent(output: Path) -> None:
 
 
 def write_model(model: onnx.ModelProto, output: Path, tokenizer: Path | None) -> list[Path]:
-    """Write ``model`` (and ``<name>.data`` when large, and ``tokenizer.json``) atomically:
-    everything goes to a temporary folder beside ``output`` first, then is renamed into place."""
+    """Write ``model`` (and ``<name>.data`` when large, ``tokenizer.json``, for an encoder the
+    tokenizer files that make ``AutoTokenizer.from_pretrained(folder)`` give the graph's inputs:
+    :func:`~.tokenizer_files.companion_files`, and for a decoder the onnxruntime-genai files its
+    metadata carries: :func:`~.genai_config.companion_files`) atomically: everything goes to a
+    temporary folder beside ``output`` first, then is renamed into place, the model last."""
+    from .genai_config import companion_files
+    from .tokenizer_files import companion_files as tokenizer_companions
+
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     except OSError as exc:
@@ -238,6 +247,12 @@ def write_model(model: onnx.ModelProto, output: Path, tokenizer: Path | None) ->
         if tokenizer is not None and tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / TOKENIZER)
             moves.append((tmp / TOKENIZER, output.parent / TOKENIZER))
+            for name, data in tokenizer_companions(tokenizer, model).items():
+                (tmp / name).write_bytes(data)
+                moves.append((tmp / name, output.parent / name))
+        for name, data in companion_files({p.key: p.value for p in model.metadata_props}, output.name).items():
+            (tmp / name).write_bytes(data)
+            moves.append((tmp / name, output.parent / name))
         moves.append((tmp / output.name, output))  # the model last: it is what makes the set visible
         for src, dst in moves:
             if dst.is_dir():
@@ -266,9 +281,27 @@ def _metadata(manifest: ckpt.Manifest, family: str, matrix_bytes: dict[str, int]
     }
 
 
-def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int = 0) -> dict:
+def default_accuracy_level(checkpoint: str | Path) -> int:
+    """MatMulNBits' ``accuracy_level`` for a checkpoint's target: 4 (int8 activations) for a
+    decoder, which runs one token at a time on CPU — there an 8-bit MatMulNBits is ~80x and a
+    4-bit one ~2.7x slower at level 0 (benchmarks/decoder_smollm2.py measures the quality cost) —
+    and 0 (float32 compute) for an encoder; 0 when the folder cannot be read (export says why)."""
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    from ..models import FAMILY_BY_MODEL_TYPE
+
+    fam = FAMILY_BY_MODEL_TYPE.get(config.get("model_type") if isinstance(config, dict) else None)
+    return 4 if fam is not None and fam.name == "decoder" else 0
+
+
+def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int = 0, dtype: str = "fp32") -> dict:
     """Export a compressed checkpoint folder to ``output`` (.onnx).  Returns the report that
-    ``quantseal export --json`` prints: path, bytes, matrices, ops, seconds, ..."""
+    ``quantseal export --json`` prints: path, bytes, matrices, ops, seconds, ...  ``dtype``:
+    the compute type, ``"fp32"`` or (decoders, for the CUDA execution provider) ``"fp16"``."""
+    if dtype not in ("fp32", "fp16"):
+        raise BadInput(f"--dtype must be fp32 or fp16, not {dtype!r}")
     t0 = time.perf_counter()
     checkpoint, output = Path(checkpoint), Path(output)
     _check_output(output)
@@ -280,12 +313,15 @@ def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int 
     if fam is not ENCODER:
         from .decoder import export_decoder
 
-        return export_decoder(checkpoint, output, manifest, tensors, config, accuracy_level, t0)
+        return export_decoder(checkpoint, output, manifest, tensors, config, accuracy_level, t0, dtype)
+    if dtype != "fp32":
+        raise Unsupported(f"{checkpoint}: --dtype {dtype} is for decoder graphs; encoders export in float32")
     matrices = stored_matrices(manifest, tensors)
     del tensors
     _make_parent(output)
+    conventions = checkpoint_conventions(checkpoint, manifest, config)
     model, _, _ = ckpt.load_compressed(checkpoint)
-    wrapper, digests = _float_encoder(model)
+    wrapper, digests = _float_encoder(model, conventions)
     with tempfile.TemporaryDirectory(prefix=".quantseal-trace.", dir=output.parent) as work:
         traced = Path(work) / "float.onnx"
         _trace_to_onnx(wrapper, traced, int(config.get("vocab_size", 30522)))
@@ -293,8 +329,9 @@ def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int 
         proto = onnx.load(str(traced))
     rewrite_lowbit(proto, digests, matrices, accuracy_level, manifest.extra.get("activations"))
     matrix_bytes = matrix_initializer_bytes(proto, matrices)
-    return finish_export(proto, output, checkpoint, manifest, fam.name, matrix_bytes,
-                         _metadata(manifest, fam.name, matrix_bytes), t0)
+    meta = _metadata(manifest, fam.name, matrix_bytes)
+    meta.update(conventions.metadata())  # quantseal.pooling, .max_seq_length, ...: what the runtime reads
+    return finish_export(proto, output, checkpoint, manifest, fam.name, matrix_bytes, meta, t0)
 
 
 def finish_export(proto: onnx.ModelProto, output: Path, checkpoint: Path, manifest: ckpt.Manifest, family: str,
@@ -313,7 +350,7 @@ def finish_export(proto: onnx.ModelProto, output: Path, checkpoint: Path, manife
     ops = Counter(n.op_type for n in proto.graph.node)
     return {
         "path": str(output),
-        "bytes": sum(p.stat().st_size for p in written if p.name != TOKENIZER),
+        "bytes": sum(p.stat().st_size for p in written if p.suffix in (".onnx", ".data")),
         "files": [str(p) for p in written],
         "matrices": len(matrix_bytes),
         "matrix_bytes": sum(matrix_bytes.values()),

@@ -35,9 +35,7 @@ shapes, ranks and byte counts.
 Decoders (LLaMA family, a board from :mod:`quantseal.compress.markboard_decoder`) are marked the
 same way.  With a tied LM head the head reads the same marked table ``E' (+ L1'' L2'')``
 (:mod:`quantseal.export.decoder`), so the vocab × hidden table is still stored once; the template
-swap replaces ``E'`` (and any ``L1``, ``L2``) for the lookup and the head at once.  The marked checkpoint keeps the source's stored ``lm_head.weight`` (the unmarked
-table) untouched; for a tied model neither :func:`~quantseal.checkpoint.load_compressed` nor the
-export reads it.
+swap replaces ``E'`` (and any ``L1``, ``L2``) for the lookup and the head at once.  A tied model's checkpoint stores no ``lm_head.weight`` (it is the table).
 """
 
 from __future__ import annotations
@@ -205,7 +203,7 @@ def export_marked(checkpoint, output, board_path, key: bytes, registry: qkeys.Re
             written = None  # a stale or foreign template: trace instead (and replace it below)
         if written:
             proto = onnx.load(str(output), load_external_data=False)
-            return {"path": str(output), "bytes": sum(p.stat().st_size for p in written if p.name != TOKENIZER),
+            return {"path": str(output), "bytes": sum(p.stat().st_size for p in written if p.suffix in (".onnx", ".data")),
                     "files": [str(p) for p in written], "matrices": len(marked[0].matrices),
                     "matrix_bytes": sum(e.bytes for e in marked[0].matrices.values()),
                     "formats": dict(Counter(e.format for e in marked[0].matrices.values())),
@@ -284,6 +282,8 @@ def swap_into_template(template, output, manifest: Manifest, tensors: dict[str, 
                 new[init.name] = numpy_helper.to_array(init)
     for k, arr in new.items():
         old = inits[k]
+        if k.endswith(".qweight") and arr.size == int(np.prod(old.dims)):
+            arr = arr.reshape(tuple(old.dims))  # a tied decoder table keeps MatMulNBits' 3-D codes
         if list(old.dims) != list(arr.shape) or old.data_type != onnx.helper.np_dtype_to_tensor_dtype(arr.dtype):
             raise BadInput(f"{template}: initialiser {k} has another shape or dtype")
         old.CopyFrom(numpy_helper.from_array(arr, k))

@@ -5,26 +5,24 @@ batch (``{"input_ids": (B, T), "attention_mask": (B, T), ...}`` numpy arrays or 
 stand in for a local model wherever a token-level ``embed_fn`` is expected (black-box
 verification).  ``EndpointCausalLM(url)`` is the decoder side: ``generate(prompt)`` and
 ``next_logits(id_lists, tokens)``.  Every failure, an endpoint that does not answer included, is a
-:class:`~quantseal.errors.BadInput` naming the URL.
+:class:`~quantseal.errors.BadInput` naming the URL; deadlines, the answer size cap, retries
+and authentication headers are the :class:`~quantseal.runtime.transport.Transport`'s.
 """
 
 from __future__ import annotations
 
-import json
-import socket
-import urllib.error
-import urllib.request
-
 import numpy as np
 
 from ..errors import BadInput
+from .transport import Transport
 
 
 class EndpointEmbedder:
     """Embeddings from an HTTP endpoint.  ``url``: its base (``http://127.0.0.1:8000``) or its
-    ``/embed`` address; ``timeout``: seconds per request."""
+    ``/embed`` address; ``timeout``: seconds per query; further keywords (``deadline``,
+    ``max_bytes``, ``qps``, ``headers``, ``retries``) go to the :class:`~.transport.Transport`."""
 
-    def __init__(self, url: str, timeout: float = 60.0):
+    def __init__(self, url: str, timeout: float = 60.0, **transport):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise BadInput(f"{url!r}: an endpoint URL starts with http:// or https://")
         base = url.rstrip("/")
@@ -32,32 +30,10 @@ class EndpointEmbedder:
             base = base[: -len("/embed")]
         self.base = base
         self.timeout = timeout
+        self.transport = Transport(base, timeout=timeout, **transport)
 
     def _request(self, path: str, payload: dict | None = None) -> dict:
-        url = self.base + path
-        data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
-                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                body = resp.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode("utf-8", "replace")
-            try:
-                detail = json.loads(detail).get("error", detail)
-            except (json.JSONDecodeError, AttributeError):
-                pass
-            raise BadInput(f"{url}: the endpoint refused the request (HTTP {exc.code}: {str(detail)[:300]})") from exc
-        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise BadInput(f"{url}: the endpoint does not answer ({reason})") from exc
-        try:
-            out = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadInput(f"{url}: the answer is not JSON") from exc
-        if not isinstance(out, dict):
-            raise BadInput(f"{url}: the answer is not a JSON object")
-        return out
+        return self.transport.request("GET" if payload is None else "POST", path, payload)
 
     def health(self) -> dict:
         return self._request("/health")
@@ -109,11 +85,12 @@ class EndpointEmbedder:
 class EndpointCausalLM(EndpointEmbedder):
     """A decoder served by ``quantseal serve``: greedy ``/generate`` and next-token ``/logits``."""
 
-    def __init__(self, url: str, timeout: float = 60.0):
-        super().__init__(url, timeout)
+    def __init__(self, url: str, timeout: float = 60.0, **transport):
+        super().__init__(url, timeout, **transport)
         for suffix in ("/generate", "/logits"):
             if self.base.endswith(suffix):
                 self.base = self.base[: -len(suffix)]
+                self.transport = Transport(self.base, timeout=timeout, **transport)
 
     def generate(self, prompt: str, max_new_tokens: int = 20) -> str:
         out = self._request("/generate", {"prompt": prompt, "max_new_tokens": int(max_new_tokens)})

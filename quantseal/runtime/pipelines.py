@@ -1,9 +1,11 @@
 """Pipelines on top of a :class:`~quantseal.runtime.session.Session` and a ``tokenizer.json``.
 
-``Embedder``: texts → L2-normalised sentence embeddings (n, H) float32 from an exported encoder,
-whose graph already holds mean pooling and normalisation.  ``CausalLM``: logits and greedy
-generation with the KV cache from an exported decoder (:mod:`quantseal.export.decoder` describes
-its inputs and outputs).  No torch (DESIGN §2).
+``Embedder``: texts → sentence embeddings (n, D) float32 from an exported encoder, whose graph
+already holds the pooling and normalisation; truncation length and lowercasing follow the model's
+sentence-transformers conventions recorded in the file (:mod:`quantseal.sbert`).  ``CausalLM``:
+logits and greedy generation with the KV cache from an exported decoder
+(:mod:`quantseal.export.decoder` describes its inputs and outputs).  Tokenisation is the
+``tokenizers`` library on ``tokenizer.json``: neither torch nor transformers is imported (DESIGN §2).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
+from ..sbert import Conventions
 from ..text import TextTokenizer
 from .session import Session
 
@@ -34,20 +37,53 @@ def find_tokenizer(model_path: str | Path, tokenizer: str | Path | None = None) 
     return folder
 
 
+def sentence_tokenizer(folder: str | Path, max_length: int, lowercase: bool = False) -> TextTokenizer:
+    """``folder/tokenizer.json`` truncating at ``max_length`` tokens (special tokens included), as
+    sentence-transformers' tokenizer call does; ``lowercase``: a ``Lowercase`` normaliser in front
+    unless the tokenizer already has one (sentence-transformers' ``do_lower_case``)."""
+    from tokenizers import Tokenizer
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    path = Path(folder) / TOKENIZER
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own Exception type
+        raise BadInput(f"{path}: cannot read the tokenizer ({exc})") from exc
+    if lowercase:
+        norm = tok.normalizer
+        has = isinstance(norm, Lowercase) or (isinstance(norm, Sequence) and any(isinstance(n, Lowercase) for n in norm))
+        if not has:
+            tok.normalizer = Sequence([Lowercase()] + (list(norm) if isinstance(norm, Sequence)
+                                                       else [norm] if norm is not None else []))
+    return TextTokenizer.from_backend(tok, max_length=max_length)
+
+
 class Embedder:
     """Sentence embeddings through onnxruntime.
 
     ``model_path``: an ONNX file exported by ``quantseal export`` (output ``sentence_embedding``).
     ``tokenizer``: ``tokenizer.json`` or its folder (default: beside the model).
+    ``max_length``: truncation length in tokens, special tokens included (default: the model's
+    ``max_seq_length`` recorded at export, 256 for all-MiniLM-L6-v2; 128 for older files); at most
+    the model's ``max_position_embeddings``.
     """
 
     def __init__(self, model_path: str | Path, tokenizer: str | Path | None = None, provider: str = "auto",
-                 threads: int | None = None, max_length: int = 128, batch_size: int = 32):
+                 threads: int | None = None, max_length: int | None = None, batch_size: int = 32):
         self.session = Session(model_path, provider=provider, threads=threads)
         if "sentence_embedding" not in self.session.output_names:
             hint = "; a decoder: use --prompt / CausalLM" if "logits" in self.session.output_names else ""
             raise BadInput(f"{model_path}: not an embedding model (outputs {self.session.output_names[:4]}{hint})")
-        self.tokenizer = TextTokenizer(find_tokenizer(model_path, tokenizer), max_length=max_length)
+        self.conventions = Conventions.from_metadata(self.session.metadata)
+        max_length = self.conventions.max_seq_length if max_length is None else int(max_length)
+        limit = self.conventions.max_positions
+        if max_length < 2:
+            raise BadInput(f"max length must be at least 2 tokens ([CLS] and [SEP]), not {max_length}")
+        if limit is not None and max_length > limit:
+            raise BadInput(f"max length {max_length} exceeds the model's {limit} positions (max_position_embeddings)")
+        self.max_length = max_length
+        self.tokenizer = sentence_tokenizer(find_tokenizer(model_path, tokenizer), max_length,
+                                            self.conventions.do_lower_case)
         if batch_size < 1:
             raise BadInput(f"batch size must be at least 1, not {batch_size}")
         self.batch_size = batch_size
@@ -107,7 +143,8 @@ class CausalLM:
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         """The cache of no tokens: float32 (batch, kv_heads, 0, head_dim) per layer and key/value."""
-        z = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), dtype=np.float32)
+        dtype = np.float16 if self.session.input_types.get(self._past_names[0]) == "tensor(float16)" else np.float32
+        z = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), dtype=dtype)
         return {n: z for n in self._past_names}
 
     def step(self, ids: np.ndarray, attention_mask: np.ndarray,
@@ -119,7 +156,7 @@ class CausalLM:
         feeds.update(self.empty_past(ids.shape[0]) if past is None else past)
         out = self.session.run(feeds, ["logits", *self._present_names])
         present = {p: out[q] for p, q in zip(self._past_names, self._present_names)}
-        return out["logits"], present
+        return out["logits"].astype(np.float32, copy=False), present  # a float16 graph's too
 
     def logits(self, ids, attention_mask=None) -> np.ndarray:
         """float32 (B, T, V) logits of a batch of token ids (B, T) (or one sequence (T,) → (T, V))."""

@@ -24,40 +24,48 @@ A decoder (an export with ``logits`` and a KV cache) answers instead:
                            exposes
 =========================  ==================================================================
 
-Every answer is JSON.  A malformed request (not JSON, missing or mistyped fields, an empty or
-too-large batch, token ids outside the vocabulary, ...) gets HTTP 400 ``{"error": "..."}``; an
-unknown path 404, a wrong method 405, an over-long body 413.  The server keeps serving after any of
-them.  Inference runs one request at a time (a lock): onnxruntime already uses the cores.
+Both also answer the OpenAI-compatible routes of :mod:`quantseal.runtime.openai_routes`
+(``/v1/embeddings``; ``/v1/completions``, ``/v1/chat/completions`` with log-probabilities).
+
+Every answer is JSON.  A malformed request (not JSON, nested too deeply, missing or mistyped
+fields, an empty or too-large batch, a text longer than ``max_chars`` or with a lone surrogate,
+token ids outside the vocabulary, ...) gets HTTP 400 ``{"error": "..."}``; an unknown path 404, a
+method other than GET/POST 405, an over-long body 413.  The server keeps serving after any of
+them.  The HTTP layer (deadlines, worker pool, bearer token) is :mod:`.http_server`.  Texts are
+checked against ``max_chars`` before tokenisation and tokenised outside the inference lock; only
+``session.run`` holds it (onnxruntime already uses the cores).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BadInput
+from . import openai_routes
+from .http_server import HTTPServer, Limits, RequestError, describe_routes  # noqa: F401 - re-exported
 from .pipelines import CausalLM, Embedder
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
 MAX_TOKENS = 512  # per row of a token-level query (BERT's position table)
-MAX_BODY = 16 << 20  # bytes
 MAX_NEW_TOKENS = 256
+MAX_CHARS = 100_000  # per text, checked before tokenisation
+_ID_LIMIT = 1 << 31
 
 
-class RequestError(Exception):
-    """A bad request: HTTP ``status`` and a message for the client."""
-
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
-        super().__init__(message)
-        self.status = int(status)
+def check_text(text: str, what: str, max_chars: int) -> None:
+    """Refuse a text longer than ``max_chars`` or that is not encodable Unicode (lone surrogates)."""
+    if len(text) > max_chars:
+        raise RequestError(f"{what} has {len(text)} characters (at most {max_chars})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{what} is not valid Unicode (a lone surrogate?)") from None
 
 
 def _int_matrix(value, field: str, max_rows: int, max_cols: int, ragged: bool) -> list[list[int]]:
@@ -73,6 +81,8 @@ def _int_matrix(value, field: str, max_rows: int, max_cols: int, ragged: bool) -
             raise RequestError(f"'{field}'[{i}] has {len(row)} tokens (at most {max_cols})")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in row):
             raise RequestError(f"'{field}'[{i}] must hold integers only")
+        if not all(-_ID_LIMIT < x < _ID_LIMIT for x in row):
+            raise RequestError(f"'{field}'[{i}] holds an integer out of range (token ids must lie in the vocabulary)")
     if not ragged and len({len(r) for r in value}) != 1:
         raise RequestError(f"rows of '{field}' differ in length; pad them or omit 'attention_mask'")
     return value
@@ -81,22 +91,29 @@ def _int_matrix(value, field: str, max_rows: int, max_cols: int, ragged: bool) -
 class EmbeddingService:
     """The request logic, independent of HTTP: validate a JSON payload, run the model, answer."""
 
-    def __init__(self, embedder: Embedder, max_batch: int = MAX_BATCH, max_tokens: int = MAX_TOKENS):
-        if max_batch < 1 or max_tokens < 1:
-            raise BadInput("max_batch and max_tokens must be at least 1")
+    def __init__(self, embedder: Embedder, max_batch: int = MAX_BATCH, max_tokens: int = MAX_TOKENS,
+                 max_chars: int = MAX_CHARS):
+        if max_batch < 1 or max_tokens < 1 or max_chars < 1:
+            raise BadInput("max_batch, max_tokens and max_chars must be at least 1")
         self.embedder = embedder
         self.max_batch = max_batch
         self.max_tokens = max_tokens
+        self.max_chars = max_chars
         self.vocab_size = embedder.tokenizer.vocab_size
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self.dim = int(self._run_texts(["ok"]).shape[1])  # warm-up; also proves the model runs
-        self.routes = {"/embed": self.embed}
+        self.routes = {"/embed": self.embed, "/v1/embeddings": lambda p: openai_routes.embeddings(self, p)}
         self.provider = embedder.provider
+        self.name = embedder.session.path.stem
+
+    def public_health(self) -> dict:
+        """What ``/health`` shows without the bearer token."""
+        return {"status": "ok"}
 
     @classmethod
     def from_path(cls, model: str | Path, provider: str = "auto", threads: int | None = None,
-                  tokenizer: str | Path | None = None, **kw) -> "EmbeddingService":
-        return cls(Embedder(model, tokenizer=tokenizer, provider=provider, threads=threads), **kw)
+                  tokenizer: str | Path | None = None, max_length: int | None = None, **kw) -> "EmbeddingService":
+        return cls(Embedder(model, tokenizer=tokenizer, provider=provider, threads=threads, max_length=max_length), **kw)
 
     def health(self) -> dict:
         sess = self.embedder.session
@@ -107,11 +124,16 @@ class EmbeddingService:
                 "max_batch": self.max_batch, "max_tokens": self.max_tokens, "metadata": meta}
 
     def _run_texts(self, texts: list[str]) -> np.ndarray:
-        with self._lock:
-            return self.embedder.embed(texts)
+        bs = self.embedder.batch_size
+        batches = [self.embedder.tokenizer(texts[i:i + bs]) for i in range(0, len(texts), bs)]  # no lock
+        out = []
+        for feeds in batches:
+            with self.lock:
+                out.append(self.embedder.session.run(feeds, ["sentence_embedding"])["sentence_embedding"])
+        return np.concatenate(out)
 
     def _run_ids(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        with self._lock:
+        with self.lock:
             return self.embedder.session.run(feeds, ["sentence_embedding"])["sentence_embedding"]
 
     def embed(self, payload) -> dict:
@@ -128,6 +150,8 @@ class EmbeddingService:
                 raise RequestError(f"batch of {len(texts)} texts is too large (at most {self.max_batch} per request)")
             if not all(isinstance(t, str) for t in texts):
                 raise RequestError("'texts' must hold strings only")
+            for i, t in enumerate(texts):
+                check_text(t, f"text {i}", self.max_chars)
             vectors = self._run_texts(texts)
         else:
             vectors = self._run_ids(self._id_feeds(payload))
@@ -167,17 +191,28 @@ class GenerationService:
     """Request logic for a decoder: greedy ``/generate`` and next-token ``/logits``."""
 
     def __init__(self, lm: CausalLM, max_batch: int = MAX_BATCH, max_tokens: int = MAX_TOKENS,
-                 max_new_tokens: int = MAX_NEW_TOKENS):
-        if max_batch < 1 or max_tokens < 1 or max_new_tokens < 0:
-            raise BadInput("max_batch and max_tokens must be at least 1, max_new_tokens non-negative")
+                 max_new_tokens: int = MAX_NEW_TOKENS, max_chars: int = MAX_CHARS):
+        if max_batch < 1 or max_tokens < 1 or max_new_tokens < 0 or max_chars < 1:
+            raise BadInput("max_batch, max_tokens and max_chars must be at least 1, max_new_tokens non-negative")
         self.lm = lm
         self.max_batch, self.max_tokens, self.max_new_tokens = max_batch, max_tokens, max_new_tokens
+        self.max_chars = max_chars
         self.vocab_size = int(lm.tokenizer.get_vocab_size())
-        self._lock = threading.Lock()
-        self.routes = {"/generate": self.generate, "/logits": self.logits}
+        self.lock = threading.Lock()
+        self.routes = {"/generate": self.generate, "/logits": self.logits,
+                       "/v1/completions": lambda p: openai_routes.completions(self, p),
+                       "/v1/chat/completions": lambda p: openai_routes.chat_completions(self, p)}
         self.provider = lm.provider
-        with self._lock:  # warm-up; also proves the model runs
+        self.name = lm.session.path.stem
+        with self.lock:  # warm-up; also proves the model runs
             self.vocab_out = int(lm.logits(np.array([[0]]))[0].shape[-1])
+
+    def check_text(self, text: str, what: str) -> None:
+        check_text(text, what, self.max_chars)
+
+    def public_health(self) -> dict:
+        """What ``/health`` shows without the bearer token."""
+        return {"status": "ok"}
 
     @classmethod
     def from_path(cls, model: str | Path, provider: str = "auto", threads: int | None = None,
@@ -205,6 +240,7 @@ class GenerationService:
         if "prompt" in payload:
             if not isinstance(payload["prompt"], str) or not payload["prompt"]:
                 raise RequestError("'prompt' must be a non-empty string")
+            self.check_text(payload["prompt"], "'prompt'")
             ids = self.lm.encode(payload["prompt"])
             if not ids:
                 raise RequestError("the prompt encodes to no tokens")
@@ -213,7 +249,7 @@ class GenerationService:
             self._ids([ids])
         if len(ids) + n > self.max_tokens:
             raise RequestError(f"prompt of {len(ids)} tokens + {n} new exceeds {self.max_tokens}")
-        with self._lock:
+        with self.lock:
             new = self.lm.generate_ids(ids, n)
         return {"text": self.lm.decode(new), "ids": new, "n": len(new)}
 
@@ -226,104 +262,36 @@ class GenerationService:
         if tokens is not None:
             tokens = _int_matrix([tokens], "tokens", 1, self.vocab_out, ragged=True)[0]
             self._ids([tokens])
-        with self._lock:  # right-padded: the real tokens keep positions 0..len-1
+        with self.lock:  # right-padded: the real tokens keep positions 0..len-1
             last = self.lm.next_logits(rows, tokens)
         return {"logits": last.tolist(), "n": int(last.shape[0]), "dim": int(last.shape[1])}
 
 
 def service_for(model: str | Path, provider: str = "auto", threads: int | None = None,
-                tokenizer: str | Path | None = None, max_batch: int = MAX_BATCH):
+                tokenizer: str | Path | None = None, max_batch: int = MAX_BATCH, max_chars: int = MAX_CHARS,
+                max_length: int | None = None):
     """The service an exported file calls for: :class:`GenerationService` for a decoder (a
     ``logits`` output), else :class:`EmbeddingService`."""
     from .session import Session
 
     outputs = Session(model, provider="cpu").output_names
     cls = GenerationService if "logits" in outputs else EmbeddingService
-    return cls.from_path(model, provider=provider, threads=threads, tokenizer=tokenizer, max_batch=max_batch)
+    extra = {} if max_length is None else {"max_length": max_length}  # embedders' truncation length
+    if extra and cls is GenerationService:
+        raise BadInput("--max-length applies to embedding models; this is a decoder")
+    return cls.from_path(model, provider=provider, threads=threads, tokenizer=tokenizer, max_batch=max_batch,
+                         max_chars=max_chars, **extra)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "quantseal"
-    protocol_version = "HTTP/1.1"
-    service: EmbeddingService | GenerationService  # set on the subclass made by make_server
-
-    def log_message(self, format, *args):  # noqa: A002 - the base class's name
-        log.info("%s %s", self.address_string(), format % args)
-
-    def _send(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, status: int, message: str) -> None:
-        self._send(status, {"error": message, "status": status})
-
-    def do_GET(self):  # noqa: N802 - http.server's naming
-        path = self.path.split("?", 1)[0]
-        if path == "/health":
-            self._send(HTTPStatus.OK, self.service.health())
-        elif path in self.service.routes:
-            self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"use POST {path} with a JSON body")
-        else:
-            self._error(HTTPStatus.NOT_FOUND, f"no such path {path!r} ({self._paths()})")
-
-    def _paths(self) -> str:
-        return describe_routes(self.service)
-
-    def do_POST(self):  # noqa: N802
-        path = self.path.split("?", 1)[0]
-        try:
-            length = self.headers.get("Content-Length")
-            if length is None:
-                self.close_connection = True
-                raise RequestError("a Content-Length header is required", HTTPStatus.LENGTH_REQUIRED)
-            try:
-                n = int(length)
-            except ValueError:
-                self.close_connection = True
-                raise RequestError("bad Content-Length") from None
-            if n < 0 or n > MAX_BODY:
-                self.close_connection = True  # the body is not read: the connection cannot be reused
-                raise RequestError(f"body of {n} bytes is too large (at most {MAX_BODY})",
-                                   HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-            raw = self.rfile.read(n)
-            if path not in self.service.routes:
-                raise RequestError(f"no such path {path!r} ({self._paths()})", HTTPStatus.NOT_FOUND)
-            try:
-                payload = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise RequestError(f"the body is not valid JSON ({exc})") from None
-            self._send(HTTPStatus.OK, self.service.routes[path](payload))
-        except RequestError as exc:
-            self._error(exc.status, str(exc))
-        except BadInput as exc:
-            self._error(HTTPStatus.BAD_REQUEST, str(exc))
-        except Exception as exc:  # a bug or a runtime failure: answer, log, keep serving
-            log.exception("error while answering %s", path)
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error ({type(exc).__name__})")
+def make_server(service: EmbeddingService | GenerationService, host: str = "127.0.0.1", port: int = 0,
+                token: str | None = None, limits: Limits | None = None) -> HTTPServer:
+    """A bound (not yet serving) server; ``port=0`` picks a free port (see :func:`server_url`).
+    ``token``: the bearer token every route but ``/health`` then needs."""
+    return HTTPServer(service, host, port, token=token, limits=limits)
 
 
-def make_server(service: EmbeddingService | GenerationService, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """A bound (not yet serving) server; ``port=0`` picks a free port (see :func:`server_url`)."""
-    handler = type("Handler", (_Handler,), {"service": service})
-    try:
-        server = ThreadingHTTPServer((host, port), handler)
-    except OSError as exc:
-        raise BadInput(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from exc
-    server.daemon_threads = True
-    return server
-
-
-def server_url(server: ThreadingHTTPServer) -> str:
+def server_url(server: HTTPServer) -> str:
     host, port = server.server_address[:2]
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}"
-
-
-def describe_routes(service) -> str:
-    """``POST /embed, GET /health`` (or the decoder's routes) for a startup message."""
-    return ", ".join([*(f"POST {p}" for p in service.routes), "GET /health"])

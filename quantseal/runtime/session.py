@@ -72,6 +72,7 @@ class Session:
             log.warning("onnxruntime could not start CUDA for %s; running on CPU", self.path)
             self.provider = "cpu"
         self.input_names = [i.name for i in self._sess.get_inputs()]
+        self.input_types = {i.name: i.type for i in self._sess.get_inputs()}  # "tensor(float16)", ...
         self.output_names = [o.name for o in self._sess.get_outputs()]
         self.metadata = dict(self._sess.get_modelmeta().custom_metadata_map)
 

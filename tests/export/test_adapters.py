@@ -321,11 +321,14 @@ def _bad_adapters(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "unknown target": (write_adapter(tmp / "t", lora_pair(f"{q}.bogus", 384, 384)), "not a matrix of the checkpoint"),
         "shape mismatch": (write_adapter(tmp / "s", lora_pair(f"{q}.query", 64, 64)), "is [384, 384]"),
         "rank mismatch": (write_adapter(tmp / "r", lora_pair(f"{q}.query", 384, 384, r=3)), "config says r = 2"),
-        "ia3": (write_adapter(tmp / "i", lora_pair(f"{q}.query", 384, 384), peft_type="IA3"), "peft_type 'IA3'"),
-        "dora": (write_adapter(tmp / "d", lora_pair(f"{q}.query", 384, 384), use_dora=True), "DoRA"),
+        "ia3": (write_adapter(tmp / "i", lora_pair(f"{q}.query", 384, 384), peft_type="IA3"), "unknown field 'lora_alpha' for IA3"),
+        "dora": (write_adapter(tmp / "d", lora_pair(f"{q}.query", 384, 384), use_dora=True),
+                 "lacks lora_magnitude_vector"),
+        "unknown kind": (write_adapter(tmp / "k", lora_pair(f"{q}.query", 384, 384), peft_type="OFT"),
+                         "peft_type 'OFT'"),
         "extra tensor": (write_adapter(tmp / "x", {**lora_pair(f"{q}.query", 384, 384),
                                                    "base_model.model.pooler.dense.weight": torch.zeros(4, 4)}),
-                         "not a LoRA factor"),
+                         "is not a LORA parameter"),
         "missing folder": (tmp / "nowhere", "no such adapter folder"),
     }
     (tmp / "w").mkdir()

@@ -79,22 +79,26 @@ def mark_args(owner, board):
 
 @pytest.fixture(scope="module")
 def singles(owner, tmp_path_factory):
-    """``quantseal export CK -o REF/<id>.onnx --user <id> --seed 5`` for every customer, one by one."""
+    """``quantseal export CK -o REF/<id>/model.onnx --user <id> --seed 5`` for every customer, one by one."""
     ref = tmp_path_factory.mktemp("singles")
     board = fresh_board(owner, ref)
     for c in CUSTOMERS:
-        rc, _, err = run(["export", owner / "ck", "-o", ref / f"{c}.onnx", *mark_args(owner, board), "--user", c,
+        rc, _, err = run(["export", owner / "ck", "-o", ref / c / "model.onnx", *mark_args(owner, board), "--user", c,
                           "--seed", SEED])
         assert rc == 0, err
     return ref
 
 
+def folder_files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
 def assert_same_files(out_dir: Path, ref: Path, customers):
-    names = sorted(p.name for p in out_dir.iterdir())
-    assert names == sorted([f"{c}.onnx" for c in customers] + ["tokenizer.json"])  # no temporary leftovers
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(customers)  # no temporary leftovers
     for c in customers:
-        assert (out_dir / f"{c}.onnx").read_bytes() == (ref / f"{c}.onnx").read_bytes(), c
-    assert (out_dir / "tokenizer.json").read_bytes() == (ref / "tokenizer.json").read_bytes()
+        got = folder_files(out_dir / c)
+        assert "model.onnx" in got and "tokenizer.json" in got
+        assert got == folder_files(ref / c), c
 
 
 def test_twenty_customers_through_ray_equal_single_exports(owner, singles, tmp_path, ray_local):
@@ -105,14 +109,14 @@ def test_twenty_customers_through_ray_equal_single_exports(owner, singles, tmp_p
     assert rc == 0, err
     rep = json.loads(stdout.strip().splitlines()[-1])
     assert rep["customers"] == 20 and rep["traced"] == 1 and rep["fanout"] == "ray (local, 2 CPUs)"
-    assert rep["files"] == [str(out / f"{c}.onnx") for c in CUSTOMERS]
-    assert rep["bytes"] == sum((out / f"{c}.onnx").stat().st_size for c in CUSTOMERS)
+    assert rep["files"] == [str(out / c / "model.onnx") for c in CUSTOMERS]
+    assert rep["bytes"] == sum((out / c / "model.onnx").stat().st_size for c in CUSTOMERS)
     assert_same_files(out, singles, CUSTOMERS)
     # no two customers share a file: their marks and obfuscations differ
-    assert len({(out / f"{c}.onnx").read_bytes() for c in CUSTOMERS}) == 20
+    assert len({(out / c / "model.onnx").read_bytes() for c in CUSTOMERS}) == 20
     from quantseal.runtime.pipelines import Embedder
 
-    emb = Embedder(out / "cust-07.onnx", provider="cpu").embed(["a batch-exported model runs"])
+    emb = Embedder(out / "cust-07" / "model.onnx", provider="cpu").embed(["a batch-exported model runs"])
     assert emb.shape == (1, 64) and np.isfinite(emb).all() and abs(np.linalg.norm(emb) - 1) < 1e-4
 
 
@@ -159,7 +163,7 @@ def test_a_ray_worker_that_dies_mid_batch_is_restarted_and_its_customer_redone(o
     assert (tmp_path / f"died-{CUSTOMERS[2]}").exists()
     assert [r["customer"] for r in reps] == CUSTOMERS[:5]
     for r in reps:
-        assert r["files"] == {f"{r['customer']}.onnx": (singles / f"{r['customer']}.onnx").read_bytes()}
+        assert r["files"] == folder_files(singles / r["customer"])
 
 
 def test_seed_is_mixed_with_the_customer_and_absent_means_fresh(owner, tmp_path):
@@ -172,7 +176,7 @@ def test_seed_is_mixed_with_the_customer_and_absent_means_fresh(owner, tmp_path)
         rc, _, err = run(["export-batch", owner / "ck", "--customers", tmp_path / "two.txt", "-o", tmp_path / name,
                           *mark_args(owner, board), "--workers", "1"])
         assert rc == 0, err
-    assert (tmp_path / "x" / "cust-00.onnx").read_bytes() != (tmp_path / "y" / "cust-00.onnx").read_bytes()
+    assert (tmp_path / "x" / "cust-00" / "model.onnx").read_bytes() != (tmp_path / "y" / "cust-00" / "model.onnx").read_bytes()
 
 
 @pytest.mark.parametrize("content, message", [

@@ -70,6 +70,8 @@ def test_rtn_export_ops_and_bytes(minilm_rtn_checkpoint, minilm_rtn_onnx):
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["quantseal.family"] == "encoder"
     assert json.loads(meta["quantseal.matrices"]).keys() == manifest.matrices.keys()
+    # all-MiniLM-L6-v2's sentence-transformers files: mean pooling, Normalize, max_seq_length 256
+    assert (meta["quantseal.pooling"], meta["quantseal.max_seq_length"]) == ("mean+l2", "256")
     assert (minilm_rtn_onnx.parent / "tokenizer.json").is_file()
     assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
     assert [o.name for o in model.graph.output] == ["sentence_embedding"]
@@ -121,7 +123,9 @@ def test_export_cli_json(minilm_rtn_export, minilm_rtn_onnx):
     out = minilm_rtn_onnx
     assert res["path"] == str(out) and res["bytes"] == out.stat().st_size and res["matrices"] == 36
     assert res["ops"]["MatMulNBits"] + res["ops"].get("MatMulBnb4", 0) == 36 and res["seconds"] > 0
-    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "model.onnx", "sentence_bert_config.json", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json", "vocab.txt"]  # the tokenizer files: tests/export/test_tokenizer_files.py
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -129,7 +129,7 @@ def test_files_differ_in_the_table_store_it_once_hold_no_secrets(exported, llama
         tables = [k for k, v in arrays.items() if sorted(v.shape) == sorted((VOCAB, HIDDEN))]
         assert tables == [f"{EMB}.weight"], tables
         users = [n.op_type for n in protos[c].graph.node if f"{EMB}.weight" in n.input]
-        assert sorted(users) == ["Gather", "Transpose"]
+        assert sorted(users) == ["Gather", "Gemm"]  # the head reads it as stored (transB): no copy
         blob = files[c][0].read_bytes()
         code_hex = qk.bits_to_hex(reg.codeword(c)).encode()
         for secret in (KEY, KEY.hex().encode(), c.encode(), code_hex, qk.key_id(KEY).encode(),
@@ -169,3 +169,64 @@ def test_marked_next_token_distribution_matches_unmarked_and_torch(exported, lla
         tl = torch.cat([model(input_ids=torch.tensor([s])).logits[0] for s in seqs]).double().numpy()
     # torch (TiedHead over the marked table) and the exported graph of the same marked checkpoint
     np.testing.assert_allclose(got, tl, atol=2e-3 * np.abs(tl).max(), rtol=0)
+
+
+@pytest.mark.slow
+def test_a_quantised_tied_table_carries_the_mark(tmp_path, llama_mb_export):
+    """A decoder whose tied token table is quantised (``--budget-mb``): the board trains on it, each
+    customer's trigger rows are requantised in the table's own format, the lookup
+    (GatherBlockQuantized) and the head (MatMulNBits) read the same marked codes, and verification
+    names each customer from the exported file; the second export swaps into the template."""
+    from quantseal.compress.markboard import BoardConfig, load_board, save_board, train_board
+    from quantseal.export.watermark import export_marked
+
+    ck = llama_mb_export[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        board = train_board(ck, KEY, BoardConfig(bits=32, triggers_per_bit=4, steps=60, seed=0, decoder_a_lr=None))
+    finally:
+        torch.set_num_threads(threads)
+    board = load_board(save_board(board, tmp_path / "board", ck))
+    reg = qk.Registry(KEY, 32)
+    for c in CUSTOMERS[:2]:
+        reg.add(c)
+    paths = {}
+    for c in CUSTOMERS[:2]:
+        paths[c] = tmp_path / c / "model.onnx"
+        rep = export_marked(ck, paths[c], board.path, KEY, reg, c, seed=0)
+        assert rep["path_taken"] == ("traced" if c == CUSTOMERS[0] else "template")
+        res = run_verify(paths[c], reg, board)
+        assert res["owner"] == c and res["bit_errors"] == 0
+    a, b = ({t.name: numpy_helper.to_array(t) for t in onnx.load(str(paths[c])).graph.initializer} for c in CUSTOMERS[:2])
+    changed = {k for k in a if a[k].tobytes() != b[k].tobytes()}
+    assert changed and changed <= {f"{EMB}.qweight", f"{EMB}.scales", f"{EMB}.qzeros"}
+
+
+def test_marked_folders_generate_in_onnxruntime_genai(exported, llama_board):
+    """A customer's marked export (traced or swapped into the template) is an onnxruntime-genai
+    folder: og generates from it the same greedy tokens as quantseal's runtime, and the file still
+    names its customer."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from quantseal.runtime.pipelines import CausalLM
+
+    files, reg = exported
+    for c in (CUSTOMERS[0], CUSTOMERS[3]):  # the traced export and a template swap
+        folder = files[c][0].parent
+        assert {"genai_config.json", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
+        config = og.Config(str(folder))
+        config.clear_providers()
+        model = og.Model(config)
+        prompt = [101, 2023, 2003, 1037, 3231]
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prompt) + 8)
+        gen = og.Generator(model, params)
+        gen.append_tokens(prompt)
+        out = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        lm = CausalLM(files[c][0], provider="cpu")
+        lm.eos_ids = set()
+        assert lm.generate_ids(prompt, len(out)) == out
+        assert run_verify(files[c][0], reg, llama_board)["owner"] == c

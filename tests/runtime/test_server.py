@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -96,6 +97,16 @@ BAD = [
     ("mask values", json.dumps({"input_ids": [[101, 102]], "attention_mask": [[1, 2]]}).encode(), "0/1"),
     ("ragged with mask", json.dumps({"input_ids": [[101, 102], [101]], "attention_mask": [[1, 1], [1]]}).encode(),
      "differ in length"),
+    ("lone surrogate", b'{"texts": ["ok", "bad \\ud800 text"]}', "lone surrogate"),
+    ("huge id", json.dumps({"input_ids": [[101, 10 ** 100]]}).encode(), "out of range"),
+    ("huge negative id", json.dumps({"input_ids": [[-(10 ** 30)]]}).encode(), "out of range"),
+    ("huge mask value", json.dumps({"input_ids": [[101]], "attention_mask": [[2 ** 64]]}).encode(), "out of range"),
+    ("deep nesting", b'{"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    ("NaN", b'{"texts": ["a"], "x": NaN}', "not valid JSON"),
+    ("texts of lists", json.dumps({"texts": [["a"]]}).encode(), "strings only"),
+    ("ids of floats", json.dumps({"input_ids": [[101.0]]}).encode(), "integers only"),
+    ("ids a dict", json.dumps({"input_ids": {"a": 1}}).encode(), "non-empty list"),
+    ("text too long", json.dumps({"texts": ["a" * 100_001]}).encode(), "characters (at most 100000)"),
 ]
 
 
@@ -112,6 +123,9 @@ def test_other_http_errors(served):
     assert request(served, "GET", "/nowhere")[0] == 404
     assert request(served, "POST", "/nowhere", b"{}")[0] == 404
     assert request(served, "GET", "/embed")[0] == 405
+    for method in ("PUT", "DELETE", "PATCH", "OPTIONS"):
+        status, body = request(served, method, "/embed", b"{}")
+        assert status == 405 and body["status"] == 405
     status, body = request(served, "POST", "/embed", b"{}", {"Content-Length": str(1 << 30)})
     assert status == 413 and "too large" in body["error"]
     with pytest.raises(BadInput, match="HTTP 400.*too large"):
@@ -166,12 +180,85 @@ def test_serve_cli_bad_model_exit_2(tmp_path):
     from quantseal.cli import main
 
     assert main(["serve", str(tmp_path / "missing.onnx"), "--port", "0"]) == 2
+    (tmp_path / "empty-token").write_text("\n")
+    for flags in (["--workers", "0"], ["--header-timeout", "nan"], ["--body-timeout", "-1"], ["--max-chars", "0"],
+                  ["--token-file", str(tmp_path / "no-token")], ["--token-file", str(tmp_path / "empty-token")]):
+        assert main(["serve", str(tmp_path / "missing.onnx"), "--port", "0", *flags]) == 2, flags
 
 
 def test_server_and_client_import_no_torch():
-    code = ("import sys, json\nimport quantseal.runtime.server, quantseal.runtime.client\n"
+    code = ("import sys, json\nimport quantseal.runtime.server, quantseal.runtime.client, quantseal.runtime.suspects\n"
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')"
             " or m.startswith(('quantseal.compress', 'quantseal.export')))))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1]) == []
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_small_request_answers_under_stalled_connections_and_huge_texts(minilm_rtn_onnx, tmp_path):
+    """Issue 11 §5 done-when: ``quantseal serve`` answers a small request within 1 s while 300
+    stalled connections and fifteen 1 MB texts are in flight (refused before tokenising), and
+    its RSS returns to within 50 MB of the level before the burst.  The bearer token guards it."""
+    token = tmp_path / "token"
+    token.write_text("tok-123\n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "quantseal.cli", "serve", str(minilm_rtn_onnx), "--port", "0",
+                             "--provider", "cpu", "--threads", "1", "--token-file", str(token)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    auth = {"Content-Type": "application/json", "Authorization": "Bearer tok-123"}
+    small = json.dumps({"texts": ["hi"]}).encode()
+    stalled = []
+    try:
+        url = _read_line(proc.stdout, 120).strip()
+        assert url.startswith("http://127.0.0.1:"), (url, proc.poll())
+        port = int(url.rsplit(":", 1)[1])
+        assert request(url, "POST", "/embed", small)[0] == 401
+        assert request(url, "GET", "/health")[1] == {"status": "ok"}
+        assert request(url, "GET", "/health", None, auth)[1]["dim"] == 384
+        for _ in range(20):  # warm: the allocator's steady state
+            assert request(url, "POST", "/embed", json.dumps({"texts": TEXTS * 4}).encode(), auth)[0] == 200
+        before = _rss_mb(proc.pid)
+        for i in range(300):
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            if i % 2:
+                s.sendall(b"POST /embed HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"texts\"")
+            stalled.append(s)
+        big = json.dumps({"texts": ["word " * 200_000]}).encode()  # 1 MB of text
+        codes = []
+        burst = [threading.Thread(target=lambda: codes.append(request(url, "POST", "/embed", big, auth)))
+                 for _ in range(15)]
+        for t in burst:
+            t.start()
+        latencies = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            status, body = request(url, "POST", "/embed", small, auth)
+            latencies.append(time.monotonic() - t0)
+            assert status == 200 and len(body["embeddings"][0]) == 384
+        for t in burst:
+            t.join(60)
+        assert len(codes) == 15 and all(c == 400 and "characters" in b["error"] for c, b in codes), codes[:1]
+        assert max(latencies) < 1.0, latencies
+        peak = _rss_mb(proc.pid)
+        for s in stalled:
+            s.close()
+        stalled.clear()
+        time.sleep(1.0)
+        after = _rss_mb(proc.pid)
+        print(f"RSS before {before:.1f} MB, in burst {peak:.1f} MB, after {after:.1f} MB; "
+              f"small-request latency max {max(latencies) * 1000:.0f} ms")
+        assert after - before < 50, (before, peak, after)
+    finally:
+        for s in stalled:
+            s.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        finally:
+            proc.stdout.close()
+            proc.stderr.close()

@@ -1,0 +1,89 @@
+"""A small ONNX graph builder with scoped node names (in the manner of onnxscript's builder).
+
+Stored tensors keep the names the checkpoint gives them (``model.layers.0.mlp.up_proj.qweight``),
+so a template swap or an inspection finds them; intermediate values are named by the scope they
+are built in (``/model/layers.3/attn/GroupQueryAttention/output_0``, the convention of
+onnxruntime-genai's builder).  Pure: arrays and names in, protos out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import numpy as np
+from onnx import NodeProto, TensorProto, helper, numpy_helper
+
+from .lowbit import MS_DOMAIN, Nodes
+
+
+class GraphBuilder:
+    """Nodes and initialisers in topological order, with a stack of name scopes."""
+
+    def __init__(self, dtype=np.float32):
+        self.dtype = dtype  # the compute type: float32, or float16 for a CUDA graph
+        self.nodes: list[NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._names: set[str] = set()
+        self._scope: list[str] = []
+        self._count: Counter = Counter()
+
+    @contextlib.contextmanager
+    def scope(self, name: str):
+        self._scope.append(name)
+        try:
+            yield
+        finally:
+            self._scope.pop()
+
+    def _prefix(self) -> str:
+        return "/" + "/".join(self._scope) if self._scope else ""
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        """An initialiser under exactly ``name`` (a checkpoint tensor name, or a constant's)."""
+        if name in self._names:
+            raise ValueError(f"initialiser {name!r} added twice")
+        self._names.add(name)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, label: str, array) -> str:
+        """A small constant (shapes, axes) shared across the graph by value."""
+        arr = np.asarray(array)
+        name = f"/constants/{arr.dtype}/{label}"
+        if name not in self._names:
+            self.init(name, arr)
+        return name
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "",
+           **attrs) -> str | list[str]:
+        """Add one node; returns its output name (or the list of them when ``outputs`` > 1).
+        ``outputs`` may also give explicit names ("" for an unused optional output)."""
+        base = f"{self._prefix()}/{op_type}"
+        self._count[base] += 1
+        node_name = base if self._count[base] == 1 else f"{base}_{self._count[base] - 1}"
+        if isinstance(outputs, int):
+            names = [f"{node_name}/output_{i}" for i in range(outputs)]
+        else:
+            names = list(outputs)
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=node_name, domain=domain, **attrs))
+        return names[0] if len(names) == 1 else names
+
+    def ms(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, **attrs):
+        """A com.microsoft contrib op."""
+        return self.op(op_type, inputs, outputs, domain=MS_DOMAIN, **attrs)
+
+    def extend(self, g: Nodes) -> None:
+        """Take the nodes and initialisers of a :class:`~quantseal.export.lowbit.Nodes` rewrite."""
+        for t in g.initializers:
+            if t.name in self._names:
+                raise ValueError(f"initialiser {t.name!r} added twice")
+            self._names.add(t.name)
+        self.nodes.extend(g.nodes)
+        self.initializers.extend(g.initializers)
+
+    def cast_float(self, x: str, dtype) -> str:
+        """``x`` (of float type ``dtype``) in the graph's compute type (:attr:`dtype`)."""
+        if np.dtype(dtype) == np.dtype(self.dtype):
+            return x
+        return self.op("Cast", [x], to=TensorProto.FLOAT if self.dtype == np.float32 else TensorProto.FLOAT16)

@@ -1,0 +1,163 @@
+"""``quantseal serve``'s OpenAI-compatible routes: ``/v1/embeddings`` equals the local Embedder;
+``/v1/completions`` and ``/v1/chat/completions`` give the greedy token and log-probabilities equal
+to a float64 log-softmax of the local logits; malformed requests are 400; verify reads a marked
+decoder through them (the whole loop without a network)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+from http_request import request  # tests/runtime/http_request.py
+
+from quantseal import keys as qk
+from quantseal.cli import main
+from quantseal.runtime.openai_routes import token_text
+from quantseal.runtime.pipelines import CausalLM, Embedder
+
+pytestmark = pytest.mark.slow
+KEY = bytes(range(32))
+
+
+@contextlib.contextmanager
+def serving(path, max_batch=8, **kw):
+    from quantseal.runtime.server import make_server, server_url, service_for
+
+    server = make_server(service_for(path, provider="cpu", max_batch=max_batch), "127.0.0.1", 0, **kw)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server_url(server)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def post(url, path, obj):
+    return request(url, "POST", path, json.dumps(obj).encode())
+
+
+def test_v1_embeddings_equal_local(minilm_rtn_onnx):
+    local = Embedder(minilm_rtn_onnx, provider="cpu")
+    texts = ["One sentence.", "Another, longer sentence than the first."]
+    with serving(minilm_rtn_onnx) as url:
+        status, body = post(url, "/v1/embeddings", {"model": "m", "input": texts})
+        assert status == 200 and body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
+        got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+        np.testing.assert_allclose(got, local.embed(texts), atol=1e-6)
+        status, one = post(url, "/v1/embeddings", {"input": texts[1]})
+        np.testing.assert_allclose(one["data"][0]["embedding"], got[1], atol=1e-6)
+        ids = local.tokenizer.encode_ids(texts[0])
+        status, by_ids = post(url, "/v1/embeddings", {"input": [ids]})
+        np.testing.assert_allclose(by_ids["data"][0]["embedding"], got[0], atol=1e-6)
+        assert by_ids["usage"]["prompt_tokens"] == len(ids)
+        for bad in ({"input": []}, {"input": 3}, {"input": ["a"], "encoding_format": "base64"},
+                    {"input": ["a"], "n": 2}, {"input": ["x" * 100_001]}, {"input": [[1, 10 ** 40]]}):
+            status, err = post(url, "/v1/embeddings", bad)
+            assert status == 400 and err["status"] == 400, (bad, err)
+
+
+@pytest.fixture(scope="module")
+def lm_path(llama_rtn_export):
+    return llama_rtn_export[1]["path"]
+
+
+def _log_softmax(z):
+    z = np.asarray(z, dtype=np.float64)
+    return z - z.max() - np.log(np.exp(z - z.max()).sum())
+
+
+def test_completions_and_chat_logprobs_equal_local(lm_path):
+    local = CausalLM(lm_path, provider="cpu")
+    prompts = ["the meaning of a list is", "numbers and strings"]
+    with serving(lm_path) as url:
+        status, body = post(url, "/v1/completions", {"prompt": prompts, "max_tokens": 3, "logprobs": 5,
+                                                     "temperature": 0})
+        assert status == 200 and len(body["choices"]) == 2
+        for p, choice in zip(prompts, body["choices"]):
+            ids = local.tokenizer.encode(p, add_special_tokens=False).ids
+            new = local.generate_ids(ids, 3)
+            assert choice["text"] == local.decode(new)
+            lp = _log_softmax(local.next_logits([ids])[0])
+            first = choice["logprobs"]["top_logprobs"][0]
+            order = np.argsort(-lp, kind="stable")[:5]
+            assert set(first) == {token_text(local.tokenizer, j) for j in order}
+            for j in order:
+                assert first[token_text(local.tokenizer, j)] == pytest.approx(lp[j], abs=1e-4)
+            assert choice["logprobs"]["token_logprobs"][0] == pytest.approx(lp[new[0]], abs=1e-4)
+            # later steps: the log-softmax after the greedy prefix
+            lp2 = _log_softmax(local.next_logits([ids + new[:1]])[0])
+            assert choice["logprobs"]["token_logprobs"][1] == pytest.approx(lp2[new[1]], abs=1e-4)
+        status, chat = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": prompts[0]}],
+                                                          "max_tokens": 1, "logprobs": True, "top_logprobs": 20})
+        assert status == 200
+        c = chat["choices"][0]
+        ids = local.tokenizer.encode(prompts[0], add_special_tokens=False).ids
+        lp = _log_softmax(local.next_logits([ids])[0])
+        top = c["logprobs"]["content"][0]["top_logprobs"]
+        assert len(top) == 20 and top[0]["logprob"] == pytest.approx(lp.max(), abs=1e-4)
+        assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        assert c["message"]["content"] == local.decode([int(np.argmax(lp))])
+        status, plain = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": prompts[0]}],
+                                                           "max_tokens": 1})
+        assert plain["choices"][0]["logprobs"] is None and plain["choices"][0]["message"] == c["message"]
+        # logit_bias shifts the logits before the greedy choice and the log-probabilities
+        pick = int(np.argsort(lp)[len(lp) // 2])  # a middling token, boosted to the top
+        status, biased = post(url, "/v1/completions", {"prompt": prompts[0], "max_tokens": 1, "logprobs": 2,
+                                                       "logit_bias": {str(pick): 100}})
+        shifted = lp.copy()
+        shifted[pick] += 100
+        shifted = _log_softmax(shifted)
+        assert status == 200 and biased["choices"][0]["text"] == local.decode([pick])
+        assert biased["choices"][0]["logprobs"]["token_logprobs"][0] == pytest.approx(shifted[pick], abs=1e-4)
+        for path, bad in (("/v1/completions", {"prompt": ""}), ("/v1/completions", {"prompt": "a", "logprobs": 21}),
+                          ("/v1/completions", {"prompt": "a", "max_tokens": -1}),
+                          ("/v1/completions", {"prompt": "a", "echo": True}),
+                          ("/v1/chat/completions", {"messages": "hi"}),
+                          ("/v1/chat/completions", {"messages": [{"role": "user"}]}),
+                          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": 1}),
+                          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}),
+                          ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 101}}),
+                          ("/v1/completions", {"prompt": "a", "logit_bias": {"-5": 1}}),
+                          ("/v1/completions", {"prompt": "a", "logit_bias": {"99999999": 1}}),
+                          ("/v1/completions", {"prompt": "a", "logit_bias": [1]})):
+            status, err = post(url, path, bad)
+            assert status == 400, (path, bad, err)
+
+
+def run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_verify_through_serve_openai_routes(tmp_path, llama_rtn_export, llama_board):
+    """A marked decoder behind ``quantseal serve`` with a bearer token, read through
+    ``/v1/completions`` (log-probabilities, batched prompts) and ``/v1/chat/completions``."""
+    ck = llama_rtn_export[0]
+    key, reg, tok = tmp_path / "k", tmp_path / "r.json", tmp_path / "token"
+    qk.write_key(key, KEY)
+    tok.write_text("serve-token\n")
+    for user in ("ann", "ben"):
+        assert run(["registry", "add", reg, "--key", key, "--user", user, "--bits", 32])[0] == 0
+    marked = tmp_path / "ben" / "model.onnx"
+    assert run(["export", ck, "-o", marked, "--board", llama_board.path, "--key", key, "--registry", reg,
+                "--user", "ben"])[0] == 0
+    flags = ["--board", llama_board.path, "--key", key, "--registry", reg, "--json"]
+    with serving(marked, max_batch=32, token="serve-token") as url:  # /logits: verify sends 32 rows
+        rc, _, err = run(["verify", url, "--api", "openai-completions", *flags])
+        assert rc == 2 and "HTTP 401" in err
+        rc, out, err = run(["verify", url, "--api", "quantseal", "--api-key-file", tok, *flags])  # POST /logits
+        assert rc == 0 and json.loads(out.strip().splitlines()[-1])["owner"] == "ben", err
+        for api in ("openai-completions", "openai-chat"):
+            rc, out, err = run(["verify", url + "/v1", "--api", api, "--api-key-file", tok, *flags])
+            assert rc == 0, err
+            res = json.loads(out.strip().splitlines()[-1])
+            assert res["owner"] == "ben" and res["bit_errors"] == 0 and res["read_from"] == "logprobs", res
+            assert res["censored"] == 0 and res["logit_bias"] is True
