@@ -100,9 +100,23 @@ def _add_compress(sub) -> None:
                    help="lq/rtn: bound the plan's estimated per-token CPU time of its matrices (ms, batch 1, "
                         "onnxruntime at accuracy level 4; the per-format costs of compress/decode_cost.py)")
     p.add_argument("--workers", type=int, default=2)
+    _add_ray_flag(p, "the per-matrix candidate table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_compress)
+
+
+def _add_ray_flag(p, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help=f"run {what} as Ray tasks (pip install 'quantseal[ray]'): a local Ray instance with "
+                        "--workers CPUs, or the cluster at ADDRESS (default: $QUANTSEAL_RAY_ADDRESS, which alone "
+                        "also turns Ray on)")
+
+
+def _ray_address(args):
+    from .distributed import ray_address
+
+    return ray_address(args.ray)
 
 
 def _step_progress(enabled: bool):
@@ -162,7 +176,7 @@ def _cmd_compress(args) -> int:
         calib_samples=args.calib_samples if args.calib_samples is not None else 256,
         ranks=args.ranks if args.ranks is not None else DEFAULT_RANKS,
         formats=tuple(args.formats.split(",")) if args.formats else default_families(args.model),
-        workers=args.workers, seed=args.seed, max_decode_ms=args.max_decode_ms,
+        workers=args.workers, ray=_ray_address(args), seed=args.seed, max_decode_ms=args.max_decode_ms,
     )
     if args.method == "lq+cbq":
         from .compress.cbq import CBQConfig
@@ -219,6 +233,8 @@ def _add_export(sub) -> None:
     p.add_argument("--adapter-rank", type=int, help="re-compress each folded branch to this rank by SVD (reports the error)")
     p.add_argument("--adapter-dtype", choices=("float16", "float32"), default="float16",
                    help="storage of the folded low-rank factors (float32: exact to float32)")
+    p.add_argument("--seed", type=int, help="watermarked export: seed of the low-rank obfuscation, mixed with --user "
+                                            "(reproducible bytes, as export-batch --seed; default: OS randomness)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_export)
 
@@ -247,14 +263,17 @@ def _cmd_export(args) -> int:
     elif any(x is not None for x in mark):
         if any(x is None for x in mark):
             raise BadInput("a watermarked export needs all of --board, --key, --registry and --user")
+        from .export.batch import obfuscation_seed
         from .export.watermark import export_marked
         from .keys import read_key
         from .registry import open_registry
 
         key = read_key(args.key)
         res = export_marked(args.checkpoint, args.output, args.board, key, open_registry(args.registry, key),
-                            args.user, accuracy_level=args.accuracy_level)
+                            args.user, accuracy_level=args.accuracy_level, seed=obfuscation_seed(args.seed, args.user))
     else:
+        if args.seed is not None:
+            raise BadInput("--seed seeds a watermarked export's obfuscation: it needs --board --key --registry --user")
         res = export_onnx(args.checkpoint, args.output, accuracy_level=args.accuracy_level, dtype=args.dtype)
     lowbit = {op: res["ops"].get(op, 0) for op in ("MatMulNBits", "MatMulBnb4", "GatherBlockQuantized")}
     human = (f"wrote {res['path']}: {res['bytes'] / 1e6:.2f} MB, {res['matrices']} compressed matrices "
@@ -267,6 +286,37 @@ def _cmd_export(args) -> int:
         if "adapter_rank" in ad:
             human += (f"; rank {ad['adapter_rank']['rank']}: SVD truncation error {ad['adapter_rank']['error']:.4g} "
                       f"(relative {ad['adapter_rank']['rel_error']:.2e})")
+    _emit(res, args.json, human)
+    return 0
+
+
+def _add_export_batch(sub) -> None:
+    p = sub.add_parser("export-batch", help="export one watermarked model folder per customer, DIR/<id>/model.onnx")
+    p.add_argument("checkpoint", type=Path, help="compressed checkpoint folder (quantseal compress)")
+    p.add_argument("--customers", type=Path, required=True, help="file of customer ids, one per line")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder: DIR/<id>/ holds each customer's model.onnx and its companion files")
+    p.add_argument("--board", type=Path, required=True, help="watermark board folder (quantseal board train)")
+    p.add_argument("--key", type=Path, required=True, help="watermark key file")
+    p.add_argument("--registry", type=Path, required=True, help="customer registry holding every id")
+    p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4], help="MatMulNBits accuracy_level")
+    p.add_argument("--workers", type=int, default=2, help="local processes (or local Ray CPUs / Ray actors)")
+    _add_ray_flag(p, "the per-customer exports")
+    p.add_argument("--seed", type=int, help="seed of the obfuscation, mixed with each id (files equal to "
+                                            "export --user ID --seed SEED); default: OS randomness")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_export_batch)
+
+
+def _cmd_export_batch(args) -> int:
+    from .distributed import Fanout
+    from .export.batch import export_batch
+
+    res = export_batch(args.checkpoint, args.customers, args.output, args.board, args.key, args.registry,
+                       accuracy_level=args.accuracy_level, seed=args.seed,
+                       fanout=Fanout(workers=args.workers, ray=_ray_address(args)),
+                       progress=_progress_factory(not args.json and sys.stderr.isatty()))
+    human = (f"wrote {res['customers']} models to {res['output_dir']} ({res['bytes'] / 1e6:.1f} MB) on "
+             f"{res['fanout']}: {res['seconds']:.1f} s, {res['customers_per_minute']:.1f} customers per minute")
     _emit(res, args.json, human)
     return 0
 
@@ -735,6 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress(sub)
     _add_inspect(sub)
     _add_export(sub)
+    _add_export_batch(sub)
     _add_run(sub)
     _add_serve(sub)
     _add_keygen(sub)

@@ -179,3 +179,14 @@ def llama_board(tmp_path_factory, llama_rtn_export):
     finally:
         torch.set_num_threads(threads)
     return load_board(save_board(board, tmp_path_factory.mktemp("llama_board") / "board", ck))
+
+
+# ----------------------------------------------------------------------------- Ray (optional extra)
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs, no dashboard) for every Ray test, shut down at the end;
+    ``quantseal.distributed`` uses an already-initialised Ray as it is.  Skips without Ray."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -12,9 +12,7 @@
 from __future__ import annotations
 
 import math
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -80,6 +78,7 @@ class CompressConfig:
     ranks: tuple[int, ...] = DEFAULT_RANKS
     formats: tuple[str, ...] = DEFAULT_FAMILIES
     workers: int = 2
+    ray: str | None = None  # Ray address for the candidate table (quantseal.distributed.ray_address)
     seed: int = 0
     max_iter: int = 4
     max_decode_ms: float | None = None  # bound on the plan's estimated per-token decode time (decode_cost)
@@ -126,25 +125,14 @@ def _evaluate(task) -> list[tuple[float, int]]:
             for c in cands]
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)
+def evaluate_candidates(tasks: list, workers: int, tick: Callable[[int], None],
+                        ray: str | None = None) -> list[list[tuple[float, int]]]:
+    """Map :func:`_evaluate` over matrices, in matrix order: serially, on a spawn-started process
+    pool when workers > 1, or as Ray tasks when ``ray`` is an address
+    (:mod:`quantseal.distributed`; the ILP stays here)."""
+    from ..distributed import Fanout, fan_out
 
-
-def evaluate_candidates(tasks: list, workers: int, tick: Callable[[int], None]) -> list[list[tuple[float, int]]]:
-    """Map :func:`_evaluate` over matrices, on a spawn-started process pool when workers > 1."""
-    if workers <= 1:
-        out = []
-        for t in tasks:
-            out.append(_evaluate(t))
-            tick(1)
-        return out
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
-        out = []
-        for res in pool.map(_evaluate, tasks):
-            out.append(res)
-            tick(1)
-        return out
+    return fan_out(_evaluate, tasks, Fanout(workers=max(1, workers), ray=ray), tick)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -205,7 +193,7 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
         cands[n] = (matrix_candidates(rows, cols, lin_formats, cfg.ranks) if kind == "linear"
                     else [Candidate(f) for f in emb_formats])
         tasks.append((w.detach().float().clone(), fisher[n], cands[n], clip, cfg.max_iter))
-    results = evaluate_candidates(tasks, cfg.workers, progress(len(tasks), "candidates"))
+    results = evaluate_candidates(tasks, cfg.workers, progress(len(tasks), "candidates"), cfg.ray)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     options = [MatrixOptions(n, [c.name for c in cands[n]], [b for _, b in r], [e for e, _ in r],
                              _decode_costs(cands[n], targets[n], tied))

@@ -156,6 +156,14 @@ def mark_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], board:
     return man, out
 
 
+def template_path(board_path, board_manifest: dict, accuracy_level: int = 0):
+    """Where :func:`export_marked` keeps the ONNX template of a (checkpoint, board) pair:
+    ``<board>/templates/<fingerprint[:16]>-a<accuracy level>.onnx``."""
+    from pathlib import Path
+
+    return Path(board_path) / "templates" / f"{board_manifest['source_fingerprint'][:16]}-a{accuracy_level}.onnx"
+
+
 def export_marked(checkpoint, output, board_path, key: bytes, registry: qkeys.Registry, customer: str,
                   accuracy_level: int = 0, seed: int | None = None) -> dict:
     """``quantseal export --board``: mark the checkpoint for ``customer`` and write its ONNX file.
@@ -184,8 +192,7 @@ def export_marked(checkpoint, output, board_path, key: bytes, registry: qkeys.Re
     board = load_board(board_path)
     manifest, tensors = read_checkpoint(checkpoint)
     marked = mark_checkpoint(manifest, tensors, board, key, registry, customer, seed=seed)
-    template = (Path(board_path) / "templates"
-                / f"{board.manifest['source_fingerprint'][:16]}-a{accuracy_level}.onnx")
+    template = template_path(board_path, board.manifest, accuracy_level)
     del tensors
     mark_seconds = time.perf_counter() - t0
     output.parent.mkdir(parents=True, exist_ok=True)
