@@ -18,6 +18,8 @@ from quantseal.checkpoint import load_compressed, read_checkpoint
 from quantseal.export.decoder import float_reference_logits
 from quantseal.runtime.pipelines import CausalLM
 
+from genai_greedy import og_greedy  # tests/export/genai_greedy.py
+
 PROMPTS = ([101, 7592, 2088], [101, 2023, 2003, 1037, 3231], [101, 1996])
 
 
@@ -192,20 +194,9 @@ def test_quantised_tied_table_is_one_code_tensor_for_lookup_and_head(quantised_t
 
 
 def test_onnxruntime_genai_runs_the_export_and_agrees(quantised_table):
-    og = pytest.importorskip("onnxruntime_genai")
     _, report, _, lm = quantised_table
-    config = og.Config(str(Path(report["path"]).parent))
-    config.clear_providers()
-    model = og.Model(config)
     prompt = list(PROMPTS[1])
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + 12)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    out = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
+    out = og_greedy(Path(report["path"]).parent, prompt, 12)
     assert len(set(out)) >= 3
     lm.eos_ids = set()
     assert lm.generate_ids(prompt, len(out)) == out
@@ -255,16 +246,8 @@ def test_float16_graph_for_cuda_runs_and_agrees(llama_rtn_export, tmp_path):
     assert past["past_key_values.0.key"].dtype == np.float16
     second, _ = half.step(seq[:, 3:], np.ones((1, 5), dtype=np.int64), past)
     np.testing.assert_allclose(np.concatenate([first, second], 1), half.logits(seq), atol=2e-3 * np.abs(a).max())
-    og = pytest.importorskip("onnxruntime_genai")
-    config = og.Config(str(out.parent))
-    config.clear_providers()
-    model = og.Model(config)
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=8)
-    gen = og.Generator(model, params)
-    gen.append_tokens(list(PROMPTS[1]))
-    gen.generate_next_token()
-    assert int(gen.get_next_tokens()[0]) == int(np.argmax(half.logits(np.array(PROMPTS[1]))[-1]))
+    first = og_greedy(out.parent, list(PROMPTS[1]), 1)
+    assert first == [int(np.argmax(half.logits(np.array(PROMPTS[1]))[-1]))]
 
 
 def test_float16_is_refused_for_an_encoder(minilm_rtn_checkpoint, tmp_path, capsys):

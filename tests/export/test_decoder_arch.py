@@ -20,6 +20,8 @@ from quantseal.export.decoder import float_reference_logits
 from quantseal.export.decoder_arch import arch_of, inverse_frequencies
 from quantseal.runtime.pipelines import CausalLM
 
+from genai_greedy import og_greedy  # tests/export/genai_greedy.py
+
 VOCAB = 512
 
 
@@ -100,23 +102,11 @@ def test_cached_steps_equal_a_full_recompute(arch_export):
 
 
 def test_onnxruntime_genai_greedy_equals_quantseal_runtime(arch_export):
-    og = pytest.importorskip("onnxruntime_genai")
     kind, _, lm, folder = arch_export
     cfg = json.loads((folder / "genai_config.json").read_text())
     assert cfg["model"]["type"] == kind.replace("llama3", "llama")
-    config = og.Config(str(folder))
-    config.clear_providers()
-    model = og.Model(config)
     prompt = [5, 17, 300, 41, 9]
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + 10)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    out = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    lm.eos_ids = set(lm.eos_ids)
+    out = og_greedy(folder, prompt, 10)
     assert len(set(out)) >= 3
     assert lm.generate_ids(prompt, len(out)) == out
 

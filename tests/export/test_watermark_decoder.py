@@ -22,6 +22,8 @@ from quantseal.runtime.pipelines import CausalLM
 from quantseal.runtime.verify import onnx_logits_fn, verify
 from quantseal.text import TextTokenizer, pydoc_sentences
 
+from genai_greedy import og_greedy  # tests/export/genai_greedy.py
+
 KEY = bytes(range(32))  # tests/conftest.py trains llama_board under this key
 KEY2 = bytes(range(100, 132))
 EMB = "model.embed_tokens"
@@ -207,25 +209,14 @@ def test_marked_folders_generate_in_onnxruntime_genai(exported, llama_board):
     """A customer's marked export (traced or swapped into the template) is an onnxruntime-genai
     folder: og generates from it the same greedy tokens as quantseal's runtime, and the file still
     names its customer."""
-    og = pytest.importorskip("onnxruntime_genai")
     from quantseal.runtime.pipelines import CausalLM
 
     files, reg = exported
     for c in (CUSTOMERS[0], CUSTOMERS[3]):  # the traced export and a template swap
         folder = files[c][0].parent
         assert {"genai_config.json", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
-        config = og.Config(str(folder))
-        config.clear_providers()
-        model = og.Model(config)
         prompt = [101, 2023, 2003, 1037, 3231]
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(prompt) + 8)
-        gen = og.Generator(model, params)
-        gen.append_tokens(prompt)
-        out = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            out.append(int(gen.get_next_tokens()[0]))
+        out = og_greedy(folder, prompt, 8)
         lm = CausalLM(files[c][0], provider="cpu")
         lm.eos_ids = set()
         assert lm.generate_ids(prompt, len(out)) == out
