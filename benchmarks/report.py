@@ -62,7 +62,7 @@ def decoder_table(res: dict) -> str:
                      f"{r.get('decode_tok_s_2t', '–')} | {r.get('prefill_256_ms_1t', '–')} | "
                      f"{r.get('prefill_256_ms_2t', '–')} | {r.get('rss_load_mb_1t', '–')} | {r.get('build_s', '–')} |")
     lines += ["", "Variants: `builder-*` = `python -m onnxruntime_genai.models.builder -p fp32|int8|int4 -e cpu` "
-              "(int4: accuracy level 4, its CPU default; `-acc0`: `int4_accuracy_level=0`); `qs-rtn` = "
+              "(int4: accuracy level 4, its CPU default; `-acc1`: `accuracy_level=1`, float32 compute); `qs-rtn` = "
               "`compress --method rtn --formats int4_b32,int8_b32 --budget-mb B` (the token table joins the plan), "
               "`qs-gptq` / `qs-cbq` = `compress --method gptq|cbq --wbits 4 --block 32 --table int4_b32` "
               "(cbq: 50 steps per window), `qs-rtn8` = `compress --method rtn --formats int8s_b32 --budget-mb B8 "
