@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -118,11 +119,26 @@ def matrix_candidates(n: int, k: int, formats: list[FormatSpec], ranks: tuple[in
 
 
 def _evaluate(task) -> list[tuple[float, int]]:
-    """Worker: (error, bytes) of every candidate of one matrix."""
+    """Worker: (error, bytes) of every candidate of one matrix, computed with one torch thread
+    wherever it runs (a float sum's order depends on the thread count: with the main process's
+    threads the serial path differed from the pool's in the last bits, and the plan could too)."""
     w, fisher, cands, clip, max_iter = task
     n, k = w.shape
-    return [(lq_decompose(w, c, fisher, max_iter=max_iter, clip_search=clip).error, c.stored_bytes(n, k))
-            for c in cands]
+    with one_torch_thread():
+        return [(lq_decompose(w, c, fisher, max_iter=max_iter, clip_search=clip).error, c.stored_bytes(n, k))
+                for c in cands]
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Compute with one torch thread inside (restored after): the candidate table and the stored
+    tensors are then the same floats whatever the machine's core count or the fan-out."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def evaluate_candidates(tasks: list, workers: int, tick: Callable[[int], None],
@@ -247,8 +263,9 @@ def materialize(table: CandidateTable, choice: list[int],
     tick = progress(len(choice), "writing")
     for (n, (w, kind)), c_idx, opt in zip(table.targets.items(), choice, table.options):
         cand = table.cands[n][c_idx]
-        res = lq_decompose(w.detach().float(), cand, table.fisher[n], max_iter=table.max_iter,
-                           clip_search=table.clip)
+        with one_torch_thread():  # the same floats as the candidate table's evaluation
+            res = lq_decompose(w.detach().float(), cand, table.fisher[n], max_iter=table.max_iter,
+                               clip_search=table.clip)
         mt = ckpt.matrix_tensors(n, cand.fmt, res.qt, res.w_hat, res.l1, res.l2)
         stored = sum(_tensor_bytes(t) for t in mt.values())
         if stored != opt.bytes[c_idx]:  # the ILP's byte count must be the file's
