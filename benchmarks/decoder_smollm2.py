@@ -219,7 +219,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         x, y = r["decode_tok_s_1t"], r["perplexity"]
         ax.scatter(x, y, s=20 + r["file_mb"], color="tab:blue" if r["variant"].startswith("qs") else "tab:orange")
-        ax.annotate(f"{r['variant']} ({r['file_mb']:.0f} MB)", (x, y), fontsize=7, xytext=(4, 2),
+        below = r["variant"].startswith("qs")  # quantseal's labels under their points, the builder's above
+        ax.annotate(f"{r['variant']} ({r['file_mb']:.0f} MB)", (x, y), fontsize=7, xytext=(4, -10 if below else 4),
                     textcoords="offset points")
     ax.set_xlabel("decode tokens/s (onnxruntime-genai, 1 thread, median)")
     ax.set_ylabel("perplexity (pydoc evaluation sentences)")

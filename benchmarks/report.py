@@ -69,6 +69,19 @@ def decoder_table(res: dict) -> str:
               "--max-decode-ms 3.7` (B8: the builder int8 file; the decode bound moves the tied table off float32), "
               "each exported with `quantseal export` (accuracy level 4, `-acc0`: 0).",
               "Plot: `results/decoder_smollm2.png`."]
+    checks = []
+    for ours, theirs in (("qs-gptq", "builder-int4"), ("qs-cbq", "builder-int4"), ("qs-rtn", "builder-int4"),
+                         ("qs-rtn8", "builder-int8")):
+        a, b = rows.get(ours), rows.get(theirs)
+        if not a or not b:
+            continue
+        checks.append(f"`{ours}` vs `{theirs}`: decode {a['decode_tok_s_1t'] / b['decode_tok_s_1t']:.2f}× (1 thread), "
+                      f"{a['decode_tok_s_2t'] / b['decode_tok_s_2t']:.2f}× (2 threads); prefill 256 "
+                      f"{a['prefill_256_ms_1t'] / b['prefill_256_ms_1t']:.2f}× / {a['prefill_256_ms_2t'] / b['prefill_256_ms_2t']:.2f}× "
+                      f"the time; file {a['file_mb'] / b['file_mb']:.2f}×; perplexity "
+                      f"{a['perplexity'] / fp32:.3f}× fp32 (theirs {b['perplexity'] / fp32:.3f}×).")
+    if checks:
+        lines += ["", "Ratios (computed from the rows above):", ""] + [f"- {c}" for c in checks]
     return "\n".join(lines)
 
 
