@@ -55,7 +55,7 @@ def main() -> None:
     step("owner set-up: key, registry, watermark board (trained once)")
     quantseal("keygen", "-o", out / "owner.key")
     for c in CUSTOMERS:
-        quantseal("registry", "add", out / "registry.json", "--key", out / "owner.key", "--user", c,
+        quantseal("registry", "add", out / "registry.db", "--key", out / "owner.key", "--user", c,
                   "--bits", args.bits)
     board = quantseal("board", "train", out / "compressed", "-o", out / "board", "--key", out / "owner.key",
                       "--bits", args.bits)
@@ -65,7 +65,7 @@ def main() -> None:
     models = {"unmarked": quantseal("export", out / "compressed", "-o", out / "unmarked" / "model.onnx")}
     for c in CUSTOMERS:
         models[c] = quantseal("export", out / "compressed", "-o", out / c / "model.onnx", "--board", out / "board",
-                              "--key", out / "owner.key", "--registry", out / "registry.json", "--user", c)
+                              "--key", out / "owner.key", "--registry", out / "registry.db", "--user", c)
 
     step("quality in onnxruntime vs the float32 model (held-out pydoc_data sentences)")
     from transformers.utils import logging as hf_logging
@@ -83,7 +83,7 @@ def main() -> None:
 
     step("verify each model black-box (triggers in, embeddings out)")
     verdicts = {name: quantseal("verify", r["path"], "--board", out / "board", "--key", out / "owner.key",
-                                "--registry", out / "registry.json") for name, r in models.items()}
+                                "--registry", out / "registry.db") for name, r in models.items()}
 
     source_mb = sum(p.stat().st_size for p in default_model_path().glob("*.safetensors")) / 1e6
     print()
