@@ -134,9 +134,9 @@ class DecoderGraph:
         with self.g.scope(name.rsplit(".", 1)[-1]):
             xs = self._smoothed(x, name)
             bias = self.plain.get(f"{name}.bias")
-            out = y if (y is not None and bias is None) else f"{self.g._prefix()}/MatMul/output_0"
+            out = y if (y is not None and bias is None) else f"{self.g.prefix()}/MatMul/output_0"
             scale = self.plain.get(f"{name}.{OUTPUT_SCALE}")  # a folded DoRA / IA³: o ⊙ (x Wᵀ) + b
-            mm = out if scale is None else f"{self.g._prefix()}/MatMul/output_unscaled"
+            mm = out if scale is None else f"{self.g.prefix()}/MatMul/output_unscaled"
             self.g.extend(linear_nodes(m, xs, mm, self.accuracy_level, self.activations.get(name), self.dtype))
             self._owned(m)
             if scale is not None:
@@ -164,7 +164,7 @@ class DecoderGraph:
             for n in names[1:]:
                 if f"{n}.{SMOOTH}" in self.plain:
                     self._plain_used[f"{n}.{SMOOTH}"] = "shared with q_proj"
-            out = f"{self.g._prefix()}/MatMul/output_0"
+            out = f"{self.g.prefix()}/MatMul/output_0"
             self.g.extend(linear_nodes(packed, xs, out, self.accuracy_level, dtype=self.dtype))
             self._owned(packed, *ms)
             if biased:
@@ -193,7 +193,7 @@ class DecoderGraph:
             y = self.g.op("SimplifiedLayerNormalization", [x, self._plain(gamma)], axis=-1,
                           epsilon=self.arch.rms_eps, stash_type=1)
             return y, x
-        prefix = self.g._prefix()
+        prefix = self.g.prefix()
         outs = [f"{prefix}/output_0", "", "", f"{prefix}/output_3"]
         y, _, _, s = self.g.ms("SkipSimplifiedLayerNormalization", [x, skip, self._plain(gamma)], outs,
                                epsilon=self.arch.rms_eps)
@@ -202,7 +202,7 @@ class DecoderGraph:
     def embedding(self, emb: str) -> tuple[str, StoredMatrix]:
         m = self._matrix(emb)
         with self.g.scope("embed_tokens"):
-            out = f"{self.g._prefix()}/output_0"
+            out = f"{self.g.prefix()}/output_0"
             if self.arch.tied and m.spec.kind == "int":
                 g = self._quantised_tied_lookup(m, out)
             else:
@@ -305,7 +305,7 @@ class DecoderGraph:
                             "GroupQueryAttention",
                             [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total_len,
                              cos, sin],
-                            [f"{g._prefix()}/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
+                            [f"{g.prefix()}/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
                             num_heads=a.heads, kv_num_heads=a.kv_heads, scale=a.scale, do_rotary=1,
                             rotary_interleaved=0, local_window_size=-1 if a.sliding_window is None else a.sliding_window)
                         o = self.linear(f"{base}.self_attn.o_proj", attn)

@@ -36,7 +36,8 @@ class GraphBuilder:
         finally:
             self._scope.pop()
 
-    def _prefix(self) -> str:
+    def prefix(self) -> str:
+        """The current scope as a name prefix ('/model/layers.0/attn')."""
         return "/" + "/".join(self._scope) if self._scope else ""
 
     def init(self, name: str, array: np.ndarray) -> str:
@@ -59,7 +60,7 @@ class GraphBuilder:
            **attrs) -> str | list[str]:
         """Add one node; returns its output name (or the list of them when ``outputs`` > 1).
         ``outputs`` may also give explicit names ("" for an unused optional output)."""
-        base = f"{self._prefix()}/{op_type}"
+        base = f"{self.prefix()}/{op_type}"
         self._count[base] += 1
         node_name = base if self._count[base] == 1 else f"{base}_{self._count[base] - 1}"
         if isinstance(outputs, int):
