@@ -160,7 +160,7 @@ def _child(folder: str, threads: int) -> dict:
         params = og.GeneratorParams(model)
         params.set_search_options(do_sample=False, max_length=len(ids) + new, min_length=len(ids) + new)
         gen = og.Generator(model, params)
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0 = time.perf_counter()
         gen.append_tokens(ids)
         t_prefill = time.perf_counter() - t0
         out = []

@@ -1,8 +1,5 @@
 """``quantseal keygen`` / ``registry`` / ``export --board`` / ``verify`` end to end through onnxruntime."""
 
-import contextlib
-import io
-import json
 import os
 import sqlite3
 import stat
@@ -10,21 +7,11 @@ import stat
 import pytest
 
 from quantseal import keys as qk
-from quantseal.cli import main
 from quantseal.registry import open_registry
 
+from cli_run import last_json, run  # tests/cli_run.py
+
 KEY = bytes(range(32))  # tests/conftest.py trains minilm_board under this key
-
-
-def run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def last_json(text):
-    return json.loads(text.strip().splitlines()[-1])
 
 
 def test_keygen(tmp_path):

@@ -1,8 +1,6 @@
 """Checkpoint integrity (quantseal/integrity.py through checkpoint.read_checkpoint and the CLI):
 file hashes, lying manifests, NaN/Inf, and a source folder missing weights or holding NaN."""
 
-import contextlib
-import io
 import json
 import shutil
 import struct
@@ -12,16 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantseal import checkpoint as ckpt
-from quantseal.cli import main
 from quantseal.errors import BadInput
 from quantseal.integrity import file_records
 
-
-def run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
+from cli_run import run  # tests/cli_run.py
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """Atomic publishing of output folders, orphan collection and output-path validation
 (quantseal/publish.py), and the CLI's early refusal of bad output paths."""
 
-import contextlib
-import io
 import os
 import random
 import signal
@@ -15,15 +13,9 @@ from pathlib import Path
 import pytest
 
 from quantseal import publish
-from quantseal.cli import main
 from quantseal.errors import BadInput
 
-
-def run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
+from cli_run import run  # tests/cli_run.py
 
 
 def _write(folder: Path, version: str) -> Path:

@@ -1,7 +1,5 @@
 """The SQLite registry (quantseal/registry.py): concurrency, integrity, tombstones, import, CLI."""
 
-import contextlib
-import io
 import json
 import multiprocessing as mp
 import os
@@ -12,19 +10,13 @@ import numpy as np
 import pytest
 
 from quantseal import keys as qk
-from quantseal.cli import main
 from quantseal.errors import BadInput, Unsupported
 from quantseal.registry import RegistryDB, check_customer_id, import_registry, open_registry
 
+from cli_run import run  # tests/cli_run.py
+
 KEY = bytes(range(32))
 KEY2 = bytes(range(1, 33))
-
-
-def run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def _adder(args):

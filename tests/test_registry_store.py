@@ -3,8 +3,6 @@ guarantees as the SQLite file.  Runs where psycopg (``quantseal[postgres]``) and
 binaries (initdb, pg_ctl) are installed; a throwaway server on a Unix socket is started for the
 module."""
 
-import contextlib
-import io
 import json
 import multiprocessing as mp
 import os
@@ -17,21 +15,15 @@ import numpy as np
 import pytest
 
 from quantseal import keys as qk
-from quantseal.cli import main
 from quantseal.errors import BadInput
 from quantseal.registry import RegistryDB, import_registry, open_registry
+
+from cli_run import run  # tests/cli_run.py
 
 psycopg = pytest.importorskip("psycopg")
 
 KEY = bytes(range(32))
 KEY2 = bytes(range(1, 33))
-
-
-def run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from .genai_config import META_GENAI, META_TOKENIZER_CONFIG, TOKENIZER_CONFIG, g
 from .lowbit import STORED_SUFFIXES
 from .onnx import _metadata, finish_export, stored_matrices
 
-INPUT_IDS, MASK, LOGITS = "input_ids", "attention_mask", "logits"
+LOGITS = "logits"
 COMPUTE = {"fp32": np.float32, "fp16": np.float16}  # export --dtype: CPU graphs compute in float32
 
 

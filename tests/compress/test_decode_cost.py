@@ -48,3 +48,14 @@ def test_decode_bound_steers_the_plan_off_slow_kernels(tiny_llama_dir, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "fastest plan" in err[0]
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("argv", [["--method", "rtn", "--budget", "4", "--max-decode-ms", v] for v in ("0", "-1", "nan", "inf")]
+                         + [["--method", "gptq", "--table", "int9_b32"], ["--method", "gptq", "--max-decode-ms", "5"]])
+def test_bad_decode_bound_or_table_is_one_line_before_any_work(tiny_llama_dir, tmp_path, capsys, argv):
+    capsys.readouterr()
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["compress", str(tiny_llama_dir), "-o", str(tmp_path / "ck"), "--workers", "1", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "Traceback" not in err[0]
+    assert not (tmp_path / "ck").exists()

@@ -28,6 +28,8 @@ from quantseal.export.adapters import fold_adapters, read_adapter, truncate_fact
 from quantseal.models import encode
 from quantseal.text import TextTokenizer, pydoc_sentences
 
+from peft_base import plain_linears  # tests/export/peft_base.py
+
 pytestmark = pytest.mark.slow
 QUERY = "encoder.layer.0.attention.self.query"
 TEXTS = pydoc_sentences("evaluation")[:4]
@@ -67,19 +69,6 @@ def lora_pair(module: str, n: int, k: int, r: int = 2, seed: int = 0) -> dict[st
     g = torch.Generator().manual_seed(seed)
     return {f"base_model.model.{module}.lora_A.weight": torch.randn(r, k, generator=g) * 0.1,
             f"base_model.model.{module}.lora_B.weight": torch.randn(n, r, generator=g) * 0.1}
-
-
-def plain_linears(model: nn.Module) -> nn.Module:
-    """Replace each CompressedLinear by an nn.Linear holding W_hat + L1 L2, so that PEFT can wrap it."""
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, CompressedLinear):
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-            with torch.no_grad():
-                lin.weight.copy_(mod.effective_weight())
-                if mod.bias is not None:
-                    lin.bias.copy_(mod.bias)
-            set_submodule(model, name, lin)
-    return model
 
 
 def embed(model: nn.Module, tok: TextTokenizer, texts: list[str]) -> np.ndarray:

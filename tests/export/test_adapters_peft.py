@@ -24,10 +24,11 @@ from torch import nn
 from quantseal import checkpoint as ckpt
 from quantseal.cli import main
 from quantseal.compress.formats import FormatSpec
-from quantseal.compress.qlinear import CompressedLinear, set_submodule
 from quantseal.compress.quantizers import dequantize, quantize, round_float
 from quantseal.models import encode
 from quantseal.text import TextTokenizer, pydoc_sentences
+
+from peft_base import plain_linears  # tests/export/peft_base.py
 
 peft = pytest.importorskip("peft")
 
@@ -76,19 +77,6 @@ def compressed(tiny_ck) -> nn.Module:
 @pytest.fixture(scope="module")
 def feeds(tiny_ck) -> dict:
     return TextTokenizer(tiny_ck)(TEXTS)
-
-
-def plain_linears(model: nn.Module) -> nn.Module:
-    """Each CompressedLinear as an nn.Linear holding ``dequant(Q) + L1 L2``: the base PEFT sees."""
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, CompressedLinear):
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-            with torch.no_grad():
-                lin.weight.copy_(mod.effective_weight())
-                if mod.bias is not None:
-                    lin.bias.copy_(mod.bias)
-            set_submodule(model, name, lin)
-    return model
 
 
 def embed(model: nn.Module, feeds: dict) -> np.ndarray:

@@ -2,8 +2,6 @@
 of that customer, byte for byte, whichever way the batch runs (Ray actors, process pool, serial),
 including after a Ray worker dies mid-export; bad input is one line and exit 2 with nothing written."""
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -14,19 +12,13 @@ import numpy as np
 import pytest
 
 from quantseal import keys as qk
-from quantseal.cli import main
 from quantseal.export import batch
+
+from cli_run import run  # tests/cli_run.py
 
 KEY = bytes(range(32))
 SEED = "5"
 CUSTOMERS = [f"cust-{i:02d}" for i in range(20)]
-
-
-def run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def one_error_line(err):

@@ -6,8 +6,6 @@ with ``top_logprobs`` and with greedy text only; unmarked suspects are not claim
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,20 +14,10 @@ import numpy as np
 import pytest
 
 from quantseal import keys as qk
-from quantseal.cli import main
+
+from cli_run import last_json, run  # tests/cli_run.py
 
 KEY = bytes(range(32))  # tests/conftest.py trains the boards under this key
-
-
-def run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def last_json(text):
-    return json.loads(text.strip().splitlines()[-1])
 
 
 class Suspect:

@@ -6,18 +6,17 @@ decoder through them (the whole loop without a network)."""
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import threading
 
 import numpy as np
 import pytest
-from http_request import request  # tests/runtime/http_request.py
+from http_request import request, served_in_thread  # tests/runtime/http_request.py
 
 from quantseal import keys as qk
-from quantseal.cli import main
 from quantseal.runtime.openai_routes import token_text
 from quantseal.runtime.pipelines import CausalLM, Embedder
+
+from cli_run import run  # tests/cli_run.py
 
 pytestmark = pytest.mark.slow
 KEY = bytes(range(32))
@@ -25,17 +24,11 @@ KEY = bytes(range(32))
 
 @contextlib.contextmanager
 def serving(path, max_batch=8, **kw):
-    from quantseal.runtime.server import make_server, server_url, service_for
+    from quantseal.runtime.server import make_server, service_for
 
     server = make_server(service_for(path, provider="cpu", max_batch=max_batch), "127.0.0.1", 0, **kw)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server_url(server)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with served_in_thread(server) as url:
+        yield url
 
 
 def post(url, path, obj):
@@ -128,13 +121,6 @@ def test_completions_and_chat_logprobs_equal_local(lm_path):
                           ("/v1/completions", {"prompt": "a", "logit_bias": [1]})):
             status, err = post(url, path, bad)
             assert status == 400, (path, bad, err)
-
-
-def run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def test_verify_through_serve_openai_routes(tmp_path, llama_rtn_export, llama_board):

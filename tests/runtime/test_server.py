@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from http_request import request  # tests/runtime/http_request.py
+from http_request import request, served_in_thread  # tests/runtime/http_request.py
 
 from quantseal.errors import BadInput
 from quantseal.runtime.client import EndpointEmbedder
@@ -32,18 +32,12 @@ def local(minilm_rtn_onnx) -> Embedder:
 @pytest.fixture(scope="module")
 def served(minilm_rtn_onnx):
     """A server on 127.0.0.1, free port, in a thread (max batch 8); shut down afterwards."""
-    from quantseal.runtime.server import EmbeddingService, make_server, server_url
+    from quantseal.runtime.server import EmbeddingService, make_server
 
     service = EmbeddingService.from_path(minilm_rtn_onnx, provider="cpu", max_batch=8)
     server = make_server(service, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server_url(server)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with served_in_thread(server) as url:
+        yield url
 
 
 def test_round_trip_equals_embedder(served, local):

@@ -4,11 +4,10 @@ requests get HTTP 400 and the server keeps serving."""
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
-from http_request import request  # tests/runtime/http_request.py
+from http_request import request, served_in_thread  # tests/runtime/http_request.py
 
 from quantseal.errors import BadInput
 from quantseal.runtime.client import EndpointCausalLM
@@ -25,19 +24,13 @@ def lm_path(llama_rtn_export):
 
 @pytest.fixture(scope="module")
 def served(lm_path):
-    from quantseal.runtime.server import GenerationService, make_server, server_url, service_for
+    from quantseal.runtime.server import GenerationService, make_server, service_for
 
     service = service_for(lm_path, provider="cpu", max_batch=4)
     assert isinstance(service, GenerationService)
     server = make_server(service, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server_url(server)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with served_in_thread(server) as url:
+        yield url
 
 
 def test_generate_equals_local(served, lm_path):
