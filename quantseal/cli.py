@@ -231,6 +231,9 @@ def _add_export(sub) -> None:
                    help="PEFT adapter folder (LoRA/DoRA/AdaLoRA/VeRA/IA3/LoHa/LoKr/MiSS) to fold exactly "
                         "(repeatable, in order)")
     p.add_argument("--adapter-rank", type=int, help="re-compress each folded branch to this rank by SVD (reports the error)")
+    p.add_argument("--switchable", action="store_true",
+                   help="keep each --adapter ([NAME=]DIR) a separate branch chosen at run time by the int64 input "
+                        "adapter_id (0: base, j: the j-th adapter; run/serve --adapter NAME); default: fold")
     p.add_argument("--adapter-dtype", choices=("float16", "float32"), default="float16",
                    help="storage of the folded low-rank factors (float32: exact to float32)")
     p.add_argument("--seed", type=int, help="watermarked export: seed of the low-rank obfuscation, mixed with --user "
@@ -253,7 +256,16 @@ def _cmd_export(args) -> int:
     if args.adapter and any(x is not None for x in mark):
         raise BadInput("--adapter with a watermark (--board) is not supported yet: the board is tied to the "
                        "checkpoint it was trained on")
-    if args.adapter:
+    if args.switchable:
+        from .export.adapters.switchable import export_switchable
+
+        import torch
+
+        if args.adapter_rank is not None:
+            raise BadInput("--adapter-rank truncates folded branches; it does not apply with --switchable")
+        res = export_switchable(args.checkpoint, args.output, args.adapter, accuracy_level=args.accuracy_level,
+                                dtype=getattr(torch, args.adapter_dtype))
+    elif args.adapter:
         from .export.adapters import export_with_adapters
 
         import torch
@@ -278,7 +290,12 @@ def _cmd_export(args) -> int:
     lowbit = {op: res["ops"].get(op, 0) for op in ("MatMulNBits", "MatMulBnb4", "GatherBlockQuantized")}
     human = (f"wrote {res['path']}: {res['bytes'] / 1e6:.2f} MB, {res['matrices']} compressed matrices "
              f"({res['matrix_bytes'] / 1e6:.3f} MB), low-bit ops {lowbit}, {res['seconds']:.1f} s")
-    if "adapters" in res:
+    if res.get("adapters", {}).get("switchable"):
+        ad = res["adapters"]
+        human += (f"\nswitchable adapters (input adapter_id; 0 = base): "
+                  + ", ".join(f"{a['id']} = {a['name']}" for a in ad["adapters"])
+                  + f"; {len(ad['matrices'])} matrices, {res['adapter_bytes'] / 1e6:.3f} MB of branches")
+    elif "adapters" in res:
         ad = res["adapters"]
         rounding = max(a["fold_rel_error"] for a in ad["adapters"])
         human += (f"\nfolded {len(ad['adapters'])} adapter(s) into {len(ad['matrices'])} matrices, {ad['dtype']} "
@@ -337,6 +354,7 @@ def _add_run(sub) -> None:
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json or its folder (default: beside the model)")
     p.add_argument("--max-length", type=int, default=None,
                    help="embedders: truncate texts at this many tokens (default: the model's max_seq_length)")
+    p.add_argument("--adapter", help="a switchable export's adapter to use, by name (default: the base model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_run)
 
@@ -381,10 +399,12 @@ def _cmd_run(args) -> int:
         raise BadInput("empty --text")
     t0 = time.perf_counter()
     emb = Embedder(args.model, tokenizer=args.tokenizer, provider=args.provider, threads=args.threads,
-                   max_length=args.max_length)
+                   max_length=args.max_length, adapter=args.adapter)
     vectors = emb.embed(texts)
     res = {"model": str(args.model), "provider": emb.provider, "n": int(vectors.shape[0]),
            "dim": int(vectors.shape[1]), "max_length": emb.max_length, "seconds": round(time.perf_counter() - t0, 3)}
+    if emb.switchable:
+        res["adapter"] = args.adapter
     if args.output is not None:
         _save_npy(args.output, vectors)
         res["output"] = str(args.output)
@@ -416,6 +436,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request's body")
     p.add_argument("--max-length", type=int, default=None,
                    help="embedders: truncate texts at this many tokens (default: the model's max_seq_length)")
+    p.add_argument("--adapter", help="a switchable export's default adapter, by name (a request's \"adapter\" "
+                                     "overrides it; default: the base model)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -452,7 +474,8 @@ def _cmd_serve(args) -> int:
 
         token = read_api_key(args.token_file)[1].removeprefix("Bearer ")
     service = service_for(args.model, provider=args.provider, threads=args.threads, tokenizer=args.tokenizer,
-                          max_batch=args.max_batch, max_chars=args.max_chars, max_length=args.max_length)
+                          max_batch=args.max_batch, max_chars=args.max_chars, max_length=args.max_length,
+                          adapter=args.adapter)
     server = make_server(service, args.host, args.port, token=token, limits=limits)
 
     def _stop(signum, frame):
@@ -481,6 +504,8 @@ def _run_generate(args) -> int:
         raise BadInput("empty --prompt")
     if args.max_length is not None:
         raise BadInput("--max-length applies to embedding models (--text); use --max-new-tokens with --prompt")
+    if args.adapter is not None:
+        raise BadInput("--adapter selects a switchable encoder export's adapter; decoders' adapters are folded")
     if args.max_new_tokens < 0:
         raise BadInput(f"--max-new-tokens must be non-negative, not {args.max_new_tokens}")
     lm = CausalLM(args.model, tokenizer=args.tokenizer, provider=args.provider, threads=args.threads)

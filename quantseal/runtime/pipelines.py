@@ -20,6 +20,35 @@ from ..text import TextTokenizer
 from .session import Session
 
 TOKENIZER = "tokenizer.json"
+ADAPTER_INPUT = "adapter_id"  # a switchable export's input (quantseal.export.adapters.switchable)
+ADAPTERS_METADATA = "quantseal.adapters"
+
+
+def adapter_ids(metadata: dict[str, str]) -> dict[str, int]:
+    """Adapter name → ``adapter_id`` of a switchable export (its ``quantseal.adapters`` metadata;
+    id 0 is the base model); empty for any other file."""
+    import json
+
+    raw = metadata.get(ADAPTERS_METADATA)
+    if not raw:
+        return {}
+    try:
+        return {str(a["name"]): int(a["id"]) for a in json.loads(raw)}
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BadInput(f"corrupt {ADAPTERS_METADATA} metadata ({exc})") from exc
+
+
+def adapter_id(names: dict[str, int], name: str | None, where) -> int:
+    """The id of adapter ``name`` (None: 0, the base model); an unknown name, or a name for a
+    file without switchable adapters, is a :class:`BadInput` listing what the file has."""
+    if name is None:
+        return 0
+    if not names:
+        raise BadInput(f"{where}: has no switchable adapters (export with --adapter ... --switchable); "
+                       f"cannot select {name!r}")
+    if name not in names:
+        raise BadInput(f"{where}: no adapter named {name!r} (it has {', '.join(sorted(names, key=names.get))})")
+    return names[name]
 
 
 def find_tokenizer(model_path: str | Path, tokenizer: str | Path | None = None) -> Path:
@@ -66,15 +95,22 @@ class Embedder:
     ``max_length``: truncation length in tokens, special tokens included (default: the model's
     ``max_seq_length`` recorded at export, 256 for all-MiniLM-L6-v2; 128 for older files); at most
     the model's ``max_position_embeddings``.
+    ``adapter``: the name of one of a switchable export's adapters (``adapter_names``); None is
+    the base model (``adapter_id`` 0).  ``embed(texts, adapter=...)`` overrides it per call.
     """
 
     def __init__(self, model_path: str | Path, tokenizer: str | Path | None = None, provider: str = "auto",
-                 threads: int | None = None, max_length: int | None = None, batch_size: int = 32):
+                 threads: int | None = None, max_length: int | None = None, batch_size: int = 32,
+                 adapter: str | None = None):
         self.session = Session(model_path, provider=provider, threads=threads)
         if "sentence_embedding" not in self.session.output_names:
             hint = "; a decoder: use --prompt / CausalLM" if "logits" in self.session.output_names else ""
             raise BadInput(f"{model_path}: not an embedding model (outputs {self.session.output_names[:4]}{hint})")
         self.conventions = Conventions.from_metadata(self.session.metadata)
+        self.switchable = ADAPTER_INPUT in self.session.input_names
+        self.adapter_names = adapter_ids(self.session.metadata) if self.switchable else {}
+        self.adapter = adapter
+        self.adapter_id = adapter_id(self.adapter_names, adapter, model_path)
         max_length = self.conventions.max_seq_length if max_length is None else int(max_length)
         limit = self.conventions.max_positions
         if max_length < 2:
@@ -92,15 +128,25 @@ class Embedder:
     def provider(self) -> str:
         return self.session.provider
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """float32 (len(texts), H), each row of unit length."""
+    def feeds(self, tokens: dict[str, np.ndarray], adapter: str | None = None) -> dict[str, np.ndarray]:
+        """``tokens`` plus, for a switchable export, ``adapter_id`` (a scalar: the given adapter,
+        else this embedder's)."""
+        if not self.switchable:
+            adapter_id({}, adapter, self.session.path)  # a name for a file without adapters: refused
+            return tokens
+        ident = self.adapter_id if adapter is None else adapter_id(self.adapter_names, adapter, self.session.path)
+        return {**tokens, ADAPTER_INPUT: np.array(ident, dtype=np.int64)}
+
+    def embed(self, texts: list[str], adapter: str | None = None) -> np.ndarray:
+        """float32 (len(texts), H), each row of unit length; ``adapter``: a switchable export's
+        adapter for this call (default: the embedder's)."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
             raise BadInput("no texts to embed")
         out = []
         for i in range(0, len(texts), self.batch_size):
-            feeds = self.tokenizer(texts[i:i + self.batch_size])
+            feeds = self.feeds(self.tokenizer(texts[i:i + self.batch_size]), adapter)
             out.append(self.session.run(feeds, ["sentence_embedding"])["sentence_embedding"])
         return np.concatenate(out).astype(np.float32, copy=False)
 

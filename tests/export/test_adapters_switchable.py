@@ -1,0 +1,171 @@
+"""Switchable adapters (``export --adapter A --adapter B --switchable``): one file, a branch per
+adapter chosen by the ``adapter_id`` input.  Each id must give what the single-adapter *folded*
+export gives (itself checked against peft in test_adapters*.py), id 0 the base export; run/serve
+select adapters by name; what cannot switch is refused with exit 2 and nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from quantseal.text import TextTokenizer
+
+from cli_run import last_json, run  # tests/cli_run.py
+
+TEXTS = ["the quick brown fox jumps over the lazy dog", "a second, longer sentence with some words in it",
+         "short", "tokens and more tokens for the encoder to read"]
+
+
+def peft_lora(base_dir: Path, out: Path, seed: int, **lora) -> Path:
+    """A LoRA adapter written by peft on the float model, lora_B seeded non-zero."""
+    from peft import LoraConfig, get_peft_model
+
+    from quantseal.models import load_model
+
+    model, _ = load_model(base_dir)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(**lora))
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_bert_dir):
+    """The tiny BERT compressed (LQ, 4.5 bits, ranks 0/4), two peft adapters (LoRA r=4 on
+    query/value; rsLoRA r=8 on query/key/every dense), and four exports: switchable, each folded,
+    base."""
+    root = tmp_path_factory.mktemp("switch")
+    ck = root / "ck"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run(["compress", tiny_bert_dir, "-o", ck, "--budget", "4.5", "--ranks", "0,4", "--workers", "1"])[0] == 0
+        a = peft_lora(tiny_bert_dir, root / "ad_a", 1, r=4, lora_alpha=8, target_modules=["query", "value"])
+        b = peft_lora(tiny_bert_dir, root / "ad_b", 2, r=8, lora_alpha=4, target_modules=["query", "key", "dense"],
+                      use_rslora=True)
+        rc, out, err = run(["export", ck, "-o", root / "sw" / "model.onnx", "--adapter", f"alpha={a}",
+                            "--adapter", b, "--switchable", "--json"])
+        assert rc == 0, err
+        report = last_json(out)
+        for name, extra in (("fa", ["--adapter", a]), ("fb", ["--adapter", b]), ("base", [])):
+            assert run(["export", ck, "-o", root / name / "model.onnx", *extra])[0] == 0
+    finally:
+        torch.set_num_threads(threads)
+    return {"root": root, "ck": ck, "a": a, "b": b, "report": report, "sw": root / "sw" / "model.onnx",
+            "tok": TextTokenizer(ck)}
+
+
+def _embed(path: Path, feeds: dict, adapter_id=None) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if adapter_id is not None:
+        feeds = {**feeds, "adapter_id": np.asarray(adapter_id, dtype=np.int64)}
+    return sess.run(["sentence_embedding"], feeds)[0]
+
+
+def _one_minus_cos(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return 1 - np.sum(x * y, 1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+
+
+def test_each_id_equals_its_folded_export(setup):
+    """id 0 = base export, id j = the folded export of adapter j (1−cos ≤ 1e-6), as a scalar and
+    per row in one mixed batch; and the adapters do change the output."""
+    root, feeds = setup["root"], setup["tok"](TEXTS)
+    refs = [_embed(root / n / "model.onnx", feeds) for n in ("base", "fa", "fb")]
+    for j, ref in enumerate(refs):
+        got = _embed(setup["sw"], feeds, j)
+        assert _one_minus_cos(got, ref).max() <= 1e-6, j
+    for j in (1, 2):
+        assert _one_minus_cos(refs[j], refs[0]).min() > 1e-3  # each adapter moves every sentence
+    ids = np.array([2, 0, 1, 2])
+    mixed = _embed(setup["sw"], feeds, ids)
+    want = np.stack([refs[i][row] for row, i in enumerate(ids)])
+    assert _one_minus_cos(mixed, want).max() <= 1e-6
+
+
+def test_graph_holds_one_gathered_branch_per_matrix(setup):
+    rep = setup["report"]
+    model = onnx.load(str(setup["sw"]))
+    assert [i.name for i in model.graph.input][-1] == "adapter_id"
+    meta = {p.key: p.value for p in model.metadata_props}
+    info = json.loads(meta["quantseal.adapters"])
+    assert [(a["id"], a["name"], a["r"]) for a in info] == [(1, "alpha", 4), (2, "ad_b", 8)]
+    inits = {t.name: t for t in model.graph.initializer}
+    q = "encoder.layer.0.attention.self.query"
+    v = "encoder.layer.0.attention.self.value"
+    assert tuple(inits[f"{q}.adapters.AT"].dims) == (2, 64, 8)  # J adapters, K, max rank
+    assert tuple(inits[f"{v}.adapters.BT"].dims) == (2, 4, 64)  # value: only adapter 1 (rank 4)
+    at = onnx.numpy_helper.to_array(inits[f"{v}.adapters.AT"])
+    assert at.dtype == np.float16 and not at[1].any() and at[0].all()  # adapter 2 leaves value alone: zeros
+    at = onnx.numpy_helper.to_array(inits[f"{q}.adapters.AT"])
+    assert not at[0][:, 4:].any() and at[0][:, :4].all() and at[1].all()  # rank 4 padded to 8
+    # every adapted matrix: exactly one Gather of each stack (one branch per row, whatever J is)
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0].endswith((".AT", ".BT"))]
+    assert len(gathers) == 2 * len(rep["adapters"]["matrices"]) == 2 * 12
+    added = sum(int(np.prod(t.dims)) * 2 for n, t in inits.items() if ".adapters." in n)
+    assert rep["adapter_bytes"] == added + 8 * 6  # the stacks (float16) + six int64 constant entries
+    base_bytes = (setup["root"] / "base" / "model.onnx").stat().st_size
+    graph = rep["bytes"] - base_bytes - rep["adapter_bytes"]  # the new nodes' protobuf, names, metadata
+    assert 0 < graph < 2500 * len(rep["adapters"]["matrices"])
+
+
+def test_run_and_serve_select_an_adapter_by_name(setup, capsys):
+    from quantseal.runtime.server import RequestError, service_for
+
+    sw, root = setup["sw"], setup["root"]
+    rc, out, _ = run(["run", sw, "--text", TEXTS[0], "--text", TEXTS[1], "--adapter", "ad_b", "--json"])
+    assert rc == 0
+    res = last_json(out)
+    assert res["adapter"] == "ad_b"
+    ref = _embed(root / "fb" / "model.onnx", setup["tok"](TEXTS[:2]))
+    assert _one_minus_cos(np.array(res["embeddings"]), ref).max() <= 1e-6
+    rc, out, _ = run(["run", sw, "--text", TEXTS[0], "--json"])  # no --adapter: the base model
+    base = _embed(root / "base" / "model.onnx", setup["tok"](TEXTS[:1]))
+    assert _one_minus_cos(np.array(last_json(out)["embeddings"]), base).max() <= 1e-6
+
+    for model, name, msg in ((sw, "gamma", "no adapter named 'gamma' (it has alpha, ad_b)"),
+                             (root / "base" / "model.onnx", "alpha", "has no switchable adapters")):
+        rc, out, err = run(["run", model, "--text", "x", "--adapter", name])
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+
+    service = service_for(sw, provider="cpu", adapter="alpha")
+    assert service.health()["adapters"] == ["alpha", "ad_b"]
+    fa = _embed(root / "fa" / "model.onnx", setup["tok"](TEXTS[:2]))
+    got = np.array(service.embed({"texts": TEXTS[:2]})["embeddings"])  # serve --adapter alpha
+    assert _one_minus_cos(got, fa).max() <= 1e-6
+    got = np.array(service.embed({"texts": TEXTS[:2], "adapter": "ad_b"})["embeddings"])  # per request
+    assert _one_minus_cos(got, ref).max() <= 1e-6
+    ids = setup["tok"](TEXTS[:2])
+    got = np.array(service.embed({"input_ids": ids["input_ids"].tolist(), "attention_mask": ids["attention_mask"].tolist(),
+                                  "adapter": "ad_b"})["embeddings"])
+    assert _one_minus_cos(got, ref).max() <= 1e-6
+    with pytest.raises(RequestError, match="no adapter named 'zeta'"):
+        service.embed({"texts": ["x"], "adapter": "zeta"})
+
+
+def test_what_cannot_switch_is_refused(setup, tiny_bert_dir, tmp_path):
+    """exit 2, one line on stderr, nothing written."""
+    ck, a = setup["ck"], setup["a"]
+    dora = peft_lora(tiny_bert_dir, tmp_path / "dora", 3, r=2, lora_alpha=4, target_modules=["query"], use_dora=True)
+    cases = {
+        "dora": (["--adapter", a, "--adapter", dora, "--switchable"], "magnitude edits is not switchable"),
+        "no adapter": (["--switchable"], "--switchable needs at least one --adapter"),
+        "with rank": (["--adapter", a, "--switchable", "--adapter-rank", "2"], "does not apply with --switchable"),
+        "same name": (["--adapter", f"x={a}", "--adapter", f"x={dora}", "--switchable"], "two adapters are named 'x'"),
+        "bad name": (["--adapter", f"a b={a}", "--switchable"], "adapter name 'a b'"),
+    }
+    out = tmp_path / "out"
+    for name, (extra, msg) in cases.items():
+        rc, _, err = run(["export", ck, "-o", out / "m.onnx", *extra])
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert not out.exists() or list(out.iterdir()) == [], name
