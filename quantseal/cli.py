@@ -99,6 +99,11 @@ def _add_compress(sub) -> None:
     p.add_argument("--max-decode-ms", type=float, default=None,
                    help="lq/rtn: bound the plan's estimated per-token CPU time of its matrices (ms, batch 1, "
                         "onnxruntime at accuracy level 4; the per-format costs of compress/decode_cost.py)")
+    p.add_argument("--adapter", type=Path, action="append", default=[],
+                   help="lq/rtn: PEFT adapter folder (repeatable) folded into the plan; its SVD-truncated ranks "
+                        "r, r/2, ..., 0 are candidates whose bytes count toward the budget")
+    p.add_argument("--adapter-rank", default="auto",
+                   help="with --adapter: 'auto' (the ILP picks each matrix's rank) or a fixed rank R")
     p.add_argument("--workers", type=int, default=2)
     _add_ray_flag(p, "the per-matrix candidate table")
     p.add_argument("--seed", type=int, default=0)
@@ -164,10 +169,20 @@ def _cmd_compress(args) -> int:
     from .publish import check_output_folder
 
     check_output_folder(args.output, MANIFEST, "checkpoint")  # before any compute
+    if args.adapter and args.method not in ("lq", "rtn"):
+        raise BadInput(f"--adapter at compress time is planned by --method lq or rtn, not {args.method}")
+    if args.adapter_rank != "auto" and not args.adapter:
+        raise BadInput("--adapter-rank needs at least one --adapter")
     if args.method in ("gptq", "cbq"):
         return _cmd_compress_calibrated(args)
     if args.budget is None and args.budget_mb is None:
         raise BadInput(f"--method {args.method} needs one of --budget BITS and --budget-mb MB")
+    adapter_rank = args.adapter_rank
+    if adapter_rank != "auto":
+        try:
+            adapter_rank = int(adapter_rank)
+        except ValueError:
+            raise BadInput(f"--adapter-rank must be 'auto' or an integer, not {adapter_rank!r}") from None
     from .compress.pipeline import DEFAULT_RANKS, CompressConfig, compress, default_families
 
     cfg = CompressConfig(
@@ -177,6 +192,7 @@ def _cmd_compress(args) -> int:
         ranks=args.ranks if args.ranks is not None else DEFAULT_RANKS,
         formats=tuple(args.formats.split(",")) if args.formats else default_families(args.model),
         workers=args.workers, ray=_ray_address(args), seed=args.seed, max_decode_ms=args.max_decode_ms,
+        adapters=tuple(args.adapter), adapter_rank=adapter_rank,
     )
     if args.method == "lq+cbq":
         from .compress.cbq import CBQConfig
@@ -193,6 +209,11 @@ def _cmd_compress(args) -> int:
     human = (f"wrote {res['output']}: {res['matrices']} matrices, {res['bits_per_param']:.4f} bits/param "
              f"(budget {res['budget']} {res['budget_kind']}), {res['bytes'] / 1e6:.2f} MB of tensors, "
              f"{res['seconds']:.1f} s")
+    if "adapter_rank" in res:
+        ar = res["adapter_rank"]
+        kept = sum(ar["ranks"].values())
+        human += (f"\nadapter ranks under the budget: {kept} of {sum(ar['full_ranks'].values())} kept over "
+                  f"{len(ar['ranks'])} matrices ({ar['bytes'] / 1e6:.3f} MB), truncation error {ar['error']:.4g}")
     _emit(res, args.json, human)
     return 0
 

@@ -17,27 +17,10 @@ import torch
 from quantseal.text import TextTokenizer
 
 from cli_run import last_json, run  # tests/cli_run.py
+from peft_adapters import peft_lora  # tests/peft_adapters.py
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "a second, longer sentence with some words in it",
          "short", "tokens and more tokens for the encoder to read"]
-
-
-def peft_lora(base_dir: Path, out: Path, seed: int, **lora) -> Path:
-    """A LoRA adapter written by peft on the float model, lora_B seeded non-zero."""
-    from peft import LoraConfig, get_peft_model
-
-    from quantseal.models import load_model
-
-    model, _ = load_model(base_dir)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(**lora))
-    g = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    peft_model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
