@@ -316,6 +316,9 @@ def _cmd_export(args) -> int:
         human += (f"\nswitchable adapters (input adapter_id; 0 = base): "
                   + ", ".join(f"{a['id']} = {a['name']}" for a in ad["adapters"])
                   + f"; {len(ad['matrices'])} matrices, {res['adapter_bytes'] / 1e6:.3f} MB of branches")
+    elif res.get("adapters", {}).get("xlora"):
+        human += (f"\nX-LoRA routed over {len(res['adapters']['experts'])} experts on "
+                  f"{len(res['adapters']['matrices'])} matrices (two passes; no genai_config.json)")
     elif "adapters" in res:
         ad = res["adapters"]
         rounding = max(a["fold_rel_error"] for a in ad["adapters"])

@@ -151,6 +151,18 @@ class Embedder:
         return np.concatenate(out).astype(np.float32, copy=False)
 
 
+def _extra_caches(meta: dict[str, str], where) -> list[tuple[str, str]]:
+    """(past, present) name prefixes of KV caches beyond ``past_key_values`` / ``present``
+    (metadata ``quantseal.extra_caches``: an X-LoRA export's scaling pass has its own)."""
+    import json
+
+    try:
+        pairs = json.loads(meta.get("quantseal.extra_caches", "[]"))
+        return [(str(p), str(q)) for p, q in pairs]
+    except (ValueError, TypeError) as exc:
+        raise BadInput(f"{where}: corrupt quantseal.extra_caches metadata ({exc})") from exc
+
+
 class CausalLM:
     """Next-token logits and greedy generation through onnxruntime.
 
@@ -175,6 +187,9 @@ class CausalLM:
         self.eos_ids = {int(x) for x in meta.get("quantseal.eos_token_id", "").split(",") if x.strip()}
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         self._present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        for past, present in _extra_caches(meta, model_path):  # an X-LoRA export's scaling-pass cache
+            self._past_names += [f"{past}.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+            self._present_names += [f"{present}.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         path = find_tokenizer(model_path, tokenizer) / TOKENIZER
         try:
             self.tokenizer = Tokenizer.from_file(str(path))

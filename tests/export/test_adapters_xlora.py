@@ -1,14 +1,17 @@
-"""X-LoRA stays refused, and the reason the refusal gives is checked against peft itself: the
-folder peft 0.21.2's ``save_pretrained`` writes does not determine the model (the classifier is
-not in ``adapter_model.safetensors``, a reload gives other logits), while the classifier's
-tensors saved with one call (a filtered ``state_dict``) plus the expert folders do reproduce it —
-what a routed export would read.  If a peft upgrade starts saving the classifier, the first
-assertion fails and the refusal's wording must be revisited."""
+"""X-LoRA as a routed decoder graph (export/decoder_xlora.py): onnxruntime's logits equal peft's
+XLoraModel on the same compressed weights (1e-4 of the logit scale), for a dense and a layerwise
+top-k classifier; the cached step equals the full sequence (both KV caches).  And the contract's
+reason, checked against peft itself: the folder peft 0.21.2's ``save_pretrained`` writes does not
+determine the model (no classifier in ``adapter_model.safetensors``, a reload gives other logits),
+while the classifier saved with one call (a filtered ``state_dict``) plus the expert folders do
+reproduce it.  If a peft upgrade starts saving the classifier, that assertion fails and the
+contract can be relaxed."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,14 +36,16 @@ def _lora_expert(base_dir, out, seed, targets):
     return out
 
 
-def _xlora(base_dir, experts, classifier_seed=None):
+def _xlora(base_dir, experts, classifier_seed=None, model=None, **options):
     from peft import XLoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32, local_files_only=True).eval()
+    if model is None:
+        model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32, local_files_only=True).eval()
     model.config.use_cache = False
-    cfg = XLoraConfig(task_type="CAUSAL_LM", hidden_size=model.config.hidden_size, xlora_depth=1,
-                      adapters={str(i): str(v) for i, v in enumerate(experts.values())})  # peft names them 0, 1, ...
+    cfg = XLoraConfig(task_type="CAUSAL_LM", hidden_size=model.config.hidden_size,
+                      adapters={str(i): str(v) for i, v in enumerate(experts.values())},  # peft names them 0, 1, ...
+                      **{"xlora_depth": 1, **options})
     pm = get_peft_model(model, cfg).eval()
     if classifier_seed is not None:
         g = torch.Generator().manual_seed(classifier_seed)
@@ -79,8 +84,67 @@ def test_xlora_refusal_reason_holds(tiny_llama_dir, tmp_path):
     with torch.no_grad():
         assert torch.allclose(again(input_ids=ids).logits, want, atol=1e-6)
 
-    rc, _, err = run(["export", tiny_llama_dir, "-o", tmp_path / "out" / "model.onnx", "--adapter", folder])
-    assert rc == 2 and len(err.strip().splitlines()) == 1
-    assert "peft_type 'XLORA' is not exported" in err and "classifier" in err
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "XLORA"
+
+
+def _save_with_classifier(xl, folder):
+    xl.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in xl.state_dict().items() if "internal_xlora_classifier" in k},
+              str(folder / "xlora_classifier.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("options", [{}, {"xlora_depth": 2, "xlora_size": 16, "layerwise_scalings": True,
+                                          "top_k_lora": 1, "softmax_temperature": 0.5},
+                                     {"top_k_lora": 1, "enable_softmax": False, "enable_softmax_topk": True,
+                                      "global_scaling_weight": 0.7}])
+def test_routed_export_matches_peft(options, llama_rtn_export, tiny_llama_sharp_dir, tmp_path):
+    import onnx
+
+    from peft_base import plain_linears
+    from quantseal import checkpoint as ckpt
+    from quantseal.runtime.pipelines import CausalLM
+
+    ck, report = llama_rtn_export
+    experts = {k: _lora_expert(tiny_llama_sharp_dir, tmp_path / k, i + 1, t) for i, (k, t) in enumerate(EXPERTS.items())}
+    compressed = plain_linears(ckpt.load_compressed(ck)[0]).eval()
+    xl = _xlora(None, experts, classifier_seed=7, model=compressed, **options)
+    folder = _save_with_classifier(xl, tmp_path / "xlora")
+    ids = torch.tensor([[1, 7592, 2088, 2003, 102, 55, 999, 3231, 1012]])
+    with torch.no_grad():
+        want = xl(input_ids=ids).logits.numpy()
+        scalings = xl.get_latest_scalings()
+    assert scalings.shape[-1] == 2 and (scalings[..., 0] != scalings[..., 1]).any()
+
+    out = tmp_path / "onnx" / "model.onnx"
+    rc, stdout, err = run(["export", ck, "-o", out, "--adapter", folder, "--accuracy-level", "0"])
+    assert rc == 0, err
+    lm = CausalLM(out, provider="cpu")
+    got = lm.logits(ids.numpy())[0]
+    scale = np.abs(want).max()
+    assert np.abs(got - want[0]).max() <= 1e-4 * scale
+    base = CausalLM(report["path"], provider="cpu").logits(ids.numpy())[0]
+    assert np.abs(base - want[0]).max() > 0.05 * scale  # the routed experts matter
+    first, past = lm.step(ids[:, :5].numpy(), np.ones((1, 5), np.int64))
+    second, _ = lm.step(ids[:, 5:].numpy(), np.ones((1, 9), np.int64), past)
+    np.testing.assert_allclose(np.concatenate([first, second], 1)[0], got, atol=1e-5 * scale)
+    names = {i.name for i in onnx.load(str(out)).graph.input}
+    assert "scaling_past.0.key" in names and "past_key_values.1.value" in names
+    assert not (out.parent / "genai_config.json").exists()
+
+
+def test_xlora_refusals(llama_rtn_export, minilm_rtn_checkpoint, tiny_llama_sharp_dir, tmp_path):
+    ck, _ = llama_rtn_export
+    experts = {k: _lora_expert(tiny_llama_sharp_dir, tmp_path / k, i + 1, t) for i, (k, t) in enumerate(EXPERTS.items())}
+    bare = tmp_path / "bare"
+    _xlora(tiny_llama_sharp_dir, experts, classifier_seed=3).save_pretrained(bare)  # no classifier file
+    cases = {"no classifier": ([ck, "--adapter", bare], "no xlora_classifier.safetensors"),
+             "with another adapter": ([ck, "--adapter", bare, "--adapter", experts["e0"]], "export it alone"),
+             "adapter rank": ([ck, "--adapter", _save_with_classifier(_xlora(tiny_llama_sharp_dir, experts, 3),
+                                                                      tmp_path / "full"), "--adapter-rank", "2"],
+                              "routes its experts unfolded")}
+    for name, (argv, msg) in cases.items():
+        out = tmp_path / name / "model.onnx"
+        rc, _, err = run(["export", argv[0], "-o", out, *argv[1:]])
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert not out.parent.exists() or not list(out.parent.iterdir()), name

@@ -17,11 +17,9 @@ def read_adapter(folder: str | Path) -> Adapter:
     kind = str(cfg.get("peft_type", "")).upper()
     reader = READERS.get(kind)
     if kind == "XLORA":
-        raise Unsupported(f"{folder}: peft_type 'XLORA' is not exported: a learned classifier mixes its experts per "
-                          "token (no fold), and peft 0.21.2's save_pretrained does not keep that model (the classifier "
-                          "is absent from adapter_model.safetensors at xlora_depth 1, only its last Linear at depth "
-                          ">= 2; the expert subfolders miss expert tensors), so PeftModel.from_pretrained of this folder "
-                          "gives other logits; a routed ONNX export is not built")
+        raise Unsupported(f"{folder}: peft_type 'XLORA' routes its experts per token (no fold): export it alone "
+                          "(one --adapter) from a LLaMA-family decoder checkpoint, with the classifier saved beside "
+                          "it as xlora_classifier.safetensors (peft 0.21.2's save_pretrained leaves it out)")
     if reader is None:
         raise Unsupported(f"{folder}: peft_type {cfg.get('peft_type')!r} cannot be folded; supported: {sorted(READERS)}")
     check_fields(folder, cfg)
