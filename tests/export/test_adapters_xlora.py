@@ -131,6 +131,10 @@ def test_routed_export_matches_peft(options, llama_rtn_export, tiny_llama_sharp_
     names = {i.name for i in onnx.load(str(out)).graph.input}
     assert "scaling_past.0.key" in names and "past_key_values.1.value" in names
     assert not (out.parent / "genai_config.json").exists()
+    from quantseal.inspect import inspect_path
+
+    rows = inspect_path(out)["matrices"]  # each matrix once, its bytes the manifest's (both passes read them)
+    assert all(r["op"] == "MatMulNBits" and r["bytes"] == r["manifest_bytes"] for r in rows) and len(rows) == 14
 
 
 def test_xlora_refusals(llama_rtn_export, minilm_rtn_checkpoint, tiny_llama_sharp_dir, tmp_path):
