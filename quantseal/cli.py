@@ -528,11 +528,10 @@ def _run_generate(args) -> int:
         raise BadInput("empty --prompt")
     if args.max_length is not None:
         raise BadInput("--max-length applies to embedding models (--text); use --max-new-tokens with --prompt")
-    if args.adapter is not None:
-        raise BadInput("--adapter selects a switchable encoder export's adapter; decoders' adapters are folded")
     if args.max_new_tokens < 0:
         raise BadInput(f"--max-new-tokens must be non-negative, not {args.max_new_tokens}")
-    lm = CausalLM(args.model, tokenizer=args.tokenizer, provider=args.provider, threads=args.threads)
+    lm = CausalLM(args.model, tokenizer=args.tokenizer, provider=args.provider, threads=args.threads,
+                  adapter=args.adapter)
     prompt_ids = lm.encode(args.prompt)
     t0 = time.perf_counter()
     ids = lm.generate_ids(prompt_ids, args.max_new_tokens)

@@ -170,11 +170,12 @@ class CausalLM:
     ``input_ids``, ``attention_mask``, ``past_key_values.{i}.key/value``; outputs ``logits``,
     ``present.{i}.key/value``).  ``tokenizer``: ``tokenizer.json`` or its folder (default: beside
     the model).  Generation stops after ``max_new_tokens`` or at an end-of-sequence token (the
-    model's ``eos_token_id``, recorded at export).
+    model's ``eos_token_id``, recorded at export).  ``adapter``: a switchable export's adapter by
+    name (None: the base model, ``adapter_id`` 0).
     """
 
     def __init__(self, model_path: str | Path, tokenizer: str | Path | None = None, provider: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, adapter: str | None = None):
         from tokenizers import Tokenizer
 
         self.session = Session(model_path, provider=provider, threads=threads)
@@ -187,6 +188,10 @@ class CausalLM:
         self.eos_ids = {int(x) for x in meta.get("quantseal.eos_token_id", "").split(",") if x.strip()}
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         self._present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self.switchable = ADAPTER_INPUT in self.session.input_names  # export --switchable: adapter by name
+        self.adapter_names = adapter_ids(meta) if self.switchable else {}
+        self.adapter = adapter
+        self.adapter_id = adapter_id(self.adapter_names, adapter, model_path)
         for past, present in _extra_caches(meta, model_path):  # an X-LoRA export's scaling-pass cache
             self._past_names += [f"{past}.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
             self._present_names += [f"{present}.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
@@ -215,6 +220,8 @@ class CausalLM:
         ids = np.asarray(ids, dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
         feeds.update(self.empty_past(ids.shape[0]) if past is None else past)
+        if self.switchable:
+            feeds[ADAPTER_INPUT] = np.array(self.adapter_id, dtype=np.int64)
         out = self.session.run(feeds, ["logits", *self._present_names])
         present = {p: out[q] for p, q in zip(self._past_names, self._present_names)}
         return out["logits"].astype(np.float32, copy=False), present  # a float16 graph's too

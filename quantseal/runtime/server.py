@@ -231,8 +231,8 @@ class GenerationService:
 
     @classmethod
     def from_path(cls, model: str | Path, provider: str = "auto", threads: int | None = None,
-                  tokenizer: str | Path | None = None, **kw) -> "GenerationService":
-        return cls(CausalLM(model, tokenizer=tokenizer, provider=provider, threads=threads), **kw)
+                  tokenizer: str | Path | None = None, adapter: str | None = None, **kw) -> "GenerationService":
+        return cls(CausalLM(model, tokenizer=tokenizer, provider=provider, threads=threads, adapter=adapter), **kw)
 
     def health(self) -> dict:
         sess = self.lm.session
@@ -295,8 +295,6 @@ def service_for(model: str | Path, provider: str = "auto", threads: int | None =
     if extra and cls is GenerationService:
         raise BadInput("--max-length applies to embedding models; this is a decoder")
     if adapter is not None:
-        if cls is GenerationService:
-            raise BadInput("--adapter selects a switchable encoder export's adapter; this is a decoder")
         extra["adapter"] = adapter
     return cls.from_path(model, provider=provider, threads=threads, tokenizer=tokenizer, max_batch=max_batch,
                          max_chars=max_chars, **extra)

@@ -152,3 +152,47 @@ def test_what_cannot_switch_is_refused(setup, tiny_bert_dir, tmp_path):
         rc, _, err = run(["export", ck, "-o", out / "m.onnx", *extra])
         assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (name, err)
         assert not out.exists() or list(out.iterdir()) == [], name
+
+
+def test_decoder_ids_equal_folded_exports(llama_rtn_export, tiny_llama_sharp_dir, tmp_path):
+    """The tiny LLaMA (q/k/v packed in one MatMulNBits): each id's logits equal the folded export
+    of that adapter (1e-5 of the logit scale), over the cache too; run/serve select by name."""
+    from quantseal.runtime.pipelines import CausalLM
+    from quantseal.runtime.server import service_for
+
+    ck, report = llama_rtn_export
+    a = peft_lora(tiny_llama_sharp_dir, tmp_path / "a", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    b = peft_lora(tiny_llama_sharp_dir, tmp_path / "b", 2, r=8, lora_alpha=4, use_rslora=True,
+                  target_modules=["q_proj", "k_proj", "o_proj", "down_proj"])
+    sw = tmp_path / "sw" / "model.onnx"
+    rc, out, err = run(["export", ck, "-o", sw, "--adapter", f"alpha={a}", "--adapter", f"beta={b}", "--switchable",
+                        "--accuracy-level", "0", "--json"])
+    assert rc == 0, err
+    assert last_json(out)["ops"]["MatMulNBits"] == report["ops"]["MatMulNBits"]  # still packed: one branch per group
+    assert not (sw.parent / "genai_config.json").exists()
+    refs = [report["path"]]
+    for name, folder in (("fa", a), ("fb", b)):
+        path = tmp_path / name / "model.onnx"
+        assert run(["export", ck, "-o", path, "--adapter", folder, "--accuracy-level", "0"])[0] == 0
+        refs.append(path)
+    ids = np.array([[1, 7592, 2088, 2003, 102, 55, 999, 3231]])
+    mask = np.ones_like(ids)
+    want = [CausalLM(p, provider="cpu").logits(ids)[0] for p in refs]
+    scale = max(np.abs(w).max() for w in want)
+    for j, name in enumerate([None, "alpha", "beta"]):
+        lm = CausalLM(sw, provider="cpu", adapter=name)
+        got = lm.logits(ids)[0]
+        assert np.abs(got - want[j]).max() <= 1e-5 * scale, name
+        first, past = lm.step(ids[:, :5], mask[:, :5])
+        second, _ = lm.step(ids[:, 5:], mask, past)
+        assert np.abs(np.concatenate([first, second], 1)[0] - want[j]).max() <= 1e-5 * scale, name
+        if j:
+            assert np.abs(want[j] - want[0]).max() > 1e-2 * scale  # the adapter changes the logits
+    prompt = "the quick brown"
+    folded = CausalLM(refs[2], provider="cpu").generate(prompt, 6)
+    rc, out, _ = run(["run", sw, "--prompt", prompt, "--max-new-tokens", 6, "--adapter", "beta", "--json"])
+    assert rc == 0 and last_json(out)["text"] == folded
+    service = service_for(sw, provider="cpu", adapter="beta")
+    assert service.generate({"prompt": prompt, "max_new_tokens": 6})["text"] == folded
+    rc, _, err = run(["run", sw, "--prompt", prompt, "--adapter", "gamma"])
+    assert rc == 2 and "no adapter named 'gamma' (it has alpha, beta)" in err

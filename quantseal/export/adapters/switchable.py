@@ -24,7 +24,10 @@ Only edits that are a low-rank ``b · a`` on a compressed Linear switch (LoRA, r
 AdaLoRA, VeRA, LoHa, LoKr in its rank form, MiSS); a DoRA magnitude, an IA³ scale, a ``lora_bias``
 or replaced biases, a token-embedding LoRA, or a target outside the plan are refused by name:
 those change other tensors of the layer, which one shared graph cannot hold per adapter here.
-Encoders only (a decoder's genai folder has a fixed input list); decoders fold.
+Encoders and LLaMA-family decoders (built graph: a packed q/k/v MatMulNBits gets one branch whose
+``Bᵀ`` is block-diagonal over q, k and v).  A decoder's ``adapter_id`` is outside
+onnxruntime-genai's input list, so a switchable decoder folder has no ``genai_config.json``;
+quantseal's ``run``/``serve`` feed it.
 """
 
 from __future__ import annotations
@@ -138,6 +141,40 @@ def _matrix_group(nodes, name: str, inits: set[str]) -> tuple[int, str]:
     return finals[0], outside.pop()
 
 
+def pack_qkv(branches: dict[str, tuple[np.ndarray, np.ndarray]], shapes: dict[str, tuple[int, int]],
+             initializers: set[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Branches of q/k/v projections that a decoder graph packed into one ``<attn>.qkv_proj``
+    MatMulNBits (:func:`..decoder_graph.pack_rows`) become one branch on it: ``Aᵀ`` concatenated
+    along the rank, ``Bᵀ`` block-diagonal, so its output is ``[y_q | y_k | y_v]``'s branch."""
+    out, groups = {}, {}
+    for name, st in branches.items():
+        attn, proj = name.rsplit(".", 1)
+        packed = f"{attn}.qkv_proj"
+        if proj in ("q_proj", "k_proj", "v_proj") and f"{name}.qweight" not in initializers \
+                and f"{packed}.qweight" in initializers:
+            groups.setdefault(packed, {})[proj] = st
+        else:
+            out[name] = st
+    for packed, parts in groups.items():
+        attn = packed.rsplit(".", 1)[0]
+        j, k, dtype = next(iter(parts.values()))[0].shape[0], next(iter(parts.values()))[0].shape[1], \
+            next(iter(parts.values()))[0].dtype
+        names = [f"{attn}.{p}_proj" for p in "qkv"]
+        ranks = [parts[n.rsplit(".", 1)[1]][0].shape[2] if n.rsplit(".", 1)[1] in parts else 0 for n in names]
+        rows = [shapes[n][0] for n in names]
+        at = np.zeros((j, k, sum(ranks)), dtype=dtype)
+        bt = np.zeros((j, sum(ranks), sum(rows)), dtype=dtype)
+        r0 = n0 = 0
+        for n, r, rw in zip(names, ranks, rows):
+            if r:
+                a_part, b_part = parts[n.rsplit(".", 1)[1]]
+                at[:, :, r0:r0 + r] = a_part
+                bt[:, r0:r0 + r, n0:n0 + rw] = b_part
+            r0, n0 = r0 + r, n0 + rw
+        out[packed] = (at, bt)
+    return out
+
+
 def add_switchable_branches(model: onnx.ModelProto, branches: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
     """Add, in place, the ``adapter_id`` input and each matrix's gathered branch (module
     docstring).  ``branches``: matrix name → (Aᵀ (J, K, R), Bᵀ (J, R, N)) float16/float32.
@@ -206,6 +243,7 @@ def export_switchable(checkpoint, output, adapter_args, accuracy_level: int = 0,
     report gains ``adapters`` (names, ids, ranks) and ``adapter_bytes``."""
     from ...checkpoint import read_checkpoint
     from ...models import ENCODER, family_of, read_config
+    from ..genai_config import META_GENAI
     from ..onnx import _check_output, _make_parent, export_onnx, write_model
     from .read import read_adapter
 
@@ -218,9 +256,7 @@ def export_switchable(checkpoint, output, adapter_args, accuracy_level: int = 0,
     if dtype not in (torch.float16, torch.float32):
         raise BadInput(f"switchable factors are stored as float16 or float32, not {dtype}")
     manifest, tensors = read_checkpoint(checkpoint)
-    if family_of(read_config(checkpoint)) is not ENCODER:
-        raise Unsupported(f"{checkpoint}: --switchable is built for encoders; a decoder's adapters fold "
-                          "(export without --switchable)")
+    decoder = family_of(read_config(checkpoint)) is not ENCODER
     adapters = [read_adapter(d) for _, d in named]
     per = [branch_factors(manifest, tensors, ad, dtype) for ad in adapters]
     del tensors
@@ -240,6 +276,12 @@ def export_switchable(checkpoint, output, adapter_args, accuracy_level: int = 0,
         proto = onnx.load(str(work / "model.onnx"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if decoder:
+        branches = pack_qkv(branches, {n: tuple(manifest.matrices[n].shape) for n in names},
+                            {t.name for t in proto.graph.initializer})
+        kept = [p for p in proto.metadata_props if p.key != META_GENAI]  # adapter_id is not a genai input
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(kept)
     extra = add_switchable_branches(proto, branches)
     info = [{"id": j + 1, "name": name, "peft_type": ad.peft_type, "r": ad.r, "sha256": ad.sha256,
              "matrices": len(f)} for j, ((name, _), ad, f) in enumerate(zip(named, adapters, per))]
@@ -252,7 +294,8 @@ def export_switchable(checkpoint, output, adapter_args, accuracy_level: int = 0,
         "ops": dict(sorted(Counter(n.op_type for n in proto.graph.node).items())),
         "inputs": [i.name for i in proto.graph.input],
         "adapters": {"switchable": True, "input": INPUT, "adapters": info, "dtype": str(dtype).replace("torch.", ""),
-                     "ranks": {n: int(branches[n][0].shape[2]) for n in names}, "matrices": names},
+                     "ranks": {n: int(st[0].shape[2]) for n, st in sorted(branches.items())},  # per graph branch
+                     "matrices": names},
         "adapter_bytes": extra,
         "seconds": round(time.perf_counter() - t0, 3),
     })
