@@ -15,7 +15,8 @@ x (B, T, K) (batch dims broadcast: b' = 1 or B), Gather of Bᵀ, MatMul, Mul by 
 ``id > 0``, Add.  So each row pays one branch of rank R per matrix, whatever J is.
 
 ``adapter_id`` is int64, a scalar (one adapter for the whole batch) or shaped [batch] (one per
-row); **0 is the base model** (no adapter), ``j`` the j-th ``--adapter`` given.  Its names, in id
+row); **0 is the base model** (no adapter), ``j`` the j-th ``--adapter`` given (a negative id is
+the base too; an id above J makes onnxruntime's Gather fail: callers map names).  Its names, in id
 order, are the metadata ``quantseal.adapters`` (JSON: ``[{"id", "name", "peft_type", "r",
 "sha256", "matrices"}]``); :mod:`quantseal.runtime.pipelines` maps a name to its id.  A name is
 ``NAME=DIR`` on the command line, else the folder's name.
