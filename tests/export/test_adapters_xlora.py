@@ -56,11 +56,18 @@ def _xlora(base_dir, experts, classifier_seed=None, model=None, **options):
     return pm
 
 
-def test_xlora_refusal_reason_holds(tiny_llama_dir, tmp_path):
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory, tiny_llama_sharp_dir):
+    """Two LoRA experts written by peft (q/v and q/down), names → folders."""
+    root = tmp_path_factory.mktemp("xlora_experts")
+    return {k: _lora_expert(tiny_llama_sharp_dir, root / k, i + 1, t) for i, (k, t) in enumerate(EXPERTS.items())}
+
+
+def test_xlora_refusal_reason_holds(tiny_llama_sharp_dir, experts, tmp_path):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    experts = {k: _lora_expert(tiny_llama_dir, tmp_path / k, i + 1, t) for i, (k, t) in enumerate(EXPERTS.items())}
+    tiny_llama_dir = tiny_llama_sharp_dir
     xl = _xlora(tiny_llama_dir, experts, classifier_seed=5)
     ids = torch.tensor([[1, 7592, 2088, 2003, 102, 55, 999]])
     with torch.no_grad():
@@ -98,7 +105,7 @@ def _save_with_classifier(xl, folder):
                                           "top_k_lora": 1, "softmax_temperature": 0.5},
                                      {"top_k_lora": 1, "enable_softmax": False, "enable_softmax_topk": True,
                                       "global_scaling_weight": 0.7}])
-def test_routed_export_matches_peft(options, llama_rtn_export, tiny_llama_sharp_dir, tmp_path):
+def test_routed_export_matches_peft(options, llama_rtn_export, experts, tmp_path):
     import onnx
 
     from peft_base import plain_linears
@@ -106,7 +113,6 @@ def test_routed_export_matches_peft(options, llama_rtn_export, tiny_llama_sharp_
     from quantseal.runtime.pipelines import CausalLM
 
     ck, report = llama_rtn_export
-    experts = {k: _lora_expert(tiny_llama_sharp_dir, tmp_path / k, i + 1, t) for i, (k, t) in enumerate(EXPERTS.items())}
     compressed = plain_linears(ckpt.load_compressed(ck)[0]).eval()
     xl = _xlora(None, experts, classifier_seed=7, model=compressed, **options)
     folder = _save_with_classifier(xl, tmp_path / "xlora")
@@ -137,9 +143,8 @@ def test_routed_export_matches_peft(options, llama_rtn_export, tiny_llama_sharp_
     assert all(r["op"] == "MatMulNBits" and r["bytes"] == r["manifest_bytes"] for r in rows) and len(rows) == 14
 
 
-def test_xlora_refusals(llama_rtn_export, minilm_rtn_checkpoint, tiny_llama_sharp_dir, tmp_path):
+def test_xlora_refusals(llama_rtn_export, tiny_llama_sharp_dir, experts, tmp_path):
     ck, _ = llama_rtn_export
-    experts = {k: _lora_expert(tiny_llama_sharp_dir, tmp_path / k, i + 1, t) for i, (k, t) in enumerate(EXPERTS.items())}
     bare = tmp_path / "bare"
     _xlora(tiny_llama_sharp_dir, experts, classifier_seed=3).save_pretrained(bare)  # no classifier file
     cases = {"no classifier": ([ck, "--adapter", bare], "no xlora_classifier.safetensors"),
