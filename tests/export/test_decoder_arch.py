@@ -150,7 +150,8 @@ def _phi3_config(kind: str):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if kind == "phi3":
-        return Phi3Config(**common, num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+        return Phi3Config(**common, num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                          original_max_position_embeddings=128)  # as Phi-3-mini-4k: no longrope
     rope = {"type": "longrope", "short_factor": [1.0 + 0.3 * i for i in range(8)],
             "long_factor": [2.0 + 1.5 * i for i in range(8)]}
     return Phi3Config(**common, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
@@ -333,3 +334,29 @@ def test_phi3_variants_not_exported_are_refused_by_name(change, word):
         cfg["rope_parameters"] = None
     with pytest.raises(Unsupported, match=word):
         arch_of(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phi3_export", ["phi3/fp32", "phi3-longrope/fp32"], indirect=True)
+def test_phi3_float_graph_equals_onnxruntime_genai_builders(phi3_export, tmp_path):
+    """The same float Phi-3 built by onnxruntime-genai's model builder (its Phi3MiniModel /
+    Phi3MiniLongRoPEModel) gives the logits quantseal's graph gives, below and past longrope's
+    switch.  The builder leaves Phi-3's sliding window out (local_window_size -1, where
+    transformers applies it), so the windowed model is compared within its window (4)."""
+    import onnxruntime as ort
+
+    builder = pytest.importorskip("onnxruntime_genai.models.builder")
+    kind, _, _, _, lm, _, ck = phi3_export
+    args = ("", str(ck.parent / "src"), str(tmp_path / "og"), "fp32", "cpu", str(tmp_path / "cache"))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        builder.create_model(*args, **builder.parse_extra_options(*args, []))  # what its __main__ does
+    sess = ort.InferenceSession(str(tmp_path / "og" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert json.loads((tmp_path / "og" / "genai_config.json").read_text())["model"]["type"] == "phi3"
+    d = lm.head_dim
+    for length in ((3, 4) if kind == "phi3" else (10, 30)):
+        ids = np.random.default_rng(length).integers(0, VOCAB, size=(1, length))
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        feed.update({i.name: np.zeros((1, lm.num_kv_heads, 0, d), np.float32) for i in sess.get_inputs()
+                     if i.name.startswith("past_key_values")})
+        theirs = sess.run(["logits"], feed)[0]
+        assert np.abs(lm.logits(ids) - theirs).max() <= 2e-6 * np.abs(theirs).max(), (kind, length)
