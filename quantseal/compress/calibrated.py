@@ -50,7 +50,8 @@ class CalibratedConfig:
     calib_samples: int = 128
     batch_size: int = 16
     seed: int = 0
-    table: str | None = None  # the token table's format (round-to-nearest), None: kept as is
+    table: str | None = None  # the token table's format, None: kept as is
+    table_method: str = "gptq"  # a tied integer table: "gptq" calibrated as the head (head_table.py), or "rtn"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,6 +77,8 @@ class CalibratedConfig:
             raise BadInput(f"--calib-samples must be at least 1, not {self.calib_samples}")
         if self.table is not None:
             FormatSpec.parse(self.table)  # BadInput for an unknown name
+        if self.table_method not in ("gptq", "rtn"):
+            raise BadInput(f"--table-method must be gptq or rtn, not {self.table_method!r}")
         self.model = Path(self.model) if self.model is not None else default_model_path()
         self.output = Path(self.output)
 
@@ -93,22 +96,34 @@ def _no_callback(stage: str, done: int, total: int, info: dict) -> None:
     pass
 
 
-def _table_entry(model, fam, spec: FormatSpec):
-    """The token table stored in ``spec`` (round-to-nearest with the MSE clip search, as the
-    budgeted planner's candidates): ``(name, stored tensors, manifest entry)``."""
+def _table_entry(model, fam, spec: FormatSpec, batches: list | None = None):
+    """The token table stored in ``spec``: ``(name, stored tensors, manifest entry)``.
+
+    With ``batches`` (a tied table in an integer format, ``--table-method gptq``) its codes are
+    GPTQ's for the table as the LM head, on the head inputs of ``model`` as it is now (its block
+    Linears already quantised): :mod:`.head_table`; else round-to-nearest with the MSE clip search,
+    as the budgeted planner's candidates.  The manifest entry's error is the head's squared output
+    error ‖(E − Ê)Xᵀ‖² when calibrated, else the table's own ‖E − Ê‖²."""
     from ..models import embedding
+    from .head_table import calibrate_table, head_error, head_inputs
     from .quantizers import quantize, round_float
 
     name = fam.embedding_attr
     w = embedding(model, fam).weight.detach().float()
     if spec.kind == "fp":
         w_hat, qt = round_float(w, spec), None
+        error = float(((w - w_hat) ** 2).sum())
+    elif batches is not None:
+        x = head_inputs(model, batches)
+        qt = calibrate_table(w, x, spec)
+        w_hat = dequantize(qt)
+        error = head_error(w, w_hat, x)
     else:
         qt = quantize(w, spec)
         w_hat = dequantize(qt)
+        error = float(((w - w_hat) ** 2).sum())
     mt = ckpt.matrix_tensors(name, spec, qt, w_hat, None, None)
     stored = sum(t.numel() * t.element_size() for t in mt.values())
-    error = float(((w - w_hat) ** 2).sum())
     return name, mt, ckpt.MatrixEntry(spec.name, 0, list(w.shape), error, stored, "embedding")
 
 
@@ -159,7 +174,9 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
         entries[name] = ckpt.MatrixEntry(spec.name, 0, list(qt.shape), 0.0, stored, "linear")
     planned = {n + ".weight" for n in linears}
     if cfg.table is not None:
-        name, mt, entry = _table_entry(model, fam, FormatSpec.parse(cfg.table))
+        tied = bool(getattr(model.config, "tie_word_embeddings", False)) and fam.name == "decoder"
+        calibrate = tied and cfg.table_method == "gptq"
+        name, mt, entry = _table_entry(model, fam, FormatSpec.parse(cfg.table), batches if calibrate else None)
         tensors.update(mt)
         entries[name] = entry
         planned.add(name + ".weight")
@@ -180,6 +197,8 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
     extra = {"seed": cfg.seed, "calib": str(cfg.calib) if cfg.calib else "pydoc_data.topics",
              "calib_samples": len(texts), "wbits": cfg.wbits, "abits": cfg.abits, "block": cfg.block,
              "stored_bits": spec.stored_bits, **extra_info, **cfg.extra}
+    if cfg.table is not None:
+        extra["table_method"] = "gptq" if calibrate else "rtn"
     if cfg.method == "cbq":
         extra.update({"window": cfg.window, "rank": cfg.rank, "steps": cfg.steps, "init": cfg.init})
     if activations:
