@@ -145,14 +145,15 @@ def _step_progress(enabled: bool):
 def _cmd_compress_calibrated(args) -> int:
     from .compress.calibrated import CalibratedConfig, calibrated_compress
 
-    if args.budget is not None or args.budget_mb is not None or args.max_decode_ms is not None:
-        raise BadInput(f"--method {args.method} quantises every matrix to int{args.wbits}_b{args.block}: "
-                       "drop --budget/--budget-mb/--max-decode-ms")
+    if args.budget is not None:
+        raise BadInput(f"--method {args.method} quantises every matrix to int{args.wbits}_b{args.block}, or plans "
+                       "formats under --budget-mb MB: drop --budget")
     cfg = CalibratedConfig(
         output=args.output, model=args.model, method=args.method, wbits=args.wbits, abits=args.abits,
         block=args.block, window=args.window, rank=args.rank, steps=args.steps, init=args.init, calib=args.calib,
         calib_samples=args.calib_samples if args.calib_samples is not None else 128, seed=args.seed,
-        table=args.table, table_method=args.table_method,
+        table=args.table, table_method=args.table_method, budget_mb=args.budget_mb, max_decode_ms=args.max_decode_ms,
+        formats=tuple(args.formats.split(",")) if args.formats else ("int4", "int8"), workers=args.workers,
     )
     res = calibrated_compress(cfg, _step_progress(not args.json and sys.stderr.isatty()))
     human = (f"wrote {res['output']}: {res['matrices']} matrices as {res['format']} (A{res['abits']}), "
