@@ -1,7 +1,10 @@
-"""``quantseal compress --method gptq|cbq``: calibrated uniform quantisation → checkpoint.
+"""``quantseal compress --method gptq|cbq``: calibrated quantisation → checkpoint.
 
 Every compressible Linear gets the same format ``int{wbits}_b{block}`` (affine, float16 scales,
-integer zero points: exactly MatMulNBits).  The codes come from GPTQ (:mod:`.gptq`, the
+integer zero points: exactly MatMulNBits), or with ``--budget-mb`` the format the ILP planned for
+it (:mod:`.calibrated_plan`).  A token table stored in an integer format (``--table`` or the
+plan's) gets, when the head is tied to it, GPTQ's codes for it as the LM head
+(:mod:`.head_table`), computed last, on the quantised model's head inputs.  The codes come from GPTQ (:mod:`.gptq`, the
 calibrated baseline) or from CBQ's cross-block reconstruction (:mod:`.cbq`); the checkpoint is
 an ordinary quantseal checkpoint (manifest ``method`` = gptq / cbq).  With ``abits < 16`` the
 calibrated static activation scales are recorded in the manifest's ``extra["activations"]``
