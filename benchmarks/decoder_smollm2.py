@@ -247,6 +247,7 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(_child(str(args.child), int(args.threads))))
         return
+    load_at_start = os.getloadavg()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     src = float_folder(work)
@@ -290,7 +291,7 @@ def main() -> None:
         rows.append(row)
     RESULTS.mkdir(exist_ok=True)
     out = {"benchmark": "decoder_smollm2", "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "eval_tokens": sum(len(s) - 1 for s in seqs),
+           "cpus": os.cpu_count(), "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg(), "eval_tokens": sum(len(s) - 1 for s in seqs),
            "rounds": args.rounds, "new_tokens": NEW_TOKENS, "prefill_tokens": PREFILL, "budget_mb": mb,
            "budget_mb_8bit": mb8, "rows": rows}
     (RESULTS / "decoder_smollm2.json").write_text(json.dumps(out, indent=2) + "\n")
