@@ -87,6 +87,9 @@ def decoder_table(res: dict) -> str:
                       f"{a['perplexity'] / fp32:.3f}× fp32 (theirs {b['perplexity'] / fp32:.3f}×).")
     if checks:
         lines += ["", "Ratios (computed from the rows above):", ""] + [f"- {c}" for c in checks]
+    notes = [f"- `{r['variant']}`: {r['note']}" for r in res["rows"] if r.get("note")]
+    if notes:
+        lines += ["", "How rows were built (from each variant's build record):", ""] + notes
     return "\n".join(lines)
 
 
