@@ -75,7 +75,10 @@ class CalibratedConfig:
         if self.calib_samples < 1:
             raise BadInput(f"--calib-samples must be at least 1, not {self.calib_samples}")
         if self.table is not None:
-            FormatSpec.parse(self.table)  # BadInput for an unknown name
+            try:
+                FormatSpec.parse(self.table)  # BadInput for an unknown name
+            except BadInput as exc:
+                raise BadInput(f"--table {self.table}: {exc}") from None
         self.model = Path(self.model) if self.model is not None else default_model_path()
         self.output = Path(self.output)
 
