@@ -446,6 +446,16 @@ refuse("gc-under_file", ("gc", "{zero_bin}/x"), "")
 accept("gc-a_file", ("gc", "{random_bin}"), "gc cleans the leftovers beside a path; a file has none: 'nothing to clean'")
 accept("gc-clean_folder", GC, "nothing was left behind: 'nothing to clean'")
 
+# ----------------------------------------------------------------------------- read-only folder
+# ``{ro}``: a folder nobody may write in (mode 0555; for root, immutable: chattr +i); skipped where
+# neither can be had
+for cmd, argv in (("compress", put(COMPRESS, "-o", "{ro}/ck")), ("export", put(EXPORT, "-o", "{ro}/model.onnx")),
+                  ("export-marked", put(MARKED, "-o", "{ro}/m/model.onnx")), ("export-batch", put(BATCH, "-o", "{ro}/b")),
+                  ("run", put(RUN_O, "-o", "{ro}/e.npy")), ("keygen", put(KEYGEN, "-o", "{ro}/key")),
+                  ("board", put(BOARD, "-o", "{ro}/board")), ("registry-add", put(ADD, 2, "{ro}/r.db")),
+                  ("registry-import", put(IMPORT, 3, "{ro}/r.db"))):
+    refuse(f"{cmd}-out-read_only_folder", argv, "")
+
 # ----------------------------------------------------------------------------- usage
 for argv in (("frobnicate",), ("registry",), ("board",), ("compress", "--nope"), ("export",), ("registry", "add")):
     refuse("usage-" + "-".join(a.strip("-") for a in argv), argv, "")

@@ -14,6 +14,8 @@ import http.server
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -69,6 +71,7 @@ def world(tmp_path_factory, tiny_bert_dir):
     a closed one."""
     W = tmp_path_factory.mktemp("bad_inputs") / "w"
     names = build(W, tiny_bert_dir)
+    ro = _read_only_folder(W / "ro")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Suspect)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -80,12 +83,29 @@ def world(tmp_path_factory, tiny_bert_dir):
     closed_port = probe.getsockname()[1]
     probe.close()
     names.update(url=f"http://127.0.0.1:{server.server_address[1]}", busy_port=str(busy.getsockname()[1]),
-                 closed_port=str(closed_port))
+                 closed_port=str(closed_port), ro=str(W / "ro") if ro else "")
     before = _listing(W)
     yield names, W
     server.shutdown()
     busy.close()
-    assert _listing(W) == before, "the matrix changed its inputs"
+    after = _listing(W)
+    if ro == "immutable":
+        subprocess.run(["chattr", "-i", str(W / "ro")], check=True)
+    assert after == before, "the matrix changed its inputs"
+
+
+def _read_only_folder(path: Path) -> str | None:
+    """Make ``path`` a folder the test process cannot write in: mode 0555, or for root (whom modes
+    do not stop) the immutable attribute; how, or None where neither works."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return "mode"
+    try:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return "immutable" if not os.access(path, os.W_OK) else None
 
 
 def _listing(root: Path) -> dict[str, tuple]:
@@ -133,6 +153,8 @@ def _outputs(T: Path) -> dict[str, str]:
                                   for c in CASES])
 def test_bad_input(case, world, tmp_path, monkeypatch):
     names, W = world
+    if "{ro}" in "".join(case.argv) and not names["ro"]:
+        pytest.skip("no read-only folder here (root without chattr +i)")
     T = tmp_path / "t"
     T.mkdir()
     argv = [a.format_map({**names, **_outputs(T)}) for a in case.argv]
@@ -168,3 +190,23 @@ def test_the_matrix_is_large_and_documented():
     for c in CASES:
         if c.ok:
             assert c.id in readme, f"README does not list the documented success {c.id}"
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["run", "{onnx_model}", "--text", b"caf\xe9"], "--text"),
+    (["registry", "add", "{T}/r.db", "--key", "{key}", "--user", b"caf\xe9"], "customer id"),
+    (["export", "{ck}", "-o", "{T}/m.onnx", "--board", "{board}", "--key", "{key}", "--registry", "{reg_db}",
+      "--user", b"\xff\xfe"], "customer id"),
+])
+def test_non_utf8_argv_in_a_real_process(world, tmp_path, argv, word):
+    """Bytes that are not UTF-8 on a real command line (Python passes them on as lone
+    surrogates): one line on stderr, exit 2, nothing written."""
+    names, _ = world
+    T = tmp_path / "t"
+    T.mkdir()
+    args = [a if isinstance(a, bytes) else a.format_map({**names, "T": str(T)}).encode() for a in argv]
+    r = subprocess.run([sys.executable.encode(), b"-m", b"quantseal", *args], capture_output=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 2 and len(err.strip().splitlines()) == 1 and word in err, err
+    assert list(T.iterdir()) == []
