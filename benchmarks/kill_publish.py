@@ -12,7 +12,11 @@ Three kinds of child process, each killed with SIGKILL at a uniformly random mom
 * ``board``: the real ``quantseal board train`` on a tiny seeded BERT (2 layers, hidden 64,
   compressed by ``quantseal compress --method rtn``) over an existing board trained with another
   seed (old and new told apart by the manifest's training seed), killed at a random moment of
-  its measured run time (load, training, saving, publishing).
+  its measured run time (load, training, saving, publishing).  Most of that run is training, so
+  ``--board`` also runs a ``board loop``: a child re-saving that board over its path with
+  :func:`~quantseal.compress.markboard.save_board` (each version's training seed its counter),
+  killed after a uniformly random 0-2 s: the kill lands in write / fsync / publish
+  (``--board-loop N``, default as many as ``--board``).
 
 After each kill the path is classified: ``absent``, ``invalid`` (``read_checkpoint`` or
 ``load_board`` refuses it: missing files, a wrong sha256, a lying manifest, NaN), ``old_kept`` or
@@ -22,6 +26,7 @@ left is counted again.
     python benchmarks/kill_publish.py                       # 40 loop + 10 cli kills
     python benchmarks/kill_publish.py --loop 50 --cli 0     # publish path only (a minute)
     python benchmarks/kill_publish.py --loop 0 --cli 0 --board 50 --out benchmarks/results/kill_publish_board.json
+                                                            # 50 board train + 50 board loop kills
 
 Writes ``benchmarks/results/kill_publish.json`` (or ``--out``).
 """
@@ -204,6 +209,48 @@ def board_kills(n: int, work: Path, rng: random.Random) -> dict:
             "max_orphans_seen": max_left, "orphans_after_gc": gc(out)}
 
 
+BOARD_CHILD = textwrap.dedent("""
+    import sys
+    from quantseal.compress.markboard import load_board, save_board
+    out, ck, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    board = load_board(out)
+    for i in range(start, start + 10**6):
+        board.manifest["training"]["seed"] = i
+        save_board(board, out, ck)
+        print(i, flush=True)
+""")
+
+
+def board_loop_kills(n: int, work: Path, rng: random.Random) -> dict:
+    """A ``save_board`` loop over an existing board (trained by :func:`board_kills`), killed at
+    random moments: the kills land in writing, fsync and publishing."""
+    out, ck = work / "board", work / "tiny-ck"
+    child = work / "board_child.py"
+    child.write_text(BOARD_CHILD)
+    counts = {"absent": 0, "invalid": 0, "old_kept": 0, "new_complete": 0}
+    left, max_left = 0, 0
+    for k in range(n):
+        start = (k + 1) * 10**6
+        p = subprocess.Popen([sys.executable, str(child), str(out), str(ck), str(start)], stdout=subprocess.PIPE,
+                             text=True)
+        before = int(p.stdout.readline())  # its first version is published: the clock starts
+        delay = rng.uniform(0.0, 2.0)
+        time.sleep(delay)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        try:
+            seed = classify_seed(out)
+        except Exception:
+            seed = None
+        c = classify_board(out, before, seed if isinstance(seed, int) and seed > before else -1)
+        counts[c] += 1
+        left = orphans(work, out.name)
+        max_left = max(max_left, left)
+        print(f"board loop kill {k + 1}/{n} after {delay:.2f}s: {c}, {left} orphan(s) beside it", flush=True)
+    return {**counts, "kills": n, "orphans_after_last_kill": left, "max_orphans_seen": max_left,
+            "orphans_after_gc": gc(out)}
+
+
 def classify_seed(out: Path) -> int:
     from quantseal.compress.markboard import load_board
 
@@ -215,6 +262,7 @@ def main() -> None:
     ap.add_argument("--loop", type=int, default=40)
     ap.add_argument("--cli", type=int, default=10)
     ap.add_argument("--board", type=int, default=0, help="kills of `quantseal board train` on a tiny model")
+    ap.add_argument("--board-loop", type=int, default=None, help="kills of a save_board loop (default: --board)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "kill_publish.json")
     args = ap.parse_args()
@@ -233,7 +281,11 @@ def main() -> None:
         res["loop"] = loop_kills(args.loop, work, default_model_path(), rng) if args.loop else None
         res["cli"] = cli_kills(args.cli, work, rng) if args.cli else None
         res["board"] = board_kills(args.board, work, rng) if args.board else None
-    parts = [r for r in (res["loop"], res["cli"], res["board"]) if r]
+        n_loop = args.board if args.board_loop is None else args.board_loop
+        if n_loop and not args.board:
+            raise SystemExit("--board-loop re-saves the board --board trains: give --board too")
+        res["board_loop"] = board_loop_kills(n_loop, work, rng) if n_loop else None
+    parts = [r for r in (res["loop"], res["cli"], res["board"], res["board_loop"]) if r]
     res["total"] = {k: sum(r[k] for r in parts) for k in ("kills", "absent", "invalid", "old_kept", "new_complete")}
     res["never_absent_or_invalid"] = res["total"]["absent"] == 0 and res["total"]["invalid"] == 0
     res["seconds"] = round(time.time() - t0, 1)
