@@ -211,6 +211,13 @@ for flag, vals in (("--block", ("0", "-1", "7", "100000")), ("--window", ("0", "
     for v in vals:
         refuse(f"compress-cbq{flag[1:]}-{v}", put(COMPRESS_CBQ, flag, v), flag.lstrip("-"))
 refuse("compress-method-unknown", put(COMPRESS, "--method", "magic"), "method")
+for name, (p, w) in {"missing": ("{nope}", ""), "file": ("{random_bin}", ""), "empty_folder": ("{emptydir}", ""),
+                     "checkpoint": ("{ck}", "")}.items():
+    refuse(f"compress-adapter-{name}", COMPRESS + ("--adapter", p), w)
+for v in ("-3", "abc", "100000", "nan"):
+    refuse(f"compress-adapter_rank-{v}", COMPRESS + ("--adapter", "{emptydir}", "--adapter-rank", v), "")
+refuse("compress-adapter_rank-without_adapter", COMPRESS + ("--adapter-rank", "4"), "--adapter")
+refuse("compress-adapter-cbq", COMPRESS_CBQ + ("--adapter", "{emptydir}"), "--adapter")
 
 # ----------------------------------------------------------------------------- export
 for name, (p, w) in {**FOLDER_BAD, **CK_BAD, **CK_SOURCE_BAD}.items():
@@ -246,6 +253,8 @@ for v in ("0", "-1"):
     refuse(f"export-adapter_rank-{v}", EXPORT + ("--adapter", "{emptydir}", "--adapter-rank", v), "")
 refuse("export-half_watermark", drop(MARKED, "--user"), "--user")
 refuse("export-dtype", put(EXPORT, "--dtype", "int3"), "dtype")
+refuse("export-switchable-no_adapter", EXPORT + ("--switchable",), "")
+refuse("export-switchable-bad_name", EXPORT + ("--switchable", "--adapter", "a/b={emptydir}"), "")
 
 # ----------------------------------------------------------------------------- export-batch
 for name, (p, w) in {**TEXT_BAD, "blank": ("{blank_txt}", "no customer ids")}.items():
@@ -303,6 +312,8 @@ for v in ("0", "-1", "100000", "abc"):
 for v in ("0", "1", "-1", "100000"):
     refuse(f"run-max_length-{v}", RUN + ("--max-length", v), "length")
 refuse("run-provider", RUN + ("--provider", "tpu"), "provider")
+for name, a in (("unknown", "nope"), ("surrogate", "caf\udce9"), ("empty", "")):
+    refuse(f"run-adapter-{name}", RUN + ("--adapter", a), "adapter")
 
 # ----------------------------------------------------------------------------- serve (start-up arguments)
 for name, (p, w) in ONNX_BAD.items():
@@ -322,6 +333,8 @@ for flag, vals in (("--threads", ("0", "-1", "100000")), ("--workers", ("0", "-1
 for name, p in (("missing", "{nope}"), ("zero", "{zero_bin}"), ("folder", "{emptydir}"), ("control_chars", "{token_ctrl_txt}"),
                 ("latin1", "{latin1_txt}")):
     refuse(f"serve-token_file-{name}", SERVE + ("--token-file", p), "token")
+for name, a in (("unknown", "nope"), ("empty", "")):
+    refuse(f"serve-adapter-{name}", SERVE + ("--adapter", a), "adapter")
 accept("serve-port-0", SERVE, "port 0 asks the system for a free port (the bound URL is printed)")
 
 # ----------------------------------------------------------------------------- keygen
