@@ -89,8 +89,11 @@ def _add_compress(sub) -> None:
     p.add_argument("--init", default="gptq", choices=["gptq", "rtn"],
                    help="cbq: starting codes (gptq: GPTQ's, then refined; rtn: round-to-nearest, as in the paper)")
     p.add_argument("--table", default=None, metavar="FORMAT",
-                   help="gptq/cbq: also store the token table in FORMAT (e.g. int4_b32, int8_b32, fp16), "
-                        "round-to-nearest; a tied LM head reads the same codes (default: kept as is)")
+                   help="gptq/cbq: also store the token table in FORMAT (e.g. int4_b32, int8_b32, fp16); a tied LM "
+                        "head reads the same codes (default: kept as is)")
+    p.add_argument("--table-method", default="gptq", choices=["gptq", "rtn"],
+                   help="gptq/cbq with --table: a tied integer table's codes from GPTQ on the table as the LM head "
+                        "(its inputs from the quantised model; default), or round-to-nearest")
     p.add_argument("--data-aware", action="store_true", help="weight errors by the output-sensitivity Fisher")
     p.add_argument("--calib", type=Path, help="calibration text file, one text per line (default: pydoc_data.topics)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration texts (default 256; gptq/cbq 128)")
@@ -147,14 +150,15 @@ def _step_progress(enabled: bool):
 def _cmd_compress_calibrated(args) -> int:
     from .compress.calibrated import CalibratedConfig, calibrated_compress
 
-    if args.budget is not None or args.budget_mb is not None or args.max_decode_ms is not None:
-        raise BadInput(f"--method {args.method} quantises every matrix to int{args.wbits}_b{args.block}: "
-                       "drop --budget/--budget-mb/--max-decode-ms")
+    if args.budget is not None:
+        raise BadInput(f"--method {args.method} quantises every matrix to int{args.wbits}_b{args.block}, or plans "
+                       "formats under --budget-mb MB: drop --budget")
     cfg = CalibratedConfig(
         output=args.output, model=args.model, method=args.method, wbits=args.wbits, abits=args.abits,
         block=args.block, window=args.window, rank=args.rank, steps=args.steps, init=args.init, calib=args.calib,
         calib_samples=args.calib_samples if args.calib_samples is not None else 128, seed=args.seed,
-        table=args.table,
+        table=args.table, table_method=args.table_method, budget_mb=args.budget_mb, max_decode_ms=args.max_decode_ms,
+        formats=tuple(args.formats.split(",")) if args.formats else ("int4", "int8"), workers=args.workers,
     )
     res = calibrated_compress(cfg, _step_progress(not args.json and sys.stderr.isatty()))
     human = (f"wrote {res['output']}: {res['matrices']} matrices as {res['format']} (A{res['abits']}), "

@@ -124,11 +124,12 @@ Tick = Callable[[str], None]
 
 
 @torch.no_grad()
-def gptq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, spec: FormatSpec,
+def gptq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, spec: FormatSpec | dict[str, FormatSpec],
                         percdamp: float = 0.01, storage_dtype: torch.dtype = torch.float32,
                         tick: Tick | None = None) -> dict[str, QuantizedTensor]:
     """Sequential GPTQ over the blocks; the model's Linears are overwritten with their dequantised
-    weights.  ``inputs`` are block 0's captured inputs.  Returns ``{full_name: QuantizedTensor}``."""
+    weights.  ``inputs`` are block 0's captured inputs; ``spec`` one format for every Linear or
+    ``{full_name: format}`` (a per-matrix plan).  Returns ``{full_name: QuantizedTensor}``."""
     result: dict[str, QuantizedTensor] = {}
     x = inputs
     for bi, block in enumerate(blocks(model, fam)):
@@ -147,10 +148,11 @@ def gptq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, spec
                     block_forward(block, hid, a, kw)
             finally:
                 h.remove()
-            qt = solver.quantize(spec, percdamp=percdamp)
+            full = f"{fam.blocks_attr}.{bi}.{rel}"
+            qt = solver.quantize(spec[full] if isinstance(spec, dict) else spec, percdamp=percdamp)
             solver.free()
             layer.weight.data = dequantize(qt).to(layer.weight.dtype)
-            result[f"{fam.blocks_attr}.{bi}.{rel}"] = qt
+            result[full] = qt
             if tick:
                 tick(f"block {bi} {rel}")
         x = run_block(block, x, storage_dtype)

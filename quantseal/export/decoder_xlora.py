@@ -234,6 +234,11 @@ def build_xlora_decoder(manifest, tensors, config: dict, xlora, accuracy_level: 
     from .onnx import stored_matrices
 
     arch = arch_of(config)
+    if arch.fused:
+        from ..errors import Unsupported
+
+        raise Unsupported(f"X-LoRA export is for decoders with separate q/k/v and gate/up projections, "
+                          f"not {arch.model_type}")
     fam = family_of(config)
     builder = XLoraDecoderGraph(arch, stored_matrices(manifest, tensors), _plain_tensors(manifest, tensors), xlora,
                                 accuracy_level, manifest.extra.get("activations"))

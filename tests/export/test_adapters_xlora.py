@@ -157,3 +157,17 @@ def test_xlora_refusals(llama_rtn_export, tiny_llama_sharp_dir, experts, tmp_pat
         rc, _, err = run(["export", argv[0], "-o", out, *argv[1:]])
         assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (name, err)
         assert not out.parent.exists() or not list(out.parent.iterdir()), name
+
+
+def test_xlora_refuses_phi3_by_name():
+    """Phi-3's fused qkv_proj / gate_up_proj have no place in the routed graph: one line naming it."""
+    from transformers import Phi3Config
+
+    from quantseal.errors import Unsupported
+    from quantseal.export.decoder_xlora import build_xlora_decoder
+
+    cfg = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                     max_position_embeddings=32, original_max_position_embeddings=32, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2).to_dict()
+    with pytest.raises(Unsupported, match="phi3"):
+        build_xlora_decoder(None, None, cfg, None)
