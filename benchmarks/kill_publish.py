@@ -1,6 +1,6 @@
-"""kill -9 at random moments of a process publishing a checkpoint over an existing one (issue 11).
+"""kill -9 at random moments of a process publishing a checkpoint or a board over an existing one (issue 11).
 
-Two kinds of child process, each killed with SIGKILL at a uniformly random moment:
+Three kinds of child process, each killed with SIGKILL at a uniformly random moment:
 
 * ``loop``: a Python loop calling :func:`quantseal.checkpoint.write_checkpoint` over the same path
   (MiniLM-sized tensors, 94 MB per checkpoint), each version tagged in its manifest; the clock
@@ -8,16 +8,27 @@ Two kinds of child process, each killed with SIGKILL at a uniformly random momen
   the kill lands anywhere in write / fsync / publish / delete-the-old;
 * ``cli``: the real ``quantseal compress --method rtn`` on the bundled all-MiniLM-L6-v2 over an
   existing checkpoint made with another budget (so old and new are told apart by the manifest),
-  killed at a random moment of its measured run time.
+  killed at a random moment of its measured run time;
+* ``board``: the real ``quantseal board train`` on a tiny seeded BERT (2 layers, hidden 64,
+  compressed by ``quantseal compress --method rtn``) over an existing board trained with another
+  seed (old and new told apart by the manifest's training seed), killed at a random moment of
+  its measured run time (load, training, saving, publishing).  Most of that run is training, so
+  ``--board`` also runs a ``board loop``: a child re-saving that board over its path with
+  :func:`~quantseal.compress.markboard.save_board` (each version's training seed its counter),
+  killed after a uniformly random 0-2 s: the kill lands in write / fsync / publish
+  (``--board-loop N``, default as many as ``--board``).
 
-After each kill the path is classified: ``absent``, ``invalid`` (``read_checkpoint`` refuses it:
-missing files, a wrong sha256, a lying manifest), ``old_kept`` or ``new_complete``.  Orphaned
-temporary folders are counted, then ``quantseal gc`` runs and what is left is counted again.
+After each kill the path is classified: ``absent``, ``invalid`` (``read_checkpoint`` or
+``load_board`` refuses it: missing files, a wrong sha256, a lying manifest, NaN), ``old_kept`` or
+``new_complete``.  Orphaned temporary folders are counted, then ``quantseal gc`` runs and what is
+left is counted again.
 
     python benchmarks/kill_publish.py                       # 40 loop + 10 cli kills
     python benchmarks/kill_publish.py --loop 50 --cli 0     # publish path only (a minute)
+    python benchmarks/kill_publish.py --loop 0 --cli 0 --board 50 --out benchmarks/results/kill_publish_board.json
+                                                            # 50 board train + 50 board loop kills
 
-Writes ``benchmarks/results/kill_publish.json``.
+Writes ``benchmarks/results/kill_publish.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -128,10 +139,130 @@ def cli_kills(n: int, work: Path, rng: random.Random) -> dict:
             "orphans_after_gc": gc(out)}
 
 
+def tiny_checkpoint(work: Path) -> Path:
+    """A seeded 2-layer BERT (hidden 64) with MiniLM's tokenizer, compressed by the real CLI."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from quantseal.models import default_model_path
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=128)
+    src = work / "tiny-bert"
+    BertModel(cfg, add_pooling_layer=False).eval().save_pretrained(src, safe_serialization=True)
+    shutil.copyfile(default_model_path() / "tokenizer.json", src / "tokenizer.json")
+    ck = work / "tiny-ck"
+    subprocess.run([sys.executable, "-m", "quantseal", "compress", str(src), "-o", str(ck), "--budget", "4.5",
+                    "--method", "rtn", "--workers", "1"], check=True, capture_output=True)
+    return ck
+
+
+def classify_board(out: Path, before: int, new: int) -> str:
+    from quantseal.compress.markboard import load_board
+    from quantseal.errors import BadInput
+
+    if not out.exists():
+        return "absent"
+    try:
+        seed = load_board(out).manifest["training"]["seed"]
+    except (BadInput, KeyError, TypeError):
+        return "invalid"
+    return "new_complete" if seed == new else ("old_kept" if seed == before else "invalid")
+
+
+def board_kills(n: int, work: Path, rng: random.Random) -> dict:
+    """``quantseal board train`` over an existing board, killed at random moments."""
+    from quantseal.keys import write_key
+
+    ck = tiny_checkpoint(work)
+    key = work / "board.key"
+    write_key(key, bytes(range(32)))
+    out = work / "board"
+    base = [sys.executable, "-m", "quantseal", "board", "train", str(ck), "-o", str(out), "--key", str(key),
+            "--bits", "16", "--steps", "5", "--triggers-per-bit", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    subprocess.run(base + ["--seed", "0"], check=True, capture_output=True, env=env)
+    full = time.perf_counter() - t0
+    counts = {"absent": 0, "invalid": 0, "old_kept": 0, "new_complete": 0}
+    left, max_left = 0, 0
+    for k in range(n):
+        before = int(classify_seed(out))
+        new = 1 - before
+        delay = rng.uniform(0.0, full * 1.1)
+        p = subprocess.Popen(base + ["--seed", str(new)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env=env)
+        time.sleep(delay)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        c = classify_board(out, before, new)
+        counts[c] += 1
+        left = orphans(work, out.name)
+        max_left = max(max_left, left)
+        print(f"board kill {k + 1}/{n} after {delay:.2f}s of ~{full:.1f}s: {c}, {left} orphan(s) beside it", flush=True)
+        if c in ("absent", "invalid"):  # start the next round from a complete board again
+            subprocess.run(base + ["--seed", "0"], check=True, capture_output=True, env=env)
+    return {**counts, "kills": n, "full_run_seconds": round(full, 2), "orphans_after_last_kill": left,
+            "max_orphans_seen": max_left, "orphans_after_gc": gc(out)}
+
+
+BOARD_CHILD = textwrap.dedent("""
+    import sys
+    from quantseal.compress.markboard import load_board, save_board
+    out, ck, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    board = load_board(out)
+    for i in range(start, start + 10**6):
+        board.manifest["training"]["seed"] = i
+        save_board(board, out, ck)
+        print(i, flush=True)
+""")
+
+
+def board_loop_kills(n: int, work: Path, rng: random.Random) -> dict:
+    """A ``save_board`` loop over an existing board (trained by :func:`board_kills`), killed at
+    random moments: the kills land in writing, fsync and publishing."""
+    out, ck = work / "board", work / "tiny-ck"
+    child = work / "board_child.py"
+    child.write_text(BOARD_CHILD)
+    counts = {"absent": 0, "invalid": 0, "old_kept": 0, "new_complete": 0}
+    left, max_left = 0, 0
+    for k in range(n):
+        start = (k + 1) * 10**6
+        p = subprocess.Popen([sys.executable, str(child), str(out), str(ck), str(start)], stdout=subprocess.PIPE,
+                             text=True)
+        before = int(p.stdout.readline())  # its first version is published: the clock starts
+        delay = rng.uniform(0.0, 2.0)
+        time.sleep(delay)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        try:
+            seed = classify_seed(out)
+        except Exception:
+            seed = None
+        c = classify_board(out, before, seed if isinstance(seed, int) and seed > before else -1)
+        counts[c] += 1
+        left = orphans(work, out.name)
+        max_left = max(max_left, left)
+        print(f"board loop kill {k + 1}/{n} after {delay:.2f}s: {c}, {left} orphan(s) beside it", flush=True)
+    return {**counts, "kills": n, "orphans_after_last_kill": left, "max_orphans_seen": max_left,
+            "orphans_after_gc": gc(out)}
+
+
+def classify_seed(out: Path) -> int:
+    from quantseal.compress.markboard import load_board
+
+    return load_board(out).manifest["training"]["seed"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--loop", type=int, default=40)
     ap.add_argument("--cli", type=int, default=10)
+    ap.add_argument("--board", type=int, default=0, help="kills of `quantseal board train` on a tiny model")
+    ap.add_argument("--board-loop", type=int, default=None, help="kills of a save_board loop (default: --board)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "kill_publish.json")
     args = ap.parse_args()
@@ -149,7 +280,12 @@ def main() -> None:
         probe_a.rmdir(), probe_b.rmdir()
         res["loop"] = loop_kills(args.loop, work, default_model_path(), rng) if args.loop else None
         res["cli"] = cli_kills(args.cli, work, rng) if args.cli else None
-    parts = [r for r in (res["loop"], res["cli"]) if r]
+        res["board"] = board_kills(args.board, work, rng) if args.board else None
+        n_loop = args.board if args.board_loop is None else args.board_loop
+        if n_loop and not args.board:
+            raise SystemExit("--board-loop re-saves the board --board trains: give --board too")
+        res["board_loop"] = board_loop_kills(n_loop, work, rng) if n_loop else None
+    parts = [r for r in (res["loop"], res["cli"], res["board"], res["board_loop"]) if r]
     res["total"] = {k: sum(r[k] for r in parts) for k in ("kills", "absent", "invalid", "old_kept", "new_complete")}
     res["never_absent_or_invalid"] = res["total"]["absent"] == 0 and res["total"]["invalid"] == 0
     res["seconds"] = round(time.time() - t0, 1)

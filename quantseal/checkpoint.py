@@ -100,7 +100,7 @@ class Manifest:
                 try:
                     e.spec  # validates the format name
                 except BadInput as exc:
-                    raise BadInput(f"{where}: matrix {name}: {exc}") from None
+                    raise BadInput(f"{where}: matrix {name}: format {e.format!r}: {exc}") from None
             for key in ("source", "budget", "extra", "files"):
                 if not isinstance(d.get(key, {}), dict):
                     raise BadInput(f"{where}: manifest field {key!r} is not a mapping")

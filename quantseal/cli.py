@@ -303,8 +303,9 @@ def _cmd_export(args) -> int:
         from .export.batch import obfuscation_seed
         from .export.watermark import export_marked
         from .keys import read_key
-        from .registry import open_registry
+        from .registry import check_customer_id, open_registry
 
+        check_customer_id(args.user)
         key = read_key(args.key)
         res = export_marked(args.checkpoint, args.output, args.board, key, open_registry(args.registry, key),
                             args.user, accuracy_level=args.accuracy_level, seed=obfuscation_seed(args.seed, args.user))
@@ -417,12 +418,13 @@ def _cmd_run(args) -> int:
     import time
 
     from .runtime.pipelines import Embedder
-    from .text import read_text_file
+    from .text import read_text_file, utf8_text
 
     logging.basicConfig(level=logging.WARNING, format="quantseal: %(message)s", stream=sys.stderr)
     if args.prompt is not None:
+        utf8_text(args.prompt, "--prompt")
         return _run_generate(args)
-    texts = args.text if args.text else read_text_file(args.text_file)
+    texts = [utf8_text(t, "--text") for t in args.text] if args.text else read_text_file(args.text_file)
     if any(not t.strip() for t in texts):
         raise BadInput("empty --text")
     t0 = time.perf_counter()
@@ -613,7 +615,7 @@ def _add_registry(sub) -> None:
     a = rsub.add_parser("add", help="register a customer (the registry file is created on first use)")
     a.add_argument("registry", help="registry database: an SQLite file or a postgresql:// URL")
     a.add_argument("--key", type=Path, required=True)
-    a.add_argument("--user", required=True, help="customer id: 1-128 characters from A-Z a-z 0-9 . _ @ + -")
+    a.add_argument("--user", required=True, help="customer id: 1-128 characters from A-Z a-z 0-9 . _ @ + -, the first a letter or digit")
     a.add_argument("--bits", type=int, default=None,
                    help="codeword bits for a new registry (the board's --bits; 16..1024, default 64)")
     a.add_argument("--json", action="store_true")
@@ -831,8 +833,18 @@ def _cmd_gc(args) -> int:
 
 
 # ----------------------------------------------------------------------------- main
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (``quantseal CMD: error: ...``, exit 2), as every
+    other bad input; ``-h`` still prints the usage.  Sub-command parsers inherit the class."""
+
+    def error(self, message: str):
+        from .arg_ranges import one_line
+
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quantseal", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="quantseal", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compress(sub)
     _add_inspect(sub)
@@ -849,13 +861,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .arg_ranges import check_ranges, one_line
+
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
+        check_ranges(args)  # every number in its range before any file is read
         return args.func(args)
     except QuantsealError as exc:
-        print(f"quantseal: error: {exc}", file=sys.stderr)
+        print(f"quantseal: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("quantseal: interrupted", file=sys.stderr)

@@ -68,8 +68,11 @@ def _atomic_write(path: Path, data: bytes, mode: int) -> None:
     path = Path(path)
     if path.is_dir():
         raise BadInput(f"{path}: is a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot write there ({exc.strerror})") from None
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:

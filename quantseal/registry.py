@@ -26,7 +26,9 @@ conflict.
 reserved, and verification still compares a suspect against it (a model exported before the
 removal is still attributable), but export refuses it.
 
-Customer ids: 1–128 characters from ``[A-Za-z0-9._@+-]`` (:data:`CUSTOMER_ID`); codewords:
+Customer ids: 1–128 characters from ``[A-Za-z0-9._@+-]``, the first a letter or digit
+(:data:`CUSTOMER_ID`: printable ASCII only, no spaces, quotes, slashes or control characters, never
+``.``/``..``, so an id is also a safe file name and shell word); codewords:
 16–1024 bits, a multiple of 8.
 
 The JSON registry of earlier versions (:class:`quantseal.keys.Registry`) is still read by
@@ -49,7 +51,7 @@ from .errors import BadInput
 from .registry_store import SQLiteStore, Store, is_sqlite, is_url, store_for
 
 DB_SCHEMA = 1
-CUSTOMER_ID = re.compile(r"[A-Za-z0-9._@+-]{1,128}")
+CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
 MIN_BITS, MAX_BITS = 16, 1024
 ACTIVE, REMOVED = "active", "removed"
 
@@ -66,10 +68,13 @@ CREATE TABLE IF NOT EXISTS registry_customers (
 
 # ----------------------------------------------------------------------------- validation
 def check_customer_id(customer) -> str:
-    """``customer`` if it is 1–128 characters of ``[A-Za-z0-9._@+-]``, else a :class:`BadInput`."""
+    """``customer`` if it is 1–128 characters of ``[A-Za-z0-9._@+-]`` starting with a letter or
+    digit (so an id is also a safe file name: no ``.``, ``..``, hidden or option-like ids), else a
+    :class:`BadInput`."""
     if not isinstance(customer, str) or not CUSTOMER_ID.fullmatch(customer):
         shown = customer if isinstance(customer, str) else type(customer).__name__
-        raise BadInput(f"customer id {ascii(shown)[:80]}: use 1-128 characters from A-Z a-z 0-9 . _ @ + -")
+        raise BadInput(f"customer id {ascii(shown)[:80]}: use 1-128 characters from A-Z a-z 0-9 . _ @ + -, "
+                       "starting with a letter or digit")
     return customer
 
 

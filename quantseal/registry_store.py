@@ -46,6 +46,32 @@ def is_sqlite(path: Path) -> bool:
     return head == SQLITE_MAGIC or head == b""
 
 
+def sqlite_header_problem(path: Path) -> str | None:
+    """What is wrong with an SQLite file's 100-byte header, or None (file format §1.3): the page
+    size (a power of two in 512..65536), and, when the header's page count is valid (its
+    version-valid-for equals the change counter) and no ``-wal`` file is beside it (a live WAL may
+    hold pages the main file lacks), a file that is not that many pages long (truncated or
+    padded).  Checked before SQLite opens a file, so a damaged one is refused without SQLite
+    leaving ``-wal``/``-shm`` files beside it."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror})"
+    if len(head) < 100 or head[:16] != SQLITE_MAGIC:
+        return "not an SQLite database (bad header)"
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    if page < 512 or page & (page - 1):
+        return f"not an SQLite database (page size {page})"
+    pages = int.from_bytes(head[28:32], "big")
+    valid = head[92:96] == head[24:28]
+    if valid and pages and not Path(f"{path}-wal").exists() and size != pages * page:
+        return f"truncated or damaged: {size} bytes, its header says {pages} pages of {page}"
+    return None
+
+
 class Store:
     where: str
     errors: tuple = ()
@@ -94,6 +120,13 @@ class SQLiteStore(Store):
         if not is_sqlite(p):
             raise BadInput(f"{p}: not a quantseal registry database (a JSON registry? convert it with "
                            f"`quantseal registry import {p} NEW.db --key KEY`)")
+        if p.stat().st_size == 0:
+            if not create:  # a reader must not turn an empty file into a database
+                raise BadInput(f"{p}: an empty registry file (nothing added yet)")
+        else:
+            problem = sqlite_header_problem(p)
+            if problem:
+                raise BadInput(f"{p}: {problem}; refusing the registry")
         try:
             con = sqlite3.connect(str(p), timeout=BUSY_TIMEOUT_S, isolation_level=None)
             con.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")

@@ -62,13 +62,26 @@ def read_text_file(path: str | Path) -> list[str]:
     if not path.is_file():
         raise BadInput(f"{path}: no such file")
     try:
-        lines = [l.strip() for l in path.read_text(encoding="utf-8").splitlines()]
+        content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise BadInput(f"{path}: not UTF-8 text") from exc
+    if "\x00" in content:
+        raise BadInput(f"{path}: holds NUL bytes (binary data, not UTF-8 text)")
+    lines = [l.strip() for l in content.splitlines()]
     lines = [l for l in lines if l]
     if not lines:
         raise BadInput(f"{path}: no text in the file")
     return lines
+
+
+def utf8_text(text: str, what: str) -> str:
+    """``text`` if it can be written as UTF-8, else a :class:`BadInput` naming ``what``: Python
+    hands non-UTF-8 command-line bytes over as lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput(f"{what} {ascii(text)[:60]}: not valid UTF-8 text") from None
+    return text
 
 
 def calibration_texts(path: str | Path | None = None, limit: int | None = None) -> list[str]:

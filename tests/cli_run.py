@@ -10,10 +10,14 @@ from quantseal.cli import main
 
 
 def run(argv) -> tuple[int, str, str]:
-    """``quantseal ARGV`` (items turned into strings), its output captured."""
+    """``quantseal ARGV`` (items turned into strings), its output captured; argparse's usage
+    errors (``SystemExit``) give their exit code, as the real process does."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 1
     return rc, out.getvalue(), err.getvalue()
 
 

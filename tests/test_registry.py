@@ -245,3 +245,31 @@ def test_cli_add_list_show_remove(tmp_path):
     for p in tmp_path.iterdir():
         if p.name.startswith("r.db"):
             assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p.name
+
+
+def test_damaged_sqlite_refused_before_sqlite_opens_it(tmp_path):
+    """A truncated or padded database, a bad page size, and a 0-byte file read by export/verify/list
+    are refused naming the problem, and nothing is left beside them (no -wal/-shm) or written
+    into them; ``add`` still initialises a 0-byte file (a racing first add has just created it)."""
+    from quantseal.registry_store import sqlite_header_problem
+
+    k = _keyfile(tmp_path, KEY)
+    good = tmp_path / "good.db"
+    assert run(["registry", "add", good, "--key", k, "--user", "alice", "--bits", "16"])[0] == 0
+    raw = good.read_bytes()
+    assert sqlite_header_problem(good) is None and len(raw) % 4096 == 0
+    bad_page = bytearray(raw)
+    bad_page[16:18] = (1000).to_bytes(2, "big")
+    cases = {"trunc.db": (raw[: len(raw) // 2], "truncated"), "padded.db": (raw + b"\0" * 100, "truncated"),
+             "page.db": (bytes(bad_page), "page size 1000"), "short.db": (raw[:50], "bad header"),
+             "zero.db": (b"", "empty registry")}
+    for name, (data, match) in cases.items():
+        p = tmp_path / name
+        p.write_bytes(data)
+        for argv in (["registry", "list", p, "--key", k], ["registry", "show", p, "--key", k, "--user", "alice"]):
+            rc, _, err = run(argv)
+            assert rc == 2 and match in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert p.read_bytes() == data and not any(tmp_path.glob(f"{name}-*")), name
+    rc, _, err = run(["registry", "add", tmp_path / "zero.db", "--key", k, "--user", "bob", "--bits", "16"])
+    assert rc == 0, err
+    assert open_registry(tmp_path / "zero.db", KEY).customers() == ["bob"]

@@ -84,7 +84,10 @@ class CalibratedConfig:
         if self.calib_samples < 1:
             raise BadInput(f"--calib-samples must be at least 1, not {self.calib_samples}")
         if self.table is not None:
-            FormatSpec.parse(self.table)  # BadInput for an unknown name
+            try:
+                FormatSpec.parse(self.table)  # BadInput for an unknown name
+            except BadInput as exc:
+                raise BadInput(f"--table {self.table}: {exc}") from None
         if self.table_method not in ("gptq", "rtn"):
             raise BadInput(f"--table-method must be gptq or rtn, not {self.table_method!r}")
         if self.budget_mb is not None:

@@ -165,6 +165,15 @@ def _local_inputs(inputs: Inputs) -> Inputs:
     return inputs
 
 
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            break
+
+
 def export_batch(checkpoint, customers_file, out_dir, board, key_path, registry_path, *, accuracy_level: int = 0,
                  seed: int | None = None, fanout: Fanout = Fanout(), progress=None) -> dict:
     """Write ``out_dir/<id>/model.onnx`` for every customer in ``customers_file``; returns the
@@ -194,10 +203,12 @@ def export_batch(checkpoint, customers_file, out_dir, board, key_path, registry_
         _check_output(out_dir / c / MODEL)
         if (out_dir / c).exists() and not (out_dir / c / MODEL).is_file():
             raise BadInput(f"{out_dir / c}: exists and is not an export folder; refusing to replace it")
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # removed again on failure
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".quantseal-batch.", dir=out_dir))
     except OSError as exc:
+        _remove_empty(created)
         raise BadInput(f"{out_dir}: cannot write there ({exc.strerror})") from None
     tick = progress(len(customers), "export") if progress is not None else (lambda n=1: None)
     jobs = [(c, obfuscation_seed(seed, c)) for c in customers]
@@ -218,8 +229,11 @@ def export_batch(checkpoint, customers_file, out_dir, board, key_path, registry_
 
             bundle = bundle_inputs(checkpoint, board_dir, template, key, registry, accuracy_level)
             reports += fan_out(export_one, jobs, fanout, tick, setup=unpack_inputs, shared=bundle, collect=publish)
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(created)  # the folders this run made, if still empty: nothing half-written
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - t0
     return {"output_dir": str(out_dir), "customers": len(customers), "fanout": fanout.describe(),
             "files": [str(out_dir / r["customer"] / MODEL) for r in reports],

@@ -49,6 +49,8 @@ def inspect_onnx(path: str | Path) -> dict:
     except Exception as exc:  # protobuf's DecodeError and friends
         raise BadInput(f"{path}: not a readable ONNX file ({type(exc).__name__})") from exc
     graph = model.graph
+    if not graph.node or not model.opset_import:  # an empty file parses as an empty ModelProto
+        raise BadInput(f"{path}: not an ONNX model (no graph{'; 0 bytes' if path.stat().st_size == 0 else ''})")
     inits = {t.name: t for t in graph.initializer}
     ops = Counter(n.op_type for n in graph.node)
     meta = {p.key: p.value for p in model.metadata_props}

@@ -184,7 +184,7 @@ def export_marked(checkpoint, output, board_path, key: bytes, registry: qkeys.Re
 
     from ..checkpoint import read_checkpoint, write_checkpoint
     from ..compress.markboard import load_board
-    from .onnx import TOKENIZER, _check_output, export_onnx
+    from .onnx import TOKENIZER, _check_output, _make_parent, export_onnx
 
     t0 = time.perf_counter()
     checkpoint, output = Path(checkpoint), Path(output)
@@ -195,7 +195,7 @@ def export_marked(checkpoint, output, board_path, key: bytes, registry: qkeys.Re
     template = template_path(board_path, board.manifest, accuracy_level)
     del tensors
     mark_seconds = time.perf_counter() - t0
-    output.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(output)
     if template.is_file():
         try:
             written = swap_into_template(template, output, *marked, tokenizer=checkpoint / TOKENIZER)

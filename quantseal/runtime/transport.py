@@ -55,6 +55,8 @@ def parse_header(text: str) -> tuple[str, str]:
     name, value = name.strip(), value.strip()
     if not sep or not name or any(c in name for c in " \t\r\n") or any(c in value for c in "\r\n\0"):
         raise BadInput(f"--header {text!r}: expected 'Name: value' on one line")
+    if not (name + value).isascii() or not all(c.isprintable() for c in name + value):
+        raise BadInput(f"--header {ascii(text)}: use printable ASCII (HTTP headers are bytes)")
     return name, value
 
 
