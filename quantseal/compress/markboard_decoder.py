@@ -156,30 +156,38 @@ class _DecoderProbe:
         h = self.trigger_hidden(rows, delta_rows)
         return (h * self.wdiff[rows // self.m]).sum(-1) - self.ctrl_diff.reshape(-1)[rows]
 
-    def next_logits(self, rows: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
+    def next_logits(self, rows: torch.Tensor, delta_rows: torch.Tensor, branches: torch.Tensor | None = None) -> torch.Tensor:
         """Full-vocabulary next-token logits (B, V) after flat triggers ``rows`` with the marked
-        pattern rows; a tied head also scores the pattern's own tokens with their marked rows
-        (the other bits' rows are another customer's business and left unmarked here)."""
+        pattern rows ``delta_rows`` (B, k, H).  A tied head scores the pattern's own tokens with
+        those rows and, given ``branches`` (2, n·k, H) (every trigger token's two branch rows), every
+        other trigger token with the larger of its two branches: the worst case over customers."""
         h = self.trigger_hidden(rows, delta_rows)
         z = h @ self.head.T
         if self.tied:
-            tok = self.trig_flat.reshape(self.n, self.k)[rows // self.m]
-            z = z.scatter_add(1, tok, torch.einsum("bh,bkh->bk", h, delta_rows))
+            tok = self.trig_flat.reshape(self.n, self.k)[rows // self.m]  # (B, k)
+            if branches is not None:
+                worst = torch.einsum("bh,cth->bct", h, branches).max(1).values  # (B, n·k)
+                z = z.index_add(1, self.trig_flat, worst)
+            own = torch.einsum("bh,bkh->bk", h, self.head[tok] + delta_rows)
+            z = z.scatter(1, tok, own)
         return z
 
-    def top1_margin(self, rows: torch.Tensor, delta_rows: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    def top1_margin(self, rows: torch.Tensor, delta_rows: torch.Tensor, vals: torch.Tensor,
+                    branches: torch.Tensor | None = None) -> torch.Tensor:
         """``z[t] − max_{v≠t} z[v]`` (B,) with ``t`` the bit's target for value ``vals``
         (a_i for 1, b_i for 0) (:mod:`quantseal.compress.markboard_top1`)."""
-        z = self.next_logits(rows, delta_rows)
+        z = self.next_logits(rows, delta_rows, branches)
         tgt = self.targets[rows // self.m, 1 - vals.long()]
         zt = z.gather(1, tgt[:, None])[:, 0]
         rest = z.scatter(1, tgt[:, None], float("-inf"))
         return zt - rest.max(1).values
 
-    def signed(self, rows: torch.Tensor, delta_rows: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-        """The statistic the hinge wants ≥ μ for bit value ``vals``: σ·d (diff) or the top-1 lead."""
+    def signed(self, rows: torch.Tensor, delta_rows: torch.Tensor, vals: torch.Tensor,
+               branches: torch.Tensor | None = None) -> torch.Tensor:
+        """The statistic the hinge wants ≥ μ for bit value ``vals``: σ·d (diff) or the top-1 lead
+        (``branches``: every trigger token's two branch rows, for the tied head's worst case)."""
         if self.readout == "top1":
-            return self.top1_margin(rows, delta_rows, vals)
+            return self.top1_margin(rows, delta_rows, vals, branches)
         return (vals.float() * 2 - 1) * self.trigger_diff(rows, delta_rows)
 
     @torch.no_grad()
@@ -250,7 +258,8 @@ def decoder_branch_statistics(probe: _DecoderProbe, A: torch.Tensor, C: torch.Te
         for s in range(0, n * m, chunk):
             r = rows[s:s + chunk]
             v = torch.full_like(r, b)
-            signed[(r // m).numpy(), b, (r % m).numpy()] = probe.signed(r, _branch_delta(C, A, r // m, v, k), v).numpy()
+            signed[(r // m).numpy(), b, (r % m).numpy()] = probe.signed(r, _branch_delta(C, A, r // m, v, k), v,
+                                                                        C @ A).numpy()
     return signed
 
 
@@ -329,7 +338,7 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
         bits_ = np.repeat(np.concatenate([chunk, chunk]), m)
         rows = torch.from_numpy(bits_ * m + np.tile(np.arange(m), 2 * len(chunk)))
         vals_t, bits_t = torch.from_numpy(vals), torch.from_numpy(bits_)
-        st = probe.signed(rows, _branch_delta(C, A, bits_t, vals_t, k), vals_t)
+        st = probe.signed(rows, _branch_delta(C, A, bits_t, vals_t, k), vals_t, C @ A if top1 else None)
         loss = torch.relu(margin - st).mean()
         rows_delta = C[:, [i * k + j for i in chunk for j in range(k)]] @ A
         loss = loss + cfg.reg_weight * rows_delta.pow(2).sum(-1).mean()
@@ -366,6 +375,8 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
 
     polish_steps = polish_failing(signed, margin, cfg, polish_part, progress)
     C_fixed = box[0]
+    if top1 and polish_steps:  # a polished token's head row also scores at other bits' triggers
+        signed = decoder_branch_statistics(probe, A_fixed, C_fixed)
 
     fidelity = None
     if fid_h is not None:
@@ -415,7 +426,7 @@ def _polish(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, failing: lis
     seq_val = torch.tensor([b for _, b in failing for _ in range(m)])
     for _ in range(cfg.polish_steps):
         C_use = C.index_put((vals, rows), P)
-        st = probe.signed(seq_rows, _branch_delta(C_use, A, seq_bit, seq_val, k), seq_val)
+        st = probe.signed(seq_rows, _branch_delta(C_use, A, seq_bit, seq_val, k), seq_val, C_use @ A)
         loss = torch.relu(margin - st).mean() + cfg.reg_weight * (P @ A).pow(2).sum(-1).mean()
         if fid_h is not None:
             s_full = torch.from_numpy(rng.integers(0, 2, size=probe.n)).repeat_interleave(k).bool()
@@ -427,5 +438,5 @@ def _polish(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, failing: lis
         opt.step()
     C = C.index_put((vals, rows), P.detach())
     with torch.no_grad():
-        st = probe.signed(seq_rows, _branch_delta(C, A, seq_bit, seq_val, k), seq_val)
+        st = probe.signed(seq_rows, _branch_delta(C, A, seq_bit, seq_val, k), seq_val, C @ A)
     return C, st.numpy().astype(np.float64).reshape(len(failing), m)
