@@ -50,6 +50,7 @@ KEY_A = bytes(range(32))
 ALPHA = 1e-6
 EMB = "model.embed_tokens"
 CHAT_PROMPT = "Name three colours of the rainbow."
+ACC = 4  # MatMulNBits accuracy level of every export here (the CLI's default for decoders)
 
 
 class ChatSuspect:
@@ -145,6 +146,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "quantseal_wm_smollm2_chat")
     ap.add_argument("--bits", type=int, default=64)
+    ap.add_argument("--triggers-per-bit", type=int, default=2,
+                    help="m (each training step runs the pattern and the template's tail: 2 keeps the board ~5 CPU-min)")
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--customers", type=int, default=20)
     ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--triples", type=int, default=3)
@@ -202,7 +206,8 @@ def main() -> None:
     board_dir = args.board or work / f"board_top1_chat{args.bits}"
     if not (board_dir / qk.BOARD_MANIFEST).is_file():
         log(f"training a {args.bits}-bit top1 chat board")
-        cfg = BoardConfig(bits=args.bits, readout="top1", chat_template=template, seed=0)
+        cfg = BoardConfig(bits=args.bits, triggers_per_bit=args.triggers_per_bit, steps=args.steps, readout="top1",
+                          chat_template=template, seed=0)
         save_board(train_board(ck, KEY_A, cfg), board_dir, ck)
     board = load_board(board_dir)
     m = board.manifest
@@ -226,9 +231,9 @@ def main() -> None:
     save()
 
     # -- 2. the unmarked export and customer 0's; fidelity
-    unmarked = work / "unmarked" / "model.onnx"
+    unmarked = work / f"unmarked_a{ACC}" / "model.onnx"
     if not unmarked.is_file():
-        export_onnx(ck, unmarked)
+        export_onnx(ck, unmarked, accuracy_level=ACC)
     files: dict[str, Path] = {}
 
     def file_of(c: str) -> Path:
@@ -236,7 +241,7 @@ def main() -> None:
             t = time.perf_counter()
             path = work / "customers" / c / "model.onnx"
             shutil.rmtree(path.parent, ignore_errors=True)
-            rep = export_marked(ck, path, board_dir, KEY_A, reg, c)
+            rep = export_marked(ck, path, board_dir, KEY_A, reg, c, accuracy_level=ACC)
             R.setdefault("export_seconds", []).append({"customer": c, "seconds": round(time.perf_counter() - t, 1),
                                                        "path_taken": rep["path_taken"]})
             files[c] = path

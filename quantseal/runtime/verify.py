@@ -31,7 +31,8 @@ decided once ``|t_i| ≥ stop · μ`` (μ: the board's margin, which every trigg
 clears by training), or after ``max_triggers`` rounds.  Identical inputs (bits share host
 sentences, hence controls) are sent once and remembered.  A marked suspect thus costs at most 2
 inputs per bit (one trigger and its control) unless an attack weakened a bit or a board branch
-sits below the margin (a 128-bit MiniLM board: 2.3 per bit; ``max_triggers=1`` caps it); an unmarked one,
+sits below the margin (a 128-bit MiniLM board: 2.3 per bit; ``max_triggers=1`` caps it), and a
+``top1`` decoder board, which has no controls, 1 per bit; an unmarked one,
 or the weak bits of a collusion, are queried with every trigger.  ``queries`` counts the inputs
 sent; ``calls`` the batched calls.
 
