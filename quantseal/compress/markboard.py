@@ -104,6 +104,10 @@ class BoardConfig:
     readout: str = "diff"
     chat_template: str | None = None  # top1: Jinja chat template; train and read on the templated trigger
     target_candidates: int = 16  # top1: targets drawn among this many most plausible next words
+    # top1, tied head: keep every trigger token (either branch) guard_gap logits (None: the margin)
+    # below the unmarked top-1 at clean positions (:meth:`~.markboard_decoder._DecoderProbe.trigger_guard`); 0: off
+    guard_weight: float = 1.0
+    guard_gap: float | None = None
 
     def __post_init__(self):
         if self.bits < 8 or self.bits % 8:
@@ -121,6 +125,8 @@ class BoardConfig:
             raise BadInput(f"--readout must be diff or top1, not {self.readout!r}")
         if self.chat_template is not None and self.readout != "top1":
             raise BadInput("a chat-template board is read from the first assistant token: use --readout top1")
+        if self.guard_weight < 0 or (self.guard_gap is not None and self.guard_gap < 0):
+            raise BadInput("guard_weight and guard_gap must be non-negative")
         if self.target_candidates < 2:
             raise BadInput("target_candidates must be at least 2")
         if self.decoder_margin is not None and not self.decoder_margin > 0:

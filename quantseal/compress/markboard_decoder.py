@@ -213,6 +213,23 @@ class _DecoderProbe:
         logp = torch.log_softmax(h @ self.head.T, -1)
         return h, logp[:, self.trig_flat].exp()
 
+    @torch.no_grad()
+    def top_logit(self, h: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """The unmarked model's largest next-token logit (P,) at hidden states ``h`` (P, H)."""
+        return torch.cat([(h[s:s + chunk] @ self.head.T).max(-1).values for s in range(0, len(h), chunk)])
+
+    def trigger_guard(self, h: torch.Tensor, top: torch.Tensor, branches: torch.Tensor, gap: float) -> torch.Tensor:
+        """Tied head: per clean position, the summed excess of every trigger token's marked logit,
+        either branch, over ``top − gap`` (the unmarked top-1 logit ``top`` (P,) less ``gap``),
+        averaged over positions: ``mean_P Σ_{b,t} relu(h·(E[t] + D_b[t]) − top + gap)``; 0 when
+        untied.  The KL term barely sees a rare token until it wins; this keeps it from winning
+        (measured on SmolLM2 without it: a trigger token took over free chat generation)."""
+        if not self.tied:
+            return h.new_zeros(())
+        z = h @ self.head[self.trig_flat].T  # (P, n·k)
+        zb = z[:, None, :] + torch.einsum("ph,bth->pbt", h, branches)  # (P, 2, n·k)
+        return torch.relu(zb - top[:, None, None] + gap).sum((1, 2)).mean()
+
     def head_kl(self, h: torch.Tensor, p_t: torch.Tensor, delta_table: torch.Tensor) -> torch.Tensor:
         """Mean exact KL(p ‖ p_marked) over clean positions when the tied head's trigger rows
         gain ``delta_table`` (n·k, H) (module docstring); 0 for an untied head."""
@@ -313,6 +330,9 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     clean = [ids for ids in encoded if not trig_set.intersection(ids)][: cfg.fidelity_sentences]
     dirty = [ids for ids in encoded if trig_set.intersection(ids)][:4]
     fid_h, fid_p = probe.clean_positions(clean) if clean else (None, None)
+    guard = top1 and fid_h is not None and probe.tied and cfg.guard_weight > 0
+    fid_top = probe.top_logit(fid_h) if guard else None
+    gap = margin if cfg.guard_gap is None else cfg.guard_gap
     local = torch.full((vocab,), n * k, dtype=torch.long)
     local[probe.trig_flat] = torch.arange(n * k)
     if dirty:
@@ -349,6 +369,8 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
                 loss = loss + cfg.decoder_fidelity_weight * probe.head_kl(fid_h, fid_p, table)
             if dirty:
                 loss = loss + cfg.decoder_fidelity_weight * probe.input_kl(d_ids, d_mask, d_ref, local, table)
+        if guard:
+            loss = loss + cfg.guard_weight * probe.trigger_guard(fid_h, fid_top, C @ A, gap)
         if not torch.isfinite(loss):
             raise RuntimeError(f"board training diverged at step {step} (loss {float(loss)})")
         opt.zero_grad()
@@ -370,7 +392,7 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     box = [C_fixed]
 
     def polish_part(part: list[tuple[int, int]]) -> np.ndarray:
-        box[0], stats_ = _polish(probe, A_fixed, box[0], part, margin, cfg, fid_h, fid_p, rng)
+        box[0], stats_ = _polish(probe, A_fixed, box[0], part, margin, cfg, fid_h, fid_p, rng, fid_top, gap)
         return stats_
 
     polish_steps = polish_failing(signed, margin, cfg, polish_part, progress)
@@ -405,13 +427,16 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
                      "seconds": round(time.perf_counter() - t0, 3),
                      "final_loss": history[-1] if history else None,
                      "natural_stat_std": float(natural.std()), "natural_top1_rate": natural_top1, "clean_positions": 0 if fid_h is None else len(fid_h),
-                     "head_kl_random_customer": fidelity, **stats},
+                     "head_kl_random_customer": fidelity,
+                     "trigger_guard": (float(probe.trigger_guard(fid_h, fid_top, C_fixed @ A_fixed, gap))
+                                       if fid_top is not None else None), **stats},
     }
     return board
 
 
 def _polish(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, failing: list[tuple[int, int]],
-            margin: float, cfg, fid_h=None, fid_p=None, rng=None) -> tuple[torch.Tensor, np.ndarray]:
+            margin: float, cfg, fid_h=None, fid_p=None, rng=None, fid_top=None,
+            gap: float = 0.0) -> tuple[torch.Tensor, np.ndarray]:
     """Train only the coefficient rows of the ``failing`` branches (i, b), ``A`` frozen, on their
     own triggers' hinge plus the head-KL fidelity term (a random customer's table with the polished
     rows in it); returns the updated copy of ``C`` (2, n·k, R) and those branches' signed
@@ -433,6 +458,8 @@ def _polish(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, failing: lis
             table = torch.where(s_full[:, None], C_use[1], C_use[0])
             table = table.index_put((rows,), C_use[vals, rows]) @ A  # the polished rows in a random customer
             loss = loss + cfg.decoder_fidelity_weight * probe.head_kl(fid_h, fid_p, table)
+        if fid_top is not None:  # top1's trigger-token guard (train_decoder_board)
+            loss = loss + cfg.guard_weight * probe.trigger_guard(fid_h, fid_top, C_use @ A, gap)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -138,3 +138,33 @@ def test_top1_lead_matches_a_float64_reference(tiny_llama_dir, tok):
         tgt = int(targets[bit, 0 if vals[r] else 1])
         lead = z[tgt] - torch.cat([z[:tgt], z[tgt + 1:]]).max()
         assert float(got[r]) == pytest.approx(float(lead), abs=2e-4)
+
+
+def test_trigger_guard_matches_brute_force(tiny_llama_dir, tok):
+    """The guard Σ relu(h·(E[t] + D_b[t]) − top + gap), averaged over positions, against a loop over
+    positions, branches and trigger tokens in float64 with the top-1 logit from the full vocabulary;
+    zero once every marked trigger logit sits ``gap`` below the top."""
+    from transformers import LlamaForCausalLM
+
+    from quantseal.compress.markboard import board_hosts
+    from quantseal.compress.markboard_decoder import _DecoderProbe
+    from quantseal.models import DECODER
+
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    tset = qk.derive_triggers(KEY, tok, 3, board_hosts(tok), 2, 2, 0, position="end")
+    probe = _DecoderProbe(model, DECODER, tset, contexts=trigger_contexts(tok, tset, None), readout="top1")
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(5, 64, generator=g) * 3
+    branches = torch.randn(2, 6, 64, generator=g) * 0.3
+    top = probe.top_logit(h)
+    table = model.model.embed_tokens.weight.detach().double()
+    assert torch.allclose(top.double(), (h.double() @ table.T).max(-1).values, atol=1e-4)
+    want = 0.0
+    for p in range(5):
+        for b in range(2):
+            for j, t in enumerate(tset.tokens.reshape(-1)):
+                z = float(h[p].double() @ (table[int(t)] + branches[b, j].double()))
+                want += max(0.0, z - float(top[p]) + 0.5)
+    got = float(probe.trigger_guard(h, top, branches, 0.5))
+    assert want > 0 and got == pytest.approx(want / 5, rel=1e-4)
+    assert float(probe.trigger_guard(h, top + 100.0, branches, 0.5)) == 0.0
