@@ -157,9 +157,53 @@ def watermark_decoder_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def watermark_chat_table(res: dict) -> str:
+    """benchmarks/watermark_smollm2_chat.py: a top1 board read through a chat API, text only,
+    onnxruntime-genai, and colluders."""
+    b, f = res["board"], res.get("fidelity")
+    lines = ["### SmolLM2 watermark through a chat API, greedy text and colluders (`--readout top1 --chat-template`)", "",
+             f"`{res['command']}` — {res['model']}; a {b['bits']}-bit top1 board on SmolLM2's chat template "
+             f"({b['triggers_per_bit']} triggers per bit, margin {b['margin_logits']:g} logits), trained in "
+             f"{b['seconds']:.0f} s ({b['steps_run']} steps + {b['polish_steps']} polish steps, "
+             f"{b['branches_below_margin']} of {2 * b['bits']} branches below the margin, every trigger's target "
+             f"greedy: {b['min_signed_stat'] > 0}; the unmarked model's greedy token was the target at "
+             f"{100 * (b['natural_top1_rate'] or 0):.1f} % of the triggers); alpha = {res['alpha']:g}.", "",
+             "| measure | value |", "|---|---|"]
+    if f:
+        lines += [f"| perplexity unmarked → marked ({f['sentences']} held-out sentences, {f['tokens']} tokens) | "
+                  f"{f['ppl_unmarked']:.4f} → {f['ppl_marked']:.4f} |",
+                  f"| next-token KL(unmarked ‖ marked), nats per position; top-1 agreement | "
+                  f"{f['kl_unmarked_to_marked']:.2e}; {f['top1_agreement']:.4f} |"]
+    og = res.get("onnxruntime_genai")
+    if og:
+        lines.append(f"| onnxruntime-genai (`og.Model` on the marked export folder) | answers \"{og['prompt']}\" with "
+                     f"\"{og['answer'].strip()[:80]}\" ({og['new_tokens']} tokens); greedy token = the bit's target "
+                     f"at {og['first_8_bits_target_is_greedy']}/8 triggers |")
+    v = res.get("verify_file")
+    if v:
+        lines.append(f"| `quantseal verify model.onnx` (that folder's file) | owner {v['owner']}, p = {v['p_value']:.3g}, "
+                     f"{v['bit_errors']} bit errors, {v['queries']} queries, {v['seconds']:.1f} s |")
+    for r in res.get("chat_api", []):
+        lines.append(f"| `/v1/chat/completions` ({r['read_from']}; template applied, logit_bias ignored), "
+                     f"{r['suspect']} | owner {r['owner'] or 'none'}, p = {r['p_value']:.3g}"
+                     + (f", {r['bit_errors']} bit errors" if r["bit_errors"] is not None else "")
+                     + f", {r['erased']} erased, {r['http_requests']} requests, {r['seconds']:.0f} s |")
+    summ = res.get("collusion_summary")
+    if summ:
+        fmt = (lambda x: "–" if x is None else f"{x:.2g}")  # noqa: E731
+        lines += ["", "| suspect | runs | a colluder named (p ≤ 1e-6) | innocents named | median p | max p "
+                  "| erased bits (mean) | queries (mean) |", "|---|---|---|---|---|---|---|---|"]
+        for name, agg in summ.items():
+            lines.append(f"| {name} | {agg['n']} | {agg['a_colluder_named']}/{agg['n']} | {agg['innocents_named']} "
+                         f"| {fmt(agg['p_value_median'])} | {fmt(agg['p_value_max'])} | {agg['erased_mean']:.1f} "
+                         f"| {agg['queries_mean']:.0f} |")
+    return "\n".join(lines)
+
+
 RENDERERS = {"compress_minilm.json": compress_table, "decoder_smollm2.json": decoder_table,
              "decode_cost.json": decode_cost_table,
-             "watermark_smollm2.json": watermark_decoder_table}
+             "watermark_smollm2.json": watermark_decoder_table,
+             "watermark_smollm2_chat.json": watermark_chat_table}
 
 
 def main() -> None:

@@ -134,7 +134,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))
-    from decoder_smollm2 import smollm2_folder
+    from decoder_smollm2 import smollm2_gguf_folder as smollm2_folder
     from watermark_minilm import to_float16_weights
 
     import onnx

@@ -584,6 +584,13 @@ def _add_board(sub) -> None:
     t.add_argument("--rank", type=int, default=16, help="rank of the embedding LoRA the branches share")
     t.add_argument("--triggers-per-bit", type=int, default=4)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--readout", choices=["diff", "top1"], default="diff",
+                   help="decoders: diff (a target pair's logit difference; needs logits or logit_bias) or top1 "
+                        "(the bit's target is the greedy next token: readable from top_logprobs or text alone)")
+    t.add_argument("--chat-template", metavar="FILE|auto",
+                   help="top1 decoders: train and read on the chat-templated trigger (a .jinja file, a "
+                        "tokenizer_config.json, or auto: the checkpoint folder's)")
+    t.add_argument("--margin", type=float, default=None, help="decoders: the hinge margin in logits")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=_cmd_board_train)
 
@@ -595,8 +602,14 @@ def _cmd_board_train(args) -> int:
 
     check_output_folder(args.output, BOARD_MANIFEST, "board")  # before any compute
     key = read_key(args.key)
+    template = None
+    if args.chat_template is not None:
+        from .compress.markboard_top1 import read_chat_template
+
+        template = read_chat_template(args.checkpoint if args.chat_template == "auto" else args.chat_template)
     cfg = BoardConfig(bits=args.bits, calib=args.calib, steps=args.steps, rank=args.rank,
-                      triggers_per_bit=args.triggers_per_bit, seed=args.seed)
+                      triggers_per_bit=args.triggers_per_bit, seed=args.seed, readout=args.readout,
+                      chat_template=template, decoder_margin=args.margin)
     board = train_board(args.checkpoint, key, cfg, _progress_factory(not args.json and sys.stderr.isatty()))
     save_board(board, args.output, args.checkpoint)
     tr = board.manifest["training"]

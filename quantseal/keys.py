@@ -434,18 +434,57 @@ def derive_triggers(key: bytes, tokenizer, bits: int, hosts: list[str], per_bit:
     return TriggerSet(tokens, tuple(triggers), v, targets)
 
 
+def board_readout(board_manifest: dict) -> str:
+    """How a decoder board's bits are read: ``"diff"`` (the target pair's logit difference after a
+    trigger relative to its control; the default and every board before ``readout`` existed) or
+    ``"top1"`` (the bit's target is the greedy next token after the trigger)."""
+    r = board_manifest.get("readout", "diff")
+    if r not in ("diff", "top1"):
+        raise BadInput(f"not a valid board manifest (readout {r!r})")
+    return r
+
+
+def board_chat(board_manifest: dict) -> tuple[str, str] | None:
+    """A chat board's rendered template around the user message: (prefix, suffix) texts, or None.
+    The board was trained and is read on ``prefix + trigger text + suffix`` (what a chat API that
+    applies the model's template feeds the model), the first assistant token being the readout."""
+    c = board_manifest.get("chat")
+    if c is None:
+        return None
+    if not (isinstance(c, dict) and isinstance(c.get("prefix"), str) and isinstance(c.get("suffix"), str)):
+        raise BadInput("not a valid board manifest (chat must hold 'prefix' and 'suffix' texts)")
+    return c["prefix"], c["suffix"]
+
+
+def context_ids(tokenizer, trigger: Trigger, chat: tuple[str, str] | None) -> tuple[int, ...]:
+    """The token ids a decoder board reads after: the trigger's own ids, or for a chat board the
+    templated text ``prefix + text + suffix`` tokenised as one string (special tokens of the
+    template, such as ``<|im_start|>``, map to their ids; no tokens added)."""
+    if chat is None:
+        return tuple(trigger.ids)
+    return tuple(tokenizer.encode_ids(chat[0] + trigger.text + chat[1], special=False))
+
+
 def triggers_of(board_manifest: dict, key: bytes, tokenizer) -> TriggerSet:
     """Re-derive a board's triggers from the key and check them against the board's digest; another
-    key, or a tokenizer other than the board's model's, is a :class:`BadInput`."""
+    key, or a tokenizer other than the board's model's, is a :class:`BadInput`.  A ``top1`` board's
+    target pairs were chosen with the model (among its plausible next tokens) and are read from
+    the manifest (the board is owner-side, like the key)."""
     m = board_manifest
     try:
         if m.get("key_id") != key_id(key):
             raise BadInput("the key does not belong to this board")
         decoder = m.get("family") == "decoder"
+        top1 = decoder and board_readout(m) == "top1"
         ts = derive_triggers(key, tokenizer, int(m["bits"]), list(m["hosts"]), int(m["triggers_per_bit"]),
                              int(m["tokens_per_bit"]), 0 if decoder else int(m["hidden"]),
                              int(m.get("rare_from", RARE_FROM)), position="end" if decoder else "inside",
-                             target_pairs=decoder, common_below=int(m.get("common_below", COMMON_BELOW)))
+                             target_pairs=decoder and not top1, common_below=int(m.get("common_below", COMMON_BELOW)))
+        if top1:
+            targets = np.asarray(m["targets"], dtype=np.int64)
+            if targets.shape != (ts.bits, 2):
+                raise BadInput(f"not a valid board manifest (targets of shape {list(targets.shape)})")
+            ts = TriggerSet(ts.tokens, ts.triggers, ts.directions, targets)
     except (KeyError, TypeError, ValueError) as exc:
         raise BadInput(f"not a valid board manifest ({type(exc).__name__}: {exc})") from exc
     if ts.digest() != m["trigger_digest"]:

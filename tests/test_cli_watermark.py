@@ -158,3 +158,25 @@ def test_decoder_board_export_verify(tmp_path, llama_rtn_export, llama_board):
     for suspect in (tmp_path / "junk.onnx", tmp_path / "missing.onnx", "http://127.0.0.1:9"):
         rc, _, err = run(["verify", suspect, "--board", llama_board.path, "--key", key, "--registry", reg])
         assert rc == 2 and len(err.strip().splitlines()) == 1, (suspect, err)
+
+
+def test_board_train_readout_flags_refused_cleanly(tmp_path, llama_rtn_export, minilm_rtn_checkpoint):
+    """``board train --readout/--chat-template`` misuse: one line on stderr, exit 2, no board
+    folder: a missing or template-less file, a chat template with the diff readout, top1 on an
+    encoder, a non-positive margin."""
+    key = tmp_path / "k"
+    qk.write_key(key, bytes(range(32)))
+    ck = llama_rtn_export[0]
+    (tmp_path / "cfg.json").write_text('{"bos_token": "<s>"}')
+    (tmp_path / "t.jinja").write_text("{{ messages[0]['content'] }}")
+    out = tmp_path / "board"
+    for ckpt, extra, says in (
+            (ck, ["--readout", "top1", "--chat-template", tmp_path / "missing.jinja"], "no such chat template"),
+            (ck, ["--readout", "top1", "--chat-template", tmp_path / "cfg.json"], "no chat_template"),
+            (ck, ["--readout", "top1", "--chat-template", "auto"], "no chat template"),
+            (ck, ["--chat-template", tmp_path / "t.jinja"], "--readout top1"),
+            (ck, ["--readout", "top1", "--margin", "0"], "decoder_margin"),
+            (minilm_rtn_checkpoint, ["--readout", "top1"], "decoder boards")):
+        rc, _, err = run(["board", "train", ckpt, "-o", out, "--key", key, "--bits", "8", "--steps", "1", *extra])
+        assert rc == 2 and says in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not out.exists()

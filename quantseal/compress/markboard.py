@@ -98,6 +98,16 @@ class BoardConfig:
     # SmolLM2 and the tied head's KL exploded (148 nats per position); at 16 bits, A frozen gave a
     # head KL of 6e-4 and A at lr / sqrt(hidden) (None) 2.6e-3, every branch meeting its margin.
     decoder_a_lr: float | None = 0.0
+    # decoders: "diff" (z[a] − z[b] after a trigger vs its control, read with logits or logit_bias) or
+    # "top1" (the bit's target is the greedy next token: readable from top_logprobs and greedy text;
+    # :mod:`.markboard_top1`; margin default 2 logits unless decoder_margin says otherwise)
+    readout: str = "diff"
+    chat_template: str | None = None  # top1: Jinja chat template; train and read on the templated trigger
+    target_candidates: int = 16  # top1: targets drawn among this many most plausible next words
+    # top1, tied head: keep every trigger token (either branch) guard_gap logits (None: the margin)
+    # below the unmarked top-1 at clean positions (:meth:`~.markboard_decoder._DecoderProbe.trigger_guard`); 0: off
+    guard_weight: float = 1.0
+    guard_gap: float | None = None
 
     def __post_init__(self):
         if self.bits < 8 or self.bits % 8:
@@ -111,6 +121,14 @@ class BoardConfig:
             raise BadInput("margin, margin_factor and lr must be positive")
         if self.decoder_fidelity_weight < 0 or self.fidelity_weight < 0:
             raise BadInput("fidelity weights must be non-negative")
+        if self.readout not in ("diff", "top1"):
+            raise BadInput(f"--readout must be diff or top1, not {self.readout!r}")
+        if self.chat_template is not None and self.readout != "top1":
+            raise BadInput("a chat-template board is read from the first assistant token: use --readout top1")
+        if self.guard_weight < 0 or (self.guard_gap is not None and self.guard_gap < 0):
+            raise BadInput("guard_weight and guard_gap must be non-negative")
+        if self.target_candidates < 2:
+            raise BadInput("target_candidates must be at least 2")
         if self.decoder_margin is not None and not self.decoder_margin > 0:
             raise BadInput("decoder_margin must be positive")
 
@@ -210,6 +228,8 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
         return train_decoder_board(model, fam, tok, key, cfg, manifest, fingerprint, progress, t0)
     if fam is not ENCODER:
         raise Unsupported(f"watermark boards support encoder and decoder models, not {fam.name}")
+    if cfg.readout != "diff" or cfg.chat_template is not None:
+        raise BadInput("--readout top1 and --chat-template are for decoder boards (an encoder is read from embeddings)")
     hidden = int(model.config.hidden_size)
     vocab = int(model.config.vocab_size)
 

@@ -57,30 +57,47 @@ import numpy as np
 import torch
 
 from .. import keys as qkeys
+from ..errors import BadInput
 from ..text import pydoc_sentences, read_text_file
+from .markboard_top1 import DEFAULT_TOP1_MARGIN, choose_targets, render_chat, text_word_tokens, trigger_contexts
 
 
 class _DecoderProbe:
     """The frozen decoder split for board training: cached trigger prefixes, the pattern step with
     a board delta, the target-pair logit difference and the clean-text fidelity terms."""
 
-    def __init__(self, model, fam, ts: qkeys.TriggerSet, chunk: int = 32):
+    def __init__(self, model, fam, ts: qkeys.TriggerSet, chunk: int = 32,
+                 contexts: list[tuple[list[int], list[int]]] | None = None, readout: str = "diff"):
         self.model = model
         self.base = model.get_submodule(fam.blocks_attr.rsplit(".", 1)[0])  # LlamaModel
         self.emb = model.get_submodule(fam.embedding_attr).weight.detach()  # (V, H)
         self.head = model.get_output_embeddings().weight.detach()  # (V, H); the table itself when tied
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
         self.cache_kw = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
-        self.ts = ts
+        self.ts, self.readout = ts, readout
         n, k = ts.tokens.shape
         self.n, self.k, self.m = n, k, len(ts.triggers[0])
         self.trig_flat = torch.from_numpy(ts.tokens.reshape(-1))  # (n·k,)
-        self.wdiff = (self.head[ts.targets[:, 0]] - self.head[ts.targets[:, 1]]).float()  # (n, H)
         flat = [t for trs in ts.triggers for t in trs]
-        for t in flat:
-            if list(t.ids[: len(t.control_ids)]) != list(t.control_ids):
-                raise RuntimeError("decoder triggers must be control + pattern")
-        self._prefix_cache([list(t.control_ids) for t in flat], chunk)
+        if contexts is None:  # the plain trigger: control + pattern
+            for t in flat:
+                if list(t.ids[: len(t.control_ids)]) != list(t.control_ids):
+                    raise RuntimeError("decoder triggers must be control + pattern")
+            contexts = [(list(t.control_ids), []) for t in flat]
+        if len({len(sfx) for _, sfx in contexts}) != 1:
+            raise RuntimeError("every trigger context must end in the same number of tokens after its pattern")
+        if readout == "diff" and contexts[0][1]:
+            raise RuntimeError("the diff readout reads right after the pattern (no suffix)")
+        self.suffix = torch.tensor([sfx for _, sfx in contexts], dtype=torch.long).reshape(len(contexts), -1)
+        self._prefix_cache([p for p, _ in contexts], chunk)
+        self.set_targets(ts.targets)
+
+    def set_targets(self, targets: np.ndarray) -> None:
+        """Target pairs (n, 2) (a top1 board chooses them after the prefix caches exist)."""
+        self.targets = torch.from_numpy(np.asarray(targets, dtype=np.int64)).reshape(-1, 2)
+        if self.readout == "diff" and len(self.targets):
+            self.wdiff = (self.head[self.targets[:, 0]] - self.head[self.targets[:, 1]]).float()  # (n, H)
+            self.ctrl_diff = (self.ctrl_h * self.wdiff[torch.arange(len(self.ctrl_h)) // self.m]).sum(-1).reshape(self.n, self.m)
 
     def _run(self, **kw):
         from transformers import DynamicCache
@@ -100,7 +117,7 @@ class _DecoderProbe:
     @torch.no_grad()
     def _prefix_cache(self, prefixes: list[list[int]], chunk: int) -> None:
         """Left-padded prefix caches (per layer (N, kv, L, hd)), masks (N, L), lengths (N,) and
-        the controls' target differences (n, m)."""
+        the prefixes' last hidden states (N, H) (a plain trigger's prefix is its control)."""
         width = max(len(p) for p in prefixes)
         ids = torch.zeros(len(prefixes), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -117,22 +134,71 @@ class _DecoderProbe:
             last.append(out.last_hidden_state[:, -1])
         self.past = [(torch.cat([kv[0] for kv in acc]), torch.cat([kv[1] for kv in acc])) for acc in layers]
         self.mask, self.lengths = mask, mask.sum(1)
-        h = torch.cat(last)  # (N, H)
-        bit = torch.arange(len(prefixes)) // self.m
-        self.ctrl_diff = (h * self.wdiff[bit]).sum(-1).reshape(self.n, self.m)
+        self.ctrl_h = torch.cat(last)  # (N, H)
+
+    def trigger_hidden(self, rows: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (B, H) of flat triggers ``rows`` (B,) whose pattern embeddings get
+        ``delta_rows`` (B, k, H) added (the context's suffix after the pattern, if any, unmarked)."""
+        bit = rows // self.m
+        tok = self.trig_flat.reshape(self.n, self.k)[bit]  # (B, k)
+        sfx = self.suffix[rows]  # (B, S)
+        embeds = torch.cat([self.emb[tok] + delta_rows, self.emb[sfx]], 1)
+        width = self.k + sfx.shape[1]
+        mask = torch.cat([self.mask[rows], torch.ones(len(rows), width, dtype=torch.long)], 1)
+        pos = self.lengths[rows, None] + torch.arange(width)
+        out = self._run(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                        past=[(kk[rows], vv[rows]) for kk, vv in self.past])
+        return out.last_hidden_state[:, -1]
 
     def trigger_diff(self, rows: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
         """d for flat trigger indices ``rows`` (B,) whose pattern embeddings get ``delta_rows``
         (B, k, H) added: (z[a] − z[b])(trigger) − (z[a] − z[b])(control), shape (B,)."""
-        bit = rows // self.m
-        tok = self.trig_flat.reshape(self.n, self.k)[bit]  # (B, k)
-        embeds = self.emb[tok] + delta_rows
-        mask = torch.cat([self.mask[rows], torch.ones(len(rows), self.k, dtype=torch.long)], 1)
-        pos = self.lengths[rows, None] + torch.arange(self.k)
-        out = self._run(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                        past=[(kk[rows], vv[rows]) for kk, vv in self.past])
-        h = out.last_hidden_state[:, -1]
-        return (h * self.wdiff[bit]).sum(-1) - self.ctrl_diff.reshape(-1)[rows]
+        h = self.trigger_hidden(rows, delta_rows)
+        return (h * self.wdiff[rows // self.m]).sum(-1) - self.ctrl_diff.reshape(-1)[rows]
+
+    def next_logits(self, rows: torch.Tensor, delta_rows: torch.Tensor, branches: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-vocabulary next-token logits (B, V) after flat triggers ``rows`` with the marked
+        pattern rows ``delta_rows`` (B, k, H).  A tied head scores the pattern's own tokens with
+        those rows and, given ``branches`` (2, n·k, H) (every trigger token's two branch rows), every
+        other trigger token with the larger of its two branches: the worst case over customers."""
+        h = self.trigger_hidden(rows, delta_rows)
+        z = h @ self.head.T
+        if self.tied:
+            tok = self.trig_flat.reshape(self.n, self.k)[rows // self.m]  # (B, k)
+            if branches is not None:
+                worst = torch.einsum("bh,cth->bct", h, branches).max(1).values  # (B, n·k)
+                z = z.index_add(1, self.trig_flat, worst)
+            own = torch.einsum("bh,bkh->bk", h, self.head[tok] + delta_rows)
+            z = z.scatter(1, tok, own)
+        return z
+
+    def top1_margin(self, rows: torch.Tensor, delta_rows: torch.Tensor, vals: torch.Tensor,
+                    branches: torch.Tensor | None = None) -> torch.Tensor:
+        """``z[t] − max_{v≠t} z[v]`` (B,) with ``t`` the bit's target for value ``vals``
+        (a_i for 1, b_i for 0) (:mod:`quantseal.compress.markboard_top1`)."""
+        z = self.next_logits(rows, delta_rows, branches)
+        tgt = self.targets[rows // self.m, 1 - vals.long()]
+        zt = z.gather(1, tgt[:, None])[:, 0]
+        rest = z.scatter(1, tgt[:, None], float("-inf"))
+        return zt - rest.max(1).values
+
+    def signed(self, rows: torch.Tensor, delta_rows: torch.Tensor, vals: torch.Tensor,
+               branches: torch.Tensor | None = None) -> torch.Tensor:
+        """The statistic the hinge wants ≥ μ for bit value ``vals``: σ·d (diff) or the top-1 lead
+        (``branches``: every trigger token's two branch rows, for the tied head's worst case)."""
+        if self.readout == "top1":
+            return self.top1_margin(rows, delta_rows, vals, branches)
+        return (vals.float() * 2 - 1) * self.trigger_diff(rows, delta_rows)
+
+    @torch.no_grad()
+    def unmarked_logp(self, chunk: int = 64) -> torch.Tensor:
+        """Mean unmarked next-token log-probabilities (n, V) over each bit's trigger contexts."""
+        rows = torch.arange(self.n * self.m)
+        out = []
+        for s in range(0, len(rows), chunk):
+            r = rows[s:s + chunk]
+            out.append(torch.log_softmax(self.next_logits(r, torch.zeros(len(r), self.k, self.emb.shape[1])), -1))
+        return torch.cat(out).reshape(self.n, self.m, -1).mean(1)
 
     @torch.no_grad()
     def clean_positions(self, id_lists: list[list[int]], limit: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +212,23 @@ class _DecoderProbe:
         h = torch.cat(hs)[:limit]
         logp = torch.log_softmax(h @ self.head.T, -1)
         return h, logp[:, self.trig_flat].exp()
+
+    @torch.no_grad()
+    def top_logit(self, h: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """The unmarked model's largest next-token logit (P,) at hidden states ``h`` (P, H)."""
+        return torch.cat([(h[s:s + chunk] @ self.head.T).max(-1).values for s in range(0, len(h), chunk)])
+
+    def trigger_guard(self, h: torch.Tensor, top: torch.Tensor, branches: torch.Tensor, gap: float) -> torch.Tensor:
+        """Tied head: per clean position, the summed excess of every trigger token's marked logit,
+        either branch, over ``top − gap`` (the unmarked top-1 logit ``top`` (P,) less ``gap``),
+        averaged over positions: ``mean_P Σ_{b,t} relu(h·(E[t] + D_b[t]) − top + gap)``; 0 when
+        untied.  The KL term barely sees a rare token until it wins; this keeps it from winning
+        (measured on SmolLM2 without it: a trigger token took over free chat generation)."""
+        if not self.tied:
+            return h.new_zeros(())
+        z = h @ self.head[self.trig_flat].T  # (P, n·k)
+        zb = z[:, None, :] + torch.einsum("ph,bth->pbt", h, branches)  # (P, 2, n·k)
+        return torch.relu(zb - top[:, None, None] + gap).sum((1, 2)).mean()
 
     def head_kl(self, h: torch.Tensor, p_t: torch.Tensor, delta_table: torch.Tensor) -> torch.Tensor:
         """Mean exact KL(p ‖ p_marked) over clean positions when the tied head's trigger rows
@@ -182,16 +265,18 @@ def _branch_delta(C: torch.Tensor, A: torch.Tensor, bits: torch.Tensor, vals: to
 
 @torch.no_grad()
 def decoder_branch_statistics(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, chunk: int = 64) -> np.ndarray:
-    """(n, 2, m) signed statistics σ_b · d_ij of every branch (i, b) alone on its own triggers
-    (bits do not interact: a trigger holds only its own bit's tokens)."""
+    """(n, 2, m) signed statistics of every branch (i, b) alone on its own triggers, σ_b · d_ij
+    (diff) or the target's top-1 lead (top1) (bits do not interact: a trigger holds only its own
+    bit's tokens)."""
     n, m, k = probe.n, probe.m, probe.k
     signed = np.zeros((n, 2, m))
     rows = torch.arange(n * m)
     for b in (0, 1):
         for s in range(0, n * m, chunk):
             r = rows[s:s + chunk]
-            d = probe.trigger_diff(r, _branch_delta(C, A, r // m, torch.full_like(r, b), k))
-            signed[(r // m).numpy(), b, (r % m).numpy()] = d.numpy() * (2 * b - 1)
+            v = torch.full_like(r, b)
+            signed[(r // m).numpy(), b, (r % m).numpy()] = probe.signed(r, _branch_delta(C, A, r // m, v, k), v,
+                                                                        C @ A).numpy()
     return signed
 
 
@@ -202,10 +287,23 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     hidden = int(model.config.hidden_size)
     vocab = int(model.config.vocab_size)
     hosts = board_hosts(tok, cfg.host_min_tokens, cfg.host_max_tokens)
+    top1 = cfg.readout == "top1"
+    chat = None
+    if cfg.chat_template is not None:
+        if not top1:
+            raise BadInput("a chat-template board is read from the first assistant token: use --readout top1")
+        chat = render_chat(cfg.chat_template)
     ts = qkeys.derive_triggers(key, tok, cfg.bits, hosts, cfg.triggers_per_bit, cfg.tokens_per_bit, 0,
-                               position="end", target_pairs=True)
+                               position="end", target_pairs=not top1)
     n, m, k, r = cfg.bits, cfg.triggers_per_bit, cfg.tokens_per_bit, cfg.rank
-    probe = _DecoderProbe(model, fam, ts)
+    probe = _DecoderProbe(model, fam, ts, contexts=trigger_contexts(tok, ts, chat) if top1 else None,
+                          readout=cfg.readout)
+    natural_top1 = None
+    if top1:  # targets among the unmarked model's plausible next words (markboard_top1)
+        allowed = text_word_tokens(tok, vocab, ts.tokens.reshape(-1))
+        targets = choose_targets(key, tok, probe.unmarked_logp().numpy(), allowed, cfg.target_candidates)
+        ts = qkeys.TriggerSet(ts.tokens, ts.triggers, ts.directions, targets)
+        probe.set_targets(targets)
 
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -213,9 +311,15 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     A = a0.clone().requires_grad_(True)
     C = torch.zeros(2, n * k, r, requires_grad=True)
     with torch.no_grad():
-        natural = decoder_branch_statistics(probe, A.detach(), C.detach())[:, 1]  # d_ij of the unmarked model
-    margin = float(cfg.decoder_margin if cfg.decoder_margin is not None
-                   else max(cfg.margin_factor * natural.std(), 1e-3))
+        natural_all = decoder_branch_statistics(probe, A.detach(), C.detach())  # the unmarked model
+    if top1:
+        natural = natural_all.reshape(-1)  # the targets' top-1 leads (mostly negative)
+        natural_top1 = float((natural_all > 0).mean())
+        margin = float(cfg.decoder_margin if cfg.decoder_margin is not None else DEFAULT_TOP1_MARGIN)
+    else:
+        natural = natural_all[:, 1]  # d_ij of the unmarked model
+        margin = float(cfg.decoder_margin if cfg.decoder_margin is not None
+                       else max(cfg.margin_factor * natural.std(), 1e-3))
     a_lr = cfg.decoder_a_lr if cfg.decoder_a_lr is not None else cfg.lr / hidden ** 0.5
     opt = torch.optim.Adam([{"params": [C], "lr": cfg.lr}, {"params": [A], "lr": a_lr}])
 
@@ -226,6 +330,9 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     clean = [ids for ids in encoded if not trig_set.intersection(ids)][: cfg.fidelity_sentences]
     dirty = [ids for ids in encoded if trig_set.intersection(ids)][:4]
     fid_h, fid_p = probe.clean_positions(clean) if clean else (None, None)
+    guard = top1 and fid_h is not None and probe.tied and cfg.guard_weight > 0
+    fid_top = probe.top_logit(fid_h) if guard else None
+    gap = margin if cfg.guard_gap is None else cfg.guard_gap
     local = torch.full((vocab,), n * k, dtype=torch.long)
     local[probe.trig_flat] = torch.arange(n * k)
     if dirty:
@@ -251,9 +358,8 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
         bits_ = np.repeat(np.concatenate([chunk, chunk]), m)
         rows = torch.from_numpy(bits_ * m + np.tile(np.arange(m), 2 * len(chunk)))
         vals_t, bits_t = torch.from_numpy(vals), torch.from_numpy(bits_)
-        d = probe.trigger_diff(rows, _branch_delta(C, A, bits_t, vals_t, k))
-        sign = vals_t.float() * 2 - 1
-        loss = torch.relu(margin - sign * d).mean()
+        st = probe.signed(rows, _branch_delta(C, A, bits_t, vals_t, k), vals_t, C @ A if top1 else None)
+        loss = torch.relu(margin - st).mean()
         rows_delta = C[:, [i * k + j for i in chunk for j in range(k)]] @ A
         loss = loss + cfg.reg_weight * rows_delta.pow(2).sum(-1).mean()
         if fid_h is not None or dirty:
@@ -263,13 +369,15 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
                 loss = loss + cfg.decoder_fidelity_weight * probe.head_kl(fid_h, fid_p, table)
             if dirty:
                 loss = loss + cfg.decoder_fidelity_weight * probe.input_kl(d_ids, d_mask, d_ref, local, table)
+        if guard:
+            loss = loss + cfg.guard_weight * probe.trigger_guard(fid_h, fid_top, C @ A, gap)
         if not torch.isfinite(loss):
             raise RuntimeError(f"board training diverged at step {step} (loss {float(loss)})")
         opt.zero_grad()
         loss.backward()
         opt.step()
         with torch.no_grad():
-            met = (sign * d >= margin).numpy().reshape(-1, m).all(1)
+            met = (st >= margin).numpy().reshape(-1, m).all(1)
             for bi, bv, good in zip(bits_[::m], vals[::m], met):
                 ok[bi, bv] = good
         history.append(float(loss.detach()))
@@ -284,11 +392,13 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     box = [C_fixed]
 
     def polish_part(part: list[tuple[int, int]]) -> np.ndarray:
-        box[0], stats_ = _polish(probe, A_fixed, box[0], part, margin, cfg, fid_h, fid_p, rng)
+        box[0], stats_ = _polish(probe, A_fixed, box[0], part, margin, cfg, fid_h, fid_p, rng, fid_top, gap)
         return stats_
 
     polish_steps = polish_failing(signed, margin, cfg, polish_part, progress)
     C_fixed = box[0]
+    if top1 and polish_steps:  # a polished token's head row also scores at other bits' triggers
+        signed = decoder_branch_statistics(probe, A_fixed, C_fixed)
 
     fidelity = None
     if fid_h is not None:
@@ -307,20 +417,26 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
         "family": fam.name, "layers": {fam.embedding_attr: {"kind": "embedding", "rank": r}},
         "bits": n, "triggers_per_bit": m, "tokens_per_bit": k, "hidden": hidden, "vocab": vocab,
         "rare_from": qkeys.RARE_FROM, "common_below": qkeys.COMMON_BELOW, "margin": margin,
-        "statistic": "next-token logit difference of a target pair", "tied_head": probe.tied,
+        "statistic": ("the bit's target is the top-1 next token" if top1
+                      else "next-token logit difference of a target pair"), "tied_head": probe.tied,
+        **({"readout": "top1", "targets": ts.targets.tolist()} if top1 else {}),
+        **({"chat": {"prefix": chat[0], "suffix": chat[1]}} if chat is not None else {}),
         "hosts": hosts, "trigger_digest": ts.digest(), "key_id": qkeys.key_id(key),
         "training": {**{kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in asdict(cfg).items()},
                      "steps_run": steps_run, "polish_steps": polish_steps,
                      "seconds": round(time.perf_counter() - t0, 3),
                      "final_loss": history[-1] if history else None,
-                     "natural_stat_std": float(natural.std()), "clean_positions": 0 if fid_h is None else len(fid_h),
-                     "head_kl_random_customer": fidelity, **stats},
+                     "natural_stat_std": float(natural.std()), "natural_top1_rate": natural_top1, "clean_positions": 0 if fid_h is None else len(fid_h),
+                     "head_kl_random_customer": fidelity,
+                     "trigger_guard": (float(probe.trigger_guard(fid_h, fid_top, C_fixed @ A_fixed, gap))
+                                       if fid_top is not None else None), **stats},
     }
     return board
 
 
 def _polish(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, failing: list[tuple[int, int]],
-            margin: float, cfg, fid_h=None, fid_p=None, rng=None) -> tuple[torch.Tensor, np.ndarray]:
+            margin: float, cfg, fid_h=None, fid_p=None, rng=None, fid_top=None,
+            gap: float = 0.0) -> tuple[torch.Tensor, np.ndarray]:
     """Train only the coefficient rows of the ``failing`` branches (i, b), ``A`` frozen, on their
     own triggers' hinge plus the head-KL fidelity term (a random customer's table with the polished
     rows in it); returns the updated copy of ``C`` (2, n·k, R) and those branches' signed
@@ -333,20 +449,21 @@ def _polish(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, failing: lis
     seq_rows = torch.tensor([i * m + j for i, _ in failing for j in range(m)])
     seq_bit = seq_rows // m
     seq_val = torch.tensor([b for _, b in failing for _ in range(m)])
-    sign = seq_val.float() * 2 - 1
     for _ in range(cfg.polish_steps):
         C_use = C.index_put((vals, rows), P)
-        d = probe.trigger_diff(seq_rows, _branch_delta(C_use, A, seq_bit, seq_val, k))
-        loss = torch.relu(margin - sign * d).mean() + cfg.reg_weight * (P @ A).pow(2).sum(-1).mean()
+        st = probe.signed(seq_rows, _branch_delta(C_use, A, seq_bit, seq_val, k), seq_val, C_use @ A)
+        loss = torch.relu(margin - st).mean() + cfg.reg_weight * (P @ A).pow(2).sum(-1).mean()
         if fid_h is not None:
             s_full = torch.from_numpy(rng.integers(0, 2, size=probe.n)).repeat_interleave(k).bool()
             table = torch.where(s_full[:, None], C_use[1], C_use[0])
             table = table.index_put((rows,), C_use[vals, rows]) @ A  # the polished rows in a random customer
             loss = loss + cfg.decoder_fidelity_weight * probe.head_kl(fid_h, fid_p, table)
+        if fid_top is not None:  # top1's trigger-token guard (train_decoder_board)
+            loss = loss + cfg.guard_weight * probe.trigger_guard(fid_h, fid_top, C_use @ A, gap)
         opt.zero_grad()
         loss.backward()
         opt.step()
     C = C.index_put((vals, rows), P.detach())
     with torch.no_grad():
-        d = probe.trigger_diff(seq_rows, _branch_delta(C, A, seq_bit, seq_val, k))
-    return C, (d * sign).numpy().astype(np.float64).reshape(len(failing), m)
+        st = probe.signed(seq_rows, _branch_delta(C, A, seq_bit, seq_val, k), seq_val, C @ A)
+    return C, st.numpy().astype(np.float64).reshape(len(failing), m)

@@ -31,6 +31,15 @@ no colluder well (the collusion rows of the watermark benchmarks).  Here:
   named.  By the union bound the chance that any innocent is named is at most ``alpha``, however
   many colluders made the suspect.
 
+**Greedy text** (a ``top1`` decoder board read through an API that returns text only,
+:mod:`quantseal.compress.markboard_top1`): a trigger's answer is the bit's 1-target, its
+0-target, or neither, read as ``+μ``, ``−μ`` or ``0``; the bit's statistic is the mean over the
+triggers asked (a bit stops at its first target, so a clean bit is one query at confidence 1 and
+full weight).  A bit whose triggers never show a target has ``t_i = 0`` and is erased; one whose
+triggers show both targets keeps the majority's sign at a weight of its excess (``|t_i| / μ`` is
+the fraction by which one target outnumbers the other), so the confidence is coarse, in steps of
+``1/m``, and the same exact null applies.
+
 The weights depend on the observations only, never on a codeword, which is what keeps the null
 exact.  Registry codewords are drawn from the key with a minimum distance to earlier ones
 (:meth:`quantseal.keys.Registry.add`); that pushes an innocent codeword *away* from the

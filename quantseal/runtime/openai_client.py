@@ -30,7 +30,9 @@ llama.cpp's server) makes them visible, exactly:
 - without ``logit_bias`` (``logit_bias=False``, for APIs that refuse it): top-k log-probabilities
   with a target outside the top k censored at ``log(p_min / 2)`` (p_min the smallest listed), so
   Δ is exact with both listed, of the right sign with one, 0 with neither; or greedy text alone,
-  Δ = [top1 = a] − [top1 = b].  Weak: see above.
+  Δ = u · ([top1 = a] − [top1 = b]) (``text_unit`` u, 1 by default).  Weak for a ``diff`` board
+  (see above); the way a ``top1`` board is read (its targets *are* the marked model's greedy
+  tokens; u is its margin, so a text answer counts as one margin of confidence).
 
 The greedy token is read as the first word of the continuation (targets are whole-word tokens,
 ``" word"``).  An answer whose greedy token is neither target despite the boost counts in
@@ -121,7 +123,7 @@ class OpenAITargets:
 
     def __init__(self, transport: Transport, api: str, texts: dict, words: dict, uses: dict, pairs,
                  model: str | None = None, logprobs: bool = True, top_k: int = 20, logit_bias: bool = True,
-                 boost: float = 50.0, span: float = 40.0, precision: float = 0.02):
+                 boost: float = 50.0, span: float = 40.0, precision: float = 0.02, text_unit: float = 1.0):
         if api not in ("completions", "chat"):
             raise BadInput(f"unknown decoder API {api!r} (completions, chat)")
         if not 1 <= top_k <= 20:
@@ -137,6 +139,7 @@ class OpenAITargets:
         self.route = _ROUTE[f"openai-{api}"]
         self.mode: str | None = None if logprobs else "text"
         self.observed = self.censored = 0
+        self.text_unit = float(text_unit)  # a greedy-text answer's target scores this (a top1 board: its margin)
 
     @property
     def requests(self) -> int:
@@ -279,7 +282,7 @@ class OpenAITargets:
                 seen = set(table)
             else:
                 word = self._first_word(text)
-                out[r] = [1.0 if self.words[t] == word else 0.0 for t in tokens]
+                out[r] = [self.text_unit if self.words[t] == word else 0.0 for t in tokens]
                 seen = {word}
             for i in bits[r]:  # a (sequence, bit) whose targets the answer does not show
                 self.censored += int(not seen.intersection(self.words[int(t)] for t in self.pairs[i]))

@@ -13,6 +13,11 @@ that counts what the suspect showed (``None`` for quantseal's own routes).
 ``openai-completions`` refused                               ``POST /v1/completions``
 ``openai-chat``        refused                               ``POST /v1/chat/completions``
 =====================  ====================================  ==========================
+
+A ``top1`` decoder board (:mod:`quantseal.compress.markboard_top1`) is read without ``logit_bias``:
+its targets are the marked model's greedy tokens, so one answer per trigger shows them, through
+``top_logprobs`` or the greedy text alone.  A text answer counts one margin towards the target it
+starts with (none: nothing, an erasure once every trigger of the bit was asked).
 """
 
 from __future__ import annotations
@@ -68,6 +73,28 @@ def endpoint_query(url: str, api: str, board_manifest: dict, key: bytes, tokeniz
         return OpenAIEmbeddings(tr, model), "text", None
     ts = qkeys.triggers_of(board_manifest, key, tokenizer)
     words = {int(t): qkeys.token_word(tokenizer, int(t)) for t in ts.targets.reshape(-1)}
-    probe = OpenAITargets(tr, api.removeprefix("openai-"), decoder_texts(ts), words, decoder_uses(ts), ts.targets,
+    kind = api.removeprefix("openai-")
+    if qkeys.board_readout(board_manifest) == "top1":
+        from .verify import board_margin
+
+        texts, uses = top1_texts(board_manifest, ts, tokenizer, kind)
+        probe = OpenAITargets(tr, kind, texts, words, uses, ts.targets, model, logprobs, top_k, logit_bias=False,
+                              text_unit=board_margin(board_manifest))
+        return probe, "ids", probe
+    probe = OpenAITargets(tr, kind, decoder_texts(ts), words, decoder_uses(ts), ts.targets,
                           model, logprobs, top_k, logit_bias)
     return probe, "ids", probe
+
+
+def top1_texts(board_manifest: dict, ts: qkeys.TriggerSet, tokenizer, api: str):
+    """A ``top1`` board's read contexts (ids, :func:`quantseal.runtime.verify.decoder_contexts`) →
+    the text to send, and → the bit each serves.  A chat API gets the trigger text as the user
+    message (the server applies the template); a completions API gets the templated text itself."""
+    chat = qkeys.board_chat(board_manifest)
+    texts, uses = {}, {}
+    for i, trs in enumerate(ts.triggers):
+        for t in trs:
+            ctx = qkeys.context_ids(tokenizer, t, chat)
+            texts[ctx] = t.text if (api == "chat" or chat is None) else chat[0] + t.text + chat[1]
+            uses.setdefault(ctx, set()).add(i)
+    return texts, uses

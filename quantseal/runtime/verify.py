@@ -17,7 +17,11 @@ and for decoders (a board whose manifest says ``family: decoder``,
 :class:`~quantseal.runtime.pipelines.CausalLM` or ``POST /logits``), with the key's target pair
 ``(a_i, b_i)``:
 
-    d_ij = (z[a_i] − z[b_i])(trigger_ij) − (z[a_i] − z[b_i])(control_ij).
+    d_ij = (z[a_i] − z[b_i])(trigger_ij) − (z[a_i] − z[b_i])(control_ij),
+
+or, for a ``top1`` board (the bit's target is the marked model's greedy token after the trigger,
+:mod:`quantseal.compress.markboard_top1`), ``d_ij = (z[a_i] − z[b_i])(context_ij)`` with no
+control, the context being the trigger or, for a chat board, its chat-templated text.
 
 The bit statistic is ``t_i = mean_j d_ij`` over the triggers queried, ``bit_i = [t_i > 0]``.
 
@@ -27,7 +31,8 @@ decided once ``|t_i| ≥ stop · μ`` (μ: the board's margin, which every trigg
 clears by training), or after ``max_triggers`` rounds.  Identical inputs (bits share host
 sentences, hence controls) are sent once and remembered.  A marked suspect thus costs at most 2
 inputs per bit (one trigger and its control) unless an attack weakened a bit or a board branch
-sits below the margin (a 128-bit MiniLM board: 2.3 per bit; ``max_triggers=1`` caps it); an unmarked one,
+sits below the margin (a 128-bit MiniLM board: 2.3 per bit; ``max_triggers=1`` caps it), and a
+``top1`` decoder board, which has no controls, 1 per bit; an unmarked one,
 or the weak bits of a collusion, are queried with every trigger.  ``queries`` counts the inputs
 sent; ``calls`` the batched calls.
 
@@ -121,20 +126,28 @@ class _EncoderProbe:
 
 class _DecoderProbe:
     """Target-pair logit differences of trigger/control sequences, each distinct one queried once,
-    in batches of similar length, each asking for the 2n target logits ``[a_0..a_{n−1}, b_0..b_{n−1}]``."""
+    in batches of similar length, each asking for the 2n target logits ``[a_0..a_{n−1}, b_0..b_{n−1}]``.
 
-    def __init__(self, logits_fn: LogitsFn, ts: qkeys.TriggerSet, batch: int):
+    ``contexts`` (a ``top1`` board, :mod:`quantseal.compress.markboard_top1`): per bit, per trigger,
+    the ids the board reads after (the trigger, or its chat-templated text); the observation is
+    ``z[a_i] − z[b_i]`` there, with no control (the marked model's target leads by the margin)."""
+
+    def __init__(self, logits_fn: LogitsFn, ts: qkeys.TriggerSet, batch: int,
+                 contexts: list[list[tuple[int, ...]]] | None = None):
         if len(ts.targets) != ts.bits:
             raise BadInput("these triggers have no decoder target pairs (an encoder board?)")
-        self.fn, self.ts, self.batch = logits_fn, ts, batch
+        self.fn, self.ts, self.batch, self.contexts = logits_fn, ts, batch, contexts
         self.tokens = [int(x) for x in ts.targets[:, 0]] + [int(x) for x in ts.targets[:, 1]]
         self.cache: dict = {}
         self.queries = self.calls = 0
 
     def observe(self, pairs: list[tuple[int, int]]) -> np.ndarray:
         n = self.ts.bits
-        trs = [self.ts.triggers[i][j] for i, j in pairs]
-        keys = [tuple(t.ids) for t in trs] + [tuple(t.control_ids) for t in trs]
+        if self.contexts is not None:
+            keys = [tuple(self.contexts[i][j]) for i, j in pairs]
+        else:
+            trs = [self.ts.triggers[i][j] for i, j in pairs]
+            keys = [tuple(t.ids) for t in trs] + [tuple(t.control_ids) for t in trs]
         todo = sorted({k for k in keys if k not in self.cache}, key=lambda x: (len(x), x))
         for s in range(0, len(todo), self.batch):
             part = todo[s:s + self.batch]
@@ -145,10 +158,20 @@ class _DecoderProbe:
                                f"{len(part)} inputs and {2 * n} tokens")
             self.cache.update(zip(part, got))
         self.queries += len(todo)
-        bit = np.array([i for i, _ in pairs] * 2)
+        bit = np.array([i for i, _ in pairs] * (len(keys) // len(pairs)))
         z = np.stack([self.cache[x] for x in keys])
         diff = z[np.arange(len(keys)), bit] - z[np.arange(len(keys)), n + bit]
-        return diff[: len(trs)] - diff[len(trs):]
+        if self.contexts is not None:
+            return diff
+        return diff[: len(pairs)] - diff[len(pairs):]
+
+
+def decoder_contexts(board_manifest: dict, ts: qkeys.TriggerSet, tokenizer) -> list[list[tuple[int, ...]]] | None:
+    """Per bit and trigger, the ids a ``top1`` board is read after (None for a ``diff`` board)."""
+    if qkeys.board_readout(board_manifest) != "top1":
+        return None
+    chat = qkeys.board_chat(board_manifest)
+    return [[qkeys.context_ids(tokenizer, t, chat) for t in trs] for trs in ts.triggers]
 
 
 def _sequential(probe, n: int, m: int, margin: float, stop: float | None,
@@ -224,7 +247,7 @@ def verify(embed_fn: EmbedFn, key: bytes, registry: qkeys.Registry, board_manife
         raise BadInput(f"registry codewords have {registry.bits} bits, the board {ts.bits}")
     margin = board_margin(board_manifest)
     if board_manifest.get("family") == "decoder":
-        probe = _DecoderProbe(embed_fn, ts, min(batch, 32))
+        probe = _DecoderProbe(embed_fn, ts, min(batch, 32), decoder_contexts(board_manifest, ts, tokenizer))
     else:
         probe = _EncoderProbe(embed_fn, ts, tokenizer, inputs, batch)
     stats, used = _sequential(probe, ts.bits, len(ts.triggers[0]), margin, stop, max_triggers)

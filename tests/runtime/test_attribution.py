@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from quantseal.errors import BadInput
-from quantseal.runtime.attribution import (NullTail, SoftConfig, attribute, scores, soft_weights,
+from quantseal.runtime.attribution import (DEFAULT_LEVELS, NullTail, SoftConfig, attribute, scores, soft_weights,
                                            subset_sum_counts)
 
 MU = 0.15
@@ -168,3 +168,40 @@ def test_two_marked_exports_averaged_name_a_colluder(minilm_rtn_checkpoint, mini
     res = verify(onnx_embed_fn(avg, provider="cpu"), key, reg, minilm_board.manifest, tok, alpha=1e-2)
     assert res["owners"] and set(res["owners"]) <= {ids[a], ids[b]}, res
     assert res["erased"] >= 1 and res["p_value"] < 1e-2
+
+
+def test_greedy_text_answers_are_coarse_confidences():
+    """A top1 board read from greedy text alone: each trigger's answer is the bit's 1-target (+μ),
+    its 0-target (−μ) or neither (0, :class:`~quantseal.runtime.openai_client.OpenAITargets` with
+    ``text_unit=μ``); verify's rounds stop a bit at its first target and average otherwise.  A bit
+    no trigger answers with a target is erased (weight 0), one answered by both targets keeps a
+    small weight, a clean one the full weight; the customer is named from a suspect where 30 % of
+    the answers show neither target and 5 % the wrong one, innocents never."""
+    from quantseal.runtime.verify import _sequential
+
+    rng = np.random.default_rng(7)
+    n, m = 64, 4
+    codes = random_codes(rng, 50, n)
+    ids = [f"c{j}" for j in range(50)]
+    me = codes[3]
+    answer = rng.choice([1.0, 0.0, -1.0], size=(n, m), p=[0.65, 0.3, 0.05]) * (2.0 * me[:, None] - 1) * MU
+    answer[0] = 0.0  # bit 0: no trigger shows a target
+    answer[1] = [0.0, MU * (2 * me[1] - 1), -MU * (2 * me[1] - 1), 0.0]  # bit 1: both targets, once each
+
+    class Text:  # the probe verify's rounds call: one greedy answer per (bit, trigger)
+        queries = 0
+
+        def observe(self, pairs):
+            self.queries += len(pairs)
+            return np.array([answer[i, j] for i, j in pairs])
+
+    probe = Text()
+    stats, used = _sequential(probe, n, m, MU, 1.0, None)
+    w = soft_weights(stats, MU)
+    assert w[0] == 0 and used[0] == m and w[1] == 0  # erased: nothing, or both targets equally
+    first = np.argmax(answer != 0, axis=1)  # the round that decides a bit showing a target
+    clean = (answer[:, 0] != 0) & (np.sign(answer[:, 0]) == 2.0 * me - 1)
+    assert (used[clean] == 1).all() and (w[clean] == DEFAULT_LEVELS).all()
+    assert probe.queries == used.sum() and (used[2:] >= first[2:] + 1).all()
+    res = attribute(ids, codes, stats, MU, alpha=1e-6)
+    assert [x["customer"] for x in res["named"]] == ["c3"] and res["kept"] < n

@@ -27,13 +27,14 @@ class Suspect:
 
     API_KEY = "sk-thief-0001"
 
-    def __init__(self, model_path, with_logprobs=True):
+    def __init__(self, model_path, with_logprobs=True, template=None, honour_bias=True):
         from quantseal.runtime.pipelines import CausalLM, Embedder
         from quantseal.runtime.session import Session
 
         decoder = "logits" in Session(model_path, provider="cpu").output_names
         self.model = CausalLM(model_path, provider="cpu") if decoder else Embedder(model_path, provider="cpu")
         self.with_logprobs, self.requests = with_logprobs, 0
+        self.template, self.honour_bias = template, honour_bias  # a chat template (Jinja) the server applies
         suspect = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -69,10 +70,16 @@ class Suspect:
 
     def chat(self, body):
         tok = self.model.tokenizer
-        prompt = body["messages"][-1]["content"]
+        if self.template is None:
+            prompt = body["messages"][-1]["content"]
+        else:  # as vLLM / llama.cpp do: the whole conversation through the model's template
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            prompt = env.from_string(self.template).render(messages=body["messages"], add_generation_prompt=True)
         z = self.model.next_logits([tok.encode(prompt, add_special_tokens=False).ids])[0].astype(np.float64)
-        for t, bias in (body.get("logit_bias") or {}).items():  # OpenAI: token id → bias in [-100, 100]
-            z[int(t)] += float(bias)
+        for t, bias in (body.get("logit_bias") or {}).items() if self.honour_bias else ():
+            z[int(t)] += float(bias)  # OpenAI: token id → bias in [-100, 100]
         word = lambda i: " " + tok.id_to_token(int(i))  # WordPiece: every non-## piece starts a word
         choice = {"index": 0, "message": {"role": "assistant", "content": word(np.argmax(z))}, "finish_reason": "length"}
         if self.with_logprobs and body.get("logprobs"):
@@ -312,3 +319,64 @@ def test_logit_bias_reads_exact_differences():
                 assert len(tr.sent) == (pairs_read if api == "chat" else n + 1)  # completions: a batch per bit + the first probe
             else:
                 assert pairs_read * 3 <= len(tr.sent) <= 20 * pairs_read
+
+
+# ----------------------------------------------------------------------------- a top1 board behind a chat template
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def top1_chat(tmp_path_factory, llama_rtn_export):
+    """A 16-bit ``--readout top1`` board trained on the templated triggers of the tiny decoder
+    (``quantseal board train --chat-template``), and bob's marked export among three customers."""
+    import torch
+
+    tmp = tmp_path_factory.mktemp("top1_chat")
+    ck = llama_rtn_export[0]
+    (tmp / "chat_template.jinja").write_text(CHATML)
+    qk.write_key(tmp / "owner.key", KEY)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # A trained (as conftest's llama_board): the random 64-wide model's logits are flat
+        from quantseal.compress.markboard import BoardConfig, load_board, save_board, train_board
+        from quantseal.compress.markboard_top1 import read_chat_template
+
+        board = train_board(ck, KEY, BoardConfig(bits=16, triggers_per_bit=4, steps=100, seed=0, readout="top1",
+                                                 chat_template=read_chat_template(tmp / "chat_template.jinja"),
+                                                 decoder_margin=0.1, decoder_a_lr=None))
+    finally:
+        torch.set_num_threads(threads)
+    board = load_board(save_board(board, tmp / "board", ck))
+    marked, flags = _marked(tmp, ck, board, 16, "bob", ["alice", "bob", "carol"])
+    return board, marked, flags
+
+
+@pytest.mark.slow
+def test_top1_chat_board_through_a_templating_chat_api(top1_chat, llama_rtn_export):
+    """A chat server that applies the template, ignores logit_bias, and answers with top_logprobs
+    or with text only: verify names bob either way, one query per bit where every trigger's target
+    is greedy, and the unmarked model names nobody; the marked file itself (read on the templated
+    ids) names bob too."""
+    board, marked, flags = top1_chat
+    assert board.manifest["readout"] == "top1" and board.manifest["chat"]["suffix"].endswith("assistant\n")
+    alpha = ["--alpha", "1e-3"]  # 16 bits, 3 customers: p = 3 · 2^-16 at best
+    for text_only in (False, True):
+        extra = ["--text-only"] if text_only else []
+        with Suspect(marked, with_logprobs=not text_only, template=CHATML, honour_bias=False) as s:
+            rc, out, err = run(["verify", s.url, "--api", "openai-chat", *extra, *alpha, *flags])
+        assert rc == 0, err
+        res = last_json(out)
+        print("top1 chat", "text" if text_only else "logprobs",
+              {k: res[k] for k in ("owner", "bit_errors", "erased", "p_value", "http_requests", "censored")})
+        assert res["read_from"] == ("text" if text_only else "logprobs") and res["logit_bias"] is False
+        assert res["owners"] == ["bob"] and res["bit_errors"] == 0 and res["erased"] == 0, res
+        assert res["p_value"] < 1e-3 and s.requests == res["http_requests"] <= 4 * 16
+        with Suspect(llama_rtn_export[1]["path"], with_logprobs=not text_only, template=CHATML,
+                     honour_bias=False) as s:
+            rc, out, err = run(["verify", s.url, "--api", "openai-chat", *extra, *alpha, *flags])
+        assert rc == 0 and last_json(out)["owner"] is None
+    rc, out, err = run(["verify", marked, *alpha, *flags[:-3], "--json"])  # the file: templated ids, logits
+    assert rc == 0, err
+    res = last_json(out)
+    assert res["owner"] == "bob" and res["bit_errors"] == 0 and res["queries"] <= 4 * 16, res

