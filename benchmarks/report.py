@@ -168,6 +168,7 @@ def watermark_chat_table(res: dict) -> str:
              f"{b['branches_below_margin']} of {2 * b['bits']} branches below the margin, every trigger's target "
              f"greedy: {b['min_signed_stat'] > 0}; the unmarked model's greedy token was the target at "
              f"{100 * (b['natural_top1_rate'] or 0):.1f} % of the triggers); alpha = {res['alpha']:g}.", "",
+             *[n + "\n" for n in res.get("notes", [])],  # the run's own notes (what this board was, its limits)
              "| measure | value |", "|---|---|"]
     if f:
         lines += [f"| perplexity unmarked → marked ({f['sentences']} held-out sentences, {f['tokens']} tokens) | "
@@ -197,10 +198,45 @@ def watermark_chat_table(res: dict) -> str:
             lines.append(f"| {name} | {agg['n']} | {agg['a_colluder_named']}/{agg['n']} | {agg['innocents_named']} "
                          f"| {fmt(agg['p_value_median'])} | {fmt(agg['p_value_max'])} | {agg['erased_mean']:.1f} "
                          f"| {agg['queries_mean']:.0f} |")
+    lines += [l for n in res.get("notes_after", []) for l in ("", n)]
     return "\n".join(lines)
 
 
+def smollm2_grid_table(res: dict) -> str:
+    """benchmarks/smollm2_grid.py: the SmolLM2 source's Q4_1 grid and what float zero points cost."""
+    ppl = res["perplexity"]
+    fz, iz = ppl["int4_b32 float zero point (linears)"], ppl["int4_b32 integer zero point (linears)"]
+    mm = res["matmulnbits"]
+    lvl4 = [r for r in mm if r["accuracy_level"] == 4]
+    f_lo = min(r["float zero point"]["us_per_mparam"] for r in lvl4)
+    f_hi = max(r["float zero point"]["us_per_mparam"] for r in lvl4)
+    u_lo = min(r["uint8 zero point"]["us_per_mparam"] for r in lvl4)
+    u_hi = max(r["uint8 zero point"]["us_per_mparam"] for r in lvl4)
+    load = res["load_avg_start"][0]
+    return "\n".join([
+        f"**Read the 4-bit SmolLM2 rows for what they measure** (`{res['command']}`, load {load:.0f}): the float32 "
+        "SmolLM2 here is dequantised from its GGUF, whose linears are all Q4_1 (block 32, `w = d·q + m`, float16 "
+        "`d` and `m`) and whose token table is Q8_0. Min/max RTN at 4 bits, block 32, on the linears only (float "
+        f"table), torch perplexity over the same {ppl['tokens']} tokens:",
+        "",
+        "| linears | perplexity | max weight change |",
+        "|---|---|---|",
+        f"| float32 (the dequantised Q4_1) | {ppl['float32']:.2f} | 0 |",
+        f"| int4 b32, float zero point (`w ≈ s·q + m`) | {fz['perplexity']:.2f} | {fz['max_abs_weight_change']:.3g} |",
+        f"| int4 b32, 4-bit integer zero point (`w ≈ s·(q − z)`: `int4_b32`, and the builder's int4) | "
+        f"{iz['perplexity']:.2f} | {iz['max_abs_weight_change']:.3g} |",
+        "",
+        "So on this model the builder int4's loss (and RTN's) is the shift between an integer zero point and the "
+        "source's float minimum, and GPTQ / LQ / CBQ are scored on how much of that shift they undo: a model trained "
+        "in float would not show it. The exact format is no way out: MatMulNBits with float zero points costs "
+        f"{f_lo:.0f}–{f_hi:.0f} µs per million weights per token at accuracy level 4, against {u_lo:.0f}–{u_hi:.0f} µs "
+        "with packed 4-bit zero points (1 thread, CPU time). quantseal's quality claims rest on MiniLM (trained in "
+        "float); on SmolLM2 the rows compare tools on the same footing, nothing more.",
+    ])
+
+
 RENDERERS = {"compress_minilm.json": compress_table, "decoder_smollm2.json": decoder_table,
+             "smollm2_grid.json": smollm2_grid_table,
              "decode_cost.json": decode_cost_table,
              "watermark_smollm2.json": watermark_decoder_table,
              "watermark_smollm2_chat.json": watermark_chat_table}
