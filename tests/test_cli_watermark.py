@@ -175,7 +175,7 @@ def test_board_train_readout_flags_refused_cleanly(tmp_path, llama_rtn_export, m
             (ck, ["--readout", "top1", "--chat-template", tmp_path / "cfg.json"], "no chat_template"),
             (ck, ["--readout", "top1", "--chat-template", "auto"], "no chat template"),
             (ck, ["--chat-template", tmp_path / "t.jinja"], "--readout top1"),
-            (ck, ["--readout", "top1", "--margin", "0"], "decoder_margin"),
+            (ck, ["--readout", "top1", "--margin", "0"], "--margin must be"),
             (minilm_rtn_checkpoint, ["--readout", "top1"], "decoder boards")):
         rc, _, err = run(["board", "train", ckpt, "-o", out, "--key", key, "--bits", "8", "--steps", "1", *extra])
         assert rc == 2 and says in err and len(err.strip().splitlines()) == 1, (extra, err)
