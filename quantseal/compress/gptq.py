@@ -124,34 +124,46 @@ Tick = Callable[[str], None]
 
 
 @torch.no_grad()
+def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInputs, spec: FormatSpec,
+                        percdamp: float = 0.01, tick: Tick | None = None) -> dict[str, QuantizedTensor]:
+    """GPTQ on one block's Linears, in order, each on inputs produced by the already-quantised
+    Linears before it; the block's Linears are overwritten with their dequantised weights.
+    ``x``: the block's inputs; ``prefix``: the block's full name.  Returns ``{full_name: codes}``."""
+    result: dict[str, QuantizedTensor] = {}
+    for rel in fam.linears:
+        layer = block.get_submodule(rel)
+        solver = GPTQ(layer)
+        state = {}
+
+        def hook(_m, args, _state=state, _solver=solver):
+            _solver.add_batch(args[0][_state["mask"]])
+
+        h = layer.register_forward_pre_hook(hook)
+        try:
+            for hid, a, kw, m in zip(x.hidden, x.args, x.kwargs, x.token_mask):
+                state["mask"] = m
+                block_forward(block, hid, a, kw)
+        finally:
+            h.remove()
+        qt = solver.quantize(spec, percdamp=percdamp)
+        solver.free()
+        layer.weight.data = dequantize(qt).to(layer.weight.dtype)
+        result[f"{prefix}.{rel}"] = qt
+        if tick:
+            tick(f"block {prefix.rsplit('.', 1)[-1]} {rel}")
+    return result
+
+
+@torch.no_grad()
 def gptq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, spec: FormatSpec,
                         percdamp: float = 0.01, storage_dtype: torch.dtype = torch.float32,
                         tick: Tick | None = None) -> dict[str, QuantizedTensor]:
     """Sequential GPTQ over the blocks; the model's Linears are overwritten with their dequantised
-    weights.  ``inputs`` are block 0's captured inputs.  Returns ``{full_name: QuantizedTensor}``."""
+    weights.  ``inputs`` are block 0's captured inputs.  Returns ``{full_name: QuantizedTensor}``.
+    (:mod:`.streaming` runs the same :func:`gptq_quantize_block` with one block in memory.)"""
     result: dict[str, QuantizedTensor] = {}
     x = inputs
     for bi, block in enumerate(blocks(model, fam)):
-        for rel in fam.linears:
-            layer = block.get_submodule(rel)
-            solver = GPTQ(layer)
-            state = {}
-
-            def hook(_m, args, _state=state, _solver=solver):
-                _solver.add_batch(args[0][_state["mask"]])
-
-            h = layer.register_forward_pre_hook(hook)
-            try:
-                for hid, a, kw, m in zip(x.hidden, x.args, x.kwargs, x.token_mask):
-                    state["mask"] = m
-                    block_forward(block, hid, a, kw)
-            finally:
-                h.remove()
-            qt = solver.quantize(spec, percdamp=percdamp)
-            solver.free()
-            layer.weight.data = dequantize(qt).to(layer.weight.dtype)
-            result[f"{fam.blocks_attr}.{bi}.{rel}"] = qt
-            if tick:
-                tick(f"block {bi} {rel}")
+        result.update(gptq_quantize_block(block, f"{fam.blocks_attr}.{bi}", fam, x, spec, percdamp, tick))
         x = run_block(block, x, storage_dtype)
     return result
