@@ -149,20 +149,20 @@ class LazySource:
         r, key = self._map[name]
         return _checked(r.get(key).to(self.stored[name].dtype), self.folder, name)
 
-    def load_module(self, module: nn.Module, prefix: str) -> nn.Module:
-        """Give ``module`` (the submodule at ``prefix``) its stored weights on the CPU, each read
-        straight into its own parameter (no second copy).  Tensors the files do not hold (a tied
-        alias, a non-persistent buffer) are left as they are."""
+    def load_module(self, module: nn.Module, prefix: str, device: torch.device | str = "cpu") -> nn.Module:
+        """Give ``module`` (the submodule at ``prefix``) its stored weights on ``device``, each read
+        straight into its own parameter (no second copy on the CPU).  Tensors the files do not hold
+        (a tied alias, a non-persistent buffer) are left as they are."""
         for mname, sub in module.named_modules():
             base = ".".join(x for x in (prefix, mname) if x)
             for pname, p in list(sub._parameters.items()):
                 full = f"{base}.{pname}" if base else pname
                 if p is not None and full in self._map:
-                    sub._parameters[pname] = nn.Parameter(self.get(full), requires_grad=p.requires_grad)
+                    sub._parameters[pname] = nn.Parameter(self.get(full).to(device), requires_grad=p.requires_grad)
             for bname, b in list(sub._buffers.items()):
                 full = f"{base}.{bname}" if base else bname
                 if b is not None and full in self._map:
-                    sub._buffers[bname] = self.get(full)
+                    sub._buffers[bname] = self.get(full).to(device)
         return module
 
     def release(self, module: nn.Module) -> None:
@@ -171,7 +171,7 @@ class LazySource:
         module.to(device="meta")
         trim_heap()
 
-    def load_outside_blocks(self) -> nn.Module:
+    def load_outside_blocks(self, device: torch.device | str = "cpu") -> nn.Module:
         """Materialise everything but the transformer blocks (token table, final norm, rotary
         tables; a tied head stays the token table): what a forward pass needs to reach block 0.
         Returns the model."""
@@ -181,30 +181,31 @@ class LazySource:
                 continue
             meta_buffers = [b for b in mod._buffers.values() if b is not None and b.is_meta]
             if meta_buffers and "Rotary" in type(mod).__name__:
-                self._rebuild_rotary(name)  # non-persistent tables, computed from the config
+                self._rebuild_rotary(name, device)  # non-persistent tables, computed from the config
         for name, mod in self.model.named_children():
-            self._load_outside(mod, name, blocks_attr)
+            self._load_outside(mod, name, blocks_attr, device)
         if tied_keys(self.model):
             self.model.tie_weights()
         return self.model
 
-    def _load_outside(self, mod: nn.Module, prefix: str, blocks_attr: str) -> None:
+    def _load_outside(self, mod: nn.Module, prefix: str, blocks_attr: str, device) -> None:
         if prefix == blocks_attr:
             return
         if not blocks_attr.startswith(prefix + "."):
-            self.load_module(mod, prefix)
+            self.load_module(mod, prefix, device)
             return
         for name, child in mod.named_children():
-            self._load_outside(child, f"{prefix}.{name}", blocks_attr)
+            self._load_outside(child, f"{prefix}.{name}", blocks_attr, device)
         for name, p in mod.named_parameters(recurse=False):
             if f"{prefix}.{name}" in self._map:
-                mod._parameters[name] = nn.Parameter(self.get(f"{prefix}.{name}"), requires_grad=p.requires_grad)
+                mod._parameters[name] = nn.Parameter(self.get(f"{prefix}.{name}").to(device),
+                                                     requires_grad=p.requires_grad)
 
-    def _rebuild_rotary(self, prefix: str) -> None:
+    def _rebuild_rotary(self, prefix: str, device) -> None:
         parent_name, _, attr = prefix.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         old = getattr(parent, attr)
-        setattr(parent, attr, type(old)(config=self.model.config))
+        setattr(parent, attr, type(old)(config=self.model.config).to(device))
 
 
 def open_source(folder: str | Path) -> LazySource | None:

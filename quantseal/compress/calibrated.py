@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt
-from ..errors import BadInput
+from ..devices import resolve_device, to_device
+from ..errors import BadInput, Unsupported
 from ..lazy_source import open_source
 from ..models import compressible_linears, default_model_path, embedding, load_model
 from ..text import calibration_texts
@@ -54,6 +55,7 @@ class CalibratedConfig:
     seed: int = 0
     table: str | None = None  # the token table's format (round-to-nearest), None: kept as is
     activation_mb: float = DEFAULT_ACTIVATION_MB  # streamed GPTQ: activations held in memory, the rest spilled
+    device: str = "auto"  # where GPTQ computes (quantseal.devices); CBQ computes on the CPU
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,6 +79,11 @@ class CalibratedConfig:
             raise BadInput(f"--steps must be at least 1, not {self.steps}")
         if self.calib_samples < 1:
             raise BadInput(f"--calib-samples must be at least 1, not {self.calib_samples}")
+        if self.method == "cbq" and self.device == "cuda":
+            raise Unsupported("--device cuda is not supported by --method cbq yet (it computes on the CPU); "
+                              "use --device cpu or auto")
+        if self.method == "gptq":
+            resolve_device(self.device)  # cuda without a GPU: one line, before any compute
         if not self.activation_mb >= 0:
             raise BadInput(f"--activation-mb must be a non-negative number, not {self.activation_mb}")
         if self.table is not None:
@@ -137,7 +144,9 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
     activations: dict[str, dict] = {}
     extra_info: dict = {}
     if cfg.method == "gptq":
-        inputs = capture_block_inputs(model, fam, batches, torch.float32)
+        device = resolve_device(cfg.device)
+        model.to(device)
+        inputs = capture_block_inputs(model, fam, to_device(batches, device), torch.float32)
         done = [0]
 
         def tick(what: str) -> None:
@@ -145,6 +154,7 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
             callback("gptq", done[0], len(linears), {"layer": what})
 
         quantized = gptq_quantize_model(model, fam, inputs, spec, tick=tick)
+        model.to("cpu")  # results are written from the CPU
     else:
         inputs = capture_block_inputs(model, fam, batches, torch.float16)
         ccfg = cfg.cbq()

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from .. import checkpoint as ckpt
+from ..devices import resolve_device, to_device
 from ..errors import BadInput, BudgetInfeasible
 from ..lazy_source import LazySource, TensorRef, open_source
 from ..tensorfile import TensorInfo
@@ -90,6 +91,7 @@ class CompressConfig:
     seed: int = 0
     max_iter: int = 4
     max_decode_ms: float | None = None  # bound on the plan's estimated per-token decode time (decode_cost)
+    device: str = "auto"  # where the Fisher and the LQ candidates compute (quantseal.devices)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -109,6 +111,7 @@ class CompressConfig:
         self.output = Path(self.output)
         self.ranks = tuple(sorted(set(self.ranks) | {0})) if self.method == "lq" else (0,)
         expand_families(self.formats)  # validates the names early
+        resolve_device(self.device)  # cuda without a GPU: one line, before any compute
 
 
 def matrix_candidates(n: int, k: int, formats: list[FormatSpec], ranks: tuple[int, ...]) -> list[Candidate]:
@@ -129,9 +132,12 @@ def _evaluate(task) -> list[tuple[float, int]]:
     """Worker: (error, bytes) of every candidate of one matrix, computed with one torch thread
     wherever it runs (a float sum's order depends on the thread count: with the main process's
     threads the serial path differed from the pool's in the last bits, and the plan could too)."""
-    w, fisher, cands, clip, max_iter = task
+    w, fisher, cands, clip, max_iter, *device = task  # device: optional 6th item (default cpu)
+    device = torch.device(device[0] if device else "cpu")
     if isinstance(w, TensorRef):  # streamed: the worker reads its matrix from the source file
         w = w.load()
+    w = w.to(device)
+    fisher = None if fisher is None else fisher.to(device)
     n, k = w.shape
     with one_torch_thread():
         return [(lq_decompose(w, c, fisher, max_iter=max_iter, clip_search=clip).error, c.stored_bytes(n, k))
@@ -179,6 +185,7 @@ class CandidateTable:
     clip: bool
     max_iter: int
     source: LazySource | None = None  # the streamed source, else the model holds the weights
+    device: str = "cpu"  # where the chosen candidates are rebuilt (as the table was evaluated)
 
     def weight(self, name: str) -> torch.Tensor:
         """Matrix ``name``'s float32 weight (N, K), read from the source file when streamed."""
@@ -208,6 +215,7 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
                           stream: bool = True) -> CandidateTable:
     """Open the model (streamed where it can be, see the module notes; ``stream=False`` loads
     it), estimate the Fisher (data-aware) and evaluate every candidate."""
+    device = resolve_device(cfg.device)
     source = open_source(cfg.model) if stream and not cfg.data_aware else None
     if source is not None:
         model, fam = source.model, source.fam
@@ -227,8 +235,10 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
             enc = tok(texts[i:i + 16])
             batches.append({k: torch.from_numpy(v) for k, v in enc.items()})
         tick = progress(len(texts), "fisher")
-        raw = output_fisher(model, fam, batches, {n: p for n, (p, _) in targets.items()},
+        model.to(device)
+        raw = output_fisher(model, fam, to_device(batches, device), {n: p for n, (p, _) in targets.items()},
                             seed=cfg.seed, progress=tick)
+        model.to("cpu")
         fisher = {n: floor_fisher(f) for n, f in raw.items()}
 
     lin_formats = expand_families(cfg.formats)
@@ -240,7 +250,7 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
         rows, cols = w.shape
         cands[n] = (matrix_candidates(rows, cols, lin_formats, cfg.ranks) if kind == "linear"
                     else [Candidate(f) for f in emb_formats])
-        tasks.append((_task_weight(source, w, n), fisher[n], cands[n], clip, cfg.max_iter))
+        tasks.append((_task_weight(source, w, n), fisher[n], cands[n], clip, cfg.max_iter, str(device)))
     results = evaluate_candidates(tasks, cfg.workers, progress(len(tasks), "candidates"), cfg.ray)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     options = [MatrixOptions(n, [c.name for c in cands[n]], [b for _, b in r], [e for e, _ in r],
@@ -254,7 +264,8 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
 
         fixed += graph_table_bytes(arch_of(model.config.to_dict()))
     lin_params = sum(w.numel() for w, kind in targets.values() if kind == "linear")
-    return CandidateTable(model, fam, targets, fisher, cands, options, fixed, lin_params, clip, cfg.max_iter, source)
+    return CandidateTable(model, fam, targets, fisher, cands, options, fixed, lin_params, clip, cfg.max_iter, source,
+                          str(device))
 
 
 def _task_weight(source: LazySource | None, w: torch.Tensor, name: str):
@@ -312,9 +323,11 @@ def materialize_into(table: CandidateTable, choice: list[int], put: Callable[[st
     tick = progress(len(choice), "writing")
     for (n, (w, kind)), c_idx, opt in zip(table.targets.items(), choice, table.options):
         cand = table.cands[n][c_idx]
+        fisher = table.fisher[n]
         with one_torch_thread():  # the same floats as the candidate table's evaluation
-            res = lq_decompose(table.weight(n), cand, table.fisher[n], max_iter=table.max_iter,
-                               clip_search=table.clip)
+            res = lq_decompose(table.weight(n).to(table.device), cand,
+                               None if fisher is None else fisher.to(table.device),
+                               max_iter=table.max_iter, clip_search=table.clip).cpu()
         mt = ckpt.matrix_tensors(n, cand.fmt, res.qt, res.w_hat, res.l1, res.l2)
         stored = sum(_tensor_bytes(t) for t in mt.values())
         if stored != opt.bytes[c_idx]:  # the ILP's byte count must be the file's

@@ -28,6 +28,7 @@ import time
 import torch
 
 from .. import checkpoint as ckpt
+from ..devices import resolve_device, to_device
 from ..lazy_source import LazySource
 from ..models import blocks, compressible_linears
 from ..tensorfile import TensorInfo
@@ -61,11 +62,12 @@ def output_specs(source: LazySource, linears: list[str], spec: FormatSpec,
 
 
 @torch.no_grad()
-def run_block_spilled(block: torch.nn.Module, x: BlockInputs, cap_bytes: float) -> BlockInputs:
-    """The next block's inputs (float32), held in a new :class:`SpillStore`."""
+def run_block_spilled(block: torch.nn.Module, x: BlockInputs, cap_bytes: float,
+                      device: torch.device = torch.device("cpu")) -> BlockInputs:
+    """The next block's inputs (float32, on the CPU), held in a new :class:`SpillStore`."""
     out = SpillStore(cap_bytes)
     for h, a, kw in zip(x.hidden, x.args, x.kwargs):
-        out.append(block_forward(block, h, a, kw).to(torch.float32))
+        out.append(block_forward(block, h.to(device), *to_device((a, kw), device)).to(torch.float32))
     return x.with_hidden(out)
 
 
@@ -73,7 +75,8 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
     """``compress --method gptq`` of a safetensors decoder, streamed (see the module notes)."""
     t0 = time.perf_counter() if t0 is None else t0
     fam = source.fam
-    model = source.load_outside_blocks()
+    device = resolve_device(cfg.device)
+    model = source.load_outside_blocks(device)
     linears = list(compressible_linears(model, fam))  # names only: the blocks are still on meta
     texts = calibration_texts(cfg.calib, cfg.calib_samples)
     batches = calibration_batches(cfg.model, texts, cfg.batch_size)
@@ -83,11 +86,11 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
     specs = output_specs(source, linears, spec, table)
     entries: dict[str, ckpt.MatrixEntry] = {}
     t_cal = time.perf_counter()
-    x = capture_block_inputs(model, fam, batches, torch.float32, store=SpillStore(cap))
+    x = capture_block_inputs(model, fam, to_device(batches, device), torch.float32, store=SpillStore(cap))
     with ckpt.CheckpointWriter(cfg.output, specs, cfg.model) as writer:
         if table is not None:
             name = fam.embedding_attr
-            name, mt, entry = _table_entry(name, source.model.get_submodule(name).weight, table)
+            name, mt, entry = _table_entry(name, source.model.get_submodule(name).weight.cpu(), table)
             for key, t in mt.items():
                 writer.put(key, t)
             entries[name] = entry
@@ -101,7 +104,7 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
 
         for bi, block in enumerate(blocks(model, fam)):
             prefix = f"{fam.blocks_attr}.{bi}"
-            source.load_module(block, prefix)
+            source.load_module(block, prefix, device)
             quantized = gptq_quantize_block(block, prefix, fam, x, spec, tick=tick)
             for name, qt in quantized.items():
                 mt = ckpt.matrix_tensors(name, spec, qt, None, None, None)
@@ -109,7 +112,7 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
                 for key, t in mt.items():
                     writer.put(key, t)
                 entries[name] = ckpt.MatrixEntry(spec.name, 0, list(qt.shape), 0.0, stored, "linear")
-            nxt = run_block_spilled(block, x, cap) if bi + 1 < len(blocks(model, fam)) else None
+            nxt = run_block_spilled(block, x, cap, device) if bi + 1 < len(blocks(model, fam)) else None
             x.hidden.close()
             x = nxt
             source.release(block)
