@@ -26,8 +26,8 @@ from synthetic_llama import make_synthetic  # noqa: E402
 
 
 def _same_folders(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
+    names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
     for n in names:
         assert filecmp.cmp(a / n, b / n, shallow=False), n
 
