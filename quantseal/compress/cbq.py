@@ -580,12 +580,15 @@ def cfp_prefold(model: nn.Module, fam: Family, inputs: BlockInputs, cfg: CBQConf
     return folded
 
 
-def gptq_init(model: nn.Module, fam: Family, inputs: BlockInputs, cfg: CBQConfig) -> tuple[dict, dict]:
+def gptq_init(model: nn.Module, fam: Family, inputs: BlockInputs, cfg: CBQConfig,
+              specs: dict[str, FormatSpec] | None = None) -> tuple[dict, dict]:
     """CBQ's ``init="gptq"`` starting point: CFP's activation folds applied to ``model`` in place
     (:func:`cfp_prefold`; the float output is unchanged), then GPTQ's codes and scales for every
-    compressible Linear, computed on a copy (``model`` stays float).  Returns (codes, folds)."""
+    compressible Linear, computed on a copy (``model`` stays float), in ``cfg.spec`` or the
+    per-matrix ``specs`` (CBQ keeps each starting code's format).  Returns (codes, folds)."""
     from .gptq import gptq_quantize_model
 
     folded = cfp_prefold(model, fam, inputs, cfg)
-    codes = gptq_quantize_model(copy.deepcopy(model), fam, inputs, cfg.spec, storage_dtype=inputs.hidden[0].dtype)
+    codes = gptq_quantize_model(copy.deepcopy(model), fam, inputs, specs or cfg.spec,
+                                storage_dtype=inputs.hidden[0].dtype)
     return codes, folded

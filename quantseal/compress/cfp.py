@@ -40,7 +40,9 @@ FOLD_SITES = {
     "encoder": (("attention.self.value", ("attention.output.dense",)),),
     "decoder": (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                 ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-                ("mlp.up_proj", ("mlp.down_proj",))),
+                ("mlp.up_proj", ("mlp.down_proj",)),
+                ("input_layernorm", ("self_attn.qkv_proj",)),  # Phi-3's fused projections
+                ("post_attention_layernorm", ("mlp.gate_up_proj",))),
 }
 
 

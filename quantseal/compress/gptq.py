@@ -125,12 +125,14 @@ Tick = Callable[[str], None]
 
 
 @torch.no_grad()
-def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInputs, spec: FormatSpec,
-                        percdamp: float = 0.01, tick: Tick | None = None) -> dict[str, QuantizedTensor]:
+def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInputs,
+                        spec: FormatSpec | dict[str, FormatSpec], percdamp: float = 0.01,
+                        tick: Tick | None = None) -> dict[str, QuantizedTensor]:
     """GPTQ on one block's Linears, in order, each on inputs produced by the already-quantised
     Linears before it; the block's Linears are overwritten with their dequantised weights.
     ``x``: the block's inputs (moved batch by batch to the block's device); ``prefix``: the
-    block's full name.  Returns ``{full_name: codes}``, on the CPU."""
+    block's full name; ``spec`` one format for every Linear or ``{full_name: format}`` (a
+    per-matrix plan).  Returns ``{full_name: codes}``, on the CPU."""
     device = next(block.parameters()).device
     result: dict[str, QuantizedTensor] = {}
     for rel in fam.linears:
@@ -148,21 +150,23 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
                 block_forward(block, hid.to(device), *to_device((a, kw), device))
         finally:
             h.remove()
-        qt = solver.quantize(spec, percdamp=percdamp)
+        full = f"{prefix}.{rel}"
+        qt = solver.quantize(spec[full] if isinstance(spec, dict) else spec, percdamp=percdamp)
         solver.free()
         layer.weight.data = dequantize(qt).to(layer.weight.dtype)
-        result[f"{prefix}.{rel}"] = qt.cpu()
+        result[full] = qt.cpu()
         if tick:
             tick(f"block {prefix.rsplit('.', 1)[-1]} {rel}")
     return result
 
 
 @torch.no_grad()
-def gptq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, spec: FormatSpec,
+def gptq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, spec: FormatSpec | dict[str, FormatSpec],
                         percdamp: float = 0.01, storage_dtype: torch.dtype = torch.float32,
                         tick: Tick | None = None) -> dict[str, QuantizedTensor]:
     """Sequential GPTQ over the blocks; the model's Linears are overwritten with their dequantised
-    weights.  ``inputs`` are block 0's captured inputs.  Returns ``{full_name: QuantizedTensor}``.
+    weights.  ``inputs`` are block 0's captured inputs; ``spec`` one format for every Linear or
+    ``{full_name: format}`` (a per-matrix plan).  Returns ``{full_name: QuantizedTensor}``.
     (:mod:`.streaming` runs the same :func:`gptq_quantize_block` with one block in memory.)"""
     result: dict[str, QuantizedTensor] = {}
     x = inputs

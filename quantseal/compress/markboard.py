@@ -190,7 +190,7 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
     """Train a board on a compressed checkpoint (Q and its L1/L2 frozen).  ``progress(total, desc)``
     returns a ``tick(n)``.  Deterministic in (checkpoint, key, cfg) on a given machine."""
     from ..checkpoint import load_compressed, read_checkpoint
-    from ..models import DECODER, ENCODER
+    from ..models import ENCODER
 
     t0 = time.perf_counter()
     progress = progress or (lambda total, desc: (lambda n=1: None))
@@ -204,7 +204,7 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
     for b in model.buffers():
         b.requires_grad_(False)
     tok = TextTokenizer(checkpoint)
-    if fam is DECODER:
+    if fam.name == "decoder":
         from .markboard_decoder import train_decoder_board
 
         return train_decoder_board(model, fam, tok, key, cfg, manifest, fingerprint, progress, t0)

@@ -91,6 +91,8 @@ class CompressConfig:
     seed: int = 0
     max_iter: int = 4
     max_decode_ms: float | None = None  # bound on the plan's estimated per-token decode time (decode_cost)
+    adapters: tuple = ()  # PEFT adapter folders whose ranks join the plan (adapter_budget)
+    adapter_rank: str | int = "auto"
     device: str = "auto"  # where the Fisher and the LQ candidates compute (quantseal.devices)
     extra: dict = field(default_factory=dict)
 
@@ -107,6 +109,8 @@ class CompressConfig:
             raise BadInput("ranks must be non-negative")
         if self.max_decode_ms is not None and not (0 < self.max_decode_ms < float("inf")):
             raise BadInput(f"--max-decode-ms must be a positive number, not {self.max_decode_ms}")
+        if self.adapters and self.max_decode_ms is not None:
+            raise BadInput("--max-decode-ms with --adapter is not supported (no decode cost for adapter branches)")
         self.model = Path(self.model) if self.model is not None else default_model_path()
         self.output = Path(self.output)
         self.ranks = tuple(sorted(set(self.ranks) | {0})) if self.method == "lq" else (0,)
@@ -285,11 +289,15 @@ def _decode_costs(cands: list[Candidate], target: tuple[torch.Tensor, str], tied
 
 
 def plan(table: CandidateTable, budget_bits: float | None = None, budget_mb: float | None = None,
-         formats_label: str = "", max_decode_ms: float | None = None) -> list[int]:
-    """Step 4: the ILP; an infeasible budget names the smallest feasible one."""
+         formats_label: str = "", max_decode_ms: float | None = None,
+         extra: list[MatrixOptions] | None = None) -> list[int]:
+    """Step 4: the ILP; an infeasible budget names the smallest feasible one.  ``extra``: more
+    groups under the same budget (adapter ranks, :mod:`.adapter_budget`), chosen after the
+    table's matrices in the returned list."""
     max_cost = None if max_decode_ms is None else 1000.0 * max_decode_ms
     try:
-        return solve_allocation(table.options, table.budget_bytes(budget_bits, budget_mb), max_cost=max_cost)
+        return solve_allocation(table.options + list(extra or []), table.budget_bytes(budget_bits, budget_mb),
+                                max_cost=max_cost)
     except BudgetInfeasible as exc:
         if getattr(exc, "min_cost", None) is not None:
             raise BudgetInfeasible(f"--max-decode-ms {max_decode_ms:g} is infeasible: the fastest plan is estimated "
@@ -357,19 +365,39 @@ def compress(cfg: CompressConfig, progress: Progress = _no_progress) -> dict:
     if cfg.output.exists() and not ckpt.is_checkpoint(cfg.output):
         raise BadInput(f"{cfg.output}: exists and is not a quantseal checkpoint; refusing to overwrite it")
     table = build_candidate_table(cfg, progress)
+    adapters, ranked = [], []
+    if cfg.adapters:
+        from .adapter_budget import adapter_rank_options
+
+        linears = {n: tuple(w.shape) for n, (w, kind) in table.targets.items() if kind == "linear"}
+        adapters, ranked = adapter_rank_options(cfg.adapters, linears, table.fisher, cfg.adapter_rank)
     t_solve = time.perf_counter()
-    choice = plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats), cfg.max_decode_ms)
+    choice = plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats), cfg.max_decode_ms,
+                  extra=[o.matrix_options() for o in ranked])
     solve_seconds = time.perf_counter() - t_solve
-    specs = planned_specs(table, choice)
-    extra_files = {} if table.source is not None else source_files(cfg.model, table.model)
-    with ckpt.CheckpointWriter(cfg.output, specs, cfg.model, extra_files) as writer:
-        entries = materialize_into(table, choice, writer.put, progress)
-        manifest = make_manifest(table, cfg, entries, specs)
-        writer.finish(manifest)
+    choice, adapter_choice = choice[:len(table.options)], choice[len(table.options):]
+    if adapters:  # the adapters fold into the materialised tensors: built in memory
+        from .adapter_budget import fold_chosen
+
+        tensors, entries = materialize(table, choice, progress)
+        manifest = make_manifest(table, cfg, entries, tensors)
+        folded, tensors, _ = fold_chosen(manifest, tensors, adapters, ranked, adapter_choice)
+        manifest = make_manifest(table, cfg, folded.matrices, tensors)
+        manifest.extra.update(adapters=folded.extra["adapters"], adapter_rank=folded.extra["adapter_rank"])
+        ckpt.write_checkpoint(cfg.output, manifest, tensors, cfg.model, source_files(cfg.model, table.model))
+    else:  # written as each matrix is rebuilt
+        specs = planned_specs(table, choice)
+        extra_files = {} if table.source is not None else source_files(cfg.model, table.model)
+        with ckpt.CheckpointWriter(cfg.output, specs, cfg.model, extra_files) as writer:
+            entries = materialize_into(table, choice, writer.put, progress)
+            manifest = make_manifest(table, cfg, entries, specs)
+            writer.finish(manifest)
     report = summarize(manifest, cfg.output)
     decode_us = sum(o.costs[c] for o, c in zip(table.options, choice))
     report.update(solver_seconds=round(solve_seconds, 4), seconds=round(time.perf_counter() - t0, 3),
                   decode_ms_estimate=round(decode_us / 1000, 6))
+    if adapters:
+        report["adapter_rank"] = manifest.extra["adapter_rank"]
     return report
 
 

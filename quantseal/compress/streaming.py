@@ -89,8 +89,7 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
     x = capture_block_inputs(model, fam, to_device(batches, device), torch.float32, store=SpillStore(cap))
     with ckpt.CheckpointWriter(cfg.output, specs, cfg.model) as writer:
         if table is not None:
-            name = fam.embedding_attr
-            name, mt, entry = _table_entry(name, source.model.get_submodule(name).weight.cpu(), table)
+            name, mt, entry = _table_entry(model, fam, table)  # round-to-nearest (not head-calibrated)
             for key, t in mt.items():
                 writer.put(key, t)
             entries[name] = entry
@@ -124,6 +123,6 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
         lin_params = sum(source.stored[n + ".weight"].numel() for n in linears)
         total_bytes = sum(s.nbytes for s in specs.values())
         manifest = calibrated_manifest(cfg, fam.name, source.model.config.model_type, entries, lin_params,
-                                       total_bytes, len(texts), {}, {})
+                                       total_bytes, len(texts), {}, {}, None if table is None else "rtn")
         writer.finish(manifest)
     return calibrated_report(cfg, manifest, calib_seconds, t0)

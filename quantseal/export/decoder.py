@@ -15,7 +15,7 @@ table's own initialisers: ``Gemm(h, E, transB=1)`` over a float table, ``MatMulN
 codes a quantised table's ``GatherBlockQuantized`` also reads, so the table is stored once.  A
 watermarked export (:mod:`quantseal.export.watermark`) replaces only the table's initialisers.
 
-Architectures: :mod:`.decoder_arch` (LLaMA incl. Llama-3 rope scaling, Mistral, Qwen2, Qwen3);
+Architectures: :mod:`.decoder_arch` (LLaMA incl. Llama-3 rope scaling, Mistral, Qwen2, Qwen3, Phi-3);
 others are refused with one line naming them.
 """
 

@@ -40,7 +40,7 @@ from onnx import TensorProto, helper
 
 from ..compress.formats import FormatSpec
 from ..errors import Unsupported
-from .decoder_arch import DecoderArch, rope_tables
+from .decoder_arch import DecoderArch, rope_tables, table_positions
 from .graph import GraphBuilder
 from .lowbit import MS_DOMAIN, OPSET, StoredMatrix, embedding_nodes, linear_nodes
 
@@ -149,7 +149,10 @@ class DecoderGraph:
 
     def qkv(self, attn: str, x: str) -> tuple[str, str, str]:
         """The query, key and value projections: one packed MatMulNBits where they agree
-        (:func:`_packable`), else three; returns ``(q, k, v)`` or ``(qkv, "", "")``."""
+        (:func:`_packable`), else three; returns ``(q, k, v)`` or ``(qkv, "", "")``.  Phi-3 stores
+        them as one ``qkv_proj`` already (rows q | k | v): one Linear."""
+        if self.arch.fused:
+            return self.linear(f"{attn}.qkv_proj", x), "", ""
         names = [f"{attn}.{p}_proj" for p in "qkv"]
         ms = [self._matrix(n) for n in names]
         acts = [self.activations.get(n) for n in names]
@@ -186,6 +189,43 @@ class DecoderGraph:
         y4 = self.g.op("SimplifiedLayerNormalization", [x4, self._plain(gamma)], axis=-1,
                        epsilon=self.arch.rms_eps, stash_type=1)
         return self.g.op("Reshape", [y4, self.g.const(f"flat_{heads * d}", np.array([0, 0, heads * d], np.int64))])
+
+    def gate_up(self, mlp: str, h: str) -> tuple[str, str]:
+        """SwiGLU's gate and up projections: two Linears, or Phi-3's stored ``gate_up_proj`` (rows
+        gate | up, transformers' ``chunk(2)``) as one Linear and a Split after it."""
+        if not self.arch.fused:
+            return self.linear(f"{mlp}.gate_proj", h), self.linear(f"{mlp}.up_proj", h)
+        gu = self.linear(f"{mlp}.gate_up_proj", h)
+        n = self.arch.intermediate
+        return self.g.op("Split", [gu, self.g.const(f"halves_{n}", np.array([n, n], np.int64))], 2, axis=-1)
+
+    def rope_caches(self) -> tuple[str, str]:
+        """GroupQueryAttention's ``cos_cache`` / ``sin_cache``: one table pair, or LongRoPE's short
+        and long pairs and an ``If`` on the total sequence length (``attention_mask``'s width)
+        ``> original_max_position_embeddings`` picking one, as onnxruntime-genai's builder does."""
+        a, g = self.arch, self.g
+        sizes = table_positions(a, self.positions)
+        if len(sizes) == 1:
+            cos, sin = (t.astype(self.dtype) for t in rope_tables(a, sizes[0]))
+            return g.init("cos_cache", cos), g.init("sin_cache", sin)
+        names = {}
+        for kind, n, long in (("small", sizes[0], False), ("large", sizes[1], True)):
+            cos, sin = (t.astype(self.dtype) for t in rope_tables(a, n, long))
+            names[kind] = (g.init(f"cos_cache_{kind}", cos), g.init(f"sin_cache_{kind}", sin))
+        elem = TensorProto.FLOAT if self.dtype == np.float32 else TensorProto.FLOAT16
+
+        def branch(kind: str) -> onnx.GraphProto:  # outer-scope initialisers, passed through
+            outs = [f"{t}_cache_{kind}_out" for t in ("cos", "sin")]
+            nodes = [helper.make_node("Identity", [src], [dst], name=f"/rope_caches/{kind}/Identity_{i}")
+                     for i, (src, dst) in enumerate(zip(names[kind], outs))]
+            return helper.make_graph(nodes, f"{kind}_rope_caches", [],
+                                     [helper.make_tensor_value_info(o, elem, None) for o in outs])
+
+        with g.scope("rope_caches"):
+            width = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const("one", np.array(1, np.int64))], axis=0)
+            longer = g.op("Greater", [width, g.const(f"switch_{a.rope_switch}", np.array(a.rope_switch, np.int64))])
+            return g.op("If", [longer], ["cos_cache", "sin_cache"], then_branch=branch("large"),
+                        else_branch=branch("small"))
 
     def rms(self, x: str, gamma: str, skip: str | None = None) -> tuple[str, str]:
         """``(RMSNorm(x [+ skip]), x [+ skip])``: the normalised value and the residual stream."""
@@ -288,8 +328,7 @@ class DecoderGraph:
                 width = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const("one", np.array(1, np.int64))],
                              axis=0)
                 total_len = g.op("Cast", [width], to=TensorProto.INT32)
-            cos, sin = (t.astype(self.dtype) for t in rope_tables(a, self.positions))
-            cos, sin = g.init("cos_cache", cos), g.init("sin_cache", sin)
+            cos, sin = self.rope_caches()
             residual, skip = x, None
             for i in range(a.layers):
                 base = f"{prefix}.layers.{i}"
@@ -312,8 +351,7 @@ class DecoderGraph:
                     with g.scope("post_attention_layernorm"):
                         h, residual = self.rms(residual, f"{base}.post_attention_layernorm.weight", o)
                     with g.scope("mlp"):
-                        gate = self.linear(f"{base}.mlp.gate_proj", h)
-                        up = self.linear(f"{base}.mlp.up_proj", h)
+                        gate, up = self.gate_up(f"{base}.mlp", h)
                         with g.scope("act_fn"):
                             act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
                         skip = self.linear(f"{base}.mlp.down_proj", act)

@@ -89,8 +89,9 @@ def inspect_onnx(path: str | Path) -> dict:
             name = _matrix_name(node.input[1])
             shape = [a.get("N"), a.get("K")]
             fmt = _node_format(node, len(node.input))
-            if name in rows:  # a tied head over the lookup's codes
-                rows[name]["op"] = "MatMulNBits+GatherBlockQuantized"
+            if name in rows:  # a tied head over the lookup's codes, or a second pass over the same codes (X-LoRA)
+                if rows[name]["op"] == "GatherBlockQuantized":
+                    rows[name]["op"] = "MatMulNBits+GatherBlockQuantized"
                 continue
         rows[name] = {"name": name, "op": node.op_type, "format": fmt, "rank": rank_of(name), "shape": shape,
                       "bytes": own_bytes(name)}

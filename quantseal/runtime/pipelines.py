@@ -20,6 +20,35 @@ from ..text import TextTokenizer
 from .session import Session
 
 TOKENIZER = "tokenizer.json"
+ADAPTER_INPUT = "adapter_id"  # a switchable export's input (quantseal.export.adapters.switchable)
+ADAPTERS_METADATA = "quantseal.adapters"
+
+
+def adapter_ids(metadata: dict[str, str]) -> dict[str, int]:
+    """Adapter name → ``adapter_id`` of a switchable export (its ``quantseal.adapters`` metadata;
+    id 0 is the base model); empty for any other file."""
+    import json
+
+    raw = metadata.get(ADAPTERS_METADATA)
+    if not raw:
+        return {}
+    try:
+        return {str(a["name"]): int(a["id"]) for a in json.loads(raw)}
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BadInput(f"corrupt {ADAPTERS_METADATA} metadata ({exc})") from exc
+
+
+def adapter_id(names: dict[str, int], name: str | None, where) -> int:
+    """The id of adapter ``name`` (None: 0, the base model); an unknown name, or a name for a
+    file without switchable adapters, is a :class:`BadInput` listing what the file has."""
+    if name is None:
+        return 0
+    if not names:
+        raise BadInput(f"{where}: has no switchable adapters (export with --adapter ... --switchable); "
+                       f"cannot select {name!r}")
+    if name not in names:
+        raise BadInput(f"{where}: no adapter named {name!r} (it has {', '.join(sorted(names, key=names.get))})")
+    return names[name]
 
 
 def find_tokenizer(model_path: str | Path, tokenizer: str | Path | None = None) -> Path:
@@ -66,15 +95,22 @@ class Embedder:
     ``max_length``: truncation length in tokens, special tokens included (default: the model's
     ``max_seq_length`` recorded at export, 256 for all-MiniLM-L6-v2; 128 for older files); at most
     the model's ``max_position_embeddings``.
+    ``adapter``: the name of one of a switchable export's adapters (``adapter_names``); None is
+    the base model (``adapter_id`` 0).  ``embed(texts, adapter=...)`` overrides it per call.
     """
 
     def __init__(self, model_path: str | Path, tokenizer: str | Path | None = None, provider: str = "auto",
-                 threads: int | None = None, max_length: int | None = None, batch_size: int = 32):
+                 threads: int | None = None, max_length: int | None = None, batch_size: int = 32,
+                 adapter: str | None = None):
         self.session = Session(model_path, provider=provider, threads=threads)
         if "sentence_embedding" not in self.session.output_names:
             hint = "; a decoder: use --prompt / CausalLM" if "logits" in self.session.output_names else ""
             raise BadInput(f"{model_path}: not an embedding model (outputs {self.session.output_names[:4]}{hint})")
         self.conventions = Conventions.from_metadata(self.session.metadata)
+        self.switchable = ADAPTER_INPUT in self.session.input_names
+        self.adapter_names = adapter_ids(self.session.metadata) if self.switchable else {}
+        self.adapter = adapter
+        self.adapter_id = adapter_id(self.adapter_names, adapter, model_path)
         max_length = self.conventions.max_seq_length if max_length is None else int(max_length)
         limit = self.conventions.max_positions
         if max_length < 2:
@@ -92,17 +128,39 @@ class Embedder:
     def provider(self) -> str:
         return self.session.provider
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """float32 (len(texts), H), each row of unit length."""
+    def feeds(self, tokens: dict[str, np.ndarray], adapter: str | None = None) -> dict[str, np.ndarray]:
+        """``tokens`` plus, for a switchable export, ``adapter_id`` (a scalar: the given adapter,
+        else this embedder's)."""
+        if not self.switchable:
+            adapter_id({}, adapter, self.session.path)  # a name for a file without adapters: refused
+            return tokens
+        ident = self.adapter_id if adapter is None else adapter_id(self.adapter_names, adapter, self.session.path)
+        return {**tokens, ADAPTER_INPUT: np.array(ident, dtype=np.int64)}
+
+    def embed(self, texts: list[str], adapter: str | None = None) -> np.ndarray:
+        """float32 (len(texts), H), each row of unit length; ``adapter``: a switchable export's
+        adapter for this call (default: the embedder's)."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
             raise BadInput("no texts to embed")
         out = []
         for i in range(0, len(texts), self.batch_size):
-            feeds = self.tokenizer(texts[i:i + self.batch_size])
+            feeds = self.feeds(self.tokenizer(texts[i:i + self.batch_size]), adapter)
             out.append(self.session.run(feeds, ["sentence_embedding"])["sentence_embedding"])
         return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def _extra_caches(meta: dict[str, str], where) -> list[tuple[str, str]]:
+    """(past, present) name prefixes of KV caches beyond ``past_key_values`` / ``present``
+    (metadata ``quantseal.extra_caches``: an X-LoRA export's scaling pass has its own)."""
+    import json
+
+    try:
+        pairs = json.loads(meta.get("quantseal.extra_caches", "[]"))
+        return [(str(p), str(q)) for p, q in pairs]
+    except (ValueError, TypeError) as exc:
+        raise BadInput(f"{where}: corrupt quantseal.extra_caches metadata ({exc})") from exc
 
 
 class CausalLM:
@@ -112,11 +170,12 @@ class CausalLM:
     ``input_ids``, ``attention_mask``, ``past_key_values.{i}.key/value``; outputs ``logits``,
     ``present.{i}.key/value``).  ``tokenizer``: ``tokenizer.json`` or its folder (default: beside
     the model).  Generation stops after ``max_new_tokens`` or at an end-of-sequence token (the
-    model's ``eos_token_id``, recorded at export).
+    model's ``eos_token_id``, recorded at export).  ``adapter``: a switchable export's adapter by
+    name (None: the base model, ``adapter_id`` 0).
     """
 
     def __init__(self, model_path: str | Path, tokenizer: str | Path | None = None, provider: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, adapter: str | None = None):
         from tokenizers import Tokenizer
 
         self.session = Session(model_path, provider=provider, threads=threads)
@@ -129,6 +188,13 @@ class CausalLM:
         self.eos_ids = {int(x) for x in meta.get("quantseal.eos_token_id", "").split(",") if x.strip()}
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         self._present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self.switchable = ADAPTER_INPUT in self.session.input_names  # export --switchable: adapter by name
+        self.adapter_names = adapter_ids(meta) if self.switchable else {}
+        self.adapter = adapter
+        self.adapter_id = adapter_id(self.adapter_names, adapter, model_path)
+        for past, present in _extra_caches(meta, model_path):  # an X-LoRA export's scaling-pass cache
+            self._past_names += [f"{past}.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+            self._present_names += [f"{present}.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         path = find_tokenizer(model_path, tokenizer) / TOKENIZER
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
@@ -154,6 +220,8 @@ class CausalLM:
         ids = np.asarray(ids, dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
         feeds.update(self.empty_past(ids.shape[0]) if past is None else past)
+        if self.switchable:
+            feeds[ADAPTER_INPUT] = np.array(self.adapter_id, dtype=np.int64)
         out = self.session.run(feeds, ["logits", *self._present_names])
         present = {p: out[q] for p, q in zip(self._past_names, self._present_names)}
         return out["logits"].astype(np.float32, copy=False), present  # a float16 graph's too

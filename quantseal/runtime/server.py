@@ -6,7 +6,9 @@ Standard library only (``http.server.ThreadingHTTPServer``), onnxruntime underne
 request                    answer
 =========================  ==================================================================
 ``GET /health``            ``{"status": "ok", "model", "provider", "dim", "inputs", ...}``
-``POST /embed``            body ``{"texts": ["...", ...]}`` → ``{"embeddings": [[...], ...]}``
+``POST /embed``            body ``{"texts": ["...", ...]}`` → ``{"embeddings": [[...], ...]}``;
+                           a switchable export (``export --switchable``) also takes
+                           ``"adapter": NAME`` (default: ``serve --adapter``, else the base)
 ``POST /embed``            body ``{"input_ids": [[...], ...], "attention_mask": [[...], ...]}``
                            (``attention_mask`` optional: rows may then differ in length and are
                            right-padded; ``token_type_ids`` optional, default zeros) → same answer
@@ -112,8 +114,10 @@ class EmbeddingService:
 
     @classmethod
     def from_path(cls, model: str | Path, provider: str = "auto", threads: int | None = None,
-                  tokenizer: str | Path | None = None, max_length: int | None = None, **kw) -> "EmbeddingService":
-        return cls(Embedder(model, tokenizer=tokenizer, provider=provider, threads=threads, max_length=max_length), **kw)
+                  tokenizer: str | Path | None = None, max_length: int | None = None, adapter: str | None = None,
+                  **kw) -> "EmbeddingService":
+        return cls(Embedder(model, tokenizer=tokenizer, provider=provider, threads=threads, max_length=max_length,
+                            adapter=adapter), **kw)
 
     def health(self) -> dict:
         sess = self.embedder.session
@@ -121,11 +125,14 @@ class EmbeddingService:
                                                                   "quantseal.model_type", "quantseal.pooling")}
         return {"status": "ok", "model": sess.path.name, "provider": sess.provider, "dim": self.dim,
                 "inputs": sess.input_names, "output": "sentence_embedding", "vocab_size": self.vocab_size,
-                "max_batch": self.max_batch, "max_tokens": self.max_tokens, "metadata": meta}
+                "max_batch": self.max_batch, "max_tokens": self.max_tokens, "metadata": meta,
+                **({"adapters": sorted(self.embedder.adapter_names, key=self.embedder.adapter_names.get),
+                    "adapter": self.embedder.adapter} if self.embedder.switchable else {})}
 
-    def _run_texts(self, texts: list[str]) -> np.ndarray:
+    def _run_texts(self, texts: list[str], adapter: str | None = None) -> np.ndarray:
         bs = self.embedder.batch_size
-        batches = [self.embedder.tokenizer(texts[i:i + bs]) for i in range(0, len(texts), bs)]  # no lock
+        batches = [self.embedder.feeds(self.embedder.tokenizer(texts[i:i + bs]), adapter)
+                   for i in range(0, len(texts), bs)]  # no lock
         out = []
         for feeds in batches:
             with self.lock:
@@ -142,6 +149,14 @@ class EmbeddingService:
             raise RequestError("the body must be a JSON object with 'texts' or 'input_ids'")
         if ("texts" in payload) == ("input_ids" in payload):
             raise RequestError("give exactly one of 'texts' (list of strings) or 'input_ids' (list of lists of ints)")
+        adapter = payload.get("adapter")
+        if adapter is not None:
+            if not isinstance(adapter, str):
+                raise RequestError("'adapter' must be the name of one of the model's adapters")
+            try:
+                self.embedder.feeds({}, adapter)
+            except BadInput as exc:
+                raise RequestError(str(exc).split(": ", 1)[-1]) from None
         if "texts" in payload:
             texts = payload["texts"]
             if not isinstance(texts, list) or not texts:
@@ -152,9 +167,9 @@ class EmbeddingService:
                 raise RequestError("'texts' must hold strings only")
             for i, t in enumerate(texts):
                 check_text(t, f"text {i}", self.max_chars)
-            vectors = self._run_texts(texts)
+            vectors = self._run_texts(texts, adapter)
         else:
-            vectors = self._run_ids(self._id_feeds(payload))
+            vectors = self._run_ids(self.embedder.feeds(self._id_feeds(payload), adapter))
         vectors = np.asarray(vectors, dtype=np.float32)
         return {"embeddings": vectors.tolist(), "n": int(vectors.shape[0]), "dim": int(vectors.shape[1])}
 
@@ -216,8 +231,8 @@ class GenerationService:
 
     @classmethod
     def from_path(cls, model: str | Path, provider: str = "auto", threads: int | None = None,
-                  tokenizer: str | Path | None = None, **kw) -> "GenerationService":
-        return cls(CausalLM(model, tokenizer=tokenizer, provider=provider, threads=threads), **kw)
+                  tokenizer: str | Path | None = None, adapter: str | None = None, **kw) -> "GenerationService":
+        return cls(CausalLM(model, tokenizer=tokenizer, provider=provider, threads=threads, adapter=adapter), **kw)
 
     def health(self) -> dict:
         sess = self.lm.session
@@ -269,7 +284,7 @@ class GenerationService:
 
 def service_for(model: str | Path, provider: str = "auto", threads: int | None = None,
                 tokenizer: str | Path | None = None, max_batch: int = MAX_BATCH, max_chars: int = MAX_CHARS,
-                max_length: int | None = None):
+                max_length: int | None = None, adapter: str | None = None):
     """The service an exported file calls for: :class:`GenerationService` for a decoder (a
     ``logits`` output), else :class:`EmbeddingService`."""
     from .session import Session
@@ -279,6 +294,8 @@ def service_for(model: str | Path, provider: str = "auto", threads: int | None =
     extra = {} if max_length is None else {"max_length": max_length}  # embedders' truncation length
     if extra and cls is GenerationService:
         raise BadInput("--max-length applies to embedding models; this is a decoder")
+    if adapter is not None:
+        extra["adapter"] = adapter
     return cls.from_path(model, provider=provider, threads=threads, tokenizer=tokenizer, max_batch=max_batch,
                          max_chars=max_chars, **extra)
 

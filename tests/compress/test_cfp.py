@@ -98,3 +98,31 @@ def test_fold_into_norm_leaves_output_unchanged(norm):
         out = torch.cat([q(h2), v(h2)], -1)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
     assert h2.abs().amax(0)[5] < h.abs().amax(0)[5]
+
+
+def test_phi3_folds_into_its_norms_and_fused_projections():
+    """A Phi-3 block's exact sites are its two RMSNorms → the fused qkv_proj / gate_up_proj; folding
+    a scale through both leaves the decoder's logits unchanged."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from quantseal.models import PHI3
+
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                       original_max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+                                       eos_token_id=2)).eval()
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    sites = fold_sites(PHI3, model.model.layers[0])
+    assert [c for _, _, c in sites] == ["self_attn.qkv_proj", "mlp.gate_up_proj"]
+    s = torch.ones(32)
+    s[[3, 20]] = torch.tensor([6.0, 2.5])
+    for producer, consumers, _ in sites:
+        w_before = consumers[0].weight.detach().clone()
+        fold_activation_scale(producer, consumers, s)
+        assert not torch.equal(consumers[0].weight.detach(), w_before)
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)

@@ -221,3 +221,47 @@ def test_marked_folders_generate_in_onnxruntime_genai(exported, llama_board):
         lm.eos_ids = set()
         assert lm.generate_ids(prompt, len(out)) == out
         assert run_verify(files[c][0], reg, llama_board)["owner"] == c
+
+
+def test_phi3_watermark_names_each_customer_and_runs_in_onnxruntime_genai(tmp_path, minilm_path):
+    """A Phi-3 (tied table, partial rotary, longrope: the Phi-4-mini shape) marks like LLaMA: the
+    board trains on its fused-projection checkpoint, each customer's export verifies to that
+    customer with no bit error, and onnxruntime-genai generates from the marked folder as
+    quantseal's runtime does."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    from quantseal.cli import main
+    from quantseal.compress.markboard import BoardConfig, load_board, save_board, train_board
+
+    rope = {"type": "longrope", "short_factor": [1.0 + 0.3 * i for i in range(8)],
+            "long_factor": [2.0 + 1.5 * i for i in range(8)]}
+    cfg = Phi3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                     original_max_position_embeddings=16, partial_rotary_factor=0.5, rope_scaling=rope,
+                     tie_word_embeddings=True, bos_token_id=101, eos_token_id=102, pad_token_id=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "src")
+        shutil.copyfile(minilm_path / "tokenizer.json", tmp_path / "src" / "tokenizer.json")
+        ck = tmp_path / "ck"
+        assert main(["compress", str(tmp_path / "src"), "-o", str(ck), "--method", "rtn", "--budget", "5",
+                     "--workers", "1", "--json"]) == 0
+        board = train_board(ck, KEY, BoardConfig(bits=32, triggers_per_bit=4, steps=60, seed=0, decoder_a_lr=None))
+        board = load_board(save_board(board, tmp_path / "board", ck))
+        reg = qk.Registry(KEY, 32)
+        for c in CUSTOMERS[:2]:
+            reg.add(c)
+        for i, c in enumerate(CUSTOMERS[:2]):
+            out = tmp_path / c / "model.onnx"
+            export_marked(ck, out, board.path, KEY, reg, c, seed=i)
+            res = run_verify(out, reg, board)
+            assert res["owner"] == c and res["bit_errors"] == 0, (c, res)
+    finally:
+        torch.set_num_threads(threads)
+    prompt = [101, 7592, 2088, 2003, 1037, 3231, 1012, 2023, 2003, 1037, 3231, 1012]  # + 8: past the switch (16)
+    got = og_greedy(out.parent, prompt, 8)
+    lm = CausalLM(out, provider="cpu")
+    lm.eos_ids = set()
+    assert len(got) == 8 and lm.generate_ids(prompt, 8) == got

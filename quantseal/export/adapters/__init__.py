@@ -17,7 +17,12 @@ LOHA       s·(W1a W1b) ⊙ (W2a W2b)                      rank-r² branch (face
 LOKR       s·W1 ⊗ W2                                    K1 ⊗ K2 (Reshape + 2 MatMuls), or a
                                                         rank-r1·r2 branch (mixed product)
 MISS       Dᵀ · S (chunk sums)                          rank-r branch
+XLORA      Σ_k s_k(h) · B_k A_k, s from a classifier    routed decoder graph (two passes),
+           on the base pass's hidden state              :mod:`..decoder_xlora`
 =========  ===========================================  ====================================
+
+:mod:`.switchable`: several adapters as branches chosen at run time (``export --switchable``);
+:mod:`.xlora`: the X-LoRA folder contract (the classifier saved beside peft's folder).
 """
 
 from . import adalora, ia3, loha, lokr, lora, miss, vera  # noqa: F401  (register the kinds)

@@ -362,6 +362,14 @@ def export_with_adapters(checkpoint, output, adapter_dirs, rank: int | None = No
     from ..onnx import _check_output, _make_parent, export_onnx
     from .read import read_adapter
 
+    from .xlora import is_xlora
+
+    if len(adapter_dirs) == 1 and is_xlora(adapter_dirs[0]):  # routed, not folded
+        from ..decoder_xlora import export_xlora
+
+        if rank is not None:
+            raise BadInput("--adapter-rank truncates folded branches; an X-LoRA export routes its experts unfolded")
+        return export_xlora(checkpoint, output, adapter_dirs[0], accuracy_level)
     t0 = time.perf_counter()
     checkpoint, output = Path(checkpoint), Path(output)
     _check_output(output)

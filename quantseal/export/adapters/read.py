@@ -17,8 +17,9 @@ def read_adapter(folder: str | Path) -> Adapter:
     kind = str(cfg.get("peft_type", "")).upper()
     reader = READERS.get(kind)
     if kind == "XLORA":
-        raise Unsupported(f"{folder}: peft_type 'XLORA' mixes its experts per token by a learned classifier, which "
-                          "cannot be folded, and its routed export is not implemented")
+        raise Unsupported(f"{folder}: peft_type 'XLORA' routes its experts per token (no fold): export it alone "
+                          "(one --adapter) from a LLaMA-family decoder checkpoint, with the classifier saved beside "
+                          "it as xlora_classifier.safetensors (peft 0.21.2's save_pretrained leaves it out)")
     if reader is None:
         raise Unsupported(f"{folder}: peft_type {cfg.get('peft_type')!r} cannot be folded; supported: {sorted(READERS)}")
     check_fields(folder, cfg)
