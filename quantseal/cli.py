@@ -109,6 +109,12 @@ def _add_compress(sub) -> None:
                    help="with --adapter: 'auto' (the ILP picks each matrix's rank) or a fixed rank R")
     p.add_argument("--workers", type=int, default=2)
     _add_ray_flag(p, "the per-matrix candidate table")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the Fisher, LQ (SVD + quantisation) and GPTQ compute; auto: cuda when torch sees a "
+                        "GPU (results are written from the CPU in the same format; cbq computes on the CPU)")
+    p.add_argument("--activation-mb", type=float, default=None, metavar="MB",
+                   help="gptq on a streamed decoder: calibration activations held in memory (default 1024), "
+                        "the rest spilled to a temporary folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_compress)
@@ -159,6 +165,8 @@ def _cmd_compress_calibrated(args) -> int:
         calib_samples=args.calib_samples if args.calib_samples is not None else 128, seed=args.seed,
         table=args.table, table_method=args.table_method, budget_mb=args.budget_mb, max_decode_ms=args.max_decode_ms,
         formats=tuple(args.formats.split(",")) if args.formats else ("int4", "int8"), workers=args.workers,
+        device=args.device,
+        **({} if args.activation_mb is None else {"activation_mb": args.activation_mb}),
     )
     res = calibrated_compress(cfg, _step_progress(not args.json and sys.stderr.isatty()))
     human = (f"wrote {res['output']}: {res['matrices']} matrices as {res['format']} (A{res['abits']}), "
@@ -181,6 +189,8 @@ def _cmd_compress(args) -> int:
         return _cmd_compress_calibrated(args)
     if args.budget is None and args.budget_mb is None:
         raise BadInput(f"--method {args.method} needs one of --budget BITS and --budget-mb MB")
+    if args.activation_mb is not None:
+        raise BadInput("--activation-mb applies to --method gptq|cbq")
     adapter_rank = args.adapter_rank
     if adapter_rank != "auto":
         try:
@@ -197,6 +207,7 @@ def _cmd_compress(args) -> int:
         formats=tuple(args.formats.split(",")) if args.formats else default_families(args.model),
         workers=args.workers, ray=_ray_address(args), seed=args.seed, max_decode_ms=args.max_decode_ms,
         adapters=tuple(args.adapter), adapter_rank=adapter_rank,
+        device=args.device,
     )
     if args.method == "lq+cbq":
         from .compress.cbq import CBQConfig

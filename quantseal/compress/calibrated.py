@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt
-from ..errors import BadInput
+from ..devices import resolve_device, to_device
+from ..errors import BadInput, Unsupported
+from ..lazy_source import open_source
 from ..models import compressible_linears, default_model_path, load_model
 from ..text import calibration_texts
 from .calibration import calibration_batches, capture_block_inputs
@@ -30,6 +32,7 @@ from .cbq import CBQConfig, StepCallback, cbq_quantize_model, gptq_init
 from .formats import BLOCK_SIZES, FormatSpec, expand_families
 from .gptq import gptq_quantize_model
 from .quantizers import dequantize
+from .spill import DEFAULT_ACTIVATION_MB
 
 METHODS = ("gptq", "cbq")
 WBITS = (2, 3, 4, 8)
@@ -60,6 +63,8 @@ class CalibratedConfig:
     formats: tuple[str, ...] = ("int4", "int8")  # the plan's candidate Linear formats (integer only)
     max_decode_ms: float | None = None  # the plan's bound on the estimated per-token decode time
     workers: int = 1  # the plan's candidate table
+    activation_mb: float = DEFAULT_ACTIVATION_MB  # streamed GPTQ: activations held in memory, the rest spilled
+    device: str = "auto"  # where GPTQ computes (quantseal.devices); CBQ computes on the CPU
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,6 +88,13 @@ class CalibratedConfig:
             raise BadInput(f"--steps must be at least 1, not {self.steps}")
         if self.calib_samples < 1:
             raise BadInput(f"--calib-samples must be at least 1, not {self.calib_samples}")
+        if self.method == "cbq" and self.device == "cuda":
+            raise Unsupported("--device cuda is not supported by --method cbq yet (it computes on the CPU); "
+                              "use --device cpu or auto")
+        if self.method == "gptq":
+            resolve_device(self.device)  # cuda without a GPU: one line, before any compute
+        if not self.activation_mb >= 0:
+            raise BadInput(f"--activation-mb must be a non-negative number, not {self.activation_mb}")
         if self.table is not None:
             try:
                 FormatSpec.parse(self.table)  # BadInput for an unknown name
@@ -132,7 +144,7 @@ def _table_entry(model, fam, spec: FormatSpec, batches: list | None = None):
     from .quantizers import quantize, round_float
 
     name = fam.embedding_attr
-    w = embedding(model, fam).weight.detach().float()
+    w = embedding(model, fam).weight.detach().float().cpu()  # written from the CPU (--device)
     if spec.kind == "fp":
         w_hat, qt = round_float(w, spec), None
         error = float(((w - w_hat) ** 2).sum())
@@ -150,8 +162,10 @@ def _table_entry(model, fam, spec: FormatSpec, batches: list | None = None):
     return name, mt, ckpt.MatrixEntry(spec.name, 0, list(w.shape), error, stored, "embedding")
 
 
-def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_callback) -> dict:
-    """Run GPTQ or CBQ and write the checkpoint; returns the report ``--json`` prints."""
+def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_callback, stream: bool = True) -> dict:
+    """Run GPTQ or CBQ and write the checkpoint; returns the report ``--json`` prints.  Uniform
+    GPTQ of a safetensors decoder (no ``--budget-mb`` plan, no head-calibrated table) is streamed,
+    one block in memory (:mod:`.streaming`; ``stream=False`` loads the whole model, the same bytes)."""
     t0 = time.perf_counter()
     if cfg.output.exists() and not ckpt.is_checkpoint(cfg.output):
         raise BadInput(f"{cfg.output}: exists and is not a quantseal checkpoint; refusing to overwrite it")
@@ -162,6 +176,12 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
         fplan = plan_formats(cfg.model, cfg.budget_mb, tuple(cfg.formats), cfg.max_decode_ms, cfg.calib,
                              cfg.calib_samples, seed=cfg.seed, workers=cfg.workers)
     torch.manual_seed(cfg.seed)
+    streamable = cfg.method == "gptq" and fplan is None and (cfg.table is None or cfg.table_method == "rtn")
+    source = open_source(cfg.model) if stream and streamable else None
+    if source is not None and source.fam.name == "decoder":  # one block in memory at a time
+        from .streaming import stream_gptq
+
+        return stream_gptq(cfg, source, callback, t0)
     model, fam = load_model(cfg.model)
     linears = compressible_linears(model, fam)
     texts = calibration_texts(cfg.calib, cfg.calib_samples)
@@ -175,7 +195,9 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
     activations: dict[str, dict] = {}
     extra_info: dict = {}
     if cfg.method == "gptq":
-        inputs = capture_block_inputs(model, fam, batches, torch.float32)
+        device = resolve_device(cfg.device)
+        model.to(device)
+        inputs = capture_block_inputs(model, fam, to_device(batches, device), torch.float32)
         done = [0]
 
         def tick(what: str) -> None:
@@ -183,6 +205,7 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
             callback("gptq", done[0], len(linears), {"layer": what})
 
         quantized = gptq_quantize_model(model, fam, inputs, specs, tick=tick)
+        model.to("cpu")  # results are written from the CPU
     else:
         inputs = capture_block_inputs(model, fam, batches, torch.float16)
         ccfg = cfg.cbq()
@@ -220,19 +243,30 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
             tensors[k] = v.detach().clone().contiguous()
 
     lin_params = sum(l.weight.numel() for l in linears.values())
-    lin_bytes = sum(e.bytes for e in entries.values())
     total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    table_method = None if table_spec is None else ("gptq" if calibrate else "rtn")
+    manifest = calibrated_manifest(cfg, fam.name, model.config.model_type, entries, lin_params, total_bytes,
+                                   len(texts), extra_info, activations, table_method, fplan)
+    ckpt.write_checkpoint(cfg.output, manifest, tensors, cfg.model)
+    return calibrated_report(cfg, manifest, calib_seconds, t0, fplan)
+
+
+def calibrated_manifest(cfg: CalibratedConfig, family: str, model_type: str, entries: dict[str, ckpt.MatrixEntry],
+                        lin_params: int, total_bytes: int, n_texts: int, extra_info: dict, activations: dict,
+                        table_method: str | None = None, fplan=None) -> ckpt.Manifest:
+    """The manifest of a GPTQ / CBQ checkpoint (``total_bytes``: every stored tensor's bytes)."""
+    lin_bytes = sum(e.bytes for e in entries.values())
     bits_pp = lin_bytes * 8 / lin_params
     budget = {"kind": "uniform" if fplan is None else "mb", "asked": cfg.budget_mb, "bits_per_param": bits_pp, "compressible_bytes": lin_bytes,
               "compressible_params": lin_params, "tensor_bytes": total_bytes}
     source_file = next(iter(sorted(Path(cfg.model).glob("*.safetensors"))), None)
-    source = {"path": str(cfg.model), "family": fam.name, "model_type": model.config.model_type,
+    source = {"path": str(cfg.model), "family": family, "model_type": model_type,
               "sha256": ckpt.file_sha256(source_file) if source_file else None}
     extra = {"seed": cfg.seed, "calib": str(cfg.calib) if cfg.calib else "pydoc_data.topics",
-             "calib_samples": len(texts), "wbits": cfg.wbits, "abits": cfg.abits, "block": cfg.block,
-             "stored_bits": spec.stored_bits, **extra_info, **cfg.extra}
-    if table_spec is not None:
-        extra["table_method"] = "gptq" if calibrate else "rtn"
+             "calib_samples": n_texts, "wbits": cfg.wbits, "abits": cfg.abits, "block": cfg.block,
+             "stored_bits": cfg.spec.stored_bits, **extra_info, **cfg.extra}
+    if table_method is not None:
+        extra["table_method"] = table_method
     if fplan is not None:
         extra["plan"] = {"budget_mb": cfg.budget_mb, "formats": list(cfg.formats), "max_decode_ms": cfg.max_decode_ms,
                          "planned_bytes": fplan.planned_bytes, "decode_ms_estimate": round(fplan.decode_ms, 6)}
@@ -240,20 +274,25 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
         extra.update({"window": cfg.window, "rank": cfg.rank, "steps": cfg.steps, "init": cfg.init})
     if activations:
         extra["activations"] = activations
-    manifest = ckpt.Manifest(source=source, method=cfg.method, budget=budget, matrices=entries, extra=extra)
-    ckpt.write_checkpoint(cfg.output, manifest, tensors, cfg.model)
+    return ckpt.Manifest(source=source, method=cfg.method, budget=budget, matrices=entries, extra=extra)
+
+
+def calibrated_report(cfg: CalibratedConfig, manifest: ckpt.Manifest, calib_seconds: float, t0: float,
+                      fplan=None) -> dict:
+    """What ``--json`` prints for a written GPTQ / CBQ checkpoint."""
+    b = manifest.budget
     return {
         "output": str(cfg.output),
         "method": cfg.method,
-        "format": spec.name if fplan is None else "planned",
-        "formats": dict(sorted(Counter(e.format for e in entries.values()).items())),
+        "format": cfg.spec.name if fplan is None else "planned",
+        "formats": dict(sorted(Counter(e.format for e in manifest.matrices.values()).items())),
         "wbits": cfg.wbits,
         "abits": cfg.abits,
-        "bits_per_param": round(bits_pp, 6),
-        "bytes": total_bytes,
-        "file_bytes": (cfg.output / ckpt.WEIGHTS).stat().st_size,
-        "compressible_bytes": lin_bytes,
-        "matrices": len(entries),
+        "bits_per_param": round(b["bits_per_param"], 6),
+        "bytes": b["tensor_bytes"],
+        "file_bytes": ckpt.tensor_files_bytes(cfg.output),
+        "compressible_bytes": b["compressible_bytes"],
+        "matrices": len(manifest.matrices),
         "calibration_seconds": round(calib_seconds, 3),
         "seconds": round(time.perf_counter() - t0, 3),
     }
