@@ -3,7 +3,8 @@
 Stored tensors keep the names the checkpoint gives them (``model.layers.0.mlp.up_proj.qweight``),
 so a template swap or an inspection finds them; intermediate values are named by the scope they
 are built in (``/model/layers.3/attn/GroupQueryAttention/output_0``, the convention of
-onnxruntime-genai's builder).  Pure: arrays and names in, protos out.
+onnxruntime-genai's builder).  Arrays and names in, protos out; with a ``sink``
+(:class:`~.external_data.TensorSink`) each initialiser's bytes are written out as it is added.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from .lowbit import MS_DOMAIN, Nodes
 class GraphBuilder:
     """Nodes and initialisers in topological order, with a stack of name scopes."""
 
-    def __init__(self, dtype=np.float32):
+    def __init__(self, dtype=np.float32, sink=None):
         self.dtype = dtype  # the compute type: float32, or float16 for a CUDA graph
+        self.sink = sink  # where initialiser bytes go (external_data.TensorSink), or None: inline
         self.nodes: list[NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._names: set[str] = set()
@@ -45,8 +47,11 @@ class GraphBuilder:
         if name in self._names:
             raise ValueError(f"initialiser {name!r} added twice")
         self._names.add(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self._add(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
+
+    def _add(self, t: TensorProto) -> None:
+        self.initializers.append(t if self.sink is None else self.sink.place(t))
 
     def const(self, label: str, array) -> str:
         """A small constant (shapes, axes) shared across the graph by value."""
@@ -81,7 +86,8 @@ class GraphBuilder:
                 raise ValueError(f"initialiser {t.name!r} added twice")
             self._names.add(t.name)
         self.nodes.extend(g.nodes)
-        self.initializers.extend(g.initializers)
+        for t in g.initializers:
+            self._add(t)
 
     def cast_float(self, x: str, dtype) -> str:
         """``x`` (of float type ``dtype``) in the graph's compute type (:attr:`dtype`)."""
