@@ -1,7 +1,10 @@
-"""The compressed checkpoint folder: ``quantseal.json`` + ``weights.safetensors`` + the source's
-config and tokenizer files (and its sentence-transformers json files, :mod:`quantseal.sbert`).
-Written into a temporary folder, fsynced, then published atomically (quantseal/publish.py: the
-path always holds the old or the new complete folder).
+"""The compressed checkpoint folder: ``quantseal.json`` + ``weights.safetensors`` (or its shards
+``weights-00001-of-000NN.safetensors`` past 2 GB, :mod:`quantseal.checkpoint_files`) + the
+source's config and tokenizer files (and its sentence-transformers json files,
+:mod:`quantseal.sbert`).  Written into a temporary folder — tensor by tensor as they are computed,
+through :class:`CheckpointWriter` — fsynced, then published atomically as one unit
+(quantseal/publish.py: the path always holds the old or the new complete folder).
+:func:`open_checkpoint` reads it lazily, one tensor at a time; :func:`read_checkpoint` loads all.
 
 Tensors of a compressed matrix ``NAME`` (e.g. ``encoder.layer.0.attention.self.query``):
 
@@ -39,9 +42,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from .checkpoint_files import SHARD_BYTES, WEIGHTS, CheckpointTensors, ShardedWriter, weight_files
 from .compress.formats import FormatSpec
 from .compress.packing import pack_weight, pack_zero_points, unpack_weight, unpack_zero_points
 from .compress.quantizers import QuantizedTensor, dequantize
@@ -51,10 +53,10 @@ from .errors import BadInput
 from .integrity import check_files, check_finite, check_matrix, file_records, file_sha256  # noqa: F401
 from .publish import check_output_folder, publish_folder, temp_folder  # noqa: F401  (publish_folder: re-exported)
 from .sbert import convention_files
+from .tensorfile import TensorInfo, info_of
 
 SCHEMA_VERSION = 1
 MANIFEST = "quantseal.json"
-WEIGHTS = "weights.safetensors"
 SOURCE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "vocab.txt", "generation_config.json")
 
@@ -164,34 +166,82 @@ def is_checkpoint(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, torch.Tensor],
-                     source_dir: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write the folder atomically.  ``out`` must not exist, or be a quantseal checkpoint
-    (which is then replaced).  ``extra_files`` (name → bytes) are written after the
-    :data:`SOURCE_FILES` copied from ``source_dir`` (e.g. the config and tokenizer of a GGUF source,
-    see :func:`quantseal.models.source_files`)."""
-    out = check_output_folder(out, MANIFEST, "checkpoint")
-    tmp = temp_folder(out)
-    try:
-        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp / WEIGHTS),
-                  metadata={"format": "pt"})  # one key: safetensors orders a map arbitrarily
-        for name in SOURCE_FILES + tuple(convention_files(source_dir)):  # + sentence-transformers' json files
-            src = Path(source_dir) / name
+class CheckpointWriter:
+    """Write a checkpoint folder as its tensors are computed, then publish it atomically.
+
+    ``specs`` announces every tensor (name → :class:`~quantseal.tensorfile.TensorInfo`) so the
+    shard files are laid out up front; ``put(name, tensor)`` writes one (any order, moved to the
+    CPU); ``finish(manifest)`` copies the source's config/tokenizer files (and ``extra_files``,
+    name → bytes), records every shard's size and sha256 in the manifest and publishes the folder.
+    Used as a context manager, an exception removes the temporary folder: nothing half-written.
+    ``out`` must not exist, or be a quantseal checkpoint (which is then replaced)."""
+
+    def __init__(self, out: str | Path, specs: dict[str, TensorInfo], source_dir: str | Path,
+                 extra_files: dict[str, bytes] | None = None, shard_bytes: int = SHARD_BYTES):
+        self.out = check_output_folder(out, MANIFEST, "checkpoint")
+        self.source_dir = Path(source_dir)
+        self.extra_files = dict(extra_files or {})
+        for name in self.extra_files:
+            if Path(name).name != name or name == MANIFEST or name.startswith("weights"):
+                raise ValueError(f"extra checkpoint file {name!r}: a plain file name other than {MANIFEST}/weights*")
+        self.tmp = temp_folder(self.out)
+        try:
+            self.shards = ShardedWriter(self.tmp, specs, shard_bytes)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        self.shards.put(name, t)
+
+    def finish(self, manifest: Manifest) -> Path:
+        tmp = self.tmp
+        names = self.shards.close()
+        for name in SOURCE_FILES + tuple(convention_files(self.source_dir)):  # + sentence-transformers' json files
+            src = self.source_dir / name
             if src.is_file():
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, tmp / name)
-        for name, data in (extra_files or {}).items():
-            if Path(name).name != name or name in (MANIFEST, WEIGHTS):
-                raise ValueError(f"extra checkpoint file {name!r}: a plain file name other than {MANIFEST}/{WEIGHTS}")
+        for name, data in self.extra_files.items():
             (tmp / name).write_bytes(data)
-        files = file_records(tmp, [WEIGHTS])  # the tensor file; config/tokenizer stay hand-editable
+        files = file_records(tmp, names)  # the tensor files; config/tokenizer stay hand-editable
         (tmp / MANIFEST).write_text(replace(manifest, files=files).to_json())
         os.chmod(tmp, 0o755)
-        publish_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        publish_folder(tmp, self.out)
+        self.tmp = None
+        return self.out
+
+    def abort(self) -> None:
+        if self.tmp is not None:
+            self.shards.abort()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()  # after finish() there is nothing left to remove
+
+
+def write_checkpoint(out: str | Path, manifest: Manifest, tensors: dict[str, torch.Tensor],
+                     source_dir: str | Path, extra_files: dict[str, bytes] | None = None,
+                     shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write the folder atomically from tensors in memory (:class:`CheckpointWriter`).  ``out``
+    must not exist, or be a quantseal checkpoint (which is then replaced).  ``extra_files``
+    (name → bytes) are written after the :data:`SOURCE_FILES` copied from ``source_dir`` (e.g. the
+    config and tokenizer of a GGUF source, see :func:`quantseal.models.source_files`)."""
+    specs = {k: info_of(v) for k, v in tensors.items()}
+    with CheckpointWriter(out, specs, source_dir, extra_files, shard_bytes) as w:
+        for k in sorted(tensors):
+            w.put(k, tensors[k])
+        return w.finish(manifest)
+
+
+def tensor_files_bytes(path: str | Path) -> int:
+    """Bytes of a checkpoint's tensor files (all shards)."""
+    manifest = Manifest.from_json((Path(path) / MANIFEST).read_text(), str(Path(path) / MANIFEST))
+    return sum((Path(path) / f).stat().st_size for f in weight_files(path, manifest.files))
 
 
 def budget_after_edit(budget: dict, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict:
@@ -204,32 +254,42 @@ def budget_after_edit(budget: dict, before: dict[str, torch.Tensor], after: dict
     return budget
 
 
-def read_checkpoint(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
-    """Manifest and every stored tensor; any damage is a :class:`BadInput` naming the file or the
-    tensor: a file whose size or sha256 differs from the manifest's record, a manifest entry whose
-    format, shape, rank or bytes disagree with the stored tensors, a NaN or Inf anywhere
-    (quantseal/integrity.py)."""
+def open_checkpoint(path: str | Path) -> tuple[Manifest, CheckpointTensors]:
+    """The manifest and a lazy per-tensor accessor (:class:`~quantseal.checkpoint_files.CheckpointTensors`:
+    ``tensors[name]`` reads one tensor, ``tensors.info(name)`` its dtype and shape) of a
+    single-file or sharded checkpoint.  Checked before returning: every tensor file's size and
+    sha256 against the manifest, every manifest entry's format, shape, rank and bytes against the
+    stored headers; NaN/Inf is refused when a tensor is read, naming it (quantseal/integrity.py)."""
     path = Path(path)
     if not path.is_dir():
         raise BadInput(f"{path}: no such checkpoint folder")
     if not is_checkpoint(path):
         raise BadInput(f"{path}: not a quantseal checkpoint (no {MANIFEST})")
     manifest = Manifest.from_json((path / MANIFEST).read_text(errors="replace"), str(path / MANIFEST))
-    wpath = path / WEIGHTS
-    if not wpath.is_file():
-        raise BadInput(f"{path}: {WEIGHTS} is missing")
+    files = weight_files(path, manifest.files)
+    for f in files:
+        if not (path / f).is_file():
+            raise BadInput(f"{path}: {f} is missing")
     if manifest.files:  # checkpoints written before the hashes existed carry none
-        if WEIGHTS not in manifest.files:
-            raise BadInput(f"{path / MANIFEST}: records no sha256 for {WEIGHTS}")
+        missing = [f for f in files if f not in manifest.files]
+        if missing:
+            raise BadInput(f"{path / MANIFEST}: records no sha256 for {missing[0]}")
         check_files(path, manifest.files)
-    try:
-        tensors = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise BadInput(f"{wpath}: corrupt safetensors file ({exc})") from exc
+    tensors = CheckpointTensors(path, files)
+    where = str(path / files[0]) if len(files) == 1 else str(path)
+    infos = tensors.infos()
     for name, e in manifest.matrices.items():
-        check_matrix(str(wpath), name, e, tensors)
-    check_finite(str(wpath), tensors)
+        check_matrix(where, name, e, infos)
     return manifest, tensors
+
+
+def read_checkpoint(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    """Manifest and every stored tensor in memory; any damage is a :class:`BadInput` naming the
+    file or the tensor: a file whose size or sha256 differs from the manifest's record, a manifest
+    entry whose format, shape, rank or bytes disagree with the stored tensors, a NaN or Inf
+    anywhere (quantseal/integrity.py).  For a model too large to hold, use :func:`open_checkpoint`."""
+    manifest, tensors = open_checkpoint(path)
+    return manifest, tensors.load_all()
 
 
 def _tied_keys(model) -> set[str]:
