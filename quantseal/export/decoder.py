@@ -37,7 +37,7 @@ from .external_data import TensorSink
 from .genai_config import META_GENAI, META_TOKENIZER_CONFIG, TOKENIZER_CONFIG, genai_config, tokenizer_config
 from .onnx import _metadata, finish_export
 from .publish_export import ExportStage
-from .stored import Filtered, LazyMatrices, StoredTensors, owned_names
+from .stored import Filtered, LazyMatrices, NumpyView, owned_names
 
 LOGITS = "logits"
 COMPUTE = {"fp32": np.float32, "fp16": np.float16}  # export --dtype: CPU graphs compute in float32
@@ -47,7 +47,7 @@ def build_decoder(manifest: ckpt.Manifest, tensors: Mapping, config: dict, accur
                   max_positions: int | None = None, dtype: str = "fp32",
                   sink: TensorSink | None = None) -> tuple[onnx.ModelProto, dict[str, int]]:
     """The decoder graph of a checkpoint's stored tensors (numpy arrays or torch tensors by name,
-    e.g. :func:`~.stored.open_checkpoint`'s lazy mapping: each is read when the graph needs it):
+    e.g. :func:`~quantseal.checkpoint.open_checkpoint`'s lazy mapping: each is read when the graph needs it):
     ``(ModelProto, bytes of each planned matrix's initialisers)``.  With a ``sink`` every large
     initialiser's bytes go to its data file as they are made (the proto holds references)."""
     from ..models import family_of
@@ -58,40 +58,19 @@ def build_decoder(manifest: ckpt.Manifest, tensors: Mapping, config: dict, accur
     if foreign:
         raise BadInput(f"matrix {foreign[0]!r} is not part of a {config.get('model_type')} model "
                        "(config.json and the checkpoint's tensors disagree)")
-    arrays = tensors if isinstance(tensors, StoredTensors) else _NumpyView(tensors)
+    arrays = NumpyView(tensors)
     plain = Filtered(arrays, owned_names(manifest))
     builder = DecoderGraph(arch, LazyMatrices(manifest, arrays), plain, accuracy_level,
                            manifest.extra.get("activations"), max_positions, COMPUTE[dtype], sink=sink)
     out = builder.build(fam.embedding_attr, prefix=fam.blocks_attr.split(".")[0])
-    if isinstance(tensors, StoredTensors):
-        tensors.check_rest()  # a NaN in a tensor the graph never read is still refused
+    arrays.read_rest()  # a NaN in a tensor the graph never read is still refused
     return out
-
-
-class _NumpyView(Mapping):
-    """Torch tensors (or arrays) by name, read as numpy arrays."""
-
-    def __init__(self, tensors: Mapping):
-        self.tensors = tensors
-
-    def __getitem__(self, name):
-        v = self.tensors[name]
-        return v if isinstance(v, np.ndarray) else v.numpy()
-
-    def __contains__(self, name) -> bool:
-        return name in self.tensors
-
-    def __iter__(self):
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
 
 
 def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tensors: Mapping, config: dict,
                    accuracy_level: int = 0, t0: float | None = None, dtype: str = "fp32",
                    external: str = "auto") -> dict:
-    """Export a compressed decoder checkpoint (opened by :func:`~.stored.open_checkpoint`) to
+    """Export a compressed decoder checkpoint (opened by :func:`~quantseal.checkpoint.open_checkpoint`) to
     ``output`` and its onnxruntime-genai companions, streaming: each stored tensor is read when the
     graph needs it and its bytes go straight to the staging folder's ``<name>.data``, which becomes
     the model's external data or is folded into one file (:mod:`.external_data`); the files are

@@ -159,6 +159,7 @@ class DecoderGraph:
         biased = any(f"{n}.bias" in self.plain for n in names)
         scaled = any(f"{n}.{OUTPUT_SCALE}" in self.plain for n in names)
         if scaled or not _packable(ms, acts, smooths):
+            del ms  # each Linear reads its own tensors again: one matrix held at a time
             return tuple(self.linear(n, x) for n in names)
         packed = pack_rows(f"{attn}.qkv_proj", ms)
         with self.g.scope("qkv_proj"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto
 
@@ -69,14 +70,30 @@ class TensorSink:
         """Move ``t``'s ``raw_data`` (≥ :data:`INLINE_BELOW` bytes) to the file; returns ``t``."""
         if not t.HasField("raw_data") or len(t.raw_data) < INLINE_BELOW:
             return t
+        offset = self._align()
+        self._f.write(t.raw_data)
+        t.ClearField("raw_data")
+        return self._refer(t, offset)
+
+    def place_chunks(self, t: TensorProto, chunks) -> TensorProto:
+        """Write the bytes of ``t`` (a proto without data) from ``chunks``, numpy arrays whose
+        row-major bytes concatenate to the tensor's, one chunk in memory at a time."""
+        offset = self._align()
+        for part in chunks:
+            self._f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
+            self.size = self._f.tell()
+        return self._refer(t, offset)
+
+    def _align(self) -> int:
         pad = -self.size % ALIGN
         if pad:
             self._f.write(b"\0" * pad)
-        offset = self.size + pad
-        self._f.write(t.raw_data)
-        length = len(t.raw_data)
-        self.size = offset + length
-        t.ClearField("raw_data")
+        self.size += pad
+        return self.size
+
+    def _refer(self, t: TensorProto, offset: int) -> TensorProto:
+        self.size = self._f.tell()
+        length = self.size - offset
         del t.external_data[:]
         for k, v in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
             t.external_data.add(key=k, value=v)

@@ -15,7 +15,7 @@ from collections import Counter
 import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
-from .lowbit import MS_DOMAIN, Nodes
+from .lowbit import MS_DOMAIN, Nodes, header_proto
 
 
 class GraphBuilder:
@@ -47,11 +47,23 @@ class GraphBuilder:
         if name in self._names:
             raise ValueError(f"initialiser {name!r} added twice")
         self._names.add(name)
-        self._add(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if hasattr(array, "chunks"):  # a large stored tensor read in chunks (export/stored.py)
+            self._add(header_proto(name, array), array)
+        else:
+            self._add(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def _add(self, t: TensorProto) -> None:
-        self.initializers.append(t if self.sink is None else self.sink.place(t))
+    def _add(self, t: TensorProto, chunked=None) -> None:
+        """Keep ``t``; its bytes go to the sink when there is one.  ``chunked``: the tensor whose
+        bytes ``t`` (a header) stands for, copied chunk by chunk (or whole, without a sink)."""
+        if chunked is not None:
+            if self.sink is not None:
+                self.sink.place_chunks(t, chunked.chunks())
+            else:
+                t.raw_data = np.ascontiguousarray(np.asarray(chunked)).tobytes()
+        elif self.sink is not None:
+            self.sink.place(t)
+        self.initializers.append(t)
 
     def const(self, label: str, array) -> str:
         """A small constant (shapes, axes) shared across the graph by value."""
@@ -87,7 +99,7 @@ class GraphBuilder:
             self._names.add(t.name)
         self.nodes.extend(g.nodes)
         for t in g.initializers:
-            self._add(t)
+            self._add(t, g.pending.get(t.name))
 
     def cast_float(self, x: str, dtype) -> str:
         """``x`` (of float type ``dtype``) in the graph's compute type (:attr:`dtype`)."""

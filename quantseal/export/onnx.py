@@ -320,9 +320,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int 
     t0 = time.perf_counter()
     checkpoint, output = Path(checkpoint), Path(output)
     _check_output(output)
-    from .stored import open_checkpoint
-
-    manifest, lazy = open_checkpoint(checkpoint)
+    manifest, lazy = ckpt.open_checkpoint(checkpoint)  # checked; each tensor is read when asked for
     from ..models import ENCODER, family_of, read_config
 
     config = read_config(checkpoint)
@@ -333,7 +331,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int 
         return export_decoder(checkpoint, output, manifest, lazy, config, accuracy_level, t0, dtype, external_data)
     if dtype != "fp32":
         raise Unsupported(f"{checkpoint}: --dtype {dtype} is for decoder graphs; encoders export in float32")
-    tensors = {k: torch_tensor(lazy[k]) for k in sorted(lazy)}  # an encoder is small: all at once
+    tensors = lazy.load_all()  # an encoder is small: all at once
     matrices = stored_matrices(manifest, tensors)
     del tensors
     _make_parent(output)
@@ -350,12 +348,6 @@ def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int 
     meta = _metadata(manifest, fam.name, matrix_bytes)
     meta.update(conventions.metadata())  # quantseal.pooling, .max_seq_length, ...: what the runtime reads
     return finish_export(proto, output, checkpoint, manifest, fam.name, matrix_bytes, meta, t0, external_data)
-
-
-def torch_tensor(array: np.ndarray):
-    import torch
-
-    return torch.from_numpy(array)
 
 
 def finish_export(proto: onnx.ModelProto, output: Path, checkpoint: Path, manifest: ckpt.Manifest, family: str,

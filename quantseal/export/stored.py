@@ -1,15 +1,12 @@
-"""A compressed checkpoint's stored tensors read one at a time, for the streaming decoder export.
+"""A compressed checkpoint's stored tensors as the streaming decoder export reads them: lazily,
+one at a time, as numpy arrays.
 
-:func:`open_checkpoint` runs the checks of :func:`quantseal.checkpoint.read_checkpoint` without
-holding the tensors: the manifest, the tensor file's size and sha256 (read in 1 MiB chunks), and
-every manifest entry against the tensors' dtypes and shapes from the safetensors *header*
-(:func:`quantseal.integrity.check_matrix` on ``meta`` tensors, which have a shape and a dtype but
-no storage).  Each tensor is read when asked for (safetensors' ``safe_open``, opened and closed
-per read, so no mapping of the whole file stays resident) and checked for NaN/Inf as it is read;
-nothing is cached, so a consumer that drops what it has used holds one tensor at a time.
-
-:func:`tensor_reader` is the one place that knows where a checkpoint's tensors live (today the one
-``weights.safetensors``); sharded checkpoints plug in there.
+:func:`quantseal.checkpoint.open_checkpoint` checks the checkpoint (file hashes, every manifest
+entry against the tensors' headers) and gives a lazy per-tensor mapping (one file or shards; a
+NaN/Inf is refused when its tensor is read).  The views here keep that laziness: nothing is read
+until an entry is asked for and nothing is cached, so a consumer that drops what it has used holds
+one tensor (or one matrix's few tensors) at a time, and a token table is copied in chunks
+(:class:`ChunkedTensor`).
 """
 
 from __future__ import annotations
@@ -22,83 +19,74 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..errors import BadInput
-from ..integrity import check_files, check_finite, check_matrix
 from .lowbit import STORED_SUFFIXES, StoredMatrix
 
-_DTYPES = {"F16": torch.float16, "F32": torch.float32, "F64": torch.float64, "BF16": torch.bfloat16,
-           "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-           "BOOL": torch.bool}
+
+CHUNKED_ABOVE = 64 << 20  # a float tensor this large (a token table) is copied in chunks, never held whole
+CHUNK_BYTES = 16 << 20
 
 
-class TensorReader:
-    """Names, dtypes and shapes of one safetensors file from its header; tensors on demand."""
+class ChunkedTensor:
+    """A large stored float tensor that is read in row chunks when its bytes are written
+    (:meth:`chunks`; each chunk checked for NaN/Inf), or whole by ``np.asarray``.  Has the
+    ``dtype``, ``shape`` and ``nbytes`` of the array it stands for."""
 
-    def __init__(self, path: Path):
-        from safetensors import SafetensorError, safe_open
+    def __init__(self, path: Path, name: str, dtype: np.dtype, shape: tuple[int, ...]):
+        self.path, self.name, self.dtype, self.shape = Path(path), name, np.dtype(dtype), tuple(shape)
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape, dtype=np.int64))
+        self.nbytes = self.size * self.dtype.itemsize
 
-        self.path = Path(path)
-        try:
-            with safe_open(str(self.path), framework="np") as f:
-                self.meta = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise BadInput(f"{self.path}: corrupt safetensors file ({exc})") from exc
+    def chunks(self) -> Iterator[np.ndarray]:
+        from safetensors import safe_open
 
-    def read(self, name: str) -> np.ndarray:
-        from safetensors import SafetensorError, safe_open
+        row = max(1, self.nbytes // max(1, self.shape[0]))
+        step = max(1, CHUNK_BYTES // row)
+        for r0 in range(0, self.shape[0], step):
+            with safe_open(str(self.path), framework="np") as f:  # opened per chunk: no mapping stays resident
+                part = np.ascontiguousarray(f.get_slice(self.name)[r0:min(r0 + step, self.shape[0])])
+            bad = ~np.isfinite(part)
+            if bad.any():
+                raise BadInput(f"{self.path}: tensor {self.name} holds NaN/Inf value(s) (rows from {r0})")
+            yield part
 
-        try:
-            with safe_open(str(self.path), framework="np") as f:
-                return np.ascontiguousarray(f.get_tensor(name))
-        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
-            raise BadInput(f"{self.path}: cannot read tensor {name} ({exc})") from exc
-
-    def meta_tensor(self, name: str) -> torch.Tensor:
-        """A storage-less tensor with ``name``'s dtype and shape (what the integrity checks read)."""
-        dtype, shape = self.meta[name]
-        if dtype not in _DTYPES:
-            raise BadInput(f"{self.path}: tensor {name} has dtype {dtype}, which a checkpoint does not store")
-        return torch.empty(shape, dtype=_DTYPES[dtype], device="meta")
-
-
-def tensor_reader(path: Path) -> TensorReader:
-    """The reader of a checkpoint folder's tensors (one ``weights.safetensors`` today)."""
-    return TensorReader(Path(path) / ckpt.WEIGHTS)
+    def __array__(self, dtype=None, copy=None):
+        out = np.concatenate(list(self.chunks()), axis=0) if self.shape[0] else np.empty(self.shape, self.dtype)
+        return out if dtype is None else out.astype(dtype)
 
 
-class StoredTensors(Mapping):
-    """Every stored tensor by name, as numpy, read lazily and checked finite on each read.
-    Membership and iteration use the header only."""
+class NumpyView(Mapping):
+    """``tensors`` (torch tensors or arrays by name, possibly lazy) read as numpy arrays; records
+    which names were read, so :meth:`read_rest` can check the others.  From a checkpoint's lazy
+    mapping (one that knows each tensor's file), a float tensor over :data:`CHUNKED_ABOVE` bytes
+    comes as a :class:`ChunkedTensor`."""
 
-    def __init__(self, reader: TensorReader):
-        self.reader = reader
-        self.checked: set[str] = set()
+    def __init__(self, tensors: Mapping):
+        self.tensors = tensors
+        self.read: set[str] = set()
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self.reader.meta:
-            raise KeyError(name)
-        arr = self.reader.read(name)
-        if name not in self.checked:
-            check_finite(str(self.reader.path), {name: torch.from_numpy(arr)})
-            self.checked.add(name)
-        return arr
+        self.read.add(name)
+        if hasattr(self.tensors, "file_of") and name in self.tensors:
+            info = self.tensors.info(name)
+            if info.dtype.is_floating_point and info.dtype != torch.bfloat16 and info.nbytes >= CHUNKED_ABOVE:
+                np_dtype = torch.empty((), dtype=info.dtype).numpy().dtype
+                return ChunkedTensor(self.tensors.file_of(name), name, np_dtype, tuple(info.shape))
+        v = self.tensors[name]
+        return v if isinstance(v, np.ndarray) else v.numpy()
 
     def __contains__(self, name) -> bool:
-        return name in self.reader.meta
+        return name in self.tensors
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.reader.meta)
+        return iter(self.tensors)
 
     def __len__(self) -> int:
-        return len(self.reader.meta)
+        return len(self.tensors)
 
-    def nbytes(self) -> int:
-        """Bytes of every stored tensor (from the header)."""
-        return sum(int(self.reader.meta_tensor(k).numel()) * self.reader.meta_tensor(k).element_size()
-                   for k in self.reader.meta)
-
-    def check_rest(self) -> None:
-        """Read (one at a time) and check the tensors no consumer has read."""
-        for name in sorted(set(self.reader.meta) - self.checked):
+    def read_rest(self) -> None:
+        """Read (one at a time, so a lazy source checks each) every tensor not read yet."""
+        for name in sorted(set(self.tensors) - self.read):
             self[name]
 
 
@@ -116,7 +104,7 @@ class Filtered(Mapping):
     def __contains__(self, name) -> bool:
         return name not in self.hidden and name in self.tensors
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return (k for k in self.tensors if k not in self.hidden)
 
     def __len__(self) -> int:
@@ -137,7 +125,7 @@ class LazyMatrices(Mapping):
     def __contains__(self, name) -> bool:
         return name in self.manifest.matrices
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self.manifest.matrices)
 
     def __len__(self) -> int:
@@ -147,26 +135,3 @@ class LazyMatrices(Mapping):
 def owned_names(manifest: ckpt.Manifest) -> set[str]:
     """The tensor names that are a planned matrix's stored parts."""
     return {n + s for n in manifest.matrices for s in STORED_SUFFIXES}
-
-
-def open_checkpoint(path: str | Path) -> tuple[ckpt.Manifest, StoredTensors]:
-    """Manifest and lazily read tensors of a checkpoint folder, checked as
-    :func:`~quantseal.checkpoint.read_checkpoint` checks them (NaN/Inf on each read)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise BadInput(f"{path}: no such checkpoint folder")
-    if not ckpt.is_checkpoint(path):
-        raise BadInput(f"{path}: not a quantseal checkpoint (no {ckpt.MANIFEST})")
-    manifest = ckpt.Manifest.from_json((path / ckpt.MANIFEST).read_text(errors="replace"), str(path / ckpt.MANIFEST))
-    wpath = path / ckpt.WEIGHTS
-    if not wpath.is_file():
-        raise BadInput(f"{path}: {ckpt.WEIGHTS} is missing")
-    if manifest.files:
-        if ckpt.WEIGHTS not in manifest.files:
-            raise BadInput(f"{path / ckpt.MANIFEST}: records no sha256 for {ckpt.WEIGHTS}")
-        check_files(path, manifest.files)
-    reader = tensor_reader(path)
-    meta = {k: reader.meta_tensor(k) for k in reader.meta}
-    for name, e in manifest.matrices.items():
-        check_matrix(str(wpath), name, e, meta)
-    return manifest, StoredTensors(reader)
