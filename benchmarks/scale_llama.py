@@ -275,10 +275,23 @@ def plot(res: dict, path: Path) -> None:
 
 
 def render(res: dict) -> None:
+    _ray_rows(res)
     res["fits"] = fits(res)
     (RESULTS / f"{NAME}.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
     if any(res["runs"].values()):
         plot(res, RESULTS / f"{NAME}.png")
+
+
+def _ray_rows(res: dict) -> None:
+    """The Ray rows, from scale_ray.py's measurement (MiniLM), not re-run here."""
+    ray = RESULTS / "scale_ray.json"
+    if ray.is_file():
+        r = json.loads(ray.read_text())
+        res["ray"] = {"source": "results/scale_ray.json (benchmarks/scale_ray.py, MiniLM)",
+                      "table_seconds": {k: v["seconds"] for k, v in r["table"].items()},
+                      "export_customers_per_minute": {k: v["customers_per_minute"] for k, v in r["export"].items()},
+                      "customers": next(iter(r["export"].values()))["customers"],
+                      "identical": {"table": r.get("table_identical"), "export": r.get("export_identical")}}
 
 
 def _load() -> dict:
@@ -298,14 +311,7 @@ def main() -> None:
     a = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     res = _load()
-    ray = RESULTS / "scale_ray.json"
-    if ray.is_file():
-        r = json.loads(ray.read_text())
-        res["ray"] = {"source": "results/scale_ray.json (benchmarks/scale_ray.py, MiniLM)",
-                      "table_seconds": {k: v["seconds"] for k, v in r["table"].items()},
-                      "export_customers_per_minute": {k: v["customers_per_minute"] for k, v in r["export"].items()},
-                      "customers": next(iter(r["export"].values()))["customers"],
-                      "identical": {"table": r.get("table_identical"), "export": r.get("export_identical")}}
+    _ray_rows(res)
     if a.render:
         render(res)
         return
@@ -322,6 +328,8 @@ def main() -> None:
             log(f"{size} {step} ...")
             row = run_step(step, size, a.models, work)
             row.update({"commit": commit(), "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+            res = _load()  # another run may have stored rows meanwhile: update only this one
+            res["models"][size] = {**params_of(folder), "folder": str(folder)}
             res["runs"].setdefault(size, {})[step] = row
             log(f"{size} {step}: rc {row.get('rc')}, {row.get('cpu_seconds')} CPU s, "
                 f"{row.get('peak_rss_mb')} MB peak, {row.get('wall_seconds')} s wall")
