@@ -67,13 +67,18 @@ class TensorSink:
         self.size = 0
 
     def place(self, t: TensorProto) -> TensorProto:
-        """Move ``t``'s ``raw_data`` (≥ :data:`INLINE_BELOW` bytes) to the file; returns ``t``."""
+        """Write ``t``'s ``raw_data`` (≥ :data:`INLINE_BELOW` bytes) to the file and return a new
+        proto that refers to it (``t`` itself if it stays inline).  A new one, not ``t`` with the
+        field cleared: protobuf frees a message's memory only with the whole message, so a cleared
+        ``t`` kept in the graph would still hold its bytes."""
         if not t.HasField("raw_data") or len(t.raw_data) < INLINE_BELOW:
             return t
         offset = self._align()
         self._f.write(t.raw_data)
         t.ClearField("raw_data")
-        return self._refer(t, offset)
+        header = TensorProto()
+        header.CopyFrom(t)
+        return self._refer(header, offset)
 
     def place_chunks(self, t: TensorProto, chunks) -> TensorProto:
         """Write the bytes of ``t`` (a proto without data) from ``chunks``, numpy arrays whose
@@ -110,7 +115,9 @@ class TensorSink:
 def to_external(model: ModelProto, sink: TensorSink) -> None:
     """Move, in place, every large inline initialiser of an in-memory ``model`` to ``sink``."""
     for t in model.graph.initializer:
-        sink.place(t)
+        placed = sink.place(t)
+        if placed is not t:
+            t.CopyFrom(placed)
 
 
 def _inline_size(t: TensorProto) -> tuple[bytes, int, bytes]:

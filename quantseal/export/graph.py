@@ -18,6 +18,18 @@ from onnx import NodeProto, TensorProto, helper, numpy_helper
 from .lowbit import MS_DOMAIN, Nodes, header_proto
 
 
+_RAW_DTYPES = frozenset(np.dtype(d) for d in (np.float32, np.float16, np.float64, np.uint8, np.int8, np.int32, np.int64))
+
+
+def _direct(array) -> bool:
+    """Whether ``array``'s bytes are what ``numpy_helper.from_array`` puts in ``raw_data`` (a
+    plain numeric dtype) and big enough to leave the proto (≥ :data:`~.external_data.INLINE_BELOW`)."""
+    from .external_data import INLINE_BELOW
+
+    a = np.asarray(array)
+    return a.dtype in _RAW_DTYPES and a.dtype.byteorder in ("=", "<", "|") and a.nbytes >= INLINE_BELOW
+
+
 class GraphBuilder:
     """Nodes and initialisers in topological order, with a stack of name scopes."""
 
@@ -49,6 +61,8 @@ class GraphBuilder:
         self._names.add(name)
         if hasattr(array, "chunks"):  # a large stored tensor read in chunks (export/stored.py)
             self._add(header_proto(name, array), array)
+        elif self.sink is not None and _direct(array):  # bytes straight to the sink, never in a proto
+            self._add(header_proto(name, array), [np.ascontiguousarray(array)])
         else:
             self._add(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
@@ -58,11 +72,11 @@ class GraphBuilder:
         bytes ``t`` (a header) stands for, copied chunk by chunk (or whole, without a sink)."""
         if chunked is not None:
             if self.sink is not None:
-                self.sink.place_chunks(t, chunked.chunks())
+                self.sink.place_chunks(t, chunked if isinstance(chunked, list) else chunked.chunks())
             else:
                 t.raw_data = np.ascontiguousarray(np.asarray(chunked)).tobytes()
         elif self.sink is not None:
-            self.sink.place(t)
+            t = self.sink.place(t)
         self.initializers.append(t)
 
     def const(self, label: str, array) -> str:

@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from quantseal.export.external_data import ALIGN, INLINE_BELOW, TensorSink, external_info, save, write_single_file
+from quantseal.export.external_data import (ALIGN, INLINE_BELOW, TensorSink, external_info, save, to_external,
+                                            write_single_file)
 
 
 def _model(seed: int = 0) -> onnx.ModelProto:
@@ -44,8 +45,7 @@ def _streamed(model: onnx.ModelProto, folder, name: str = "m.onnx") -> onnx.Mode
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     sink = TensorSink(folder / (name + ".data"), name + ".data")
-    for t in copy.graph.initializer:
-        sink.place(t)
+    to_external(copy, sink)
     sink.close()
     return copy
 
