@@ -175,9 +175,11 @@ def params_of(folder: Path) -> dict:
             "linear_params": per_layer * n, "params_m": round((per_layer * n + v * h + (2 * n + 1) * h) / 1e6, 1)}
 
 
-def run_step(step: str, size: str, models: Path, work: Path) -> dict:
+def run_step(step: str, size: str, models: Path, work: Path, ck_dir: Path, given: dict[str, Path]) -> dict:
     src = model_folder(models, size)
-    ck = {m: models / f"ck-{size.lower()}-{m}" for m in ("rtn", "gptq")}
+    ck = {m: ck_dir / f"ck-{size.lower()}-{m}" for m in ("rtn", "gptq")}
+    if size in given and step not in ("compress_rtn", "compress_gptq"):
+        ck["rtn"] = given[size]  # an RTN checkpoint made elsewhere (e.g. by another branch's compress)
     if step in ("compress_rtn", "compress_gptq"):
         method = step.split("_")[1]
         extra = ["--budget", "4.5"] if method == "rtn" else ["--wbits", "4"]
@@ -202,7 +204,7 @@ def run_step(step: str, size: str, models: Path, work: Path) -> dict:
     if step == "decode":
         onnx = work / size / "export" / "model.onnx"
         if not onnx.is_file():
-            run_step("export", size, models, work)
+            run_step("export", size, models, work, ck_dir, given)
         res = measured([str(onnx), "8", "32"], code=_DECODE)
         res.update(res.pop("report", {}))
         return res
@@ -307,6 +309,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="export folders (default: a temporary folder)")
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--steps", default=",".join(STEPS))
+    ap.add_argument("--ck-dir", type=Path, default=Path("/work/scale_models/stream-export"),
+                    help="where the compress steps write their checkpoints")
+    ap.add_argument("--rtn-checkpoint", action="append", default=[], metavar="SIZE=PATH",
+                    help="export/decode this RTN checkpoint for SIZE instead of ck-dir's")
     ap.add_argument("--render", action="store_true", help="only recompute fits, plot and table from the JSON")
     a = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
@@ -321,12 +327,16 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown size or step {unknown[0]!r}")
     work = a.work or Path(tempfile.mkdtemp(prefix="scale_llama."))
+    given = {k: Path(v) for k, v in (x.split("=", 1) for x in a.rtn_checkpoint)}
+    a.ck_dir.mkdir(parents=True, exist_ok=True)
     for size in sizes:
         folder = model_folder(a.models, size)
         res["models"][size] = {**params_of(folder), "folder": str(folder)}
         for step in steps:
             log(f"{size} {step} ...")
-            row = run_step(step, size, a.models, work)
+            row = run_step(step, size, a.models, work, a.ck_dir, given)
+            if size in given and step not in ("compress_rtn", "compress_gptq"):
+                row["checkpoint"] = str(given[size])
             row.update({"commit": commit(), "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
             res = _load()  # another run may have stored rows meanwhile: update only this one
             res["models"][size] = {**params_of(folder), "folder": str(folder)}

@@ -81,8 +81,7 @@ def test_shared_folder_keeps_other_files_and_refuses_an_unswappable_pair(llama_r
 _CHILD = textwrap.dedent("""
     import sys
     from quantseal.export.onnx import export_onnx
-    out, cks = sys.argv[1], sys.argv[2:]
-    i = 0
+    out, i, cks = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     while True:
         export_onnx(cks[i % 2], out, external_data="always")
         print(i, flush=True)
@@ -107,10 +106,11 @@ def test_kill_nine_leaves_one_complete_export(llama_rtn_export, llama_lq_export,
     child.write_text(_CHILD)
     rng = random.Random(0)
     seen = set()
-    for _ in range(6):
-        p = subprocess.Popen([sys.executable, str(child), str(out), *map(str, cks)], stdout=subprocess.PIPE, text=True)
+    for k in range(6):  # child k starts with checkpoint k % 2, then alternates
+        p = subprocess.Popen([sys.executable, str(child), str(out), str(k), *map(str, cks)], stdout=subprocess.PIPE,
+                             text=True)
         assert p.stdout.readline()  # imported, one export published
-        time.sleep(rng.uniform(0.0, 0.6))
+        time.sleep(rng.uniform(0.0, 1.0))
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         now = _files(out.parent)
