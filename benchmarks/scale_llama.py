@@ -334,10 +334,11 @@ def main() -> None:
         res["models"][size] = {**params_of(folder), "folder": str(folder)}
         for step in steps:
             log(f"{size} {step} ...")
+            code = commit()  # the code the step's process runs
             row = run_step(step, size, a.models, work, a.ck_dir, given)
             if size in given and step not in ("compress_rtn", "compress_gptq"):
                 row["checkpoint"] = str(given[size])
-            row.update({"commit": commit(), "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+            row.update({"commit": code, "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
             res = _load()  # another run may have stored rows meanwhile: update only this one
             res["models"][size] = {**params_of(folder), "folder": str(folder)}
             res["runs"].setdefault(size, {})[step] = row
