@@ -131,6 +131,27 @@ def matrix_tensors(name: str, spec: FormatSpec, qt: QuantizedTensor | None, weig
     return out
 
 
+def matrix_specs(name: str, cand, n: int, k: int) -> dict[str, TensorInfo]:
+    """Dtype and shape of each tensor :func:`matrix_tensors` stores for candidate ``cand``
+    (a :class:`~quantseal.compress.formats.Candidate`: format + rank) of an ``(n, k)`` matrix,
+    before it is computed (the module table; quantseal/integrity.py checks the same)."""
+    spec, r = cand.fmt, cand.rank
+    out: dict[str, TensorInfo] = {}
+    if spec.kind == "fp":
+        out[f"{name}.weight"] = TensorInfo(torch.float16 if spec.bits == 16 else torch.float32, torch.Size((n, k)))
+    else:
+        nb = -(-k // spec.block)
+        s = spec.stored_bits
+        out[f"{name}.qweight"] = TensorInfo(torch.uint8, torch.Size((n, nb, spec.block * s // 8)))
+        out[f"{name}.scales"] = TensorInfo(torch.float16, torch.Size((n, nb)))
+        if spec.kind == "int" and not spec.symmetric:
+            out[f"{name}.qzeros"] = TensorInfo(torch.uint8, torch.Size((n, -(-nb * s // 8))))
+    if r > 0:
+        out[f"{name}.L1"] = TensorInfo(torch.float16, torch.Size((n, r)))
+        out[f"{name}.L2"] = TensorInfo(torch.float16, torch.Size((r, k)))
+    return out
+
+
 def stored_quantized(name: str, entry: MatrixEntry, tensors: dict[str, torch.Tensor]) -> QuantizedTensor:
     """Rebuild the unpacked :class:`QuantizedTensor` of a stored int/nf matrix."""
     spec = entry.spec

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInput
+from .integrity import nonfinite_count
 from .tensorfile import SafetensorsReader, SafetensorsWriter, TensorInfo
 
 WEIGHTS = "weights.safetensors"
@@ -123,10 +124,9 @@ class CheckpointTensors(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         r = self._where[name]
         t = r.get(name)
-        if t.is_floating_point() and t.numel():
-            bad = ~torch.isfinite(t)
-            if bool(bad.any()):
-                raise BadInput(f"{r.path}: tensor {name} holds {int(bad.sum())} NaN/Inf value(s)")
+        bad = nonfinite_count(t)
+        if bad:
+            raise BadInput(f"{r.path}: tensor {name} holds {bad} NaN/Inf value(s)")
         return t
 
     def __iter__(self) -> Iterator[str]:

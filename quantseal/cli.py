@@ -101,6 +101,12 @@ def _add_compress(sub) -> None:
                         "onnxruntime at accuracy level 4; the per-format costs of compress/decode_cost.py)")
     p.add_argument("--workers", type=int, default=2)
     _add_ray_flag(p, "the per-matrix candidate table")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the Fisher, LQ (SVD + quantisation) and GPTQ compute; auto: cuda when torch sees a "
+                        "GPU (results are written from the CPU in the same format; cbq computes on the CPU)")
+    p.add_argument("--activation-mb", type=float, default=None, metavar="MB",
+                   help="gptq on a streamed decoder: calibration activations held in memory (default 1024), "
+                        "the rest spilled to a temporary folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_compress)
@@ -149,7 +155,8 @@ def _cmd_compress_calibrated(args) -> int:
         output=args.output, model=args.model, method=args.method, wbits=args.wbits, abits=args.abits,
         block=args.block, window=args.window, rank=args.rank, steps=args.steps, init=args.init, calib=args.calib,
         calib_samples=args.calib_samples if args.calib_samples is not None else 128, seed=args.seed,
-        table=args.table,
+        table=args.table, device=args.device,
+        **({} if args.activation_mb is None else {"activation_mb": args.activation_mb}),
     )
     res = calibrated_compress(cfg, _step_progress(not args.json and sys.stderr.isatty()))
     human = (f"wrote {res['output']}: {res['matrices']} matrices as {res['format']} (A{res['abits']}), "
@@ -168,6 +175,8 @@ def _cmd_compress(args) -> int:
         return _cmd_compress_calibrated(args)
     if args.budget is None and args.budget_mb is None:
         raise BadInput(f"--method {args.method} needs one of --budget BITS and --budget-mb MB")
+    if args.activation_mb is not None:
+        raise BadInput("--activation-mb applies to --method gptq|cbq")
     from .compress.pipeline import DEFAULT_RANKS, CompressConfig, compress, default_families
 
     cfg = CompressConfig(
@@ -177,6 +186,7 @@ def _cmd_compress(args) -> int:
         ranks=args.ranks if args.ranks is not None else DEFAULT_RANKS,
         formats=tuple(args.formats.split(",")) if args.formats else default_families(args.model),
         workers=args.workers, ray=_ray_address(args), seed=args.seed, max_decode_ms=args.max_decode_ms,
+        device=args.device,
     )
     if args.method == "lq+cbq":
         from .compress.cbq import CBQConfig

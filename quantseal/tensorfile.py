@@ -127,13 +127,15 @@ class SafetensorsWriter:
                 done += os.pwrite(self._fd, mv[done:], self.offsets[name] + done)
         self.pending.discard(name)
 
-    def close(self) -> None:
+    def close(self, sync: bool = True) -> None:
+        """Check every announced tensor was written; fsync unless ``sync`` is False (scratch)."""
         if self._fd is None:
             return
         try:
             if self.pending:
                 raise RuntimeError(f"{self.path.name}: tensors never written: {sorted(self.pending)[:3]}")
-            os.fsync(self._fd)
+            if sync:
+                os.fsync(self._fd)
         finally:
             os.close(self._fd)
             self._fd = None

@@ -18,14 +18,17 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt
-from ..errors import BadInput
-from ..models import compressible_linears, default_model_path, load_model
+from ..devices import resolve_device, to_device
+from ..errors import BadInput, Unsupported
+from ..lazy_source import open_source
+from ..models import compressible_linears, default_model_path, embedding, load_model
 from ..text import calibration_texts
 from .calibration import calibration_batches, capture_block_inputs
 from .cbq import CBQConfig, StepCallback, cbq_quantize_model, gptq_init
 from .formats import BLOCK_SIZES, FormatSpec
 from .gptq import gptq_quantize_model
 from .quantizers import dequantize
+from .spill import DEFAULT_ACTIVATION_MB
 
 METHODS = ("gptq", "cbq")
 WBITS = (2, 3, 4, 8)
@@ -51,6 +54,8 @@ class CalibratedConfig:
     batch_size: int = 16
     seed: int = 0
     table: str | None = None  # the token table's format (round-to-nearest), None: kept as is
+    activation_mb: float = DEFAULT_ACTIVATION_MB  # streamed GPTQ: activations held in memory, the rest spilled
+    device: str = "auto"  # where GPTQ computes (quantseal.devices); CBQ computes on the CPU
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,6 +79,13 @@ class CalibratedConfig:
             raise BadInput(f"--steps must be at least 1, not {self.steps}")
         if self.calib_samples < 1:
             raise BadInput(f"--calib-samples must be at least 1, not {self.calib_samples}")
+        if self.method == "cbq" and self.device == "cuda":
+            raise Unsupported("--device cuda is not supported by --method cbq yet (it computes on the CPU); "
+                              "use --device cpu or auto")
+        if self.method == "gptq":
+            resolve_device(self.device)  # cuda without a GPU: one line, before any compute
+        if not self.activation_mb >= 0:
+            raise BadInput(f"--activation-mb must be a non-negative number, not {self.activation_mb}")
         if self.table is not None:
             FormatSpec.parse(self.table)  # BadInput for an unknown name
         self.model = Path(self.model) if self.model is not None else default_model_path()
@@ -93,14 +105,12 @@ def _no_callback(stage: str, done: int, total: int, info: dict) -> None:
     pass
 
 
-def _table_entry(model, fam, spec: FormatSpec):
-    """The token table stored in ``spec`` (round-to-nearest with the MSE clip search, as the
-    budgeted planner's candidates): ``(name, stored tensors, manifest entry)``."""
-    from ..models import embedding
+def _table_entry(name: str, w: torch.Tensor, spec: FormatSpec):
+    """The token table ``w`` (V, H) stored in ``spec`` (round-to-nearest with the MSE clip search,
+    as the budgeted planner's candidates): ``(name, stored tensors, manifest entry)``."""
     from .quantizers import quantize, round_float
 
-    name = fam.embedding_attr
-    w = embedding(model, fam).weight.detach().float()
+    w = w.detach().float()
     if spec.kind == "fp":
         w_hat, qt = round_float(w, spec), None
     else:
@@ -112,12 +122,19 @@ def _table_entry(model, fam, spec: FormatSpec):
     return name, mt, ckpt.MatrixEntry(spec.name, 0, list(w.shape), error, stored, "embedding")
 
 
-def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_callback) -> dict:
-    """Run GPTQ or CBQ and write the checkpoint; returns the report ``--json`` prints."""
+def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_callback, stream: bool = True) -> dict:
+    """Run GPTQ or CBQ and write the checkpoint; returns the report ``--json`` prints.  GPTQ of a
+    safetensors decoder is streamed, one block in memory (:mod:`.streaming`; ``stream=False``
+    loads the whole model, the same bytes)."""
     t0 = time.perf_counter()
     if cfg.output.exists() and not ckpt.is_checkpoint(cfg.output):
         raise BadInput(f"{cfg.output}: exists and is not a quantseal checkpoint; refusing to overwrite it")
     torch.manual_seed(cfg.seed)
+    source = open_source(cfg.model) if stream and cfg.method == "gptq" else None
+    if source is not None and source.fam.name == "decoder":  # one block in memory at a time
+        from .streaming import stream_gptq
+
+        return stream_gptq(cfg, source, callback, t0)
     model, fam = load_model(cfg.model)
     linears = compressible_linears(model, fam)
     texts = calibration_texts(cfg.calib, cfg.calib_samples)
@@ -127,7 +144,9 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
     activations: dict[str, dict] = {}
     extra_info: dict = {}
     if cfg.method == "gptq":
-        inputs = capture_block_inputs(model, fam, batches, torch.float32)
+        device = resolve_device(cfg.device)
+        model.to(device)
+        inputs = capture_block_inputs(model, fam, to_device(batches, device), torch.float32)
         done = [0]
 
         def tick(what: str) -> None:
@@ -135,6 +154,7 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
             callback("gptq", done[0], len(linears), {"layer": what})
 
         quantized = gptq_quantize_model(model, fam, inputs, spec, tick=tick)
+        model.to("cpu")  # results are written from the CPU
     else:
         inputs = capture_block_inputs(model, fam, batches, torch.float16)
         ccfg = cfg.cbq()
@@ -159,7 +179,7 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
         entries[name] = ckpt.MatrixEntry(spec.name, 0, list(qt.shape), 0.0, stored, "linear")
     planned = {n + ".weight" for n in linears}
     if cfg.table is not None:
-        name, mt, entry = _table_entry(model, fam, FormatSpec.parse(cfg.table))
+        name, mt, entry = _table_entry(fam.embedding_attr, embedding(model, fam).weight, FormatSpec.parse(cfg.table))
         tensors.update(mt)
         entries[name] = entry
         planned.add(name + ".weight")
@@ -169,34 +189,48 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
             tensors[k] = v.detach().clone().contiguous()
 
     lin_params = sum(l.weight.numel() for l in linears.values())
-    lin_bytes = sum(e.bytes for e in entries.values())
     total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    manifest = calibrated_manifest(cfg, fam.name, model.config.model_type, entries, lin_params, total_bytes,
+                                   len(texts), extra_info, activations)
+    ckpt.write_checkpoint(cfg.output, manifest, tensors, cfg.model)
+    return calibrated_report(cfg, manifest, calib_seconds, t0)
+
+
+def calibrated_manifest(cfg: CalibratedConfig, family: str, model_type: str, entries: dict[str, ckpt.MatrixEntry],
+                        lin_params: int, total_bytes: int, n_texts: int, extra_info: dict,
+                        activations: dict) -> ckpt.Manifest:
+    """The manifest of a GPTQ / CBQ checkpoint (``total_bytes``: every stored tensor's bytes)."""
+    lin_bytes = sum(e.bytes for e in entries.values())
     bits_pp = lin_bytes * 8 / lin_params
     budget = {"kind": "uniform", "asked": None, "bits_per_param": bits_pp, "compressible_bytes": lin_bytes,
               "compressible_params": lin_params, "tensor_bytes": total_bytes}
     source_file = next(iter(sorted(Path(cfg.model).glob("*.safetensors"))), None)
-    source = {"path": str(cfg.model), "family": fam.name, "model_type": model.config.model_type,
+    source = {"path": str(cfg.model), "family": family, "model_type": model_type,
               "sha256": ckpt.file_sha256(source_file) if source_file else None}
     extra = {"seed": cfg.seed, "calib": str(cfg.calib) if cfg.calib else "pydoc_data.topics",
-             "calib_samples": len(texts), "wbits": cfg.wbits, "abits": cfg.abits, "block": cfg.block,
-             "stored_bits": spec.stored_bits, **extra_info, **cfg.extra}
+             "calib_samples": n_texts, "wbits": cfg.wbits, "abits": cfg.abits, "block": cfg.block,
+             "stored_bits": cfg.spec.stored_bits, **extra_info, **cfg.extra}
     if cfg.method == "cbq":
         extra.update({"window": cfg.window, "rank": cfg.rank, "steps": cfg.steps, "init": cfg.init})
     if activations:
         extra["activations"] = activations
-    manifest = ckpt.Manifest(source=source, method=cfg.method, budget=budget, matrices=entries, extra=extra)
-    ckpt.write_checkpoint(cfg.output, manifest, tensors, cfg.model)
+    return ckpt.Manifest(source=source, method=cfg.method, budget=budget, matrices=entries, extra=extra)
+
+
+def calibrated_report(cfg: CalibratedConfig, manifest: ckpt.Manifest, calib_seconds: float, t0: float) -> dict:
+    """What ``--json`` prints for a written GPTQ / CBQ checkpoint."""
+    b = manifest.budget
     return {
         "output": str(cfg.output),
         "method": cfg.method,
-        "format": spec.name,
+        "format": cfg.spec.name,
         "wbits": cfg.wbits,
         "abits": cfg.abits,
-        "bits_per_param": round(bits_pp, 6),
-        "bytes": total_bytes,
-        "file_bytes": (cfg.output / ckpt.WEIGHTS).stat().st_size,
-        "compressible_bytes": lin_bytes,
-        "matrices": len(entries),
+        "bits_per_param": round(b["bits_per_param"], 6),
+        "bytes": b["tensor_bytes"],
+        "file_bytes": ckpt.tensor_files_bytes(cfg.output),
+        "compressible_bytes": b["compressible_bytes"],
+        "matrices": len(manifest.matrices),
         "calibration_seconds": round(calib_seconds, 3),
         "seconds": round(time.perf_counter() - t0, 3),
     }

@@ -74,8 +74,9 @@ def _model_kwargs(fam: Family, batch: dict[str, torch.Tensor]) -> dict:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, fam: Family, batches: list[dict[str, torch.Tensor]],
-                         storage_dtype: torch.dtype = torch.float16) -> BlockInputs:
-    """Inputs of block 0 for every batch; the blocks themselves never run."""
+                         storage_dtype: torch.dtype = torch.float16, store=None) -> BlockInputs:
+    """Inputs of block 0 for every batch; the blocks themselves never run.  The hidden states are
+    appended to ``store`` when given (e.g. a :class:`~.spill.SpillStore`), else to a list."""
     first = blocks(model, fam)[0]
     seen: dict = {}
 
@@ -84,7 +85,7 @@ def capture_block_inputs(model: nn.Module, fam: Family, batches: list[dict[str, 
         raise _Stop
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    hidden, args, kwargs, masks = [], [], [], []
+    hidden, args, kwargs, masks = ([] if store is None else store), [], [], []
     try:
         for batch in batches:
             try:

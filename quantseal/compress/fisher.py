@@ -27,7 +27,9 @@ def output_fisher(model: nn.Module, fam: Family, batches: Iterable[dict[str, tor
                   progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """``{name: F (same shape as params[name])}``, the mean over calibration sequences.
 
-    ``params`` maps a name to a parameter tensor of ``model`` (e.g. a Linear's weight)."""
+    ``params`` maps a name to a parameter tensor of ``model`` (e.g. a Linear's weight).  The
+    model and the batches may live on any one device (``--device``); the random directions are
+    drawn on the CPU (the same on every device) and the result is on the CPU."""
     gen = torch.Generator().manual_seed(seed)
     acc = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -43,7 +45,7 @@ def output_fisher(model: nn.Module, fam: Family, batches: Iterable[dict[str, tor
                 model.zero_grad(set_to_none=True)
                 if fam.name == "encoder":
                     emb = encode(model, batch)
-                    u = torch.randn(emb.shape, generator=gen)
+                    u = torch.randn(emb.shape, generator=gen).to(emb.device)
                     (emb * u).sum().backward()
                 else:
                     ids = batch["input_ids"]
@@ -59,7 +61,7 @@ def output_fisher(model: nn.Module, fam: Family, batches: Iterable[dict[str, tor
         for p, flag in flags.items():
             p.requires_grad_(flag)
             p.grad = None
-    return {k: (v / max(count, 1)).float() for k, v in acc.items()}
+    return {k: (v / max(count, 1)).float().cpu() for k, v in acc.items()}
 
 
 def scale_vectors(fisher: torch.Tensor, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..devices import to_device
 from ..models import Family, blocks
 from .calibration import BlockInputs, block_forward, run_block
 from .formats import FormatSpec
@@ -41,7 +42,7 @@ class GPTQ:
     def __init__(self, layer: nn.Linear):
         self.layer = layer
         self.rows, self.columns = layer.weight.shape  # N, K
-        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float64)
+        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=layer.weight.device)
         self.nsamples = 0
 
     def add_batch(self, inp: torch.Tensor) -> None:
@@ -74,15 +75,15 @@ class GPTQ:
         H[dead, dead] = 1
         W[:, dead] = 0
         damp = percdamp * torch.mean(torch.diag(H))
-        H += damp * torch.eye(K, dtype=H.dtype)
+        H += damp * torch.eye(K, dtype=H.dtype, device=H.device)
         L = torch.linalg.cholesky(H)
         Hinv = torch.cholesky_inverse(L)
         Hinv = torch.linalg.cholesky(Hinv, upper=True).float()  # upper factor: row q is (H_F⁻¹)_{q,:}/sqrt([H_F⁻¹]_qq)
         W = W.float()
 
-        codes = torch.zeros(N, nb * B)
-        scales = torch.zeros(N, nb)
-        zeros = torch.zeros(N, nb)
+        codes = torch.zeros(N, nb * B, device=W.device)
+        scales = torch.zeros(N, nb, device=W.device)
+        zeros = torch.zeros(N, nb, device=W.device)
         for i1 in range(0, K, blocksize):
             i2 = min(i1 + blocksize, K)
             W1 = W[:, i1:i2].clone()
@@ -124,34 +125,48 @@ Tick = Callable[[str], None]
 
 
 @torch.no_grad()
+def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInputs, spec: FormatSpec,
+                        percdamp: float = 0.01, tick: Tick | None = None) -> dict[str, QuantizedTensor]:
+    """GPTQ on one block's Linears, in order, each on inputs produced by the already-quantised
+    Linears before it; the block's Linears are overwritten with their dequantised weights.
+    ``x``: the block's inputs (moved batch by batch to the block's device); ``prefix``: the
+    block's full name.  Returns ``{full_name: codes}``, on the CPU."""
+    device = next(block.parameters()).device
+    result: dict[str, QuantizedTensor] = {}
+    for rel in fam.linears:
+        layer = block.get_submodule(rel)
+        solver = GPTQ(layer)
+        state = {}
+
+        def hook(_m, args, _state=state, _solver=solver):
+            _solver.add_batch(args[0][_state["mask"]])
+
+        h = layer.register_forward_pre_hook(hook)
+        try:
+            for hid, a, kw, m in zip(x.hidden, x.args, x.kwargs, x.token_mask):
+                state["mask"] = m.to(device)
+                block_forward(block, hid.to(device), *to_device((a, kw), device))
+        finally:
+            h.remove()
+        qt = solver.quantize(spec, percdamp=percdamp)
+        solver.free()
+        layer.weight.data = dequantize(qt).to(layer.weight.dtype)
+        result[f"{prefix}.{rel}"] = qt.cpu()
+        if tick:
+            tick(f"block {prefix.rsplit('.', 1)[-1]} {rel}")
+    return result
+
+
+@torch.no_grad()
 def gptq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, spec: FormatSpec,
                         percdamp: float = 0.01, storage_dtype: torch.dtype = torch.float32,
                         tick: Tick | None = None) -> dict[str, QuantizedTensor]:
     """Sequential GPTQ over the blocks; the model's Linears are overwritten with their dequantised
-    weights.  ``inputs`` are block 0's captured inputs.  Returns ``{full_name: QuantizedTensor}``."""
+    weights.  ``inputs`` are block 0's captured inputs.  Returns ``{full_name: QuantizedTensor}``.
+    (:mod:`.streaming` runs the same :func:`gptq_quantize_block` with one block in memory.)"""
     result: dict[str, QuantizedTensor] = {}
     x = inputs
     for bi, block in enumerate(blocks(model, fam)):
-        for rel in fam.linears:
-            layer = block.get_submodule(rel)
-            solver = GPTQ(layer)
-            state = {}
-
-            def hook(_m, args, _state=state, _solver=solver):
-                _solver.add_batch(args[0][_state["mask"]])
-
-            h = layer.register_forward_pre_hook(hook)
-            try:
-                for hid, a, kw, m in zip(x.hidden, x.args, x.kwargs, x.token_mask):
-                    state["mask"] = m
-                    block_forward(block, hid, a, kw)
-            finally:
-                h.remove()
-            qt = solver.quantize(spec, percdamp=percdamp)
-            solver.free()
-            layer.weight.data = dequantize(qt).to(layer.weight.dtype)
-            result[f"{fam.blocks_attr}.{bi}.{rel}"] = qt
-            if tick:
-                tick(f"block {bi} {rel}")
+        result.update(gptq_quantize_block(block, f"{fam.blocks_attr}.{bi}", fam, x, spec, percdamp, tick))
         x = run_block(block, x, storage_dtype)
     return result

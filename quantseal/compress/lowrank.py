@@ -33,6 +33,12 @@ class LQResult:
     error: float
     iterations: int
 
+    def cpu(self) -> "LQResult":
+        """The result on the CPU (what is written)."""
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        return LQResult(None if self.qt is None else self.qt.cpu(), cpu(self.w_hat), cpu(self.l1), cpu(self.l2),
+                        self.error, self.iterations)
+
 
 def weighted_error(residual: torch.Tensor, fisher: torch.Tensor | None) -> float:
     """Σ F ⊙ R² (or Σ R² without a Fisher), accumulated in float64."""
@@ -50,7 +56,7 @@ def randomized_svd(a: torch.Tensor, rank: int, oversample: int = 10, n_iter: int
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank]
     gen = torch.Generator().manual_seed(seed)
-    omega = torch.randn(k, q_dim, generator=gen, dtype=a.dtype)
+    omega = torch.randn(k, q_dim, generator=gen, dtype=a.dtype).to(a.device)  # drawn on the CPU: any device, same Ω
     q, _ = torch.linalg.qr(a @ omega)
     for _ in range(n_iter):
         z, _ = torch.linalg.qr(a.T @ q)
@@ -95,7 +101,7 @@ def lq_decompose(w: torch.Tensor, cand: Candidate, fisher: torch.Tensor | None =
     # the state (Q = quant(W), L1 L2 = 0) competes for "best": an LQ candidate is never worse
     # than its rank-0 twin.
     qt = quantize(w, fmt, fisher, clip_search)
-    zeros = (torch.zeros(w.shape[0], cand.rank), torch.zeros(cand.rank, w.shape[1]))
+    zeros = (torch.zeros(w.shape[0], cand.rank, device=w.device), torch.zeros(cand.rank, w.shape[1], device=w.device))
     best = LQResult(qt, dequantize(qt), *zeros, weighted_error(w - dequantize(qt), fisher), 0)
     q_deq = torch.zeros_like(w)
     prev = float("inf")

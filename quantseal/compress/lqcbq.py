@@ -56,7 +56,7 @@ def lq_cbq_compress(cfg: CompressConfig, cbq: CBQConfig, progress: Progress = _n
         raise BadInput("--method lq+cbq refines weights only (--abits 16, no weight truncation)")
     if cfg.output.exists() and not ckpt.is_checkpoint(cfg.output):
         raise BadInput(f"{cfg.output}: exists and is not a quantseal checkpoint; refusing to overwrite it")
-    table = build_candidate_table(cfg, progress)
+    table = build_candidate_table(cfg, progress, stream=False)  # CBQ below runs the whole float model
     choice = plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats), cfg.max_decode_ms)
     tensors, entries = materialize(table, choice, progress)
     model, fam = table.model, table.fam

@@ -1,7 +1,12 @@
 """``quantseal compress``: model folder → budgeted plan → compressed checkpoint folder.
 
-1. load the model; the compressible matrices are its blocks' Linears (plus the token embedding
-   when the budget is the whole file, ``budget_mb``);
+1. open the model; the compressible matrices are its blocks' Linears (plus the token embedding
+   when the budget is the whole file, ``budget_mb``).  A safetensors folder is streamed
+   (:mod:`quantseal.lazy_source`): the model is a meta-device skeleton, each matrix is read from
+   the file when a candidate evaluation or the final rebuild needs it, and results go straight
+   into the checkpoint's files (:class:`quantseal.checkpoint.CheckpointWriter`), so peak memory is
+   one matrix and its candidates, not the model.  Data-aware runs (the Fisher needs the whole
+   model's backward pass) and GGUF folders load the model in memory;
 2. data-aware: the output-sensitivity Fisher from calibration text (:mod:`.fisher`);
 3. every (format, rank) candidate of every matrix is decomposed (:mod:`.lowrank`) on a process
    pool, giving its error and exact stored bytes;
@@ -21,7 +26,10 @@ from typing import Callable
 import torch
 
 from .. import checkpoint as ckpt
+from ..devices import resolve_device, to_device
 from ..errors import BadInput, BudgetInfeasible
+from ..lazy_source import LazySource, TensorRef, open_source
+from ..tensorfile import TensorInfo
 from ..models import (compressible_linears, default_model_path, embedding, load_model, model_tokenizer, source_files,
                       source_weights)
 from ..text import calibration_texts
@@ -83,6 +91,7 @@ class CompressConfig:
     seed: int = 0
     max_iter: int = 4
     max_decode_ms: float | None = None  # bound on the plan's estimated per-token decode time (decode_cost)
+    device: str = "auto"  # where the Fisher and the LQ candidates compute (quantseal.devices)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -102,6 +111,7 @@ class CompressConfig:
         self.output = Path(self.output)
         self.ranks = tuple(sorted(set(self.ranks) | {0})) if self.method == "lq" else (0,)
         expand_families(self.formats)  # validates the names early
+        resolve_device(self.device)  # cuda without a GPU: one line, before any compute
 
 
 def matrix_candidates(n: int, k: int, formats: list[FormatSpec], ranks: tuple[int, ...]) -> list[Candidate]:
@@ -122,7 +132,12 @@ def _evaluate(task) -> list[tuple[float, int]]:
     """Worker: (error, bytes) of every candidate of one matrix, computed with one torch thread
     wherever it runs (a float sum's order depends on the thread count: with the main process's
     threads the serial path differed from the pool's in the last bits, and the plan could too)."""
-    w, fisher, cands, clip, max_iter = task
+    w, fisher, cands, clip, max_iter, *device = task  # device: optional 6th item (default cpu)
+    device = torch.device(device[0] if device else "cpu")
+    if isinstance(w, TensorRef):  # streamed: the worker reads its matrix from the source file
+        w = w.load()
+    w = w.to(device)
+    fisher = None if fisher is None else fisher.to(device)
     n, k = w.shape
     with one_torch_thread():
         return [(lq_decompose(w, c, fisher, max_iter=max_iter, clip_search=clip).error, c.stored_bytes(n, k))
@@ -159,7 +174,7 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 class CandidateTable:
     """Steps 1–3 of the job: every candidate's error and bytes, ready for any budget."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module  # on the meta device when streamed (``source`` set)
     fam: object
     targets: dict[str, tuple[torch.Tensor, str]]  # name → (weight (N, K), "linear" | "embedding")
     fisher: dict[str, torch.Tensor | None]
@@ -169,6 +184,24 @@ class CandidateTable:
     linear_params: int  # Σ N·K over the planned Linears
     clip: bool
     max_iter: int
+    source: LazySource | None = None  # the streamed source, else the model holds the weights
+    device: str = "cpu"  # where the chosen candidates are rebuilt (as the table was evaluated)
+
+    def weight(self, name: str) -> torch.Tensor:
+        """Matrix ``name``'s float32 weight (N, K), read from the source file when streamed."""
+        if self.source is not None:
+            return self.source.get(name + ".weight")
+        return self.targets[name][0].detach().float()
+
+    def untouched(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor that is not planned (meta tensors when streamed: shapes only)."""
+        planned = {n + ".weight" for n in self.targets}
+        return {k: v for k, v in ckpt.stored_state(self.model).items() if k not in planned}
+
+    def untouched_value(self, key: str) -> torch.Tensor:
+        if self.source is not None:
+            return self.source.get(key)
+        return ckpt.stored_state(self.model)[key].detach().clone().contiguous()
 
     def budget_bytes(self, budget_bits: float | None = None, budget_mb: float | None = None) -> int:
         """Bytes the planned matrices may take: bits × Linear params / 8, or MB − fixed bytes −
@@ -178,9 +211,16 @@ class CandidateTable:
         return math.floor(budget_mb * MB) - self.fixed_bytes - GRAPH_RESERVE_BYTES
 
 
-def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress) -> CandidateTable:
-    """Load the model, estimate the Fisher (data-aware) and evaluate every candidate."""
-    model, fam = load_model(cfg.model)
+def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress,
+                          stream: bool = True) -> CandidateTable:
+    """Open the model (streamed where it can be, see the module notes; ``stream=False`` loads
+    it), estimate the Fisher (data-aware) and evaluate every candidate."""
+    device = resolve_device(cfg.device)
+    source = open_source(cfg.model) if stream and not cfg.data_aware else None
+    if source is not None:
+        model, fam = source.model, source.fam
+    else:
+        model, fam = load_model(cfg.model)
     linears = compressible_linears(model, fam)
     targets: dict[str, tuple[torch.Tensor, str]] = {n: (m.weight, "linear") for n, m in linears.items()}
     if cfg.budget_mb is not None:
@@ -195,8 +235,10 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
             enc = tok(texts[i:i + 16])
             batches.append({k: torch.from_numpy(v) for k, v in enc.items()})
         tick = progress(len(texts), "fisher")
-        raw = output_fisher(model, fam, batches, {n: p for n, (p, _) in targets.items()},
+        model.to(device)
+        raw = output_fisher(model, fam, to_device(batches, device), {n: p for n, (p, _) in targets.items()},
                             seed=cfg.seed, progress=tick)
+        model.to("cpu")
         fisher = {n: floor_fisher(f) for n, f in raw.items()}
 
     lin_formats = expand_families(cfg.formats)
@@ -208,7 +250,7 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
         rows, cols = w.shape
         cands[n] = (matrix_candidates(rows, cols, lin_formats, cfg.ranks) if kind == "linear"
                     else [Candidate(f) for f in emb_formats])
-        tasks.append((w.detach().float().clone(), fisher[n], cands[n], clip, cfg.max_iter))
+        tasks.append((_task_weight(source, w, n), fisher[n], cands[n], clip, cfg.max_iter, str(device)))
     results = evaluate_candidates(tasks, cfg.workers, progress(len(tasks), "candidates"), cfg.ray)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     options = [MatrixOptions(n, [c.name for c in cands[n]], [b for _, b in r], [e for e, _ in r],
@@ -222,7 +264,14 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
 
         fixed += graph_table_bytes(arch_of(model.config.to_dict()))
     lin_params = sum(w.numel() for w, kind in targets.values() if kind == "linear")
-    return CandidateTable(model, fam, targets, fisher, cands, options, fixed, lin_params, clip, cfg.max_iter)
+    return CandidateTable(model, fam, targets, fisher, cands, options, fixed, lin_params, clip, cfg.max_iter, source,
+                          str(device))
+
+
+def _task_weight(source: LazySource | None, w: torch.Tensor, name: str):
+    """What a candidate-evaluation task carries: a :class:`TensorRef` when streamed (the worker
+    reads the matrix itself, so no process holds them all), else a float32 copy of the weight."""
+    return source.ref(name + ".weight") if source is not None else w.detach().float().clone()
 
 
 def _decode_costs(cands: list[Candidate], target: tuple[torch.Tensor, str], tied: bool) -> list[float]:
@@ -255,33 +304,55 @@ def plan(table: CandidateTable, budget_bits: float | None = None, budget_mb: flo
                                + (f" with formats {formats_label}" if formats_label else "")) from None
 
 
-def materialize(table: CandidateTable, choice: list[int],
-                progress: Progress = _no_progress) -> tuple[dict[str, torch.Tensor], dict[str, ckpt.MatrixEntry]]:
-    """Step 5: rebuild the chosen candidates; returns every stored tensor and the manifest entries."""
-    tensors: dict[str, torch.Tensor] = {}
+def planned_specs(table: CandidateTable, choice: list[int]) -> dict[str, TensorInfo]:
+    """Dtype and shape of every tensor the checkpoint of plan ``choice`` stores, known before any
+    is computed (so the shard files are laid out up front)."""
+    specs: dict[str, TensorInfo] = {}
+    for (n, (w, _kind)), c_idx in zip(table.targets.items(), choice):
+        specs.update(ckpt.matrix_specs(n, table.cands[n][c_idx], *w.shape))
+    for k, v in table.untouched().items():
+        specs[k] = TensorInfo(v.dtype, v.shape)
+    return specs
+
+
+def materialize_into(table: CandidateTable, choice: list[int], put: Callable[[str, torch.Tensor], None],
+                     progress: Progress = _no_progress) -> dict[str, ckpt.MatrixEntry]:
+    """Step 5, streamed: rebuild the chosen candidates one matrix at a time and hand every stored
+    tensor to ``put(name, tensor)`` as soon as it exists; returns the manifest entries."""
     entries: dict[str, ckpt.MatrixEntry] = {}
     tick = progress(len(choice), "writing")
     for (n, (w, kind)), c_idx, opt in zip(table.targets.items(), choice, table.options):
         cand = table.cands[n][c_idx]
+        fisher = table.fisher[n]
         with one_torch_thread():  # the same floats as the candidate table's evaluation
-            res = lq_decompose(w.detach().float(), cand, table.fisher[n], max_iter=table.max_iter,
-                               clip_search=table.clip)
+            res = lq_decompose(table.weight(n).to(table.device), cand,
+                               None if fisher is None else fisher.to(table.device),
+                               max_iter=table.max_iter, clip_search=table.clip).cpu()
         mt = ckpt.matrix_tensors(n, cand.fmt, res.qt, res.w_hat, res.l1, res.l2)
         stored = sum(_tensor_bytes(t) for t in mt.values())
         if stored != opt.bytes[c_idx]:  # the ILP's byte count must be the file's
             raise RuntimeError(f"{n}: {cand.name} stores {stored} bytes, planned {opt.bytes[c_idx]}")
-        tensors.update(mt)
+        for key, t in mt.items():
+            put(key, t)
         entries[n] = ckpt.MatrixEntry(cand.fmt.name, cand.rank, list(w.shape), res.error, stored, kind)
+        del res, mt
         tick(1)
-    planned = {n + ".weight" for n in table.targets}
-    for k, v in ckpt.stored_state(table.model).items():
-        if k not in planned:
-            tensors[k] = v.detach().clone().contiguous()
+    for k in table.untouched():
+        put(k, table.untouched_value(k))
+    return entries
+
+
+def materialize(table: CandidateTable, choice: list[int],
+                progress: Progress = _no_progress) -> tuple[dict[str, torch.Tensor], dict[str, ckpt.MatrixEntry]]:
+    """Step 5 in memory: every stored tensor and the manifest entries."""
+    tensors: dict[str, torch.Tensor] = {}
+    entries = materialize_into(table, choice, tensors.__setitem__, progress)
     return tensors, entries
 
 
 def compress(cfg: CompressConfig, progress: Progress = _no_progress) -> dict:
-    """Run the whole job; returns the report that ``--json`` prints."""
+    """Run the whole job; returns the report that ``--json`` prints.  The checkpoint's tensors
+    are written as they are rebuilt (:class:`~quantseal.checkpoint.CheckpointWriter`)."""
     t0 = time.perf_counter()
     if cfg.output.exists() and not ckpt.is_checkpoint(cfg.output):
         raise BadInput(f"{cfg.output}: exists and is not a quantseal checkpoint; refusing to overwrite it")
@@ -289,9 +360,12 @@ def compress(cfg: CompressConfig, progress: Progress = _no_progress) -> dict:
     t_solve = time.perf_counter()
     choice = plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats), cfg.max_decode_ms)
     solve_seconds = time.perf_counter() - t_solve
-    tensors, entries = materialize(table, choice, progress)
-    manifest = make_manifest(table, cfg, entries, tensors)
-    ckpt.write_checkpoint(cfg.output, manifest, tensors, cfg.model, source_files(cfg.model, table.model))
+    specs = planned_specs(table, choice)
+    extra_files = {} if table.source is not None else source_files(cfg.model, table.model)
+    with ckpt.CheckpointWriter(cfg.output, specs, cfg.model, extra_files) as writer:
+        entries = materialize_into(table, choice, writer.put, progress)
+        manifest = make_manifest(table, cfg, entries, specs)
+        writer.finish(manifest)
     report = summarize(manifest, cfg.output)
     decode_us = sum(o.costs[c] for o, c in zip(table.options, choice))
     report.update(solver_seconds=round(solve_seconds, 4), seconds=round(time.perf_counter() - t0, 3),
@@ -300,7 +374,9 @@ def compress(cfg: CompressConfig, progress: Progress = _no_progress) -> dict:
 
 
 def make_manifest(table: CandidateTable, cfg: CompressConfig, entries: dict[str, ckpt.MatrixEntry],
-                  tensors: dict[str, torch.Tensor]) -> ckpt.Manifest:
+                  tensors: dict) -> ckpt.Manifest:
+    """The manifest; ``tensors`` maps every stored name to its tensor or its
+    :class:`~quantseal.tensorfile.TensorInfo` (only the sizes are read)."""
     lin_bytes = sum(e.bytes for e in entries.values() if e.kind == "linear")
     budget = {"kind": "bits" if cfg.budget_bits is not None else "mb",
               "asked": cfg.budget_bits if cfg.budget_bits is not None else cfg.budget_mb,
@@ -330,7 +406,7 @@ def summarize(manifest: ckpt.Manifest, output: Path) -> dict:
         "budget_kind": b["kind"],
         "bits_per_param": round(b["bits_per_param"], 6),
         "bytes": b["tensor_bytes"],
-        "file_bytes": (output / ckpt.WEIGHTS).stat().st_size,
+        "file_bytes": ckpt.tensor_files_bytes(output),
         "compressible_bytes": b["compressible_bytes"],
         "matrices": len(manifest.matrices),
         "formats": dict(sorted(formats.items())),

@@ -54,6 +54,11 @@ class QuantizedTensor:
     shape: tuple[int, int]
     spec: FormatSpec
 
+    def cpu(self) -> "QuantizedTensor":
+        """The same codes and parameters on the CPU (what is written)."""
+        return QuantizedTensor(self.codes.cpu(), self.scales.cpu(), None if self.zeros is None else self.zeros.cpu(),
+                               self.shape, self.spec)
+
 
 def _blocks(w: torch.Tensor, block: int) -> torch.Tensor:
     """(N, K) → (N, nb, B), zero-padded along K."""
@@ -132,7 +137,7 @@ def quantize_nf(w: torch.Tensor, spec: FormatSpec, weight: torch.Tensor | None =
     n, k = w.shape
     wb = _blocks(w.float(), spec.block)
     wt = _blocks(weight.float(), spec.block) if weight is not None else None
-    levels = NF4_LEVELS.to(torch.float32)
+    levels = NF4_LEVELS.to(device=w.device, dtype=torch.float32)
     amax = wb.abs().amax(-1)
     best = None
     for ratio in CLIP_GRID if clip_search else (1.0,):
@@ -162,7 +167,7 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     spec = qt.spec
     q = qt.codes.reshape(n, -1, spec.block).float()
     if spec.kind == "nf":
-        w = NF4_LEVELS.to(torch.float32)[q.long()] * qt.scales[..., None]
+        w = NF4_LEVELS.to(device=q.device, dtype=torch.float32)[q.long()] * qt.scales[..., None]
     else:
         zero = qt.zeros.float() if qt.zeros is not None else torch.full_like(qt.scales, 2.0 ** (spec.bits - 1))
         w = (q - zero[..., None]) * qt.scales[..., None]

@@ -1,0 +1,129 @@
+"""Streaming GPTQ of a decoder (issue #12): one block's weights and one block's calibration
+activations in memory, results written into the checkpoint as each block finishes.
+
+The pass is GPTQ's own sequential capture-and-replay (Frantar et al. 2023, §4 "Step 3"; see
+:mod:`.gptq`), with the model read through :class:`~quantseal.lazy_source.LazySource`:
+
+1. the token table, final norm and rotary tables are materialised and block 0's inputs captured
+   for every calibration batch (``(B, T, H)`` float32 each, held in a :class:`~.spill.SpillStore`
+   up to ``activation_mb``, spilled to a temporary folder beyond it); then they are dropped;
+2. for block i: its float weights are read from the source, :func:`~.gptq.gptq_quantize_block`
+   quantises its Linears in order, the codes go straight to the checkpoint's shard files, the
+   block (now holding the dequantised weights) maps the inputs to block i + 1's, and its memory is
+   released;
+3. the untouched tensors (norms, the token table or its ``--table`` quantisation) are copied
+   through one at a time, and the folder is published as a unit.
+
+Peak memory is about the token table (during the capture), one block's weights, GPTQ's
+Hessians (K × K float64 for the widest Linear) and two windows of activations: flat in depth.
+Every number equals the in-memory path's (:func:`~.gptq.gptq_quantize_model`): the same block
+code on the same float32 weights and inputs, so the checkpoint is byte-identical
+(tests/compress/test_streaming.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..devices import resolve_device, to_device
+from ..lazy_source import LazySource
+from ..models import blocks, compressible_linears
+from ..tensorfile import TensorInfo
+from ..text import calibration_texts
+from .calibrated import CalibratedConfig, _table_entry, calibrated_manifest, calibrated_report
+from .calibration import BlockInputs, block_forward, calibration_batches, capture_block_inputs
+from .formats import Candidate, FormatSpec
+from .gptq import gptq_quantize_block
+from .spill import SpillStore
+
+MB = 1_000_000
+
+
+def output_specs(source: LazySource, linears: list[str], spec: FormatSpec,
+                 table: FormatSpec | None) -> dict[str, TensorInfo]:
+    """Every tensor the checkpoint will hold, before any is computed."""
+    specs: dict[str, TensorInfo] = {}
+    planned = set()
+    for name in linears:
+        n, k = source.stored[name + ".weight"].shape
+        specs.update(ckpt.matrix_specs(name, Candidate(spec), n, k))
+        planned.add(name + ".weight")
+    if table is not None:
+        name = source.fam.embedding_attr
+        specs.update(ckpt.matrix_specs(name, Candidate(table), *source.stored[name + ".weight"].shape))
+        planned.add(name + ".weight")
+    for key, info in source.stored.items():
+        if key not in planned:
+            specs[key] = info
+    return specs
+
+
+@torch.no_grad()
+def run_block_spilled(block: torch.nn.Module, x: BlockInputs, cap_bytes: float,
+                      device: torch.device = torch.device("cpu")) -> BlockInputs:
+    """The next block's inputs (float32, on the CPU), held in a new :class:`SpillStore`."""
+    out = SpillStore(cap_bytes)
+    for h, a, kw in zip(x.hidden, x.args, x.kwargs):
+        out.append(block_forward(block, h.to(device), *to_device((a, kw), device)).to(torch.float32))
+    return x.with_hidden(out)
+
+
+def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float | None = None) -> dict:
+    """``compress --method gptq`` of a safetensors decoder, streamed (see the module notes)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    fam = source.fam
+    device = resolve_device(cfg.device)
+    model = source.load_outside_blocks(device)
+    linears = list(compressible_linears(model, fam))  # names only: the blocks are still on meta
+    texts = calibration_texts(cfg.calib, cfg.calib_samples)
+    batches = calibration_batches(cfg.model, texts, cfg.batch_size)
+    spec = cfg.spec
+    table = FormatSpec.parse(cfg.table) if cfg.table is not None else None
+    cap = cfg.activation_mb * MB
+    specs = output_specs(source, linears, spec, table)
+    entries: dict[str, ckpt.MatrixEntry] = {}
+    t_cal = time.perf_counter()
+    x = capture_block_inputs(model, fam, to_device(batches, device), torch.float32, store=SpillStore(cap))
+    with ckpt.CheckpointWriter(cfg.output, specs, cfg.model) as writer:
+        if table is not None:
+            name = fam.embedding_attr
+            name, mt, entry = _table_entry(name, source.model.get_submodule(name).weight.cpu(), table)
+            for key, t in mt.items():
+                writer.put(key, t)
+            entries[name] = entry
+            del mt
+        source.release(model)  # the token table is no longer needed in memory
+        done = [0]
+
+        def tick(what: str) -> None:
+            done[0] += 1
+            callback("gptq", done[0], len(linears), {"layer": what})
+
+        for bi, block in enumerate(blocks(model, fam)):
+            prefix = f"{fam.blocks_attr}.{bi}"
+            source.load_module(block, prefix, device)
+            quantized = gptq_quantize_block(block, prefix, fam, x, spec, tick=tick)
+            for name, qt in quantized.items():
+                mt = ckpt.matrix_tensors(name, spec, qt, None, None, None)
+                stored = sum(t.numel() * t.element_size() for t in mt.values())
+                for key, t in mt.items():
+                    writer.put(key, t)
+                entries[name] = ckpt.MatrixEntry(spec.name, 0, list(qt.shape), 0.0, stored, "linear")
+            nxt = run_block_spilled(block, x, cap, device) if bi + 1 < len(blocks(model, fam)) else None
+            x.hidden.close()
+            x = nxt
+            source.release(block)
+        calib_seconds = time.perf_counter() - t_cal
+        planned = {n + ".weight" for n in entries}
+        for key in source.stored:
+            if key not in planned:
+                writer.put(key, source.get(key))
+        lin_params = sum(source.stored[n + ".weight"].numel() for n in linears)
+        total_bytes = sum(s.nbytes for s in specs.values())
+        manifest = calibrated_manifest(cfg, fam.name, source.model.config.model_type, entries, lin_params,
+                                       total_bytes, len(texts), {}, {})
+        writer.finish(manifest)
+    return calibrated_report(cfg, manifest, calib_seconds, t0)
