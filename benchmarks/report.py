@@ -162,7 +162,8 @@ def scale_llama_table(res: dict) -> str:
         v = row.get(key)
         return "—" if v is None else fmt.format(v)
 
-    lines = ["`python benchmarks/scale_llama.py` — synthetic seeded LLaMA models (vocabulary 49152, tied, float32; "
+    lines = ["### Cost against model size (synthetic LLaMA 135M / 360M / 1B)", "",
+             "`python benchmarks/scale_llama.py` — synthetic seeded LLaMA models (vocabulary 49152, tied, float32; "
              "`benchmarks/synthetic_llama.py`), each command in a fresh process on 2 shared cores: CPU = seconds of "
              "the child (getrusage), peak = the child's VmHWM (MB). compress: `--method rtn --budget 4.5` and "
              "`--method gptq --wbits 4`, `--workers 1`; LQ table: every default candidate of layer 0's 7 matrices, "
@@ -209,7 +210,8 @@ def scale_llama_table(res: dict) -> str:
     by_commit: dict[str, list[str]] = {}
     for s, st, c in commits:
         by_commit.setdefault(c, []).append(f"{s} {st}")
-    lines += ["", "Measured at commits: " + "; ".join(f"`{c}`: {', '.join(v)}" for c, v in sorted(by_commit.items())),
+    lines += ["", "Measured at commits: " + "; ".join(f"`{c}`: {', '.join(v)}" for c, v in sorted(by_commit.items()))
+              + (f". {res['note']}" if res.get("note") else "."),
               "", "Plot: `results/scale_llama.png`."]
     return "\n".join(lines)
 

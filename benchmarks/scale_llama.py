@@ -260,11 +260,12 @@ def plot(res: dict, path: Path) -> None:
             pts = [(p, y) for p, y in pts if y is not None]
             if not pts:
                 continue
-            line = ax.plot([p for p, _ in pts], [y for _, y in pts], "o", label=step)[0]
+            color = f"C{FIT_STEPS.index(step)}"  # one colour per command in both panels
+            ax.plot([p for p, _ in pts], [y for _, y in pts], "o", color=color, label=step)
             f = res["fits"].get(f"{step}.{what}")
             if f:
                 xs = [0, max(p for p, _ in pts)]
-                ax.plot(xs, [f["a"] + f["b"] * x for x in xs], "-", color=line.get_color(), alpha=0.6)
+                ax.plot(xs, [f["a"] + f["b"] * x for x in xs], "-", color=color, alpha=0.6)
         ax.set_xlabel("parameters (millions)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -314,10 +315,13 @@ def main() -> None:
     ap.add_argument("--rtn-checkpoint", action="append", default=[], metavar="SIZE=PATH",
                     help="export/decode this RTN checkpoint for SIZE instead of ck-dir's")
     ap.add_argument("--render", action="store_true", help="only recompute fits, plot and table from the JSON")
+    ap.add_argument("--note", help="a line stored with the results (which code measured what), shown under the table")
     a = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     res = _load()
     _ray_rows(res)
+    if a.note is not None:
+        res["note"] = a.note
     if a.render:
         render(res)
         return
