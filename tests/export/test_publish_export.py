@@ -105,17 +105,14 @@ def test_kill_nine_leaves_one_complete_export(llama_rtn_export, llama_lq_export,
     child = tmp_path / "child.py"
     child.write_text(_CHILD)
     rng = random.Random(0)
-    seen = set()
-    for k in range(6):  # child k starts with checkpoint k % 2, then alternates
+    for k in range(6):  # child k starts with checkpoint k % 2, then alternates; each exports over the last
         p = subprocess.Popen([sys.executable, str(child), str(out), str(k), *map(str, cks)], stdout=subprocess.PIPE,
                              text=True)
         assert p.stdout.readline()  # imported, one export published
         time.sleep(rng.uniform(0.0, 1.0))
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
-        now = _files(out.parent)
-        assert now in refs  # never absent, never a mix, never half-written
-        seen.add(refs.index(now))
-    assert seen == {0, 1}
+        # never absent, never half-written, never one export's model.onnx with the other's model.onnx.data
+        assert _files(out.parent) in refs
     assert run(["gc", out.parent])[0] == 0
     assert [p.name for p in work.iterdir()] == ["exp"] and not [p for p in out.parent.iterdir() if p.name[0] == "."]
