@@ -235,11 +235,79 @@ def smollm2_grid_table(res: dict) -> str:
     ])
 
 
+def scale_llama_table(res: dict) -> str:
+    """benchmarks/scale_llama.py: cost against model size, the fits and their 7B / 70B values."""
+    runs, models = res.get("runs", {}), res.get("models", {})
+
+    def cell(size: str, step: str, key: str, fmt: str = "{:.0f}") -> str:
+        row = runs.get(size, {}).get(step)
+        if row is None:
+            return "—"
+        if row.get("rc", 0) != 0:
+            return "failed"
+        v = row.get(key)
+        return "—" if v is None else fmt.format(v)
+
+    lines = ["### Cost against model size (synthetic LLaMA 135M / 360M / 1B)", "",
+             "`python benchmarks/scale_llama.py` — synthetic seeded LLaMA models (vocabulary 49152, tied, float32; "
+             "`benchmarks/synthetic_llama.py`), each command in a fresh process on 2 shared cores: CPU = seconds of "
+             "the child (getrusage), peak = the child's VmHWM (MB). compress: `--method rtn --budget 4.5` and "
+             "`--method gptq --wbits 4`, `--workers 1`; LQ table: every default candidate of layer 0's 7 matrices, "
+             "serial, × layers; export: the RTN checkpoint, default flags (one file) and `--external-data always`; "
+             "decode: onnxruntime, 1 thread, 32 greedy tokens after an 8-token prompt.", "",
+             "| model | params | rtn CPU s / peak MB | gptq CPU s / peak MB | LQ table CPU s | export CPU s / peak MB "
+             "| export, external data: peak MB | ONNX MB | decode CPU ms/token |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for size in ("135M", "360M", "1B"):
+        if size not in models:
+            continue
+        m = models[size]
+        onnx_mb = runs.get(size, {}).get("export", {}).get("files_mb", {}).get("model.onnx")
+        lines.append(f"| {size} ({m['layers']} layers) | {m['params_m']:.1f} M "
+                     f"| {cell(size, 'compress_rtn', 'cpu_seconds')} / {cell(size, 'compress_rtn', 'peak_rss_mb')} "
+                     f"| {cell(size, 'compress_gptq', 'cpu_seconds')} / {cell(size, 'compress_gptq', 'peak_rss_mb')} "
+                     f"| {cell(size, 'lq_table', 'cpu_seconds_model')} "
+                     f"| {cell(size, 'export', 'cpu_seconds', '{:.1f}')} / {cell(size, 'export', 'peak_rss_mb')} "
+                     f"| {cell(size, 'export_external', 'peak_rss_mb')} | {'—' if onnx_mb is None else f'{onnx_mb:.0f}'} "
+                     f"| {cell(size, 'decode', 'cpu_ms_per_token', '{:.1f}')} |")
+    fits = res.get("fits", {})
+    if fits:
+        lines += ["", "Least-squares fits over the sizes measured (P = parameters in millions), and their values at "
+                  "7B and 70B:", "", "| command | CPU seconds | 7B CPU-hours | 70B CPU-hours | peak RSS (MB) "
+                  "| 7B GB | 70B GB |", "|---|---|---|---|---|---|---|"]
+        for step, label in (("compress_rtn", "compress --method rtn"), ("compress_gptq", "compress --method gptq"),
+                            ("lq_table", "LQ candidate table (serial)"), ("export", "export")):
+            c, r = fits.get(f"{step}.cpu"), fits.get(f"{step}.rss")
+            if c is None and r is None:
+                continue
+            cs = "—" if c is None else f"{c['a']:.1f} + {c['b']:.3f}·P"
+            rs = "—" if r is None else f"{r['a']:.0f} + {r['b']:.2f}·P"
+            lines.append(f"| {label} | {cs} | {'—' if c is None else c['7B']} | {'—' if c is None else c['70B']} "
+                         f"| {rs} | {'—' if r is None else r['7B']} | {'—' if r is None else r['70B']} |")
+    ray = res.get("ray")
+    if ray:
+        t, e = ray["table_seconds"], ray["export_customers_per_minute"]
+        lines += ["", f"Fan-out (from `{ray['source']}`, not re-run): LQ candidate table seconds and "
+                  f"`export-batch` customers per minute ({ray['customers']} customers); every way gave the same "
+                  f"table and files: {'yes' if all(ray['identical'].values()) else 'NO'}.", "", "| way | candidate table s | export-batch customers/min |", "|---|---|---|"]
+        for way in sorted(set(t) | set(e), key=lambda w: (w != "serial", w)):
+            lines.append(f"| {way} | {t.get(way, '—')} | {e.get(way, '—')} |")
+    commits = sorted({(s, st, r.get("commit", "?")) for s, rr in runs.items() for st, r in rr.items()})
+    by_commit: dict[str, list[str]] = {}
+    for s, st, c in commits:
+        by_commit.setdefault(c, []).append(f"{s} {st}")
+    lines += ["", "Measured at commits: " + "; ".join(f"`{c}`: {', '.join(v)}" for c, v in sorted(by_commit.items()))
+              + (f". {res['note']}" if res.get("note") else "."),
+              "", "Plot: `results/scale_llama.png`."]
+    return "\n".join(lines)
+
+
 RENDERERS = {"compress_minilm.json": compress_table, "decoder_smollm2.json": decoder_table,
              "smollm2_grid.json": smollm2_grid_table,
              "decode_cost.json": decode_cost_table,
              "watermark_smollm2.json": watermark_decoder_table,
-             "watermark_smollm2_chat.json": watermark_chat_table}
+             "watermark_smollm2_chat.json": watermark_chat_table,
+             "scale_llama.json": scale_llama_table}
 
 
 def main() -> None:

@@ -259,6 +259,9 @@ def _add_export(sub) -> None:
                         "default: 4 for decoders, whose 8-bit matrices run ~80x slower per token at 0, else 0)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"],
                    help="decoder compute type: fp32 (CPU) or fp16 (for the CUDA execution provider)")
+    p.add_argument("--external-data", default="auto", choices=["auto", "always", "never"],
+                   help="keep the weights in <output>.data beside the .onnx file: always, never, or auto "
+                        "(when they pass 1.8 GB; protobuf cannot hold 2 GiB in one file)")
     p.add_argument("--board", type=Path, help="watermark board folder (quantseal board train); with --key --registry --user")
     p.add_argument("--key", type=Path, help="watermark key file")
     p.add_argument("--registry", help="customer registry: an SQLite file or postgresql:// URL (quantseal registry add), or a legacy JSON file")
@@ -283,6 +286,8 @@ def _cmd_export(args) -> int:
 
     if args.accuracy_level is None:
         args.accuracy_level = default_accuracy_level(args.checkpoint)
+    if args.external_data != "auto" and (args.adapter or args.board is not None):
+        raise BadInput(f"--external-data {args.external_data} with --adapter or --board is not supported yet")
     if args.dtype != "fp32" and (args.adapter or args.board is not None):
         raise BadInput(f"--dtype {args.dtype} with --adapter or --board is not supported yet; export in fp32")
 
@@ -323,7 +328,8 @@ def _cmd_export(args) -> int:
     else:
         if args.seed is not None:
             raise BadInput("--seed seeds a watermarked export's obfuscation: it needs --board --key --registry --user")
-        res = export_onnx(args.checkpoint, args.output, accuracy_level=args.accuracy_level, dtype=args.dtype)
+        res = export_onnx(args.checkpoint, args.output, accuracy_level=args.accuracy_level, dtype=args.dtype,
+                          external_data=args.external_data)
     lowbit = {op: res["ops"].get(op, 0) for op in ("MatMulNBits", "MatMulBnb4", "GatherBlockQuantized")}
     human = (f"wrote {res['path']}: {res['bytes'] / 1e6:.2f} MB, {res['matrices']} compressed matrices "
              f"({res['matrix_bytes'] / 1e6:.3f} MB), low-bit ops {lowbit}, {res['seconds']:.1f} s")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -32,24 +33,23 @@ from .. import checkpoint as ckpt
 from ..errors import BadInput
 from .decoder_arch import arch_of
 from .decoder_graph import DecoderGraph
+from .external_data import TensorSink
 from .genai_config import META_GENAI, META_TOKENIZER_CONFIG, TOKENIZER_CONFIG, genai_config, tokenizer_config
-from .lowbit import STORED_SUFFIXES
-from .onnx import _metadata, finish_export, stored_matrices
+from .onnx import _metadata, finish_export
+from .publish_export import ExportStage
+from .stored import Filtered, LazyMatrices, NumpyView, owned_names
 
 LOGITS = "logits"
 COMPUTE = {"fp32": np.float32, "fp16": np.float16}  # export --dtype: CPU graphs compute in float32
 
 
-def _plain_tensors(manifest: ckpt.Manifest, tensors: dict) -> dict[str, np.ndarray]:
-    """Every stored tensor that is not one of a planned matrix's stored parts, as numpy."""
-    owned = {n + s for n in manifest.matrices for s in STORED_SUFFIXES}
-    return {k: v.numpy() for k, v in tensors.items() if k not in owned}
-
-
-def build_decoder(manifest: ckpt.Manifest, tensors: dict, config: dict, accuracy_level: int = 0,
-                  max_positions: int | None = None, dtype: str = "fp32") -> tuple[onnx.ModelProto, dict[str, int]]:
-    """The decoder graph of a checkpoint read by :func:`~quantseal.checkpoint.read_checkpoint`:
-    ``(ModelProto, bytes of each planned matrix's initialisers)``."""
+def build_decoder(manifest: ckpt.Manifest, tensors: Mapping, config: dict, accuracy_level: int = 0,
+                  max_positions: int | None = None, dtype: str = "fp32",
+                  sink: TensorSink | None = None) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The decoder graph of a checkpoint's stored tensors (numpy arrays or torch tensors by name,
+    e.g. :func:`~quantseal.checkpoint.open_checkpoint`'s lazy mapping: each is read when the graph needs it):
+    ``(ModelProto, bytes of each planned matrix's initialisers)``.  With a ``sink`` every large
+    initialiser's bytes go to its data file as they are made (the proto holds references)."""
     from ..models import family_of
 
     arch = arch_of(config)
@@ -58,47 +58,60 @@ def build_decoder(manifest: ckpt.Manifest, tensors: dict, config: dict, accuracy
     if foreign:
         raise BadInput(f"matrix {foreign[0]!r} is not part of a {config.get('model_type')} model "
                        "(config.json and the checkpoint's tensors disagree)")
-    builder = DecoderGraph(arch, stored_matrices(manifest, tensors), _plain_tensors(manifest, tensors),
-                           accuracy_level, manifest.extra.get("activations"), max_positions, COMPUTE[dtype])
-    return builder.build(fam.embedding_attr, prefix=fam.blocks_attr.split(".")[0])
+    arrays = NumpyView(tensors)
+    plain = Filtered(arrays, owned_names(manifest))
+    builder = DecoderGraph(arch, LazyMatrices(manifest, arrays), plain, accuracy_level,
+                           manifest.extra.get("activations"), max_positions, COMPUTE[dtype], sink=sink)
+    out = builder.build(fam.embedding_attr, prefix=fam.blocks_attr.split(".")[0])
+    arrays.read_rest()  # a NaN in a tensor the graph never read is still refused
+    return out
 
 
-def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tensors: dict, config: dict,
-                   accuracy_level: int = 0, t0: float | None = None, dtype: str = "fp32") -> dict:
-    """Export a compressed decoder checkpoint (already read) to ``output`` and its
-    onnxruntime-genai companions; returns the same report as
+def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tensors: Mapping, config: dict,
+                   accuracy_level: int = 0, t0: float | None = None, dtype: str = "fp32",
+                   external: str = "auto") -> dict:
+    """Export a compressed decoder checkpoint (opened by :func:`~quantseal.checkpoint.open_checkpoint`) to
+    ``output`` and its onnxruntime-genai companions, streaming: each stored tensor is read when the
+    graph needs it and its bytes go straight to the staging folder's ``<name>.data``, which becomes
+    the model's external data or is folded into one file (:mod:`.external_data`); the files are
+    published as a unit (:mod:`.publish_export`).  Returns the same report as
     :func:`~quantseal.export.onnx.export_onnx`."""
-    from .onnx import _make_parent
-
     t0 = time.perf_counter() if t0 is None else t0
+    stage = ExportStage(output)
     try:
-        proto, matrix_bytes = build_decoder(manifest, tensors, config, accuracy_level, dtype=dtype)
-    except BadInput as exc:
-        raise BadInput(f"{checkpoint}: {exc}") from None
-    del tensors
-    _make_parent(output)
-    arch = arch_of(config)
-    meta = _metadata(manifest, "decoder", matrix_bytes)
-    eos = config.get("eos_token_id")
-    generation = {}
-    gen_file = checkpoint / "generation_config.json"
-    if gen_file.is_file():
+        data = output.name + ".data"
+        sink = TensorSink(stage.dir / data, data)
         try:
-            generation = json.loads(gen_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            generation = {}
-    tok_cfg = checkpoint / TOKENIZER_CONFIG
-    meta.update({
-        "quantseal.output": LOGITS, "quantseal.pooling": "none",
-        "quantseal.num_layers": str(arch.layers), "quantseal.num_kv_heads": str(arch.kv_heads),
-        "quantseal.head_dim": str(arch.head_dim), "quantseal.architecture": arch.model_type,
-        "quantseal.eos_token_id": ",".join(str(x) for x in (eos if isinstance(eos, list) else [eos]) if x is not None),
-        META_GENAI: json.dumps(genai_config(arch, config, output.name, generation=generation,
-                                            provider="cuda" if dtype == "fp16" else None), sort_keys=True),
-        "quantseal.dtype": dtype,
-        META_TOKENIZER_CONFIG: tokenizer_config(tok_cfg.read_text() if tok_cfg.is_file() else None, config),
-    })
-    return finish_export(proto, output, checkpoint, manifest, "decoder", matrix_bytes, meta, t0)
+            proto, matrix_bytes = build_decoder(manifest, tensors, config, accuracy_level, dtype=dtype, sink=sink)
+        except BadInput as exc:
+            raise BadInput(f"{checkpoint}: {exc}") from None
+        finally:
+            sink.close()
+        del tensors
+        arch = arch_of(config)
+        meta = _metadata(manifest, "decoder", matrix_bytes)
+        eos = config.get("eos_token_id")
+        generation = {}
+        gen_file = checkpoint / "generation_config.json"
+        if gen_file.is_file():
+            try:
+                generation = json.loads(gen_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                generation = {}
+        tok_cfg = checkpoint / TOKENIZER_CONFIG
+        meta.update({
+            "quantseal.output": LOGITS, "quantseal.pooling": "none",
+            "quantseal.num_layers": str(arch.layers), "quantseal.num_kv_heads": str(arch.kv_heads),
+            "quantseal.head_dim": str(arch.head_dim), "quantseal.architecture": arch.model_type,
+            "quantseal.eos_token_id": ",".join(str(x) for x in (eos if isinstance(eos, list) else [eos]) if x is not None),
+            META_GENAI: json.dumps(genai_config(arch, config, output.name, generation=generation,
+                                                provider="cuda" if dtype == "fp16" else None), sort_keys=True),
+            "quantseal.dtype": dtype,
+            META_TOKENIZER_CONFIG: tokenizer_config(tok_cfg.read_text() if tok_cfg.is_file() else None, config),
+        })
+        return finish_export(proto, output, checkpoint, manifest, "decoder", matrix_bytes, meta, t0, external, stage)
+    finally:
+        stage.discard()
 
 
 def float_reference_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

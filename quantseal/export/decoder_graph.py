@@ -76,17 +76,19 @@ class DecoderGraph:
 
     ``matrices``: the planned matrices (:class:`StoredMatrix` by name); ``plain``: every other
     stored tensor as numpy (norms, biases, smoothing vectors, a float embedding / LM head);
-    ``activations``: calibrated activation quantisers by Linear name."""
+    ``activations``: calibrated activation quantisers by Linear name.  Both mappings may read each
+    entry when it is asked for (:mod:`.stored`); ``sink``: where initialiser bytes go
+    (:class:`~.external_data.TensorSink`; ``None``: kept in the protos)."""
 
     def __init__(self, arch: DecoderArch, matrices: dict[str, StoredMatrix], plain: dict[str, np.ndarray],
                  accuracy_level: int = 0, activations: dict[str, dict] | None = None,
-                 max_positions: int | None = None, dtype=np.float32):
+                 max_positions: int | None = None, dtype=np.float32, sink=None):
         self.arch, self.matrices, self.plain = arch, matrices, plain
         self.dtype = np.dtype(dtype).type
         self.accuracy_level = accuracy_level
         self.activations = activations or {}
         self.positions = max_positions or arch.max_positions
-        self.g = GraphBuilder(self.dtype)
+        self.g = GraphBuilder(self.dtype, sink)
         self.matrix_bytes = {n: 0 for n in matrices}
         self._plain_used: dict[str, str] = {}
         self._table_scales: str | None = None  # float32 scales of a quantised tied table
@@ -160,6 +162,7 @@ class DecoderGraph:
         biased = any(f"{n}.bias" in self.plain for n in names)
         scaled = any(f"{n}.{OUTPUT_SCALE}" in self.plain for n in names)
         if scaled or not _packable(ms, acts, smooths):
+            del ms  # each Linear reads its own tensors again: one matrix held at a time
             return tuple(self.linear(n, x) for n in names)
         packed = pack_rows(f"{attn}.qkv_proj", ms)
         with self.g.scope("qkv_proj"):

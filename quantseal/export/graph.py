@@ -3,7 +3,8 @@
 Stored tensors keep the names the checkpoint gives them (``model.layers.0.mlp.up_proj.qweight``),
 so a template swap or an inspection finds them; intermediate values are named by the scope they
 are built in (``/model/layers.3/attn/GroupQueryAttention/output_0``, the convention of
-onnxruntime-genai's builder).  Pure: arrays and names in, protos out.
+onnxruntime-genai's builder).  Arrays and names in, protos out; with a ``sink``
+(:class:`~.external_data.TensorSink`) each initialiser's bytes are written out as it is added.
 """
 
 from __future__ import annotations
@@ -14,14 +15,27 @@ from collections import Counter
 import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
-from .lowbit import MS_DOMAIN, Nodes
+from .lowbit import MS_DOMAIN, Nodes, header_proto
+
+
+_RAW_DTYPES = frozenset(np.dtype(d) for d in (np.float32, np.float16, np.float64, np.uint8, np.int8, np.int32, np.int64))
+
+
+def _direct(array) -> bool:
+    """Whether ``array``'s bytes are what ``numpy_helper.from_array`` puts in ``raw_data`` (a
+    plain numeric dtype) and big enough to leave the proto (≥ :data:`~.external_data.INLINE_BELOW`)."""
+    from .external_data import INLINE_BELOW
+
+    a = np.asarray(array)
+    return a.dtype in _RAW_DTYPES and a.dtype.byteorder in ("=", "<", "|") and a.nbytes >= INLINE_BELOW
 
 
 class GraphBuilder:
     """Nodes and initialisers in topological order, with a stack of name scopes."""
 
-    def __init__(self, dtype=np.float32):
+    def __init__(self, dtype=np.float32, sink=None):
         self.dtype = dtype  # the compute type: float32, or float16 for a CUDA graph
+        self.sink = sink  # where initialiser bytes go (external_data.TensorSink), or None: inline
         self.nodes: list[NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._names: set[str] = set()
@@ -45,8 +59,25 @@ class GraphBuilder:
         if name in self._names:
             raise ValueError(f"initialiser {name!r} added twice")
         self._names.add(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if hasattr(array, "chunks"):  # a large stored tensor read in chunks (export/stored.py)
+            self._add(header_proto(name, array), array)
+        elif self.sink is not None and _direct(array):  # bytes straight to the sink, never in a proto
+            self._add(header_proto(name, array), [np.ascontiguousarray(array)])
+        else:
+            self._add(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
+
+    def _add(self, t: TensorProto, chunked=None) -> None:
+        """Keep ``t``; its bytes go to the sink when there is one.  ``chunked``: the tensor whose
+        bytes ``t`` (a header) stands for, copied chunk by chunk (or whole, without a sink)."""
+        if chunked is not None:
+            if self.sink is not None:
+                self.sink.place_chunks(t, chunked if isinstance(chunked, list) else chunked.chunks())
+            else:
+                t.raw_data = np.ascontiguousarray(np.asarray(chunked)).tobytes()
+        elif self.sink is not None:
+            t = self.sink.place(t)
+        self.initializers.append(t)
 
     def const(self, label: str, array) -> str:
         """A small constant (shapes, axes) shared across the graph by value."""
@@ -81,7 +112,8 @@ class GraphBuilder:
                 raise ValueError(f"initialiser {t.name!r} added twice")
             self._names.add(t.name)
         self.nodes.extend(g.nodes)
-        self.initializers.extend(g.initializers)
+        for t in g.initializers:
+            self._add(t, g.pending.get(t.name))
 
     def cast_float(self, x: str, dtype) -> str:
         """``x`` (of float type ``dtype``) in the graph's compute type (:attr:`dtype`)."""

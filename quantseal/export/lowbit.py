@@ -79,9 +79,14 @@ class Nodes:
     nodes: list[NodeProto] = field(default_factory=list)
     initializers: list[TensorProto] = field(default_factory=list)
     dtype: type = np.float32  # the compute type: float32 (CPU), or float16 (a CUDA graph)
+    pending: dict = field(default_factory=dict)  # name → a chunked tensor whose bytes the graph writes
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if hasattr(array, "chunks"):  # a large stored tensor read in chunks (export/stored.py)
+            self.initializers.append(header_proto(name, array))
+            self.pending[name] = array
+        else:
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def node(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs) -> str:
@@ -107,6 +112,16 @@ class Nodes:
         """float32 view of ``arrayᵀ`` (2-D), the stored tensor kept untransposed."""
         src = self.as_float(name, array)
         return self.node("Transpose", [src], name + ".T", perm=[1, 0])
+
+
+def header_proto(name: str, array) -> TensorProto:
+    """The TensorProto of ``array`` (name, dims, data type) without its bytes: the fields
+    ``numpy_helper.from_array`` sets besides ``raw_data``."""
+    t = TensorProto()
+    t.dims.extend(array.shape)
+    t.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(array.dtype))
+    t.name = name
+    return t
 
 
 def initializer_bytes(initializers: list[TensorProto]) -> int:

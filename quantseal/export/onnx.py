@@ -225,44 +225,54 @@ def _make_parent(output: Path) -> None:
         raise BadInput(f"{output}: folder {parent} is not writable")
 
 
-def write_model(model: onnx.ModelProto, output: Path, tokenizer: Path | None) -> list[Path]:
-    """Write ``model`` (and ``<name>.data`` when large, ``tokenizer.json``, for an encoder the
-    tokenizer files that make ``AutoTokenizer.from_pretrained(folder)`` give the graph's inputs:
-    :func:`~.tokenizer_files.companion_files`, and for a decoder the onnxruntime-genai files its
-    metadata carries: :func:`~.genai_config.companion_files`) atomically: everything goes to a
-    temporary folder beside ``output`` first, then is renamed into place, the model last."""
+EXTERNAL_MODES = ("auto", "always", "never")
+
+
+def use_external(mode: str, size: int, output: Path) -> bool:
+    """Whether a model of ``size`` initialiser bytes keeps them in ``<name>.data``: ``always``,
+    ``never``, or ``auto`` (over :data:`EXTERNAL_DATA_BYTES`).  ``never`` over protobuf's 2 GiB
+    limit is refused (no runtime could parse the file)."""
+    from .external_data import PROTOBUF_LIMIT
+
+    if mode not in EXTERNAL_MODES:
+        raise BadInput(f"--external-data must be one of {', '.join(EXTERNAL_MODES)}, not {mode!r}")
+    if mode == "never" and size > PROTOBUF_LIMIT:
+        raise BadInput(f"{output}: {size} bytes of weights do not fit one ONNX file (protobuf's 2 GiB limit); "
+                       "use --external-data auto")
+    return mode == "always" or (mode == "auto" and size > EXTERNAL_DATA_BYTES)
+
+
+def write_model(model: onnx.ModelProto, output: Path, tokenizer: Path | None, external: str = "auto",
+                stage=None) -> list[Path]:
+    """Write ``model`` (and ``<name>.data`` when :func:`use_external` says so, ``tokenizer.json``,
+    for an encoder the tokenizer files that make ``AutoTokenizer.from_pretrained(folder)`` give the
+    graph's inputs: :func:`~.tokenizer_files.companion_files`, and for a decoder the
+    onnxruntime-genai files its metadata carries: :func:`~.genai_config.companion_files`) as one
+    unit (:mod:`.publish_export`): everything goes to a staging folder first.  ``stage``: the
+    :class:`~.publish_export.ExportStage` a streaming build already wrote ``<name>.data`` into
+    (:class:`~.external_data.TensorSink`)."""
+    from .external_data import save
     from .genai_config import companion_files
+    from .publish_export import ExportStage
     from .tokenizer_files import companion_files as tokenizer_companions
 
+    stage = stage or ExportStage(output)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    except OSError as exc:
-        raise BadInput(f"{output}: cannot write there ({exc.strerror})") from exc
-    try:
-        data_name = output.name + ".data"
-        large = initializer_bytes(list(model.graph.initializer)) > EXTERNAL_DATA_BYTES
-        onnx.save_model(model, str(tmp / output.name), save_as_external_data=large, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        moves = [(tmp / data_name, output.parent / data_name)] if large else []
+        large = use_external(external, initializer_bytes(list(model.graph.initializer)), output)
+        stage.check_external(large)
+        for name in save(model, stage.dir, output.name, large):
+            stage.add(name)
         if tokenizer is not None and tokenizer.is_file():
-            shutil.copyfile(tokenizer, tmp / TOKENIZER)
-            moves.append((tmp / TOKENIZER, output.parent / TOKENIZER))
+            shutil.copyfile(tokenizer, stage.add(TOKENIZER))
             for name, data in tokenizer_companions(tokenizer, model).items():
-                (tmp / name).write_bytes(data)
-                moves.append((tmp / name, output.parent / name))
+                stage.add(name).write_bytes(data)
         for name, data in companion_files({p.key: p.value for p in model.metadata_props}, output.name).items():
-            (tmp / name).write_bytes(data)
-            moves.append((tmp / name, output.parent / name))
-        moves.append((tmp / output.name, output))  # the model last: it is what makes the set visible
-        for src, dst in moves:
-            if dst.is_dir():
-                raise BadInput(f"{dst}: is a directory; cannot write there")
-            os.replace(src, dst)
-        return [dst for _, dst in moves]
+            stage.add(name).write_bytes(data)
+        return stage.publish()
     except OSError as exc:
         raise BadInput(f"{output}: cannot write ({exc.strerror or exc})") from exc
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        stage.discard()
 
 
 def _metadata(manifest: ckpt.Manifest, family: str, matrix_bytes: dict[str, int]) -> dict[str, str]:
@@ -296,16 +306,21 @@ def default_accuracy_level(checkpoint: str | Path) -> int:
     return 4 if fam is not None and fam.name == "decoder" else 0
 
 
-def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int = 0, dtype: str = "fp32") -> dict:
+def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int = 0, dtype: str = "fp32",
+                external_data: str = "auto") -> dict:
     """Export a compressed checkpoint folder to ``output`` (.onnx).  Returns the report that
     ``quantseal export --json`` prints: path, bytes, matrices, ops, seconds, ...  ``dtype``:
-    the compute type, ``"fp32"`` or (decoders, for the CUDA execution provider) ``"fp16"``."""
+    the compute type, ``"fp32"`` or (decoders, for the CUDA execution provider) ``"fp16"``.
+    ``external_data``: ``auto`` | ``always`` | ``never`` (:func:`use_external`).  A decoder is
+    built streaming (:mod:`.decoder`: one stored tensor at a time, its bytes written as it goes)."""
     if dtype not in ("fp32", "fp16"):
         raise BadInput(f"--dtype must be fp32 or fp16, not {dtype!r}")
+    if external_data not in EXTERNAL_MODES:
+        raise BadInput(f"--external-data must be one of {', '.join(EXTERNAL_MODES)}, not {external_data!r}")
     t0 = time.perf_counter()
     checkpoint, output = Path(checkpoint), Path(output)
     _check_output(output)
-    manifest, tensors = ckpt.read_checkpoint(checkpoint)
+    manifest, lazy = ckpt.open_checkpoint(checkpoint)  # checked; each tensor is read when asked for
     from ..models import ENCODER, family_of, read_config
 
     config = read_config(checkpoint)
@@ -313,9 +328,10 @@ def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int 
     if fam is not ENCODER:
         from .decoder import export_decoder
 
-        return export_decoder(checkpoint, output, manifest, tensors, config, accuracy_level, t0, dtype)
+        return export_decoder(checkpoint, output, manifest, lazy, config, accuracy_level, t0, dtype, external_data)
     if dtype != "fp32":
         raise Unsupported(f"{checkpoint}: --dtype {dtype} is for decoder graphs; encoders export in float32")
+    tensors = lazy.load_all()  # an encoder is small: all at once
     matrices = stored_matrices(manifest, tensors)
     del tensors
     _make_parent(output)
@@ -331,11 +347,12 @@ def export_onnx(checkpoint: str | Path, output: str | Path, accuracy_level: int 
     matrix_bytes = matrix_initializer_bytes(proto, matrices)
     meta = _metadata(manifest, fam.name, matrix_bytes)
     meta.update(conventions.metadata())  # quantseal.pooling, .max_seq_length, ...: what the runtime reads
-    return finish_export(proto, output, checkpoint, manifest, fam.name, matrix_bytes, meta, t0)
+    return finish_export(proto, output, checkpoint, manifest, fam.name, matrix_bytes, meta, t0, external_data)
 
 
 def finish_export(proto: onnx.ModelProto, output: Path, checkpoint: Path, manifest: ckpt.Manifest, family: str,
-                  matrix_bytes: dict[str, int], metadata: dict[str, str], t0: float) -> dict:
+                  matrix_bytes: dict[str, int], metadata: dict[str, str], t0: float, external: str = "auto",
+                  stage=None) -> dict:
     """Stamp producer and metadata, write the file (and tokenizer) atomically, and return the
     ``quantseal export --json`` report; shared by the encoder and decoder exporters.  Each
     matrix's initialisers must total its manifest bytes: the budget is a promise about the file."""
@@ -346,7 +363,7 @@ def finish_export(proto: onnx.ModelProto, output: Path, checkpoint: Path, manife
     proto.producer_version = __version__
     for key, value in metadata.items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-    written = write_model(proto, output, checkpoint / TOKENIZER)
+    written = write_model(proto, output, checkpoint / TOKENIZER, external, stage)
     ops = Counter(n.op_type for n in proto.graph.node)
     return {
         "path": str(output),

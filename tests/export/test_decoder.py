@@ -272,3 +272,64 @@ def test_inspect_lists_packed_and_shared_matrices_with_manifest_bytes(exported, 
             assert rows[name]["bytes"] == e.bytes and rows[name]["format"] == e.format, name
     rows = {r["name"]: r for r in inspect_onnx(quantised_table[1]["path"])["matrices"]}
     assert rows["model.embed_tokens"]["op"] == "MatMulNBits+GatherBlockQuantized"
+
+
+# ----------------------------------------------------------------------------- streaming build, external data
+def _cli_export(ck, out: Path, *extra: str) -> dict:
+    from quantseal.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["export", str(ck), "-o", str(out), "--accuracy-level", "0", "--json", *extra]) == 0
+    return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def test_default_export_is_the_in_memory_graph_byte_for_byte(llama_mb_export, tmp_path):
+    """The streaming export (tensors read one at a time, bytes spilled to a data file, folded back
+    into one file) writes exactly what ``onnx.save_model`` writes for the graph built in memory,
+    and the same bytes on every run."""
+    from quantseal.export.decoder import build_decoder
+
+    ck, report = llama_mb_export
+    manifest, tensors = read_checkpoint(ck)
+    proto, _ = build_decoder(manifest, tensors, json.loads((ck / "config.json").read_text()), accuracy_level=0)
+    written = onnx.load(report["path"])
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in written.graph.initializer)
+    assert written.graph.SerializeToString() == proto.graph.SerializeToString()
+    assert Path(report["path"]).read_bytes() == written.SerializeToString()
+    again = Path(_cli_export(ck, tmp_path / "again" / "model.onnx")["path"]).parent
+    first = Path(report["path"]).parent
+    assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in first.iterdir())
+    for p in first.iterdir():
+        assert (again / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_external_data_export_runs_exactly_as_the_one_file_export(llama_mb_export, tmp_path):
+    """``--external-data always``: model.onnx holds the graph, model.onnx.data the weights at
+    4096-aligned offsets; onnxruntime's logits equal the one-file export's bit for bit and
+    onnxruntime-genai generates the same greedy tokens from the folder."""
+    from onnx import numpy_helper as nh
+
+    ck, report = llama_mb_export
+    folder = tmp_path / "ext"
+    rep = _cli_export(ck, folder / "model.onnx", "--external-data", "always")
+    assert sorted(p.name for p in folder.iterdir()) == ["genai_config.json", "model.onnx", "model.onnx.data",
+                                                         "tokenizer.json", "tokenizer_config.json"]
+    assert rep["bytes"] == (folder / "model.onnx").stat().st_size + (folder / "model.onnx.data").stat().st_size
+    graph_only = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    ext = [t for t in graph_only.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(ext) >= 10 and (folder / "model.onnx").stat().st_size < 100_000
+    for t in ext:
+        info = {e.key: e.value for e in t.external_data}
+        assert info["location"] == "model.onnx.data" and int(info["offset"]) % 4096 == 0
+    one = {t.name: nh.to_array(t) for t in onnx.load(report["path"]).graph.initializer}
+    two = {t.name: nh.to_array(t) for t in onnx.load(str(folder / "model.onnx")).graph.initializer}
+    assert one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
+    ids = np.array([[101, 7592, 2088, 2003, 1037, 3231, 1012], [101, 2460, 1012, 2003, 102, 0, 0]])
+    mask = np.array([[1] * 7, [1, 1, 1, 1, 1, 0, 0]])
+    a = CausalLM(report["path"], provider="cpu").logits(ids, mask)
+    b = CausalLM(folder / "model.onnx", provider="cpu").logits(ids, mask)
+    assert np.array_equal(a, b)
+    prompt = list(PROMPTS[1])
+    tokens = og_greedy(folder, prompt, 12)
+    assert len(set(tokens)) >= 3 and tokens == og_greedy(Path(report["path"]).parent, prompt, 12)

@@ -169,18 +169,24 @@ def test_output_is_a_directory_or_unwritable(minilm_rtn_checkpoint, tmp_path, ca
     _no_leftovers(tmp_path, ["m.onnx", "afile"])
 
 
-def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
-    """A rename that fails half-way (disk full) leaves neither the model nor temporary files."""
+def _identity_model():
     from onnx import TensorProto, helper
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    return helper.make_model(graph)
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    """A rename that fails half-way (disk full) leaves neither the model nor temporary files.  The
+    folder also holds a file of its own, so the files are renamed in one by one (files mode)."""
     tok = tmp_path / "src" / "tokenizer.json"
     tok.parent.mkdir()
     tok.write_text("{}")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
+    (out_dir / "notes.txt").write_text("mine")
     real_replace = os.replace
 
     def replace(src, dst):
@@ -190,11 +196,36 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(BadInput, match="No space left"):
-        write_model(helper.make_model(graph), out_dir / "m.onnx", tok)
+        write_model(_identity_model(), out_dir / "m.onnx", tok)
     assert not (out_dir / "m.onnx").exists()
     assert all(not p.name.startswith(".") for p in out_dir.iterdir())
     monkeypatch.setattr(os, "replace", real_replace)
-    write_model(helper.make_model(graph), out_dir / "m.onnx", tok)
+    write_model(_identity_model(), out_dir / "m.onnx", tok)
+    _no_leftovers(out_dir, ["m.onnx", "notes.txt", "tokenizer.json"])
+
+
+def test_failure_while_publishing_a_folder_keeps_the_old_export(tmp_path, monkeypatch):
+    """An export folder of its own is swapped in whole; a failure at that step (disk full) leaves
+    the previous export as it was and no staging folder beside it."""
+    from quantseal.export import publish_export
+
+    tok = tmp_path / "src" / "tokenizer.json"
+    tok.parent.mkdir()
+    tok.write_text("{}")
+    out_dir = tmp_path / "out"
+    write_model(_identity_model(), out_dir / "m.onnx", tok)
+    before = (out_dir / "m.onnx").read_bytes()
+
+    def full(tmp, out, use_exchange=True):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(publish_export, "publish_folder", full)
+    other = _identity_model()
+    other.doc_string = "the new export"
+    with pytest.raises(BadInput, match="No space left"):
+        write_model(other, out_dir / "m.onnx", tok)
+    assert (out_dir / "m.onnx").read_bytes() == before
+    _no_leftovers(tmp_path, ["out", "src"])
     _no_leftovers(out_dir, ["m.onnx", "tokenizer.json"])
 
 
