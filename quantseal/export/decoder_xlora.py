@@ -229,9 +229,8 @@ class XLoraDecoderGraph(DecoderGraph):
 def build_xlora_decoder(manifest, tensors, config: dict, xlora, accuracy_level: int = 0) -> tuple[onnx.ModelProto, dict]:
     """The routed graph of a checkpoint read by :func:`~quantseal.checkpoint.read_checkpoint`."""
     from ..models import family_of
-    from .decoder import _plain_tensors
     from .decoder_arch import arch_of
-    from .onnx import stored_matrices
+    from .stored import Filtered, LazyMatrices, NumpyView, owned_names
 
     arch = arch_of(config)
     if arch.fused:
@@ -240,7 +239,8 @@ def build_xlora_decoder(manifest, tensors, config: dict, xlora, accuracy_level: 
         raise Unsupported(f"X-LoRA export is for decoders with separate q/k/v and gate/up projections, "
                           f"not {arch.model_type}")
     fam = family_of(config)
-    builder = XLoraDecoderGraph(arch, stored_matrices(manifest, tensors), _plain_tensors(manifest, tensors), xlora,
+    arrays = NumpyView(tensors)
+    builder = XLoraDecoderGraph(arch, LazyMatrices(manifest, arrays), Filtered(arrays, owned_names(manifest)), xlora,
                                 accuracy_level, manifest.extra.get("activations"))
     return builder.build(fam.embedding_attr, prefix=fam.blocks_attr.split(".")[0])
 
