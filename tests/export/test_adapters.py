@@ -331,7 +331,7 @@ def _bad_adapters(tmp: Path) -> dict[str, tuple[list[str], str]]:
 
 def test_bad_adapters_exit_2_without_output(minilm_rtn_checkpoint, adapter_a, tmp_path, capsys):
     cases = _bad_adapters(tmp_path / "bad")
-    cases["rank 0"] = (["--adapter", str(adapter_a), "--adapter-rank", "0"], "at least 1")
+    cases["rank 0"] = (["--adapter", str(adapter_a), "--adapter-rank", "0"], "--adapter-rank must be in 1..")
     cases["rank without adapter"] = (["--adapter-rank", "4"], "needs at least one --adapter")
     cases["with a board"] = (["--adapter", str(adapter_a), "--board", str(tmp_path)], "not supported yet")
     outdir = tmp_path / "out"
