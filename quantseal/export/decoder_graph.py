@@ -320,50 +320,68 @@ class DecoderGraph:
         self.g.op("Reshape", [y2, target], ["logits"])
 
     # ------------------------------------------------------------------ the whole graph
+    def attention_lengths(self) -> tuple[str, str]:
+        """GroupQueryAttention's ``seqlens_k`` (tokens seen per row − 1) and ``total_sequence_length``
+        (``attention_mask``'s width), both int32."""
+        g = self.g
+        with g.scope("attn_mask"):
+            total = g.op("ReduceSum", ["attention_mask", g.const("axis1", np.array([1], np.int64))], keepdims=0)
+            seqlens = g.op("Cast", [g.op("Sub", [total, g.const("one", np.array(1, np.int64))])],
+                           to=TensorProto.INT32)
+            width = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const("one", np.array(1, np.int64))],
+                         axis=0)
+            total_len = g.op("Cast", [width], to=TensorProto.INT32)
+        return seqlens, total_len
+
+    def blocks(self, x: str, seqlens: str, total_len: str, cos: str, sin: str, prefix: str,
+               past: str = "past_key_values", present: str = "present") -> str:
+        """The decoder blocks and the final norm over the embedded ``x``; each layer's KV cache is
+        ``{past}.{i}.key|value`` in and ``{present}.{i}.key|value`` out.  Returns the normed states."""
+        a, g = self.arch, self.g
+        residual, skip = x, None
+        for i in range(a.layers):
+            base = f"{prefix}.layers.{i}"
+            with g.scope(f"layers.{i}"):
+                with g.scope("input_layernorm"):
+                    h, residual = self.rms(residual, f"{base}.input_layernorm.weight", skip)
+                with g.scope("attn"):
+                    q, k, v = self.qkv(f"{base}.self_attn", h)
+                    if a.qk_norm:
+                        q = self.head_norm(q, f"{base}.self_attn.q_norm.weight", a.heads)
+                        k = self.head_norm(k, f"{base}.self_attn.k_norm.weight", a.kv_heads)
+                    attn, _, _ = g.ms(
+                        "GroupQueryAttention",
+                        [q, k, v, f"{past}.{i}.key", f"{past}.{i}.value", seqlens, total_len, cos, sin],
+                        [f"{g.prefix()}/GroupQueryAttention/output_0", f"{present}.{i}.key", f"{present}.{i}.value"],
+                        num_heads=a.heads, kv_num_heads=a.kv_heads, scale=a.scale, do_rotary=1,
+                        rotary_interleaved=0, local_window_size=-1 if a.sliding_window is None else a.sliding_window)
+                    o = self.linear(f"{base}.self_attn.o_proj", attn)
+                with g.scope("post_attention_layernorm"):
+                    h, residual = self.rms(residual, f"{base}.post_attention_layernorm.weight", o)
+                with g.scope("mlp"):
+                    gate, up = self.gate_up(f"{base}.mlp", h)
+                    with g.scope("act_fn"):
+                        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+                    skip = self.linear(f"{base}.mlp.down_proj", act)
+        with g.scope("norm"):
+            h, _ = self.rms(residual, f"{prefix}.norm.weight", skip)
+        return h
+
+    def refuse_unused(self, embedding_name: str) -> None:
+        """A stored tensor the graph never read means the checkpoint is not this architecture."""
+        unused = sorted(set(self.plain) - set(self._plain_used) - {"lm_head.weight"} - {f"{embedding_name}.weight"})
+        if unused:
+            raise Unsupported(f"the checkpoint holds {unused[0]!r}, which a {self.arch.model_type} graph has no place for")
+
     def build(self, embedding_name: str, prefix: str = "model") -> tuple[onnx.ModelProto, dict[str, int]]:
         a, g = self.arch, self.g
         with g.scope("model"):
             x, table = self.embedding(embedding_name)
-            with g.scope("attn_mask"):
-                total = g.op("ReduceSum", ["attention_mask", g.const("axis1", np.array([1], np.int64))], keepdims=0)
-                seqlens = g.op("Cast", [g.op("Sub", [total, g.const("one", np.array(1, np.int64))])],
-                               to=TensorProto.INT32)
-                width = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const("one", np.array(1, np.int64))],
-                             axis=0)
-                total_len = g.op("Cast", [width], to=TensorProto.INT32)
+            seqlens, total_len = self.attention_lengths()
             cos, sin = self.rope_caches()
-            residual, skip = x, None
-            for i in range(a.layers):
-                base = f"{prefix}.layers.{i}"
-                with g.scope(f"layers.{i}"):
-                    with g.scope("input_layernorm"):
-                        h, residual = self.rms(residual, f"{base}.input_layernorm.weight", skip)
-                    with g.scope("attn"):
-                        q, k, v = self.qkv(f"{base}.self_attn", h)
-                        if a.qk_norm:
-                            q = self.head_norm(q, f"{base}.self_attn.q_norm.weight", a.heads)
-                            k = self.head_norm(k, f"{base}.self_attn.k_norm.weight", a.kv_heads)
-                        attn, _, _ = g.ms(
-                            "GroupQueryAttention",
-                            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total_len,
-                             cos, sin],
-                            [f"{g.prefix()}/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
-                            num_heads=a.heads, kv_num_heads=a.kv_heads, scale=a.scale, do_rotary=1,
-                            rotary_interleaved=0, local_window_size=-1 if a.sliding_window is None else a.sliding_window)
-                        o = self.linear(f"{base}.self_attn.o_proj", attn)
-                    with g.scope("post_attention_layernorm"):
-                        h, residual = self.rms(residual, f"{base}.post_attention_layernorm.weight", o)
-                    with g.scope("mlp"):
-                        gate, up = self.gate_up(f"{base}.mlp", h)
-                        with g.scope("act_fn"):
-                            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
-                        skip = self.linear(f"{base}.mlp.down_proj", act)
-            with g.scope("norm"):
-                h, _ = self.rms(residual, f"{prefix}.norm.weight", skip)
+            h = self.blocks(x, seqlens, total_len, cos, sin, prefix)
         self.lm_head(h, table if a.tied else None)
-        unused = sorted(set(self.plain) - set(self._plain_used) - {"lm_head.weight"} - {f"{embedding_name}.weight"})
-        if unused:
-            raise Unsupported(f"the checkpoint holds {unused[0]!r}, which a {a.model_type} graph has no place for")
+        self.refuse_unused(embedding_name)
         return self._model(), dict(self.matrix_bytes)
 
     def _model(self) -> onnx.ModelProto:

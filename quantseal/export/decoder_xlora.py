@@ -156,66 +156,22 @@ class XLoraDecoderGraph(DecoderGraph):
         return z
 
     # ------------------------------------------------------------------ the whole graph
-    def _layers(self, x: str, seqlens: str, total_len: str, cos: str, sin: str, past: str, present: str,
-                prefix: str) -> str:
-        """The decoder blocks and the final norm (as :meth:`DecoderGraph.build`)."""
-        a, g = self.arch, self.g
-        residual, skip = x, None
-        for i in range(a.layers):
-            base = f"{prefix}.layers.{i}"
-            with g.scope(f"layers.{i}"):
-                with g.scope("input_layernorm"):
-                    h, residual = self.rms(residual, f"{base}.input_layernorm.weight", skip)
-                with g.scope("attn"):
-                    q, k, v = self.qkv(f"{base}.self_attn", h)
-                    if a.qk_norm:
-                        q = self.head_norm(q, f"{base}.self_attn.q_norm.weight", a.heads)
-                        k = self.head_norm(k, f"{base}.self_attn.k_norm.weight", a.kv_heads)
-                    attn, _, _ = g.ms(
-                        "GroupQueryAttention",
-                        [q, k, v, f"{past}.{i}.key", f"{past}.{i}.value", seqlens, total_len, cos, sin],
-                        [f"{g.prefix()}/GroupQueryAttention/output_0", f"{present}.{i}.key", f"{present}.{i}.value"],
-                        num_heads=a.heads, kv_num_heads=a.kv_heads, scale=a.scale, do_rotary=1,
-                        rotary_interleaved=0, local_window_size=-1 if a.sliding_window is None else a.sliding_window)
-                    o = self.linear(f"{base}.self_attn.o_proj", attn)
-                with g.scope("post_attention_layernorm"):
-                    h, residual = self.rms(residual, f"{base}.post_attention_layernorm.weight", o)
-                with g.scope("mlp"):
-                    gate = self.linear(f"{base}.mlp.gate_proj", h)
-                    up = self.linear(f"{base}.mlp.up_proj", h)
-                    with g.scope("act_fn"):
-                        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
-                    skip = self.linear(f"{base}.mlp.down_proj", act)
-        with g.scope("norm"):
-            h, _ = self.rms(residual, f"{prefix}.norm.weight", skip)
-        return h
-
     def build(self, embedding_name: str, prefix: str = "model"):
         a, g = self.arch, self.g
         with g.scope("model"):
             x, table = self.embedding(embedding_name)
-            with g.scope("attn_mask"):
-                total = g.op("ReduceSum", ["attention_mask", g.const("axis1", np.array([1], np.int64))], keepdims=0)
-                seqlens = g.op("Cast", [g.op("Sub", [total, g.const("one", np.array(1, np.int64))])],
-                               to=TensorProto.INT32)
-                width = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const("one", np.array(1, np.int64))],
-                             axis=0)
-                total_len = g.op("Cast", [width], to=TensorProto.INT32)
+            seqlens, total_len = self.attention_lengths()
             cos, sin = (t.astype(self.dtype) for t in rope_tables(a, self.positions))
             cos, sin = g.init("cos_cache", cos), g.init("sin_cache", sin)
             with g.scope("scaling_pass"):
                 g.suffix = "#scaling_pass"
-                h0 = self._layers(x, seqlens, total_len, cos, sin, SCALING_PAST, SCALING_PRESENT, prefix)
+                h0 = self.blocks(x, seqlens, total_len, cos, sin, prefix, SCALING_PAST, SCALING_PRESENT)
                 g.suffix = ""
             self.scalings = self._classifier(h0)
             self.routed = True
-            h = self._layers(x, seqlens, total_len, cos, sin, "past_key_values", "present", prefix)
+            h = self.blocks(x, seqlens, total_len, cos, sin, prefix)
         self.lm_head(h, table if a.tied else None)
-        unused = sorted(set(self.plain) - set(self._plain_used) - {"lm_head.weight"} - {f"{embedding_name}.weight"})
-        if unused:
-            from ..errors import Unsupported
-
-            raise Unsupported(f"the checkpoint holds {unused[0]!r}, which a {a.model_type} graph has no place for")
+        self.refuse_unused(embedding_name)
         model = self._model()
         f32 = TensorProto.FLOAT
         cache = lambda n, t: helper.make_tensor_value_info(n, f32, ["batch_size", a.kv_heads, t, a.head_dim])  # noqa: E731
