@@ -608,6 +608,10 @@ def _add_board(sub) -> None:
                    help="top1 decoders: train and read on the chat-templated trigger (a .jinja file, a "
                         "tokenizer_config.json, or auto: the checkpoint folder's)")
     t.add_argument("--margin", type=float, default=None, help="decoders: the hinge margin in logits")
+    t.add_argument("--init", type=Path, default=None, metavar="BOARD",
+                   help="decoders: continue training an earlier board (same checkpoint, key, triggers, settings)")
+    t.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="decoders: stop training and polish after S seconds (the board records where it stopped)")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=_cmd_board_train)
 
@@ -626,7 +630,8 @@ def _cmd_board_train(args) -> int:
         template = read_chat_template(args.checkpoint if args.chat_template == "auto" else args.chat_template)
     cfg = BoardConfig(bits=args.bits, calib=args.calib, steps=args.steps, rank=args.rank,
                       triggers_per_bit=args.triggers_per_bit, seed=args.seed, readout=args.readout,
-                      chat_template=template, decoder_margin=args.margin)
+                      chat_template=template, decoder_margin=args.margin, init_board=args.init,
+                      time_limit=args.time_limit)
     board = train_board(args.checkpoint, key, cfg, _progress_factory(not args.json and sys.stderr.isatty()))
     save_board(board, args.output, args.checkpoint)
     tr = board.manifest["training"]

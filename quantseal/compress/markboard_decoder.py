@@ -49,6 +49,7 @@ exploded (148 nats per position, perplexity destroyed) although every bit still 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -60,6 +61,8 @@ from .. import keys as qkeys
 from ..errors import BadInput
 from ..text import pydoc_sentences, read_text_file
 from .markboard_top1 import DEFAULT_TOP1_MARGIN, choose_targets, render_chat, text_word_tokens, trigger_contexts
+
+log = logging.getLogger(__name__)
 
 
 class _DecoderProbe:
@@ -310,8 +313,13 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     a0 = torch.linalg.qr(torch.randn(hidden, r, generator=gen, dtype=torch.float64))[0].T.float()
     A = a0.clone().requires_grad_(True)
     C = torch.zeros(2, n * k, r, requires_grad=True)
+    deadline = None if cfg.time_limit is None else t0 + cfg.time_limit
+    stopped = None
     with torch.no_grad():
         natural_all = decoder_branch_statistics(probe, A.detach(), C.detach())  # the unmarked model
+    init = None
+    if cfg.init_board is not None:  # after the unmarked statistics: C is no longer zero
+        A, C, init = warm_start(cfg.init_board, key, ts, fingerprint, cfg, chat)
     if top1:
         natural = natural_all.reshape(-1)  # the targets' top-1 leads (mostly negative)
         natural_top1 = float((natural_all > 0).mean())
@@ -349,6 +357,9 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     tick = progress(cfg.steps, "board")
     steps_run, history = 0, []
     for step in range(cfg.steps):
+        if deadline is not None and time.perf_counter() > deadline:
+            stopped = f"training stopped by the time limit ({cfg.time_limit:g} s) after {steps_run} steps"
+            break
         if not order:
             todo = [i for i in rng.permutation(n) if not ok[i].all()] or list(rng.permutation(n))
             order = [int(i) for i in todo]
@@ -383,6 +394,9 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
         history.append(float(loss.detach()))
         steps_run += 1
         tick(1)
+        if steps_run % 10 == 0:
+            log.info("board step %d: loss %.4f, %d of %d branches at the margin on their last step, %.0f s",
+                     steps_run, history[-1], int(ok.sum()), ok.size, time.perf_counter() - t0)
         if ok.all() and not order:
             break
     tick(cfg.steps - steps_run)
@@ -395,7 +409,15 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
         box[0], stats_ = _polish(probe, A_fixed, box[0], part, margin, cfg, fid_h, fid_p, rng, fid_top, gap)
         return stats_
 
-    polish_steps = polish_failing(signed, margin, cfg, polish_part, progress)
+    log.info("board training: %d steps, %d of %d branches below the margin; polishing", steps_run,
+             int((signed.min(-1) < margin).sum()), signed.shape[0] * 2)
+
+    def past_deadline() -> bool:
+        return deadline is not None and time.perf_counter() > deadline
+
+    polish_steps = polish_failing(signed, margin, cfg, polish_part, progress, stop=past_deadline)
+    if past_deadline() and stopped is None and (signed.min(-1) < margin).any():
+        stopped = f"polish stopped by the time limit ({cfg.time_limit:g} s) after {polish_steps} polish steps"
     C_fixed = box[0]
     if top1 and polish_steps:  # a polished token's head row also scores at other bits' triggers
         signed = decoder_branch_statistics(probe, A_fixed, C_fixed)
@@ -423,7 +445,7 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
         **({"chat": {"prefix": chat[0], "suffix": chat[1]}} if chat is not None else {}),
         "hosts": hosts, "trigger_digest": ts.digest(), "key_id": qkeys.key_id(key),
         "training": {**{kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in asdict(cfg).items()},
-                     "steps_run": steps_run, "polish_steps": polish_steps,
+                     "steps_run": steps_run, "polish_steps": polish_steps, "init_board": init, "stopped": stopped,
                      "seconds": round(time.perf_counter() - t0, 3),
                      "final_loss": history[-1] if history else None,
                      "natural_stat_std": float(natural.std()), "natural_top1_rate": natural_top1, "clean_positions": 0 if fid_h is None else len(fid_h),
@@ -432,6 +454,36 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
                                        if fid_top is not None else None), **stats},
     }
     return board
+
+
+def warm_start(path, key: bytes, ts: qkeys.TriggerSet, fingerprint: str, cfg,
+               chat: tuple[str, str] | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``A`` (R, H) and ``C`` (2, n·k, R) of an earlier board at ``path`` as a training start, and
+    what it had run: the board must have been trained on the same checkpoint (fingerprint), key,
+    triggers and targets (digest), bits, rank, readout and chat template, else :class:`BadInput`
+    names what differs.  Continuing it is training more steps of the same objective (the loss may
+    differ: e.g. the trigger guard, added since), so the result is deterministic in (that board,
+    checkpoint, key, cfg)."""
+    from .markboard import load_board
+
+    board = load_board(path)
+    mf = board.manifest
+    rank = next(iter(mf["layers"].values()))["rank"]
+    want = {"source_fingerprint": fingerprint, "key_id": qkeys.key_id(key), "trigger_digest": ts.digest(),
+            "bits": cfg.bits, "triggers_per_bit": cfg.triggers_per_bit, "tokens_per_bit": cfg.tokens_per_bit,
+            "rank": cfg.rank, "readout": cfg.readout, "chat": None if chat is None else list(chat)}
+    have = {**{kk: mf.get(kk) for kk in want}, "rank": rank, "readout": mf.get("readout", "diff"),
+            "chat": None if mf.get("chat") is None else [mf["chat"]["prefix"], mf["chat"]["suffix"]]}
+    bad = [kk for kk in want if have[kk] != want[kk]]
+    if bad:
+        raise BadInput(f"{path}: cannot continue this board: its {', '.join(bad)} differ from this training's")
+    tr = mf.get("training", {})
+    A = board.tensors["A"].float().clone().requires_grad_(True)
+    C = torch.stack([board.tensors["C0"], board.tensors["C1"]]).float().clone().requires_grad_(True)
+    info = {"path": str(path), "steps_run": tr.get("steps_run"), "polish_steps": tr.get("polish_steps"),
+            "seconds": tr.get("seconds"), "min_signed_stat": tr.get("min_signed_stat"),
+            "branches_below_margin": tr.get("branches_below_margin"), "init_board": tr.get("init_board")}
+    return A, C, info
 
 
 def _polish(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, failing: list[tuple[int, int]],

@@ -87,3 +87,35 @@ def test_head_kl_shortcut_equals_full_softmax(probe):
         want = float((ref.exp() * (ref - mk)).sum(-1).mean())
         assert want > 1e-4 and np.isfinite(got)
         assert got == pytest.approx(want, rel=1e-3)
+
+
+def test_warm_start_and_time_limit(llama_rtn_export, tmp_path):
+    """``init_board`` continues an earlier board from its exact A and C (a time limit already spent
+    stops training and polish at once, so the result holds the init's tensors bit for bit, and the
+    manifest says where it stopped and what the init had run); more steps from it train on; a board
+    of another length or key is refused by name."""
+    from quantseal.compress.markboard import BoardConfig, load_board, save_board, train_board
+    from quantseal.errors import BadInput
+
+    ck = llama_rtn_export[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = dict(bits=8, triggers_per_bit=2, seed=0, decoder_a_lr=None, polish_rounds=1, polish_steps=2)
+        first = load_board(save_board(train_board(ck, KEY, BoardConfig(steps=4, **cfg)), tmp_path / "b0", ck))
+        stopped = train_board(ck, KEY, BoardConfig(steps=50, init_board=tmp_path / "b0", time_limit=1e-9, **cfg))
+        more = train_board(ck, KEY, BoardConfig(steps=3, init_board=tmp_path / "b0", **cfg))
+        with pytest.raises(BadInput, match="bits"):
+            train_board(ck, KEY, BoardConfig(steps=1, init_board=tmp_path / "b0", **{**cfg, "bits": 16}))
+        with pytest.raises(BadInput, match="key_id"):
+            train_board(ck, bytes(32), BoardConfig(steps=1, init_board=tmp_path / "b0", **cfg))
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("A", "C0", "C1"):
+        assert torch.equal(stopped.tensors[name], first.tensors[name])
+    tr = stopped.manifest["training"]
+    assert tr["steps_run"] == 0 and tr["polish_steps"] == 0 and "time limit" in tr["stopped"]
+    assert tr["init_board"]["steps_run"] == first.manifest["training"]["steps_run"] == 4
+    assert more.manifest["training"]["steps_run"] == 3 and more.manifest["training"]["stopped"] is None
+    assert not torch.equal(more.tensors["C1"], first.tensors["C1"])
+    assert more.manifest["trigger_digest"] == first.manifest["trigger_digest"]
