@@ -485,6 +485,10 @@ def _add_serve(sub) -> None:
                    help="embedders: truncate texts at this many tokens (default: the model's max_seq_length)")
     p.add_argument("--adapter", help="a switchable export's default adapter, by name (a request's \"adapter\" "
                                      "overrides it; default: the base model)")
+    p.add_argument("--chat-template", default="auto", metavar="FILE|auto|none",
+                   help="decoders: the template /v1/chat/completions renders messages with (a .jinja file or a "
+                        "tokenizer_config.json; auto: the model folder's chat_template.jinja or tokenizer_config.json; "
+                        "none: contents joined by newlines)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -522,7 +526,7 @@ def _cmd_serve(args) -> int:
         token = read_api_key(args.token_file)[1].removeprefix("Bearer ")
     service = service_for(args.model, provider=args.provider, threads=args.threads, tokenizer=args.tokenizer,
                           max_batch=args.max_batch, max_chars=args.max_chars, max_length=args.max_length,
-                          adapter=args.adapter)
+                          adapter=args.adapter, chat_template=args.chat_template)
     server = make_server(service, args.host, args.port, token=token, limits=limits)
 
     def _stop(signum, frame):
