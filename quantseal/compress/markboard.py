@@ -113,6 +113,9 @@ class BoardConfig:
     # time_limit seconds of wall time (the manifest records where it stopped)
     init_board: Path | None = None
     time_limit: float | None = None
+    # decoders: "bf16" runs the training steps' model forward/backward under bfloat16 autocast (the
+    # reported statistics stay float32); None: float32 throughout
+    autocast: str | None = None
 
     def __post_init__(self):
         if self.bits < 8 or self.bits % 8:
@@ -134,6 +137,8 @@ class BoardConfig:
             raise BadInput("guard_weight and guard_gap must be non-negative")
         if self.target_candidates < 2:
             raise BadInput("target_candidates must be at least 2")
+        if self.autocast not in (None, "bf16"):
+            raise BadInput(f"autocast must be bf16 or None, not {self.autocast!r}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise BadInput(f"--time-limit must be positive seconds, got {self.time_limit}")
         if self.decoder_margin is not None and not self.decoder_margin > 0:

@@ -119,3 +119,27 @@ def test_warm_start_and_time_limit(llama_rtn_export, tmp_path):
     assert more.manifest["training"]["steps_run"] == 3 and more.manifest["training"]["stopped"] is None
     assert not torch.equal(more.tensors["C1"], first.tensors["C1"])
     assert more.manifest["trigger_digest"] == first.manifest["trigger_digest"]
+
+
+def test_bf16_autocast_statistic_and_gradient_track_float32(probe):
+    """Training under ``autocast="bf16"`` sees the same hinge statistic (within 3 % of its spread)
+    and a gradient on the board's coefficients pointing the same way (cosine > 0.99) as float32."""
+    from quantseal.compress.markboard import BoardConfig
+    from quantseal.compress.markboard_decoder import _autocast
+
+    _, pr = probe
+    g = torch.Generator().manual_seed(0)
+    A = torch.linalg.qr(torch.randn(64, 16, generator=g))[0].T
+    rows = torch.arange(pr.n * pr.m)
+    vals = torch.randint(0, 2, (len(rows),), generator=g)
+    C0 = torch.randn(2, pr.n * pr.k, 16, generator=g) * 0.3
+    out = {}
+    for mode in (None, "bf16"):
+        C = C0.clone().requires_grad_(True)
+        with _autocast(BoardConfig(autocast=mode)):
+            st = pr.signed(rows, _branch_delta(C, A, rows // pr.m, vals, pr.k), vals).float()
+        torch.relu(1.0 - st).mean().backward()
+        out[mode] = (st.detach(), C.grad.reshape(-1))
+    (s32, g32), (s16, g16) = out[None], out["bf16"]
+    assert (s32 - s16).abs().max() <= 0.03 * s32.std()
+    assert float(torch.nn.functional.cosine_similarity(g32, g16, dim=0)) > 0.99
