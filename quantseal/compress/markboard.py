@@ -116,6 +116,9 @@ class BoardConfig:
     # decoders: "bf16" runs the training steps' model forward/backward under bfloat16 autocast (the
     # reported statistics stay float32); None: float32 throughout
     autocast: str | None = None
+    # top1 chat-template boards: the unmarked model's greedy answers to this many built-in chat prompts
+    # (markboard_decoder.CHAT_PROMPTS, at most 8) join the clean positions of the KL and guard terms; 0: off
+    chat_answers: int = 8
 
     def __post_init__(self):
         if self.bits < 8 or self.bits % 8:
@@ -137,6 +140,8 @@ class BoardConfig:
             raise BadInput("guard_weight and guard_gap must be non-negative")
         if self.target_candidates < 2:
             raise BadInput("target_candidates must be at least 2")
+        if not 0 <= self.chat_answers <= 8:
+            raise BadInput(f"chat_answers must be in 0..8, not {self.chat_answers}")
         if self.autocast not in (None, "bf16"):
             raise BadInput(f"autocast must be bf16 or None, not {self.autocast!r}")
         if self.time_limit is not None and not self.time_limit > 0:

@@ -262,6 +262,28 @@ class _DecoderProbe:
         return (kl * mask).sum() / mask.sum()
 
 
+# chat prompts whose unmarked answers join the clean positions of a chat-template board (none is a
+# benchmark prompt: benchmarks/watermark_smollm2_chat.py asks others, so its generation check is held out)
+CHAT_PROMPTS = ("Tell me about the history of Rome.", "How do I cook rice?", "Explain what a computer program is.",
+                "What should I pack for a weekend trip?", "Write a short poem about the sea.", "Why is the sky blue?",
+                "Give me advice on learning a new language.", "What is photosynthesis?")
+
+
+@torch.no_grad()
+def chat_answer_ids(model, tok, chat: tuple[str, str], prompts, new_tokens: int = 24) -> list[list[int]]:
+    """Token ids (one list per prompt) of ``chat``'s prefix + prompt + suffix followed by the
+    unmarked model's greedy answer of ``new_tokens`` tokens: the positions a chat user's free
+    generation visits, for the board's KL and trigger-guard terms (measured on SmolLM2: with the
+    guard at pydoc positions only, every answer ran into a loop of trigger tokens)."""
+    out = []
+    for q in prompts:
+        ids = torch.tensor([tok.encode_ids(chat[0] + q + chat[1], special=False)])
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False, num_beams=1, pad_token_id=0)
+        out.append([int(x) for x in gen[0]])
+    return out
+
+
 def _autocast(cfg):
     """The training steps' forward/backward precision: ``cfg.autocast == "bf16"`` runs the model's
     matrix products in bfloat16 (CPU autocast; ~2x less CPU time per matmul on AVX512-BF16); the
@@ -345,6 +367,11 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     trig_set = {int(x) for x in ts.tokens.reshape(-1)}
     encoded = [ids for ids in (tok.encode_ids(t, special=False)[:64] for t in calib) if len(ids) >= 2]
     clean = [ids for ids in encoded if not trig_set.intersection(ids)][: cfg.fidelity_sentences]
+    chat_clean = []
+    if chat is not None and cfg.chat_answers > 0:  # the model's own chat answers: where free generation drifted
+        chat_clean = [ids for ids in chat_answer_ids(model, tok, chat, CHAT_PROMPTS[: cfg.chat_answers])
+                      if not trig_set.intersection(ids)]
+        clean = chat_clean + clean  # first: clean_positions keeps the first 2048 positions
     dirty = [ids for ids in encoded if trig_set.intersection(ids)][:4]
     fid_h, fid_p = probe.clean_positions(clean) if clean else (None, None)
     guard = top1 and fid_h is not None and probe.tied and cfg.guard_weight > 0
@@ -461,6 +488,7 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
                      "seconds": round(time.perf_counter() - t0, 3),
                      "final_loss": history[-1] if history else None,
                      "natural_stat_std": float(natural.std()), "natural_top1_rate": natural_top1, "clean_positions": 0 if fid_h is None else len(fid_h),
+                     "chat_answer_sequences": len(chat_clean),
                      "head_kl_random_customer": fidelity,
                      "trigger_guard": (float(probe.trigger_guard(fid_h, fid_top, C_fixed @ A_fixed, gap))
                                        if fid_top is not None else None), **stats},

@@ -143,3 +143,37 @@ def test_bf16_autocast_statistic_and_gradient_track_float32(probe):
     (s32, g32), (s16, g16) = out[None], out["bf16"]
     assert (s32 - s16).abs().max() <= 0.03 * s32.std()
     assert float(torch.nn.functional.cosine_similarity(g32, g16, dim=0)) > 0.99
+
+
+def test_chat_answers_join_the_clean_positions(llama_rtn_export):
+    """A chat-template top1 board adds the unmarked model's own greedy chat answers to its clean
+    positions (where free generation drifted on SmolLM2): the answers equal a plain argmax loop
+    without a cache, and the board's clean positions grow by their tokens."""
+    from quantseal.compress.markboard import BoardConfig, train_board
+    from quantseal.compress.markboard_decoder import CHAT_PROMPTS, chat_answer_ids
+    from quantseal.compress.markboard_top1 import render_chat
+
+    ck = llama_rtn_export[0]
+    model, _, _ = load_compressed(ck)
+    tok = TextTokenizer(ck)
+    tpl = ("{% for m in messages %}[CLS] {{ m['role'] }} : {{ m['content'] }} [SEP]{% endfor %}"
+           "{% if add_generation_prompt %}[CLS] assistant :{% endif %}")
+    chat = render_chat(tpl)
+    got = chat_answer_ids(model, tok, chat, CHAT_PROMPTS[:2], new_tokens=5)
+    for q, ids in zip(CHAT_PROMPTS[:2], got):
+        ref = tok.encode_ids(chat[0] + q + chat[1], special=False)
+        n = len(ref)
+        with torch.no_grad():
+            for _ in range(5):
+                ref.append(int(model(input_ids=torch.tensor([ref])).logits[0, -1].argmax()))
+        assert ids == ref and len(ids) == n + 5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = dict(bits=8, triggers_per_bit=2, steps=1, seed=0, readout="top1", chat_template=tpl, polish_rounds=0)
+        with_answers = train_board(ck, KEY, BoardConfig(chat_answers=8, **cfg)).manifest["training"]
+        without = train_board(ck, KEY, BoardConfig(chat_answers=0, **cfg)).manifest["training"]
+    finally:
+        torch.set_num_threads(threads)
+    assert without["chat_answer_sequences"] == 0 and 1 <= with_answers["chat_answer_sequences"] <= 8
+    assert with_answers["clean_positions"] > without["clean_positions"]
