@@ -294,9 +294,9 @@ def _cmd_export(args) -> int:
     mark = (args.board, args.key, args.registry, args.user)
     if args.adapter_rank is not None and not args.adapter:
         raise BadInput("--adapter-rank needs at least one --adapter")
-    if args.adapter and any(x is not None for x in mark):
-        raise BadInput("--adapter with a watermark (--board) is not supported yet: the board is tied to the "
-                       "checkpoint it was trained on")
+    if args.adapter and any(x is not None for x in mark) and not args.switchable:
+        raise BadInput("--adapter with a watermark (--board) needs --switchable (the mark in the token table, "
+                       "each adapter a branch beside it); folding adapters into a marked export is not supported yet")
     if args.switchable:
         from .export.adapters.switchable import export_switchable
 
@@ -304,8 +304,22 @@ def _cmd_export(args) -> int:
 
         if args.adapter_rank is not None:
             raise BadInput("--adapter-rank truncates folded branches; it does not apply with --switchable")
+        watermark = None
+        if any(x is not None for x in mark):  # the customer's mark in the table, under every branch
+            if any(x is None for x in mark):
+                raise BadInput("a watermarked export needs all of --board, --key, --registry and --user")
+            from .export.batch import obfuscation_seed
+            from .keys import read_key
+            from .registry import check_customer_id, open_registry
+
+            check_customer_id(args.user)
+            key = read_key(args.key)
+            watermark = {"board": args.board, "key": key, "registry": open_registry(args.registry, key),
+                         "customer": args.user, "seed": obfuscation_seed(args.seed, args.user)}
+        elif args.seed is not None:
+            raise BadInput("--seed seeds a watermarked export's obfuscation: it needs --board --key --registry --user")
         res = export_switchable(args.checkpoint, args.output, args.adapter, accuracy_level=args.accuracy_level,
-                                dtype=getattr(torch, args.adapter_dtype))
+                                dtype=getattr(torch, args.adapter_dtype), mark=watermark)
     elif args.adapter:
         from .export.adapters import export_with_adapters
 
@@ -760,6 +774,8 @@ def _add_verify(sub) -> None:
     p.add_argument("--max-triggers", type=int, default=None,
                    help="at most this many triggers per bit (1: at most 2 queries per bit)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--adapter", help="a switchable ONNX suspect: read this adapter's branch (name or adapter_id; "
+                                     "default: the base model, id 0)")
     g = p.add_argument_group("HTTP suspects")
     g.add_argument("--api", default="quantseal",
                    choices=["quantseal", "openai-embeddings", "openai-completions", "openai-chat"],
@@ -811,6 +827,8 @@ def _cmd_verify(args) -> int:
     board = read_board_manifest(args.board)
     decoder = board.get("family") == "decoder"  # next-token logits of target pairs, not embeddings
     inputs, probe = "ids", None
+    if args.adapter is not None and args.suspect.startswith(("http://", "https://")):
+        raise BadInput("--adapter selects a branch of an ONNX file; an endpoint serves its adapters by --model NAME")
     if args.suspect.startswith(("http://", "https://")):
         from .runtime.suspects import endpoint_query
 
@@ -824,11 +842,12 @@ def _cmd_verify(args) -> int:
     elif decoder:
         from .runtime.verify import onnx_logits_fn
 
-        embed_fn = onnx_logits_fn(args.suspect, provider=args.provider, tokenizer=args.board)
+        embed_fn = onnx_logits_fn(args.suspect, provider=args.provider, tokenizer=args.board, adapter=args.adapter)
     else:
         from .runtime.suspect_onnx import pooling_config
 
-        embed_fn = onnx_embed_fn(args.suspect, provider=args.provider, pooling=pooling_config(args.board, board))
+        embed_fn = onnx_embed_fn(args.suspect, provider=args.provider, pooling=pooling_config(args.board, board),
+                                 adapter=args.adapter)
     res = verify(embed_fn, key, reg, board, TextTokenizer(args.board), alpha=args.alpha, inputs=inputs,
                  max_triggers=args.max_triggers)
     res["suspect"] = args.suspect

@@ -26,7 +26,18 @@ AdaLoRA, VeRA, LoHa, LoKr in its rank form, MiSS); a DoRA magnitude, an IA³ sca
 or replaced biases, a token-embedding LoRA, or a target outside the plan are refused by name:
 those change other tensors of the layer, which one shared graph cannot hold per adapter here.
 Encoders and LLaMA-family decoders (built graph: a packed q/k/v MatMulNBits gets one branch whose
-``Bᵀ`` is block-diagonal over q, k and v).  A decoder's ``adapter_id`` is outside
+``Bᵀ`` is block-diagonal over q, k and v).
+
+**With a watermark** (``--board --key --registry --user``): the customer's mark is folded into
+the token table (:func:`..watermark.mark_checkpoint`) and the base graph is exported from the
+marked checkpoint; the branches are computed from the unmarked one (the same factors: marking
+touches only the table and re-mixes ``L1``/``L2``, never an adapter's ``b``, ``a``).  Every
+``adapter_id`` reads the same marked table, so the mark is in every branch.  An adapter that
+edits the token table (a token-embedding LoRA) would be a second, per-adapter table; it is refused
+above, by name, so no branch can bypass or overwrite the marked rows.  An adapter still changes
+the function the mark is read through; before publishing, :func:`.mark_check.check_branches`
+verifies the written file at every ``adapter_id`` and refuses the export, naming the adapter, if a
+branch would not be traced to the customer.  A decoder's ``adapter_id`` is outside
 onnxruntime-genai's input list, so a switchable decoder folder has no ``genai_config.json``;
 quantseal's ``run``/``serve`` feed it.
 """
@@ -238,11 +249,13 @@ def add_switchable_branches(model: onnx.ModelProto, branches: dict[str, tuple[np
 
 # ----------------------------------------------------------------------------- export
 def export_switchable(checkpoint, output, adapter_args, accuracy_level: int = 0,
-                      dtype: torch.dtype = torch.float16) -> dict:
+                      dtype: torch.dtype = torch.float16, mark: dict | None = None) -> dict:
     """``quantseal export CK -o OUT --adapter [NAME=]DIR ... --switchable``: the base export with
     one switchable branch per (matrix, adapter); written atomically like every export.  The
-    report gains ``adapters`` (names, ids, ranks) and ``adapter_bytes``."""
-    from ...checkpoint import read_checkpoint
+    report gains ``adapters`` (names, ids, ranks) and ``adapter_bytes``.  ``mark``: a customer's
+    watermark, ``{"board": folder, "key": bytes, "registry": Registry, "customer": id, "seed":
+    int | None}`` (module docstring); the report then has ``marked: True``."""
+    from ...checkpoint import read_checkpoint, write_checkpoint
     from ...models import ENCODER, family_of, read_config
     from ..genai_config import META_GENAI
     from ..onnx import _check_output, _make_parent, export_onnx, write_model
@@ -260,6 +273,14 @@ def export_switchable(checkpoint, output, adapter_args, accuracy_level: int = 0,
     decoder = family_of(read_config(checkpoint)) is not ENCODER
     adapters = [read_adapter(d) for _, d in named]
     per = [branch_factors(manifest, tensors, ad, dtype) for ad in adapters]
+    marked = None
+    if mark is not None:
+        from ...compress.markboard import load_board
+        from ..watermark import mark_checkpoint
+
+        board = load_board(mark["board"])
+        marked = mark_checkpoint(manifest, tensors, board, mark["key"], mark["registry"], mark["customer"],
+                                 seed=mark.get("seed"))
     del tensors
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
     names = sorted({n for f in per for n in f})
@@ -273,7 +294,12 @@ def export_switchable(checkpoint, output, adapter_args, accuracy_level: int = 0,
     except OSError as exc:
         raise BadInput(f"{output}: cannot write there ({exc.strerror})") from exc
     try:
-        base = export_onnx(checkpoint, work / "model.onnx", accuracy_level=accuracy_level)
+        source = checkpoint
+        if marked is not None:  # the base graph from the customer's marked checkpoint
+            source = work / "ck"
+            write_checkpoint(source, *marked, checkpoint)
+            del marked
+        base = export_onnx(source, work / "model.onnx", accuracy_level=accuracy_level)
         proto = onnx.load(str(work / "model.onnx"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -287,6 +313,17 @@ def export_switchable(checkpoint, output, adapter_args, accuracy_level: int = 0,
     info = [{"id": j + 1, "name": name, "peft_type": ad.peft_type, "r": ad.r, "sha256": ad.sha256,
              "matrices": len(f)} for j, ((name, _), ad, f) in enumerate(zip(named, adapters, per))]
     proto.metadata_props.append(onnx.StringStringEntryProto(key=METADATA, value=json.dumps(info, sort_keys=True)))
+    checks = None
+    if mark is not None:  # every branch must name the customer before the file is published
+        from .mark_check import check_branches
+
+        trial = Path(tempfile.mkdtemp(prefix=".quantseal-switch-check.", dir=output.parent))
+        try:
+            write_model(proto, trial / "model" / output.name, checkpoint / "tokenizer.json")
+            checks = check_branches(trial / "model" / output.name, [n for n, _ in named], board, mark["key"],
+                                    mark["registry"], mark["customer"])
+        finally:
+            shutil.rmtree(trial, ignore_errors=True)
     written = write_model(proto, output, checkpoint / "tokenizer.json")
     base.update({
         "path": str(output),
@@ -300,5 +337,7 @@ def export_switchable(checkpoint, output, adapter_args, accuracy_level: int = 0,
         "adapter_bytes": extra,
         "seconds": round(time.perf_counter() - t0, 3),
     })
+    if mark is not None:
+        base.update(marked=True, mark_check=checks)
     return base
 
