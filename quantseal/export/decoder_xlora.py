@@ -3,8 +3,9 @@
 The graph of :mod:`.decoder_graph` built twice over the same stored tensors (each initialiser
 once; :class:`SharedBuilder`), as peft's ``XLoraModel`` computes (:mod:`.adapters.xlora`):
 
-1. the *scaling pass*: the base model (``scaling_pass_value = 0`` makes every expert term zero),
-   with its own KV cache ``scaling_past.{i}.key/value`` → ``scaling_present.{i}.key/value``, to
+1. the *scaling pass*: the base model (``scaling_pass_value = 0`` makes every expert term zero;
+   otherwise each adapted Linear adds the static mix ``d · (x · Aᵀ) · Bᵀ``, d from
+   :mod:`.adapters.xlora`), with its own KV cache ``scaling_past.{i}.key/value`` → ``scaling_present.{i}.key/value``, to
    the final RMSNorm: h (B, T, H) — transformers' ``hidden_states[-1]``;
 2. the classifier: ``MatMul + Add`` per Linear, ReLU between; logits (B, T, C) or (B, T, L·C) →
    Reshape (B, T, L, C) → ``Softmax(logits / τ)``; per adapted Linear ℓ its slice s_ℓ (B, T, C),
@@ -83,22 +84,26 @@ class XLoraDecoderGraph(DecoderGraph):
             super()._owned(m, *parts)
 
     def linear(self, name: str, x: str, y: str | None = None) -> str:
-        if not (self.routed and name in self.xlora.factors):
+        xl = self.xlora
+        if name not in xl.factors or not (self.routed or xl.scaling_pass):
             return super().linear(name, x, y)
         base = super().linear(name, x)
         with self.g.scope(name.rsplit(".", 1)[-1] + "_xlora"):
-            branch = self._experts(name, x)
+            branch = self._experts(name, x) if self.routed else self._scaling_pass_mix(name, x)
             return self.g.op("Add", [base, branch], [y] if y is not None else 1)
 
-    def qkv(self, attn: str, x: str):
-        if any(f"{attn}.{p}_proj" in self.xlora.factors for p in "qkv"):
-            return tuple(self.linear(f"{attn}.{p}_proj", x) for p in "qkv")  # experts: no packing
-        return super().qkv(attn, x)
+    def _scaling_pass_mix(self, name: str, x: str) -> str:
+        """``d · Σ_k B_k A_k x`` (B scaled as in the routed pass): the scaling pass's dummy
+        scalings, equal for every expert (:mod:`.adapters.xlora`)."""
+        g = self.g
+        at, bt, _ = self._factors(name)
+        d = g.const(f"scaling_pass_{self.xlora.scaling_pass!r}", np.array(self.xlora.scaling_pass, np.float32))
+        return g.op("Mul", [g.op("MatMul", [g.op("MatMul", [x, at]), bt]), d])
 
-    def _experts(self, name: str, x: str) -> str:
-        """``Σ_k s_k · B_k A_k x`` for the adapted Linear ``name`` (three MatMuls)."""
-        g, xl = self.g, self.xlora
-        parts = xl.factors[name]
+    def _factors(self, name: str) -> tuple[str, str, str]:
+        """The initialisers ``Aᵀ`` (K, Σr), ``Bᵀ`` (Σr, N) and ``E`` (C, Σr) of an adapted Linear,
+        shared by both passes."""
+        g, parts = self.g, self.xlora.factors[name]
         n, k = self._matrix(name).shape
         bs = [p[0] if p is not None else np.zeros((n, 0)) for p in parts]
         as_ = [p[1] if p is not None else np.zeros((0, k)) for p in parts]
@@ -109,7 +114,17 @@ class XLoraDecoderGraph(DecoderGraph):
             col += b.shape[1]
         at = g.init(f"{name}.xlora.AT", np.concatenate(as_, 0).T.astype(np.float32))
         bt = g.init(f"{name}.xlora.BT", np.concatenate(bs, 1).T.astype(np.float32))
-        e = g.init(f"{name}.xlora.E", expand.astype(np.float32))
+        return at, bt, g.init(f"{name}.xlora.E", expand.astype(np.float32))
+
+    def qkv(self, attn: str, x: str):
+        if any(f"{attn}.{p}_proj" in self.xlora.factors for p in "qkv"):
+            return tuple(self.linear(f"{attn}.{p}_proj", x) for p in "qkv")  # experts: no packing
+        return super().qkv(attn, x)
+
+    def _experts(self, name: str, x: str) -> str:
+        """``Σ_k s_k · B_k A_k x`` for the adapted Linear ``name`` (three MatMuls)."""
+        g, xl = self.g, self.xlora
+        at, bt, e = self._factors(name)
         s = self._layer_scalings(xl.layer[name])
         h = g.op("Mul", [g.op("MatMul", [x, at]), g.op("MatMul", [s, e])])
         return g.op("MatMul", [h, bt])
@@ -244,7 +259,7 @@ def export_xlora(checkpoint, output, folder, accuracy_level: int = 0) -> dict:
         "quantseal.extra_caches": json.dumps([[SCALING_PAST, SCALING_PRESENT]]),
         "quantseal.xlora": json.dumps({"experts": xl.experts, "layers": len(xl.layer),
                                        "classifier_depth": len(xl.classifier), "layerwise": xl.layerwise,
-                                       "top_k": xl.top_k}, sort_keys=True),
+                                       "top_k": xl.top_k, "scaling_pass": xl.scaling_pass}, sort_keys=True),
     })
     res = finish_export(proto, output, checkpoint, manifest, "decoder", matrix_bytes, meta, t0)
     res["adapters"] = {"xlora": True, "experts": xl.experts, "matrices": sorted(xl.factors),

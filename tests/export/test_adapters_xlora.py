@@ -104,7 +104,11 @@ def _save_with_classifier(xl, folder):
 @pytest.mark.parametrize("options", [{}, {"xlora_depth": 2, "xlora_size": 16, "layerwise_scalings": True,
                                           "top_k_lora": 1, "softmax_temperature": 0.5},
                                      {"top_k_lora": 1, "enable_softmax": False, "enable_softmax_topk": True,
-                                      "global_scaling_weight": 0.7}])
+                                      "global_scaling_weight": 0.7},
+                                     {"scaling_pass_value": 0.5, "softmax_temperature": 2.5},
+                                     {"scaling_pass_value": 0.25, "top_k_lora": 2, "enable_softmax": False,
+                                      "enable_softmax_topk": True, "layerwise_scalings": True}],
+                         ids=["dense", "layerwise-top1", "softmax-topk", "scaling-pass", "scaling-pass-topk-all"])
 def test_routed_export_matches_peft(options, llama_rtn_export, experts, tmp_path):
     import onnx
 
@@ -121,6 +125,11 @@ def test_routed_export_matches_peft(options, llama_rtn_export, experts, tmp_path
         want = xl(input_ids=ids).logits.numpy()
         scalings = xl.get_latest_scalings()
     assert scalings.shape[-1] == 2 and (scalings[..., 0] != scalings[..., 1]).any()
+    if options.get("scaling_pass_value"):  # the scaling pass's mix does change peft's logits
+        xl.set_scaling_pass_value(0)
+        with torch.no_grad():
+            assert np.abs(xl(input_ids=ids).logits.numpy() - want).max() > 1e-3 * np.abs(want).max()
+        xl.set_scaling_pass_value(options["scaling_pass_value"])
 
     out = tmp_path / "onnx" / "model.onnx"
     rc, stdout, err = run(["export", ck, "-o", out, "--adapter", folder, "--accuracy-level", "0"])
@@ -151,7 +160,10 @@ def test_xlora_refusals(llama_rtn_export, tiny_llama_sharp_dir, experts, tmp_pat
              "with another adapter": ([ck, "--adapter", bare, "--adapter", experts["e0"]], "export it alone"),
              "adapter rank": ([ck, "--adapter", _save_with_classifier(_xlora(tiny_llama_sharp_dir, experts, 3),
                                                                       tmp_path / "full"), "--adapter-rank", "2"],
-                              "routes its experts unfolded")}
+                              "routes its experts unfolded"),
+             "scaling pass + top-k": ([ck, "--adapter", _save_with_classifier(
+                 _xlora(tiny_llama_sharp_dir, experts, 3, scaling_pass_value=0.5, top_k_lora=1), tmp_path / "tk")],
+                 "scaling_pass_value=0.5 with top_k_lora=1 < 2 experts")}
     for name, (argv, msg) in cases.items():
         out = tmp_path / name / "model.onnx"
         rc, _, err = run(["export", argv[0], "-o", out, *argv[1:]])
