@@ -288,8 +288,8 @@ def _cmd_export(args) -> int:
         args.accuracy_level = default_accuracy_level(args.checkpoint)
     if args.external_data != "auto" and (args.adapter or args.board is not None):
         raise BadInput(f"--external-data {args.external_data} with --adapter or --board is not supported yet")
-    if args.dtype != "fp32" and (args.adapter or args.board is not None):
-        raise BadInput(f"--dtype {args.dtype} with --adapter or --board is not supported yet; export in fp32")
+    if args.dtype != "fp32" and (args.switchable or args.board is not None):  # folded adapters: fold.py decides
+        raise BadInput(f"--dtype {args.dtype} with --switchable or --board is not supported yet; export in fp32")
 
     mark = (args.board, args.key, args.registry, args.user)
     if args.adapter_rank is not None and not args.adapter:
@@ -326,7 +326,8 @@ def _cmd_export(args) -> int:
         import torch
 
         res = export_with_adapters(args.checkpoint, args.output, args.adapter, rank=args.adapter_rank,
-                                   accuracy_level=args.accuracy_level, dtype=getattr(torch, args.adapter_dtype))
+                                   accuracy_level=args.accuracy_level, dtype=getattr(torch, args.adapter_dtype),
+                                   compute=args.dtype)
     elif any(x is not None for x in mark):
         if any(x is None for x in mark):
             raise BadInput("a watermarked export needs all of --board, --key, --registry and --user")

@@ -183,3 +183,43 @@ def test_xlora_refuses_phi3_by_name():
                      bos_token_id=1, eos_token_id=2).to_dict()
     with pytest.raises(Unsupported, match="phi3"):
         build_xlora_decoder(None, None, cfg, None)
+
+
+def test_float16_routed_graph_for_cuda(llama_rtn_export, experts, tmp_path):
+    """``--dtype fp16`` (the CUDA execution provider's graph): float16 activations, both caches and
+    logits, the classifier and scalings in float32; onnxruntime's CPU kernels run it here within
+    float16 rounding of the float32 routed graph (itself = peft to 1e-4), over both caches too.
+    Folded adapters stay float32-only, refused by name."""
+    import onnx
+
+    from quantseal.runtime.pipelines import CausalLM
+
+    ck, _ = llama_rtn_export
+    folder = _save_with_classifier(_xlora(None, experts, classifier_seed=7, model=_compressed(ck),
+                                          scaling_pass_value=0.5, layerwise_scalings=True), tmp_path / "xlora")
+    paths = {d: tmp_path / d / "model.onnx" for d in ("fp32", "fp16")}
+    for d, out in paths.items():
+        rc, _, err = run(["export", ck, "-o", out, "--adapter", folder, "--accuracy-level", "0", "--dtype", d])
+        assert rc == 0, err
+    proto = onnx.load(str(paths["fp16"]))
+    types = {i.name: i.type.tensor_type.elem_type for i in [*proto.graph.input, *proto.graph.output]}
+    assert types["logits"] == types["scaling_past.0.key"] == types["past_key_values.1.value"] == onnx.TensorProto.FLOAT16
+    ids = np.array([[1, 7592, 2088, 2003, 102, 55, 999, 3231, 1012]])
+    full, half = CausalLM(paths["fp32"], provider="cpu"), CausalLM(paths["fp16"], provider="cpu")
+    a, b = full.logits(ids), half.logits(ids)
+    scale = np.abs(a).max()
+    assert 0 < np.abs(a - b).max() <= 1e-2 * scale
+    first, past = half.step(ids[:, :5], np.ones((1, 5), np.int64))
+    assert past["scaling_past.0.key"].dtype == np.float16
+    second, _ = half.step(ids[:, 5:], np.ones((1, 9), np.int64), past)
+    np.testing.assert_allclose(np.concatenate([first, second], 1), b, atol=2e-3 * scale)
+    rc, _, err = run(["export", ck, "-o", tmp_path / "folded" / "model.onnx", "--adapter", experts["e0"],
+                      "--dtype", "fp16"])
+    assert rc == 2 and "--dtype fp16 with folded adapters is not supported yet" in err
+
+
+def _compressed(ck):
+    from peft_base import plain_linears
+    from quantseal import checkpoint as ckpt
+
+    return plain_linears(ckpt.load_compressed(ck)[0]).eval()

@@ -350,7 +350,7 @@ def fold_adapters(manifest: Manifest, tensors: dict[str, torch.Tensor], adapters
 
 
 def export_with_adapters(checkpoint, output, adapter_dirs, rank: int | None = None, accuracy_level: int = 0,
-                         dtype: torch.dtype = torch.float16) -> dict:
+                         dtype: torch.dtype = torch.float16, compute: str = "fp32") -> dict:
     """``quantseal export --adapter DIR ... [--adapter-rank R]``: fold the adapters into a
     temporary checkpoint beside ``output``, export it with :func:`quantseal.export.onnx.export_onnx`,
     remove it.  The export report gains ``adapters`` (the fold report)."""
@@ -369,7 +369,10 @@ def export_with_adapters(checkpoint, output, adapter_dirs, rank: int | None = No
 
         if rank is not None:
             raise BadInput("--adapter-rank truncates folded branches; an X-LoRA export routes its experts unfolded")
-        return export_xlora(checkpoint, output, adapter_dirs[0], accuracy_level)
+        return export_xlora(checkpoint, output, adapter_dirs[0], accuracy_level, dtype=compute)
+    if compute != "fp32":
+        raise BadInput(f"--dtype {compute} with folded adapters is not supported yet; export in fp32 "
+                       "(an X-LoRA folder exports in fp16)")
     t0 = time.perf_counter()
     checkpoint, output = Path(checkpoint), Path(output)
     _check_output(output)

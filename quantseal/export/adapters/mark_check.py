@@ -10,9 +10,10 @@ tiny sharpened LLaMA (32-bit board): a LoRA r=4 on k/o/down with ``lora_B ~ N(0,
 
 So before an export is published, :func:`check_branches` runs the black-box verification itself
 (onnxruntime on the written file, the board's triggers, the registry) once per ``adapter_id`` and
-the export is refused, by adapter name, if any branch fails to name the customer at ``alpha``:
-what ``verify`` would later answer about a suspect serving that adapter is known before the file
-leaves the owner.
+the export is refused, by adapter name, if any branch fails to name the customer at ``alpha``
+(or, for a board too small to reach ``alpha`` at all — 16 bits and a few customers give p ≥
+3·2⁻¹⁶ — fails to read every bit of the customer's codeword): what ``verify`` would later answer
+about a suspect serving that adapter is known before the file leaves the owner.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def check_branches(model_path: Path, names: list[str], board, key: bytes, regist
         row = {"adapter_id": ident, "adapter": name, "owner": res["owner"], "bit_errors": int(res["bit_errors"]),
                "p_value": float(res["p_value"])}
         out.append(row)
-        if customer not in res["owners"]:
+        exact = res.get("best") == customer and row["bit_errors"] == 0
+        if customer not in res["owners"] and not exact:
             what = "the base model" if name is None else f"adapter {name!r} (adapter_id {ident})"
             raise Unsupported(f"{what} hides the watermark: verify reads {row['bit_errors']} of {board.manifest['bits']} "
                               f"bits wrong (p = {row['p_value']:.3g}, owner {res['owner'] or 'none'}), so a suspect "
