@@ -51,6 +51,11 @@ def adapter_id(names: dict[str, int], name: str | None, where) -> int:
     return names[name]
 
 
+def is_switchable(session: Session) -> bool:
+    """Whether ``session``'s model takes an ``adapter_id`` (``export --switchable``)."""
+    return ADAPTER_INPUT in session.input_names
+
+
 def resolve_adapter(names: dict[str, int], default: int, adapter: str | int | None, where) -> int:
     """The ``adapter_id`` to feed: ``adapter`` None → ``default`` (the pipeline's own choice); an
     int → that id (0 the base model, 1..J the adapters); a name → its id (:func:`adapter_id`).
@@ -130,7 +135,7 @@ class Embedder:
             hint = "; a decoder: use --prompt / CausalLM" if "logits" in self.session.output_names else ""
             raise BadInput(f"{model_path}: not an embedding model (outputs {self.session.output_names[:4]}{hint})")
         self.conventions = Conventions.from_metadata(self.session.metadata)
-        self.switchable = ADAPTER_INPUT in self.session.input_names
+        self.switchable = is_switchable(self.session)
         self.adapter_names = adapter_ids(self.session.metadata) if self.switchable else {}
         self.adapter = adapter
         self.adapter_id = adapter_id(self.adapter_names, adapter, model_path)
@@ -213,7 +218,7 @@ class CausalLM:
         self.eos_ids = {int(x) for x in meta.get("quantseal.eos_token_id", "").split(",") if x.strip()}
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         self._present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
-        self.switchable = ADAPTER_INPUT in self.session.input_names  # export --switchable: adapter by name
+        self.switchable = is_switchable(self.session)  # export --switchable: adapter by name
         self.adapter_names = adapter_ids(meta) if self.switchable else {}
         self.adapter = adapter
         self.adapter_id = adapter_id(self.adapter_names, adapter, model_path)

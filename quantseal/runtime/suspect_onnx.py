@@ -125,9 +125,9 @@ def _choose_output(outputs) -> tuple[str, str]:
 def suspect_adapter_feed(sess, adapter: str | None, where) -> dict[str, np.ndarray]:
     """``{"adapter_id": id}`` for a switchable suspect (``adapter``: a name from its
     ``quantseal.adapters`` metadata or an integer id; None: 0, the base model), ``{}`` otherwise."""
-    from .pipelines import ADAPTER_INPUT, adapter_ids, resolve_adapter
+    from .pipelines import ADAPTER_INPUT, adapter_ids, is_switchable, resolve_adapter
 
-    if ADAPTER_INPUT not in sess.input_names:
+    if not is_switchable(sess):
         if adapter is not None:
             raise BadInput(f"{where}: has no adapter_id input (not a switchable export); cannot select adapter {adapter!r}")
         return {}

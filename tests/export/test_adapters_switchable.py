@@ -169,7 +169,7 @@ def test_decoder_ids_equal_folded_exports(llama_rtn_export, tiny_llama_sharp_dir
                         "--accuracy-level", "0", "--json"])
     assert rc == 0, err
     assert last_json(out)["ops"]["MatMulNBits"] == report["ops"]["MatMulNBits"]  # still packed: one branch per group
-    assert not (sw.parent / "genai_config.json").exists()
+    assert (sw.parent / "genai_config.json").is_file()  # onnxruntime-genai runs it: adapter_id by set_model_input
     refs = [report["path"]]
     for name, folder in (("fa", a), ("fb", b)):
         path = tmp_path / name / "model.onnx"
@@ -196,3 +196,16 @@ def test_decoder_ids_equal_folded_exports(llama_rtn_export, tiny_llama_sharp_dir
     assert service.generate({"prompt": prompt, "max_new_tokens": 6})["text"] == folded
     rc, _, err = run(["run", sw, "--prompt", prompt, "--adapter", "gamma"])
     assert rc == 2 and "no adapter named 'gamma' (it has alpha, beta)" in err
+
+    # onnxruntime-genai reads the folder unchanged; Generator.set_model_input("adapter_id", j) picks
+    # the branch on every step: its greedy tokens equal quantseal's, each adapter's own
+    from genai_greedy import og_greedy  # tests/export/genai_greedy.py
+
+    start = [int(t) for t in ids[0, :4]]
+    for j, name in enumerate([None, "alpha", "beta"]):
+        want_ids = CausalLM(sw, provider="cpu", adapter=name).generate_ids(start, 6)
+        assert og_greedy(sw.parent, start, 6, {"adapter_id": np.array(j, dtype=np.int64)}) == want_ids, name
+    alone = [CausalLM(sw, provider="cpu", adapter=n).generate_ids(start, 6) for n in (None, "alpha", "beta")]
+    assert len({tuple(x) for x in alone}) == 3  # the three branches generate differently
+    with pytest.raises(Exception, match="adapter_id"):  # not set: onnxruntime's missing input, never the base
+        og_greedy(sw.parent, start, 2)

@@ -38,8 +38,11 @@ above, by name, so no branch can bypass or overwrite the marked rows.  An adapte
 the function the mark is read through; before publishing, :func:`.mark_check.check_branches`
 verifies the written file at every ``adapter_id`` and refuses the export, naming the adapter, if a
 branch would not be traced to the customer.  A decoder's ``adapter_id`` is outside
-onnxruntime-genai's input list, so a switchable decoder folder has no ``genai_config.json``;
-quantseal's ``run``/``serve`` feed it.
+onnxruntime-genai's input list, but its ``Generator.set_model_input("adapter_id", np.array(j))``
+feeds it on every step (measured, onnxruntime-genai 0.18: the greedy tokens equal quantseal's
+``CausalLM`` with that adapter), so a switchable decoder folder keeps its ``genai_config.json``; an
+app that does not set it gets onnxruntime's "Missing Input: adapter_id", never a silent base model
+(an ``adapter_id`` with a default initialiser is ignored by ``set_model_input``: tried, refused).
 """
 
 from __future__ import annotations
@@ -257,7 +260,6 @@ def export_switchable(checkpoint, output, adapter_args, accuracy_level: int = 0,
     int | None}`` (module docstring); the report then has ``marked: True``."""
     from ...checkpoint import read_checkpoint, write_checkpoint
     from ...models import ENCODER, family_of, read_config
-    from ..genai_config import META_GENAI
     from ..onnx import _check_output, _make_parent, export_onnx, write_model
     from .read import read_adapter
 
@@ -303,12 +305,9 @@ def export_switchable(checkpoint, output, adapter_args, accuracy_level: int = 0,
         proto = onnx.load(str(work / "model.onnx"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if decoder:
-        branches = pack_qkv(branches, {n: tuple(manifest.matrices[n].shape) for n in names},
+    if decoder:  # the genai config stays: an app feeds Generator.set_model_input("adapter_id", id)
+        branches = pack_qkv(branches, {n: tuple(e.shape) for n, e in manifest.matrices.items()},  # k untouched too
                             {t.name for t in proto.graph.initializer})
-        kept = [p for p in proto.metadata_props if p.key != META_GENAI]  # adapter_id is not a genai input
-        del proto.metadata_props[:]
-        proto.metadata_props.extend(kept)
     extra = add_switchable_branches(proto, branches)
     info = [{"id": j + 1, "name": name, "peft_type": ad.peft_type, "r": ad.r, "sha256": ad.sha256,
              "matrices": len(f)} for j, ((name, _), ad, f) in enumerate(zip(named, adapters, per))]
