@@ -775,8 +775,8 @@ def _add_verify(sub) -> None:
     p.add_argument("--max-triggers", type=int, default=None,
                    help="at most this many triggers per bit (1: at most 2 queries per bit)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--adapter", help="a switchable ONNX suspect: read this adapter's branch (name or adapter_id; "
-                                     "default: the base model, id 0)")
+    p.add_argument("--adapter", help="a switchable suspect: read this adapter (a file: name or adapter_id, default "
+                                     "the base model; --api quantseal: sent as 'adapter'; OpenAI APIs: use --model)")
     g = p.add_argument_group("HTTP suspects")
     g.add_argument("--api", default="quantseal",
                    choices=["quantseal", "openai-embeddings", "openai-completions", "openai-chat"],
@@ -828,14 +828,12 @@ def _cmd_verify(args) -> int:
     board = read_board_manifest(args.board)
     decoder = board.get("family") == "decoder"  # next-token logits of target pairs, not embeddings
     inputs, probe = "ids", None
-    if args.adapter is not None and args.suspect.startswith(("http://", "https://")):
-        raise BadInput("--adapter selects a branch of an ONNX file; an endpoint serves its adapters by --model NAME")
     if args.suspect.startswith(("http://", "https://")):
         from .runtime.suspects import endpoint_query
 
         embed_fn, inputs, probe = endpoint_query(args.suspect, args.api, board, key, TextTokenizer(args.board),
                                                  args.model, not args.text_only, logit_bias=not args.no_logit_bias,
-                                                 **_endpoint_options(args))
+                                                 adapter=args.adapter, **_endpoint_options(args))
     elif args.api != "quantseal":
         raise BadInput(f"--api {args.api} is for http:// suspects, not files")
     elif not Path(args.suspect).is_file():

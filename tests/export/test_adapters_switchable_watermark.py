@@ -104,6 +104,13 @@ def test_decoder_mark_in_every_branch(llama_rtn_export, llama_board, tiny_llama_
         finally:
             _stop(server, thread)
         assert res["owners"] == ["globex"], (pick, res)
+    server, thread, url = _serve(sw, None)  # one server, the adapter per request
+    try:
+        by_body = _verify(url, llama_board.path, key, reg, "--adapter", "alpha")  # "adapter" on /logits
+        by_model = _verify(url, llama_board.path, key, reg, "--api", "openai-completions", "--model", "beta")
+    finally:
+        _stop(server, thread)
+    assert by_body["owners"] == by_model["owners"] == ["globex"], (by_body, by_model)
 
     rc, _, err = run(["verify", sw, "--board", llama_board.path, "--key", key, "--registry", reg, "--adapter", "gamma"])
     assert rc == 2 and "no adapter named 'gamma'" in err and len(err.strip().splitlines()) == 1
