@@ -42,7 +42,7 @@ onnxruntime-genai's input list, but its ``Generator.set_model_input("adapter_id"
 feeds it on every step (measured, onnxruntime-genai 0.18: the greedy tokens equal quantseal's
 ``CausalLM`` with that adapter), so a switchable decoder folder keeps its ``genai_config.json``; an
 app that does not set it gets onnxruntime's "Missing Input: adapter_id", never a silent base model
-(an ``adapter_id`` with a default initialiser is ignored by ``set_model_input``: tried, refused).
+(an ``adapter_id`` with a default initialiser is ignored by ``set_model_input``: tried).
 """
 
 from __future__ import annotations
