@@ -288,8 +288,8 @@ def _cmd_export(args) -> int:
         args.accuracy_level = default_accuracy_level(args.checkpoint)
     if args.external_data != "auto" and (args.adapter or args.board is not None):
         raise BadInput(f"--external-data {args.external_data} with --adapter or --board is not supported yet")
-    if args.dtype != "fp32" and (args.switchable or args.board is not None):  # folded adapters: fold.py decides
-        raise BadInput(f"--dtype {args.dtype} with --switchable or --board is not supported yet; export in fp32")
+    if args.dtype != "fp32" and args.board is not None and not args.switchable:  # adapters: their exporters decide
+        raise BadInput(f"--dtype {args.dtype} with --board is not supported yet; export in fp32")
 
     mark = (args.board, args.key, args.registry, args.user)
     if args.adapter_rank is not None and not args.adapter:
@@ -319,7 +319,7 @@ def _cmd_export(args) -> int:
         elif args.seed is not None:
             raise BadInput("--seed seeds a watermarked export's obfuscation: it needs --board --key --registry --user")
         res = export_switchable(args.checkpoint, args.output, args.adapter, accuracy_level=args.accuracy_level,
-                                dtype=getattr(torch, args.adapter_dtype), mark=watermark)
+                                dtype=getattr(torch, args.adapter_dtype), mark=watermark, compute=args.dtype)
     elif args.adapter:
         from .export.adapters import export_with_adapters
 

@@ -112,8 +112,14 @@ def test_decoder_mark_in_every_branch(llama_rtn_export, llama_board, tiny_llama_
         _stop(server, thread)
     assert by_body["owners"] == by_model["owners"] == ["globex"], (by_body, by_model)
 
-    rc, _, err = run(["verify", sw, "--board", llama_board.path, "--key", key, "--registry", reg, "--adapter", "gamma"])
-    assert rc == 2 and "no adapter named 'gamma'" in err and len(err.strip().splitlines()) == 1
+    owner = ["--board", llama_board.path, "--key", key, "--registry", reg]
+    for suspect, extra, msg in ((sw, ["--adapter", "gamma"], "no adapter named 'gamma' (it has alpha, beta)"),
+                                (sw, ["--adapter", "7"], "adapter id 7 is not in 0..2"),
+                                (marked, ["--adapter", "alpha"], "has no switchable adapters"),
+                                ("http://127.0.0.1:9", ["--api", "openai-completions", "--adapter", "alpha"],
+                                 "selects an adapter by --model NAME")):
+        rc, _, err = run(["verify", suspect, *owner, *extra])
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (extra, err)
 
     # an adapter strong enough to flip bits (lora_B ~ N(0, 0.3²)) is refused by the owner-side check
     loud = peft_lora(tiny_llama_sharp_dir, tmp_path / "loud", 2, r=4, lora_alpha=8,
