@@ -71,6 +71,9 @@ def test_decoder_mark_in_every_branch(llama_rtn_export, llama_board, tiny_llama_
     assert [(c["adapter"], c["owner"]) for c in report["mark_check"]] == [(None, "globex"), ("alpha", "globex"),
                                                                          ("beta", "globex")]
     assert run(["export", ck, "-o", plain_sw, *adapters])[0] == 0
+    again = tmp_path / "again" / "model.onnx"  # same inputs + seed → same bytes
+    assert run(["export", ck, "-o", again, *adapters, *mark])[0] == 0
+    assert again.read_bytes() == sw.read_bytes()
     assert run(["export", ck, "-o", marked, *mark, "--accuracy-level", "0"])[0] == 0
 
     # each branch computes its adapter: id 0 = the plain marked export; id j on clean text (no

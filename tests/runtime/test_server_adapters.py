@@ -25,11 +25,11 @@ IDS = [[1, 7592, 2088, 2003, 102, 55], [1, 999, 3231, 12]]
 
 
 @contextlib.contextmanager
-def serving(path, adapter=None):
+def serving(path, adapter=None, token=None):
     from quantseal.runtime.server import Limits, make_server, service_for
 
     service = service_for(path, provider="cpu", max_batch=8, adapter=adapter)
-    with served_in_thread(make_server(service, "127.0.0.1", 0, limits=Limits(workers=4))) as url:
+    with served_in_thread(make_server(service, "127.0.0.1", 0, token=token, limits=Limits(workers=4))) as url:
         yield url
 
 
@@ -166,10 +166,13 @@ def test_concurrent_requests_get_their_own_adapter(decoder, encoder):
 
 
 def test_a_file_without_adapters_is_one_model(llama_rtn_export):
-    """No adapters: ``model`` is echoed, not checked (one model); an ``adapter`` is a 404."""
-    with serving(llama_rtn_export[1]["path"]) as url:
-        status, models = request(url, "GET", "/v1/models")
+    """No adapters: ``model`` is echoed, not checked (one model); an ``adapter`` is a 404.
+    ``GET /v1/models`` is behind the bearer token like every route but /health."""
+    with serving(llama_rtn_export[1]["path"], token="s3cret") as url:
+        assert request(url, "GET", "/v1/models")[0] == 401
+        status, models = request(url, "GET", "/v1/models", headers={"Authorization": "Bearer s3cret"})
         assert status == 200 and [m["id"] for m in models["data"]] == ["model"]
+    with serving(llama_rtn_export[1]["path"]) as url:
         status, got = post(url, "/v1/completions", {"prompt": "the quick", "max_tokens": 1, "model": "anything"})
         assert status == 200 and got["model"] == "anything"
         status, got = post(url, "/logits", {"input_ids": IDS, "adapter": "alpha"})
