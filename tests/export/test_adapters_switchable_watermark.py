@@ -95,18 +95,17 @@ def test_decoder_mark_in_every_branch(llama_rtn_export, llama_board, tiny_llama_
         assert np.abs(got[..., keep] - ref[..., keep]).max() <= 1e-5 * scale, name
         assert np.abs(got - want0).max() > 1e-2 * scale, name  # the branch is really taken
 
-    for pick in (None, "alpha", "beta", "2"):  # through the file, each adapter_id
+    for pick in (None, "alpha", "2"):  # through the file, each adapter_id (by name or id; 2 = beta)
         res = _verify(sw, llama_board.path, key, reg, *(["--adapter", pick] if pick else []))
         assert res["owners"] == ["globex"] and res["p_value"] < 1e-6, (pick, res)
     res = _verify(plain_sw, llama_board.path, key, reg, "--adapter", "beta")  # unmarked: nobody
     assert res["owners"] == []
-    for pick in ("alpha", "beta"):  # through serve --adapter
-        server, thread, url = _serve(sw, pick)
-        try:
-            res = _verify(url, llama_board.path, key, reg)
-        finally:
-            _stop(server, thread)
-        assert res["owners"] == ["globex"], (pick, res)
+    server, thread, url = _serve(sw, "beta")  # through serve --adapter beta
+    try:
+        res = _verify(url, llama_board.path, key, reg)
+    finally:
+        _stop(server, thread)
+    assert res["owners"] == ["globex"], res
     server, thread, url = _serve(sw, None)  # one server, the adapter per request
     try:
         by_body = _verify(url, llama_board.path, key, reg, "--adapter", "alpha")  # "adapter" on /logits
