@@ -353,6 +353,9 @@ def _cmd_export(args) -> int:
         human += (f"\nswitchable adapters (input adapter_id; 0 = base): "
                   + ", ".join(f"{a['id']} = {a['name']}" for a in ad["adapters"])
                   + f"; {len(ad['matrices'])} matrices, {res['adapter_bytes'] / 1e6:.3f} MB of branches")
+        if res.get("mark_check"):  # export --switchable --board: verified at every adapter_id before publishing
+            human += ("\nwatermark read back at every adapter_id: " + ", ".join(
+                f"{c['adapter_id']}: {c['bit_errors']} bit errors (p = {c['p_value']:.2g})" for c in res["mark_check"]))
     elif res.get("adapters", {}).get("xlora"):
         human += (f"\nX-LoRA routed over {len(res['adapters']['experts'])} experts on "
                   f"{len(res['adapters']['matrices'])} matrices (two passes; no genai_config.json)")
