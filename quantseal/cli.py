@@ -288,15 +288,26 @@ def _cmd_export(args) -> int:
         args.accuracy_level = default_accuracy_level(args.checkpoint)
     if args.external_data != "auto" and (args.adapter or args.board is not None):
         raise BadInput(f"--external-data {args.external_data} with --adapter or --board is not supported yet")
-    if args.dtype != "fp32" and args.board is not None and not args.switchable:  # adapters: their exporters decide
+    if args.dtype != "fp32" and args.board is not None and not args.adapter:  # adapters: their exporters decide
         raise BadInput(f"--dtype {args.dtype} with --board is not supported yet; export in fp32")
 
     mark = (args.board, args.key, args.registry, args.user)
     if args.adapter_rank is not None and not args.adapter:
         raise BadInput("--adapter-rank needs at least one --adapter")
-    if args.adapter and any(x is not None for x in mark) and not args.switchable:
-        raise BadInput("--adapter with a watermark (--board) needs --switchable (the mark in the token table, "
-                       "each adapter a branch beside it); folding adapters into a marked export is not supported yet")
+    watermark = None
+    if args.adapter and any(x is not None for x in mark):  # the mark in the table, the adapters beside it
+        if any(x is None for x in mark):
+            raise BadInput("a watermarked export needs all of --board, --key, --registry and --user")
+        from .export.batch import obfuscation_seed
+        from .keys import read_key
+        from .registry import check_customer_id, open_registry
+
+        check_customer_id(args.user)
+        key = read_key(args.key)
+        watermark = {"board": args.board, "key": key, "registry": open_registry(args.registry, key),
+                     "customer": args.user, "seed": obfuscation_seed(args.seed, args.user)}
+    elif args.adapter and args.seed is not None:
+        raise BadInput("--seed seeds a watermarked export's obfuscation: it needs --board --key --registry --user")
     if args.switchable:
         from .export.adapters.switchable import export_switchable
 
@@ -304,20 +315,6 @@ def _cmd_export(args) -> int:
 
         if args.adapter_rank is not None:
             raise BadInput("--adapter-rank truncates folded branches; it does not apply with --switchable")
-        watermark = None
-        if any(x is not None for x in mark):  # the customer's mark in the table, under every branch
-            if any(x is None for x in mark):
-                raise BadInput("a watermarked export needs all of --board, --key, --registry and --user")
-            from .export.batch import obfuscation_seed
-            from .keys import read_key
-            from .registry import check_customer_id, open_registry
-
-            check_customer_id(args.user)
-            key = read_key(args.key)
-            watermark = {"board": args.board, "key": key, "registry": open_registry(args.registry, key),
-                         "customer": args.user, "seed": obfuscation_seed(args.seed, args.user)}
-        elif args.seed is not None:
-            raise BadInput("--seed seeds a watermarked export's obfuscation: it needs --board --key --registry --user")
         res = export_switchable(args.checkpoint, args.output, args.adapter, accuracy_level=args.accuracy_level,
                                 dtype=getattr(torch, args.adapter_dtype), mark=watermark, compute=args.dtype)
     elif args.adapter:
@@ -327,7 +324,7 @@ def _cmd_export(args) -> int:
 
         res = export_with_adapters(args.checkpoint, args.output, args.adapter, rank=args.adapter_rank,
                                    accuracy_level=args.accuracy_level, dtype=getattr(torch, args.adapter_dtype),
-                                   compute=args.dtype)
+                                   compute=args.dtype, mark=watermark)
     elif any(x is not None for x in mark):
         if any(x is None for x in mark):
             raise BadInput("a watermarked export needs all of --board, --key, --registry and --user")
@@ -353,9 +350,6 @@ def _cmd_export(args) -> int:
         human += (f"\nswitchable adapters (input adapter_id; 0 = base): "
                   + ", ".join(f"{a['id']} = {a['name']}" for a in ad["adapters"])
                   + f"; {len(ad['matrices'])} matrices, {res['adapter_bytes'] / 1e6:.3f} MB of branches")
-        if res.get("mark_check"):  # export --switchable --board: verified at every adapter_id before publishing
-            human += ("\nwatermark read back at every adapter_id: " + ", ".join(
-                f"{c['adapter_id']}: {c['bit_errors']} bit errors (p = {c['p_value']:.2g})" for c in res["mark_check"]))
     elif res.get("adapters", {}).get("xlora"):
         human += (f"\nX-LoRA routed over {len(res['adapters']['experts'])} experts on "
                   f"{len(res['adapters']['matrices'])} matrices (two passes; no genai_config.json)")
@@ -367,6 +361,9 @@ def _cmd_export(args) -> int:
         if "adapter_rank" in ad:
             human += (f"; rank {ad['adapter_rank']['rank']}: SVD truncation error {ad['adapter_rank']['error']:.4g} "
                       f"(relative {ad['adapter_rank']['rel_error']:.2e})")
+    if res.get("mark_check"):  # export --adapter --board: the mark read back at every adapter_id before publishing
+        human += ("\nwatermark read back: " + ", ".join(
+            f"adapter_id {c['adapter_id']}: {c['bit_errors']} bit errors (p = {c['p_value']:.2g})" for c in res["mark_check"]))
     _emit(res, args.json, human)
     return 0
 

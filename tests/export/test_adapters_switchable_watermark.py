@@ -4,7 +4,8 @@ in the token table, which every ``adapter_id`` reads, so ``verify`` names the cu
 branch the suspect runs — through the file with each id and through ``serve --adapter`` — while
 each branch still computes its adapter (id 0 equals the plain marked export; id j on clean text
 equals the unmarked switchable export's id j).  A token-embedding LoRA (the table the mark lives
-in) is refused with one line, exit 2, nothing written."""
+in) folds beside the marked table (``export --adapter --board`` without ``--switchable``) and is
+refused as a switchable branch with one line, exit 2, nothing written."""
 
 from __future__ import annotations
 
@@ -150,9 +151,16 @@ def _embedding_lora(base_dir, out):
     return out
 
 
-def test_a_lora_on_the_marked_table_is_refused(llama_rtn_export, llama_board, tiny_llama_sharp_dir, tmp_path):
-    """The token table carries the mark: an adapter that edits it cannot be a branch (nor folded
-    into a marked export), exit 2 with one line naming it, nothing written."""
+def test_a_lora_on_the_marked_table(llama_rtn_export, llama_board, tiny_llama_sharp_dir, tmp_path):
+    """The token table carries the mark.  Folded (no --switchable), a LoRA on it becomes a
+    low-rank branch beside the marked table: the export names the customer (checked before
+    publishing, and by verify), and off the marked rows its logits equal the unmarked folded
+    export's.  As a switchable branch it would be a second, per-adapter table: refused with one
+    line, exit 2, nothing written."""
+    from quantseal import keys as qk
+    from quantseal.runtime.pipelines import CausalLM
+    from quantseal.text import TextTokenizer
+
     ck = llama_rtn_export[0]
     key, reg = _owner_files(tmp_path, llama_board.manifest["bits"])
     emb = _embedding_lora(tiny_llama_sharp_dir, tmp_path / "emb")
@@ -161,14 +169,33 @@ def test_a_lora_on_the_marked_table_is_refused(llama_rtn_export, llama_board, ti
     out = tmp_path / "out"
     cases = {
         "embedding lora": (["--adapter", lin, "--adapter", emb, "--switchable", *mark], "token-embedding LoRA is not switchable"),
-        "folded": (["--adapter", lin, *mark], "needs --switchable"),
         "half a mark": (["--adapter", lin, "--switchable", "--board", llama_board.path], "needs all of --board"),
-        "seed alone": (["--adapter", lin, "--switchable", "--seed", "1"], "--seed seeds a watermarked export"),
+        "seed alone": (["--adapter", lin, "--seed", "1"], "--seed seeds a watermarked export"),
     }
     for name, (extra, msg) in cases.items():
         rc, _, err = run(["export", ck, "-o", out / "model.onnx", *extra])
         assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (name, err)
         assert not out.exists() or list(out.iterdir()) == [], name
+
+    folded, plain = tmp_path / "folded" / "model.onnx", tmp_path / "plain" / "model.onnx"
+    rc, stdout, err = run(["export", ck, "-o", folded, "--adapter", emb, *mark, "--seed", "0", "--accuracy-level", "0",
+                           "--json"])
+    assert rc == 0, err
+    report = last_json(stdout)
+    assert report["marked"] and [c["owner"] for c in report["mark_check"]] == ["acme"]
+    assert "model.embed_tokens" in report["adapters"]["matrices"]  # the table's LoRA, folded as a branch
+    assert run(["export", ck, "-o", plain, "--adapter", emb, "--accuracy-level", "0"])[0] == 0
+    res = _verify(folded, llama_board.path, key, reg)
+    assert res["owners"] == ["acme"], res
+    marked_rows = np.unique(qk.triggers_of(llama_board.manifest, KEY, TextTokenizer(llama_board.path)).tokens)
+    ids = np.array([[1, 7592, 2088, 2003, 102, 55, 999, 3231]])
+    assert not np.isin(ids, marked_rows).any()
+    got, ref = CausalLM(folded, provider="cpu").logits(ids), CausalLM(plain, provider="cpu").logits(ids)
+    base = CausalLM(llama_rtn_export[1]["path"], provider="cpu").logits(ids)
+    keep = np.setdiff1d(np.arange(got.shape[-1]), marked_rows)
+    scale = np.abs(ref).max()
+    assert np.abs(got[..., keep] - ref[..., keep]).max() <= 1e-5 * scale
+    assert np.abs(ref - base).max() > 1e-2 * scale  # the adapter matters
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Owner-side check that every branch of a marked switchable export names its customer.
+"""Owner-side check that every branch of a marked export with adapters names its customer.
 
 The mark is folded into the token table, which every ``adapter_id`` reads (:mod:`.switchable`),
 but an adapter changes the function on top of it: the board's statistic for bit i (the trigger
@@ -25,8 +25,8 @@ from ...errors import Unsupported
 
 def check_branches(model_path: Path, names: list[str], board, key: bytes, registry, customer: str,
                    alpha: float = 1e-6) -> list[dict]:
-    """Verify ``model_path`` (a marked switchable export; ``names``: its adapters in id order,
-    ids 1..J) at every ``adapter_id`` 0..J against ``board`` (a loaded
+    """Verify ``model_path`` (a marked export with adapters: switchable, ``names`` its adapters
+    in id order, ids 1..J; or folded, ``names`` empty) at every ``adapter_id`` 0..J against ``board`` (a loaded
     :class:`~quantseal.compress.markboard.Board`).  Returns per id ``{"adapter_id", "adapter",
     "owner", "bit_errors", "p_value"}``; raises :class:`Unsupported` naming the first branch whose
     verification does not name ``customer``."""
@@ -38,18 +38,20 @@ def check_branches(model_path: Path, names: list[str], board, key: bytes, regist
     decoder = board.manifest.get("family") == "decoder"
     out = []
     for ident, name in enumerate([None, *names]):
+        pick = None if ident == 0 else str(ident)  # id 0: also a file without adapters (folded)
         if decoder:
-            fn = onnx_logits_fn(model_path, provider="cpu", tokenizer=board.path, adapter=str(ident))
+            fn = onnx_logits_fn(model_path, provider="cpu", tokenizer=board.path, adapter=pick)
         else:
             fn = onnx_embed_fn(model_path, provider="cpu", pooling=pooling_config(board.path, board.manifest),
-                               adapter=str(ident))
+                               adapter=pick)
         res = verify(fn, key, registry, board.manifest, tok, alpha=alpha)
         row = {"adapter_id": ident, "adapter": name, "owner": res["owner"], "bit_errors": int(res["bit_errors"]),
                "p_value": float(res["p_value"])}
         out.append(row)
         exact = res.get("best") == customer and row["bit_errors"] == 0
         if customer not in res["owners"] and not exact:
-            what = "the base model" if name is None else f"adapter {name!r} (adapter_id {ident})"
+            what = ("the adapted model" if not names else "the base model") if name is None \
+                else f"adapter {name!r} (adapter_id {ident})"
             raise Unsupported(f"{what} hides the watermark: verify reads {row['bit_errors']} of {board.manifest['bits']} "
                               f"bits wrong (p = {row['p_value']:.3g}, owner {res['owner'] or 'none'}), so a suspect "
                               f"serving it would not be traced to {customer}; every branch of a marked switchable "
