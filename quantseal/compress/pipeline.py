@@ -246,7 +246,8 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
         fisher = {n: floor_fisher(f) for n, f in raw.items()}
 
     lin_formats = expand_families(cfg.formats)
-    emb_formats = expand_families(EMBEDDING_FAMILIES)
+    # a float-offset format asked for the Linears is a table candidate too (GatherBlockQuantized + offsets)
+    emb_formats = sorted(set(expand_families(EMBEDDING_FAMILIES)) | {f for f in lin_formats if f.kind == "intf"})
     clip = cfg.method == "lq"
     cands: dict[str, list[Candidate]] = {}
     tasks = []
