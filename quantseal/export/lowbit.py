@@ -214,15 +214,17 @@ def offset_matrix(g: Nodes, m: StoredMatrix, s: str, zero: int = DEFAULT_ZERO_4B
     return g.node("Add", [off, zs], f"{m.name}.offsets_z")
 
 
-def block_sums(g: Nodes, x: str, k: int, block: int, rank: int | None = None, memo: dict | None = None) -> str:
+def block_sums(g: Nodes, x: str, k: int, block: int, rank: int | None = None, memo: dict | None = None,
+               owner: str = "") -> str:
     """``S(x)`` (..., nb): the sums of ``x`` (..., K) over blocks of ``block`` columns (K zero-padded
     to nb·block).  ``rank``: x's rank when known (Reshape by [0, …, 0, nb, B], no Shape nodes);
-    ``memo`` shares one S(x) between the matrices that read the same input."""
+    ``memo`` shares one S(x) between the matrices that read the same input (its nodes are named
+    after ``x``; without a memo, after the ``owner`` matrix)."""
     key = (x, block)
     if memo is not None and key in memo:
         return memo[key]
     nb = -(-k // block)
-    base = f"{x}.bsum{block}"
+    base = f"{x}.bsum{block}" if memo is not None else f"{owner}.bsum{block}"
     xin = x
     if nb * block > k:
         pads = g.init(f"{base}.pad", np.array([0, nb * block - k], dtype=np.int64))
@@ -269,7 +271,7 @@ def linear_nodes(m: StoredMatrix, x: str, y: str, accuracy_level: int = 0, act: 
         mnb = g.node("MatMulNBits", [x, g.init(f"{m.name}.qweight", m.tensors["qweight"]), s], f"{m.name}.y_codes",
                      domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=spec.block, accuracy_level=accuracy_level)
         mt = g.node("Transpose", [offset_matrix(g, m, s)], f"{m.name}.offsets_z.T", perm=[1, 0])
-        corr = g.node("MatMul", [block_sums(g, x, k, spec.block, x_rank, memo), mt], f"{m.name}.y_offsets")
+        corr = g.node("MatMul", [block_sums(g, x, k, spec.block, x_rank, memo, m.name), mt], f"{m.name}.y_offsets")
         g.node("Add", [mnb, corr], main)
     elif spec.kind == "nf":
         kp = spec.n_blocks(k) * spec.block
