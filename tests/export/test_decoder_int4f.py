@@ -61,6 +61,7 @@ def test_checkpoint_stores_codes_scales_and_offsets_at_5_bits(int4f_export):
 
 def test_graph_shares_one_block_sum_per_input(int4f_export):
     _, report, _, _ = int4f_export
+    assert Path(report["path"]).stat().st_size <= 1.7e6  # --budget-mb bounds the file, int4f's nodes included
     proto = onnx.load(report["path"])
     nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
     assert all(len(n.input) == 3 for n in nbits)  # no zero points: z = 8, the offsets go to S(x)·M'ᵀ
