@@ -109,7 +109,8 @@ class CalibratedConfig:
                 raise BadInput("--method cbq --budget-mb starts from GPTQ's codes in the planned formats: use --init gptq")
             if self.abits != 16:
                 raise BadInput("--budget-mb with gptq/cbq plans weights only: use --abits 16")
-            bad = [f.name for f in expand_families(self.formats) if f.kind not in ("int", "intf")]
+            kinds = ("int",) if self.method == "cbq" else ("int", "intf")  # CBQ learns integer zero points only
+            bad = [f.name for f in expand_families(self.formats) if f.kind not in kinds]
             if bad:
                 raise BadInput(f"--method {self.method} writes integer formats, not {', '.join(bad)}")
         elif self.max_decode_ms is not None:
