@@ -60,6 +60,9 @@ QUANTSEAL = {
     # int4f_b32 (w = s·q + m, float16 offsets: SmolLM2's GGUF is Q4_1, so its dequantised weights are exactly
     # on this grid) where the ILP takes it, int4/int8 elsewhere, under the builder int4's size
     "qs-rtn-f4": (["--method", "rtn", "--formats", "int4f_b32,int4_b32,int8_b32", "--budget-mb", "{mb}"], 4),
+    # the exactness check (not a size contender): every Linear int4f_b32, the Q8_0-sourced table kept float32
+    # (a 250 MB budget admits it), accuracy level 0 — its perplexity must be the float32 model's
+    "qs-rtn-f4-exact": (["--method", "rtn", "--formats", "int4f_b32", "--budget-mb", "250"], 0),
     "qs-cbq": (["--method", "cbq", "--wbits", "4", "--block", "32", "--table", "int4_b32", "--steps", "50"], 4),
 }
 BUILDER = {"builder-fp32": ("fp32", {}), "builder-int8": ("int8", {}), "builder-int4": ("int4", {}),
