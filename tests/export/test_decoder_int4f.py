@@ -72,6 +72,10 @@ def test_graph_shares_one_block_sum_per_input(int4f_export):
     assert sum(n.op_type == "GatherBlockQuantized" for n in proto.graph.node) == 1
     users = sorted(n.op_type for n in proto.graph.node if "model.embed_tokens.qweight" in n.input)
     assert users == ["MatMulNBits", "Reshape"]  # one code tensor for the lookup and the head
+    from quantseal.export.inspect_onnx import inspect_onnx
+
+    seen = inspect_onnx(report["path"])["matrices"]  # the file read back: int4f (its offsets), manifest bytes
+    assert {r["format"] for r in seen} == {"int4f_b32"} and len(seen) == 2 * 7 + 1
 
 
 def test_logits_equal_torch_of_the_dequantised_weights(int4f_export):
