@@ -309,7 +309,7 @@ def int4f_decoder_table(res: dict) -> str:
     lines[0] = "### SmolLM2-135M-Instruct with int4f (4-bit codes, float16 block offsets: w = s·q + m)"
     plot = lines.index("Plot: `results/decoder_smollm2.png`.")
     lines[plot] = "Plot: `results/decoder_smollm2_int4f.png`."
-    return "\n".join(lines + [""] + list(res.get("notes", [])))
+    return "\n".join(lines + [""] + [f"- {n}" for n in res.get("notes", [])])
 
 
 def int4f_cost_table(res: dict) -> str:
@@ -330,7 +330,7 @@ def int4f_cost_table(res: dict) -> str:
             ratios = [pa["us"] / pb["us"] for pa, pb in zip(a["shapes"], b["shapes"])]
             lines.append(f"\nint4f_b32 / int4_b32 at accuracy level {level}: "
                          + ", ".join(f"{x:.2f}×" for x in ratios) + " per shape.")
-    return "\n".join(lines + [""] + list(res.get("notes", [])))
+    return "\n".join(lines + [""] + [f"- {n}" for n in res.get("notes", [])])
 
 
 def int4f_minilm_table(res: dict) -> str:
@@ -342,7 +342,7 @@ def int4f_minilm_table(res: dict) -> str:
     for r in res["rows"]:
         lines.append(f"| {r['format']} | {r['bits_per_weight']:.3f} | {r['embedding_error']:.4f} | {r['nn_at_1']:.3f} "
                      f"| {r['file_mb']:.2f} |")
-    return "\n".join(lines + [""] + list(res.get("notes", [])))
+    return "\n".join(lines + [""] + [f"- {n}" for n in res.get("notes", [])])
 
 
 RENDERERS = {"compress_minilm.json": compress_table, "decoder_smollm2.json": decoder_table,
