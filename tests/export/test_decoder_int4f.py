@@ -97,3 +97,29 @@ def test_onnxruntime_genai_runs_the_int4f_folder(int4f_export):
     assert len(set(out)) >= 3
     lm.eos_ids = set()
     assert lm.generate_ids(prompt, len(out)) == out
+
+
+def test_gptq_plan_in_int4f_exports_and_matches_torch(tiny_llama_sharp_dir, tmp_path):
+    """``compress --method gptq --budget-mb --formats int4f_b32``: GPTQ rounds every Linear to its
+    block's float-offset grid (the table in the plan's format, calibrated as the LM head); the export's logits
+    equal the torch model of the stored weights."""
+    from quantseal.cli import main
+
+    ck, out = tmp_path / "ck", tmp_path / "onnx" / "model.onnx"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["compress", str(tiny_llama_sharp_dir), "-o", str(ck), "--method", "gptq", "--budget-mb", "1.7",
+                         "--formats", "int4f_b32", "--calib-samples", "8", "--json"]) == 0
+            assert main(["export", str(ck), "-o", str(out), "--accuracy-level", "0", "--json"]) == 0
+        manifest, tensors = read_checkpoint(ck)
+        assert {e.format for n, e in manifest.matrices.items() if e.kind == "linear"} == {"int4f_b32"}
+        assert "model.embed_tokens" in manifest.matrices  # the table joined the plan (its format the ILP's)
+        model, _, _ = load_compressed(ck)
+        ids = np.array([[101, 7592, 2088, 2003, 1037, 3231, 1012]])
+        ref = float_reference_logits(model, ids, np.ones_like(ids))
+    finally:
+        torch.set_num_threads(threads)
+    got = CausalLM(out, provider="cpu").logits(ids, np.ones_like(ids))
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
