@@ -111,7 +111,7 @@ def test_gptq_plan_in_int4f_exports_and_matches_torch(tiny_llama_sharp_dir, tmp_
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             assert main(["compress", str(tiny_llama_sharp_dir), "-o", str(ck), "--method", "gptq", "--budget-mb", "1.7",
-                         "--formats", "int4f_b32", "--calib-samples", "8", "--json"]) == 0
+                         "--formats", "int4f_b32", "--calib-samples", "4", "--json"]) == 0
             assert main(["export", str(ck), "-o", str(out), "--accuracy-level", "0", "--json"]) == 0
         manifest, tensors = read_checkpoint(ck)
         assert {e.format for n, e in manifest.matrices.items() if e.kind == "linear"} == {"int4f_b32"}
