@@ -98,7 +98,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--calib", type=Path, help="calibration text file, one text per line (default: pydoc_data.topics)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration texts (default 256; gptq/cbq 128)")
     p.add_argument("--ranks", type=_int_list, default=None, help="low-rank candidates, e.g. 0,8,16,32,64")
-    p.add_argument("--formats", default=None, help="format families or names, e.g. int2,int4,int8,nf4,fp16")
+    p.add_argument("--formats", default=None, help="format families or names, e.g. int2,int4,int8,nf4,fp16 "
+                        "(int4f / int4f_b32: 4-bit codes with float16 block offsets, w = s·q + m)")
     p.add_argument("--max-decode-ms", type=float, default=None,
                    help="lq/rtn: bound the plan's estimated per-token CPU time of its matrices (ms, batch 1, "
                         "onnxruntime at accuracy level 4; the per-format costs of compress/decode_cost.py)")
