@@ -21,7 +21,7 @@ Deterministic: the Fisher's seed, the one-thread candidate table and HiGHS's exa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from .formats import FormatSpec
@@ -50,28 +50,16 @@ def candidate_table(model: Path, budget_mb: float, formats: tuple[str, ...], max
     return build_candidate_table(cfg)
 
 
-def grouped_plan(table, budget_mb: float, formats_label: str = "", max_decode_ms: float | None = None
-                 ) -> tuple[list[int], list[list[str]]]:
-    """Step 2 on a candidate table: the ILP over pack groups (a decoder's q/k/v share one choice,
-    :mod:`.pack_groups`); returns one candidate index per ``table.options`` entry and the groups."""
-    from .pack_groups import merge_options, pack_groups
-    from .pipeline import plan
-
-    linears = [n for n, (_, kind) in table.targets.items() if kind == "linear"]
-    groups = pack_groups(linears) if getattr(table.fam, "name", None) == "decoder" else []
-    merged, expand = merge_options(table.options, groups)
-    choice = plan(replace(table, options=merged), budget_mb=budget_mb, formats_label=formats_label,
-                  max_decode_ms=max_decode_ms)
-    return expand(choice), groups
-
-
 def plan_formats(model: Path, budget_mb: float, formats: tuple[str, ...], max_decode_ms: float | None = None,
                  calib: Path | None = None, calib_samples: int = 256, seed: int = 0, workers: int = 1) -> FormatPlan:
     """Steps 1–2: one format per compressible Linear (per pack group) and for the token table,
     under ``budget_mb`` (the whole file, as ``--budget-mb`` of lq/rtn).  Raises BudgetInfeasible
     with the smallest feasible budget."""
     table = candidate_table(model, budget_mb, formats, max_decode_ms, calib, calib_samples, seed, workers)
-    choice, groups = grouped_plan(table, budget_mb, ",".join(formats), max_decode_ms)
+    from .pack_groups import grouped_plan
+
+    choice, groups = grouped_plan(table, budget_mb=budget_mb, formats_label=",".join(formats),
+                                  max_decode_ms=max_decode_ms)
     chosen = {n: table.cands[n][c].fmt for n, c in zip(table.targets, choice)}
     emb = next((n for n, (_, kind) in table.targets.items() if kind == "embedding"), None)
     planned = sum(o.bytes[c] for o, c in zip(table.options, choice))

@@ -12,6 +12,9 @@ layer instead of one.  So the budgeted calibrated plans choose per *pack group*:
 the LQ-LoRA §3.1 ILP (:mod:`.budget`, eq. 4) with each group's members' bytes, errors and costs
 summed per shared candidate; a matrix outside every group is a group of one.  The errors are
 additive over matrices (Σ F ⊙ (W − Ŵ)² per matrix), so the group sum is the exact objective.
+:func:`grouped_plan` applies it to a decoder's ``--budget-mb`` plans whose candidates are all
+packable (rank 0): gptq / cbq's (:mod:`.calibrated_plan`) and rtn / lq ``--ranks 0`` without
+adapters (:func:`.pipeline.compress`).
 
 Gate and up (SwiGLU's two input projections) are *not* grouped: packing them plus the ``Split``
 the export would need measured no faster on onnxruntime 1.32's CPU kernels (30 LLaMA MLPs of
@@ -22,6 +25,7 @@ export keeps them apart and the plan may too.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from .budget import MatrixOptions
 
@@ -96,3 +100,17 @@ def merge_options(options: list[MatrixOptions], groups: list[list[str]]
         return out
 
     return merged, expand
+
+
+def grouped_plan(table, budget_bits: float | None = None, budget_mb: float | None = None, formats_label: str = "",
+                 max_decode_ms: float | None = None) -> tuple[list[int], list[list[str]]]:
+    """The ILP (:func:`.pipeline.plan`) over pack groups of a candidate table
+    (:class:`.pipeline.CandidateTable`): a decoder's q/k/v share one choice.  Returns one
+    candidate index per ``table.options`` entry and the groups (none for other families)."""
+    from .pipeline import plan
+
+    linears = [n for n, (_, kind) in table.targets.items() if kind == "linear"]
+    groups = pack_groups(linears) if getattr(table.fam, "name", None) == "decoder" else []
+    merged, expand = merge_options(table.options, groups)
+    choice = plan(replace(table, options=merged), budget_bits, budget_mb, formats_label, max_decode_ms)
+    return expand(choice), groups

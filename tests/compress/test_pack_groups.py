@@ -97,10 +97,11 @@ def llama_table(tiny_llama_dir):
 
 
 def test_tiny_llama_plan_gives_qkv_one_format_and_equals_brute_force(llama_table, tiny_llama_dir):
-    from quantseal.compress.calibrated_plan import grouped_plan, plan_formats
+    from quantseal.compress.calibrated_plan import plan_formats
+    from quantseal.compress.pack_groups import grouped_plan
 
     table = llama_table
-    choice, groups = grouped_plan(table, BUDGET_MB)
+    choice, groups = grouped_plan(table, budget_mb=BUDGET_MB)
     assert groups == [[f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"] for i in range(2)]
     labels = {o.name: o.labels[c] for o, c in zip(table.options, choice)}
     for g in groups:
@@ -117,3 +118,22 @@ def test_tiny_llama_plan_gives_qkv_one_format_and_equals_brute_force(llama_table
     assert sum(o.errors[c] for o, c in zip(table.options, free)) <= err * (1 + 1e-9)
     fplan = plan_formats(tiny_llama_dir, BUDGET_MB, ("int4_b32", "int8_b32"), calib_samples=16)
     assert {n: f.name for n, f in fplan.formats.items()} == labels and fplan.groups == groups
+
+
+def test_rtn_budget_mb_plan_packs_qkv(llama_mb_export):
+    """``compress --method rtn --budget-mb`` on a decoder (rank-0 candidates) plans per pack group
+    too: each layer's q/k/v share a format, and the export packs them into one kernel."""
+    from quantseal.checkpoint import read_checkpoint
+
+    ck, report = llama_mb_export
+    manifest, _ = read_checkpoint(ck)
+    for i in range(2):
+        formats = {manifest.matrices[f"model.layers.{i}.self_attn.{p}_proj"].format for p in "qkv"}
+        assert len(formats) == 1, formats
+    n_int = sum(1 for i in range(2)
+                if manifest.matrices[f"model.layers.{i}.self_attn.q_proj"].format.startswith("int"))
+    per_layer = {i: sum(manifest.matrices[f"model.layers.{i}.{m}"].format.startswith("int")
+                        for m in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+                 for i in range(2)}
+    table_int = manifest.matrices["model.embed_tokens"].format.startswith("int")
+    assert report["ops"]["MatMulNBits"] == n_int + sum(per_layer.values()) + table_int
