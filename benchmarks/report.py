@@ -69,7 +69,7 @@ def decoder_table(res: dict) -> str:
               "`qs-gptq` / `qs-cbq` = `compress --method gptq|cbq --wbits 4 --block 32 --table int4_b32` "
               "(cbq: 50 steps per window; the tied table's int4 codes are GPTQ's for it as the LM head, "
               "`compress/head_table.py`), `qs-gptq-plan` = `compress --method gptq --budget-mb B --formats int4,int8` "
-              "(the ILP picks each matrix's and the table's format, GPTQ rounds), `qs-lq` = `compress --method lq "
+              "(the ILP picks each matrix's and the table's format, one shared by each layer's q/k/v, GPTQ rounds), `qs-lq` = `compress --method lq "
               "--data-aware --formats int4_b32,int8_b32 --ranks 0 --budget-mb B`, `qs-rtn8` = `compress --method rtn --formats int8s_b32 --budget-mb B8 "
               "--max-decode-ms 3.7` (B8: the builder int8 file; the decode bound moves the tied table off float32), "
               "each exported with `quantseal export` (accuracy level 4, `-acc0`: 0).",
@@ -91,6 +91,7 @@ def decoder_table(res: dict) -> str:
     notes = [f"- `{r['variant']}`: {r['note']}" for r in res["rows"] if r.get("note")]
     if notes:
         lines += ["", "How rows were built (from each variant's build record):", ""] + notes
+    lines += [l for n in res.get("notes", []) for l in ("", n)]  # the run's hand-written notes
     return "\n".join(lines)
 
 

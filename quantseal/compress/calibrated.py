@@ -270,7 +270,8 @@ def calibrated_manifest(cfg: CalibratedConfig, family: str, model_type: str, ent
         extra["table_method"] = table_method
     if fplan is not None:
         extra["plan"] = {"budget_mb": cfg.budget_mb, "formats": list(cfg.formats), "max_decode_ms": cfg.max_decode_ms,
-                         "planned_bytes": fplan.planned_bytes, "decode_ms_estimate": round(fplan.decode_ms, 6)}
+                         "planned_bytes": fplan.planned_bytes, "decode_ms_estimate": round(fplan.decode_ms, 6),
+                         "pack_groups": len(fplan.groups or [])}
     if cfg.method == "cbq":
         extra.update({"window": cfg.window, "rank": cfg.rank, "steps": cfg.steps, "init": cfg.init})
     if activations:

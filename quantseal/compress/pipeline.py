@@ -383,8 +383,13 @@ def compress(cfg: CompressConfig, progress: Progress = _no_progress) -> dict:
         linears = {n: tuple(w.shape) for n, (w, kind) in table.targets.items() if kind == "linear"}
         adapters, ranked = adapter_rank_options(cfg.adapters, linears, table.fisher, cfg.adapter_rank)
     t_solve = time.perf_counter()
-    choice = plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats), cfg.max_decode_ms,
-                  extra=[o.matrix_options() for o in ranked])
+    if cfg.budget_mb is not None and not cfg.adapters and cfg.ranks == (0,):  # packable: q/k/v share a format
+        from .pack_groups import grouped_plan
+
+        choice, _ = grouped_plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats), cfg.max_decode_ms)
+    else:
+        choice = plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats), cfg.max_decode_ms,
+                      extra=[o.matrix_options() for o in ranked])
     solve_seconds = time.perf_counter() - t_solve
     choice, adapter_choice = choice[:len(table.options)], choice[len(table.options):]
     if adapters:  # the adapters fold into the materialised tensors: built in memory
