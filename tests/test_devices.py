@@ -45,9 +45,10 @@ def test_cuda_without_gpu_is_one_line_and_nothing_written(tiny_llama_dir, tmp_pa
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "cbq"])
 def test_cpu_and_auto_write_the_same_bytes(tiny_llama_dir, tmp_path, method):
-    args = ["--budget", "4.5", "--workers", "1"] if method == "rtn" else ["--calib-samples", "16"]
+    args = {"rtn": ["--budget", "4.5", "--workers", "1"], "gptq": ["--calib-samples", "16"],
+            "cbq": ["--calib-samples", "16", "--steps", "3", "--abits", "8"]}[method]
     for dev in ("cpu", "auto"):
         code, _, err = run(["compress", tiny_llama_dir, "-o", tmp_path / dev, "--method", method, *args,
                             "--device", dev])
