@@ -4,6 +4,7 @@ is one line and exit 2, nothing written."""
 from __future__ import annotations
 
 import filecmp
+import json
 
 import pytest
 import torch
@@ -57,3 +58,35 @@ def test_cpu_and_auto_write_the_same_bytes(tiny_llama_dir, tmp_path, method):
         pytest.skip("auto is cuda here: compared to a tolerance by benchmarks/gpu_check.py")
     for f in sorted(p.name for p in (tmp_path / "cpu").iterdir()):
         assert filecmp.cmp(tmp_path / "cpu" / f, tmp_path / "auto" / f, shallow=False), f
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_board_train_cuda_without_gpu_is_one_line_and_nothing_written(minilm_rtn_checkpoint, tmp_path):
+    code, _, _ = run(["keygen", "-o", tmp_path / "key"])
+    assert code == 0
+    code, _, err = run(["board", "train", minilm_rtn_checkpoint, "-o", tmp_path / "board", "--key", tmp_path / "key",
+                        "--bits", "16", "--steps", "2", "--device", "cuda"])
+    assert code == 2 and "cuda" in one_error_line(err)
+    assert not (tmp_path / "board").exists()
+
+
+def test_board_train_cpu_and_auto_write_the_same_bytes(minilm_rtn_checkpoint, tmp_path):
+    assert run(["keygen", "-o", tmp_path / "key"])[0] == 0
+    for dev in ("cpu", "auto"):
+        code, _, err = run(["board", "train", minilm_rtn_checkpoint, "-o", tmp_path / dev, "--key", tmp_path / "key",
+                            "--bits", "16", "--steps", "3", "--device", dev])
+        assert code == 0, err
+    if torch.cuda.is_available():
+        pytest.skip("auto is cuda here: compared to a tolerance by benchmarks/gpu_check.py")
+    names = sorted(p.name for p in (tmp_path / "cpu").iterdir())
+    assert "board.safetensors" in names and "board.json" in names
+    for f in names:
+        if f != "board.json":
+            assert filecmp.cmp(tmp_path / "cpu" / f, tmp_path / "auto" / f, shallow=False), f
+
+    def manifest(dev):  # the same but for the wall time it records
+        m = json.loads((tmp_path / dev / "board.json").read_text())
+        m["training"].pop("seconds")
+        return m
+
+    assert manifest("cpu") == manifest("auto")

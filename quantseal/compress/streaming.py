@@ -14,8 +14,10 @@ The pass is GPTQ's own sequential capture-and-replay (Frantar et al. 2023, §4 "
 3. the untouched tensors (norms, the token table or its ``--table`` quantisation) are copied
    through one at a time, and the folder is published as a unit.
 
-Peak memory is about the token table (during the capture), one block's weights, GPTQ's
-Hessians (K × K float64 for the widest Linear) and two windows of activations: flat in depth.
+Peak memory is about the token table (during the capture), or one block's weights, one GPTQ
+Hessian (one per group of Linears reading the same input; the solver works in its memory, two
+K × K float64 arrays at once for the widest Linear, K = the MLP width for ``down_proj``) and two
+windows of activations: flat in depth, growing with width (K² for the solver).
 Every number equals the in-memory path's (:func:`~.gptq.gptq_quantize_model`): the same block
 code on the same float32 weights and inputs, so the checkpoint is byte-identical
 (tests/compress/test_streaming.py).
