@@ -66,7 +66,7 @@ class GPTQ:
         :meth:`free`); the result is the same either way."""
         if spec.kind != "int":
             raise ValueError(f"GPTQ writes integer formats, not {spec.name}")
-        W = self.layer.weight.detach().double().clone()  # (N, K)
+        W = self.layer.weight.detach().to(torch.float64, copy=True)  # (N, K), one copy
         N, K = W.shape
         B = spec.block
         blocksize = max(B, (blocksize // B) * B)  # a lazy batch holds whole groups

@@ -163,3 +163,35 @@ def test_consuming_the_hessian_gives_the_same_codes():
     qa, qb = a.quantize(spec), b.quantize(spec, consume=True)
     assert a.H is not None and b.H is None
     assert torch.equal(qa.codes, qb.codes) and torch.equal(qa.scales, qb.scales) and torch.equal(qa.zeros, qb.zeros)
+
+
+def test_the_solver_holds_at_most_two_hessian_sized_arrays(monkeypatch):
+    """Counting the live K x K float64 tensors when each factorisation starts: with ``consume`` only
+    its input is alive (so input + output = 2 at most); keeping the solver's H adds one."""
+    import gc
+
+    k = 48
+    x = correlated_inputs(300, k, seed=6)
+    layer = nn.Linear(k, 8)
+
+    def live() -> int:
+        return sum(1 for o in gc.get_objects()  # type(), not isinstance: no deprecated shim is touched
+                   if type(o) is torch.Tensor and o.dtype == torch.float64 and tuple(o.shape) == (k, k))
+
+    seen = []
+    chol, chol_inv = torch.linalg.cholesky, torch.cholesky_inverse
+
+    def counting(fn):
+        def wrapped(*a, **kw):
+            seen.append(live())
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(torch.linalg, "cholesky", counting(chol))
+    monkeypatch.setattr(torch, "cholesky_inverse", counting(chol_inv))
+    for consume, count in ((True, 1), (False, 2)):  # without consume the solver's own H stays alive
+        seen.clear()
+        solver = GPTQ(layer)
+        solver.add_batch(x)
+        solver.quantize(FormatSpec("int", 4, 16), consume=consume)
+        assert seen == [count] * 3, (consume, seen)  # at cholesky(H), cholesky_inverse(L), cholesky(H⁻¹)
