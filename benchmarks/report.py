@@ -245,6 +245,8 @@ def scale_llama_table(res: dict) -> str:
             return "—"
         if row.get("rc", 0) != 0:
             return "failed"
+        if row.get("partial") and key == "cpu_seconds":
+            return f"stopped after {row['blocks_done']}/{row['blocks']} blocks ({row['cpu_seconds_so_far']:.0f} so far)"
         v = row.get(key)
         return "—" if v is None else fmt.format(v)
 
@@ -292,8 +294,9 @@ def scale_llama_table(res: dict) -> str:
         if pb is None:
             continue
         within = "—" if pa is None else f"{'yes' if abs(pb - pa) / pa < 0.3 else 'no'} ({(pb - pa) / pa:+.0%})"
-        done.append(f"{label}: 1B peak {pb / 1000:.2f} GB ≤ 3 GB: {'yes' if pb <= 3000 else 'no'}; 360M → 1B within "
-                    f"30 %: {within}")
+        part = f" (over the {b['blocks_done']} of {b['blocks']} blocks run)" if b.get("partial") else ""
+        done.append(f"{label}: 1B peak{part} {pb / 1000:.2f} GB ≤ 3 GB: {'yes' if pb <= 3000 else 'no'}; 360M → 1B "
+                    f"within 30 %: {within}")
     if done:
         lines += ["", "Done when (issue 12, on the synthetic 1B): " + "; ".join(done) + "."]
     if res.get("gptq_memory"):

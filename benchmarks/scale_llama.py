@@ -226,6 +226,8 @@ def _lstsq(xs: list[float], ys: list[float]) -> tuple[float, float]:
 def _metric(step: str, row: dict, what: str) -> float | None:
     if row.get("rc", 0) != 0:
         return None
+    if what == "cpu" and row.get("partial"):  # a run stopped before its end: its peak, not its CPU total
+        return None
     if what == "cpu":
         return row.get("cpu_seconds_model") if step == "lq_table" else row.get("cpu_seconds")
     return None if step == "lq_table" else row.get("peak_rss_mb")
