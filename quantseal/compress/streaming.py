@@ -31,7 +31,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..devices import resolve_device, to_device
-from ..lazy_source import LazySource
+from ..lazy_source import LazySource, fix_mmap_threshold
 from ..models import blocks, compressible_linears
 from ..tensorfile import TensorInfo
 from ..text import calibration_texts
@@ -76,6 +76,7 @@ def run_block_spilled(block: torch.nn.Module, x: BlockInputs, cap_bytes: float,
 def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float | None = None) -> dict:
     """``compress --method gptq`` of a safetensors decoder, streamed (see the module notes)."""
     t0 = time.perf_counter() if t0 is None else t0
+    fix_mmap_threshold()  # 1 MB and larger tensors are returned to the system when freed
     fam = source.fam
     device = resolve_device(cfg.device)
     model = source.load_outside_blocks(device)
