@@ -18,7 +18,8 @@ perplexity on held-out ``pydoc_sentences("evaluation")`` (onnxruntime on ``model
     .venv/bin/python benchmarks/decoder_smollm2.py --work /tmp/smol --variants builder-fp32,builder-int8,\\
         builder-int4,builder-int4-acc1,qs-rtn,qs-gptq --rounds 3
 
-Writes ``benchmarks/results/decoder_smollm2.json`` and ``decoder_smollm2.png``.  Not a test.
+Writes ``benchmarks/results/decoder_smollm2.json`` and ``decoder_smollm2.png`` (``--out NAME``: NAME.json,
+NAME.png).  Not a test.
 """
 
 from __future__ import annotations
@@ -54,8 +55,15 @@ QUANTSEAL = {
     # GPTQ W4 linears; the tied table int4 with GPTQ's codes for it as the LM head (compress/head_table.py)
     "qs-gptq": (["--method", "gptq", "--wbits", "4", "--block", "32", "--table", "int4_b32"], 4),
     # the ILP picks int4 / int8 (any block) per matrix and for the table under the builder int4's size,
-    # GPTQ rounds in those formats (compress/calibrated_plan.py)
+    # one format per layer q/k/v so the export packs them (compress/pack_groups.py), GPTQ rounds in
+    # those formats (compress/calibrated_plan.py)
     "qs-gptq-plan": (["--method", "gptq", "--budget-mb", "{mb}", "--formats", "int4,int8"], 4),
+    # int4f_b32 (w = s·q + m, float16 offsets: SmolLM2's GGUF is Q4_1, so its dequantised weights are exactly
+    # on this grid) where the ILP takes it, int4/int8 elsewhere, under the builder int4's size
+    "qs-rtn-f4": (["--method", "rtn", "--formats", "int4f_b32,int4_b32,int8_b32", "--budget-mb", "{mb}"], 4),
+    # the exactness check (not a size contender): every Linear int4f_b32, the Q8_0-sourced table kept float32
+    # (a 250 MB budget admits it), accuracy level 0 — its perplexity must be the float32 model's
+    "qs-rtn-f4-exact": (["--method", "rtn", "--formats", "int4f_b32", "--budget-mb", "250"], 0),
     "qs-cbq": (["--method", "cbq", "--wbits", "4", "--block", "32", "--table", "int4_b32", "--steps", "50"], 4),
 }
 BUILDER = {"builder-fp32": ("fp32", {}), "builder-int8": ("int8", {}), "builder-int4": ("int4", {}),
@@ -243,6 +251,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--eval-sentences", type=int, default=40)
     ap.add_argument("--child", type=Path)
+    ap.add_argument("--out", default="decoder_smollm2", help="results name: benchmarks/results/OUT.json / .png")
+    ap.add_argument("--note", action="append", default=[], help="a hand-written note kept in the JSON (repeatable)")
     args = ap.parse_args()
     if args.child is not None:
         print(json.dumps(_child(str(args.child), int(args.threads))))
@@ -293,9 +303,9 @@ def main() -> None:
     out = {"benchmark": "decoder_smollm2", "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg(), "eval_tokens": sum(len(s) - 1 for s in seqs),
            "rounds": args.rounds, "new_tokens": NEW_TOKENS, "prefill_tokens": PREFILL, "budget_mb": mb,
-           "budget_mb_8bit": mb8, "rows": rows}
-    (RESULTS / "decoder_smollm2.json").write_text(json.dumps(out, indent=2) + "\n")
-    plot(rows, RESULTS / "decoder_smollm2.png")
+           "budget_mb_8bit": mb8, "notes": args.note, "rows": rows}
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=2) + "\n")
+    plot(rows, RESULTS / f"{args.out}.png")
     for r in rows:
         print(json.dumps({k: v for k, v in r.items() if not k.endswith("_all") and k != "text"}))
 

@@ -69,13 +69,14 @@ def decoder_table(res: dict) -> str:
               "`qs-gptq` / `qs-cbq` = `compress --method gptq|cbq --wbits 4 --block 32 --table int4_b32` "
               "(cbq: 50 steps per window; the tied table's int4 codes are GPTQ's for it as the LM head, "
               "`compress/head_table.py`), `qs-gptq-plan` = `compress --method gptq --budget-mb B --formats int4,int8` "
-              "(the ILP picks each matrix's and the table's format, GPTQ rounds), `qs-lq` = `compress --method lq "
+              "(the ILP picks each matrix's and the table's format, one shared by each layer's q/k/v, GPTQ rounds), `qs-lq` = `compress --method lq "
               "--data-aware --formats int4_b32,int8_b32 --ranks 0 --budget-mb B`, `qs-rtn8` = `compress --method rtn --formats int8s_b32 --budget-mb B8 "
               "--max-decode-ms 3.7` (B8: the builder int8 file; the decode bound moves the tied table off float32), "
               "each exported with `quantseal export` (accuracy level 4, `-acc0`: 0).",
               "Plot: `results/decoder_smollm2.png`."]
     checks = []
     for ours, theirs in (("qs-gptq", "builder-int4"), ("qs-gptq-plan", "builder-int4"), ("qs-cbq", "builder-int4"),
+                         ("qs-rtn-f4", "builder-int4"),
                          ("qs-lq", "builder-int4"), ("qs-rtn", "builder-int4"), ("qs-rtn8", "builder-int8")):
         a, b = rows.get(ours), rows.get(theirs)
         if not a or not b:
@@ -90,6 +91,7 @@ def decoder_table(res: dict) -> str:
     notes = [f"- `{r['variant']}`: {r['note']}" for r in res["rows"] if r.get("note")]
     if notes:
         lines += ["", "How rows were built (from each variant's build record):", ""] + notes
+    lines += [l for n in res.get("notes", []) for l in ("", n)]  # the run's hand-written notes
     return "\n".join(lines)
 
 
@@ -319,7 +321,51 @@ def scale_llama_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def int4f_decoder_table(res: dict) -> str:
+    """benchmarks/decoder_smollm2.py --out decoder_smollm2_int4f: the float-offset int4 format's run."""
+    lines = decoder_table(res).splitlines()
+    lines[0] = "### SmolLM2-135M-Instruct with int4f (4-bit codes, float16 block offsets: w = s·q + m)"
+    plot = lines.index("Plot: `results/decoder_smollm2.png`.")
+    lines[plot] = "Plot: `results/decoder_smollm2_int4f.png`."
+    return "\n".join(lines + [""] + [f"- {n}" for n in res.get("notes", [])])
+
+
+def int4f_cost_table(res: dict) -> str:
+    """benchmarks/decode_cost.py --shapes smollm2 --out decode_cost_int4f: int4f vs int4 per shape."""
+    rows = {(r["format"], r["accuracy_level"]): r for r in res["rows"]}
+    shapes = [(p["K"], p["N"]) for p in res["rows"][0]["shapes"]]
+    lines = ["### Per-token cost of int4f at SmolLM2's shapes (onnxruntime CPU, batch 1, 1 thread)", "",
+             f"`{res['command']}` — CPU µs for one decoded token (best of interleaved repeats); load average "
+             f"{res['load_avg'][0]:.1f} on 2 cores while measured. int4f = MatMulNBits without zero points + "
+             "Reshape/ReduceSum + a float32 MatMul of M' = m + 8s (folded at load from the file's float16 offsets) + Add.",
+             "", "| format | accuracy level | " + " | ".join(f"{k}→{n} µs" for k, n in shapes) + " | µs per M weights (median) |",
+             "|---|---|" + "---|" * len(shapes) + "---|"]
+    for (fmt, level), r in rows.items():
+        lines.append(f"| {fmt} | {level} | " + " | ".join(str(p["us"]) for p in r["shapes"]) + f" | {r['us_per_mparam']} |")
+    for level in (4, 0):
+        a, b = rows.get(("int4f_b32", level)), rows.get(("int4_b32", level))
+        if a and b:
+            ratios = [pa["us"] / pb["us"] for pa, pb in zip(a["shapes"], b["shapes"])]
+            lines.append(f"\nint4f_b32 / int4_b32 at accuracy level {level}: "
+                         + ", ".join(f"{x:.2f}×" for x in ratios) + " per shape.")
+    return "\n".join(lines + [""] + [f"- {n}" for n in res.get("notes", [])])
+
+
+def int4f_minilm_table(res: dict) -> str:
+    """benchmarks/int4f_minilm.py: int4 vs int4f on all-MiniLM-L6-v2 through the ONNX export."""
+    lines = ["### all-MiniLM-L6-v2: int4 (integer zero point) vs int4f (float offset), every Linear RTN", "",
+             f"`{res['command']}` — onnxruntime sentence embeddings of {res['eval_sentences']} held-out sentences "
+             "against the float32 model's (DESIGN §7).", "",
+             "| format | bits per weight | 1 − mean cosine | NN@1 agreement | file MB |", "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['format']} | {r['bits_per_weight']:.3f} | {r['embedding_error']:.4f} | {r['nn_at_1']:.3f} "
+                     f"| {r['file_mb']:.2f} |")
+    return "\n".join(lines + [""] + [f"- {n}" for n in res.get("notes", [])])
+
+
 RENDERERS = {"compress_minilm.json": compress_table, "decoder_smollm2.json": decoder_table,
+             "decoder_smollm2_int4f.json": int4f_decoder_table, "decode_cost_int4f.json": int4f_cost_table,
+             "int4f_minilm.json": int4f_minilm_table,
              "smollm2_grid.json": smollm2_grid_table,
              "decode_cost.json": decode_cost_table,
              "watermark_smollm2.json": watermark_decoder_table,

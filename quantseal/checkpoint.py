@@ -14,6 +14,7 @@ key                    dtype      shape                                         
 ``NAME.qweight``       uint8      [N, nb, block·bits/8] (MatMulNBits ``B``)       int / nf
 ``NAME.scales``        float16    [N, nb]                                         int / nf
 ``NAME.qzeros``        uint8      [N, ceil(nb·bits/8)]  packed zero points        affine int
+``NAME.offsets``       float16    [N, nb]  block offsets m: ŵ = s·q + m             int4f
 ``NAME.weight``        fp16/fp32  [N, K]                                          fp formats
 ``NAME.L1``            float16    [N, r]                                          rank r > 0
 ``NAME.L2``            float16    [r, K]                                          rank r > 0
@@ -125,6 +126,8 @@ def matrix_tensors(name: str, spec: FormatSpec, qt: QuantizedTensor | None, weig
         out[f"{name}.scales"] = qt.scales.to(torch.float16).contiguous()
         if qt.zeros is not None:
             out[f"{name}.qzeros"] = pack_zero_points(qt.zeros, spec.stored_bits).contiguous()
+        if qt.offsets is not None:
+            out[f"{name}.offsets"] = qt.offsets.to(torch.float16).contiguous()
     if l1 is not None and l1.shape[1] > 0:
         out[f"{name}.L1"] = l1.to(torch.float16).contiguous()
         out[f"{name}.L2"] = l2.to(torch.float16).contiguous()
@@ -146,6 +149,8 @@ def matrix_specs(name: str, cand, n: int, k: int) -> dict[str, TensorInfo]:
         out[f"{name}.scales"] = TensorInfo(torch.float16, torch.Size((n, nb)))
         if spec.kind == "int" and not spec.symmetric:
             out[f"{name}.qzeros"] = TensorInfo(torch.uint8, torch.Size((n, -(-nb * s // 8))))
+        if spec.kind == "intf":
+            out[f"{name}.offsets"] = TensorInfo(torch.float16, torch.Size((n, nb)))
     if r > 0:
         out[f"{name}.L1"] = TensorInfo(torch.float16, torch.Size((n, r)))
         out[f"{name}.L2"] = TensorInfo(torch.float16, torch.Size((r, k)))
@@ -161,7 +166,8 @@ def stored_quantized(name: str, entry: MatrixEntry, tensors: dict[str, torch.Ten
     zeros = None
     if f"{name}.qzeros" in tensors:
         zeros = unpack_zero_points(tensors[f"{name}.qzeros"], spec.stored_bits, scales.shape[1])
-    return QuantizedTensor(codes, scales, zeros, (n, k), spec)
+    offsets = tensors[f"{name}.offsets"].float() if f"{name}.offsets" in tensors else None
+    return QuantizedTensor(codes, scales, zeros, (n, k), spec, offsets)
 
 
 def dequantized_matrix(name: str, entry: MatrixEntry, tensors: dict[str, torch.Tensor]):
@@ -178,7 +184,7 @@ def dequantized_matrix(name: str, entry: MatrixEntry, tensors: dict[str, torch.T
 
 def entry_bytes(name: str, tensors: dict[str, torch.Tensor]) -> int:
     """Bytes actually stored for a matrix: the sum over its keys."""
-    suffixes = (".qweight", ".scales", ".qzeros", ".weight", ".L1", ".L2", ".K1", ".K2")
+    suffixes = (".qweight", ".scales", ".qzeros", ".offsets", ".weight", ".L1", ".L2", ".K1", ".K2")
     return sum(t.numel() * t.element_size() for k, t in tensors.items()
                if k.startswith(name + ".") and k[len(name):] in suffixes)
 

@@ -98,7 +98,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--calib", type=Path, help="calibration text file, one text per line (default: pydoc_data.topics)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration texts (default 256; gptq/cbq 128)")
     p.add_argument("--ranks", type=_int_list, default=None, help="low-rank candidates, e.g. 0,8,16,32,64")
-    p.add_argument("--formats", default=None, help="format families or names, e.g. int2,int4,int8,nf4,fp16")
+    p.add_argument("--formats", default=None, help="format families or names, e.g. int2,int4,int8,nf4,fp16 "
+                        "(int4f / int4f_b32: 4-bit codes with float16 block offsets, w = s·q + m)")
     p.add_argument("--max-decode-ms", type=float, default=None,
                    help="lq/rtn: bound the plan's estimated per-token CPU time of its matrices (ms, batch 1, "
                         "onnxruntime at accuracy level 4; the per-format costs of compress/decode_cost.py)")
@@ -288,15 +289,26 @@ def _cmd_export(args) -> int:
         args.accuracy_level = default_accuracy_level(args.checkpoint)
     if args.external_data != "auto" and (args.adapter or args.board is not None):
         raise BadInput(f"--external-data {args.external_data} with --adapter or --board is not supported yet")
-    if args.dtype != "fp32" and (args.adapter or args.board is not None):
-        raise BadInput(f"--dtype {args.dtype} with --adapter or --board is not supported yet; export in fp32")
+    if args.dtype != "fp32" and args.board is not None and not args.adapter:  # adapters: their exporters decide
+        raise BadInput(f"--dtype {args.dtype} with --board is not supported yet; export in fp32")
 
     mark = (args.board, args.key, args.registry, args.user)
     if args.adapter_rank is not None and not args.adapter:
         raise BadInput("--adapter-rank needs at least one --adapter")
-    if args.adapter and any(x is not None for x in mark):
-        raise BadInput("--adapter with a watermark (--board) is not supported yet: the board is tied to the "
-                       "checkpoint it was trained on")
+    watermark = None
+    if args.adapter and any(x is not None for x in mark):  # the mark in the table, the adapters beside it
+        if any(x is None for x in mark):
+            raise BadInput("a watermarked export needs all of --board, --key, --registry and --user")
+        from .export.batch import obfuscation_seed
+        from .keys import read_key
+        from .registry import check_customer_id, open_registry
+
+        check_customer_id(args.user)
+        key = read_key(args.key)
+        watermark = {"board": args.board, "key": key, "registry": open_registry(args.registry, key),
+                     "customer": args.user, "seed": obfuscation_seed(args.seed, args.user)}
+    elif args.adapter and args.seed is not None:
+        raise BadInput("--seed seeds a watermarked export's obfuscation: it needs --board --key --registry --user")
     if args.switchable:
         from .export.adapters.switchable import export_switchable
 
@@ -305,14 +317,15 @@ def _cmd_export(args) -> int:
         if args.adapter_rank is not None:
             raise BadInput("--adapter-rank truncates folded branches; it does not apply with --switchable")
         res = export_switchable(args.checkpoint, args.output, args.adapter, accuracy_level=args.accuracy_level,
-                                dtype=getattr(torch, args.adapter_dtype))
+                                dtype=getattr(torch, args.adapter_dtype), mark=watermark, compute=args.dtype)
     elif args.adapter:
         from .export.adapters import export_with_adapters
 
         import torch
 
         res = export_with_adapters(args.checkpoint, args.output, args.adapter, rank=args.adapter_rank,
-                                   accuracy_level=args.accuracy_level, dtype=getattr(torch, args.adapter_dtype))
+                                   accuracy_level=args.accuracy_level, dtype=getattr(torch, args.adapter_dtype),
+                                   compute=args.dtype, mark=watermark)
     elif any(x is not None for x in mark):
         if any(x is None for x in mark):
             raise BadInput("a watermarked export needs all of --board, --key, --registry and --user")
@@ -349,6 +362,9 @@ def _cmd_export(args) -> int:
         if "adapter_rank" in ad:
             human += (f"; rank {ad['adapter_rank']['rank']}: SVD truncation error {ad['adapter_rank']['error']:.4g} "
                       f"(relative {ad['adapter_rank']['rel_error']:.2e})")
+    if res.get("mark_check"):  # export --adapter --board: the mark read back at every adapter_id before publishing
+        human += ("\nwatermark read back: " + ", ".join(
+            f"adapter_id {c['adapter_id']}: {c['bit_errors']} bit errors (p = {c['p_value']:.2g})" for c in res["mark_check"]))
     _emit(res, args.json, human)
     return 0
 
@@ -764,6 +780,8 @@ def _add_verify(sub) -> None:
     p.add_argument("--max-triggers", type=int, default=None,
                    help="at most this many triggers per bit (1: at most 2 queries per bit)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--adapter", help="a switchable suspect: read this adapter (a file: name or adapter_id, default "
+                                     "the base model; --api quantseal: sent as 'adapter'; OpenAI APIs: use --model)")
     g = p.add_argument_group("HTTP suspects")
     g.add_argument("--api", default="quantseal",
                    choices=["quantseal", "openai-embeddings", "openai-completions", "openai-chat"],
@@ -820,7 +838,7 @@ def _cmd_verify(args) -> int:
 
         embed_fn, inputs, probe = endpoint_query(args.suspect, args.api, board, key, TextTokenizer(args.board),
                                                  args.model, not args.text_only, logit_bias=not args.no_logit_bias,
-                                                 **_endpoint_options(args))
+                                                 adapter=args.adapter, **_endpoint_options(args))
     elif args.api != "quantseal":
         raise BadInput(f"--api {args.api} is for http:// suspects, not files")
     elif not Path(args.suspect).is_file():
@@ -828,11 +846,12 @@ def _cmd_verify(args) -> int:
     elif decoder:
         from .runtime.verify import onnx_logits_fn
 
-        embed_fn = onnx_logits_fn(args.suspect, provider=args.provider, tokenizer=args.board)
+        embed_fn = onnx_logits_fn(args.suspect, provider=args.provider, tokenizer=args.board, adapter=args.adapter)
     else:
         from .runtime.suspect_onnx import pooling_config
 
-        embed_fn = onnx_embed_fn(args.suspect, provider=args.provider, pooling=pooling_config(args.board, board))
+        embed_fn = onnx_embed_fn(args.suspect, provider=args.provider, pooling=pooling_config(args.board, board),
+                                 adapter=args.adapter)
     res = verify(embed_fn, key, reg, board, TextTokenizer(args.board), alpha=args.alpha, inputs=inputs,
                  max_triggers=args.max_triggers)
     res["suspect"] = args.suspect

@@ -8,6 +8,7 @@ What a stored matrix ``NAME`` of shape ``(N, K)``, format ``f`` and rank ``r`` m
 
 * ``NAME.qweight``: uint8 (N, nb, f.block · s / 8) and ``NAME.scales``: float16/32 (N, nb), int/nf;
 * ``NAME.qzeros``: uint8 (N, ceil(nb · s / 8)), affine int only;
+* ``NAME.offsets``: float16/32 (N, nb), int4f only (float block offsets);
 * ``NAME.weight``: float16 / float32 (N, K), fp16 / fp32;
 * ``NAME.L1``, ``NAME.L2``: float16/32 (N, r), (r, K), iff r > 0;
 * optional ``NAME.K1``, ``NAME.K2`` (o1, i1), (o2, i2) with o1·o2 = N, i1·i2 = K (a Kronecker
@@ -28,7 +29,7 @@ import torch
 from .errors import BadInput
 
 _FACTOR_DTYPES = (torch.float16, torch.float32)
-_MATRIX_SUFFIXES = (".qweight", ".scales", ".qzeros", ".weight", ".L1", ".L2", ".K1", ".K2")
+_MATRIX_SUFFIXES = (".qweight", ".scales", ".qzeros", ".offsets", ".weight", ".L1", ".L2", ".K1", ".K2")
 
 
 def file_sha256(path: Path) -> str:
@@ -100,6 +101,10 @@ def check_matrix(where: str, name: str, entry, tensors: dict) -> None:
             _expect(where, tensors, f"{name}.qzeros", (torch.uint8,), (n, math.ceil(nb * s / 8)))
         elif f"{name}.qzeros" in tensors:
             raise BadInput(f"{where}: tensor {name}.qzeros is stored but format {entry.format} has no zero points")
+        if spec.kind == "intf":
+            _expect(where, tensors, f"{name}.offsets", (torch.float16, torch.float32), (n, nb))
+    if spec.kind != "intf" and f"{name}.offsets" in tensors:
+        raise BadInput(f"{where}: tensor {name}.offsets is stored but format {entry.format} has no float offsets")
     if rank:
         _expect(where, tensors, f"{name}.L1", _FACTOR_DTYPES, (n, rank))
         _expect(where, tensors, f"{name}.L2", _FACTOR_DTYPES, (rank, k))

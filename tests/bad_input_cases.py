@@ -428,6 +428,8 @@ for v in ("0", "1", "2", "-1", "nan", "inf", "abc"):
     refuse(f"verify-alpha-{v}", put(VERIFY, "--alpha", v), "alpha")
 for v in ("0", "-1"):
     refuse(f"verify-max_triggers-{v}", put(VERIFY, "--max-triggers", v), "max-triggers")
+for name, v in (("name", "zeta"), ("id", "3"), ("empty", "")):  # the suspect has no switchable adapters
+    refuse(f"verify-adapter-{name}", VERIFY + ("--adapter", v), "adapter")
 URL = ("verify", "{url}", "--board", "{board}", "--key", "{key}", "--registry", "{reg_db}", "--timeout", "2")
 for flag, vals in (("--timeout", ("0", "-1", "nan", "inf")), ("--deadline", ("0", "nan")),
                    ("--max-response-mb", ("0", "-1", "nan")), ("--qps", ("0", "nan")), ("--retries", ("-1", "101"))):

@@ -3,11 +3,18 @@ bundled all-MiniLM-L6-v2 (slow, session-scoped, built once)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
+# One torch/OpenMP thread for the suite and every process it starts, unless the caller set
+# OMP_NUM_THREADS: the test models are tiny, and a second thread on a 2-core machine mostly spins
+# (tests/compress/test_cbq.py under load: 14.7 CPU-s with one thread, 138 with two).  Set before
+# torch is imported, so it holds in this process and is inherited by subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from quantseal.models import default_model_path
 

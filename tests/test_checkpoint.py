@@ -75,3 +75,24 @@ def test_manifest_damage_is_bad_input(tiny_ck, tmp_path):
     (out / ckpt.WEIGHTS).write_bytes(b"\x00" * 100)
     with pytest.raises(BadInput, match="corrupt"):
         ckpt.read_checkpoint(out)
+
+
+@pytest.mark.parametrize("fmt,n,k", [("int4f_b32", 7, 96), ("int4f_b64", 5, 100), ("int4f_b128", 3, 300)])
+def test_int4f_tensors_round_trip_exactly(fmt, n, k):
+    """int4f's stored tensors (packed codes, float16 scales and offsets) give back the quantiser's
+    codes, scales and offsets bit for bit, and the dequantised matrix."""
+    from quantseal.compress.formats import Candidate, FormatSpec
+    from quantseal.compress.quantizers import dequantize, quantize
+
+    spec = FormatSpec.parse(fmt)
+    qt = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(k)) * 0.1 + 0.05, spec)
+    tensors = ckpt.matrix_tensors("m", spec, qt, None, None, None)
+    assert sorted(tensors) == ["m.offsets", "m.qweight", "m.scales"]
+    assert {k_: (v.dtype, tuple(v.shape)) for k_, v in tensors.items()} == \
+        {k_: (i.dtype, tuple(i.shape)) for k_, i in ckpt.matrix_specs("m", Candidate(spec), n, k).items()}
+    entry = ckpt.MatrixEntry(fmt, 0, [n, k], 0.0, Candidate(spec).stored_bytes(n, k))
+    back = ckpt.stored_quantized("m", entry, tensors)
+    assert torch.equal(back.codes, qt.codes) and torch.equal(back.scales, qt.scales)
+    assert torch.equal(back.offsets, qt.offsets) and back.zeros is None
+    assert torch.equal(ckpt.dequantized_matrix("m", entry, tensors)[0], dequantize(qt))
+    assert ckpt.entry_bytes("m", tensors) == entry.bytes

@@ -220,3 +220,25 @@ def test_bad_source_refused_by_compress(tiny_bert_dir, tmp_path, case):
              "missing_weight": "encoder.layer.0.attention.self.query.weight"}[case]
     assert rc == 2 and len(err.strip().splitlines()) == 1 and named in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_int4f_offsets_are_checked_against_the_format():
+    """An int4f matrix without its float16 offsets, with the wrong shape, or offsets stored for a
+    format without them: one BadInput naming the tensor."""
+    from quantseal.compress.formats import Candidate, FormatSpec
+    from quantseal.compress.quantizers import quantize
+    from quantseal.integrity import check_matrix
+
+    spec = FormatSpec.parse("int4f_b32")
+    tensors = ckpt.matrix_tensors("m", spec, quantize(torch.randn(4, 64), spec), None, None, None)
+    entry = ckpt.MatrixEntry("int4f_b32", 0, [4, 64], 0.0, Candidate(spec).stored_bytes(4, 64))
+    check_matrix("ck", "m", entry, tensors)
+    with pytest.raises(BadInput, match="m.offsets named by the manifest is missing"):
+        check_matrix("ck", "m", entry, {k: v for k, v in tensors.items() if k != "m.offsets"})
+    with pytest.raises(BadInput, match=r"m.offsets has shape \[4, 1\]"):
+        check_matrix("ck", "m", entry, dict(tensors, **{"m.offsets": tensors["m.offsets"][:, :1]}))
+    spec4 = FormatSpec.parse("int4s_b32")
+    plain = ckpt.matrix_tensors("m", spec4, quantize(torch.randn(4, 64), spec4), None, None, None)
+    e4 = ckpt.MatrixEntry("int4s_b32", 0, [4, 64], 0.0, Candidate(spec4).stored_bytes(4, 64))
+    with pytest.raises(BadInput, match="m.offsets is stored but format int4s_b32 has no float offsets"):
+        check_matrix("ck", "m", e4, dict(plain, **{"m.offsets": tensors["m.offsets"]}))

@@ -105,7 +105,8 @@ class CalibratedConfig:
                 raise BadInput("--method cbq --budget-mb starts from GPTQ's codes in the planned formats: use --init gptq")
             if self.abits != 16:
                 raise BadInput("--budget-mb with gptq/cbq plans weights only: use --abits 16")
-            bad = [f.name for f in expand_families(self.formats) if f.kind != "int"]
+            kinds = ("int",) if self.method == "cbq" else ("int", "intf")  # CBQ learns integer zero points only
+            bad = [f.name for f in expand_families(self.formats) if f.kind not in kinds]
             if bad:
                 raise BadInput(f"--method {self.method} writes integer formats, not {', '.join(bad)}")
         elif self.max_decode_ms is not None:
@@ -231,7 +232,7 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
     planned = {n + ".weight" for n in linears}
     if table_spec is not None:
         tied = bool(getattr(model.config, "tie_word_embeddings", False)) and fam.name == "decoder"
-        calibrate = tied and cfg.table_method == "gptq" and table_spec.kind == "int"
+        calibrate = tied and cfg.table_method == "gptq" and table_spec.kind in ("int", "intf")
         name, mt, entry = _table_entry(model, fam, table_spec, batches if calibrate else None)
         tensors.update(mt)
         entries[name] = entry
@@ -268,7 +269,8 @@ def calibrated_manifest(cfg: CalibratedConfig, family: str, model_type: str, ent
         extra["table_method"] = table_method
     if fplan is not None:
         extra["plan"] = {"budget_mb": cfg.budget_mb, "formats": list(cfg.formats), "max_decode_ms": cfg.max_decode_ms,
-                         "planned_bytes": fplan.planned_bytes, "decode_ms_estimate": round(fplan.decode_ms, 6)}
+                         "planned_bytes": fplan.planned_bytes, "decode_ms_estimate": round(fplan.decode_ms, 6),
+                         "pack_groups": len(fplan.groups or [])}
     if cfg.method == "cbq":
         extra.update({"window": cfg.window, "rank": cfg.rank, "steps": cfg.steps, "init": cfg.init})
     if activations:

@@ -138,7 +138,7 @@ def _on(qt: QuantizedTensor, device: torch.device) -> QuantizedTensor:
     if qt.codes.device == device:
         return qt
     return QuantizedTensor(qt.codes.to(device), qt.scales.to(device), None if qt.zeros is None else qt.zeros.to(device),
-                           qt.shape, qt.spec)
+                           qt.shape, qt.spec, None if qt.offsets is None else qt.offsets.to(device))
 
 
 class CBQLinear(nn.Module):

@@ -6,6 +6,12 @@ A format says how one weight matrix ``W: (N, K)`` (out, in) is stored in the exp
   float16 scale and one k-bit zero point.  onnxruntime op: ``MatMulNBits`` (com.microsoft).
 * ``int{k}s_b{B}`` symmetric integer codes: float16 scale only, the zero point is implicit
   (``2^(k-1)``, MatMulNBits' default).
+* ``int4f_b{B}``   4-bit codes with a *float* offset: ``w = s·q + m``, q ∈ 0..15, one float16 scale s
+  and one float16 offset m per block (llama.cpp's Q4_1; HQQ's float zero point).  Stored as
+  ``qweight`` (MatMulNBits layout), ``scales`` and ``offsets`` (both float16 [N, nb]): 4 + 32/B bits
+  per weight.  onnxruntime runs it as ``MatMulNBits`` without zero points (z = 8) plus a block-sum
+  correction, ``y = Σ_b s_b Σ_{i∈b} x_i (q_i − 8) + Σ_b (m_b + 8 s_b) Σ_{i∈b} x_i``
+  (:mod:`quantseal.export.lowbit`).
 * ``nf4_b{B}``     4-bit NormalFloat (QLoRA), one float16 absmax per block.  op: ``MatMulBnb4``.
 * ``fp16`` / ``fp32`` kept in floating point.  op: ``MatMul``.
 
@@ -27,12 +33,13 @@ BLOCK_SIZES = (16, 32, 64, 128)
 SCALE_BYTES = 2  # float16 scales in the file, cast to the compute type in the graph
 FACTOR_BYTES = 2  # float16 low-rank factors L1, L2
 
-_NAME = re.compile(r"^(?:(int)(\d)(s?)_b(\d+)|(nf)(4)_b(\d+)|fp(16|32))$")
+OFFSET_BYTES = 2  # float16 block offsets of int4f
+_NAME = re.compile(r"^(?:(int)(\d)(s?)_b(\d+)|(nf)(4)_b(\d+)|fp(16|32)|int(4)f_b(\d+))$")
 
 
 @dataclass(frozen=True, order=True)
 class FormatSpec:
-    """One storage format.  ``kind`` is ``"int"``, ``"nf"`` or ``"fp"``."""
+    """One storage format.  ``kind`` is ``"int"``, ``"intf"`` (float offsets), ``"nf"`` or ``"fp"``."""
 
     kind: str
     bits: int
@@ -47,6 +54,9 @@ class FormatSpec:
                 raise BadInput(f"block size must be one of {BLOCK_SIZES}, not {self.block}")
             if self.bits == 3 and self.symmetric:
                 raise BadInput("int3 is stored in 4-bit slots and needs explicit zero points: use int3_bB")
+        elif self.kind == "intf":
+            if self.bits != 4 or self.block not in BLOCK_SIZES or self.symmetric:
+                raise BadInput(f"float-offset formats are int4f with a block in {BLOCK_SIZES}")
         elif self.kind == "nf":
             if self.bits != 4 or self.block not in BLOCK_SIZES:
                 raise BadInput(f"NormalFloat is nf4 with a block in {BLOCK_SIZES}")
@@ -62,6 +72,8 @@ class FormatSpec:
     def name(self) -> str:
         if self.kind == "fp":
             return f"fp{self.bits}"
+        if self.kind == "intf":
+            return f"int{self.bits}f_b{self.block}"
         sym = "s" if self.symmetric else ""
         return f"{self.kind}{self.bits}{sym}_b{self.block}"
 
@@ -69,11 +81,13 @@ class FormatSpec:
     def parse(cls, name: str) -> "FormatSpec":
         m = _NAME.match(name.strip().lower())
         if not m:
-            raise BadInput(f"unknown format {name!r} (expected e.g. int4_b32, int4s_b64, nf4_b64, fp16)")
+            raise BadInput(f"unknown format {name!r} (expected e.g. int4_b32, int4s_b64, int4f_b32, nf4_b64, fp16)")
         if m.group(1):
             return cls("int", int(m.group(2)), int(m.group(4)), bool(m.group(3)))
         if m.group(5):
             return cls("nf", 4, int(m.group(7)))
+        if m.group(9):
+            return cls("intf", 4, int(m.group(10)))
         return cls("fp", int(m.group(8)))
 
     @property
@@ -83,7 +97,7 @@ class FormatSpec:
 
     @property
     def onnx_op(self) -> str:
-        return {"int": "MatMulNBits", "nf": "MatMulBnb4", "fp": "MatMul"}[self.kind]
+        return {"int": "MatMulNBits", "intf": "MatMulNBits", "nf": "MatMulBnb4", "fp": "MatMul"}[self.kind]
 
     def n_blocks(self, k: int) -> int:
         return math.ceil(k / self.block) if self.block else 1
@@ -98,6 +112,8 @@ class FormatSpec:
         zeros = 0
         if self.kind == "int" and not self.symmetric:
             zeros = n * math.ceil(nb * self.stored_bits / 8)
+        elif self.kind == "intf":
+            zeros = n * nb * OFFSET_BYTES
         return codes + scales + zeros
 
 
@@ -123,6 +139,7 @@ FAMILY_BLOCKS = {
     "int4": (32, 64, 128),
     "int8": (64, 128),
     "nf4": (64,),
+    "int4f": (32, 64, 128),
 }
 DEFAULT_FAMILIES = ("int2", "int4", "int8", "nf4", "fp16")
 
@@ -135,8 +152,8 @@ def expand_families(families: str | tuple[str, ...] | list[str]) -> list[FormatS
     for fam in families:
         fam = fam.strip().lower()
         if fam in FAMILY_BLOCKS:
-            kind = "nf" if fam.startswith("nf") else "int"
-            out += [FormatSpec(kind, int(fam[-1]), b) for b in FAMILY_BLOCKS[fam]]
+            kind = "nf" if fam.startswith("nf") else "intf" if fam.endswith("f") else "int"
+            out += [FormatSpec(kind, 4 if kind == "intf" else int(fam[-1]), b) for b in FAMILY_BLOCKS[fam]]
         else:
             out.append(FormatSpec.parse(fam))
     if not out:

@@ -13,7 +13,8 @@ computed from the upper Cholesky factor of H⁻¹ (§"Step 3: Cholesky reformula
 lazily, ``blocksize`` columns at a time (§"Step 2: lazy batch updates").  The group parameters
 (float16-rounded scale, integer zero point: :mod:`.quantizers`) of each block of ``spec.block``
 columns are chosen from the *current*, error-updated weights when the group starts, with the same
-MSE-optimal clip search as our round-to-nearest — so the result is a plain
+MSE-optimal clip search as our round-to-nearest (``int4f``: the block's float16 scale and float
+offset from its min/max, each column then rounded to that fixed grid) — so the result is a plain
 :class:`~.quantizers.QuantizedTensor` that exports exactly to MatMulNBits.
 
 :func:`gptq_quantize_model` is the sequential driver: block i's Linears are quantised one by one
@@ -33,7 +34,7 @@ from ..devices import to_device
 from ..models import Family, blocks
 from .calibration import BlockInputs, block_forward, run_block
 from .formats import FormatSpec
-from .quantizers import QuantizedTensor, dequantize, quantize_int
+from .quantizers import QuantizedTensor, dequantize, quantize_int, quantize_offset
 
 
 class GPTQ:
@@ -64,8 +65,9 @@ class GPTQ:
         ``percdamp``: λ = percdamp · mean(diag H) is added to the diagonal (§4, "dampening").
         ``consume``: work in H's own memory (the solver's H is gone afterwards, as after
         :meth:`free`); the result is the same either way."""
-        if spec.kind != "int":
+        if spec.kind not in ("int", "intf"):
             raise ValueError(f"GPTQ writes integer formats, not {spec.name}")
+        offset = spec.kind == "intf"  # int4f: ŵ = s·q + m, the grid of each block fixed from its min/max
         W = self.layer.weight.detach().to(torch.float64, copy=True)  # (N, K), one copy
         N, K = W.shape
         B = spec.block
@@ -95,7 +97,7 @@ class GPTQ:
 
         codes = torch.zeros(N, nb * B, device=W.device)
         scales = torch.zeros(N, nb, device=W.device)
-        zeros = torch.zeros(N, nb, device=W.device)
+        zeros = torch.zeros(N, nb, device=W.device)  # int: zero points; int4f: float offsets m
         for i1 in range(0, K, blocksize):
             i2 = min(i1 + blocksize, K)
             W1 = W[:, i1:i2].clone()
@@ -106,19 +108,30 @@ class GPTQ:
                 g = col // B
                 if col % B == 0:  # a new group: its parameters from the current weights
                     # groups never straddle a lazy batch: blocksize and i1 are multiples of B
-                    qt = quantize_int(W1[:, i:i + B].float(), FormatSpec("int", spec.bits, B, spec.symmetric))
-                    scales[:, g] = qt.scales[:, 0]
-                    zeros[:, g] = qt.zeros[:, 0].float() if qt.zeros is not None else 2.0 ** (spec.bits - 1)
+                    if offset:
+                        qt = quantize_offset(W1[:, i:i + B].float(), FormatSpec("intf", spec.bits, B))
+                        scales[:, g], zeros[:, g] = qt.scales[:, 0], qt.offsets[:, 0]
+                    else:
+                        qt = quantize_int(W1[:, i:i + B].float(), FormatSpec("int", spec.bits, B, spec.symmetric))
+                        scales[:, g] = qt.scales[:, 0]
+                        zeros[:, g] = qt.zeros[:, 0].float() if qt.zeros is not None else 2.0 ** (spec.bits - 1)
                 w = W1[:, i]
                 s, z = scales[:, g], zeros[:, g]
-                q = torch.clamp(torch.round(w.float() / s) + z, 0, qmax)
+                if offset:
+                    q = torch.clamp(torch.round((w.float() - z) / s), 0, qmax)
+                    wq = q * s + z
+                else:
+                    q = torch.clamp(torch.round(w.float() / s) + z, 0, qmax)
+                    wq = (q - z) * s
                 codes[:, col] = q
-                wq = (q - z) * s
                 d = Hinv1[i, i]
                 err = (w - wq) / d
                 W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
                 Err1[:, i] = err
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        if offset:
+            codes[:, K:] = 0
+            return QuantizedTensor(codes.to(torch.uint8), scales, None, (N, K), spec, zeros)
         if nb * B > K:
             codes[:, K:] = zeros.repeat_interleave(B, dim=1)[:, K:]
         return QuantizedTensor(

@@ -45,6 +45,10 @@ MB = 1_000_000
 # ``--budget-mb`` bounds the exported file, not only its tensors: the ONNX graph (nodes, names,
 # shapes) and quantseal's metadata took 175 KB for MiniLM (benchmarks/export_minilm.py).
 GRAPH_RESERVE_BYTES = 256_000
+# An int4f matrix adds ~8 nodes to the graph (its block-sum correction, export/lowbit.py): 1.7 KB per
+# Linear in SmolLM2-135M's export (459 KB of graph against 200 KB for int4).  Reserved per planned
+# matrix whenever int4f is a candidate, so a --budget-mb plan still bounds the file.
+INT4F_GRAPH_BYTES = 1_800
 
 Progress = Callable[[int, str], Callable[[int], None]]
 
@@ -212,7 +216,13 @@ class CandidateTable:
         the reserve for the ONNX graph itself."""
         if budget_bits is not None:
             return math.floor(budget_bits * self.linear_params / 8)
-        return math.floor(budget_mb * MB) - self.fixed_bytes - GRAPH_RESERVE_BYTES
+        return math.floor(budget_mb * MB) - self.fixed_bytes - self.graph_reserve()
+
+    def graph_reserve(self) -> int:
+        """Bytes kept for the ONNX graph's nodes: :data:`GRAPH_RESERVE_BYTES`, plus
+        :data:`INT4F_GRAPH_BYTES` per matrix when an int4f candidate is on the table."""
+        offsets = any(c.fmt.kind == "intf" for cs in self.cands.values() for c in cs)
+        return GRAPH_RESERVE_BYTES + (INT4F_GRAPH_BYTES * len(self.cands) if offsets else 0)
 
 
 def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress,
@@ -246,7 +256,8 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
         fisher = {n: floor_fisher(f) for n, f in raw.items()}
 
     lin_formats = expand_families(cfg.formats)
-    emb_formats = expand_families(EMBEDDING_FAMILIES)
+    # a float-offset format asked for the Linears is a table candidate too (GatherBlockQuantized + offsets)
+    emb_formats = sorted(set(expand_families(EMBEDDING_FAMILIES)) | {f for f in lin_formats if f.kind == "intf"})
     clip = cfg.method == "lq"
     cands: dict[str, list[Candidate]] = {}
     tasks = []
@@ -307,7 +318,7 @@ def plan(table: CandidateTable, budget_bits: float | None = None, budget_mb: flo
         if budget_bits is not None:
             need = f"{floor * 8 / table.linear_params:.4f} bits per parameter"
         else:
-            need = f"{(floor + table.fixed_bytes + GRAPH_RESERVE_BYTES) / MB:.4f} MB"
+            need = f"{(floor + table.fixed_bytes + table.graph_reserve()) / MB:.4f} MB"
         raise BudgetInfeasible(f"budget is infeasible: the smallest feasible plan needs {need}"
                                + (f" with formats {formats_label}" if formats_label else "")) from None
 
@@ -372,8 +383,13 @@ def compress(cfg: CompressConfig, progress: Progress = _no_progress) -> dict:
         linears = {n: tuple(w.shape) for n, (w, kind) in table.targets.items() if kind == "linear"}
         adapters, ranked = adapter_rank_options(cfg.adapters, linears, table.fisher, cfg.adapter_rank)
     t_solve = time.perf_counter()
-    choice = plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats), cfg.max_decode_ms,
-                  extra=[o.matrix_options() for o in ranked])
+    if cfg.budget_mb is not None and not cfg.adapters and cfg.ranks == (0,):  # packable: q/k/v share a format
+        from .pack_groups import grouped_plan
+
+        choice, _ = grouped_plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats), cfg.max_decode_ms)
+    else:
+        choice = plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats), cfg.max_decode_ms,
+                      extra=[o.matrix_options() for o in ranked])
     solve_seconds = time.perf_counter() - t_solve
     choice, adapter_choice = choice[:len(table.options)], choice[len(table.options):]
     if adapters:  # the adapters fold into the materialised tensors: built in memory

@@ -7,6 +7,9 @@ Affine INT-k (MatMulNBits semantics, with zero point z and scale s per block):
     q = clamp(round(w / s) + z, 0, 2^k - 1),     ŵ = (q - z) · s
 Symmetric INT-k has the implicit zero point z = 2^(k-1).
 NF4 (QLoRA, Dettmers et al. 2023, §3): ŵ = absmax · NF[q], NF the 16 normal-quantile levels.
+Float-offset INT4 (``int4f``; llama.cpp's Q4_1, HQQ's float zero point), per block [lo, hi]:
+    s = (hi − lo) / 15,  m = lo,  q = clamp(round((w − m) / s), 0, 15),     ŵ = s · q + m
+with s and m both float16.
 
 Scales are rounded to float16 *before* the codes are chosen, so the file's float16 scales
 dequantise to exactly the values the error was measured on.
@@ -46,6 +49,7 @@ class QuantizedTensor:
     scales: float32 (N, nb), exactly representable in float16
     zeros:  uint8 (N, nb) for affine INT formats, else None
     shape:  (N, K) of the original matrix
+    offsets: float32 (N, nb), exactly representable in float16, for ``int4f`` (ŵ = s·q + m), else None
     """
 
     codes: torch.Tensor
@@ -53,11 +57,12 @@ class QuantizedTensor:
     zeros: torch.Tensor | None
     shape: tuple[int, int]
     spec: FormatSpec
+    offsets: torch.Tensor | None = None
 
     def cpu(self) -> "QuantizedTensor":
         """The same codes and parameters on the CPU (what is written)."""
         return QuantizedTensor(self.codes.cpu(), self.scales.cpu(), None if self.zeros is None else self.zeros.cpu(),
-                               self.shape, self.spec)
+                               self.shape, self.spec, None if self.offsets is None else self.offsets.cpu())
 
 
 def _blocks(w: torch.Tensor, block: int) -> torch.Tensor:
@@ -131,6 +136,53 @@ def quantize_int(w: torch.Tensor, spec: FormatSpec, weight: torch.Tensor | None 
     )
 
 
+def offset_params(lo: torch.Tensor, hi: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float16-exact ``(s, m)`` of a block range [lo, hi] (any signs): ``s = (hi − lo)/(2^bits − 1)``,
+    ``m = lo`` (Q4_1's min/max rule); a constant block gets s = 1 (its codes are 0)."""
+    scale = _to_fp16_grid((hi - lo) / (2**bits - 1))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, _to_fp16_grid(lo)
+
+
+def offset_codes(wb: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """``q = clamp(round((w − m)/s), 0, 2^bits − 1)`` for blocks ``wb: (..., B)``, ``s, m: (...)``."""
+    return torch.clamp(torch.round((wb - offset[..., None]) / scale[..., None]), 0, 2**bits - 1)
+
+
+def quantize_offset(w: torch.Tensor, spec: FormatSpec, weight: torch.Tensor | None = None,
+                    clip_search: bool = True) -> QuantizedTensor:
+    """``int4f``: per block of ``w: (N, K)`` its min/max (padding excluded) give s and m
+    (:func:`offset_params`); ``clip_search`` shrinks [lo, hi] about its midpoint by each factor of
+    :data:`CLIP_GRID` and keeps the (``weight``-weighted) least-squares one per block (factor 1.0
+    first, so a block already on a float-offset grid — a Q4_1 source — stays exact)."""
+    n, k = w.shape
+    wb = _blocks(w.float(), spec.block)
+    wt = _blocks(weight.float(), spec.block) if weight is not None else None
+    real = _blocks(torch.ones(1, k, device=w.device), spec.block)[0] > 0  # (nb, B): not padding
+    lo0 = torch.where(real, wb, torch.full_like(wb, float("inf"))).amin(-1)
+    hi0 = torch.where(real, wb, torch.full_like(wb, float("-inf"))).amax(-1)
+    mid, half = (hi0 + lo0) / 2, (hi0 - lo0) / 2
+    best = None
+    for ratio in CLIP_GRID if clip_search else (1.0,):
+        lo, hi = (lo0, hi0) if ratio == 1.0 else (mid - ratio * half, mid + ratio * half)
+        scale, offset = offset_params(lo, hi, spec.bits)
+        q = offset_codes(wb, scale, offset, spec.bits)
+        err = torch.where(real, q * scale[..., None] + offset[..., None] - wb, torch.zeros_like(wb))
+        err = (err * err * wt).sum(-1) if wt is not None else (err * err).sum(-1)
+        if best is None:
+            best = [err, scale, offset, q]
+            continue
+        better = err < best[0]
+        best[0] = torch.where(better, err, best[0])
+        best[1] = torch.where(better, scale, best[1])
+        best[2] = torch.where(better, offset, best[2])
+        best[3] = torch.where(better[..., None], q, best[3])
+    _, scale, offset, q = best
+    codes = q.reshape(n, -1)
+    codes[:, k:] = 0  # padding: multiplied by zero-padded inputs in every graph
+    return QuantizedTensor(codes.to(torch.uint8), scale.float(), None, (n, k), spec, offset.float())
+
+
 def quantize_nf(w: torch.Tensor, spec: FormatSpec, weight: torch.Tensor | None = None,
                 clip_search: bool = True) -> QuantizedTensor:
     """NF4 with one absmax per block (QLoRA eq. 1–2, single-level scales)."""
@@ -168,6 +220,8 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     q = qt.codes.reshape(n, -1, spec.block).float()
     if spec.kind == "nf":
         w = NF4_LEVELS.to(device=q.device, dtype=torch.float32)[q.long()] * qt.scales[..., None]
+    elif spec.kind == "intf":
+        w = q * qt.scales[..., None] + qt.offsets[..., None]
     else:
         zero = qt.zeros.float() if qt.zeros is not None else torch.full_like(qt.scales, 2.0 ** (spec.bits - 1))
         w = (q - zero[..., None]) * qt.scales[..., None]
@@ -179,6 +233,8 @@ def quantize(w: torch.Tensor, spec: FormatSpec, weight: torch.Tensor | None = No
     """Dispatch on the format kind; floating formats have no codes (use :func:`round_float`)."""
     if spec.kind == "int":
         return quantize_int(w, spec, weight, clip_search)
+    if spec.kind == "intf":
+        return quantize_offset(w, spec, weight, clip_search)
     if spec.kind == "nf":
         return quantize_nf(w, spec, weight, clip_search)
     raise ValueError(f"{spec.name} is not a quantised format")

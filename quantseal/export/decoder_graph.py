@@ -42,7 +42,8 @@ from ..compress.formats import FormatSpec
 from ..errors import Unsupported
 from .decoder_arch import DecoderArch, rope_tables, table_positions
 from .graph import GraphBuilder
-from .lowbit import MS_DOMAIN, OPSET, StoredMatrix, embedding_nodes, linear_nodes
+from .lowbit import (MS_DOMAIN, OPSET, Nodes, StoredMatrix, block_sums, embedding_nodes, linear_nodes, offset_matrix,
+                     offset_rows)
 
 QDQ_OPSET = 21
 SMOOTH = "input_smooth"
@@ -53,7 +54,7 @@ def _packable(ms: list[StoredMatrix], acts: list, smooths: list) -> bool:
     """Whether matrices with the same input can share one MatMulNBits (rows concatenated): the
     same integer format, no low-rank branch, no activation quantiser, the same input smoothing."""
     spec = ms[0].spec
-    if spec.kind != "int" or any(m.spec != spec or m.rank or m.shape[1] != ms[0].shape[1] for m in ms):
+    if spec.kind not in ("int", "intf") or any(m.spec != spec or m.rank or m.shape[1] != ms[0].shape[1] for m in ms):
         return False
     if any("K1" in m.tensors for m in ms):  # a folded LoKr's Kronecker branch (adapters/lokr.py)
         return False
@@ -92,6 +93,8 @@ class DecoderGraph:
         self.matrix_bytes = {n: 0 for n in matrices}
         self._plain_used: dict[str, str] = {}
         self._table_scales: str | None = None  # float32 scales of a quantised tied table
+        self._table_offsets: str | None = None  # an int4f tied table's M' = m + 8s (V, nb)
+        self._block_sums: dict = {}  # S(x) per (input, block): shared by the int4f matrices reading x
 
     # ------------------------------------------------------------------ stored tensors
     def _plain(self, name: str) -> str:
@@ -139,7 +142,8 @@ class DecoderGraph:
             out = y if (y is not None and bias is None) else f"{self.g.prefix()}/MatMul/output_0"
             scale = self.plain.get(f"{name}.{OUTPUT_SCALE}")  # a folded DoRA / IA³: o ⊙ (x Wᵀ) + b
             mm = out if scale is None else f"{self.g.prefix()}/MatMul/output_unscaled"
-            self.g.extend(linear_nodes(m, xs, mm, self.accuracy_level, self.activations.get(name), self.dtype))
+            self.g.extend(linear_nodes(m, xs, mm, self.accuracy_level, self.activations.get(name), self.dtype,
+                                       x_rank=3, memo=self._block_sums))
             self._owned(m)
             if scale is not None:
                 o = self._plain(f"{name}.{OUTPUT_SCALE}")
@@ -171,7 +175,8 @@ class DecoderGraph:
                 if f"{n}.{SMOOTH}" in self.plain:
                     self._plain_used[f"{n}.{SMOOTH}"] = "shared with q_proj"
             out = f"{self.g.prefix()}/MatMul/output_0"
-            self.g.extend(linear_nodes(packed, xs, out, self.accuracy_level, dtype=self.dtype))
+            self.g.extend(linear_nodes(packed, xs, out, self.accuracy_level, dtype=self.dtype, x_rank=3,
+                                       memo=self._block_sums))
             self._owned(packed, *ms)
             if biased:
                 b = np.concatenate([self.plain.get(f"{n}.bias", np.zeros(m.shape[0], np.float32)).astype(self.dtype)
@@ -246,7 +251,7 @@ class DecoderGraph:
         m = self._matrix(emb)
         with self.g.scope("embed_tokens"):
             out = f"{self.g.prefix()}/output_0"
-            if self.arch.tied and m.spec.kind == "int":
+            if self.arch.tied and m.spec.kind in ("int", "intf"):
                 g = self._quantised_tied_lookup(m, out)
             else:
                 g = embedding_nodes(m, "input_ids", out, self.dtype)
@@ -257,7 +262,8 @@ class DecoderGraph:
     def _quantised_tied_lookup(self, m: StoredMatrix, out: str):
         """The lookup half of a quantised tied table: ``GatherBlockQuantized`` over a Reshape of
         the head's MatMulNBits codes ``(V, nb, B·k/8) → (V, nb·B·k/8)``, so one code tensor
-        serves both (the layout of onnxruntime-genai's shared embeddings)."""
+        serves both (the layout of onnxruntime-genai's shared embeddings).  An int4f table adds
+        ``Gather(M', ids)`` per block (:func:`~.lowbit.offset_rows`), M' = m + 8s shared with the head."""
         if m.rank:
             raise Unsupported(f"{m.name}: a quantised tied table with a low-rank branch is not exported")
         q = self.g.init(f"{m.name}.qweight", m.tensors["qweight"])
@@ -266,6 +272,15 @@ class DecoderGraph:
         scales = self.g.cast_float(f"{m.name}.scales", m.tensors["scales"].dtype)
         self._table_scales = scales
         inputs = [data, "input_ids", scales]
+        if m.spec.kind == "intf":
+            rows = self.g.ms("GatherBlockQuantized", inputs, gather_axis=0, quantize_axis=1,
+                             block_size=m.spec.block, bits=4)
+            n = Nodes(dtype=self.dtype)
+            self._table_offsets = offset_matrix(n, m, scales)
+            off = n.node("Gather", [self._table_offsets, "input_ids"], f"{m.name}.offset_rows")
+            offset_rows(n, m.name, rows, off, "input_ids", m.shape[1], m.spec.block, out)
+            self.g.extend(n)
+            return
         if not m.spec.symmetric:
             inputs.append(self.g.init(f"{m.name}.qzeros", m.tensors["qzeros"]))
         hdim = m.shape[1]
@@ -288,6 +303,17 @@ class DecoderGraph:
                 else:
                     self.g.extend(linear_nodes(m, h, "logits", self.accuracy_level, dtype=self.dtype))
                     self._owned(m)
+                return
+            if table.spec.kind == "intf":  # codes and M' were added by the lookup
+                n, k = table.shape
+                codes = self.g.ms("MatMulNBits", [h, f"{table.name}.qweight", self._table_scales], K=k, N=n, bits=4,
+                                  block_size=table.spec.block, accuracy_level=self.accuracy_level)
+                mt = self.g.op("Transpose", [self._table_offsets], perm=[1, 0])
+                g = Nodes(dtype=self.dtype)
+                corr = g.node("MatMul", [block_sums(g, h, k, table.spec.block, 3, self._block_sums), mt],
+                              f"{table.name}.logits_offsets")
+                g.node("Add", [codes, corr], "logits")
+                self.g.extend(g)
                 return
             if table.spec.kind == "int":  # the codes were added by the lookup: reference them
                 scales = self._table_scales or f"{table.name}.scales"

@@ -3,8 +3,9 @@
 The graph of :mod:`.decoder_graph` built twice over the same stored tensors (each initialiser
 once; :class:`SharedBuilder`), as peft's ``XLoraModel`` computes (:mod:`.adapters.xlora`):
 
-1. the *scaling pass*: the base model (``scaling_pass_value = 0`` makes every expert term zero),
-   with its own KV cache ``scaling_past.{i}.key/value`` → ``scaling_present.{i}.key/value``, to
+1. the *scaling pass*: the base model (``scaling_pass_value = 0`` makes every expert term zero;
+   otherwise each adapted Linear adds the static mix ``d · (x · Aᵀ) · Bᵀ``, d from
+   :mod:`.adapters.xlora`), with its own KV cache ``scaling_past.{i}.key/value`` → ``scaling_present.{i}.key/value``, to
    the final RMSNorm: h (B, T, H) — transformers' ``hidden_states[-1]``;
 2. the classifier: ``MatMul + Add`` per Linear, ReLU between; logits (B, T, C) or (B, T, L·C) →
    Reshape (B, T, L, C) → ``Softmax(logits / τ)``; per adapted Linear ℓ its slice s_ℓ (B, T, C),
@@ -70,8 +71,8 @@ class XLoraDecoderGraph(DecoderGraph):
     :class:`~quantseal.export.adapters.xlora.XLora`."""
 
     def __init__(self, arch, matrices, plain, xlora, accuracy_level: int = 0, activations=None,
-                 max_positions: int | None = None):
-        super().__init__(arch, matrices, plain, accuracy_level, activations, max_positions)
+                 max_positions: int | None = None, dtype=np.float32):
+        super().__init__(arch, matrices, plain, accuracy_level, activations, max_positions, dtype)
         self.g = SharedBuilder(self.dtype)
         self.xlora = xlora
         self.routed = False
@@ -83,12 +84,37 @@ class XLoraDecoderGraph(DecoderGraph):
             super()._owned(m, *parts)
 
     def linear(self, name: str, x: str, y: str | None = None) -> str:
-        if not (self.routed and name in self.xlora.factors):
+        xl = self.xlora
+        if name not in xl.factors or not (self.routed or xl.scaling_pass):
             return super().linear(name, x, y)
         base = super().linear(name, x)
         with self.g.scope(name.rsplit(".", 1)[-1] + "_xlora"):
-            branch = self._experts(name, x)
+            branch = self._experts(name, x) if self.routed else self._scaling_pass_mix(name, x)
             return self.g.op("Add", [base, branch], [y] if y is not None else 1)
+
+    def _scaling_pass_mix(self, name: str, x: str) -> str:
+        """``d · Σ_k B_k A_k x`` (B scaled as in the routed pass): the scaling pass's dummy
+        scalings, equal for every expert (:mod:`.adapters.xlora`)."""
+        g = self.g
+        at, bt, _ = self._factors(name)
+        d = g.const(f"scaling_pass_{self.xlora.scaling_pass!r}", np.array(self.xlora.scaling_pass, self.dtype))
+        return g.op("Mul", [g.op("MatMul", [g.op("MatMul", [x, at]), bt]), d])
+
+    def _factors(self, name: str) -> tuple[str, str, str]:
+        """The initialisers ``Aᵀ`` (K, Σr), ``Bᵀ`` (Σr, N) (the compute dtype) and ``E`` (C, Σr)
+        (float32, the routing's type) of an adapted Linear, shared by both passes."""
+        g, parts = self.g, self.xlora.factors[name]
+        n, k = self._matrix(name).shape
+        bs = [p[0] if p is not None else np.zeros((n, 0)) for p in parts]
+        as_ = [p[1] if p is not None else np.zeros((0, k)) for p in parts]
+        expand = np.zeros((len(parts), sum(b.shape[1] for b in bs)))
+        col = 0
+        for j, b in enumerate(bs):
+            expand[j, col:col + b.shape[1]] = 1.0
+            col += b.shape[1]
+        at = g.init(f"{name}.xlora.AT", np.concatenate(as_, 0).T.astype(self.dtype))
+        bt = g.init(f"{name}.xlora.BT", np.concatenate(bs, 1).T.astype(self.dtype))
+        return at, bt, g.init(f"{name}.xlora.E", expand.astype(np.float32))
 
     def qkv(self, attn: str, x: str):
         if any(f"{attn}.{p}_proj" in self.xlora.factors for p in "qkv"):
@@ -98,20 +124,12 @@ class XLoraDecoderGraph(DecoderGraph):
     def _experts(self, name: str, x: str) -> str:
         """``Σ_k s_k · B_k A_k x`` for the adapted Linear ``name`` (three MatMuls)."""
         g, xl = self.g, self.xlora
-        parts = xl.factors[name]
-        n, k = self._matrix(name).shape
-        bs = [p[0] if p is not None else np.zeros((n, 0)) for p in parts]
-        as_ = [p[1] if p is not None else np.zeros((0, k)) for p in parts]
-        expand = np.zeros((len(parts), sum(b.shape[1] for b in bs)))
-        col = 0
-        for j, b in enumerate(bs):
-            expand[j, col:col + b.shape[1]] = 1.0
-            col += b.shape[1]
-        at = g.init(f"{name}.xlora.AT", np.concatenate(as_, 0).T.astype(np.float32))
-        bt = g.init(f"{name}.xlora.BT", np.concatenate(bs, 1).T.astype(np.float32))
-        e = g.init(f"{name}.xlora.E", expand.astype(np.float32))
+        at, bt, e = self._factors(name)
         s = self._layer_scalings(xl.layer[name])
-        h = g.op("Mul", [g.op("MatMul", [x, at]), g.op("MatMul", [s, e])])
+        se = g.op("MatMul", [s, e])
+        if self.dtype != np.float32:  # routing in float32, the branch in the compute dtype
+            se = g.op("Cast", [se], to=TensorProto.FLOAT16)
+        h = g.op("Mul", [g.op("MatMul", [x, at]), se])
         return g.op("MatMul", [h, bt])
 
     def _layer_scalings(self, layer: int) -> str:
@@ -139,7 +157,7 @@ class XLoraDecoderGraph(DecoderGraph):
         """The scalings (B, T, L, C) (or (B, T, C) when not layerwise) from h (B, T, H)."""
         g, xl = self.g, self.xlora
         with g.scope("xlora_classifier"):
-            z = h
+            z = h if self.dtype == np.float32 else g.op("Cast", [h], to=TensorProto.FLOAT)  # routing in float32
             for i, (w, b) in enumerate(xl.classifier):
                 wt = g.init(f"xlora_classifier.layers.{i}.weight.T", w.T.astype(np.float32))
                 z = g.op("Add", [g.op("MatMul", [z, wt]), g.init(f"xlora_classifier.layers.{i}.bias",
@@ -173,7 +191,7 @@ class XLoraDecoderGraph(DecoderGraph):
         self.lm_head(h, table if a.tied else None)
         self.refuse_unused(embedding_name)
         model = self._model()
-        f32 = TensorProto.FLOAT
+        f32 = TensorProto.FLOAT if self.dtype == np.float32 else TensorProto.FLOAT16
         cache = lambda n, t: helper.make_tensor_value_info(n, f32, ["batch_size", a.kv_heads, t, a.head_dim])  # noqa: E731
         for i in range(a.layers):
             for kv in ("key", "value"):
@@ -182,8 +200,13 @@ class XLoraDecoderGraph(DecoderGraph):
         return model, dict(self.matrix_bytes)
 
 
-def build_xlora_decoder(manifest, tensors, config: dict, xlora, accuracy_level: int = 0) -> tuple[onnx.ModelProto, dict]:
-    """The routed graph of a checkpoint read by :func:`~quantseal.checkpoint.read_checkpoint`."""
+def build_xlora_decoder(manifest, tensors, config: dict, xlora, accuracy_level: int = 0,
+                        dtype: str = "fp32") -> tuple[onnx.ModelProto, dict]:
+    """The routed graph of a checkpoint read by :func:`~quantseal.checkpoint.read_checkpoint`;
+    ``dtype``: the compute type, ``fp32`` or ``fp16`` (the CUDA graph: float16 activations, caches
+    and logits, the classifier and the scalings in float32)."""
+    from .decoder import COMPUTE
+
     from ..models import family_of
     from .decoder_arch import arch_of
     from .stored import Filtered, LazyMatrices, NumpyView, owned_names
@@ -197,12 +220,12 @@ def build_xlora_decoder(manifest, tensors, config: dict, xlora, accuracy_level: 
     fam = family_of(config)
     arrays = NumpyView(tensors)
     builder = XLoraDecoderGraph(arch, LazyMatrices(manifest, arrays), Filtered(arrays, owned_names(manifest)), xlora,
-                                accuracy_level, manifest.extra.get("activations"))
+                                accuracy_level, manifest.extra.get("activations"), dtype=COMPUTE[dtype])
     return builder.build(fam.embedding_attr, prefix=fam.blocks_attr.split(".")[0])
 
 
 
-def export_xlora(checkpoint, output, folder, accuracy_level: int = 0) -> dict:
+def export_xlora(checkpoint, output, folder, accuracy_level: int = 0, dtype: str = "fp32") -> dict:
     """``quantseal export CK -o OUT --adapter XLORA_DIR``: the routed graph of a decoder
     checkpoint, written like :func:`~quantseal.export.decoder.export_decoder` minus the
     onnxruntime-genai config; the report gains ``adapters`` (experts, layers, classifier depth)."""
@@ -227,7 +250,7 @@ def export_xlora(checkpoint, output, folder, accuracy_level: int = 0) -> dict:
                           f"causal LMs), not for the encoder {checkpoint}")
     xl = read_xlora(folder, list(manifest.matrices))
     try:
-        proto, matrix_bytes = build_xlora_decoder(manifest, tensors, config, xl, accuracy_level)
+        proto, matrix_bytes = build_xlora_decoder(manifest, tensors, config, xl, accuracy_level, dtype)
     except BadInput as exc:
         raise BadInput(f"{checkpoint}: {exc}") from None
     del tensors
@@ -240,11 +263,11 @@ def export_xlora(checkpoint, output, folder, accuracy_level: int = 0) -> dict:
         "quantseal.num_layers": str(arch.layers), "quantseal.num_kv_heads": str(arch.kv_heads),
         "quantseal.head_dim": str(arch.head_dim), "quantseal.architecture": arch.model_type,
         "quantseal.eos_token_id": ",".join(str(x) for x in (eos if isinstance(eos, list) else [eos]) if x is not None),
-        "quantseal.dtype": "fp32",
+        "quantseal.dtype": dtype,
         "quantseal.extra_caches": json.dumps([[SCALING_PAST, SCALING_PRESENT]]),
         "quantseal.xlora": json.dumps({"experts": xl.experts, "layers": len(xl.layer),
                                        "classifier_depth": len(xl.classifier), "layerwise": xl.layerwise,
-                                       "top_k": xl.top_k}, sort_keys=True),
+                                       "top_k": xl.top_k, "scaling_pass": xl.scaling_pass}, sort_keys=True),
     })
     res = finish_export(proto, output, checkpoint, manifest, "decoder", matrix_bytes, meta, t0)
     res["adapters"] = {"xlora": True, "experts": xl.experts, "matrices": sorted(xl.factors),

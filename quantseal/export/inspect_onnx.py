@@ -30,11 +30,14 @@ def _matrix_name(weight_input: str) -> str:
     return weight_input[: -len(".qweight")] if weight_input.endswith(".qweight") else weight_input
 
 
-def _node_format(node, n_inputs: int) -> str:
-    """The quantseal format name a low-bit node runs (``int4_b32``, ``int8s_b64``, ``nf4_b64``)."""
+def _node_format(node, n_inputs: int, offsets: bool = False) -> str:
+    """The quantseal format name a low-bit node runs (``int4_b32``, ``int8s_b64``, ``nf4_b64``;
+    ``int4f_b32`` when the matrix has stored float ``offsets``)."""
     a = _attrs(node)
     if node.op_type == "MatMulBnb4":
         return f"{'nf4' if a.get('quant_type', 1) == 1 else 'fp4'}_b{a['block_size']}"
+    if offsets:
+        return f"int{a.get('bits', 4)}f_b{a['block_size']}"
     sym = "" if n_inputs > 3 and node.input[3] else "s"
     return f"int{a.get('bits', 4)}{sym}_b{a['block_size']}"
 
@@ -86,11 +89,11 @@ def inspect_onnx(path: str | Path) -> dict:
             scales = inits.get(name + ".scales")
             guess = [int(scales.dims[0]), int(scales.dims[1]) * a["block_size"]] if scales is not None else []
             shape = list(planned.get(name, {}).get("shape", [])) or guess  # (V, H); H rounded up to blocks
-            fmt = _node_format(node, len(node.input))
+            fmt = _node_format(node, len(node.input), name + ".offsets" in inits)
         else:
             name = _matrix_name(node.input[1])
             shape = [a.get("N"), a.get("K")]
-            fmt = _node_format(node, len(node.input))
+            fmt = _node_format(node, len(node.input), name + ".offsets" in inits)
             if name in rows:  # a tied head over the lookup's codes, or a second pass over the same codes (X-LoRA)
                 if rows[name]["op"] == "GatherBlockQuantized":
                     rows[name]["op"] = "MatMulNBits+GatherBlockQuantized"

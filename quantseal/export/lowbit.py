@@ -13,6 +13,13 @@ int{k}[s]_bB   ``MatMulNBits`` (com.microsoft; K, N, bits, block_size).  ``B``: 
                [N, nb, B·k/8] exactly as stored (LSB first); ``scales`` float16 [N, nb] + Cast;
                affine formats add packed ``zero_points`` uint8 [N, ceil(nb·k/8)]; symmetric
                ones omit them (MatMulNBits' default zero point is 2^(k-1), our implicit one).
+int4f_bB       ``MatMulNBits`` without zero points (z = 8) + a block-sum correction, exact for
+               ``ŵ = s·q + m``:  ``y = Σ_b s_b Σ_{i∈b} x_i (q_i − 8) + S(x) · M'ᵀ`` with
+               ``S(x) = ReduceSum(Reshape(x, [..., nb, B]))`` [..., nb] and ``M' = m + 8s``
+               [N, nb], computed in the graph from the stored float16 ``offsets`` and ``scales``
+               (Cast/Mul/Add/Transpose on constants: onnxruntime folds them into one float32
+               [nb, N] constant at load).  S(x) is shared by every matrix reading the same input
+               (``block_sums``).
 nf4_bB         ``MatMulBnb4`` (quant_type 1 = NF4).  bitsandbytes' layout: the codes of the
                row-major (N, K') matrix, K' = nb·B, flattened, two per byte with the *first* in
                the high nibble; ``absmax`` float16 [N·nb] + Cast.  When K' > K the input is
@@ -27,6 +34,8 @@ N = o1·o2, K = i1·i2), computed without forming it: ``Reshape(x, [−1, i1, i2
 A token embedding ``E ≈ dequant(Q) + L1 L2`` (``E: (V, H)``) becomes
 ``GatherBlockQuantized(Q, ids)`` (uint8 data [V, nb·B·k/8], bits 2/4/8, quantize_axis 1; Slice
 when H is not a multiple of B) plus ``Gather(L1, ids) · L2``; fp16/fp32 tables are a plain Gather.
+An int4f table adds its offsets per block: ``rows + Gather(m + z₀s, ids)`` broadcast over each
+block's B columns (z₀ = 8, GatherBlockQuantized's default zero point for 4-bit codes).
 
 Every stored tensor keeps its checkpoint name (``<matrix>.qweight``, ``.scales``, ``.qzeros``,
 ``.weight``, ``.L1``, ``.L2``, ``.K1``, ``.K2``) and byte count, so the initialisers of a matrix total exactly the
@@ -47,7 +56,7 @@ from ..errors import Unsupported
 MS_DOMAIN = "com.microsoft"
 OPSET = 18  # Pad with an ``axes`` input (NF4 with a padded last block)
 RUNNABLE_BITS = (2, 4, 8)  # MatMulNBits / GatherBlockQuantized on CPU in onnxruntime 1.32
-STORED_SUFFIXES = (".qweight", ".scales", ".qzeros", ".weight", ".L1", ".L2", ".K1", ".K2")
+STORED_SUFFIXES = (".qweight", ".scales", ".qzeros", ".offsets", ".weight", ".L1", ".L2", ".K1", ".K2")
 
 
 @dataclass
@@ -193,12 +202,53 @@ def activation_qdq(g: "Nodes", name: str, x: str, act: dict) -> str:
     return g.node("DequantizeLinear", [q, scale, zero], f"{name}.x_dq")
 
 
+DEFAULT_ZERO_4BIT = 8  # MatMulNBits' and GatherBlockQuantized's zero point when none is given
+
+
+def offset_matrix(g: Nodes, m: StoredMatrix, s: str, zero: int = DEFAULT_ZERO_4BIT) -> str:
+    """``M' = m + zero·s`` (N, nb) in the compute type, from the stored float16 ``offsets`` and the
+    scales ``s`` (already in the compute type).  Constant nodes: onnxruntime folds them at load, the
+    file keeps float16."""
+    off = g.as_float(f"{m.name}.offsets", m.tensors["offsets"])
+    zs = g.node("Mul", [s, g.init(f"{m.name}.zero_f", np.array(zero, dtype=g.dtype))], f"{m.name}.scales_z")
+    return g.node("Add", [off, zs], f"{m.name}.offsets_z")
+
+
+def block_sums(g: Nodes, x: str, k: int, block: int, rank: int | None = None, memo: dict | None = None,
+               owner: str = "") -> str:
+    """``S(x)`` (..., nb): the sums of ``x`` (..., K) over blocks of ``block`` columns (K zero-padded
+    to nb·block).  ``rank``: x's rank when known (Reshape by [0, …, 0, nb, B], no Shape nodes);
+    ``memo`` shares one S(x) between the matrices that read the same input (its nodes are named
+    after ``x``; without a memo, after the ``owner`` matrix)."""
+    key = (x, block)
+    if memo is not None and key in memo:
+        return memo[key]
+    nb = -(-k // block)
+    base = f"{x}.bsum{block}" if memo is not None else f"{owner}.bsum{block}"
+    xin = x
+    if nb * block > k:
+        pads = g.init(f"{base}.pad", np.array([0, nb * block - k], dtype=np.int64))
+        axes = g.init(f"{base}.pad_axes", np.array([-1], dtype=np.int64))
+        xin = g.node("Pad", [x, pads, "", axes], f"{base}.x_padded")
+    if rank is not None:
+        shape = g.init(f"{base}.shape", np.array([0] * (rank - 1) + [nb, block], dtype=np.int64))
+    else:
+        lead = g.node("Shape", [x], f"{base}.lead", end=-1)
+        shape = g.node("Concat", [lead, g.init(f"{base}.tail", np.array([nb, block], dtype=np.int64))],
+                       f"{base}.shape", axis=0)
+    xb = g.node("Reshape", [xin, shape], f"{base}.blocks")
+    out = g.node("ReduceSum", [xb, g.init(f"{base}.axis", np.array([-1], dtype=np.int64))], base, keepdims=0)
+    if memo is not None:
+        memo[key] = out
+    return out
+
+
 def linear_nodes(m: StoredMatrix, x: str, y: str, accuracy_level: int = 0, act: dict | None = None,
-                 dtype=np.float32) -> Nodes:
+                 dtype=np.float32, x_rank: int | None = None, memo: dict | None = None) -> Nodes:
     """Nodes computing ``y = x · dequant(Q)ᵀ + (x · L2ᵀ) · L1ᵀ`` for ``x: (..., K)`` of the compute
     type ``dtype`` (float32, or float16 for a CUDA graph); with ``act`` (calibrated activation
     quantiser) ``x`` is first fake-quantised by a QuantizeLinear / DequantizeLinear pair
-    (:func:`activation_qdq`)."""
+    (:func:`activation_qdq`).  ``x_rank``/``memo``: see :func:`block_sums` (int4f only)."""
     _check_runnable(m)
     n, k = m.shape
     spec = m.spec
@@ -216,6 +266,13 @@ def linear_nodes(m: StoredMatrix, x: str, y: str, accuracy_level: int = 0, act: 
             raise ValueError(f"{m.name}: a symmetric format with stored zero points")
         g.node("MatMulNBits", inputs, main, domain=MS_DOMAIN, K=k, N=n, bits=spec.stored_bits,
                block_size=spec.block, accuracy_level=accuracy_level)
+    elif spec.kind == "intf":
+        s = g.as_float(f"{m.name}.scales", m.tensors["scales"])
+        mnb = g.node("MatMulNBits", [x, g.init(f"{m.name}.qweight", m.tensors["qweight"]), s], f"{m.name}.y_codes",
+                     domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=spec.block, accuracy_level=accuracy_level)
+        mt = g.node("Transpose", [offset_matrix(g, m, s)], f"{m.name}.offsets_z.T", perm=[1, 0])
+        corr = g.node("MatMul", [block_sums(g, x, k, spec.block, x_rank, memo, m.name), mt], f"{m.name}.y_offsets")
+        g.node("Add", [mnb, corr], main)
     elif spec.kind == "nf":
         kp = spec.n_blocks(k) * spec.block
         xin = x
@@ -262,6 +319,14 @@ def embedding_nodes(m: StoredMatrix, ids: str, y: str, dtype=np.float32) -> Node
             ends = g.init(f"{m.name}.slice_ends", np.array([hdim], dtype=np.int64))
             axes = g.init(f"{m.name}.slice_axes", np.array([-1], dtype=np.int64))
             g.node("Slice", [out, starts, ends, axes], main)
+    elif spec.kind == "intf":
+        q = m.tensors["qweight"]
+        data = g.init(f"{m.name}.qweight", q.reshape(q.shape[0], -1))
+        s = g.as_float(f"{m.name}.scales", m.tensors["scales"])
+        rows = g.node("GatherBlockQuantized", [data, ids, s], f"{m.name}.rows_codes", domain=MS_DOMAIN,
+                      gather_axis=0, quantize_axis=1, block_size=spec.block, bits=4)
+        offset_rows(g, m.name, rows, g.node("Gather", [offset_matrix(g, m, s), ids], f"{m.name}.offset_rows"),
+                    ids, hdim, spec.block, main)
     elif spec.kind == "fp":
         w = m.tensors["weight"]
         same = np.dtype(w.dtype) == np.dtype(dtype)
@@ -278,3 +343,26 @@ def embedding_nodes(m: StoredMatrix, ids: str, y: str, dtype=np.float32) -> Node
         lr = g.node("MatMul", [rows, l2], f"{m.name}.lowrank_y")
         g.node("Add", [main, lr], y)
     return g
+
+
+def offset_rows(g: Nodes, name: str, rows: str, offsets: str, ids: str, hdim: int, block: int, y: str) -> str:
+    """``y = rows + offsets`` broadcast over each block: ``rows`` (ids…, nb·B) from
+    GatherBlockQuantized, ``offsets`` (ids…, nb); sliced to the table's width ``hdim``."""
+    lead = g.node("Shape", [ids], f"{name}.ids_shape")
+    nb = -(-hdim // block)
+    split = g.node("Concat", [lead, g.init(f"{name}.block_dims", np.array([nb, block], dtype=np.int64))],
+                   f"{name}.rows_blocks_shape", axis=0)
+    flat = g.node("Concat", [lead, g.init(f"{name}.row_width", np.array([nb * block], dtype=np.int64))],
+                  f"{name}.rows_shape", axis=0)
+    r3 = g.node("Reshape", [rows, split], f"{name}.rows_blocks")
+    o3 = g.node("Unsqueeze", [offsets, g.init(f"{name}.last_axis", np.array([-1], dtype=np.int64))],
+                f"{name}.offset_rows_b")
+    full = nb * block > hdim
+    summed = g.node("Reshape", [g.node("Add", [r3, o3], f"{name}.rows_blocks_off"), flat],
+                    f"{name}.rows_padded" if full else y)
+    if full:
+        starts = g.init(f"{name}.slice_starts", np.array([0], dtype=np.int64))
+        ends = g.init(f"{name}.slice_ends", np.array([hdim], dtype=np.int64))
+        axes = g.init(f"{name}.slice_axes", np.array([-1], dtype=np.int64))
+        g.node("Slice", [summed, starts, ends, axes], y)
+    return y

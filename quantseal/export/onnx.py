@@ -164,6 +164,7 @@ def rewrite_lowbit(model: onnx.ModelProto, digests: dict[str, str], matrices: di
             if name is not None:
                 owner[t.name] = name
     new_nodes, new_inits, done = [], [], Counter()
+    block_sums: dict = {}  # int4f: one S(x) per input, shared by q/k/v (lowbit.block_sums)
     for node in graph.node:
         target = None
         if node.op_type == "MatMul" and node.input[1] in owner:
@@ -171,7 +172,8 @@ def rewrite_lowbit(model: onnx.ModelProto, digests: dict[str, str], matrices: di
             m = matrices[target]
             if m.shape != tuple(inits[node.input[1]].dims[::-1]):
                 raise RuntimeError(f"{target}: graph constant has shape {list(inits[node.input[1]].dims)}")
-            g = linear_nodes(m, node.input[0], node.output[0], accuracy_level, activations.get(target))
+            g = linear_nodes(m, node.input[0], node.output[0], accuracy_level, activations.get(target),
+                             memo=block_sums)
         elif node.op_type == "Gather" and node.input[0] in owner:
             target = owner[node.input[0]]
             g = embedding_nodes(matrices[target], node.input[1], node.output[0])

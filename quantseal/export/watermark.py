@@ -81,14 +81,18 @@ def requantised_rows(name: str, entry: MatrixEntry, tensors: dict[str, torch.Ten
     spec = entry.spec
     qt = stored_quantized(name, entry, tensors)
     zeros = None if qt.zeros is None else qt.zeros[rows]
-    part = QuantizedTensor(qt.codes[rows], qt.scales[rows], zeros, (len(rows), qt.shape[1]), spec)
+    offsets = None if qt.offsets is None else qt.offsets[rows]
+    part = QuantizedTensor(qt.codes[rows], qt.scales[rows], zeros, (len(rows), qt.shape[1]), spec, offsets)
     new = quantize(dequantize(part) + delta.float(), spec)
     codes, scales = qt.codes.clone(), qt.scales.clone()
     codes[rows], scales[rows] = new.codes, new.scales
     if qt.zeros is not None:
         zeros = qt.zeros.clone()
         zeros[rows] = new.zeros
-    return matrix_tensors(name, spec, QuantizedTensor(codes, scales, zeros, qt.shape, spec), None, None, None)
+    if qt.offsets is not None:  # int4f: each requantised row gets its own float block offsets (ŵ = s·q + m)
+        offsets = qt.offsets.clone()
+        offsets[rows] = new.offsets
+    return matrix_tensors(name, spec, QuantizedTensor(codes, scales, zeros, qt.shape, spec, offsets), None, None, None)
 
 
 def mark_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], board: Board, key: bytes,

@@ -19,10 +19,11 @@ from .transport import Transport
 
 class EndpointEmbedder:
     """Embeddings from an HTTP endpoint.  ``url``: its base (``http://127.0.0.1:8000``) or its
-    ``/embed`` address; ``timeout``: seconds per query; further keywords (``deadline``,
+    ``/embed`` address; ``timeout``: seconds per query; ``adapter``: a switchable export's adapter,
+    sent as ``"adapter"`` in every request (None: the server's); further keywords (``deadline``,
     ``max_bytes``, ``qps``, ``headers``, ``retries``) go to the :class:`~.transport.Transport`."""
 
-    def __init__(self, url: str, timeout: float = 60.0, **transport):
+    def __init__(self, url: str, timeout: float = 60.0, adapter: str | None = None, **transport):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise BadInput(f"{url!r}: an endpoint URL starts with http:// or https://")
         base = url.rstrip("/")
@@ -30,9 +31,12 @@ class EndpointEmbedder:
             base = base[: -len("/embed")]
         self.base = base
         self.timeout = timeout
+        self.adapter = adapter
         self.transport = Transport(base, timeout=timeout, **transport)
 
     def _request(self, path: str, payload: dict | None = None) -> dict:
+        if payload is not None and self.adapter is not None:
+            payload = {**payload, "adapter": self.adapter}
         return self.transport.request("GET" if payload is None else "POST", path, payload)
 
     def health(self) -> dict:
@@ -85,8 +89,8 @@ class EndpointEmbedder:
 class EndpointCausalLM(EndpointEmbedder):
     """A decoder served by ``quantseal serve``: greedy ``/generate`` and next-token ``/logits``."""
 
-    def __init__(self, url: str, timeout: float = 60.0, **transport):
-        super().__init__(url, timeout, **transport)
+    def __init__(self, url: str, timeout: float = 60.0, adapter: str | None = None, **transport):
+        super().__init__(url, timeout, adapter, **transport)
         for suffix in ("/generate", "/logits"):
             if self.base.endswith(suffix):
                 self.base = self.base[: -len(suffix)]

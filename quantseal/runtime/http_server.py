@@ -19,8 +19,10 @@ coroutine of the event loop (a stalled one costs a few kB, no thread) and
   (compared with :func:`hmac.compare_digest`; else 401), and ``/health`` shows details only to
   it.
 
-Every answer is JSON ``{"error", "status"}`` on failure.  The application is an object with
-``routes`` (path → ``fn(payload) -> dict``), ``health()`` and ``public_health()``.
+Every answer is JSON ``{"error", "status"}`` on failure (or the body a :class:`RequestError`
+carries).  The application is an object with ``routes`` (path → ``fn(payload) -> dict``, POST),
+optionally ``get_routes`` (path → ``fn() -> dict``, GET, behind the token like POST routes),
+``health()`` and ``public_health()``.
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ class Limits:
 class RequestError(Exception):
     """A bad request: HTTP ``status`` and a message for the client."""
 
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, body: dict | None = None):
         super().__init__(message)
         self.status = int(status)
+        self.body = body  # the JSON answer when not {"error": message, "status": status} (OpenAI's shape)
 
 
 def _reject_constant(name: str):
@@ -211,7 +214,7 @@ class HTTPServer:
             status, body, close = exc.status, {"error": str(exc), "status": exc.status}, True
         extra = {}
         if status == HTTPStatus.METHOD_NOT_ALLOWED:
-            extra["Allow"] = "GET" if path == "/health" else "GET, POST"
+            extra["Allow"] = "GET" if path == "/health" or path in getattr(self.app, "get_routes", {}) else "GET, POST"
         elif status == HTTPStatus.UNAUTHORIZED:
             extra["WWW-Authenticate"] = 'Bearer realm="quantseal"'
         elif status == HTTPStatus.SERVICE_UNAVAILABLE:
@@ -224,7 +227,7 @@ class HTTPServer:
         routes = self.app.routes
         authorised = self._token is None or self._authorised(headers.get("authorization", ""))
         if method not in ("GET", "POST"):
-            known = path == "/health" or path in routes
+            known = path == "/health" or path in routes or path in getattr(self.app, "get_routes", {})
             return HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"method {method} is not allowed"
                                                    + (f" on {path}" if known else ""), "status": 405}
         raw = b""
@@ -250,6 +253,14 @@ class HTTPServer:
             if method != "GET":
                 return HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use GET /health", "status": 405}
             return HTTPStatus.OK, (self.app.health() if authorised else self.app.public_health())
+        gets = getattr(self.app, "get_routes", {})
+        if path in gets:
+            if method != "GET":
+                return HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"use GET {path}", "status": 405}
+            if not authorised:
+                return HTTPStatus.UNAUTHORIZED, {"error": "a valid 'Authorization: Bearer <token>' header is required",
+                                                 "status": 401}
+            return HTTPStatus.OK, gets[path]()
         if path not in routes:
             return HTTPStatus.NOT_FOUND, {"error": f"no such path {path!r} ({describe_routes(self.app)})",
                                           "status": 404}
@@ -312,7 +323,7 @@ def _call(fn, raw: bytes, path: str) -> tuple[int, dict]:
     try:
         return HTTPStatus.OK, fn(decode_json(raw))
     except RequestError as exc:
-        return exc.status, {"error": str(exc), "status": exc.status}
+        return exc.status, (exc.body or {"error": str(exc), "status": exc.status})
     except BadInput as exc:
         return HTTPStatus.BAD_REQUEST, {"error": str(exc), "status": 400}
     except RecursionError:
@@ -324,4 +335,5 @@ def _call(fn, raw: bytes, path: str) -> tuple[int, dict]:
 
 def describe_routes(app) -> str:
     """``POST /embed, GET /health`` (or the decoder's routes) for messages."""
-    return ", ".join([*(f"POST {p}" for p in app.routes), "GET /health"])
+    return ", ".join([*(f"POST {p}" for p in app.routes), *(f"GET {p}" for p in getattr(app, "get_routes", {})),
+                      "GET /health"])

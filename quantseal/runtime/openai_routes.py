@@ -9,7 +9,18 @@
 ``POST /v1/chat/completions``  (decoders) ``{"messages": [{"role", "content"}], "max_tokens"?,
                                "logprobs"?: bool, "top_logprobs"?: 0..20}`` → ``{"choices":
                                [{"message": {"role", "content"}, "logprobs": {"content": [...]}}]}``
+``GET /v1/models``             ``{"object": "list", "data": [{"id", "object": "model", "owned_by",
+                               "parent"?}]}``: the base model (the file's name) and, for a
+                               switchable export, each adapter (``parent``: the base's id)
 =============================  ===================================================================
+
+**Adapters by ``model``**, as vLLM serves LoRA adapters: on a switchable export
+(``export --switchable``) ``"model": NAME`` runs adapter NAME, ``"model": <the base's id>``
+the base model (``adapter_id`` 0), no ``model`` the server's default (``serve --adapter``);
+any other name is HTTP 404 with OpenAI's error body ``{"error": {"message", "type":
+"invalid_request_error", "param": "model", "code": "model_not_found"}}``.  A file without
+adapters is one model: ``model`` is echoed, not checked.  Each request feeds its own
+``adapter_id``, so concurrent requests for different adapters share one session.
 
 Decoding is greedy whatever ``temperature`` says (``n`` must be 1); ``logit_bias`` (token id →
 bias in [−100, 100]) is added to the logits before the greedy choice and the log-probabilities.  The exported file carries no
@@ -68,20 +79,54 @@ def _common(payload) -> None:
         raise RequestError("'temperature' must be a non-negative number")
 
 
+def not_found(model: str, known: list[str]) -> RequestError:
+    """HTTP 404 with OpenAI's error body for an unknown ``model``."""
+    msg = f"The model {model[:100]!r} does not exist (served: {', '.join(known)})"
+    return RequestError(msg, 404, body={"error": {"message": msg, "type": "invalid_request_error", "param": "model",
+                                                  "code": "model_not_found"}})
+
+
+def served(service) -> list[str]:
+    """The ``model`` ids a service answers to: the base (the file's name), then its adapters."""
+    names = service.adapter_names
+    return [service.name, *sorted(names, key=names.get)]
+
+
+def model_adapter(service, payload) -> int | None:
+    """The ``adapter_id`` the request's ``model`` selects (module docstring); None: the server's."""
+    model = payload.get("model")
+    if model is None or not service.adapter_names:
+        return None
+    if model == service.name:
+        return 0
+    if model not in service.adapter_names:
+        raise not_found(model, served(service))
+    return service.adapter_names[model]
+
+
+def models(service) -> dict:
+    """``GET /v1/models``: the base model and each adapter, as vLLM lists LoRA adapters."""
+    base = {"id": service.name, "object": "model", "created": 0, "owned_by": "quantseal"}
+    return {"object": "list", "data": [base, *({"id": n, "object": "model", "created": 0, "owned_by": "quantseal",
+                                                "parent": service.name, "root": service.name}
+                                               for n in served(service)[1:])]}
+
+
 def embeddings(service, payload) -> dict:
     """``/v1/embeddings`` on an :class:`~quantseal.runtime.server.EmbeddingService`."""
     _common(payload)
     fmt = payload.get("encoding_format", "float")
     if fmt not in (None, "float"):
         raise RequestError("only 'encoding_format': 'float' is supported")
+    adapter = model_adapter(service, payload)
     x = payload.get("input")
     if isinstance(x, str):
         x = [x]
     if isinstance(x, list) and x and all(isinstance(t, str) for t in x):
-        vectors = service.embed({"texts": x})["embeddings"]
+        vectors = service.embed({"texts": x}, adapter)["embeddings"]
         tokens = None
     elif isinstance(x, list) and x and all(isinstance(r, list) for r in x):
-        vectors = service.embed({"input_ids": x})["embeddings"]
+        vectors = service.embed({"input_ids": x}, adapter)["embeddings"]
         tokens = sum(len(r) for r in x)
     else:
         raise RequestError("'input' must be a string, a non-empty list of strings or of token id lists")
@@ -104,17 +149,18 @@ def token_text(tokenizer, i: int) -> str:
     return tokenizer.decode([int(i)], skip_special_tokens=False)
 
 
-def greedy_with_logprobs(lm, ids: list[int], n: int, k: int, bias: dict[int, float] | None = None
-                         ) -> tuple[list[int], list[float], list[list]]:
+def greedy_with_logprobs(lm, ids: list[int], n: int, k: int, bias: dict[int, float] | None = None,
+                         adapter: int | None = None) -> tuple[list[int], list[float], list[list]]:
     """Greedy continuation of ``ids`` by ``n`` tokens with the KV cache: (new ids, their
     log-probabilities, the top ``k`` (id, logprob) pairs at each step, best first), the logits
-    shifted by ``bias`` (token id → added logit) first, as OpenAI's ``logit_bias`` does."""
+    shifted by ``bias`` (token id → added logit) first, as OpenAI's ``logit_bias`` does;
+    ``adapter``: a switchable export's adapter id (None: the model's default)."""
     new, lps, tops, past, feed = [], [], [], None, list(ids)
     cols = np.fromiter((bias or {}).keys(), dtype=np.int64)
     shift = np.fromiter((bias or {}).values(), dtype=np.float64)
     for _ in range(n):
         mask = np.ones((1, len(ids) + len(new)), dtype=np.int64)
-        logits, past = lm.step(np.array([feed]), mask, past)
+        logits, past = lm.step(np.array([feed]), mask, past, adapter)
         z = logits[0, -1].astype(np.float64)
         z[cols] += shift
         lp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
@@ -138,11 +184,11 @@ def _prompt_ids(service, text: str, what: str) -> list[int]:
     return ids
 
 
-def _generate(service, ids: list[int], n: int, k: int, bias: dict[int, float]):
+def _generate(service, ids: list[int], n: int, k: int, bias: dict[int, float], adapter: int | None):
     if len(ids) + n > service.max_tokens:
         raise RequestError(f"prompt of {len(ids)} tokens + {n} new exceeds {service.max_tokens}")
     with service.lock:
-        new, lps, tops = greedy_with_logprobs(service.lm, ids, n, k, bias)
+        new, lps, tops = greedy_with_logprobs(service.lm, ids, n, k, bias, adapter)
     finish = "stop" if new and new[-1] in service.lm.eos_ids else "length"
     return new, lps, tops, finish
 
@@ -150,6 +196,7 @@ def _generate(service, ids: list[int], n: int, k: int, bias: dict[int, float]):
 def completions(service, payload) -> dict:
     """``/v1/completions`` on a :class:`~quantseal.runtime.server.GenerationService`."""
     _common(payload)
+    adapter = model_adapter(service, payload)
     if payload.get("echo"):
         raise RequestError("'echo' is not supported")
     prompts = payload.get("prompt")
@@ -166,7 +213,7 @@ def completions(service, payload) -> dict:
     ids = [_prompt_ids(service, p, f"prompt {i}") for i, p in enumerate(prompts)]  # all checked first
     choices, used = [], 0
     for i, row in enumerate(ids):
-        new, lps, tops, finish = _generate(service, row, n, k or 0, bias)
+        new, lps, tops, finish = _generate(service, row, n, k or 0, bias, adapter)
         used += len(new)
         lp = None
         if k is not None:
@@ -182,6 +229,7 @@ def completions(service, payload) -> dict:
 def chat_completions(service, payload) -> dict:
     """``/v1/chat/completions`` on a :class:`~quantseal.runtime.server.GenerationService`."""
     _common(payload)
+    adapter = model_adapter(service, payload)
     msgs = payload.get("messages")
     if not isinstance(msgs, list) or not msgs or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -195,7 +243,7 @@ def chat_completions(service, payload) -> dict:
     k = _int_field(payload, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
     bias = _logit_bias(payload, service.vocab_out)
     ids = _prompt_ids(service, "\n".join(m["content"] for m in msgs), "the conversation")
-    new, lps, tops, finish = _generate(service, ids, n, k if want else 0, bias)
+    new, lps, tops, finish = _generate(service, ids, n, k if want else 0, bias, adapter)
     tok = service.lm.tokenizer
     lp = None
     if want:

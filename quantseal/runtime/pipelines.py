@@ -51,6 +51,34 @@ def adapter_id(names: dict[str, int], name: str | None, where) -> int:
     return names[name]
 
 
+def is_switchable(session: Session) -> bool:
+    """Whether ``session``'s model takes an ``adapter_id`` (``export --switchable``)."""
+    return ADAPTER_INPUT in session.input_names
+
+
+def resolve_adapter(names: dict[str, int], default: int, adapter: str | int | None, where) -> int:
+    """The ``adapter_id`` to feed: ``adapter`` None → ``default`` (the pipeline's own choice); an
+    int → that id (0 the base model, 1..J the adapters); a name → its id (:func:`adapter_id`).
+    Per call, so requests with different adapters share one pipeline (one session)."""
+    if adapter is None:
+        return default
+    if isinstance(adapter, bool) or not isinstance(adapter, (int, np.integer, str)):
+        raise BadInput(f"{where}: an adapter is chosen by name or id, not {type(adapter).__name__}")
+    if isinstance(adapter, str):
+        return adapter_id(names, adapter, where)
+    if not 0 <= int(adapter) <= len(names):
+        raise BadInput(f"{where}: adapter id {int(adapter)} is not in 0..{len(names)} (0: the base model)")
+    return int(adapter)
+
+
+def _adapter_feed(pipeline, adapter: str | int | None) -> int | None:
+    if not pipeline.switchable:
+        if adapter is not None and not (isinstance(adapter, (int, np.integer)) and int(adapter) == 0):
+            adapter_id({}, str(adapter), pipeline.session.path)  # refused: the file has no adapters
+        return None
+    return resolve_adapter(pipeline.adapter_names, pipeline.adapter_id, adapter, pipeline.session.path)
+
+
 def find_tokenizer(model_path: str | Path, tokenizer: str | Path | None = None) -> Path:
     """The folder holding ``tokenizer.json``: ``tokenizer`` (the file or its folder) when given,
     else the model file's folder."""
@@ -107,7 +135,7 @@ class Embedder:
             hint = "; a decoder: use --prompt / CausalLM" if "logits" in self.session.output_names else ""
             raise BadInput(f"{model_path}: not an embedding model (outputs {self.session.output_names[:4]}{hint})")
         self.conventions = Conventions.from_metadata(self.session.metadata)
-        self.switchable = ADAPTER_INPUT in self.session.input_names
+        self.switchable = is_switchable(self.session)
         self.adapter_names = adapter_ids(self.session.metadata) if self.switchable else {}
         self.adapter = adapter
         self.adapter_id = adapter_id(self.adapter_names, adapter, model_path)
@@ -128,18 +156,20 @@ class Embedder:
     def provider(self) -> str:
         return self.session.provider
 
-    def feeds(self, tokens: dict[str, np.ndarray], adapter: str | None = None) -> dict[str, np.ndarray]:
+    def feeds(self, tokens: dict[str, np.ndarray], adapter: str | int | None = None) -> dict[str, np.ndarray]:
         """``tokens`` plus, for a switchable export, ``adapter_id`` (a scalar: the given adapter,
-        else this embedder's)."""
-        if not self.switchable:
-            adapter_id({}, adapter, self.session.path)  # a name for a file without adapters: refused
-            return tokens
-        ident = self.adapter_id if adapter is None else adapter_id(self.adapter_names, adapter, self.session.path)
-        return {**tokens, ADAPTER_INPUT: np.array(ident, dtype=np.int64)}
+        by name or id, else this embedder's)."""
+        ident = self.adapter_feed(adapter)
+        return tokens if ident is None else {**tokens, ADAPTER_INPUT: np.array(ident, dtype=np.int64)}
 
-    def embed(self, texts: list[str], adapter: str | None = None) -> np.ndarray:
+    def adapter_feed(self, adapter: str | int | None = None) -> int | None:
+        """The ``adapter_id`` a call feeds (None for a file without adapters, where only None or
+        0 is accepted): ``adapter`` by name or id, None for this pipeline's own choice."""
+        return _adapter_feed(self, adapter)
+
+    def embed(self, texts: list[str], adapter: str | int | None = None) -> np.ndarray:
         """float32 (len(texts), H), each row of unit length; ``adapter``: a switchable export's
-        adapter for this call (default: the embedder's)."""
+        adapter for this call, by name or id (default: the embedder's)."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
@@ -188,7 +218,7 @@ class CausalLM:
         self.eos_ids = {int(x) for x in meta.get("quantseal.eos_token_id", "").split(",") if x.strip()}
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         self._present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
-        self.switchable = ADAPTER_INPUT in self.session.input_names  # export --switchable: adapter by name
+        self.switchable = is_switchable(self.session)  # export --switchable: adapter by name
         self.adapter_names = adapter_ids(meta) if self.switchable else {}
         self.adapter = adapter
         self.adapter_id = adapter_id(self.adapter_names, adapter, model_path)
@@ -213,20 +243,27 @@ class CausalLM:
         z = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), dtype=dtype)
         return {n: z for n in self._past_names}
 
-    def step(self, ids: np.ndarray, attention_mask: np.ndarray,
-             past: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def adapter_feed(self, adapter: str | int | None = None) -> int | None:
+        """The ``adapter_id`` a call feeds (None for a file without adapters, where only None or
+        0 is accepted): ``adapter`` by name or id, None for this pipeline's own choice."""
+        return _adapter_feed(self, adapter)
+
+    def step(self, ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray] | None = None,
+             adapter: str | int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One forward pass.  ids: int64 (B, T); attention_mask: int64 (B, past + T); ``past``:
-        the previous call's cache (None: empty).  Returns (logits (B, T, V), the new cache)."""
+        the previous call's cache (None: empty); ``adapter``: a switchable export's adapter for
+        this call, by name or id (None: the pipeline's).  Returns (logits (B, T, V), the new cache)."""
         ids = np.asarray(ids, dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
         feeds.update(self.empty_past(ids.shape[0]) if past is None else past)
-        if self.switchable:
-            feeds[ADAPTER_INPUT] = np.array(self.adapter_id, dtype=np.int64)
+        ident = self.adapter_feed(adapter)
+        if ident is not None:
+            feeds[ADAPTER_INPUT] = np.array(ident, dtype=np.int64)
         out = self.session.run(feeds, ["logits", *self._present_names])
         present = {p: out[q] for p, q in zip(self._past_names, self._present_names)}
         return out["logits"].astype(np.float32, copy=False), present  # a float16 graph's too
 
-    def logits(self, ids, attention_mask=None) -> np.ndarray:
+    def logits(self, ids, attention_mask=None, adapter: str | int | None = None) -> np.ndarray:
         """float32 (B, T, V) logits of a batch of token ids (B, T) (or one sequence (T,) → (T, V))."""
         ids = np.asarray(ids, dtype=np.int64)
         single = ids.ndim == 1
@@ -234,10 +271,10 @@ class CausalLM:
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise BadInput(f"token ids must be (batch, sequence) with sequence ≥ 1, got shape {ids.shape}")
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-        out, _ = self.step(ids, mask)
+        out, _ = self.step(ids, mask, adapter=adapter)
         return out[0] if single else out
 
-    def next_logits(self, rows, tokens=None) -> np.ndarray:
+    def next_logits(self, rows, tokens=None, adapter: str | int | None = None) -> np.ndarray:
         """float32 (len(rows), len(tokens) or V): each row's next-token logits after its last
         token.  ``rows``: id lists (lengths may differ; right-padded here, so every real token keeps
         positions 0..len−1 and causal attention makes the padding irrelevant); ``tokens``: the
@@ -251,7 +288,7 @@ class CausalLM:
         for i, r in enumerate(rows):
             ids[i, :len(r)] = r
             mask[i, :len(r)] = 1
-        out = self.logits(ids, mask)
+        out = self.logits(ids, mask, adapter)
         last = out[np.arange(len(rows)), mask.sum(1) - 1]
         if tokens is not None:
             last = last[:, np.asarray(tokens, dtype=np.int64)]
@@ -263,7 +300,8 @@ class CausalLM:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 20, use_cache: bool = True) -> list[int]:
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 20, use_cache: bool = True,
+                     adapter: str | int | None = None) -> list[int]:
         """Greedy continuation (new token ids only) of one prompt.  ``use_cache=False`` re-runs the
         whole sequence at each step (the reference the cache must reproduce)."""
         ids = [int(x) for x in prompt_ids]
@@ -277,9 +315,9 @@ class CausalLM:
         while len(new) < max_new_tokens:
             if use_cache:
                 mask = np.ones((1, len(ids) + len(new)), dtype=np.int64)
-                logits, past = self.step(np.array([feed]), mask, past)
+                logits, past = self.step(np.array([feed]), mask, past, adapter)
             else:
-                logits = self.logits(np.array([ids + new]))
+                logits = self.logits(np.array([ids + new]), adapter=adapter)
             tok = int(np.argmax(logits[0, -1]))
             new.append(tok)
             if tok in self.eos_ids:
@@ -287,8 +325,9 @@ class CausalLM:
             feed = [tok]
         return new
 
-    def generate(self, prompt: str, max_new_tokens: int = 20, use_cache: bool = True) -> str:
+    def generate(self, prompt: str, max_new_tokens: int = 20, use_cache: bool = True,
+                 adapter: str | int | None = None) -> str:
         """Greedy continuation of ``prompt`` as text (the prompt not repeated)."""
         if not prompt:
             raise BadInput("empty prompt")
-        return self.decode(self.generate_ids(self.encode(prompt), max_new_tokens, use_cache))
+        return self.decode(self.generate_ids(self.encode(prompt), max_new_tokens, use_cache, adapter))

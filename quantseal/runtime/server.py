@@ -90,6 +90,26 @@ def _int_matrix(value, field: str, max_rows: int, max_cols: int, ragged: bool) -
     return value
 
 
+def request_adapter(pipeline, payload: dict) -> int | None:
+    """The ``adapter_id`` a quantseal-route request asks for with ``"adapter": NAME`` (None: the
+    server's own, ``serve --adapter``); an unknown name is a 404 naming the ones served."""
+    name = payload.get("adapter")
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise RequestError("'adapter' must be the name of one of the model's adapters")
+    return resolve(pipeline, name)
+
+
+def resolve(pipeline, name: str | int) -> int:
+    """``name`` (an adapter's name, or an id) → the id the pipeline feeds; :class:`RequestError`
+    404 when the model has no such adapter."""
+    try:
+        return pipeline.adapter_feed(name)
+    except BadInput as exc:
+        raise RequestError(str(exc).split(": ", 1)[-1], 404) from None
+
+
 class EmbeddingService:
     """The request logic, independent of HTTP: validate a JSON payload, run the model, answer."""
 
@@ -105,8 +125,11 @@ class EmbeddingService:
         self.lock = threading.Lock()
         self.dim = int(self._run_texts(["ok"]).shape[1])  # warm-up; also proves the model runs
         self.routes = {"/embed": self.embed, "/v1/embeddings": lambda p: openai_routes.embeddings(self, p)}
+        self.get_routes = {"/v1/models": lambda: openai_routes.models(self)}
         self.provider = embedder.provider
         self.name = embedder.session.path.stem
+        self.pipeline = embedder
+        self.adapter_names = embedder.adapter_names  # name → adapter_id (switchable exports)
 
     def public_health(self) -> dict:
         """What ``/health`` shows without the bearer token."""
@@ -129,7 +152,7 @@ class EmbeddingService:
                 **({"adapters": sorted(self.embedder.adapter_names, key=self.embedder.adapter_names.get),
                     "adapter": self.embedder.adapter} if self.embedder.switchable else {})}
 
-    def _run_texts(self, texts: list[str], adapter: str | None = None) -> np.ndarray:
+    def _run_texts(self, texts: list[str], adapter: str | int | None = None) -> np.ndarray:
         bs = self.embedder.batch_size
         batches = [self.embedder.feeds(self.embedder.tokenizer(texts[i:i + bs]), adapter)
                    for i in range(0, len(texts), bs)]  # no lock
@@ -143,20 +166,16 @@ class EmbeddingService:
         with self.lock:
             return self.embedder.session.run(feeds, ["sentence_embedding"])["sentence_embedding"]
 
-    def embed(self, payload) -> dict:
-        """A decoded JSON payload → the answer dict; :class:`RequestError` when it is malformed."""
+    def embed(self, payload, adapter: int | None = None) -> dict:
+        """A decoded JSON payload → the answer dict; :class:`RequestError` when it is malformed.
+        The adapter: the payload's ``"adapter"`` name, else ``adapter`` (an id, from an OpenAI
+        route's ``model``), else the server's."""
         if not isinstance(payload, dict):
             raise RequestError("the body must be a JSON object with 'texts' or 'input_ids'")
         if ("texts" in payload) == ("input_ids" in payload):
             raise RequestError("give exactly one of 'texts' (list of strings) or 'input_ids' (list of lists of ints)")
-        adapter = payload.get("adapter")
-        if adapter is not None:
-            if not isinstance(adapter, str):
-                raise RequestError("'adapter' must be the name of one of the model's adapters")
-            try:
-                self.embedder.feeds({}, adapter)
-            except BadInput as exc:
-                raise RequestError(str(exc).split(": ", 1)[-1]) from None
+        asked = request_adapter(self.embedder, payload)
+        adapter = asked if asked is not None else adapter
         if "texts" in payload:
             texts = payload["texts"]
             if not isinstance(texts, list) or not texts:
@@ -217,8 +236,11 @@ class GenerationService:
         self.routes = {"/generate": self.generate, "/logits": self.logits,
                        "/v1/completions": lambda p: openai_routes.completions(self, p),
                        "/v1/chat/completions": lambda p: openai_routes.chat_completions(self, p)}
+        self.get_routes = {"/v1/models": lambda: openai_routes.models(self)}
         self.provider = lm.provider
         self.name = lm.session.path.stem
+        self.pipeline = lm
+        self.adapter_names = lm.adapter_names  # name → adapter_id (switchable exports)
         with self.lock:  # warm-up; also proves the model runs
             self.vocab_out = int(lm.logits(np.array([[0]]))[0].shape[-1])
 
@@ -240,7 +262,9 @@ class GenerationService:
                                                                   "quantseal.model_type")}
         return {"status": "ok", "model": sess.path.name, "provider": sess.provider, "output": "logits",
                 "vocab_size": self.vocab_out, "max_batch": self.max_batch, "max_tokens": self.max_tokens,
-                "max_new_tokens": self.max_new_tokens, "metadata": meta}
+                "max_new_tokens": self.max_new_tokens, "metadata": meta,
+                **({"adapters": sorted(self.lm.adapter_names, key=self.lm.adapter_names.get),
+                    "adapter": self.lm.adapter} if self.lm.switchable else {})}
 
     def _ids(self, rows: list[list[int]]) -> None:
         if min(min(r) for r in rows) < 0 or max(max(r) for r in rows) >= self.vocab_out:
@@ -264,8 +288,9 @@ class GenerationService:
             self._ids([ids])
         if len(ids) + n > self.max_tokens:
             raise RequestError(f"prompt of {len(ids)} tokens + {n} new exceeds {self.max_tokens}")
+        adapter = request_adapter(self.lm, payload)
         with self.lock:
-            new = self.lm.generate_ids(ids, n)
+            new = self.lm.generate_ids(ids, n, adapter=adapter)
         return {"text": self.lm.decode(new), "ids": new, "n": len(new)}
 
     def logits(self, payload) -> dict:
@@ -277,8 +302,9 @@ class GenerationService:
         if tokens is not None:
             tokens = _int_matrix([tokens], "tokens", 1, self.vocab_out, ragged=True)[0]
             self._ids([tokens])
+        adapter = request_adapter(self.lm, payload)
         with self.lock:  # right-padded: the real tokens keep positions 0..len-1
-            last = self.lm.next_logits(rows, tokens)
+            last = self.lm.next_logits(rows, tokens, adapter)
         return {"logits": last.tolist(), "n": int(last.shape[0]), "dim": int(last.shape[1])}
 
 

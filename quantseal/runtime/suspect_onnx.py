@@ -18,7 +18,9 @@ Output choice: ``sentence_embedding`` if present; else the token-state output (r
 mean-pooled model, so token states win over it.
 
 Inputs are matched by name (``input_ids``, ``attention_mask``, ``token_type_ids``, or names that
-contain ``mask`` / ``type`` / ``segment`` / ``ids``), otherwise by position in that order.
+contain ``mask`` / ``type`` / ``segment`` / ``ids``), otherwise by position in that order.  A
+switchable export's ``adapter_id`` (``export --switchable``) is fed the adapter asked for
+(``verify --adapter NAME``), by default 0: the base model.
 
 Pooling configuration (``pooling``): ``{"mode": "mean" | "cls" | "max", "normalize": bool}``;
 :func:`pooling_config` reads it from a sentence-transformers folder (``1_Pooling/config.json``,
@@ -120,21 +122,41 @@ def _choose_output(outputs) -> tuple[str, str]:
     raise BadInput(f"not an embedding model (no float output among {names})")
 
 
-def suspect_embed_fn(model_path, provider: str = "auto", threads: int | None = None, pooling: dict | None = None):
+def suspect_adapter_feed(sess, adapter: str | None, where) -> dict[str, np.ndarray]:
+    """``{"adapter_id": id}`` for a switchable suspect (``adapter``: a name from its
+    ``quantseal.adapters`` metadata or an integer id; None: 0, the base model), ``{}`` otherwise."""
+    from .pipelines import ADAPTER_INPUT, adapter_ids, is_switchable, resolve_adapter
+
+    if not is_switchable(sess):
+        if adapter is not None:
+            raise BadInput(f"{where}: has no adapter_id input (not a switchable export); cannot select adapter {adapter!r}")
+        return {}
+    names = adapter_ids(sess.metadata)
+    pick = int(adapter) if adapter is not None and str(adapter).isdigit() else adapter
+    if isinstance(pick, int) and not names:
+        return {ADAPTER_INPUT: np.array(pick, dtype=np.int64)}  # no names recorded: trust the id
+    return {ADAPTER_INPUT: np.array(resolve_adapter(names, 0, pick, where), dtype=np.int64)}
+
+
+def suspect_embed_fn(model_path, provider: str = "auto", threads: int | None = None, pooling: dict | None = None,
+                     adapter: str | None = None):
     """A token-batch ``embed_fn`` (dict of int64 ``input_ids`` / ``attention_mask`` /
-    ``token_type_ids`` (B, T) → float64 (B, H)) over any encoder ONNX file (module docstring)."""
+    ``token_type_ids`` (B, T) → float64 (B, H)) over any encoder ONNX file (module docstring).
+    ``adapter``: the branch of a switchable export to read (name or id; None: the base)."""
+    from .pipelines import ADAPTER_INPUT
     from .session import Session
 
     pooling = _checked({**DEFAULT_POOLING, **(pooling or {})})
     sess = Session(model_path, provider=provider, threads=threads)
     ort_sess = sess._sess
-    roles = _input_roles(ort_sess.get_inputs())
+    fixed = suspect_adapter_feed(sess, adapter, model_path)
+    roles = _input_roles([i for i in ort_sess.get_inputs() if i.name != ADAPTER_INPUT])
     types = {i.name: _ORT_INT.get(i.type, np.int64) for i in ort_sess.get_inputs()}
     name, kind = _choose_output(ort_sess.get_outputs())
 
     def embed(batch: dict[str, np.ndarray]) -> np.ndarray:
         mask = np.asarray(batch["attention_mask"])
-        feeds = {}
+        feeds = dict(fixed)
         for n, role in roles.items():
             v = batch.get(role)
             if v is None:

@@ -50,8 +50,11 @@ def decoder_uses(ts: qkeys.TriggerSet) -> dict[tuple[int, ...], set[int]]:
 
 
 def endpoint_query(url: str, api: str, board_manifest: dict, key: bytes, tokenizer, model: str | None = None,
-                   logprobs: bool = True, top_k: int = 20, logit_bias: bool = True, **transport):
+                   logprobs: bool = True, top_k: int = 20, logit_bias: bool = True, adapter: str | None = None,
+                   **transport):
     """(query function, inputs, probe) for ``verify`` against the endpoint ``url`` speaking ``api``.
+    ``adapter``: a switchable export's adapter on quantseal's routes (``"adapter"`` in each body;
+    OpenAI-style APIs select it by ``model``).
     ``transport``: :class:`~quantseal.runtime.transport.Transport` keywords (``timeout``,
     ``deadline``, ``max_bytes``, ``qps``, ``headers``, ``retries``)."""
     from .client import EndpointCausalLM, EndpointEmbedder
@@ -61,8 +64,10 @@ def endpoint_query(url: str, api: str, board_manifest: dict, key: bytes, tokeniz
     decoder = board_manifest.get("family") == "decoder"
     if api == "quantseal":
         if decoder:
-            return EndpointCausalLM(url, **transport).next_logits, "ids", None
-        return EndpointEmbedder(url, **transport).embed_ids, "ids", None
+            return EndpointCausalLM(url, adapter=adapter, **transport).next_logits, "ids", None
+        return EndpointEmbedder(url, adapter=adapter, **transport).embed_ids, "ids", None
+    if adapter is not None:
+        raise BadInput(f"--api {api} selects an adapter by --model NAME (as vLLM serves LoRA), not --adapter")
     if decoder and api == "openai-embeddings":
         raise BadInput("a decoder board is read from next-token log-probabilities or text: use --api "
                        "openai-completions or openai-chat, not openai-embeddings")

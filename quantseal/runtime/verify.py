@@ -273,18 +273,24 @@ def verify(embed_fn: EmbedFn, key: bytes, registry: qkeys.Registry, board_manife
     }
 
 
-def onnx_embed_fn(model_path, provider: str = "auto", threads: int | None = None, pooling: dict | None = None) -> EmbedFn:
-    """A token-batch ``embed_fn`` over any encoder ONNX file (:func:`.suspect_onnx.suspect_embed_fn`)."""
+def onnx_embed_fn(model_path, provider: str = "auto", threads: int | None = None, pooling: dict | None = None,
+                  adapter: str | None = None) -> EmbedFn:
+    """A token-batch ``embed_fn`` over any encoder ONNX file (:func:`.suspect_onnx.suspect_embed_fn`);
+    ``adapter``: a switchable export's branch to read (name or id; None: the base)."""
     from .suspect_onnx import suspect_embed_fn
 
-    return suspect_embed_fn(model_path, provider=provider, threads=threads, pooling=pooling)
+    return suspect_embed_fn(model_path, provider=provider, threads=threads, pooling=pooling, adapter=adapter)
 
 
-def onnx_logits_fn(model_path, provider: str = "auto", threads: int | None = None, tokenizer=None) -> LogitsFn:
+def onnx_logits_fn(model_path, provider: str = "auto", threads: int | None = None, tokenizer=None,
+                   adapter: str | None = None) -> LogitsFn:
     """A :data:`LogitsFn` over an exported decoder (:meth:`CausalLM.next_logits`, the same
     computation as ``POST /logits``).  ``tokenizer``: a folder with ``tokenizer.json`` (default:
-    beside the model; verification passes the board's)."""
+    beside the model; verification passes the board's); ``adapter``: a switchable export's
+    branch (name or id; None: the base)."""
     from .pipelines import CausalLM
 
     lm = CausalLM(model_path, tokenizer=tokenizer, provider=provider, threads=threads)
-    return lm.next_logits
+    pick = int(adapter) if adapter is not None and str(adapter).isdigit() else adapter
+    ident = lm.adapter_feed(pick)
+    return lambda rows, tokens=None: lm.next_logits(rows, tokens, ident)

@@ -50,8 +50,11 @@ def test_planned_checkpoint_exports_and_matches_torch(planned, tmp_path):
     from quantseal.runtime.pipelines import CausalLM
 
     out, _ = planned
-    rc, _, err = run(["export", out, "-o", tmp_path / "onnx" / "model.onnx", "--accuracy-level", "0", "--json"])
+    rc, stdout, err = run(["export", out, "-o", tmp_path / "onnx" / "model.onnx", "--accuracy-level", "0", "--json"])
     assert rc == 0, err
+    # the plan gave each layer's q/k/v one format (compress/pack_groups.py), so the export packs them:
+    # per layer qkv, o, gate, up, down, and the tied head
+    assert last_json(stdout)["ops"]["MatMulNBits"] == 2 * 5 + 1
     model, _, _ = load_compressed(out)
     lm = CausalLM(tmp_path / "onnx" / "model.onnx", provider="cpu")
     ids = np.array([[101, 7592, 2088, 2003, 1037, 3231, 1012]])

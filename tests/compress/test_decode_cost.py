@@ -15,8 +15,11 @@ from quantseal.compress.formats import Candidate, FormatSpec
 
 def test_cost_model_orders_the_kernels_as_measured():
     n, k = 1536, 576
-    cost = {f: candidate_cost_us(Candidate(FormatSpec.parse(f)), n, k) for f in ("int4_b32", "int8_b64", "nf4_b64", "fp16")}
+    cost = {f: candidate_cost_us(Candidate(FormatSpec.parse(f)), n, k)
+            for f in ("int4_b32", "int4f_b32", "int8_b64", "nf4_b64", "fp16")}
     assert cost["int4_b32"] < cost["nf4_b64"] and cost["int8_b64"] < cost["fp16"]
+    # int4f: int4's kernel plus the block-sum correction (~1.2x), still well under a float matrix
+    assert 1.1 * cost["int4_b32"] < cost["int4f_b32"] < 1.4 * cost["int4_b32"] < cost["fp16"]
     # a low-rank branch adds two float32 products of r·(N + K) weights
     branch = candidate_cost_us(Candidate(FormatSpec.parse("int4_b32"), 16), n, k) - cost["int4_b32"]
     assert branch == pytest.approx(candidate_cost_us(Candidate(FormatSpec.parse("fp32")), 16, n + k))

@@ -7,12 +7,14 @@ from quantseal.compress.quantizers import quantize
 from quantseal.errors import BadInput
 
 
-@pytest.mark.parametrize("name", ["int2_b16", "int3_b32", "int4s_b64", "int8_b128", "nf4_b64", "fp16", "fp32"])
+@pytest.mark.parametrize("name", ["int2_b16", "int3_b32", "int4s_b64", "int8_b128", "nf4_b64", "fp16", "fp32",
+                                  "int4f_b32", "int4f_b128"])
 def test_parse_round_trip(name):
     assert FormatSpec.parse(name).name == name
 
 
-@pytest.mark.parametrize("bad", ["int5_b32", "int4_b48", "nf3_b64", "float8", "int4", "int3s_b32"])
+@pytest.mark.parametrize("bad", ["int5_b32", "int4_b48", "nf3_b64", "float8", "int4", "int3s_b32", "int8f_b32",
+                                 "int4f_b48", "int4fs_b32"])
 def test_bad_names_are_bad_input(bad):
     with pytest.raises(BadInput):
         FormatSpec.parse(bad)
@@ -30,12 +32,17 @@ def test_bits_per_param_by_hand():
     assert FormatSpec.parse("int4_b32").stored_bytes(384, 384) * 8 / (384 * 384) == 4.625
     assert FormatSpec.parse("int4s_b32").stored_bytes(384, 384) * 8 / (384 * 384) == 4.5
     assert FormatSpec.parse("nf4_b64").stored_bytes(384, 384) * 8 / (384 * 384) == 4.25
+    # float offsets: 4-bit codes + fp16 scale + fp16 offset per block = 4 + 16/B + 16/B
+    assert FormatSpec.parse("int4f_b32").stored_bytes(384, 384) * 8 / (384 * 384) == 5.0
+    assert FormatSpec.parse("int4f_b64").stored_bytes(384, 384) * 8 / (384 * 384) == 4.5
+    assert FormatSpec.parse("int4f_b128").stored_bytes(384, 384) * 8 / (384 * 384) == 4.25
+    assert [f.name for f in expand_families("int4f")] == ["int4f_b32", "int4f_b64", "int4f_b128"]
     # 3-bit codes live in 4-bit slots
     assert FormatSpec.parse("int3_b32").stored_bytes(8, 64) == FormatSpec.parse("int4_b32").stored_bytes(8, 64)
 
 
 @pytest.mark.parametrize("name", ["int2_b16", "int2_b64", "int3_b32", "int4_b32", "int4s_b128", "int8_b64",
-                                  "nf4_b64", "fp16", "fp32"])
+                                  "nf4_b64", "fp16", "fp32", "int4f_b32", "int4f_b128"])
 @pytest.mark.parametrize("n,k", [(8, 64), (5, 100), (3, 129), (384, 1536)])
 @pytest.mark.parametrize("rank", [0, 4])
 def test_stored_bytes_equal_written_tensors(name, n, k, rank):

@@ -87,3 +87,45 @@ def test_zero_blocks_exact_constant_blocks_within_fp16_scale():
         out = fake_quantize(w, FormatSpec.parse(name)).numpy()
         assert (out[0] == 0).all() and (out[1, 32:] == 0).all()
         np.testing.assert_allclose(out[1, :32], 0.25, rtol=1e-3)
+
+
+def reference_offset(w: np.ndarray, block: int) -> np.ndarray:
+    """int4f round-to-nearest, float64, block by block: s = fp16((max − min)/15), m = fp16(min),
+    q = clip(round((w − m)/s), 0, 15), ŵ = s·q + m (the padded tail ignored)."""
+    out = np.zeros_like(w, dtype=np.float64)
+    for i in range(w.shape[0]):
+        for s0 in range(0, w.shape[1], block):
+            blk = w[i, s0:s0 + block].astype(np.float64)
+            scale = float(np.float16((blk.max() - blk.min()) / 15))
+            scale = scale if scale > 0 else 1.0
+            m = float(np.float16(blk.min()))
+            out[i, s0:s0 + block] = np.clip(np.round((blk - m) / scale), 0, 15) * scale + m
+    return out
+
+
+@pytest.mark.parametrize("block", [32, 128])
+def test_int4f_matches_float64_reference(block):
+    w = torch.randn(5, 200, generator=torch.Generator().manual_seed(block)) * 0.1 + 0.03  # K = 200: padded tail
+    qt = quantize(w, FormatSpec("intf", 4, block), clip_search=False)
+    assert qt.zeros is None and qt.offsets.shape == (5, -(-200 // block)) and int(qt.codes.max()) <= 15
+    np.testing.assert_allclose(dequantize(qt).numpy(), reference_offset(w.numpy(), block), rtol=0, atol=1e-6)
+    assert torch.equal(qt.offsets.half().float(), qt.offsets) and torch.equal(qt.scales.half().float(), qt.scales)
+
+
+def test_int4f_is_exact_on_a_q4_1_source_and_beats_int4_on_shifted_blocks():
+    """A matrix dequantised from llama.cpp's Q4_1 (w = d·q + m, d and m float16, every block using
+    codes 0 and 15, as Q4_1's min/max quantiser makes them) comes back bit for bit; a block whose
+    values sit away from 0 is stored better with a float offset than with int4's integer zero
+    point (whose range must contain 0)."""
+    gen = torch.Generator().manual_seed(7)
+    n, k, b = 16, 256, 32
+    q = torch.randint(0, 16, (n, k // b, b), generator=gen).float()
+    q[..., 0], q[..., 1] = 0, 15
+    d = (torch.rand(n, k // b, 1, generator=gen) * 0.01 + 1e-3).half().float()
+    m = (torch.randn(n, k // b, 1, generator=gen) * 0.05).half().float()
+    w = (d * q + m).reshape(n, k)
+    for clip in (False, True):
+        assert torch.equal(fake_quantize(w, FormatSpec.parse("int4f_b32"), clip_search=clip), w)
+    shifted = torch.randn(n, k, generator=gen) * 0.01 + 0.2
+    err = {f: float(((fake_quantize(shifted, FormatSpec.parse(f)) - shifted) ** 2).sum()) for f in ("int4f_b32", "int4_b32")}
+    assert err["int4f_b32"] < 0.1 * err["int4_b32"]

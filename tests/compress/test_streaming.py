@@ -136,30 +136,57 @@ _PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
 _SHAPE = dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=2, vocab_size=30522)
 
 
-def _peak_rss(args: list[str]) -> int:
-    """Peak RSS in bytes of ``python -m quantseal ARGS`` (a fresh process: its own maximum)."""
+def _start_peak(args: list[str], log: Path) -> subprocess.Popen:
+    """Start ``python -m quantseal ARGS`` under a wrapper that prints its peak RSS in bytes (a fresh
+    process: its own maximum, whatever else runs beside it); its stderr goes to ``log`` (no pipe
+    to fill while the others are waited for)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", _PEAK, sys.executable, "-m", "quantseal", *args],
-                         capture_output=True, text=True, env=env, cwd=ROOT, check=True)
-    peak = int(out.stdout.strip().splitlines()[-1])
-    assert peak > 0, out.stderr
+    with open(log, "w") as err:
+        return subprocess.Popen([sys.executable, "-c", _PEAK, sys.executable, "-m", "quantseal", *args],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=ROOT)
+
+
+def _peak_rss(proc: subprocess.Popen, log: Path) -> int:
+    """The peak RSS a :func:`_start_peak` process reports, once it has finished."""
+    out, _ = proc.communicate()
+    peak = int(out.strip().splitlines()[-1])
+    assert proc.returncode == 0 and peak > 0, log.read_text()[-2000:]
     return peak
+
+
+_METHODS = {"rtn": ["--budget", "4.5", "--formats", "int4", "--workers", "1"], "gptq": ["--calib-samples", "16"]}
+
+
+@pytest.fixture(scope="module")
+def depth_runs(tmp_path_factory):
+    """The seeded 4- and 24-block synthetic LLaMAs (built once) compressed by each method of
+    ``_METHODS``, the four runs side by side (separate processes: each reads its own peak):
+    (root, {depth: float32 safetensors bytes}, {(method, depth): peak RSS bytes})."""
+    root = tmp_path_factory.mktemp("depth")
+    models = {n: make_synthetic("135M", root / f"l{n}", seed=0, num_hidden_layers=n, **_SHAPE) for n in (4, 24)}
+    size = {n: sum(p.stat().st_size for p in m.glob("*.safetensors")) for n, m in models.items()}
+    procs = {(method, n): _start_peak(["compress", str(m), "-o", str(root / f"ck_{method}{n}"), "--method", method,
+                                       *extra], root / f"{method}{n}.log")
+             for method, extra in _METHODS.items() for n, m in models.items()}
+    try:
+        peak = {(method, n): _peak_rss(p, root / f"{method}{n}.log") for (method, n), p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return root, size, peak
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_peak_rss_is_flat_in_depth(tmp_path_factory, method):
-    root = tmp_path_factory.mktemp(f"depth_{method}")
-    models = {n: make_synthetic("135M", root / f"l{n}", seed=0, num_hidden_layers=n, **_SHAPE) for n in (4, 24)}
-    size = {n: sum(p.stat().st_size for p in m.glob("*.safetensors")) for n, m in models.items()}
-    extra = (["--budget", "4.5", "--formats", "int4", "--workers", "1"] if method == "rtn"
-             else ["--calib-samples", "16"])
-    peak = {n: _peak_rss(["compress", str(m), "-o", str(root / f"ck{n}"), "--method", method, *extra])
-            for n, m in models.items()}
+def test_peak_rss_is_flat_in_depth(depth_runs, method):
+    root, size, peaks = depth_runs
+    peak = {n: peaks[method, n] for n in (4, 24)}
     grew, more = peak[24] - peak[4], size[24] - size[4]  # 20 more blocks: 240 MB of float32 weights
     # loading the model (the pre-streaming path) grows the peak by more than the float32 bytes; a
     # streamed run holds one block, so its peak grows by a small fraction of them
     print(f"{method}: peak RSS {peak} bytes, float32 weights {size} bytes")
     assert grew < 0.25 * more, (peak, size)
-    m, _ = ckpt.open_checkpoint(root / "ck24")
+    m, _ = ckpt.open_checkpoint(root / f"ck_{method}24")
     assert len(m.matrices) == 24 * 7

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 
-def og_greedy(folder: str | Path, prompt: list[int], new_tokens: int) -> list[int]:
+def og_greedy(folder: str | Path, prompt: list[int], new_tokens: int, inputs: dict | None = None) -> list[int]:
     """The new token ids of ``og.Generator``'s greedy search (it stops early at EOS); the test is
-    skipped where onnxruntime-genai is not installed."""
+    skipped where onnxruntime-genai is not installed.  ``inputs``: extra model inputs
+    (``Generator.set_model_input``, e.g. a switchable export's ``adapter_id``)."""
     og = pytest.importorskip("onnxruntime_genai")
     config = og.Config(str(folder))
     config.clear_providers()
@@ -18,6 +19,8 @@ def og_greedy(folder: str | Path, prompt: list[int], new_tokens: int) -> list[in
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens)
     gen = og.Generator(model, params)
+    for name, value in (inputs or {}).items():
+        gen.set_model_input(name, value)
     gen.append_tokens(list(prompt))
     out = []
     while not gen.is_done():

@@ -333,7 +333,7 @@ def test_bad_adapters_exit_2_without_output(minilm_rtn_checkpoint, adapter_a, tm
     cases = _bad_adapters(tmp_path / "bad")
     cases["rank 0"] = (["--adapter", str(adapter_a), "--adapter-rank", "0"], "--adapter-rank must be in 1..")
     cases["rank without adapter"] = (["--adapter-rank", "4"], "needs at least one --adapter")
-    cases["with a board"] = (["--adapter", str(adapter_a), "--board", str(tmp_path)], "not supported yet")
+    cases["with half a mark"] = (["--adapter", str(adapter_a), "--board", str(tmp_path)], "needs all of --board")
     outdir = tmp_path / "out"
     for name, (extra, msg) in cases.items():
         rc = main(["export", str(minilm_rtn_checkpoint), "-o", str(outdir / "m.onnx"), *extra])

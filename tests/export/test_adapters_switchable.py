@@ -146,6 +146,7 @@ def test_what_cannot_switch_is_refused(setup, tiny_bert_dir, tmp_path):
         "with rank": (["--adapter", a, "--switchable", "--adapter-rank", "2"], "does not apply with --switchable"),
         "same name": (["--adapter", f"x={a}", "--adapter", f"x={dora}", "--switchable"], "two adapters are named 'x'"),
         "bad name": (["--adapter", f"a b={a}", "--switchable"], "adapter name 'a b'"),
+        "fp16 encoder": (["--adapter", a, "--switchable", "--dtype", "fp16"], "is for decoder graphs"),
     }
     out = tmp_path / "out"
     for name, (extra, msg) in cases.items():
@@ -169,7 +170,7 @@ def test_decoder_ids_equal_folded_exports(llama_rtn_export, tiny_llama_sharp_dir
                         "--accuracy-level", "0", "--json"])
     assert rc == 0, err
     assert last_json(out)["ops"]["MatMulNBits"] == report["ops"]["MatMulNBits"]  # still packed: one branch per group
-    assert not (sw.parent / "genai_config.json").exists()
+    assert (sw.parent / "genai_config.json").is_file()  # onnxruntime-genai runs it: adapter_id by set_model_input
     refs = [report["path"]]
     for name, folder in (("fa", a), ("fb", b)):
         path = tmp_path / name / "model.onnx"
@@ -196,3 +197,46 @@ def test_decoder_ids_equal_folded_exports(llama_rtn_export, tiny_llama_sharp_dir
     assert service.generate({"prompt": prompt, "max_new_tokens": 6})["text"] == folded
     rc, _, err = run(["run", sw, "--prompt", prompt, "--adapter", "gamma"])
     assert rc == 2 and "no adapter named 'gamma' (it has alpha, beta)" in err
+
+    # onnxruntime-genai reads the folder unchanged; Generator.set_model_input("adapter_id", j) picks
+    # the branch on every step: its greedy tokens equal quantseal's, each adapter's own
+    from genai_greedy import og_greedy  # tests/export/genai_greedy.py
+
+    start = [int(t) for t in ids[0, :4]]
+    for j, name in enumerate([None, "alpha", "beta"]):
+        want_ids = CausalLM(sw, provider="cpu", adapter=name).generate_ids(start, 6)
+        assert og_greedy(sw.parent, start, 6, {"adapter_id": np.array(j, dtype=np.int64)}) == want_ids, name
+    alone = [CausalLM(sw, provider="cpu", adapter=n).generate_ids(start, 6) for n in (None, "alpha", "beta")]
+    assert len({tuple(x) for x in alone}) == 3  # the three branches generate differently
+    with pytest.raises(Exception, match="adapter_id"):  # not set: onnxruntime's missing input, never the base
+        og_greedy(sw.parent, start, 2)
+
+
+def test_decoder_float16_graph_for_cuda(llama_rtn_export, tiny_llama_sharp_dir, tmp_path):
+    """``--switchable --dtype fp16`` (the CUDA provider's decoder graph): float16 activations, cache
+    and logits, float16 factors read with no Cast; every id within float16 rounding of the float32
+    switchable file on onnxruntime's CPU kernels, and onnxruntime-genai runs the folder with
+    ``set_model_input("adapter_id", j)``."""
+    from genai_greedy import og_greedy  # tests/export/genai_greedy.py
+    from quantseal.runtime.pipelines import CausalLM
+
+    ck, _ = llama_rtn_export
+    a = peft_lora(tiny_llama_sharp_dir, tmp_path / "a", 1, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    paths = {d: tmp_path / d / "model.onnx" for d in ("fp32", "fp16")}
+    for d, out in paths.items():
+        rc, _, err = run(["export", ck, "-o", out, "--adapter", f"alpha={a}", "--switchable", "--dtype", d,
+                          "--accuracy-level", "0"])
+        assert rc == 0, err
+    proto = onnx.load(str(paths["fp16"]))
+    types = {i.name: i.type.tensor_type.elem_type for i in [*proto.graph.input, *proto.graph.output]}
+    assert types["logits"] == types["past_key_values.0.key"] == onnx.TensorProto.FLOAT16
+    assert not [n for n in proto.graph.node if n.op_type == "Cast" and ".adapters." in n.name]  # fp16 factors as stored
+    ids = np.array([[1, 7592, 2088, 2003, 102, 55, 999, 3231]])
+    full, half = CausalLM(paths["fp32"], provider="cpu"), CausalLM(paths["fp16"], provider="cpu")
+    for name in (None, "alpha"):
+        x, y = full.logits(ids, adapter=name), half.logits(ids, adapter=name)
+        assert 0 < np.abs(x - y).max() <= 1e-2 * np.abs(x).max(), name
+    assert np.abs(full.logits(ids, adapter="alpha") - full.logits(ids)).max() > 1e-2 * np.abs(full.logits(ids)).max()
+    start = [int(t) for t in ids[0, :4]]
+    got = og_greedy(paths["fp16"].parent, start, 1, {"adapter_id": np.array(1, dtype=np.int64)})
+    assert got == half.generate_ids(start, 1, adapter="alpha")

@@ -104,7 +104,11 @@ def _save_with_classifier(xl, folder):
 @pytest.mark.parametrize("options", [{}, {"xlora_depth": 2, "xlora_size": 16, "layerwise_scalings": True,
                                           "top_k_lora": 1, "softmax_temperature": 0.5},
                                      {"top_k_lora": 1, "enable_softmax": False, "enable_softmax_topk": True,
-                                      "global_scaling_weight": 0.7}])
+                                      "global_scaling_weight": 0.7},
+                                     {"scaling_pass_value": 0.5, "softmax_temperature": 2.5},
+                                     {"scaling_pass_value": 0.25, "top_k_lora": 2, "enable_softmax": False,
+                                      "enable_softmax_topk": True, "layerwise_scalings": True}],
+                         ids=["dense", "layerwise-top1", "softmax-topk", "scaling-pass", "scaling-pass-topk-all"])
 def test_routed_export_matches_peft(options, llama_rtn_export, experts, tmp_path):
     import onnx
 
@@ -121,6 +125,11 @@ def test_routed_export_matches_peft(options, llama_rtn_export, experts, tmp_path
         want = xl(input_ids=ids).logits.numpy()
         scalings = xl.get_latest_scalings()
     assert scalings.shape[-1] == 2 and (scalings[..., 0] != scalings[..., 1]).any()
+    if options.get("scaling_pass_value"):  # the scaling pass's mix does change peft's logits
+        xl.set_scaling_pass_value(0)
+        with torch.no_grad():
+            assert np.abs(xl(input_ids=ids).logits.numpy() - want).max() > 1e-3 * np.abs(want).max()
+        xl.set_scaling_pass_value(options["scaling_pass_value"])
 
     out = tmp_path / "onnx" / "model.onnx"
     rc, stdout, err = run(["export", ck, "-o", out, "--adapter", folder, "--accuracy-level", "0"])
@@ -151,7 +160,10 @@ def test_xlora_refusals(llama_rtn_export, tiny_llama_sharp_dir, experts, tmp_pat
              "with another adapter": ([ck, "--adapter", bare, "--adapter", experts["e0"]], "export it alone"),
              "adapter rank": ([ck, "--adapter", _save_with_classifier(_xlora(tiny_llama_sharp_dir, experts, 3),
                                                                       tmp_path / "full"), "--adapter-rank", "2"],
-                              "routes its experts unfolded")}
+                              "routes its experts unfolded"),
+             "scaling pass + top-k": ([ck, "--adapter", _save_with_classifier(
+                 _xlora(tiny_llama_sharp_dir, experts, 3, scaling_pass_value=0.5, top_k_lora=1), tmp_path / "tk")],
+                 "scaling_pass_value=0.5 with top_k_lora=1 < 2 experts")}
     for name, (argv, msg) in cases.items():
         out = tmp_path / name / "model.onnx"
         rc, _, err = run(["export", argv[0], "-o", out, *argv[1:]])
@@ -171,3 +183,43 @@ def test_xlora_refuses_phi3_by_name():
                      bos_token_id=1, eos_token_id=2).to_dict()
     with pytest.raises(Unsupported, match="phi3"):
         build_xlora_decoder(None, None, cfg, None)
+
+
+def test_float16_routed_graph_for_cuda(llama_rtn_export, experts, tmp_path):
+    """``--dtype fp16`` (the CUDA execution provider's graph): float16 activations, both caches and
+    logits, the classifier and scalings in float32; onnxruntime's CPU kernels run it here within
+    float16 rounding of the float32 routed graph (itself = peft to 1e-4), over both caches too.
+    Folded adapters stay float32-only, refused by name."""
+    import onnx
+
+    from quantseal.runtime.pipelines import CausalLM
+
+    ck, _ = llama_rtn_export
+    folder = _save_with_classifier(_xlora(None, experts, classifier_seed=7, model=_compressed(ck),
+                                          scaling_pass_value=0.5, layerwise_scalings=True), tmp_path / "xlora")
+    paths = {d: tmp_path / d / "model.onnx" for d in ("fp32", "fp16")}
+    for d, out in paths.items():
+        rc, _, err = run(["export", ck, "-o", out, "--adapter", folder, "--accuracy-level", "0", "--dtype", d])
+        assert rc == 0, err
+    proto = onnx.load(str(paths["fp16"]))
+    types = {i.name: i.type.tensor_type.elem_type for i in [*proto.graph.input, *proto.graph.output]}
+    assert types["logits"] == types["scaling_past.0.key"] == types["past_key_values.1.value"] == onnx.TensorProto.FLOAT16
+    ids = np.array([[1, 7592, 2088, 2003, 102, 55, 999, 3231, 1012]])
+    full, half = CausalLM(paths["fp32"], provider="cpu"), CausalLM(paths["fp16"], provider="cpu")
+    a, b = full.logits(ids), half.logits(ids)
+    scale = np.abs(a).max()
+    assert 0 < np.abs(a - b).max() <= 1e-2 * scale
+    first, past = half.step(ids[:, :5], np.ones((1, 5), np.int64))
+    assert past["scaling_past.0.key"].dtype == np.float16
+    second, _ = half.step(ids[:, 5:], np.ones((1, 9), np.int64), past)
+    np.testing.assert_allclose(np.concatenate([first, second], 1), b, atol=2e-3 * scale)
+    rc, _, err = run(["export", ck, "-o", tmp_path / "folded" / "model.onnx", "--adapter", experts["e0"],
+                      "--dtype", "fp16"])
+    assert rc == 2 and "--dtype fp16 with folded adapters is not supported yet" in err
+
+
+def _compressed(ck):
+    from peft_base import plain_linears
+    from quantseal import checkpoint as ckpt
+
+    return plain_linears(ckpt.load_compressed(ck)[0]).eval()

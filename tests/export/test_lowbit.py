@@ -105,7 +105,7 @@ def test_2d_input_and_batch_one():
     assert rel_err(y, x.astype(np.float64) @ w_ref.T) < 2e-5
 
 
-EMB_CASES = [("int4_b32", 50, 64), ("int4s_b32", 50, 64), ("int8_b64", 41, 100), ("int8s_b128", 41, 128),
+EMB_CASES = [("int4f_b32", 50, 64), ("int4f_b128", 17, 200), ("int4_b32", 50, 64), ("int4s_b32", 50, 64), ("int8_b64", 41, 100), ("int8s_b128", 41, 128),
              ("int2_b16", 30, 48), ("int4_b128", 17, 200), ("int3_b32", 20, 96), ("fp16", 30, 24), ("fp32", 30, 24)]
 
 
@@ -118,9 +118,10 @@ def test_embedding_matches_numpy(fmt, v, h, rank):
     y = run_graph(g, [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, None])], {"ids": ids})
     assert y.shape == (2, 4, h)
     assert rel_err(y, e_ref[ids]) < 2e-5, fmt
-    own = [t for t in g.initializers if t.name.split(".")[-1] in ("qweight", "scales", "qzeros", "weight", "L1", "L2")]
+    own = [t for t in g.initializers
+           if t.name.split(".")[-1] in ("qweight", "scales", "qzeros", "offsets", "weight", "L1", "L2")]
     assert initializer_bytes(own) == entry.bytes
-    if m.spec.kind == "int":
+    if m.spec.kind in ("int", "intf"):
         assert Counter(nd.op_type for nd in g.nodes)["GatherBlockQuantized"] == 1
 
 
@@ -128,3 +129,50 @@ def test_nf4_embedding_is_unsupported():
     m, _, _ = stored("emb", "nf4_b32", 10, 32)
     with pytest.raises(Unsupported, match="GatherBlockQuantized"):
         embedding_nodes(m, "ids", "y")
+
+
+@pytest.mark.parametrize("fmt,n,k", [("int4f_b32", 33, 200), ("int4f_b64", 21, 128), ("int4f_b128", 7, 300)])
+@pytest.mark.parametrize("rank", [0, 3])
+def test_int4f_linear_matches_float64_dequantise(fmt, n, k, rank):
+    """MatMulNBits (z = 8) + S(x)·(m + 8s)ᵀ equals x · (s·q + m)ᵀ in float64 to 1e-5 (accuracy level
+    0); dropping the offsets' 8s, or the offsets altogether, misses by orders of magnitude more."""
+    m, _, entry = stored("blk.lin", fmt, n, k, rank)
+    m.tensors["offsets"] = m.tensors["offsets"] + np.float16(0.02)  # blocks away from 0: the offsets matter
+    from quantseal.compress.packing import unpack_weight
+
+    per_col = lambda t: np.repeat(t.astype(np.float64), m.spec.block, axis=1)[:, :k]  # noqa: E731
+    q = unpack_weight(torch.from_numpy(m.tensors["qweight"]), 4).numpy()[:, :k].astype(np.float64)
+    s = per_col(m.tensors["scales"])
+    ref_w = q * s + per_col(m.tensors["offsets"])
+    if rank:
+        ref_w = ref_w + m.tensors["L1"].astype(np.float64) @ m.tensors["L2"].astype(np.float64)
+    x = np.random.default_rng(1).standard_normal((2, 5, k)).astype(np.float32) + 0.3
+    y, g = run_linear(m, x)
+    ref = x.astype(np.float64) @ ref_w.T
+    assert y.shape == (2, 5, n) and rel_err(y, ref) < 1e-5
+    assert rel_err(y, ref - x.astype(np.float64) @ (8 * s).T) > 1e-2
+    ops = Counter(nd.op_type for nd in g.nodes)
+    assert ops["MatMulNBits"] == 1 and ops["ReduceSum"] == 1 and ops["MatMul"] == 1 + 2 * (rank > 0)
+    assert all(len(nd.input) == 3 for nd in g.nodes if nd.op_type == "MatMulNBits")  # no zero points
+    own = [t for t in g.initializers if t.name.startswith("blk.lin.") and t.name[len("blk.lin"):] in
+           (".qweight", ".scales", ".offsets", ".L1", ".L2")]
+    assert initializer_bytes(own) == entry.bytes  # the file keeps float16 offsets: M' is folded at load
+
+
+def test_int4f_matrices_reading_one_input_share_one_block_sum():
+    a, wa, _ = stored("a", "int4f_b32", 8, 96, seed=1)
+    b, wb, _ = stored("b", "int4f_b32", 6, 96, seed=2)
+    memo: dict = {}
+    ga = linear_nodes(a, "x", "ya", x_rank=3, memo=memo)
+    gb = linear_nodes(b, "x", "yb", x_rank=3, memo=memo)
+    nodes = ga.nodes + gb.nodes
+    assert sum(nd.op_type == "ReduceSum" for nd in nodes) == 1
+    assert not any(nd.op_type in ("Shape", "Concat") for nd in nodes)  # x's rank known: a constant Reshape
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 96])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in ("ya", "yb")],
+                              initializer=ga.initializers + gb.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
+    model.ir_version = 9
+    x = np.random.default_rng(3).standard_normal((1, 4, 96)).astype(np.float32)
+    ya, yb = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert rel_err(ya, x.astype(np.float64) @ wa.T) < 1e-5 and rel_err(yb, x.astype(np.float64) @ wb.T) < 1e-5

@@ -226,7 +226,7 @@ def test_wrong_board_customer_or_key_refused(setup, minilm_board):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["int8_b64", "int4_b32"])
+@pytest.mark.parametrize("fmt", ["int8_b64", "int4_b32", "int4f_b32"])
 def test_a_quantised_table_takes_the_mark_by_requantised_rows(setup, minilm_board, minilm_rtn_checkpoint, tmp_path,
                                                               fmt):
     """A quantised table (``--budget-mb``): only the trigger rows' codes and scales change, to the
@@ -237,14 +237,14 @@ def test_a_quantised_table_takes_the_mark_by_requantised_rows(setup, minilm_boar
     from quantseal.checkpoint import MatrixEntry, matrix_tensors
     from quantseal.compress.formats import FormatSpec
     from quantseal.compress.markboard import save_board
-    from quantseal.compress.quantizers import dequantize, quantize, quantize_int
+    from quantseal.compress.quantizers import dequantize, quantize
     from quantseal.export.watermark import export_marked, requantised_rows
     from quantseal.runtime.verify import onnx_embed_fn
 
     manifest, tensors, reg, model, tok = setup
     spec = FormatSpec.parse(fmt)
     t = {k: v for k, v in tensors.items() if k != f"{EMB}.weight"}
-    t.update(matrix_tensors(EMB, spec, quantize_int(tensors[f"{EMB}.weight"].float(), spec), None, None, None))
+    t.update(matrix_tensors(EMB, spec, quantize(tensors[f"{EMB}.weight"].float(), spec), None, None, None))
     m = copy.deepcopy(manifest)
     m.matrices[EMB] = MatrixEntry(spec.name, 0, [30522, 384], 0.0, entry_bytes(EMB, t), "embedding")
     ck = write_checkpoint(tmp_path / "ck", m, t, minilm_rtn_checkpoint)
@@ -266,6 +266,9 @@ def test_a_quantised_table_takes_the_mark_by_requantised_rows(setup, minilm_boar
     # the trigger rows: exactly the requantisation of dequant(Q) + mark (reference: the whole table)
     full = quantize(dequantize(before) + torch.zeros(30522, 384).index_put((flat,), mark.float()), spec)
     assert torch.equal(after.codes[flat], full.codes[flat]) and torch.equal(after.scales[flat], full.scales[flat])
+    if spec.kind == "intf":  # int4f: the float block offsets follow the same rows (ŵ = s·q + m)
+        assert torch.equal(after.offsets[others], before.offsets[others])
+        assert torch.equal(after.offsets[flat], full.offsets[flat])
     assert requantised_rows(EMB, m.matrices[EMB], t, flat, mark).keys() == {k for k in t if k.startswith(EMB + ".")}
 
     for i, c in enumerate(("customer-03", "customer-04")):  # traced, then swapped into the template

@@ -350,10 +350,18 @@ def fold_adapters(manifest: Manifest, tensors: dict[str, torch.Tensor], adapters
 
 
 def export_with_adapters(checkpoint, output, adapter_dirs, rank: int | None = None, accuracy_level: int = 0,
-                         dtype: torch.dtype = torch.float16) -> dict:
+                         dtype: torch.dtype = torch.float16, compute: str = "fp32", mark: dict | None = None) -> dict:
     """``quantseal export --adapter DIR ... [--adapter-rank R]``: fold the adapters into a
     temporary checkpoint beside ``output``, export it with :func:`quantseal.export.onnx.export_onnx`,
-    remove it.  The export report gains ``adapters`` (the fold report)."""
+    remove it.  The export report gains ``adapters`` (the fold report).
+
+    ``mark``: a customer's watermark (``{"board", "key", "registry", "customer", "seed"}``, as
+    :func:`.switchable.export_switchable` takes it).  The mark is folded into the token table first
+    (:func:`..watermark.mark_checkpoint`, on the checkpoint the board was trained on), the adapters
+    on top: every edit is additive (a token-embedding LoRA becomes a low-rank branch beside the
+    marked table, which it does not rewrite), so the order does not change the function.  The
+    adapted model is then verified (:func:`.mark_check.check_branches`) before it is published:
+    an adapter that moves the board's statistics past its margin is refused, by name."""
     import shutil
     import tempfile
     import time
@@ -369,7 +377,12 @@ def export_with_adapters(checkpoint, output, adapter_dirs, rank: int | None = No
 
         if rank is not None:
             raise BadInput("--adapter-rank truncates folded branches; an X-LoRA export routes its experts unfolded")
-        return export_xlora(checkpoint, output, adapter_dirs[0], accuracy_level)
+        if mark is not None:
+            raise BadInput("an X-LoRA export with a watermark (--board) is not supported yet")
+        return export_xlora(checkpoint, output, adapter_dirs[0], accuracy_level, dtype=compute)
+    if compute != "fp32":
+        raise BadInput(f"--dtype {compute} with folded adapters is not supported yet; export in fp32 "
+                       "(an X-LoRA folder exports in fp16)")
     t0 = time.perf_counter()
     checkpoint, output = Path(checkpoint), Path(output)
     _check_output(output)
@@ -377,6 +390,14 @@ def export_with_adapters(checkpoint, output, adapter_dirs, rank: int | None = No
     if not adapters:
         raise BadInput("no adapter given")
     manifest, tensors = read_checkpoint(checkpoint)
+    board = None
+    if mark is not None:  # the customer's mark in the table first, on the board's own checkpoint
+        from ...compress.markboard import load_board
+        from ..watermark import mark_checkpoint
+
+        board = load_board(mark["board"])
+        manifest, tensors = mark_checkpoint(manifest, tensors, board, mark["key"], mark["registry"],
+                                            mark["customer"], seed=mark.get("seed"))
     man, folded, report = fold_adapters(manifest, tensors, adapters, rank=rank, dtype=dtype)
     report["fold_seconds"] = round(time.perf_counter() - t0, 3)
     del tensors
@@ -388,9 +409,18 @@ def export_with_adapters(checkpoint, output, adapter_dirs, rank: int | None = No
     try:
         write_checkpoint(work / "ck", man, folded, checkpoint)
         del folded
+        checks = None
+        if mark is not None:  # verified before it is published (the same bytes are exported twice)
+            from .mark_check import check_branches
+
+            staged = work / "staged" / output.name
+            export_onnx(work / "ck", staged, accuracy_level=accuracy_level)
+            checks = check_branches(staged, [], board, mark["key"], mark["registry"], mark["customer"])
         res = export_onnx(work / "ck", output, accuracy_level=accuracy_level)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["adapters"] = report
+    if mark is not None:
+        res.update(marked=True, mark_check=checks)
     res["seconds"] = round(time.perf_counter() - t0, 3)
     return res

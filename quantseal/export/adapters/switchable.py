@@ -26,9 +26,24 @@ AdaLoRA, VeRA, LoHa, LoKr in its rank form, MiSS); a DoRA magnitude, an IA³ sca
 or replaced biases, a token-embedding LoRA, or a target outside the plan are refused by name:
 those change other tensors of the layer, which one shared graph cannot hold per adapter here.
 Encoders and LLaMA-family decoders (built graph: a packed q/k/v MatMulNBits gets one branch whose
-``Bᵀ`` is block-diagonal over q, k and v).  A decoder's ``adapter_id`` is outside
-onnxruntime-genai's input list, so a switchable decoder folder has no ``genai_config.json``;
-quantseal's ``run``/``serve`` feed it.
+``Bᵀ`` is block-diagonal over q, k and v; ``--dtype fp16``, the CUDA graph, computes the branch in
+float16, float16 factors read as stored).
+
+**With a watermark** (``--board --key --registry --user``): the customer's mark is folded into
+the token table (:func:`..watermark.mark_checkpoint`) and the base graph is exported from the
+marked checkpoint; the branches are computed from the unmarked one (the same factors: marking
+touches only the table and re-mixes ``L1``/``L2``, never an adapter's ``b``, ``a``).  Every
+``adapter_id`` reads the same marked table, so the mark is in every branch.  An adapter that
+edits the token table (a token-embedding LoRA) would be a second, per-adapter table; it is refused
+above, by name, so no branch can bypass or overwrite the marked rows.  An adapter still changes
+the function the mark is read through; before publishing, :func:`.mark_check.check_branches`
+verifies the written file at every ``adapter_id`` and refuses the export, naming the adapter, if a
+branch would not be traced to the customer.  A decoder's ``adapter_id`` is outside
+onnxruntime-genai's input list, but its ``Generator.set_model_input("adapter_id", np.array(j))``
+feeds it on every step (measured, onnxruntime-genai 0.18: the greedy tokens equal quantseal's
+``CausalLM`` with that adapter), so a switchable decoder folder keeps its ``genai_config.json``; an
+app that does not set it gets onnxruntime's "Missing Input: adapter_id", never a silent base model
+(an ``adapter_id`` with a default initialiser is ignored by ``set_model_input``: tried).
 """
 
 from __future__ import annotations
@@ -176,10 +191,14 @@ def pack_qkv(branches: dict[str, tuple[np.ndarray, np.ndarray]], shapes: dict[st
     return out
 
 
-def add_switchable_branches(model: onnx.ModelProto, branches: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
+def add_switchable_branches(model: onnx.ModelProto, branches: dict[str, tuple[np.ndarray, np.ndarray]],
+                            compute=np.float32) -> int:
     """Add, in place, the ``adapter_id`` input and each matrix's gathered branch (module
-    docstring).  ``branches``: matrix name → (Aᵀ (J, K, R), Bᵀ (J, R, N)) float16/float32.
-    Returns the bytes of the added initialisers."""
+    docstring).  ``branches``: matrix name → (Aᵀ (J, K, R), Bᵀ (J, R, N)) float16/float32;
+    ``compute``: the graph's activation dtype (float16: a decoder's ``--dtype fp16`` graph), the
+    factors cast to it where stored otherwise.  Returns the bytes of the added initialisers."""
+    compute = np.dtype(compute).type
+    elem, tag = (TensorProto.FLOAT, ".f32") if compute == np.float32 else (TensorProto.FLOAT16, ".f16")
     graph = model.graph
     if any(i.name == INPUT for i in graph.input):
         raise BadInput(f"the graph already has an input {INPUT!r}")
@@ -201,7 +220,7 @@ def add_switchable_branches(model: onnx.ModelProto, branches: dict[str, tuple[np
         node("Sub", [pre + "id", init(pre + "one", np.array(1, dtype=np.int64))], pre + "id_m1"),
         node("Max", [pre + "id_m1", init(pre + "zero", np.array(0, dtype=np.int64))], pre + "index"),
         node("Greater", [pre + "id", pre + "zero"], pre + "on_bool"),
-        node("Cast", [pre + "on_bool"], pre + "on", to=TensorProto.FLOAT),
+        node("Cast", [pre + "on_bool"], pre + "on", to=elem),
         node("Reshape", [pre + "on", init(pre + "mask_shape", np.array([-1, 1, 1], dtype=np.int64))], pre + "mask"),
     ]
     after: dict[int, list] = {}
@@ -213,14 +232,14 @@ def add_switchable_branches(model: onnx.ModelProto, branches: dict[str, tuple[np
         at_name, bt_name = init(p + ".AT", at), init(p + ".BT", bt)
         seq = [node("Gather", [at_name, pre + "index"], p + ".at", axis=0)]
         a_in = p + ".at"
-        if at.dtype != np.float32:
-            seq.append(node("Cast", [a_in], p + ".at.f32", to=TensorProto.FLOAT))
-            a_in = p + ".at.f32"
+        if at.dtype != compute:
+            seq.append(node("Cast", [a_in], p + ".at" + tag, to=elem))
+            a_in = p + ".at" + tag
         seq.append(node("Gather", [bt_name, pre + "index"], p + ".bt", axis=0))
         b_in = p + ".bt"
-        if bt.dtype != np.float32:
-            seq.append(node("Cast", [b_in], p + ".bt.f32", to=TensorProto.FLOAT))
-            b_in = p + ".bt.f32"
+        if bt.dtype != compute:
+            seq.append(node("Cast", [b_in], p + ".bt" + tag, to=elem))
+            b_in = p + ".bt" + tag
         seq += [node("MatMul", [x, a_in], p + ".h"),
                 node("MatMul", [p + ".h", b_in], p + ".d"),
                 node("Mul", [p + ".d", pre + "mask"], p + ".y"),
@@ -238,13 +257,15 @@ def add_switchable_branches(model: onnx.ModelProto, branches: dict[str, tuple[np
 
 # ----------------------------------------------------------------------------- export
 def export_switchable(checkpoint, output, adapter_args, accuracy_level: int = 0,
-                      dtype: torch.dtype = torch.float16) -> dict:
+                      dtype: torch.dtype = torch.float16, mark: dict | None = None, compute: str = "fp32") -> dict:
     """``quantseal export CK -o OUT --adapter [NAME=]DIR ... --switchable``: the base export with
     one switchable branch per (matrix, adapter); written atomically like every export.  The
-    report gains ``adapters`` (names, ids, ranks) and ``adapter_bytes``."""
-    from ...checkpoint import read_checkpoint
+    report gains ``adapters`` (names, ids, ranks) and ``adapter_bytes``.  ``mark``: a customer's
+    watermark, ``{"board": folder, "key": bytes, "registry": Registry, "customer": id, "seed":
+    int | None}`` (module docstring); the report then has ``marked: True``.  ``compute``: the
+    graph's dtype, ``fp32`` or (decoders, the CUDA graph) ``fp16``."""
+    from ...checkpoint import read_checkpoint, write_checkpoint
     from ...models import ENCODER, family_of, read_config
-    from ..genai_config import META_GENAI
     from ..onnx import _check_output, _make_parent, export_onnx, write_model
     from .read import read_adapter
 
@@ -260,6 +281,14 @@ def export_switchable(checkpoint, output, adapter_args, accuracy_level: int = 0,
     decoder = family_of(read_config(checkpoint)) is not ENCODER
     adapters = [read_adapter(d) for _, d in named]
     per = [branch_factors(manifest, tensors, ad, dtype) for ad in adapters]
+    marked = None
+    if mark is not None:
+        from ...compress.markboard import load_board
+        from ..watermark import mark_checkpoint
+
+        board = load_board(mark["board"])
+        marked = mark_checkpoint(manifest, tensors, board, mark["key"], mark["registry"], mark["customer"],
+                                 seed=mark.get("seed"))
     del tensors
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
     names = sorted({n for f in per for n in f})
@@ -273,20 +302,33 @@ def export_switchable(checkpoint, output, adapter_args, accuracy_level: int = 0,
     except OSError as exc:
         raise BadInput(f"{output}: cannot write there ({exc.strerror})") from exc
     try:
-        base = export_onnx(checkpoint, work / "model.onnx", accuracy_level=accuracy_level)
+        source = checkpoint
+        if marked is not None:  # the base graph from the customer's marked checkpoint
+            source = work / "ck"
+            write_checkpoint(source, *marked, checkpoint)
+            del marked
+        base = export_onnx(source, work / "model.onnx", accuracy_level=accuracy_level, dtype=compute)
         proto = onnx.load(str(work / "model.onnx"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if decoder:
-        branches = pack_qkv(branches, {n: tuple(manifest.matrices[n].shape) for n in names},
+    if decoder:  # the genai config stays: an app feeds Generator.set_model_input("adapter_id", id)
+        branches = pack_qkv(branches, {n: tuple(e.shape) for n, e in manifest.matrices.items()},  # k untouched too
                             {t.name for t in proto.graph.initializer})
-        kept = [p for p in proto.metadata_props if p.key != META_GENAI]  # adapter_id is not a genai input
-        del proto.metadata_props[:]
-        proto.metadata_props.extend(kept)
-    extra = add_switchable_branches(proto, branches)
+    extra = add_switchable_branches(proto, branches, np.float16 if compute == "fp16" else np.float32)
     info = [{"id": j + 1, "name": name, "peft_type": ad.peft_type, "r": ad.r, "sha256": ad.sha256,
              "matrices": len(f)} for j, ((name, _), ad, f) in enumerate(zip(named, adapters, per))]
     proto.metadata_props.append(onnx.StringStringEntryProto(key=METADATA, value=json.dumps(info, sort_keys=True)))
+    checks = None
+    if mark is not None:  # every branch must name the customer before the file is published
+        from .mark_check import check_branches
+
+        trial = Path(tempfile.mkdtemp(prefix=".quantseal-switch-check.", dir=output.parent))
+        try:
+            write_model(proto, trial / "model" / output.name, checkpoint / "tokenizer.json")
+            checks = check_branches(trial / "model" / output.name, [n for n, _ in named], board, mark["key"],
+                                    mark["registry"], mark["customer"])
+        finally:
+            shutil.rmtree(trial, ignore_errors=True)
     written = write_model(proto, output, checkpoint / "tokenizer.json")
     base.update({
         "path": str(output),
@@ -300,5 +342,7 @@ def export_switchable(checkpoint, output, adapter_args, accuracy_level: int = 0,
         "adapter_bytes": extra,
         "seconds": round(time.perf_counter() - t0, 3),
     })
+    if mark is not None:
+        base.update(marked=True, mark_check=checks)
     return base
 

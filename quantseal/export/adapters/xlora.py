@@ -18,8 +18,14 @@ folder), and the classifier saved with one call beside it::
     save_file({k: v for k, v in xlora_model.state_dict().items() if "internal_xlora_classifier" in k},
               f"{folder}/xlora_classifier.safetensors")
 
-Only ``scaling_pass_value = 0`` (peft's default: the first pass is exactly the base model) and
-plain LoRA experts (no DoRA, bias or embedding targets) are read; anything else is refused by name.
+``scaling_pass_value`` v: peft's first (scaling) pass runs every adapted Linear with dummy
+scalings all equal to v, through the same top-k / softmax-top-k step as the routed pass
+(``XLoraLayer.get_maybe_topk_scalings``), so each expert k adds ``d · g · s_k B_k A_k x`` with
+``d = v`` (``d = 1/C`` under ``enable_softmax_topk``: a softmax over C equal values; ``d = 0`` when
+v = 0, peft's default: the first pass is then the base model).  With ``top_k_lora`` k < C and
+v ≠ 0 the pass keeps k of C *equal* values in ``torch.topk``'s tie order, which torch does not
+specify: refused by name.  Experts are plain LoRA (no DoRA, bias or embedding targets); anything
+else is refused by name.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class XLora:
     layerwise: bool
     top_k: int | None
     softmax_topk: bool
+    scaling_pass: float = 0.0  # d: each expert's weight in the scaling pass (module docstring)
 
 
 def is_xlora(folder) -> bool:
@@ -97,9 +104,7 @@ def read_xlora(folder, targets) -> XLora:
     for key in sorted(cfg):
         if key not in FIELDS:
             raise Unsupported(f"{folder / CONFIG}: unknown field {key!r} for XLORA; refusing to guess what it does")
-    if number(cfg, "scaling_pass_value", 0.0, folder) != 0.0:
-        raise Unsupported(f"{folder / CONFIG}: scaling_pass_value={cfg['scaling_pass_value']!r}: only 0 (the first "
-                          "pass is the base model) is exported")
+    pass_value = number(cfg, "scaling_pass_value", 0.0, folder)
     if cfg.get("use_trainable_adapters"):
         raise Unsupported(f"{folder / CONFIG}: use_trainable_adapters=true: the trained experts live only in "
                           "peft's incomplete expert subfolders")
@@ -147,6 +152,14 @@ def read_xlora(folder, targets) -> XLora:
     top_k = cfg.get("top_k_lora")
     if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= len(names)):
         raise BadInput(f"{folder / CONFIG}: top_k_lora must be in 1..{len(names)}, not {top_k!r}")
+    softmax_topk = bool(cfg.get("enable_softmax_topk", False))
+    if pass_value != 0.0 and top_k is not None and top_k < len(names):
+        raise Unsupported(f"{folder / CONFIG}: scaling_pass_value={pass_value:g} with top_k_lora={top_k} < {len(names)} "
+                          "experts: peft's scaling pass keeps top_k of equal dummy scalings in torch.topk's unspecified "
+                          "tie order; refusing to guess which experts it runs")
+    scaling_pass = 0.0 if pass_value == 0.0 else (1.0 / len(names) if softmax_topk else pass_value)
+    temperature = number(cfg, "softmax_temperature", 1.0, folder)
+    if not temperature > 0:
+        raise BadInput(f"{folder / CONFIG}: softmax_temperature must be positive, not {temperature!r}")
     return XLora(folder, names, factors, layer, classifier, bool(cfg.get("enable_softmax", True)),
-                 number(cfg, "softmax_temperature", 1.0, folder), layerwise, top_k,
-                 bool(cfg.get("enable_softmax_topk", False)))
+                 temperature, layerwise, top_k, softmax_topk, scaling_pass)
