@@ -624,6 +624,9 @@ def _add_board(sub) -> None:
                    help="top1 decoders: train and read on the chat-templated trigger (a .jinja file, a "
                         "tokenizer_config.json, or auto: the checkpoint folder's)")
     t.add_argument("--margin", type=float, default=None, help="decoders: the hinge margin in logits")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where an encoder board trains (auto: cuda when torch sees a GPU; the board is written from "
+                        "the CPU); decoder boards train on the CPU")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=_cmd_board_train)
 
@@ -643,7 +646,8 @@ def _cmd_board_train(args) -> int:
     cfg = BoardConfig(bits=args.bits, calib=args.calib, steps=args.steps, rank=args.rank,
                       triggers_per_bit=args.triggers_per_bit, seed=args.seed, readout=args.readout,
                       chat_template=template, decoder_margin=args.margin)
-    board = train_board(args.checkpoint, key, cfg, _progress_factory(not args.json and sys.stderr.isatty()))
+    board = train_board(args.checkpoint, key, cfg, _progress_factory(not args.json and sys.stderr.isatty()),
+                        device=args.device)
     save_board(board, args.output, args.checkpoint)
     tr = board.manifest["training"]
     res = {"output": str(args.output), "bits": cfg.bits, "steps": tr["steps_run"], "seconds": tr["seconds"],
