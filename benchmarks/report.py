@@ -327,7 +327,7 @@ def int4f_decoder_table(res: dict) -> str:
     lines[0] = "### SmolLM2-135M-Instruct with int4f (4-bit codes, float16 block offsets: w = s·q + m)"
     plot = lines.index("Plot: `results/decoder_smollm2.png`.")
     lines[plot] = "Plot: `results/decoder_smollm2_int4f.png`."
-    return "\n".join(lines + [""] + [f"- {n}" for n in res.get("notes", [])])
+    return "\n".join(lines)  # decoder_table already renders the run's notes
 
 
 def int4f_cost_table(res: dict) -> str:
