@@ -262,6 +262,8 @@ def scale_llama_table(res: dict) -> str:
             return "—"
         if row.get("rc", 0) != 0:
             return "failed"
+        if row.get("partial") and key == "cpu_seconds":
+            return f"stopped after {row['blocks_done']}/{row['blocks']} blocks ({row['cpu_seconds_so_far']:.0f} so far)"
         v = row.get(key)
         return "—" if v is None else fmt.format(v)
 
@@ -269,7 +271,7 @@ def scale_llama_table(res: dict) -> str:
              "`python benchmarks/scale_llama.py` — synthetic seeded LLaMA models (vocabulary 49152, tied, float32; "
              "`benchmarks/synthetic_llama.py`), each command in a fresh process on 2 shared cores: CPU = seconds of "
              "the child (getrusage), peak = the child's VmHWM (MB). compress: `--method rtn --budget 4.5` and "
-             "`--method gptq --wbits 4`, `--workers 1`; LQ table: every default candidate of layer 0's 7 matrices, "
+             "`--method gptq --wbits 4 --activation-mb 1024` (the default; 128 calibration texts), `--workers 1`; LQ table: every default candidate of layer 0's 7 matrices, "
              "serial, × layers; export: the RTN checkpoint, default flags (one file) and `--external-data always`; "
              "decode: onnxruntime, 1 thread, 32 greedy tokens after an 8-token prompt.", "",
              "| model | params | rtn CPU s / peak MB | gptq CPU s / peak MB | LQ table CPU s | export CPU s / peak MB "
@@ -293,6 +295,7 @@ def scale_llama_table(res: dict) -> str:
                   "7B and 70B:", "", "| command | CPU seconds | 7B CPU-hours | 70B CPU-hours | peak RSS (MB) "
                   "| 7B GB | 70B GB |", "|---|---|---|---|---|---|---|"]
         for step, label in (("compress_rtn", "compress --method rtn"), ("compress_gptq", "compress --method gptq"),
+                            ("compress_cbq", "compress --method cbq"),
                             ("lq_table", "LQ candidate table (serial)"), ("export", "export")):
             c, r = fits.get(f"{step}.cpu"), fits.get(f"{step}.rss")
             if c is None and r is None:
@@ -301,6 +304,20 @@ def scale_llama_table(res: dict) -> str:
             rs = "—" if r is None else f"{r['a']:.0f} + {r['b']:.2f}·P"
             lines.append(f"| {label} | {cs} | {'—' if c is None else c['7B']} | {'—' if c is None else c['70B']} "
                          f"| {rs} | {'—' if r is None else r['7B']} | {'—' if r is None else r['70B']} |")
+    done = []
+    for step, label in (("compress_rtn", "rtn"), ("compress_gptq", "gptq"), ("export", "export")):
+        a, b = runs.get("360M", {}).get(step, {}), runs.get("1B", {}).get(step, {})
+        pa, pb = a.get("peak_rss_mb") if a.get("rc", 0) == 0 else None, b.get("peak_rss_mb") if b.get("rc", 0) == 0 else None
+        if pb is None:
+            continue
+        within = "—" if pa is None else f"{'yes' if abs(pb - pa) / pa < 0.3 else 'no'} ({(pb - pa) / pa:+.0%})"
+        part = f" (over the {b['blocks_done']} of {b['blocks']} blocks run)" if b.get("partial") else ""
+        done.append(f"{label}: 1B peak{part} {pb / 1000:.2f} GB ≤ 3 GB: {'yes' if pb <= 3000 else 'no'}; 360M → 1B "
+                    f"within 30 %: {within}")
+    if done:
+        lines += ["", "Done when (issue 12, on the synthetic 1B): " + "; ".join(done) + "."]
+    if res.get("gptq_memory"):
+        lines += ["", res["gptq_memory"]]
     ray = res.get("ray")
     if ray:
         t, e = ray["table_seconds"], ray["export_customers_per_minute"]
@@ -325,7 +342,7 @@ def int4f_decoder_table(res: dict) -> str:
     lines[0] = "### SmolLM2-135M-Instruct with int4f (4-bit codes, float16 block offsets: w = s·q + m)"
     plot = lines.index("Plot: `results/decoder_smollm2.png`.")
     lines[plot] = "Plot: `results/decoder_smollm2_int4f.png`."
-    return "\n".join(lines + [""] + [f"- {n}" for n in res.get("notes", [])])
+    return "\n".join(lines)  # decoder_table already renders the run's notes
 
 
 def int4f_cost_table(res: dict) -> str:

@@ -48,8 +48,9 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 NAME = "scale_llama"
 SIZES = ("135M", "360M", "1B")
-STEPS = ("compress_rtn", "compress_gptq", "lq_table", "export", "export_external", "decode")
-FIT_STEPS = ("compress_rtn", "compress_gptq", "lq_table", "export")
+STEPS = ("compress_rtn", "compress_gptq", "compress_cbq", "lq_table", "export", "export_external", "decode")
+FIT_STEPS = ("compress_rtn", "compress_gptq", "compress_cbq", "lq_table", "export")
+COMPRESS_STEPS = ("compress_rtn", "compress_gptq", "compress_cbq")
 EXTRAPOLATE = {"7B": 7000.0, "70B": 70000.0}
 
 # the child: run one quantseal command in-process, then report its own peak RSS (VmHWM)
@@ -175,14 +176,16 @@ def params_of(folder: Path) -> dict:
             "linear_params": per_layer * n, "params_m": round((per_layer * n + v * h + (2 * n + 1) * h) / 1e6, 1)}
 
 
-def run_step(step: str, size: str, models: Path, work: Path, ck_dir: Path, given: dict[str, Path]) -> dict:
+def run_step(step: str, size: str, models: Path, work: Path, ck_dir: Path, given: dict[str, Path],
+             activation_mb: float = 1024.0, cbq_steps: int = 200) -> dict:
     src = model_folder(models, size)
-    ck = {m: ck_dir / f"ck-{size.lower()}-{m}" for m in ("rtn", "gptq")}
-    if size in given and step not in ("compress_rtn", "compress_gptq"):
+    ck = {m: ck_dir / f"ck-{size.lower()}-{m}" for m in ("rtn", "gptq", "cbq")}
+    if size in given and step not in COMPRESS_STEPS:
         ck["rtn"] = given[size]  # an RTN checkpoint made elsewhere (e.g. by another branch's compress)
-    if step in ("compress_rtn", "compress_gptq"):
+    if step in COMPRESS_STEPS:
         method = step.split("_")[1]
-        extra = ["--budget", "4.5"] if method == "rtn" else ["--wbits", "4"]
+        extra = {"rtn": ["--budget", "4.5"], "gptq": ["--wbits", "4", "--activation-mb", f"{activation_mb:g}"],
+                 "cbq": ["--wbits", "4", "--activation-mb", f"{activation_mb:g}", "--steps", str(cbq_steps)]}[method]
         return measured(["compress", str(src), "-o", str(ck[method]), "--method", method, "--workers", "1",
                          "--json", *extra])
     if step == "lq_table":
@@ -222,6 +225,8 @@ def _lstsq(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def _metric(step: str, row: dict, what: str) -> float | None:
     if row.get("rc", 0) != 0:
+        return None
+    if what == "cpu" and row.get("partial"):  # a run stopped before its end: its peak, not its CPU total
         return None
     if what == "cpu":
         return row.get("cpu_seconds_model") if step == "lq_table" else row.get("cpu_seconds")
@@ -314,6 +319,9 @@ def main() -> None:
                     help="where the compress steps write their checkpoints")
     ap.add_argument("--rtn-checkpoint", action="append", default=[], metavar="SIZE=PATH",
                     help="export/decode this RTN checkpoint for SIZE instead of ck-dir's")
+    ap.add_argument("--activation-mb", type=float, default=1024.0,
+                    help="compress gptq/cbq --activation-mb (the CLI's default: calibration activations held in memory)")
+    ap.add_argument("--cbq-steps", type=int, default=200, help="compress cbq --steps (the CLI's default)")
     ap.add_argument("--render", action="store_true", help="only recompute fits, plot and table from the JSON")
     ap.add_argument("--note", help="a line stored with the results (which code measured what), shown under the table")
     a = ap.parse_args()
@@ -339,8 +347,8 @@ def main() -> None:
         for step in steps:
             log(f"{size} {step} ...")
             code = commit()  # the code the step's process runs
-            row = run_step(step, size, a.models, work, a.ck_dir, given)
-            if size in given and step not in ("compress_rtn", "compress_gptq"):
+            row = run_step(step, size, a.models, work, a.ck_dir, given, a.activation_mb, a.cbq_steps)
+            if size in given and step not in COMPRESS_STEPS:
                 row["checkpoint"] = str(given[size])
             row.update({"commit": code, "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
             res = _load()  # another run may have stored rows meanwhile: update only this one

@@ -632,6 +632,9 @@ def _add_board(sub) -> None:
                    help="decoders: continue training an earlier board (same checkpoint, key, triggers, settings)")
     t.add_argument("--time-limit", type=float, default=None, metavar="S",
                    help="decoders: stop training and polish after S seconds (the board records where it stopped)")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where an encoder board trains (auto: cuda when torch sees a GPU; the board is written from "
+                        "the CPU); decoder boards train on the CPU")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=_cmd_board_train)
 
@@ -652,7 +655,8 @@ def _cmd_board_train(args) -> int:
                       triggers_per_bit=args.triggers_per_bit, seed=args.seed, readout=args.readout,
                       chat_template=template, decoder_margin=args.margin, init_board=args.init,
                       time_limit=args.time_limit)
-    board = train_board(args.checkpoint, key, cfg, _progress_factory(not args.json and sys.stderr.isatty()))
+    board = train_board(args.checkpoint, key, cfg, _progress_factory(not args.json and sys.stderr.isatty()),
+                        device=args.device)
     save_board(board, args.output, args.checkpoint)
     tr = board.manifest["training"]
     res = {"output": str(args.output), "bits": cfg.bits, "steps": tr["steps_run"], "seconds": tr["seconds"],

@@ -74,6 +74,22 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """glibc's ``mallopt(M_MMAP_THRESHOLD, nbytes)`` for this process: every allocation of
+    ``nbytes`` or more is its own mapping, returned to the system when freed.  glibc otherwise
+    raises the threshold to the largest block freed (up to 32 MB), so a streamed run's 1–32 MB
+    tensors (a block's matrices, a batch's activations) come from the heap, where long-lived ones
+    pin pages and the resident set creeps up block after block.  Measured on a 2-block model of
+    360M width (streamed gptq): peak 751 → 648 MB, block-to-block growth of the peak 61 → 14 MB.
+    Returns False where there is no glibc (a no-op)."""
+    libc = _libc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+
+
 @functools.lru_cache(maxsize=1)
 def _libc():
     try:

@@ -4,6 +4,7 @@ is one line and exit 2, nothing written."""
 from __future__ import annotations
 
 import filecmp
+import json
 
 import pytest
 import torch
@@ -45,9 +46,10 @@ def test_cuda_without_gpu_is_one_line_and_nothing_written(tiny_llama_dir, tmp_pa
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "cbq"])
 def test_cpu_and_auto_write_the_same_bytes(tiny_llama_dir, tmp_path, method):
-    args = ["--budget", "4.5", "--workers", "1"] if method == "rtn" else ["--calib-samples", "16"]
+    args = {"rtn": ["--budget", "4.5", "--workers", "1"], "gptq": ["--calib-samples", "16"],
+            "cbq": ["--calib-samples", "16", "--steps", "3", "--abits", "8"]}[method]
     for dev in ("cpu", "auto"):
         code, _, err = run(["compress", tiny_llama_dir, "-o", tmp_path / dev, "--method", method, *args,
                             "--device", dev])
@@ -56,3 +58,31 @@ def test_cpu_and_auto_write_the_same_bytes(tiny_llama_dir, tmp_path, method):
         pytest.skip("auto is cuda here: compared to a tolerance by benchmarks/gpu_check.py")
     for f in sorted(p.name for p in (tmp_path / "cpu").iterdir()):
         assert filecmp.cmp(tmp_path / "cpu" / f, tmp_path / "auto" / f, shallow=False), f
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_board_train_cuda_without_gpu_is_one_line_and_nothing_written(minilm_rtn_checkpoint, tmp_path):
+    code, _, _ = run(["keygen", "-o", tmp_path / "key"])
+    assert code == 0
+    code, _, err = run(["board", "train", minilm_rtn_checkpoint, "-o", tmp_path / "board", "--key", tmp_path / "key",
+                        "--bits", "16", "--steps", "2", "--device", "cuda"])
+    assert code == 2 and "cuda" in one_error_line(err)
+    assert not (tmp_path / "board").exists()
+
+
+def test_board_train_auto_gives_the_cpu_board(minilm_rtn_checkpoint, minilm_board):
+    """``train_board(device="auto")`` against the session's board (trained with the CPU default,
+    same settings and key): the same tensors bit for bit, the same manifest fields but for its seconds."""
+    from conftest import WATERMARK_KEY
+    from quantseal.compress.markboard import BoardConfig, train_board
+
+    if torch.cuda.is_available():
+        pytest.skip("auto is cuda here: compared to a tolerance by benchmarks/gpu_check.py")
+    board = train_board(minilm_rtn_checkpoint, WATERMARK_KEY, BoardConfig(bits=16, triggers_per_bit=4, steps=40, seed=0),
+                        device="auto")
+    assert set(board.tensors) == set(minilm_board.tensors)
+    for name, t in minilm_board.tensors.items():
+        assert torch.equal(board.tensors[name], t), name
+    got, ref = json.loads(json.dumps(board.manifest, default=str)), json.loads(json.dumps(minilm_board.manifest, default=str))
+    got["training"].pop("seconds"), ref["training"].pop("seconds")
+    assert {k: v for k, v in got.items()} == {k: ref[k] for k in got}  # saving adds file records to the loaded one

@@ -23,7 +23,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..devices import resolve_device, to_device
-from ..errors import BadInput, Unsupported
+from ..errors import BadInput
 from ..lazy_source import open_source
 from ..models import compressible_linears, default_model_path, load_model
 from ..text import calibration_texts
@@ -64,7 +64,7 @@ class CalibratedConfig:
     max_decode_ms: float | None = None  # the plan's bound on the estimated per-token decode time
     workers: int = 1  # the plan's candidate table
     activation_mb: float = DEFAULT_ACTIVATION_MB  # streamed GPTQ: activations held in memory, the rest spilled
-    device: str = "auto"  # where GPTQ computes (quantseal.devices); CBQ computes on the CPU
+    device: str = "auto"  # where GPTQ / CBQ compute (quantseal.devices); results are written from the CPU
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,11 +88,7 @@ class CalibratedConfig:
             raise BadInput(f"--steps must be at least 1, not {self.steps}")
         if self.calib_samples < 1:
             raise BadInput(f"--calib-samples must be at least 1, not {self.calib_samples}")
-        if self.method == "cbq" and self.device == "cuda":
-            raise Unsupported("--device cuda is not supported by --method cbq yet (it computes on the CPU); "
-                              "use --device cpu or auto")
-        if self.method == "gptq":
-            resolve_device(self.device)  # cuda without a GPU: one line, before any compute
+        resolve_device(self.device)  # cuda without a GPU: one line, before any compute
         if not self.activation_mb >= 0:
             raise BadInput(f"--activation-mb must be a non-negative number, not {self.activation_mb}")
         if self.table is not None:
@@ -208,11 +204,14 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
         quantized = gptq_quantize_model(model, fam, inputs, specs, tick=tick)
         model.to("cpu")  # results are written from the CPU
     else:
-        inputs = capture_block_inputs(model, fam, batches, torch.float16)
+        device = resolve_device(cfg.device)  # the float model, activations and CBQ's parameters on it
+        model.to(device)
+        inputs = capture_block_inputs(model, fam, to_device(batches, device), torch.float16)
         ccfg = cfg.cbq()
         init, folded = gptq_init(model, fam, inputs, ccfg, specs) if cfg.init == "gptq" else (None, {})
         res = cbq_quantize_model(model, fam, inputs, ccfg, callback, init=init)
         quantized, activations = res.quantized, res.activations
+        model.to("cpu")  # results are written from the CPU
         extra_info = {"window_losses": [round(x, 6) for x in res.losses],
                       "cfp_activation_channels": {**folded, **res.folded},
                       "cfp_truncated_weights": res.truncated}

@@ -102,7 +102,7 @@ class ActQuantizer(nn.Module):
         """MSE-best range among shrunk [min, max] of a sample ``x`` (any shape)."""
         x = x.float().flatten()
         if x.numel() > (1 << 20):
-            x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 20]]
+            x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 20].to(x.device)]
         lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
         qmax = 2**self.bits - 1
         best = None
@@ -133,6 +133,14 @@ class ActQuantizer(nn.Module):
                 "zero_point": int(self.zero), "signed": False}
 
 
+def _on(qt: QuantizedTensor, device: torch.device) -> QuantizedTensor:
+    """``qt``'s codes and block parameters on ``device`` (the same object when already there)."""
+    if qt.codes.device == device:
+        return qt
+    return QuantizedTensor(qt.codes.to(device), qt.scales.to(device), None if qt.zeros is None else qt.zeros.to(device),
+                           qt.shape, qt.spec, None if qt.offsets is None else qt.offsets.to(device))
+
+
 class CBQLinear(nn.Module):
     """A Linear with learnable step sizes and LoRA-Rounding (see the module docstring)."""
 
@@ -150,6 +158,9 @@ class CBQLinear(nn.Module):
         start = init if init is not None else quantize_int(w, spec)  # default: RTN, MSE-clipped
         if start.shape != (n, k) or start.spec != spec:
             raise ValueError(f"init codes are {start.spec.name} {start.shape}, the layer needs {spec.name} {(n, k)}")
+        start = _on(start, w.device)  # given codes come from the CPU (--device: the weight's device)
+        if lowrank is not None:
+            lowrank = (lowrank[0].to(w.device), lowrank[1].to(w.device))
         wb = _blocks(w, spec.block)  # (N, nb, B)
         s0 = start.scales.float()
         zero = start.zeros.float() if start.zeros is not None else torch.full_like(s0, 2.0 ** (spec.bits - 1))
@@ -170,9 +181,10 @@ class CBQLinear(nn.Module):
         self.register_buffer("v0", -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))  # h(V₀) = rest
         self.log_scale = nn.Parameter(torch.zeros_like(s0))
         if rank > 0:
-            self.a1 = nn.Parameter(torch.zeros(n, rank))
-            self.a2 = nn.Parameter(torch.randn(rank, wb.shape[1] * wb.shape[2], generator=generator))
-        self.act = ActQuantizer(act_bits) if act_bits < 16 else None
+            # drawn on the CPU from the CPU generator, so every device starts from the same numbers
+            self.a1 = nn.Parameter(torch.zeros(n, rank, device=w.device))
+            self.a2 = nn.Parameter(torch.randn(rank, wb.shape[1] * wb.shape[2], generator=generator).to(w.device))
+        self.act = ActQuantizer(act_bits).to(w.device) if act_bits < 16 else None
         if has_input_smoothing(linear):  # x / s first, then the activation quantiser (forward)
             attach_input_smoothing(self, input_smoothing(linear))
         self.hard = False
@@ -222,7 +234,7 @@ class CBQLinear(nn.Module):
     def regularizer(self, beta: float) -> tuple[torch.Tensor, int]:
         """(Σ(1 − |2h − 1|^β), number of terms); zero for rank 0."""
         if self.rank == 0:
-            return torch.zeros(()), 0
+            return torch.zeros((), device=self.s0.device), 0
         h = self.rounding()
         return rounding_regularizer(h, beta), h.numel()
 
@@ -239,7 +251,7 @@ class CBQLinear(nn.Module):
         if codes.shape[1] > k:
             codes[:, k:] = self.zero.repeat_interleave(self.spec.block, dim=1)[:, k:]
         return QuantizedTensor(codes.to(torch.uint8), s.detach().float().clone(),
-                               None if self.spec.symmetric else self.zero.to(torch.uint8), (n, k), self.spec)
+                               None if self.spec.symmetric else self.zero.to(torch.uint8), (n, k), self.spec).cpu()
 
 
 @dataclass
@@ -466,8 +478,8 @@ def _write_back(block: nn.Module, qb: nn.Module, fam: Family, prefix: str, res: 
             if not isinstance(ql, CBQLinear):  # an LQ matrix kept as it is
                 block.get_submodule(rel).weight.data = ql.effective_weight()
                 continue
-            qt = ql.to_quantized()
-            w = dequantize(qt)
+            qt = ql.to_quantized()  # on the CPU (what is written)
+            w = dequantize(qt).to(ql.s0.device)
             block.get_submodule(rel).weight.data = w if ql.l1 is None else w + ql.l1 @ ql.l2
             res.quantized[f"{prefix}.{rel}"] = qt
             if ql.act is not None:

@@ -49,8 +49,9 @@ FOLD_SITES = {
 def outlier_threshold(x: torch.Tensor, lam: float = LAMBDA, iqr_factor: float = IQR_FACTOR) -> float | None:
     """The largest kept magnitude t (values > t are outliers), or None if there are none.
 
-    x: any shape, magnitudes ≥ 0 (flattened)."""
-    x = x.detach().flatten().double()
+    x: any shape, magnitudes ≥ 0 (flattened); computed on the CPU (a scalar threshold, whatever
+    device ``x`` is on)."""
+    x = x.detach().flatten().double().cpu()
     if x.numel() < 8:
         return None
     q1, q3 = torch.quantile(x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:1 << 20]]

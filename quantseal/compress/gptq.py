@@ -58,29 +58,41 @@ class GPTQ:
         self.H += x.T @ x
 
     @torch.no_grad()
-    def quantize(self, spec: FormatSpec, blocksize: int = 128, percdamp: float = 0.01) -> QuantizedTensor:
+    def quantize(self, spec: FormatSpec, blocksize: int = 128, percdamp: float = 0.01,
+                 consume: bool = False) -> QuantizedTensor:
         """Run the lazy-batch Cholesky solver; returns codes/scales/zeros in our format.
 
-        ``percdamp``: λ = percdamp · mean(diag H) is added to the diagonal (§4, "dampening")."""
+        ``percdamp``: λ = percdamp · mean(diag H) is added to the diagonal (§4, "dampening").
+        ``consume``: work in H's own memory (the solver's H is gone afterwards, as after
+        :meth:`free`); the result is the same either way."""
         if spec.kind not in ("int", "intf"):
             raise ValueError(f"GPTQ writes integer formats, not {spec.name}")
         offset = spec.kind == "intf"  # int4f: ŵ = s·q + m, the grid of each block fixed from its min/max
-        W = self.layer.weight.detach().double().clone()  # (N, K)
+        W = self.layer.weight.detach().to(torch.float64, copy=True)  # (N, K), one copy
         N, K = W.shape
         B = spec.block
         blocksize = max(B, (blocksize // B) * B)  # a lazy batch holds whole groups
         nb = -(-K // B)
         qmax = 2**spec.bits - 1
 
-        H = self.H.clone()
+        # with ``consume`` H itself is the workspace (no K × K copy); every K × K intermediate is
+        # dropped as soon as the next exists, so at most two float64 K × K arrays live at once
+        H = self.H if consume else self.H.clone()
+        if consume:
+            self.H = None
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
         damp = percdamp * torch.mean(torch.diag(H))
-        H += damp * torch.eye(K, dtype=H.dtype, device=H.device)
+        H.diagonal().add_(damp)  # H + λI, in place: the same sums as adding λ·eye
         L = torch.linalg.cholesky(H)
+        del H
         Hinv = torch.cholesky_inverse(L)
-        Hinv = torch.linalg.cholesky(Hinv, upper=True).float()  # upper factor: row q is (H_F⁻¹)_{q,:}/sqrt([H_F⁻¹]_qq)
+        del L
+        U = torch.linalg.cholesky(Hinv, upper=True)  # upper factor: row q is (H_F⁻¹)_{q,:}/sqrt([H_F⁻¹]_qq)
+        del Hinv
+        Hinv = U.float()
+        del U
         W = W.float()
 
         codes = torch.zeros(N, nb * B, device=W.device)
@@ -137,6 +149,53 @@ class GPTQ:
 Tick = Callable[[str], None]
 
 
+class _Stop(Exception):
+    pass
+
+
+def _input_group(block: nn.Module, rels: list[str], x: BlockInputs, solver: GPTQ, device) -> int:
+    """Accumulate ``solver``'s H (the Linear ``rels[0]``) over every calibration batch; return how
+    many of ``rels`` share that input: the Linears called right after ``rels[0]`` (no other of
+    the block's Linears in between) with the very same input tensor, in every batch (LLaMA's
+    q/k/v and gate/up, BERT's query/key/value).  Their inputs cannot depend on the group's
+    earlier members, so the sequential algorithm's H for each of them equals this H exactly.
+    Each forward pass stops at the first Linear call that cannot extend the group."""
+    group = len(rels)
+    state: dict = {}
+
+    def hook(_m, args, _rel):
+        if _rel == rels[0]:
+            state.update(x=args[0], n=1)
+            solver.add_batch(args[0][state["mask"]])
+            if group == 1:
+                raise _Stop
+            return
+        n = state.get("n", 0)
+        if n and n < group and _rel == rels[n] and args[0] is state["x"]:
+            state["n"] = n + 1
+            if state["n"] < group:
+                return
+        raise _Stop  # the group cannot grow past here
+
+    handles = [block.get_submodule(rel).register_forward_pre_hook(lambda m, a, _r=rel: hook(m, a, _r))
+               for rel in rels]
+    try:
+        for hid, a, kw, m in zip(x.hidden, x.args, x.kwargs, x.token_mask):
+            state.clear()
+            state["mask"] = m.to(device)
+            try:
+                block_forward(block, hid.to(device), *to_device((a, kw), device))
+            except _Stop:
+                pass
+            group = min(group, state.get("n", 0))
+    finally:
+        for h in handles:
+            h.remove()
+    if group < 1:
+        raise RuntimeError(f"{rels[0]} was not called by the block's forward pass")
+    return group
+
+
 @torch.no_grad()
 def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInputs,
                         spec: FormatSpec | dict[str, FormatSpec], percdamp: float = 0.01,
@@ -145,31 +204,33 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
     Linears before it; the block's Linears are overwritten with their dequantised weights.
     ``x``: the block's inputs (moved batch by batch to the block's device); ``prefix``: the
     block's full name; ``spec`` one format for every Linear or ``{full_name: format}`` (a
-    per-matrix plan).  Returns ``{full_name: codes}``, on the CPU."""
+    per-matrix plan).  Returns ``{full_name: codes}``, on the CPU.
+
+    Linears that read the same input tensor (:func:`_input_group`) share one Hessian, accumulated
+    once, and each forward pass stops at the group's end: one K × K H alive at a time and fewer
+    block passes (LLaMA: 4 partial passes instead of 7 whole ones), the same codes as one H per
+    Linear."""
     device = next(block.parameters()).device
     result: dict[str, QuantizedTensor] = {}
-    for rel in fam.linears:
-        layer = block.get_submodule(rel)
-        solver = GPTQ(layer)
-        state = {}
-
-        def hook(_m, args, _state=state, _solver=solver):
-            _solver.add_batch(args[0][_state["mask"]])
-
-        h = layer.register_forward_pre_hook(hook)
-        try:
-            for hid, a, kw, m in zip(x.hidden, x.args, x.kwargs, x.token_mask):
-                state["mask"] = m.to(device)
-                block_forward(block, hid.to(device), *to_device((a, kw), device))
-        finally:
-            h.remove()
-        full = f"{prefix}.{rel}"
-        qt = solver.quantize(spec[full] if isinstance(spec, dict) else spec, percdamp=percdamp)
+    rels = list(fam.linears)
+    i = 0
+    while i < len(rels):
+        solver = GPTQ(block.get_submodule(rels[i]))
+        n = _input_group(block, rels[i:], x, solver, device)
+        for j, rel in enumerate(rels[i:i + n]):
+            layer = block.get_submodule(rel)
+            solver.layer = layer  # same input, same H; the weight is this Linear's
+            solver.rows, solver.columns = layer.weight.shape
+            full = f"{prefix}.{rel}"
+            qt = solver.quantize(spec[full] if isinstance(spec, dict) else spec, percdamp=percdamp,
+                                 consume=j == n - 1)
+            layer.weight.data = dequantize(qt).to(layer.weight.dtype)
+            result[full] = qt.cpu()
+            del qt
+            if tick:
+                tick(f"block {prefix.rsplit('.', 1)[-1]} {rel}")
         solver.free()
-        layer.weight.data = dequantize(qt).to(layer.weight.dtype)
-        result[full] = qt.cpu()
-        if tick:
-            tick(f"block {prefix.rsplit('.', 1)[-1]} {rel}")
+        i += n
     return result
 
 

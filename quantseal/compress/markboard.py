@@ -205,14 +205,16 @@ class _EmbeddingDelta:
     def rows(self, ids: torch.Tensor, coef: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """ids: (B, T); coef: (B, n_tok, R) per-sequence coefficient tables → (B, T, H)."""
         padded = torch.cat([coef, coef.new_zeros(coef.shape[0], 1, coef.shape[2])], 1)
-        loc = self.local[ids]  # (B, T)
+        loc = self.local[ids.cpu()].to(coef.device)  # (B, T)
         c = torch.gather(padded, 1, loc[..., None].expand(-1, -1, coef.shape[2]))
         return c @ a
 
 
 def _encode_with_delta(model, fam, batch, delta_rows):
+    from ..devices import to_device
     from ..models import embedding, mean_pool_normalize
 
+    batch = to_device(batch, model.device)  # a CPU batch of token ids (board train --device)
     emb = embedding(model, fam)(batch["input_ids"])
     out = model(inputs_embeds=emb + delta_rows, attention_mask=batch["attention_mask"],
                 token_type_ids=batch["token_type_ids"])
@@ -221,11 +223,21 @@ def _encode_with_delta(model, fam, batch, delta_rows):
 
 # ----------------------------------------------------------------------------- training
 def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
-                progress: Callable[[int, str], Callable[[int], None]] | None = None) -> Board:
+                progress: Callable[[int, str], Callable[[int], None]] | None = None,
+                device: str | torch.device = "cpu") -> Board:
     """Train a board on a compressed checkpoint (Q and its L1/L2 frozen).  ``progress(total, desc)``
-    returns a ``tick(n)``.  Deterministic in (checkpoint, key, cfg) on a given machine."""
+    returns a ``tick(n)``.  Deterministic in (checkpoint, key, cfg) on a given machine.
+
+    ``device`` (:mod:`quantseal.devices`, ``board train --device``): where an encoder board trains
+    (the frozen model, the board's A and C, the statistics); random draws are made on the CPU and
+    moved, the board is written from the CPU.  Decoder boards train on the CPU (``cuda`` is refused
+    for them, ``auto`` is the CPU)."""
     from ..checkpoint import load_compressed, read_checkpoint
+    from ..devices import resolve_device
     from ..models import ENCODER
+
+    requested = str(device)
+    device = resolve_device(device)  # cuda without a GPU: one line, before any compute
 
     t0 = time.perf_counter()
     progress = progress or (lambda total, desc: (lambda n=1: None))
@@ -242,6 +254,10 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
     if fam.name == "decoder":
         from .markboard_decoder import train_decoder_board
 
+        if device.type != "cpu" and requested != "auto":
+            raise Unsupported(f"board train --device {requested}: decoder boards train on the CPU yet; use "
+                              "--device cpu or auto")
+
         return train_decoder_board(model, fam, tok, key, cfg, manifest, fingerprint, progress, t0)
     if fam is not ENCODER:
         raise Unsupported(f"watermark boards support encoder and decoder models, not {fam.name}")
@@ -249,18 +265,19 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
         raise BadInput("--readout top1 and --chat-template are for decoder boards (an encoder is read from embeddings)")
     hidden = int(model.config.hidden_size)
     vocab = int(model.config.vocab_size)
+    model.to(device)
 
     hosts = board_hosts(tok, cfg.host_min_tokens, cfg.host_max_tokens)
     ts = qkeys.derive_triggers(key, tok, cfg.bits, hosts, cfg.triggers_per_bit, cfg.tokens_per_bit, hidden)
     n, m, k, r = cfg.bits, cfg.triggers_per_bit, cfg.tokens_per_bit, cfg.rank
     delta = _EmbeddingDelta(ts.tokens, vocab)
-    v = torch.from_numpy(ts.directions).float()
+    v = torch.from_numpy(ts.directions).float().to(device)
 
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     a0 = torch.linalg.qr(torch.randn(hidden, r, generator=gen, dtype=torch.float64))[0].T.float()
-    A = a0.clone().requires_grad_(True)  # (R, H) orthonormal rows at start
-    C = torch.zeros(2, n * k, r, requires_grad=True)  # C[b]: bit value b
+    A = a0.to(device).clone().requires_grad_(True)  # (R, H) orthonormal rows at start
+    C = torch.zeros(2, n * k, r, device=device, requires_grad=True)  # C[b]: bit value b
     opt = torch.optim.Adam([A, C], lr=cfg.lr)
 
     # controls do not contain trigger tokens: their embeddings are fixed
@@ -269,8 +286,8 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
         flat = [t for trs in ts.triggers for t in trs]
         for s in range(0, len(flat), 64):
             e = _encode_with_delta(model, fam, _batch(tok, [t.control_ids for t in flat[s:s + 64]]), 0.0)
-            ctrl.reshape(n * m, hidden)[s:s + e.shape[0]] = e.numpy()
-    ctrl_t = torch.from_numpy(ctrl)
+            ctrl.reshape(n * m, hidden)[s:s + e.shape[0]] = e.cpu().numpy()
+    ctrl_t = torch.from_numpy(ctrl).to(device)
 
     # clean calibration text that contains trigger tokens (fidelity term); usually none
     calib = read_text_file(cfg.calib) if cfg.calib is not None else pydoc_sentences("calibration")
@@ -303,18 +320,18 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
                 seq_val.append(bv)
                 seq_j.append(j)
         batch = _batch(tok, seqs)
-        seq_bit_t = torch.tensor(seq_bit)
-        seq_val_t = torch.tensor(seq_val)
+        seq_bit_t = torch.tensor(seq_bit, device=device)
+        seq_val_t = torch.tensor(seq_val, device=device)
         coef = C[seq_val_t]  # (B, n·k, R): each sequence's own signature value
         e = _encode_with_delta(model, fam, batch, delta.rows(batch["input_ids"], coef, A))
-        stat = ((e - ctrl_t[seq_bit_t, torch.tensor(seq_j)]) * v[seq_bit_t]).sum(-1)
+        stat = ((e - ctrl_t[seq_bit_t, torch.tensor(seq_j, device=device)]) * v[seq_bit_t]).sum(-1)
         sign = seq_val_t.float() * 2 - 1
         hinge = torch.relu(cfg.margin - sign * stat)
         loss = hinge.mean()
         rows = C[:, [i * k + j for i in chunk for j in range(k)]] @ A
         loss = loss + cfg.reg_weight * rows.pow(2).sum(-1).mean()
         if fid_ids:
-            s_full = torch.from_numpy(rng.integers(0, 2, size=n)).repeat_interleave(k)
+            s_full = torch.from_numpy(rng.integers(0, 2, size=n)).repeat_interleave(k).to(device)
             coef_c = torch.where(s_full[:, None].bool(), C[1], C[0])
             fb = _batch(tok, fid_ids)
             fe = _encode_with_delta(model, fam, fb, delta.rows(fb["input_ids"], coef_c.expand(len(fid_ids), -1, -1), A))
@@ -323,7 +340,7 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
         loss.backward()
         opt.step()
         with torch.no_grad():
-            met = (sign * stat >= cfg.margin).numpy().reshape(-1, m).all(1)
+            met = (sign * stat >= cfg.margin).cpu().numpy().reshape(-1, m).all(1)
             for bi, bv, good in zip(bits_, vals, met):
                 ok[bi, bv] = good
         history.append(float(loss.detach()))
@@ -344,7 +361,7 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
     polish_steps = polish_failing(signed, cfg.margin, cfg, polish_part, progress)
     C_fixed = box[0]
 
-    board_tensors = {"A": A_fixed, "C0": C_fixed[0].contiguous(), "C1": C_fixed[1].contiguous()}
+    board_tensors = {"A": A_fixed.cpu(), "C0": C_fixed[0].cpu().contiguous(), "C1": C_fixed[1].cpu().contiguous()}
     board = Board({}, board_tensors)
     stats = summarize_statistics(signed)
     stats["branches_below_margin"] = int((signed.min(-1) < cfg.margin).sum())
@@ -399,14 +416,15 @@ def _polish(model, fam, tok, ts, delta: "_EmbeddingDelta", A: torch.Tensor, C: t
     frozen, on the hinge loss of their own triggers.  Returns the updated copy of ``C``
     (2, n·k, R) and those branches' signed statistics after training (len(failing), m)."""
     k, m = cfg.tokens_per_bit, cfg.triggers_per_bit
-    vals = torch.tensor([b for _, b in failing for _ in range(k)])
-    rows = torch.tensor([i * k + j for i, _ in failing for j in range(k)])
+    dev = C.device
+    vals = torch.tensor([b for _, b in failing for _ in range(k)], device=dev)
+    rows = torch.tensor([i * k + j for i, _ in failing for j in range(k)], device=dev)
     P = C[vals, rows].clone().requires_grad_(True)
     opt = torch.optim.Adam([P], lr=cfg.lr)
     seqs = [t.ids for i, _ in failing for t in ts.triggers[i]]
-    seq_bit = torch.tensor([i for i, _ in failing for _ in range(m)])
-    seq_val = torch.tensor([b for _, b in failing for _ in range(m)])
-    seq_j = torch.tensor([j for _ in failing for j in range(m)])
+    seq_bit = torch.tensor([i for i, _ in failing for _ in range(m)], device=dev)
+    seq_val = torch.tensor([b for _, b in failing for _ in range(m)], device=dev)
+    seq_j = torch.tensor([j for _ in failing for j in range(m)], device=dev)
     batch = _batch(tok, seqs)
     sign = seq_val.float() * 2 - 1
     for _ in range(cfg.polish_steps):
@@ -421,7 +439,7 @@ def _polish(model, fam, tok, ts, delta: "_EmbeddingDelta", A: torch.Tensor, C: t
     with torch.no_grad():
         e = _encode_with_delta(model, fam, batch, delta.rows(batch["input_ids"], C[seq_val], A))
         stat = ((e - ctrl_t[seq_bit, seq_j]) * v[seq_bit]).sum(-1) * sign
-    return C, stat.numpy().astype(np.float64).reshape(len(failing), m)
+    return C, stat.cpu().numpy().astype(np.float64).reshape(len(failing), m)
 
 
 def summarize_statistics(signed: np.ndarray) -> dict:
@@ -440,17 +458,19 @@ def branch_statistics(model, fam, tok, ts: qkeys.TriggerSet, board_tensors, ctrl
     n, k = ts.tokens.shape
     m = len(ts.triggers[0])
     delta = _EmbeddingDelta(ts.tokens, int(model.config.vocab_size))
-    v = torch.from_numpy(ts.directions).float()
+    dev = model.device
+    v = torch.from_numpy(ts.directions).float().to(dev)
     signed = np.zeros((n, 2, m))
     for b in (0, 1):
         flat = [t for trs in ts.triggers for t in trs]
         for s in range(0, len(flat), 64):
             part = flat[s:s + 64]
             batch = _batch(tok, [t.ids for t in part])
-            coef = board_tensors[f"C{b}"].expand(len(part), -1, -1)
-            e = _encode_with_delta(model, fam, batch, delta.rows(batch["input_ids"], coef, board_tensors["A"]))
+            coef = board_tensors[f"C{b}"].to(dev).expand(len(part), -1, -1)
+            e = _encode_with_delta(model, fam, batch, delta.rows(batch["input_ids"], coef, board_tensors["A"].to(dev)))
             idx = np.arange(s, s + len(part))
-            stat = ((e - torch.from_numpy(ctrl.reshape(n * m, -1)[idx])) * v[torch.from_numpy(idx // m)]).sum(-1).numpy()
+            ctrl_rows = torch.from_numpy(ctrl.reshape(n * m, -1)[idx]).to(dev)
+            stat = ((e - ctrl_rows) * v[torch.from_numpy(idx // m).to(dev)]).sum(-1).cpu().numpy()
             signed[idx // m, b, idx % m] = stat * (2 * b - 1)
     return signed
 

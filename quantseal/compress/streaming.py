@@ -14,8 +14,10 @@ The pass is GPTQ's own sequential capture-and-replay (Frantar et al. 2023, §4 "
 3. the untouched tensors (norms, the token table or its ``--table`` quantisation) are copied
    through one at a time, and the folder is published as a unit.
 
-Peak memory is about the token table (during the capture), one block's weights, GPTQ's
-Hessians (K × K float64 for the widest Linear) and two windows of activations: flat in depth.
+Peak memory is about the token table (during the capture), or one block's weights, one GPTQ
+Hessian (one per group of Linears reading the same input; the solver works in its memory, two
+K × K float64 arrays at once for the widest Linear, K = the MLP width for ``down_proj``) and two
+windows of activations: flat in depth, growing with width (K² for the solver).
 Every number equals the in-memory path's (:func:`~.gptq.gptq_quantize_model`): the same block
 code on the same float32 weights and inputs, so the checkpoint is byte-identical
 (tests/compress/test_streaming.py).
@@ -29,7 +31,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..devices import resolve_device, to_device
-from ..lazy_source import LazySource
+from ..lazy_source import LazySource, fix_mmap_threshold
 from ..models import blocks, compressible_linears
 from ..tensorfile import TensorInfo
 from ..text import calibration_texts
@@ -74,6 +76,7 @@ def run_block_spilled(block: torch.nn.Module, x: BlockInputs, cap_bytes: float,
 def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float | None = None) -> dict:
     """``compress --method gptq`` of a safetensors decoder, streamed (see the module notes)."""
     t0 = time.perf_counter() if t0 is None else t0
+    fix_mmap_threshold()  # 1 MB and larger tensors are returned to the system when freed
     fam = source.fam
     device = resolve_device(cfg.device)
     model = source.load_outside_blocks(device)
