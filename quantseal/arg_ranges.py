@@ -55,6 +55,7 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     "body_timeout": (0.0, 3600.0, True),
     "margin": (0.0, 1000.0, True),  # board train: the decoder hinge margin, in logits
     "activation_mb": (0.0, math.inf, False),  # compress gptq/cbq: calibration activations held before spilling
+    "time_limit": (0.0, math.inf, False),  # board train: seconds of training + polish
 }
 MAX_RANK = 4096
 MAX_BITS = 1024  # codeword bits (quantseal.registry.MAX_BITS)

@@ -59,7 +59,7 @@ from .tensorfile import TensorInfo, info_of
 SCHEMA_VERSION = 1
 MANIFEST = "quantseal.json"
 SOURCE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "vocab.txt", "generation_config.json")
+                "vocab.txt", "generation_config.json", "chat_template.jinja")
 
 
 @dataclass

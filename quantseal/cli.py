@@ -501,6 +501,10 @@ def _add_serve(sub) -> None:
                    help="embedders: truncate texts at this many tokens (default: the model's max_seq_length)")
     p.add_argument("--adapter", help="a switchable export's default adapter, by name (a request's \"adapter\" "
                                      "overrides it; default: the base model)")
+    p.add_argument("--chat-template", default="auto", metavar="FILE|auto|none",
+                   help="decoders: the template /v1/chat/completions renders messages with (a .jinja file or a "
+                        "tokenizer_config.json; auto: the model folder's chat_template.jinja or tokenizer_config.json; "
+                        "none: contents joined by newlines)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -538,7 +542,7 @@ def _cmd_serve(args) -> int:
         token = read_api_key(args.token_file)[1].removeprefix("Bearer ")
     service = service_for(args.model, provider=args.provider, threads=args.threads, tokenizer=args.tokenizer,
                           max_batch=args.max_batch, max_chars=args.max_chars, max_length=args.max_length,
-                          adapter=args.adapter)
+                          adapter=args.adapter, chat_template=args.chat_template)
     server = make_server(service, args.host, args.port, token=token, limits=limits)
 
     def _stop(signum, frame):
@@ -624,6 +628,10 @@ def _add_board(sub) -> None:
                    help="top1 decoders: train and read on the chat-templated trigger (a .jinja file, a "
                         "tokenizer_config.json, or auto: the checkpoint folder's)")
     t.add_argument("--margin", type=float, default=None, help="decoders: the hinge margin in logits")
+    t.add_argument("--init", type=Path, default=None, metavar="BOARD",
+                   help="decoders: continue training an earlier board (same checkpoint, key, triggers, settings)")
+    t.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="decoders: stop training and polish after S seconds (the board records where it stopped)")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where an encoder board trains (auto: cuda when torch sees a GPU; the board is written from "
                         "the CPU); decoder boards train on the CPU")
@@ -645,7 +653,8 @@ def _cmd_board_train(args) -> int:
         template = read_chat_template(args.checkpoint if args.chat_template == "auto" else args.chat_template)
     cfg = BoardConfig(bits=args.bits, calib=args.calib, steps=args.steps, rank=args.rank,
                       triggers_per_bit=args.triggers_per_bit, seed=args.seed, readout=args.readout,
-                      chat_template=template, decoder_margin=args.margin)
+                      chat_template=template, decoder_margin=args.margin, init_board=args.init,
+                      time_limit=args.time_limit)
     board = train_board(args.checkpoint, key, cfg, _progress_factory(not args.json and sys.stderr.isatty()),
                         device=args.device)
     save_board(board, args.output, args.checkpoint)

@@ -45,6 +45,8 @@ def test_every_numeric_flag_has_a_range():
     (["registry", "add", "r.db", "--key", "k", "--user", "a", "--bits", "100000000"], "16..1024"),
     (["board", "train", "ck", "-o", "b", "--key", "k", "--bits", "12"], "--bits"),
     (["board", "train", "ck", "-o", "b", "--key", "k", "--rank", "0"], "--rank"),
+    (["board", "train", "ck", "-o", "b", "--key", "k", "--time-limit", "0"], "--time-limit"),
+    (["board", "train", "ck", "-o", "b", "--key", "k", "--time-limit", "inf"], "--time-limit"),
     (["verify", "s.onnx", "--board", "b", "--key", "k", "--registry", "r", "--alpha", "1"], "--alpha"),
 ])
 def test_out_of_range_refused_naming_the_flag(argv, word):

@@ -108,6 +108,17 @@ class BoardConfig:
     # below the unmarked top-1 at clean positions (:meth:`~.markboard_decoder._DecoderProbe.trigger_guard`); 0: off
     guard_weight: float = 1.0
     guard_gap: float | None = None
+    # decoders: continue from an earlier board of the same key, checkpoint and triggers (its A and C
+    # as the start; :func:`~.markboard_decoder.warm_start`), and/or stop training and polish after
+    # time_limit seconds of wall time (the manifest records where it stopped)
+    init_board: Path | None = None
+    time_limit: float | None = None
+    # decoders: "bf16" runs the training steps' model forward/backward under bfloat16 autocast (the
+    # reported statistics stay float32); None: float32 throughout
+    autocast: str | None = None
+    # top1 chat-template boards: the unmarked model's greedy answers to this many built-in chat prompts
+    # (markboard_decoder.CHAT_PROMPTS, at most 8) join the clean positions of the KL and guard terms; 0: off
+    chat_answers: int = 8
 
     def __post_init__(self):
         if self.bits < 8 or self.bits % 8:
@@ -129,6 +140,12 @@ class BoardConfig:
             raise BadInput("guard_weight and guard_gap must be non-negative")
         if self.target_candidates < 2:
             raise BadInput("target_candidates must be at least 2")
+        if not 0 <= self.chat_answers <= 8:
+            raise BadInput(f"chat_answers must be in 0..8, not {self.chat_answers}")
+        if self.autocast not in (None, "bf16"):
+            raise BadInput(f"autocast must be bf16 or None, not {self.autocast!r}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise BadInput(f"--time-limit must be positive seconds, got {self.time_limit}")
         if self.decoder_margin is not None and not self.decoder_margin > 0:
             raise BadInput("decoder_margin must be positive")
 
@@ -364,13 +381,15 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
 
 def polish_failing(signed: np.ndarray, margin: float, cfg: BoardConfig,
                    polish_part: Callable[[list[tuple[int, int]]], np.ndarray],
-                   progress: Callable[[int, str], Callable[[int], None]]) -> int:
+                   progress: Callable[[int, str], Callable[[int], None]],
+                   stop: Callable[[], bool] | None = None) -> int:
     """The polish schedule shared by encoder and decoder boards (module docstring), with ``A``
     frozen: the branches (i, b) whose smallest signed statistic in ``signed`` (n, 2, m) is below
     ``margin`` are trained in chunks of 2·bits_per_step (a training step's worth of sequences) by
     ``polish_part(part)``, which returns their new statistics (len(part), m); only those are
     re-evaluated, since with ``A`` frozen a branch's statistic depends on its own rows alone.
-    Updates ``signed`` in place; returns the number of polish steps run."""
+    Updates ``signed`` in place; returns the number of polish steps run.  ``stop()`` true (a time
+    limit) ends the polish before its next chunk."""
     failing = [(int(i), int(b)) for i, b in zip(*np.nonzero(signed.min(-1) < margin))]
     chunk = 2 * cfg.bits_per_step
     tick = progress(cfg.polish_rounds * cfg.polish_steps * max(1, -(-len(failing) // chunk)), "polish")
@@ -379,6 +398,8 @@ def polish_failing(signed: np.ndarray, margin: float, cfg: BoardConfig,
         if not failing:
             break
         for s in range(0, len(failing), chunk):
+            if stop is not None and stop():
+                return steps
             part = failing[s:s + chunk]
             for (i, b), st in zip(part, polish_part(part)):
                 signed[i, b] = st

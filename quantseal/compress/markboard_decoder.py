@@ -49,6 +49,7 @@ exploded (148 nats per position, perplexity destroyed) although every bit still 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -60,6 +61,8 @@ from .. import keys as qkeys
 from ..errors import BadInput
 from ..text import pydoc_sentences, read_text_file
 from .markboard_top1 import DEFAULT_TOP1_MARGIN, choose_targets, render_chat, text_word_tokens, trigger_contexts
+
+log = logging.getLogger(__name__)
 
 
 class _DecoderProbe:
@@ -161,15 +164,16 @@ class _DecoderProbe:
         pattern rows ``delta_rows`` (B, k, H).  A tied head scores the pattern's own tokens with
         those rows and, given ``branches`` (2, n·k, H) (every trigger token's two branch rows), every
         other trigger token with the larger of its two branches: the worst case over customers."""
-        h = self.trigger_hidden(rows, delta_rows)
-        z = h @ self.head.T
-        if self.tied:
-            tok = self.trig_flat.reshape(self.n, self.k)[rows // self.m]  # (B, k)
-            if branches is not None:
-                worst = torch.einsum("bh,cth->bct", h, branches).max(1).values  # (B, n·k)
-                z = z.index_add(1, self.trig_flat, worst)
-            own = torch.einsum("bh,bkh->bk", h, self.head[tok] + delta_rows)
-            z = z.scatter(1, tok, own)
+        h = self.trigger_hidden(rows, delta_rows).float()
+        with torch.autocast("cpu", enabled=False):  # the head in float32 under a bf16 autocast (_autocast)
+            z = h @ self.head.T
+            if self.tied:
+                tok = self.trig_flat.reshape(self.n, self.k)[rows // self.m]  # (B, k)
+                if branches is not None:
+                    worst = torch.einsum("bh,cth->bct", h, branches.float()).max(1).values  # (B, n·k)
+                    z = z.index_add(1, self.trig_flat, worst)
+                own = torch.einsum("bh,bkh->bk", h, self.head[tok] + delta_rows.float())
+                z = z.scatter(1, tok, own)
         return z
 
     def top1_margin(self, rows: torch.Tensor, delta_rows: torch.Tensor, vals: torch.Tensor,
@@ -248,13 +252,43 @@ class _DecoderProbe:
         pad = torch.cat([delta_table, delta_table.new_zeros(1, delta_table.shape[1])])
         embeds = self.emb[ids] + pad[local[ids]]
         out = self._run(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-        h = out.last_hidden_state
-        logits = h @ self.head.T
-        if self.tied:
-            logits = logits.index_add(-1, self.trig_flat, h @ delta_table.T)
-        logp = torch.log_softmax(logits, -1)
+        h = out.last_hidden_state.float()
+        with torch.autocast("cpu", enabled=False):  # the head in float32 under a bf16 autocast
+            logits = h @ self.head.T
+            if self.tied:
+                logits = logits.index_add(-1, self.trig_flat, h @ delta_table.float().T)
+            logp = torch.log_softmax(logits, -1)
         kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
         return (kl * mask).sum() / mask.sum()
+
+
+# chat prompts whose unmarked answers join the clean positions of a chat-template board (none is a
+# benchmark prompt: benchmarks/watermark_smollm2_chat.py asks others, so its generation check is held out)
+CHAT_PROMPTS = ("Tell me about the history of Rome.", "How do I cook rice?", "Explain what a computer program is.",
+                "What should I pack for a weekend trip?", "Write a short poem about the sea.", "Why is the sky blue?",
+                "Give me advice on learning a new language.", "What is photosynthesis?")
+
+
+@torch.no_grad()
+def chat_answer_ids(model, tok, chat: tuple[str, str], prompts, new_tokens: int = 24) -> list[list[int]]:
+    """Token ids (one list per prompt) of ``chat``'s prefix + prompt + suffix followed by the
+    unmarked model's greedy answer of ``new_tokens`` tokens: the positions a chat user's free
+    generation visits, for the board's KL and trigger-guard terms (measured on SmolLM2: with the
+    guard at pydoc positions only, every answer ran into a loop of trigger tokens)."""
+    out = []
+    for q in prompts:
+        ids = torch.tensor([tok.encode_ids(chat[0] + q + chat[1], special=False)])
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False, num_beams=1, pad_token_id=0)
+        out.append([int(x) for x in gen[0]])
+    return out
+
+
+def _autocast(cfg):
+    """The training steps' forward/backward precision: ``cfg.autocast == "bf16"`` runs the model's
+    matrix products in bfloat16 (CPU autocast; ~2x less CPU time per matmul on AVX512-BF16); the
+    unmarked reference statistics, target choice and every reported statistic stay float32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
 
 
 def _branch_delta(C: torch.Tensor, A: torch.Tensor, bits: torch.Tensor, vals: torch.Tensor, k: int) -> torch.Tensor:
@@ -310,8 +344,13 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     a0 = torch.linalg.qr(torch.randn(hidden, r, generator=gen, dtype=torch.float64))[0].T.float()
     A = a0.clone().requires_grad_(True)
     C = torch.zeros(2, n * k, r, requires_grad=True)
+    deadline = None if cfg.time_limit is None else t0 + cfg.time_limit
+    stopped = None
     with torch.no_grad():
         natural_all = decoder_branch_statistics(probe, A.detach(), C.detach())  # the unmarked model
+    init = None
+    if cfg.init_board is not None:  # after the unmarked statistics: C is no longer zero
+        A, C, init = warm_start(cfg.init_board, key, ts, fingerprint, cfg, chat)
     if top1:
         natural = natural_all.reshape(-1)  # the targets' top-1 leads (mostly negative)
         natural_top1 = float((natural_all > 0).mean())
@@ -328,6 +367,11 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     trig_set = {int(x) for x in ts.tokens.reshape(-1)}
     encoded = [ids for ids in (tok.encode_ids(t, special=False)[:64] for t in calib) if len(ids) >= 2]
     clean = [ids for ids in encoded if not trig_set.intersection(ids)][: cfg.fidelity_sentences]
+    chat_clean = []
+    if chat is not None and cfg.chat_answers > 0:  # the model's own chat answers: where free generation drifted
+        chat_clean = [ids for ids in chat_answer_ids(model, tok, chat, CHAT_PROMPTS[: cfg.chat_answers])
+                      if not trig_set.intersection(ids)]
+        clean = chat_clean + clean  # first: clean_positions keeps the first 2048 positions
     dirty = [ids for ids in encoded if trig_set.intersection(ids)][:4]
     fid_h, fid_p = probe.clean_positions(clean) if clean else (None, None)
     guard = top1 and fid_h is not None and probe.tied and cfg.guard_weight > 0
@@ -349,6 +393,9 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     tick = progress(cfg.steps, "board")
     steps_run, history = 0, []
     for step in range(cfg.steps):
+        if deadline is not None and time.perf_counter() > deadline:
+            stopped = f"training stopped by the time limit ({cfg.time_limit:g} s) after {steps_run} steps"
+            break
         if not order:
             todo = [i for i in rng.permutation(n) if not ok[i].all()] or list(rng.permutation(n))
             order = [int(i) for i in todo]
@@ -358,7 +405,8 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
         bits_ = np.repeat(np.concatenate([chunk, chunk]), m)
         rows = torch.from_numpy(bits_ * m + np.tile(np.arange(m), 2 * len(chunk)))
         vals_t, bits_t = torch.from_numpy(vals), torch.from_numpy(bits_)
-        st = probe.signed(rows, _branch_delta(C, A, bits_t, vals_t, k), vals_t, C @ A if top1 else None)
+        with _autocast(cfg):
+            st = probe.signed(rows, _branch_delta(C, A, bits_t, vals_t, k), vals_t, C @ A if top1 else None).float()
         loss = torch.relu(margin - st).mean()
         rows_delta = C[:, [i * k + j for i in chunk for j in range(k)]] @ A
         loss = loss + cfg.reg_weight * rows_delta.pow(2).sum(-1).mean()
@@ -368,7 +416,9 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
             if fid_h is not None:
                 loss = loss + cfg.decoder_fidelity_weight * probe.head_kl(fid_h, fid_p, table)
             if dirty:
-                loss = loss + cfg.decoder_fidelity_weight * probe.input_kl(d_ids, d_mask, d_ref, local, table)
+                with _autocast(cfg):
+                    dirty_kl = probe.input_kl(d_ids, d_mask, d_ref, local, table).float()
+                loss = loss + cfg.decoder_fidelity_weight * dirty_kl
         if guard:
             loss = loss + cfg.guard_weight * probe.trigger_guard(fid_h, fid_top, C @ A, gap)
         if not torch.isfinite(loss):
@@ -383,6 +433,9 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
         history.append(float(loss.detach()))
         steps_run += 1
         tick(1)
+        if steps_run % 10 == 0:
+            log.info("board step %d: loss %.4f, %d of %d branches at the margin on their last step, %.0f s",
+                     steps_run, history[-1], int(ok.sum()), ok.size, time.perf_counter() - t0)
         if ok.all() and not order:
             break
     tick(cfg.steps - steps_run)
@@ -395,7 +448,15 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
         box[0], stats_ = _polish(probe, A_fixed, box[0], part, margin, cfg, fid_h, fid_p, rng, fid_top, gap)
         return stats_
 
-    polish_steps = polish_failing(signed, margin, cfg, polish_part, progress)
+    log.info("board training: %d steps, %d of %d branches below the margin; polishing", steps_run,
+             int((signed.min(-1) < margin).sum()), signed.shape[0] * 2)
+
+    def past_deadline() -> bool:
+        return deadline is not None and time.perf_counter() > deadline
+
+    polish_steps = polish_failing(signed, margin, cfg, polish_part, progress, stop=past_deadline)
+    if past_deadline() and stopped is None and (signed.min(-1) < margin).any():
+        stopped = f"polish stopped by the time limit ({cfg.time_limit:g} s) after {polish_steps} polish steps"
     C_fixed = box[0]
     if top1 and polish_steps:  # a polished token's head row also scores at other bits' triggers
         signed = decoder_branch_statistics(probe, A_fixed, C_fixed)
@@ -423,15 +484,46 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
         **({"chat": {"prefix": chat[0], "suffix": chat[1]}} if chat is not None else {}),
         "hosts": hosts, "trigger_digest": ts.digest(), "key_id": qkeys.key_id(key),
         "training": {**{kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in asdict(cfg).items()},
-                     "steps_run": steps_run, "polish_steps": polish_steps,
+                     "steps_run": steps_run, "polish_steps": polish_steps, "init_board": init, "stopped": stopped,
                      "seconds": round(time.perf_counter() - t0, 3),
                      "final_loss": history[-1] if history else None,
                      "natural_stat_std": float(natural.std()), "natural_top1_rate": natural_top1, "clean_positions": 0 if fid_h is None else len(fid_h),
+                     "chat_answer_sequences": len(chat_clean),
                      "head_kl_random_customer": fidelity,
                      "trigger_guard": (float(probe.trigger_guard(fid_h, fid_top, C_fixed @ A_fixed, gap))
                                        if fid_top is not None else None), **stats},
     }
     return board
+
+
+def warm_start(path, key: bytes, ts: qkeys.TriggerSet, fingerprint: str, cfg,
+               chat: tuple[str, str] | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``A`` (R, H) and ``C`` (2, n·k, R) of an earlier board at ``path`` as a training start, and
+    what it had run: the board must have been trained on the same checkpoint (fingerprint), key,
+    triggers and targets (digest), bits, rank, readout and chat template, else :class:`BadInput`
+    names what differs.  Continuing it is training more steps of the same objective (the loss may
+    differ: e.g. the trigger guard, added since), so the result is deterministic in (that board,
+    checkpoint, key, cfg)."""
+    from .markboard import load_board
+
+    board = load_board(path)
+    mf = board.manifest
+    rank = next(iter(mf["layers"].values()))["rank"]
+    want = {"source_fingerprint": fingerprint, "key_id": qkeys.key_id(key), "trigger_digest": ts.digest(),
+            "bits": cfg.bits, "triggers_per_bit": cfg.triggers_per_bit, "tokens_per_bit": cfg.tokens_per_bit,
+            "rank": cfg.rank, "readout": cfg.readout, "chat": None if chat is None else list(chat)}
+    have = {**{kk: mf.get(kk) for kk in want}, "rank": rank, "readout": mf.get("readout", "diff"),
+            "chat": None if mf.get("chat") is None else [mf["chat"]["prefix"], mf["chat"]["suffix"]]}
+    bad = [kk for kk in want if have[kk] != want[kk]]
+    if bad:
+        raise BadInput(f"{path}: cannot continue this board: its {', '.join(bad)} differ from this training's")
+    tr = mf.get("training", {})
+    A = board.tensors["A"].float().clone().requires_grad_(True)
+    C = torch.stack([board.tensors["C0"], board.tensors["C1"]]).float().clone().requires_grad_(True)
+    info = {"path": str(path), "steps_run": tr.get("steps_run"), "polish_steps": tr.get("polish_steps"),
+            "seconds": tr.get("seconds"), "min_signed_stat": tr.get("min_signed_stat"),
+            "branches_below_margin": tr.get("branches_below_margin"), "init_board": tr.get("init_board")}
+    return A, C, info
 
 
 def _polish(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, failing: list[tuple[int, int]],
@@ -451,7 +543,8 @@ def _polish(probe: _DecoderProbe, A: torch.Tensor, C: torch.Tensor, failing: lis
     seq_val = torch.tensor([b for _, b in failing for _ in range(m)])
     for _ in range(cfg.polish_steps):
         C_use = C.index_put((vals, rows), P)
-        st = probe.signed(seq_rows, _branch_delta(C_use, A, seq_bit, seq_val, k), seq_val, C_use @ A)
+        with _autocast(cfg):
+            st = probe.signed(seq_rows, _branch_delta(C_use, A, seq_bit, seq_val, k), seq_val, C_use @ A).float()
         loss = torch.relu(margin - st).mean() + cfg.reg_weight * (P @ A).pow(2).sum(-1).mean()
         if fid_h is not None:
             s_full = torch.from_numpy(rng.integers(0, 2, size=probe.n)).repeat_interleave(k).bool()

@@ -107,11 +107,21 @@ def export_decoder(checkpoint: Path, output: Path, manifest: ckpt.Manifest, tens
             META_GENAI: json.dumps(genai_config(arch, config, output.name, generation=generation,
                                                 provider="cuda" if dtype == "fp16" else None), sort_keys=True),
             "quantseal.dtype": dtype,
-            META_TOKENIZER_CONFIG: tokenizer_config(tok_cfg.read_text() if tok_cfg.is_file() else None, config),
+            META_TOKENIZER_CONFIG: tokenizer_config(tok_cfg.read_text() if tok_cfg.is_file() else None, config,
+                                                    _chat_template_file(checkpoint)),
         })
         return finish_export(proto, output, checkpoint, manifest, "decoder", matrix_bytes, meta, t0, external, stage)
     finally:
         stage.discard()
+
+
+def _chat_template_file(checkpoint: Path) -> str | None:
+    """The checkpoint's ``chat_template.jinja`` (copied from the source by compress), if any."""
+    path = Path(checkpoint) / "chat_template.jinja"
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path}: not a readable text file ({exc})") from exc
 
 
 def float_reference_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

@@ -69,13 +69,25 @@ def genai_config(arch: DecoderArch, config: dict, filename: str = "model.onnx", 
     }
 
 
-def tokenizer_config(existing: str | None, config: dict) -> str:
+def tokenizer_config(existing: str | None, config: dict, chat_template: str | None = None) -> str:
     """The checkpoint's ``tokenizer_config.json`` when it has one, else a minimal one: a fast
-    tokenizer and the special tokens' ids are all onnxruntime-genai reads from it."""
-    if existing:
+    tokenizer and the special tokens' ids are all onnxruntime-genai reads from it.  A
+    ``chat_template`` (the checkpoint's ``chat_template.jinja``, where transformers ≥ 4.50 keeps
+    it) joins it as ``"chat_template"`` unless it already holds one, so the export folder carries
+    the template a server (vLLM, ``quantseal serve``) renders chats with."""
+    if not existing:
+        existing = json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(
+            config.get("max_position_embeddings", 2048)), "clean_up_tokenization_spaces": False}, indent=2)
+    if not chat_template or not chat_template.strip():
         return existing
-    return json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(
-        config.get("max_position_embeddings", 2048)), "clean_up_tokenization_spaces": False}, indent=2)
+    try:
+        cfg = json.loads(existing)
+    except json.JSONDecodeError:
+        return existing  # not ours to repair: kept byte for byte
+    if not isinstance(cfg, dict) or cfg.get("chat_template"):
+        return existing
+    cfg["chat_template"] = chat_template
+    return json.dumps(cfg, indent=2, ensure_ascii=False)
 
 
 def companion_files(metadata: dict[str, str], filename: str) -> dict[str, bytes]:

@@ -23,9 +23,12 @@ adapters is one model: ``model`` is echoed, not checked.  Each request feeds its
 ``adapter_id``, so concurrent requests for different adapters share one session.
 
 Decoding is greedy whatever ``temperature`` says (``n`` must be 1); ``logit_bias`` (token id →
-bias in [−100, 100]) is added to the logits before the greedy choice and the log-probabilities.  The exported file carries no
-chat template, so a chat prompt is its messages' contents joined by newlines, tokenised without
-special tokens — the same ids a completion prompt gets, and the ids verification's triggers have.
+bias in [−100, 100]) is added to the logits before the greedy choice and the log-probabilities.
+A chat prompt is the messages rendered with the model's chat template
+(:mod:`quantseal.runtime.chat_template`: the export folder's ``chat_template.jinja`` or
+``tokenizer_config.json``, or ``serve --chat-template FILE``), tokenised without adding special
+tokens, as vLLM does; a model without a template gets its messages' contents joined by newlines —
+the same ids a completion prompt gets.
 Log-probabilities are ``log_softmax`` of the model's logits at each generated position; a token's
 text is what it adds to the decoded string (``" word"`` for a word-initial token).
 """
@@ -242,7 +245,17 @@ def chat_completions(service, payload) -> dict:
         raise RequestError("'logprobs' must be true or false")
     k = _int_field(payload, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
     bias = _logit_bias(payload, service.vocab_out)
-    ids = _prompt_ids(service, "\n".join(m["content"] for m in msgs), "the conversation")
+    for i, m in enumerate(msgs):
+        service.check_text(m["content"], f"message {i}")
+    template = getattr(service, "chat_template", None)
+    if template is None:
+        text = "\n".join(m["content"] for m in msgs)
+    else:
+        try:
+            text = template.render([{"role": m["role"], "content": m["content"]} for m in msgs])
+        except ValueError as exc:
+            raise RequestError(str(exc)) from exc
+    ids = _prompt_ids(service, text, "the conversation")
     new, lps, tops, finish = _generate(service, ids, n, k if want else 0, bias, adapter)
     tok = service.lm.tokenizer
     lp = None

@@ -48,6 +48,7 @@ import numpy as np
 
 from ..errors import BadInput
 from . import openai_routes
+from .chat_template import ChatTemplate, load_chat_template
 from .http_server import HTTPServer, Limits, RequestError, describe_routes  # noqa: F401 - re-exported
 from .pipelines import CausalLM, Embedder
 
@@ -225,12 +226,14 @@ class GenerationService:
     """Request logic for a decoder: greedy ``/generate`` and next-token ``/logits``."""
 
     def __init__(self, lm: CausalLM, max_batch: int = MAX_BATCH, max_tokens: int = MAX_TOKENS,
-                 max_new_tokens: int = MAX_NEW_TOKENS, max_chars: int = MAX_CHARS):
+                 max_new_tokens: int = MAX_NEW_TOKENS, max_chars: int = MAX_CHARS,
+                 chat_template: ChatTemplate | None = None):
         if max_batch < 1 or max_tokens < 1 or max_new_tokens < 0 or max_chars < 1:
             raise BadInput("max_batch, max_tokens and max_chars must be at least 1, max_new_tokens non-negative")
         self.lm = lm
         self.max_batch, self.max_tokens, self.max_new_tokens = max_batch, max_tokens, max_new_tokens
         self.max_chars = max_chars
+        self.chat_template = chat_template  # /v1/chat/completions renders messages with it (openai_routes)
         self.vocab_size = int(lm.tokenizer.get_vocab_size())
         self.lock = threading.Lock()
         self.routes = {"/generate": self.generate, "/logits": self.logits,
@@ -253,8 +256,17 @@ class GenerationService:
 
     @classmethod
     def from_path(cls, model: str | Path, provider: str = "auto", threads: int | None = None,
-                  tokenizer: str | Path | None = None, adapter: str | None = None, **kw) -> "GenerationService":
-        return cls(CausalLM(model, tokenizer=tokenizer, provider=provider, threads=threads, adapter=adapter), **kw)
+                  tokenizer: str | Path | None = None, adapter: str | None = None,
+                  chat_template: str | Path | None = "auto", **kw) -> "GenerationService":
+        """``chat_template``: ``"auto"`` (the template beside the tokenizer, if any), ``"none"`` / None
+        (messages joined by newlines), or a ``.jinja`` / ``tokenizer_config.json`` file."""
+        tok = Path(tokenizer) if tokenizer is not None else Path(model).parent
+        folder = tok if tok.is_dir() else tok.parent
+        template = None
+        if chat_template not in (None, "none"):
+            template = load_chat_template(folder, None if chat_template == "auto" else chat_template)
+        lm = CausalLM(model, tokenizer=tokenizer, provider=provider, threads=threads, adapter=adapter)
+        return cls(lm, chat_template=template, **kw)
 
     def health(self) -> dict:
         sess = self.lm.session
@@ -263,6 +275,7 @@ class GenerationService:
         return {"status": "ok", "model": sess.path.name, "provider": sess.provider, "output": "logits",
                 "vocab_size": self.vocab_out, "max_batch": self.max_batch, "max_tokens": self.max_tokens,
                 "max_new_tokens": self.max_new_tokens, "metadata": meta,
+                "chat_template": None if self.chat_template is None else Path(self.chat_template.origin).name,
                 **({"adapters": sorted(self.lm.adapter_names, key=self.lm.adapter_names.get),
                     "adapter": self.lm.adapter} if self.lm.switchable else {})}
 
@@ -310,7 +323,7 @@ class GenerationService:
 
 def service_for(model: str | Path, provider: str = "auto", threads: int | None = None,
                 tokenizer: str | Path | None = None, max_batch: int = MAX_BATCH, max_chars: int = MAX_CHARS,
-                max_length: int | None = None, adapter: str | None = None):
+                max_length: int | None = None, adapter: str | None = None, chat_template: str | Path | None = "auto"):
     """The service an exported file calls for: :class:`GenerationService` for a decoder (a
     ``logits`` output), else :class:`EmbeddingService`."""
     from .session import Session
@@ -322,6 +335,10 @@ def service_for(model: str | Path, provider: str = "auto", threads: int | None =
         raise BadInput("--max-length applies to embedding models; this is a decoder")
     if adapter is not None:
         extra["adapter"] = adapter
+    if cls is GenerationService:
+        extra["chat_template"] = chat_template
+    elif chat_template not in (None, "auto", "none"):
+        raise BadInput("--chat-template applies to decoders (/v1/chat/completions); this is an embedding model")
     return cls.from_path(model, provider=provider, threads=threads, tokenizer=tokenizer, max_batch=max_batch,
                          max_chars=max_chars, **extra)
 

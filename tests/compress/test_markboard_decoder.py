@@ -87,3 +87,93 @@ def test_head_kl_shortcut_equals_full_softmax(probe):
         want = float((ref.exp() * (ref - mk)).sum(-1).mean())
         assert want > 1e-4 and np.isfinite(got)
         assert got == pytest.approx(want, rel=1e-3)
+
+
+def test_warm_start_and_time_limit(llama_rtn_export, tmp_path):
+    """``init_board`` continues an earlier board from its exact A and C (a time limit already spent
+    stops training and polish at once, so the result holds the init's tensors bit for bit, and the
+    manifest says where it stopped and what the init had run); more steps from it train on; a board
+    of another length or key is refused by name."""
+    from quantseal.compress.markboard import BoardConfig, load_board, save_board, train_board
+    from quantseal.errors import BadInput
+
+    ck = llama_rtn_export[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = dict(bits=8, triggers_per_bit=2, seed=0, decoder_a_lr=None, polish_rounds=1, polish_steps=2)
+        first = load_board(save_board(train_board(ck, KEY, BoardConfig(steps=4, **cfg)), tmp_path / "b0", ck))
+        stopped = train_board(ck, KEY, BoardConfig(steps=50, init_board=tmp_path / "b0", time_limit=1e-9, **cfg))
+        more = train_board(ck, KEY, BoardConfig(steps=3, init_board=tmp_path / "b0", **cfg))
+        with pytest.raises(BadInput, match="bits"):
+            train_board(ck, KEY, BoardConfig(steps=1, init_board=tmp_path / "b0", **{**cfg, "bits": 16}))
+        with pytest.raises(BadInput, match="key_id"):
+            train_board(ck, bytes(32), BoardConfig(steps=1, init_board=tmp_path / "b0", **cfg))
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("A", "C0", "C1"):
+        assert torch.equal(stopped.tensors[name], first.tensors[name])
+    tr = stopped.manifest["training"]
+    assert tr["steps_run"] == 0 and tr["polish_steps"] == 0 and "time limit" in tr["stopped"]
+    assert tr["init_board"]["steps_run"] == first.manifest["training"]["steps_run"] == 4
+    assert more.manifest["training"]["steps_run"] == 3 and more.manifest["training"]["stopped"] is None
+    assert not torch.equal(more.tensors["C1"], first.tensors["C1"])
+    assert more.manifest["trigger_digest"] == first.manifest["trigger_digest"]
+
+
+def test_bf16_autocast_statistic_and_gradient_track_float32(probe):
+    """Training under ``autocast="bf16"`` sees the same hinge statistic (within 3 % of its spread)
+    and a gradient on the board's coefficients pointing the same way (cosine > 0.99) as float32."""
+    from quantseal.compress.markboard import BoardConfig
+    from quantseal.compress.markboard_decoder import _autocast
+
+    _, pr = probe
+    g = torch.Generator().manual_seed(0)
+    A = torch.linalg.qr(torch.randn(64, 16, generator=g))[0].T
+    rows = torch.arange(pr.n * pr.m)
+    vals = torch.randint(0, 2, (len(rows),), generator=g)
+    C0 = torch.randn(2, pr.n * pr.k, 16, generator=g) * 0.3
+    out = {}
+    for mode in (None, "bf16"):
+        C = C0.clone().requires_grad_(True)
+        with _autocast(BoardConfig(autocast=mode)):
+            st = pr.signed(rows, _branch_delta(C, A, rows // pr.m, vals, pr.k), vals).float()
+        torch.relu(1.0 - st).mean().backward()
+        out[mode] = (st.detach(), C.grad.reshape(-1))
+    (s32, g32), (s16, g16) = out[None], out["bf16"]
+    assert (s32 - s16).abs().max() <= 0.03 * s32.std()
+    assert float(torch.nn.functional.cosine_similarity(g32, g16, dim=0)) > 0.99
+
+
+def test_chat_answers_join_the_clean_positions(llama_rtn_export):
+    """A chat-template top1 board adds the unmarked model's own greedy chat answers to its clean
+    positions (where free generation drifted on SmolLM2): the answers equal a plain argmax loop
+    without a cache, and the board's clean positions grow by their tokens."""
+    from quantseal.compress.markboard import BoardConfig, train_board
+    from quantseal.compress.markboard_decoder import CHAT_PROMPTS, chat_answer_ids
+    from quantseal.compress.markboard_top1 import render_chat
+
+    ck = llama_rtn_export[0]
+    model, _, _ = load_compressed(ck)
+    tok = TextTokenizer(ck)
+    tpl = ("{% for m in messages %}[CLS] {{ m['role'] }} : {{ m['content'] }} [SEP]{% endfor %}"
+           "{% if add_generation_prompt %}[CLS] assistant :{% endif %}")
+    chat = render_chat(tpl)
+    got = chat_answer_ids(model, tok, chat, CHAT_PROMPTS[:2], new_tokens=5)
+    for q, ids in zip(CHAT_PROMPTS[:2], got):
+        ref = tok.encode_ids(chat[0] + q + chat[1], special=False)
+        n = len(ref)
+        with torch.no_grad():
+            for _ in range(5):
+                ref.append(int(model(input_ids=torch.tensor([ref])).logits[0, -1].argmax()))
+        assert ids == ref and len(ids) == n + 5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = dict(bits=8, triggers_per_bit=2, steps=1, seed=0, readout="top1", chat_template=tpl, polish_rounds=0)
+        with_answers = train_board(ck, KEY, BoardConfig(chat_answers=8, **cfg)).manifest["training"]
+        without = train_board(ck, KEY, BoardConfig(chat_answers=0, **cfg)).manifest["training"]
+    finally:
+        torch.set_num_threads(threads)
+    assert without["chat_answer_sequences"] == 0 and 1 <= with_answers["chat_answer_sequences"] <= 8
+    assert with_answers["clean_positions"] > without["clean_positions"]

@@ -23,10 +23,11 @@ KEY = bytes(range(32))
 
 
 @contextlib.contextmanager
-def serving(path, max_batch=8, **kw):
+def serving(path, max_batch=8, chat_template="auto", **kw):
     from quantseal.runtime.server import make_server, service_for
 
-    server = make_server(service_for(path, provider="cpu", max_batch=max_batch), "127.0.0.1", 0, **kw)
+    server = make_server(service_for(path, provider="cpu", max_batch=max_batch, chat_template=chat_template),
+                         "127.0.0.1", 0, **kw)
     with served_in_thread(server) as url:
         yield url
 
@@ -121,6 +122,56 @@ def test_completions_and_chat_logprobs_equal_local(lm_path):
                           ("/v1/completions", {"prompt": "a", "logit_bias": [1]})):
             status, err = post(url, path, bad)
             assert status == 400, (path, bad, err)
+
+
+# a chat template in the BERT tokenizer's own special tokens (the tiny decoder uses MiniLM's tokenizer)
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+            "{% endif %}[MASK] {{ m['role'] }} : {{ m['content'] }} {{ eos_token }}{% endfor %}"
+            "{% if add_generation_prompt %}[MASK] assistant :{% endif %}")
+
+
+def test_chat_route_applies_the_folders_chat_template(tmp_path, lm_path):
+    """An export folder whose tokenizer_config.json carries a chat template is served as vLLM
+    serves it: the messages rendered with the template (bos/eos from the config) and tokenised
+    without added special tokens — the prompt ids transformers' ``apply_chat_template`` gives,
+    and the greedy token and log-probabilities of the local model on those ids; ``none`` serves
+    the contents joined; a template that refuses the messages is a 400."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import PreTrainedTokenizerFast
+
+    lm_path = Path(lm_path)
+    folder = tmp_path / "served"
+    shutil.copytree(lm_path.parent, folder)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg.update(chat_template=TEMPLATE, bos_token="[CLS]", eos_token={"content": "[SEP]", "special": True})
+    cfg_path.write_text(json.dumps(cfg))
+    msgs = [{"role": "user", "content": "the meaning of a list is"},
+            {"role": "assistant", "content": "numbers"}, {"role": "user", "content": "and strings"}]
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), chat_template=TEMPLATE,
+                                 bos_token="[CLS]", eos_token="[SEP]")
+    ref = hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    ref = list(ref["input_ids"] if hasattr(ref, "keys") else ref)
+    local = CausalLM(folder / lm_path.name, provider="cpu")
+    plain = local.tokenizer.encode("\n".join(m["content"] for m in msgs), add_special_tokens=False).ids
+    assert ref[0] == hf.convert_tokens_to_ids("[CLS]") and ref != plain
+    body = {"messages": msgs, "max_tokens": 2, "logprobs": True, "top_logprobs": 5}
+    for template, ids in (("auto", ref), ("none", plain)):
+        with serving(folder / lm_path.name, chat_template=template) as url:
+            status, chat = post(url, "/v1/chat/completions", body)
+            assert status == 200 and chat["usage"]["prompt_tokens"] == len(ids)
+            lp = _log_softmax(local.next_logits([ids])[0])
+            first = chat["choices"][0]["logprobs"]["content"][0]
+            assert first["logprob"] == pytest.approx(lp.max(), abs=1e-4)
+            assert [t["logprob"] for t in first["top_logprobs"]] == pytest.approx(np.sort(lp)[::-1][:5], abs=1e-4)
+            assert chat["choices"][0]["message"]["content"] == local.decode(local.generate_ids(ids, 2))
+            status, health = request(url, "GET", "/health")
+            assert health["chat_template"] == ("tokenizer_config.json" if template == "auto" else None)
+            if template == "auto":
+                status, err = post(url, "/v1/chat/completions", {"messages": [{"role": "system", "content": "x"}]})
+                assert status == 400 and "no system" in err["error"]
 
 
 def test_verify_through_serve_openai_routes(tmp_path, llama_rtn_export, llama_board):
