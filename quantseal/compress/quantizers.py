@@ -99,6 +99,17 @@ def _int_codes(wb: torch.Tensor, scale, zero, bits: int) -> torch.Tensor:
     return torch.clamp(torch.round(wb / scale[..., None]) + zero[..., None], 0, 2**bits - 1)
 
 
+def _keep_better(best: list[torch.Tensor] | None, err: torch.Tensor, *params: torch.Tensor) -> list[torch.Tensor]:
+    """One step of the per-block clip search: ``[err, *params]`` where ``err`` (the block's squared
+    error) is below the best so far, else the best so far (first call: the candidate itself).
+    ``params`` are shaped like ``err`` (scales, zero points, offsets) or ``err``'s shape + (B,) (codes)."""
+    if best is None:
+        return [err, *params]
+    better = err < best[0]
+    return [torch.where(better if new.dim() == err.dim() else better[..., None], new, old)
+            for new, old in zip((err, *params), best)]
+
+
 def quantize_int(w: torch.Tensor, spec: FormatSpec, weight: torch.Tensor | None = None,
                  clip_search: bool = True) -> QuantizedTensor:
     """Affine or symmetric blockwise INT-k of ``w: (N, K)``; ``weight`` (N, K) ≥ 0 weights the
@@ -114,14 +125,7 @@ def quantize_int(w: torch.Tensor, spec: FormatSpec, weight: torch.Tensor | None 
         q = _int_codes(wb, scale, zero, spec.bits)
         err = (q - zero[..., None]) * scale[..., None] - wb
         err = (err * err * wt).sum(-1) if wt is not None else (err * err).sum(-1)
-        if best is None:
-            best = [err, scale, zero, q]
-            continue
-        better = err < best[0]
-        best[0] = torch.where(better, err, best[0])
-        best[1] = torch.where(better, scale, best[1])
-        best[2] = torch.where(better, zero, best[2])
-        best[3] = torch.where(better[..., None], q, best[3])
+        best = _keep_better(best, err, scale, zero, q)
     _, scale, zero, q = best
     # padded columns carry the zero point so that they dequantise to exactly 0
     codes = q.reshape(n, -1)
@@ -169,14 +173,7 @@ def quantize_offset(w: torch.Tensor, spec: FormatSpec, weight: torch.Tensor | No
         q = offset_codes(wb, scale, offset, spec.bits)
         err = torch.where(real, q * scale[..., None] + offset[..., None] - wb, torch.zeros_like(wb))
         err = (err * err * wt).sum(-1) if wt is not None else (err * err).sum(-1)
-        if best is None:
-            best = [err, scale, offset, q]
-            continue
-        better = err < best[0]
-        best[0] = torch.where(better, err, best[0])
-        best[1] = torch.where(better, scale, best[1])
-        best[2] = torch.where(better, offset, best[2])
-        best[3] = torch.where(better[..., None], q, best[3])
+        best = _keep_better(best, err, scale, offset, q)
     _, scale, offset, q = best
     codes = q.reshape(n, -1)
     codes[:, k:] = 0  # padding: multiplied by zero-padded inputs in every graph
@@ -199,13 +196,7 @@ def quantize_nf(w: torch.Tensor, spec: FormatSpec, weight: torch.Tensor | None =
         q = torch.bucketize(x, (levels[1:] + levels[:-1]) / 2)
         err = levels[q] * scale[..., None] - wb
         err = (err * err * wt).sum(-1) if wt is not None else (err * err).sum(-1)
-        if best is None:
-            best = [err, scale, q]
-            continue
-        better = err < best[0]
-        best[0] = torch.where(better, err, best[0])
-        best[1] = torch.where(better, scale, best[1])
-        best[2] = torch.where(better[..., None], q, best[2])
+        best = _keep_better(best, err, scale, q)
     _, scale, q = best
     codes = q.reshape(n, -1)
     if codes.shape[1] > k:
