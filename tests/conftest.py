@@ -95,6 +95,13 @@ WATERMARK_KEY = bytes(range(32))
 
 
 @pytest.fixture(scope="session")
+def watermark_key() -> bytes:
+    """The key the session's boards are trained under (tests must not ``import conftest``: with
+    several conftest.py files on the path that name is ambiguous)."""
+    return WATERMARK_KEY
+
+
+@pytest.fixture(scope="session")
 def minilm_board(tmp_path_factory, minilm_rtn_checkpoint):
     """A 16-bit board trained (seeded, early-stopped) on ``minilm_rtn_checkpoint`` under
     ``WATERMARK_KEY`` and saved; returns the loaded :class:`~quantseal.compress.markboard.Board`."""

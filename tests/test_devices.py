@@ -70,15 +70,14 @@ def test_board_train_cuda_without_gpu_is_one_line_and_nothing_written(minilm_rtn
     assert not (tmp_path / "board").exists()
 
 
-def test_board_train_auto_gives_the_cpu_board(minilm_rtn_checkpoint, minilm_board):
+def test_board_train_auto_gives_the_cpu_board(minilm_rtn_checkpoint, minilm_board, watermark_key):
     """``train_board(device="auto")`` against the session's board (trained with the CPU default,
     same settings and key): the same tensors bit for bit, the same manifest fields but for its seconds."""
-    from conftest import WATERMARK_KEY
     from quantseal.compress.markboard import BoardConfig, train_board
 
     if torch.cuda.is_available():
         pytest.skip("auto is cuda here: compared to a tolerance by benchmarks/gpu_check.py")
-    board = train_board(minilm_rtn_checkpoint, WATERMARK_KEY, BoardConfig(bits=16, triggers_per_bit=4, steps=40, seed=0),
+    board = train_board(minilm_rtn_checkpoint, watermark_key, BoardConfig(bits=16, triggers_per_bit=4, steps=40, seed=0),
                         device="auto")
     assert set(board.tensors) == set(minilm_board.tensors)
     for name, t in minilm_board.tensors.items():
