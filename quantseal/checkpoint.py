@@ -221,6 +221,10 @@ class CheckpointWriter:
     def put(self, name: str, t: torch.Tensor) -> None:
         self.shards.put(name, t)
 
+    def put_rows(self, name: str, start: int, t: torch.Tensor) -> None:
+        """Rows ``start:start + len(t)`` of ``name``: a large tensor written a chunk at a time."""
+        self.shards.put_rows(name, start, t)
+
     def finish(self, manifest: Manifest) -> Path:
         tmp = self.tmp
         names = self.shards.close()

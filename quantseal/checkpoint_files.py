@@ -75,6 +75,12 @@ class ShardedWriter:
             raise KeyError(f"tensor {name} was not announced to the checkpoint writer")
         self.writers[self.where[name]].put(name, t)
 
+    def put_rows(self, name: str, start: int, t: torch.Tensor) -> None:
+        """Rows ``start:start + len(t)`` of ``name`` (see :meth:`SafetensorsWriter.put_rows`)."""
+        if name not in self.where:
+            raise KeyError(f"tensor {name} was not announced to the checkpoint writer")
+        self.writers[self.where[name]].put_rows(name, start, t)
+
     def close(self) -> list[str]:
         for w in self.writers.values():
             w.close()

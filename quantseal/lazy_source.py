@@ -165,6 +165,29 @@ class LazySource:
         r, key = self._map[name]
         return _checked(r.get(key).to(self.stored[name].dtype), self.folder, name)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the tensor ``name`` (dim 0), float32, checked finite; only those
+        rows are read from the file."""
+        r, key = self._map[name]
+        return _checked(r.get_rows(key, start, stop).to(self.stored[name].dtype), self.folder, name)
+
+    def gather_rows(self, name: str, rows: torch.Tensor, chunk_bytes: int = 32 << 20) -> torch.Tensor:
+        """``tensor[rows]`` for sorted unique row indices ``rows: (n,)`` (int64), without the whole
+        tensor in memory: read in chunks of about ``chunk_bytes``, each spanning only rows in use.
+        Returns ``(n, *rest)`` float32 (the same values as ``get(name)[rows]``)."""
+        info = self.stored[name]
+        rows = rows.to(torch.int64)
+        out = torch.empty((len(rows), *info.shape[1:]), dtype=info.dtype)
+        per = max(1, chunk_bytes // max(1, info.nbytes // max(1, info.shape[0])))
+        i = 0
+        while i < len(rows):
+            start = int(rows[i])
+            j = int(torch.searchsorted(rows, start + per))  # rows[i:j] lie in [start, start + per)
+            stop = int(rows[j - 1]) + 1
+            out[i:j] = self.get_rows(name, start, stop)[rows[i:j] - start]
+            i = j
+        return out
+
     def load_module(self, module: nn.Module, prefix: str, device: torch.device | str = "cpu") -> nn.Module:
         """Give ``module`` (the submodule at ``prefix``) its stored weights on ``device``, each read
         straight into its own parameter (no second copy on the CPU).  Tensors the files do not hold
@@ -187,10 +210,11 @@ class LazySource:
         module.to(device="meta")
         trim_heap()
 
-    def load_outside_blocks(self, device: torch.device | str = "cpu") -> nn.Module:
+    def load_outside_blocks(self, device: torch.device | str = "cpu", skip: frozenset[str] = frozenset()) -> nn.Module:
         """Materialise everything but the transformer blocks (token table, final norm, rotary
         tables; a tied head stays the token table): what a forward pass needs to reach block 0.
-        Returns the model."""
+        Modules named in ``skip`` (e.g. the token table, read by rows instead) stay on the meta
+        device.  Returns the model."""
         blocks_attr = self.fam.blocks_attr
         for name, mod in self.model.named_modules():
             if name == blocks_attr or name.startswith(blocks_attr + "."):
@@ -199,19 +223,19 @@ class LazySource:
             if meta_buffers and "Rotary" in type(mod).__name__:
                 self._rebuild_rotary(name, device)  # non-persistent tables, computed from the config
         for name, mod in self.model.named_children():
-            self._load_outside(mod, name, blocks_attr, device)
+            self._load_outside(mod, name, blocks_attr, device, skip)
         if tied_keys(self.model):
             self.model.tie_weights()
         return self.model
 
-    def _load_outside(self, mod: nn.Module, prefix: str, blocks_attr: str, device) -> None:
-        if prefix == blocks_attr:
+    def _load_outside(self, mod: nn.Module, prefix: str, blocks_attr: str, device, skip=frozenset()) -> None:
+        if prefix == blocks_attr or prefix in skip:
             return
         if not blocks_attr.startswith(prefix + "."):
             self.load_module(mod, prefix, device)
             return
         for name, child in mod.named_children():
-            self._load_outside(child, f"{prefix}.{name}", blocks_attr, device)
+            self._load_outside(child, f"{prefix}.{name}", blocks_attr, device, skip)
         for name, p in mod.named_parameters(recurse=False):
             if f"{prefix}.{name}" in self._map:
                 mod._parameters[name] = nn.Parameter(self.get(f"{prefix}.{name}").to(device),

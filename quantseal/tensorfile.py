@@ -106,6 +106,7 @@ class SafetensorsWriter:
         head, self.offsets = layout(self.specs, metadata)
         self.size = len(head) + sum(s.nbytes for s in self.specs.values())
         self.pending = set(self.specs)
+        self._rows: dict[str, set[int]] = {}  # rows put so far of tensors written by put_rows
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self._fd, head, 0)
         os.ftruncate(self._fd, self.size)
@@ -119,13 +120,37 @@ class SafetensorsWriter:
         if t.dtype != spec.dtype or tuple(t.shape) != tuple(spec.shape):
             raise ValueError(f"{self.path.name}: tensor {name} is {t.dtype} {list(t.shape)}, "
                              f"announced {spec.dtype} {list(spec.shape)}")
+        self._write(self.offsets[name], t)
+        self.pending.discard(name)
+
+    def put_rows(self, name: str, start: int, t: torch.Tensor) -> None:
+        """Rows ``start:start + len(t)`` of the announced tensor ``name`` (along dim 0), so a large
+        tensor is written a chunk at a time; the tensor counts as written once every row was put
+        (the same bytes as one :meth:`put`)."""
+        spec = self.specs.get(name)
+        if spec is None:
+            raise KeyError(f"{self.path.name}: tensor {name} was not announced")
+        if name not in self.pending:
+            raise ValueError(f"{self.path.name}: tensor {name} written twice")
+        if (t.dtype != spec.dtype or not spec.shape or tuple(t.shape[1:]) != tuple(spec.shape[1:])
+                or not 0 <= start <= start + t.shape[0] <= spec.shape[0]):
+            raise ValueError(f"{self.path.name}: rows {start}:{start + (t.shape[0] if t.dim() else 0)} of {name} "
+                             f"are {t.dtype} {list(t.shape)}, announced {spec.dtype} {list(spec.shape)}")
+        row = spec.nbytes // spec.shape[0] if spec.shape[0] else 0
+        self._write(self.offsets[name] + start * row, t)
+        rows = self._rows.setdefault(name, set())
+        rows.update(range(start, start + t.shape[0]))
+        if len(rows) == spec.shape[0]:
+            del self._rows[name]
+            self.pending.discard(name)
+
+    def _write(self, offset: int, t: torch.Tensor) -> None:
         data = t.detach().cpu().contiguous().reshape(-1)
         if data.numel():
             mv = memoryview(data.view(torch.uint8).numpy())
             done = 0
             while done < len(mv):
-                done += os.pwrite(self._fd, mv[done:], self.offsets[name] + done)
-        self.pending.discard(name)
+                done += os.pwrite(self._fd, mv[done:], offset + done)
 
     def close(self, sync: bool = True) -> None:
         """Check every announced tensor was written; fsync unless ``sync`` is False (scratch)."""
@@ -200,8 +225,22 @@ class SafetensorsReader:
         """The tensor, read now into its own memory (CPU)."""
         info = self.infos[name]
         b, e = self._spans[name]
+        return self._read(name, b, e, info.shape)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the tensor (along dim 0), read now: ``(stop − start, *rest)``,
+        without reading the others (a token table's rows for the ids in use)."""
+        info = self.infos[name]
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise IndexError(f"{self.path.name}: rows {start}:{stop} of {name} {list(info.shape)}")
+        row = info.nbytes // info.shape[0] if info.shape[0] else 0
+        b = self._spans[name][0]
+        return self._read(name, b + start * row, b + stop * row, (stop - start, *info.shape[1:]))
+
+    def _read(self, name: str, b: int, e: int, shape) -> torch.Tensor:
+        dtype = self.infos[name].dtype
         if e == b:
-            return torch.empty(info.shape, dtype=info.dtype)
+            return torch.empty(shape, dtype=dtype)
         buf = bytearray(e - b)
         mv = memoryview(buf)
         with open(self.path, "rb", buffering=0) as f:
@@ -211,4 +250,4 @@ class SafetensorsReader:
                 if not got:
                     raise BadInput(f"{self.path}: truncated while reading tensor {name}")
                 done += got
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)

@@ -40,22 +40,25 @@ from .quantizers import QuantizedTensor, dequantize, quantize_int, quantize_offs
 class GPTQ:
     """The solver for one Linear: ``add_batch`` accumulates H, ``quantize`` solves, ``free``."""
 
-    def __init__(self, layer: nn.Linear):
+    def __init__(self, layer: nn.Linear, dtype: torch.dtype = torch.float32):
         self.layer = layer
         self.rows, self.columns = layer.weight.shape  # N, K
-        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=layer.weight.device)
+        # float32 as the reference GPTQ code keeps H (its K × K arrays are half a float64's);
+        # float64 is the slow reference (tests/compress/test_gptq.py compares the two solves)
+        self.H = torch.zeros(self.columns, self.columns, dtype=dtype, device=layer.weight.device)
         self.nsamples = 0
 
     def add_batch(self, inp: torch.Tensor) -> None:
-        """inp: (..., K) layer inputs (padding tokens already removed).  Keeps H = 2/n Σ x xᵀ."""
-        x = inp.reshape(-1, self.columns).double()
+        """inp: (..., K) layer inputs (padding tokens already removed).  Keeps H = 2/n Σ x xᵀ,
+        accumulated in place (``addmm_``: no K × K temporary)."""
+        x = inp.reshape(-1, self.columns).to(self.H.dtype)
         n = x.shape[0]
         if n == 0:
             return
         self.H *= self.nsamples / (self.nsamples + n)
         self.nsamples += n
         x = math.sqrt(2 / self.nsamples) * x
-        self.H += x.T @ x
+        self.H.addmm_(x.T, x)
 
     @torch.no_grad()
     def quantize(self, spec: FormatSpec, blocksize: int = 128, percdamp: float = 0.01,
@@ -68,15 +71,16 @@ class GPTQ:
         if spec.kind not in ("int", "intf"):
             raise ValueError(f"GPTQ writes integer formats, not {spec.name}")
         offset = spec.kind == "intf"  # int4f: ŵ = s·q + m, the grid of each block fixed from its min/max
-        W = self.layer.weight.detach().to(torch.float64, copy=True)  # (N, K), one copy
+        W = self.layer.weight.detach().to(torch.float32, copy=True)  # (N, K), one copy
         N, K = W.shape
         B = spec.block
         blocksize = max(B, (blocksize // B) * B)  # a lazy batch holds whole groups
         nb = -(-K // B)
         qmax = 2**spec.bits - 1
 
-        # with ``consume`` H itself is the workspace (no K × K copy); every K × K intermediate is
-        # dropped as soon as the next exists, so at most two float64 K × K arrays live at once
+        # with ``consume`` H itself is the workspace (no K × K copy); the three factorisations
+        # write their result over their input (``out=``), so the solver holds H and whatever
+        # temporary torch's LAPACK call takes: two K × K arrays of H's dtype at most
         H = self.H if consume else self.H.clone()
         if consume:
             self.H = None
@@ -85,17 +89,13 @@ class GPTQ:
         W[:, dead] = 0
         damp = percdamp * torch.mean(torch.diag(H))
         H.diagonal().add_(damp)  # H + λI, in place: the same sums as adding λ·eye
-        L = torch.linalg.cholesky(H)
+        torch.linalg.cholesky(H, out=H)  # L (lower)
+        torch.cholesky_inverse(H, out=H)  # H_F⁻¹ = (L Lᵀ)⁻¹
+        torch.linalg.cholesky(H, upper=True, out=H)  # upper factor: row q is (H_F⁻¹)_{q,:}/sqrt([H_F⁻¹]_qq)
+        Hinv = H if H.dtype == torch.float32 else H.float()
         del H
-        Hinv = torch.cholesky_inverse(L)
-        del L
-        U = torch.linalg.cholesky(Hinv, upper=True)  # upper factor: row q is (H_F⁻¹)_{q,:}/sqrt([H_F⁻¹]_qq)
-        del Hinv
-        Hinv = U.float()
-        del U
-        W = W.float()
 
-        codes = torch.zeros(N, nb * B, device=W.device)
+        codes = torch.zeros(N, nb * B, dtype=torch.uint8, device=W.device)  # q ∈ [0, qmax]: exact
         scales = torch.zeros(N, nb, device=W.device)
         zeros = torch.zeros(N, nb, device=W.device)  # int: zero points; int4f: float offsets m
         for i1 in range(0, K, blocksize):
@@ -131,11 +131,11 @@ class GPTQ:
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         if offset:
             codes[:, K:] = 0
-            return QuantizedTensor(codes.to(torch.uint8), scales, None, (N, K), spec, zeros)
+            return QuantizedTensor(codes, scales, None, (N, K), spec, zeros)
         if nb * B > K:
             codes[:, K:] = zeros.repeat_interleave(B, dim=1)[:, K:]
         return QuantizedTensor(
-            codes=codes.to(torch.uint8),
+            codes=codes,
             scales=scales,
             zeros=None if spec.symmetric else zeros.to(torch.uint8),
             shape=(N, K),

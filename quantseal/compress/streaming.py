@@ -32,7 +32,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..devices import resolve_device, to_device
 from ..lazy_source import LazySource, fix_mmap_threshold
-from ..models import blocks, compressible_linears
+from ..models import blocks, compressible_linears, embedding
 from ..tensorfile import TensorInfo
 from ..text import calibration_texts
 from .calibrated import CalibratedConfig, _table_entry, calibrated_manifest, calibrated_report
@@ -40,6 +40,7 @@ from .calibration import BlockInputs, block_forward, calibration_batches, captur
 from .formats import Candidate, FormatSpec
 from .gptq import gptq_quantize_block
 from .spill import SpillStore
+from .token_rows import rows_embedding
 
 MB = 1_000_000
 
@@ -73,13 +74,43 @@ def run_block_spilled(block: torch.nn.Module, x: BlockInputs, cap_bytes: float,
     return x.with_hidden(out)
 
 
+def capture_rows(source: LazySource, model: torch.nn.Module, batches: list, device: torch.device,
+                 cap_bytes: float) -> BlockInputs:
+    """Block 0's inputs (float32, in a :class:`SpillStore`) with the token table's rows for the
+    calibration ids only (:mod:`.token_rows`) when the table was left on the meta device; the
+    meta table is put back afterwards."""
+    fam = source.fam
+    parent_name, _, attr = fam.embedding_attr.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    table = getattr(parent, attr)
+    if table.weight.is_meta:
+        setattr(parent, attr, rows_embedding(source, fam.embedding_attr + ".weight", batches, device))
+    try:
+        return capture_block_inputs(model, fam, to_device(batches, device), torch.float32, store=SpillStore(cap_bytes))
+    finally:
+        setattr(parent, attr, table)
+
+
+def copy_through(source: LazySource, writer: ckpt.CheckpointWriter, key: str, chunk_bytes: int = 32 << 20) -> None:
+    """Copy the source tensor ``key`` into the checkpoint unchanged, a chunk of rows at a time when
+    it is over ``chunk_bytes`` (the token table: no whole float32 copy in memory)."""
+    info = source.stored[key]
+    if not info.shape or info.nbytes <= chunk_bytes or info.shape[0] < 2:
+        writer.put(key, source.get(key))
+        return
+    per = max(1, chunk_bytes // (info.nbytes // info.shape[0]))
+    for r0 in range(0, info.shape[0], per):
+        writer.put_rows(key, r0, source.get_rows(key, r0, min(r0 + per, info.shape[0])))
+
+
 def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float | None = None) -> dict:
     """``compress --method gptq`` of a safetensors decoder, streamed (see the module notes)."""
     t0 = time.perf_counter() if t0 is None else t0
     fix_mmap_threshold()  # 1 MB and larger tensors are returned to the system when freed
     fam = source.fam
     device = resolve_device(cfg.device)
-    model = source.load_outside_blocks(device)
+    emb = fam.embedding_attr
+    model = source.load_outside_blocks(device, skip=frozenset({emb}))  # the table is read by rows
     linears = list(compressible_linears(model, fam))  # names only: the blocks are still on meta
     texts = calibration_texts(cfg.calib, cfg.calib_samples)
     batches = calibration_batches(cfg.model, texts, cfg.batch_size)
@@ -89,9 +120,11 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
     specs = output_specs(source, linears, spec, table)
     entries: dict[str, ckpt.MatrixEntry] = {}
     t_cal = time.perf_counter()
-    x = capture_block_inputs(model, fam, to_device(batches, device), torch.float32, store=SpillStore(cap))
+    x = capture_rows(source, model, batches, device, cap)
     with ckpt.CheckpointWriter(cfg.output, specs, cfg.model) as writer:
         if table is not None:
+            if embedding(model, fam).weight.is_meta:  # the --table quantisation reads the whole table
+                source.load_module(embedding(model, fam), emb, device)
             name, mt, entry = _table_entry(model, fam, table)  # round-to-nearest (not head-calibrated)
             for key, t in mt.items():
                 writer.put(key, t)
@@ -122,7 +155,7 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
         planned = {n + ".weight" for n in entries}
         for key in source.stored:
             if key not in planned:
-                writer.put(key, source.get(key))
+                copy_through(source, writer, key)
         lin_params = sum(source.stored[n + ".weight"].numel() for n in linears)
         total_bytes = sum(s.nbytes for s in specs.values())
         manifest = calibrated_manifest(cfg, fam.name, source.model.config.model_type, entries, lin_params,
