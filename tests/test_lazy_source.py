@@ -40,3 +40,32 @@ def test_freed_large_tensors_return_to_the_system_with_a_fixed_threshold():
     assert res["fixed"] is True
     # 160 MB of 4 MB tensors allocated and freed around 10 MB of small ones that stay: only those remain
     assert res["grew"] < res["kept"] + 8 * 2**20, res
+
+
+def test_gather_rows_reads_only_chunks_of_rows_in_use(tiny_llama_dir, monkeypatch):
+    """``gather_rows`` equals the whole table indexed by the rows (bit for bit), for chunks of
+    one row up to the whole table, and reads only spans that start at a row in use."""
+    import torch
+
+    from quantseal.lazy_source import LazySource
+    from quantseal.tensorfile import SafetensorsReader
+
+    src = LazySource(tiny_llama_dir)
+    key = "model.embed_tokens.weight"
+    full = src.get(key)
+    vocab, width = full.shape
+    rows = torch.unique(torch.tensor([0, 1, 2, 17, 4000, 4001, 12345, vocab - 1]))
+    read = []
+    orig = SafetensorsReader.get_rows
+    monkeypatch.setattr(SafetensorsReader, "get_rows",
+                        lambda self, name, a, b: read.append((a, b)) or orig(self, name, a, b))
+    for chunk_bytes in (1, 4 * width * 16, 4 * width * 8192, 1 << 30):
+        read.clear()
+        got = src.gather_rows(key, rows, chunk_bytes=chunk_bytes)
+        assert got.dtype == torch.float32 and torch.equal(got, full[rows]), chunk_bytes
+        assert {a for a, _ in read} <= set(rows.tolist())  # every span starts at a row in use
+        if chunk_bytes == 1:
+            assert sum(b - a for a, b in read) == len(rows)  # one row per read
+        if chunk_bytes <= 4 * width * 8192:
+            assert sum(b - a for a, b in read) < vocab // 2  # not the table
+    assert src.gather_rows(key, rows[:0]).shape == (0, width)

@@ -73,3 +73,35 @@ def test_reader_refuses_damaged_files(tmp_path):
     p.write_bytes(data[:8] + b"}" + data[9:])  # not JSON
     with pytest.raises(BadInput, match="corrupt safetensors"):
         SafetensorsReader(p)
+
+
+def test_rows_read_and_written_in_chunks_equal_whole_tensors(tmp_path):
+    """``get_rows`` returns exactly ``load_file``'s rows; ``put_rows`` in any order and chunking
+    gives the bytes of ``save_file``; a tensor counts as written only once every row was put."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"table": torch.randn(37, 5, generator=gen), "codes": torch.randint(0, 255, (11, 3, 2), generator=gen,
+                                                                                    dtype=torch.uint8),
+               "norm": torch.randn(5, generator=gen)}
+    save_file(tensors, str(tmp_path / "ref.safetensors"))
+    r = SafetensorsReader(tmp_path / "ref.safetensors")
+    for start, stop in ((0, 37), (0, 1), (36, 37), (5, 19), (7, 7)):
+        assert torch.equal(r.get_rows("table", start, stop), tensors["table"][start:stop])
+    assert torch.equal(r.get_rows("codes", 3, 9), tensors["codes"][3:9])
+    for bad in ((-1, 3), (3, 38), (5, 4)):
+        with pytest.raises(IndexError):
+            r.get_rows("table", *bad)
+    w = SafetensorsWriter(tmp_path / "mine.safetensors", {k: info_of(v) for k, v in tensors.items()})
+    for start in (30, 0, 10, 20):  # chunks out of order
+        w.put_rows("table", start, tensors["table"][start:start + 10])
+    w.put_rows("codes", 0, tensors["codes"][:4])
+    with pytest.raises(ValueError, match="announced"):
+        w.put_rows("codes", 4, tensors["codes"][4:].float())  # wrong dtype
+    with pytest.raises(ValueError, match="announced"):
+        w.put_rows("codes", 8, tensors["codes"][4:])  # past the end
+    assert "codes" in w.pending and "table" not in w.pending
+    w.put_rows("codes", 4, tensors["codes"][4:])
+    with pytest.raises(ValueError, match="twice"):
+        w.put_rows("codes", 0, tensors["codes"][:1])
+    w.put("norm", tensors["norm"])
+    w.close()
+    assert (tmp_path / "mine.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()

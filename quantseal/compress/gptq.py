@@ -199,7 +199,8 @@ def _input_group(block: nn.Module, rels: list[str], x: BlockInputs, solver: GPTQ
 @torch.no_grad()
 def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInputs,
                         spec: FormatSpec | dict[str, FormatSpec], percdamp: float = 0.01,
-                        tick: Tick | None = None) -> dict[str, QuantizedTensor]:
+                        tick: Tick | None = None, hessian_dtype: torch.dtype = torch.float32
+                        ) -> dict[str, QuantizedTensor]:
     """GPTQ on one block's Linears, in order, each on inputs produced by the already-quantised
     Linears before it; the block's Linears are overwritten with their dequantised weights.
     ``x``: the block's inputs (moved batch by batch to the block's device); ``prefix``: the
@@ -209,13 +210,13 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
     Linears that read the same input tensor (:func:`_input_group`) share one Hessian, accumulated
     once, and each forward pass stops at the group's end: one K × K H alive at a time and fewer
     block passes (LLaMA: 4 partial passes instead of 7 whole ones), the same codes as one H per
-    Linear."""
+    Linear.  ``hessian_dtype``: H and its factorisations (float32; float64 is the slow reference)."""
     device = next(block.parameters()).device
     result: dict[str, QuantizedTensor] = {}
     rels = list(fam.linears)
     i = 0
     while i < len(rels):
-        solver = GPTQ(block.get_submodule(rels[i]))
+        solver = GPTQ(block.get_submodule(rels[i]), hessian_dtype)
         n = _input_group(block, rels[i:], x, solver, device)
         for j, rel in enumerate(rels[i:i + n]):
             layer = block.get_submodule(rel)

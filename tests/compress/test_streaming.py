@@ -190,3 +190,55 @@ def test_peak_rss_is_flat_in_depth(depth_runs, method):
     assert grew < 0.25 * more, (peak, size)
     m, _ = ckpt.open_checkpoint(root / f"ck_{method}24")
     assert len(m.matrices) == 24 * 7
+
+
+# ----------------------------------------------------------------------------- the token table, by rows
+def test_block0_inputs_from_the_calibration_rows_equal_the_full_tables(tiny_llama_dir, monkeypatch):
+    """Streamed gptq's capture never reads the whole table (``get`` of its key), reads fewer rows
+    than the vocabulary, and gives block 0 the same float32 inputs, bit for bit, as the model
+    with its whole table loaded; the meta table is put back."""
+    from transformers import LlamaForCausalLM
+
+    from quantseal.compress.calibration import calibration_batches, capture_block_inputs
+    from quantseal.compress.streaming import capture_rows
+    from quantseal.lazy_source import LazySource
+    from quantseal.models import DECODER, embedding
+    from quantseal.tensorfile import SafetensorsReader
+    from quantseal.text import calibration_texts
+
+    batches = calibration_batches(tiny_llama_dir, calibration_texts(None, 12), 4)
+    src = LazySource(tiny_llama_dir)
+    key = "model.embed_tokens.weight"
+    got, rows_read = [], []
+    orig_get, orig_rows = LazySource.get, SafetensorsReader.get_rows
+    monkeypatch.setattr(LazySource, "get", lambda self, name: got.append(name) or orig_get(self, name))
+    monkeypatch.setattr(SafetensorsReader, "get_rows",
+                        lambda self, name, a, b: rows_read.append(b - a) or orig_rows(self, name, a, b))
+    model = src.load_outside_blocks(skip=frozenset({DECODER.embedding_attr}))
+    assert embedding(model, DECODER).weight.is_meta
+    x = capture_rows(src, model, batches, torch.device("cpu"), 1e9)
+    assert key not in got and 0 < sum(rows_read) < src.stored[key].shape[0]
+    assert embedding(model, DECODER).weight.is_meta  # put back
+    full = LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, local_files_only=True).eval()
+    ref = capture_block_inputs(full, DECODER, batches, torch.float32)
+    assert len(x.hidden) == len(ref.hidden) == len(batches)
+    for a, b in zip(x.hidden, ref.hidden):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    x.hidden.close()
+
+
+def test_copy_through_in_row_chunks_writes_the_same_bytes(tiny_llama_dir, tmp_path):
+    from quantseal.checkpoint_files import ShardedWriter
+    from quantseal.compress.streaming import copy_through
+    from quantseal.lazy_source import LazySource
+
+    src = LazySource(tiny_llama_dir)
+    keys = ["model.embed_tokens.weight", "model.norm.weight", "model.layers.0.mlp.down_proj.weight"]
+    specs = {k: src.stored[k] for k in keys}
+    for out, chunk in (("whole", 1 << 30), ("chunks", 100_000)):  # 100 kB: the 7.8 MB table in 79 chunks
+        (tmp_path / out).mkdir()
+        w = ShardedWriter(tmp_path / out, specs)
+        for k in keys:
+            copy_through(src, w, k, chunk_bytes=chunk)
+        assert w.close()  # every announced tensor written
+    _same_folders(tmp_path / "whole", tmp_path / "chunks")
