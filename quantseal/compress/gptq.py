@@ -79,8 +79,9 @@ class GPTQ:
         qmax = 2**spec.bits - 1
 
         # with ``consume`` H itself is the workspace (no K × K copy); the three factorisations
-        # write their result over their input (``out=``), so the solver holds H and whatever
-        # temporary torch's LAPACK call takes: two K × K arrays of H's dtype at most
+        # write their result over their input (``out=``) through H's transpose, a column-major
+        # view of the same symmetric matrix: LAPACK's own layout, so torch makes no temporary copy
+        # either (measured: no growth of the peak RSS) — one K × K array of H's dtype in all
         H = self.H if consume else self.H.clone()
         if consume:
             self.H = None
@@ -89,11 +90,12 @@ class GPTQ:
         W[:, dead] = 0
         damp = percdamp * torch.mean(torch.diag(H))
         H.diagonal().add_(damp)  # H + λI, in place: the same sums as adding λ·eye
-        torch.linalg.cholesky(H, out=H)  # L (lower)
-        torch.cholesky_inverse(H, out=H)  # H_F⁻¹ = (L Lᵀ)⁻¹
-        torch.linalg.cholesky(H, upper=True, out=H)  # upper factor: row q is (H_F⁻¹)_{q,:}/sqrt([H_F⁻¹]_qq)
-        Hinv = H if H.dtype == torch.float32 else H.float()
-        del H
+        A = H.mT  # = H (symmetric), column-major
+        torch.linalg.cholesky(A, out=A)  # L (lower)
+        torch.cholesky_inverse(A, out=A)  # H_F⁻¹ = (L Lᵀ)⁻¹
+        torch.linalg.cholesky(A, upper=True, out=A)  # upper factor: row q is (H_F⁻¹)_{q,:}/sqrt([H_F⁻¹]_qq)
+        Hinv = A if A.dtype == torch.float32 else A.float()
+        del H, A
 
         codes = torch.zeros(N, nb * B, dtype=torch.uint8, device=W.device)  # q ∈ [0, qmax]: exact
         scales = torch.zeros(N, nb, device=W.device)
@@ -128,7 +130,7 @@ class GPTQ:
                 err = (w - wq) / d
                 W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
                 Err1[:, i] = err
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # in place: no (N, K − i2) temporary
         if offset:
             codes[:, K:] = 0
             return QuantizedTensor(codes, scales, None, (N, K), spec, zeros)
