@@ -62,16 +62,20 @@ class GPTQ:
 
     @torch.no_grad()
     def quantize(self, spec: FormatSpec, blocksize: int = 128, percdamp: float = 0.01,
-                 consume: bool = False) -> QuantizedTensor:
+                 consume: bool = False, overwrite: bool = False) -> QuantizedTensor:
         """Run the lazy-batch Cholesky solver; returns codes/scales/zeros in our format.
 
         ``percdamp``: λ = percdamp · mean(diag H) is added to the diagonal (§4, "dampening").
         ``consume``: work in H's own memory (the solver's H is gone afterwards, as after
-        :meth:`free`); the result is the same either way."""
+        :meth:`free`); ``overwrite``: work in the layer's float32 weight itself (it holds the
+        error-updated weights afterwards, for a caller that replaces them with the dequantised
+        result); the result is the same either way."""
         if spec.kind not in ("int", "intf"):
             raise ValueError(f"GPTQ writes integer formats, not {spec.name}")
         offset = spec.kind == "intf"  # int4f: ŵ = s·q + m, the grid of each block fixed from its min/max
-        W = self.layer.weight.detach().to(torch.float32, copy=True)  # (N, K), one copy
+        W = self.layer.weight.detach()  # (N, K)
+        if not (overwrite and W.dtype == torch.float32 and W.is_contiguous()):
+            W = W.to(torch.float32, copy=True)  # one copy
         N, K = W.shape
         B = spec.block
         blocksize = max(B, (blocksize // B) * B)  # a lazy batch holds whole groups
@@ -201,8 +205,8 @@ def _input_group(block: nn.Module, rels: list[str], x: BlockInputs, solver: GPTQ
 @torch.no_grad()
 def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInputs,
                         spec: FormatSpec | dict[str, FormatSpec], percdamp: float = 0.01,
-                        tick: Tick | None = None, hessian_dtype: torch.dtype = torch.float32
-                        ) -> dict[str, QuantizedTensor]:
+                        tick: Tick | None = None, hessian_dtype: torch.dtype = torch.float32,
+                        sink: Callable[[str, QuantizedTensor], None] | None = None) -> dict[str, QuantizedTensor]:
     """GPTQ on one block's Linears, in order, each on inputs produced by the already-quantised
     Linears before it; the block's Linears are overwritten with their dequantised weights.
     ``x``: the block's inputs (moved batch by batch to the block's device); ``prefix``: the
@@ -212,7 +216,10 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
     Linears that read the same input tensor (:func:`_input_group`) share one Hessian, accumulated
     once, and each forward pass stops at the group's end: one K × K H alive at a time and fewer
     block passes (LLaMA: 4 partial passes instead of 7 whole ones), the same codes as one H per
-    Linear.  ``hessian_dtype``: H and its factorisations (float32; float64 is the slow reference)."""
+    Linear.  ``hessian_dtype``: H and its factorisations (float32; float64 is the slow reference).
+    ``sink``: called with ``(full_name, codes)`` as each Linear is done, which are then not kept
+    (the returned dict is empty): a streamed run writes them at once.  Each solve works in its
+    Linear's own weight (``overwrite``), which then receives the dequantised weights."""
     device = next(block.parameters()).device
     result: dict[str, QuantizedTensor] = {}
     rels = list(fam.linears)
@@ -226,9 +233,12 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
             solver.rows, solver.columns = layer.weight.shape
             full = f"{prefix}.{rel}"
             qt = solver.quantize(spec[full] if isinstance(spec, dict) else spec, percdamp=percdamp,
-                                 consume=j == n - 1)
+                                 consume=j == n - 1, overwrite=True)
             layer.weight.data = dequantize(qt).to(layer.weight.dtype)
-            result[full] = qt.cpu()
+            if sink is not None:
+                sink(full, qt.cpu())
+            else:
+                result[full] = qt.cpu()
             del qt
             if tick:
                 tick(f"block {prefix.rsplit('.', 1)[-1]} {rel}")

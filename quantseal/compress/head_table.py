@@ -64,7 +64,7 @@ def calibrate_table(table: torch.Tensor, x: torch.Tensor, spec: FormatSpec,
     lin.weight.data = table.detach().float().clone()
     solver = GPTQ(lin)
     solver.add_batch(x)
-    qt = solver.quantize(spec, percdamp=percdamp)
+    qt = solver.quantize(spec, percdamp=percdamp, consume=True, overwrite=True)  # lin is our own copy
     solver.free()
     return qt
 

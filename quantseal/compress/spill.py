@@ -25,12 +25,13 @@ DEFAULT_ACTIVATION_MB = 1024.0
 
 
 class SpillStore(Sequence):
-    """An append-only list of CPU tensors, in memory up to ``cap_bytes``, spilled to files beyond."""
+    """An append-only list of CPU tensors, in memory up to ``cap_bytes``, spilled to files beyond;
+    items can be dropped (:meth:`drop`) as they are consumed."""
 
     def __init__(self, cap_bytes: float, parent: str | Path | None = None):
         self.cap_bytes = float(cap_bytes)
         self.parent = parent
-        self._items: list[torch.Tensor | Path] = []
+        self._items: list[torch.Tensor | Path | None] = []  # None: dropped
         self.memory_bytes = 0
         self.spilled = 0
         self._folder: Path | None = None
@@ -60,7 +61,20 @@ class SpillStore(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         item = self._items[i]
+        if item is None:
+            raise LookupError(f"activation {i} was dropped")
         return SafetensorsReader(item).get("t") if isinstance(item, Path) else item
+
+    def drop(self, i: int) -> None:
+        """Free item ``i`` (its memory, or its file) once it is no longer needed: a store consumed
+        front to back while the next one fills holds one window in all, not two.  The item's place
+        stays (indices do not move); reading it again is an error."""
+        item = self._items[i]
+        if isinstance(item, Path):
+            item.unlink(missing_ok=True)
+        elif item is not None:
+            self.memory_bytes -= item.numel() * item.element_size()
+        self._items[i] = None
 
     def __len__(self) -> int:
         return len(self._items)

@@ -4,20 +4,24 @@ activations in memory, results written into the checkpoint as each block finishe
 The pass is GPTQ's own sequential capture-and-replay (Frantar et al. 2023, §4 "Step 3"; see
 :mod:`.gptq`), with the model read through :class:`~quantseal.lazy_source.LazySource`:
 
-1. the token table, final norm and rotary tables are materialised and block 0's inputs captured
-   for every calibration batch (``(B, T, H)`` float32 each, held in a :class:`~.spill.SpillStore`
-   up to ``activation_mb``, spilled to a temporary folder beyond it); then they are dropped;
+1. the final norm and rotary tables are materialised, the token table's rows for the calibration
+   ids read (:mod:`.token_rows`), and block 0's inputs captured for every calibration batch
+   (``(B, T, H)`` float32 each, held in a :class:`~.spill.SpillStore` up to ``activation_mb``,
+   spilled to a temporary folder beyond it); then the rows are dropped;
 2. for block i: its float weights are read from the source, :func:`~.gptq.gptq_quantize_block`
    quantises its Linears in order, the codes go straight to the checkpoint's shard files, the
-   block (now holding the dequantised weights) maps the inputs to block i + 1's, and its memory is
-   released;
-3. the untouched tensors (norms, the token table or its ``--table`` quantisation) are copied
-   through one at a time, and the folder is published as a unit.
+   block (now holding the dequantised weights) maps the inputs to block i + 1's (each input
+   dropped once its output exists), and its memory is released;
+3. the untouched tensors (norms, the token table in row chunks, or its ``--table`` quantisation,
+   which reads the whole table) are copied through one at a time, and the folder is published as
+   a unit.
 
-Peak memory is about the token table (during the capture), or one block's weights, one GPTQ
-Hessian (one per group of Linears reading the same input; the solver works in its memory, two
-K × K float64 arrays at once for the widest Linear, K = the MLP width for ``down_proj``) and two
-windows of activations: flat in depth, growing with width (K² for the solver).
+Peak memory is about one block's float32 weights, one GPTQ Hessian (one per group of Linears
+reading the same input; float32, factorised in its own memory: one K × K array for the widest
+Linear, K = the MLP width for ``down_proj``) and one window of activations (each batch's input is
+dropped as its output is made): flat in depth, growing with width (K² for the solver).  The token
+table is never whole in memory: block 0's inputs come from the calibration ids' rows
+(:mod:`.token_rows`) and the table is copied through in row chunks.
 Every number equals the in-memory path's (:func:`~.gptq.gptq_quantize_model`): the same block
 code on the same float32 weights and inputs, so the checkpoint is byte-identical
 (tests/compress/test_streaming.py).
@@ -66,11 +70,17 @@ def output_specs(source: LazySource, linears: list[str], spec: FormatSpec,
 
 @torch.no_grad()
 def run_block_spilled(block: torch.nn.Module, x: BlockInputs, cap_bytes: float,
-                      device: torch.device = torch.device("cpu")) -> BlockInputs:
-    """The next block's inputs (float32, on the CPU), held in a new :class:`SpillStore`."""
+                      device: torch.device = torch.device("cpu"), consume: bool = False) -> BlockInputs:
+    """The next block's inputs (float32, on the CPU), held in a new :class:`SpillStore`.
+    ``consume``: each batch's input is dropped from ``x.hidden`` (a :class:`SpillStore`) as soon
+    as its output exists, so the two windows together hold one window's activations (+ a batch)."""
     out = SpillStore(cap_bytes)
-    for h, a, kw in zip(x.hidden, x.args, x.kwargs):
+    for i, (a, kw) in enumerate(zip(x.args, x.kwargs)):
+        h = x.hidden[i]
         out.append(block_forward(block, h.to(device), *to_device((a, kw), device)).to(torch.float32))
+        del h
+        if consume:
+            x.hidden.drop(i)
     return x.with_hidden(out)
 
 
@@ -137,17 +147,18 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
             done[0] += 1
             callback("gptq", done[0], len(linears), {"layer": what})
 
+        def write(name: str, qt) -> None:  # each Linear's codes written as soon as they exist
+            mt = ckpt.matrix_tensors(name, spec, qt, None, None, None)
+            stored = sum(t.numel() * t.element_size() for t in mt.values())
+            for key, t in mt.items():
+                writer.put(key, t)
+            entries[name] = ckpt.MatrixEntry(spec.name, 0, list(qt.shape), 0.0, stored, "linear")
+
         for bi, block in enumerate(blocks(model, fam)):
             prefix = f"{fam.blocks_attr}.{bi}"
             source.load_module(block, prefix, device)
-            quantized = gptq_quantize_block(block, prefix, fam, x, spec, tick=tick)
-            for name, qt in quantized.items():
-                mt = ckpt.matrix_tensors(name, spec, qt, None, None, None)
-                stored = sum(t.numel() * t.element_size() for t in mt.values())
-                for key, t in mt.items():
-                    writer.put(key, t)
-                entries[name] = ckpt.MatrixEntry(spec.name, 0, list(qt.shape), 0.0, stored, "linear")
-            nxt = run_block_spilled(block, x, cap, device) if bi + 1 < len(blocks(model, fam)) else None
+            gptq_quantize_block(block, prefix, fam, x, spec, tick=tick, sink=write)
+            nxt = run_block_spilled(block, x, cap, device, consume=True) if bi + 1 < len(blocks(model, fam)) else None
             x.hidden.close()
             x = nxt
             source.release(block)

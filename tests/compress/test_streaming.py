@@ -122,6 +122,61 @@ def test_spill_store_round_trips_and_removes_its_folder():
     assert not folder.exists()
 
 
+def test_spill_store_drops_items_from_memory_and_disk():
+    gen = torch.Generator().manual_seed(1)
+    ts = [torch.randn(2, 3, 5, generator=gen) for _ in range(4)]
+    store = SpillStore(cap_bytes=2 * 2 * 3 * 5 * 4)
+    for t in ts:
+        store.append(t)
+    folder = store._folder
+    store.drop(0)  # in memory
+    assert store.memory_bytes == 2 * 3 * 5 * 4
+    store.drop(3)  # on disk
+    assert len(list(folder.iterdir())) == 1 and len(store) == 4  # places kept
+    assert torch.equal(store[1], ts[1]) and torch.equal(store[2], ts[2])
+    for i in (0, 3):
+        with pytest.raises(LookupError, match="dropped"):
+            store[i]
+    store.drop(0)  # twice: nothing more to free
+    assert store.memory_bytes == 2 * 3 * 5 * 4
+    store.close()
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("cap", [1e9, 700.0])  # all in memory; most batches spilled
+def test_a_consumed_window_gives_the_same_next_inputs_and_is_emptied(tiny_llama_dir, cap):
+    """run_block_spilled(consume=True): the same outputs, bit for bit, and every input dropped
+    as soon as its output is made (the inputs' store holds none by the end)."""
+    from transformers import LlamaForCausalLM
+
+    from quantseal.compress.calibration import capture_block_inputs
+    from quantseal.compress.streaming import run_block_spilled
+    from quantseal.models import DECODER, blocks
+
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, local_files_only=True).eval()
+    gen = torch.Generator().manual_seed(2)
+    batches = [{"input_ids": torch.randint(1, 30522, (3, 7), generator=gen),
+                "attention_mask": torch.ones(3, 7, dtype=torch.long)} for _ in range(4)]
+    block = blocks(model, DECODER)[0]
+    outs = {}
+    for consume in (False, True):
+        x = capture_block_inputs(model, DECODER, batches, torch.float32, store=SpillStore(cap))
+        sizes = []
+        orig_drop = x.hidden.drop
+        x.hidden.drop = lambda i: orig_drop(i) or sizes.append(x.hidden.memory_bytes)
+        nxt = run_block_spilled(block, x, cap, consume=consume)
+        outs[consume] = list(nxt.hidden)
+        if consume:
+            assert len(sizes) == 4 and sizes[-1] == 0 and (cap < 1e9 or sizes == sorted(sizes, reverse=True))
+            if x.hidden._folder is not None:
+                assert not list(x.hidden._folder.iterdir())  # spilled inputs deleted too
+        else:
+            assert not sizes and all(t is not None for t in x.hidden)
+        x.hidden.close()
+        nxt.hidden.close()
+    assert all(torch.equal(a, b) for a, b in zip(outs[False], outs[True]))
+
+
 @pytest.mark.slow
 def test_minilm_rtn_streamed_equals_in_memory_bytes(minilm_path, tmp_path):
     kw = dict(model=minilm_path, method="rtn", budget_bits=4.5, workers=1)
