@@ -234,7 +234,9 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
             full = f"{prefix}.{rel}"
             qt = solver.quantize(spec[full] if isinstance(spec, dict) else spec, percdamp=percdamp,
                                  consume=j == n - 1, overwrite=True)
-            layer.weight.data = dequantize(qt).to(layer.weight.dtype)
+            dtype = layer.weight.dtype
+            layer.weight.data = layer.weight.data.new_empty(0)  # the solve's workspace: freed first
+            layer.weight.data = dequantize(qt).to(dtype)
             if sink is not None:
                 sink(full, qt.cpu())
             else:

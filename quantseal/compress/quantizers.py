@@ -208,14 +208,14 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     """float32 (N, K) from codes and block parameters."""
     n, k = qt.shape
     spec = qt.spec
-    q = qt.codes.reshape(n, -1, spec.block).float()
+    codes = qt.codes.reshape(n, -1, spec.block)
     if spec.kind == "nf":
-        w = NF4_LEVELS.to(device=q.device, dtype=torch.float32)[q.long()] * qt.scales[..., None]
+        w = NF4_LEVELS.to(device=codes.device, dtype=torch.float32)[codes.long()] * qt.scales[..., None]
     elif spec.kind == "intf":
-        w = q * qt.scales[..., None] + qt.offsets[..., None]
+        w = codes.to(torch.float32, copy=True).mul_(qt.scales[..., None]).add_(qt.offsets[..., None])  # s·q + m
     else:
         zero = qt.zeros.float() if qt.zeros is not None else torch.full_like(qt.scales, 2.0 ** (spec.bits - 1))
-        w = (q - zero[..., None]) * qt.scales[..., None]
+        w = codes.to(torch.float32, copy=True).sub_(zero[..., None]).mul_(qt.scales[..., None])  # (q − z)·s, in place
     return w.reshape(n, -1)[:, :k]
 
 
