@@ -21,12 +21,16 @@ def pack_lsb_first(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per = 8 // bits
     length = codes.shape[-1]
     pad = (-length) % per
-    c = codes.to(torch.int32)
+    c = codes.to(torch.uint8)
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
     c = c.reshape(*c.shape[:-1], -1, per)
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    return (c << shifts).sum(-1).to(torch.uint8)
+    # in uint8 throughout (a code < 2^bits shifted by < 8 − bits + 1 places fits a byte, and the
+    # slots do not overlap, so OR = sum): temporaries of 1/per the codes' size, never int32/int64
+    out = c[..., 0].clone()
+    for j in range(1, per):
+        out |= c[..., j] << (j * bits)
+    return out
 
 
 def unpack_lsb_first(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
