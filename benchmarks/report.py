@@ -316,6 +316,21 @@ def scale_llama_table(res: dict) -> str:
                     f"within 30 %: {within}")
     if done:
         lines += ["", "Done when (issue 12, on the synthetic 1B): " + "; ".join(done) + "."]
+    phases = {s: runs.get(s, {}).get("gptq_phases") for s in ("135M", "360M", "1B")}
+    phases = {s: r for s, r in phases.items() if r and r.get("rc", 0) == 0 and r.get("phases")}
+    if phases:
+        sizes = list(phases)
+        lines += ["", "Where streamed gptq's peak goes (`--steps gptq_phases`: the same compress of a 2-block model "
+                  "of each width; resident set at the end of each Linear's phase / the peak over it, MB; a block's "
+                  "first Linear's phase also holds the previous block's forward pass and this block's load):", "",
+                  "| phase | " + " | ".join(f"{s} width" for s in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+        for i, row in enumerate(phases[sizes[0]]["phases"]):
+            cells = []
+            for s in sizes:
+                ph = phases[s]["phases"]
+                cells.append(f"{ph[i]['rss_mb']:.0f} / {ph[i]['peak_mb']:.0f}" if i < len(ph) else "—")
+            lines.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
+        lines.append("| whole run's peak | " + " | ".join(f"{phases[s]['peak_rss_mb']:.0f}" for s in sizes) + " |")
     if res.get("gptq_memory"):
         lines += ["", res["gptq_memory"]]
     ray = res.get("ray")

@@ -14,7 +14,9 @@ Per size:
 * ``export`` of the RTN checkpoint (default flags: one file under 1.8 GB) and ``export
   --external-data always``;
 * decode CPU-ms per token of that export: onnxruntime, 1 intra-op thread, an 8-token prompt then
-  32 greedy tokens through the KV cache, process CPU time of the 32 steps / 32.
+  32 greedy tokens through the KV cache, process CPU time of the 32 steps / 32;
+* ``gptq_phases``: where streamed gptq's peak goes — the same compress of a 2-block model of the
+  size's width (``llama-<size>-2blocks``), the resident set and its peak over each Linear's phase.
 
 Then least-squares fits ``a + b·P`` (P = parameters in millions) per command, their 7B and 70B
 values (CPU-hours, GB), and a plot.  The Ray rows (candidate table 1 vs 2 local workers vs Ray 2
@@ -48,7 +50,8 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 NAME = "scale_llama"
 SIZES = ("135M", "360M", "1B")
-STEPS = ("compress_rtn", "compress_gptq", "compress_cbq", "lq_table", "export", "export_external", "decode")
+STEPS = ("compress_rtn", "compress_gptq", "compress_cbq", "lq_table", "export", "export_external", "decode",
+         "gptq_phases")
 FIT_STEPS = ("compress_rtn", "compress_gptq", "compress_cbq", "lq_table", "export")
 COMPRESS_STEPS = ("compress_rtn", "compress_gptq", "compress_cbq")
 EXTRAPOLATE = {"7B": 7000.0, "70B": 70000.0}
@@ -84,6 +87,31 @@ for n in sorted(names):
     rows.append({'matrix': n, 'shape': list(w.shape), 'candidates': len(cands),
                  'cpu_seconds': round(time.process_time() - c0, 2), 'seconds': round(time.perf_counter() - t0, 2)})
 print(json.dumps(rows))
+"""
+
+# where streamed gptq's peak goes: the same compress (gptq, W4, the CLI's defaults) of a 2-block model
+# of the size's width, the resident set and its peak (VmHWM, reset through /proc/self/clear_refs after
+# each reading) at the end of each Linear: each row's peak covers that Linear's phase (its Hessian's
+# forward passes, solve, dequantisation and write; the first Linear of a block also the previous
+# block's forward pass and this block's load)
+_GPTQ_PHASES = """
+import json, sys, time
+from pathlib import Path
+from quantseal.compress.calibrated import CalibratedConfig, calibrated_compress
+def mb(field):
+    return round(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field)) / 1024, 1)
+def reset():
+    open('/proc/self/clear_refs', 'w').write('5')
+rows = []
+def cb(stage, done, total, info):
+    rows.append({'layer': info.get('layer'), 'rss_mb': mb('VmRSS'), 'peak_mb': mb('VmHWM')})
+    reset()
+c0 = time.process_time()
+calibrated_compress(CalibratedConfig(model=Path(sys.argv[1]), output=Path(sys.argv[2]), method='gptq', wbits=4,
+                                     activation_mb=float(sys.argv[3])), cb)
+rows.append({'layer': 'end (table copied through, published)', 'rss_mb': mb('VmRSS'), 'peak_mb': mb('VmHWM')})
+print(json.dumps({'phases': rows, 'phase_cpu_seconds': round(time.process_time() - c0, 1),
+                  'peak_rss_mb': max(r['peak_mb'] for r in rows)}))
 """
 
 _DECODE = """
@@ -188,6 +216,18 @@ def run_step(step: str, size: str, models: Path, work: Path, ck_dir: Path, given
                  "cbq": ["--wbits", "4", "--activation-mb", f"{activation_mb:g}", "--steps", str(cbq_steps)]}[method]
         return measured(["compress", str(src), "-o", str(ck[method]), "--method", method, "--workers", "1",
                          "--json", *extra])
+    if step == "gptq_phases":
+        two = models / f"llama-{size.lower()}-2blocks"
+        if not (two / "config.json").is_file():
+            sys.path.insert(0, str(HERE))
+            from synthetic_llama import make_synthetic
+
+            log(f"making {two}")
+            make_synthetic(size, two, seed=0, num_hidden_layers=2)
+        res = measured([str(two), str(ck_dir / f"ck-{size.lower()}-2blocks-gptq"), f"{activation_mb:g}"],
+                       code=_GPTQ_PHASES)
+        res.update(res.pop("report", {}))
+        return {**res, "model": str(two), "blocks": 2}
     if step == "lq_table":
         res = measured([str(src)], code=_LQ_LAYER)
         rows = res.pop("report", [])
