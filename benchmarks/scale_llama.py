@@ -364,12 +364,16 @@ def main() -> None:
     ap.add_argument("--cbq-steps", type=int, default=200, help="compress cbq --steps (the CLI's default)")
     ap.add_argument("--render", action="store_true", help="only recompute fits, plot and table from the JSON")
     ap.add_argument("--note", help="a line stored with the results (which code measured what), shown under the table")
+    ap.add_argument("--gptq-memory", help="a paragraph stored with the results: where gptq's peak goes (shown under "
+                                          "the gptq_phases table)")
     a = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     res = _load()
     _ray_rows(res)
     if a.note is not None:
         res["note"] = a.note
+    if a.gptq_memory is not None:
+        res["gptq_memory"] = a.gptq_memory
     if a.render:
         render(res)
         return
