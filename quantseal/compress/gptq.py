@@ -72,16 +72,17 @@ class GPTQ:
         result); the result is the same either way."""
         if spec.kind not in ("int", "intf"):
             raise ValueError(f"GPTQ writes integer formats, not {spec.name}")
-        offset = spec.kind == "intf"  # int4f: ŵ = s·q + m, the grid of each block fixed from its min/max
         W = self.layer.weight.detach()  # (N, K)
         if not (overwrite and W.dtype == torch.float32 and W.is_contiguous()):
             W = W.to(torch.float32, copy=True)  # one copy
-        N, K = W.shape
-        B = spec.block
-        blocksize = max(B, (blocksize // B) * B)  # a lazy batch holds whole groups
-        nb = -(-K // B)
-        qmax = 2**spec.bits - 1
+        Hinv, dead = self.factor(percdamp, consume)
+        return self.solve(W, Hinv, dead, spec, blocksize)
 
+    @torch.no_grad()
+    def factor(self, percdamp: float = 0.01, consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, dead)``: the upper Cholesky factor of (H + λI)⁻¹ (float32, (K, K)) and the columns
+        no input reached (``(K,)`` bool); shared by every row of the weight (:meth:`solve`).
+        ``consume``: in H's own memory (the solver's H is gone afterwards)."""
         # with ``consume`` H itself is the workspace (no K × K copy); the three factorisations
         # write their result over their input (``out=``) through H's transpose, a column-major
         # view of the same symmetric matrix: LAPACK's own layout, so torch makes no temporary copy
@@ -91,15 +92,31 @@ class GPTQ:
             self.H = None
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
-        W[:, dead] = 0
         damp = percdamp * torch.mean(torch.diag(H))
         H.diagonal().add_(damp)  # H + λI, in place: the same sums as adding λ·eye
         A = H.mT  # = H (symmetric), column-major
         torch.linalg.cholesky(A, out=A)  # L (lower)
         torch.cholesky_inverse(A, out=A)  # H_F⁻¹ = (L Lᵀ)⁻¹
         torch.linalg.cholesky(A, upper=True, out=A)  # upper factor: row q is (H_F⁻¹)_{q,:}/sqrt([H_F⁻¹]_qq)
-        Hinv = A if A.dtype == torch.float32 else A.float()
-        del H, A
+        return (A if A.dtype == torch.float32 else A.float()), dead
+
+    @staticmethod
+    @torch.no_grad()
+    def solve(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, spec: FormatSpec,
+              blocksize: int = 128) -> QuantizedTensor:
+        """The lazy-batch column sweep on the float32 rows ``W: (N, K)`` (their workspace: changed)
+        with :meth:`factor`'s ``(Hinv, dead)``.  Every step is row-wise given ``Hinv``, so any
+        split of the rows into chunks gives the rows' own codes (head_table.py solves a token
+        table in row chunks)."""
+        if spec.kind not in ("int", "intf"):
+            raise ValueError(f"GPTQ writes integer formats, not {spec.name}")
+        offset = spec.kind == "intf"  # int4f: ŵ = s·q + m, the grid of each block fixed from its min/max
+        W[:, dead] = 0
+        N, K = W.shape
+        B = spec.block
+        blocksize = max(B, (blocksize // B) * B)  # a lazy batch holds whole groups
+        nb = -(-K // B)
+        qmax = 2**spec.bits - 1
 
         codes = torch.zeros(N, nb * B, dtype=torch.uint8, device=W.device)  # q ∈ [0, qmax]: exact
         scales = torch.zeros(N, nb, device=W.device)

@@ -57,21 +57,32 @@ def head_inputs(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> tor
 
 
 def calibrate_table(table: torch.Tensor, x: torch.Tensor, spec: FormatSpec,
-                    percdamp: float = DEFAULT_PERCDAMP) -> QuantizedTensor:
+                    percdamp: float = DEFAULT_PERCDAMP, chunk_rows: int = 4096) -> QuantizedTensor:
     """GPTQ codes of the tied table ``table: (V, H)`` as the head's weight, for head inputs
-    ``x: (n, H)``; returns the table in ``spec`` (an integer format)."""
-    lin = nn.Linear(table.shape[1], table.shape[0], bias=False)
-    lin.weight.data = table.detach().float().clone()
-    solver = GPTQ(lin)
+    ``x: (n, H)``; returns the table in ``spec`` (an integer format).
+
+    The head's H × H Hessian is factorised once and the rows are solved ``chunk_rows`` at a time
+    (:meth:`.gptq.GPTQ.solve`: every step is row-wise given the factor), so besides the table only
+    one chunk's float32 copy and the uint8 codes live at once (never a second float table)."""
+    V, K = table.shape
+    solver = GPTQ(nn.Linear(K, 1, bias=False, device=table.device))  # the Hessian's shape and device
     solver.add_batch(x)
-    qt = solver.quantize(spec, percdamp=percdamp, consume=True, overwrite=True)  # lin is our own copy
-    solver.free()
-    return qt
+    Hinv, dead = solver.factor(percdamp, consume=True)
+    parts = [GPTQ.solve(table[r0:r0 + chunk_rows].detach().to(torch.float32, copy=True), Hinv, dead, spec)
+             for r0 in range(0, V, chunk_rows)]
+    cat = lambda f: None if f(parts[0]) is None else torch.cat([f(p) for p in parts])  # noqa: E731
+    return QuantizedTensor(codes=cat(lambda p: p.codes), scales=cat(lambda p: p.scales), zeros=cat(lambda p: p.zeros),
+                           shape=(V, K), spec=spec, offsets=cat(lambda p: p.offsets))
 
 
-def head_error(table: torch.Tensor, table_hat: torch.Tensor, x: torch.Tensor) -> float:
+def head_error(table: torch.Tensor, table_hat: torch.Tensor, x: torch.Tensor, chunk_rows: int = 4096) -> float:
     """‖(E − Ê) Xᵀ‖²_F in float64: the head's summed squared logit error over the inputs ``x``,
-    computed as Σ (D G) ⊙ D with D = E − Ê and G = XᵀX (H × H), never forming the (n, V) logits."""
-    d = table.double() - table_hat.double()
+    computed as Σ (D G) ⊙ D with D = E − Ê and G = XᵀX (H × H), never forming the (n, V) logits;
+    ``chunk_rows`` rows of D at a time (float64 copies of a chunk, not of the table)."""
     x = x.double()
-    return float(((d @ (x.T @ x)) * d).sum())
+    g = x.T @ x
+    total = 0.0
+    for r0 in range(0, table.shape[0], chunk_rows):
+        d = table[r0:r0 + chunk_rows].double() - table_hat[r0:r0 + chunk_rows].double()
+        total += float(((d @ g) * d).sum())
+    return total
