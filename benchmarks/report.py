@@ -48,7 +48,9 @@ def decoder_table(res: dict) -> str:
     lines = ["### SmolLM2-135M-Instruct: quantseal decoder exports vs onnxruntime-genai's model builder", "",
              f"`{res['command']}` — every variant run through onnxruntime-genai (greedy, batch 1, "
              f"{res['new_tokens']} new tokens after a 20-token prompt; prefill of {res['prefill_tokens']} tokens), "
-             f"variants interleaved over {res['rounds']} rounds, medians; perplexity over {res['eval_tokens']} "
+             f"variants interleaved over {res['rounds']} rounds, medians"
+             + (f" (each round's decode the median of {res['repeats']} in its process)" if res.get("repeats") else "")
+             + f"; perplexity over {res['eval_tokens']} "
              f"held-out tokens (onnxruntime on `model.onnx`); quantseal budgets: ≤ {res['budget_mb']} MB "
              "(the builder int4 file). 1-minute load average "
              + (f"at the start {res['load_avg_at_start'][0]:.1f}, " if "load_avg_at_start" in res else "")
