@@ -156,7 +156,8 @@ class StreamedBlocks:
         self.peak_loaded = max(self.peak_loaded, len(self.loaded))
         if self.x_pf is not None:  # cfp_prefold's step: fold, output unchanged
             out = self.new_list()
-            _prepare_float_block(block, self.fam, self.x_pf, self.cfg, self.folded, prefix, {}, out=_Casting(out, self.dtype))
+            _prepare_float_block(block, self.fam, self.x_pf, self.cfg, self.folded, prefix, {},
+                                 out=_Casting(out, self.dtype))
             self.x_pf = self.x_pf.with_hidden(out) if i + 1 < len(self) else None
         if self.x_g is not None:  # gptq_init's step: GPTQ's codes of the folded block, on a copy
             with torch.no_grad():
@@ -276,7 +277,8 @@ def stream_cbq(cfg: CalibratedConfig, source: LazySource, callback, t0: float | 
                     sink.put(full, t.detach().contiguous())
                     written.add(full)
             if head is not None:  # the LM head's inputs run through the finished (dequantised) model
-                head = head.with_hidden(_run_into(pool.new_list(), lambda t, a, kw: block_forward(block, t, a, kw), head))
+                nxt = _run_into(pool.new_list(), lambda t, a, kw: block_forward(block, t, a, kw), head)
+                head = head.with_hidden(nxt)
             held.release(i)
 
         cbq_windows(len(held), held, finish, fam, inputs, ccfg, res, callback, init, prefolded=init is not None,
