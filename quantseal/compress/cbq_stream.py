@@ -40,6 +40,7 @@ import contextlib
 import copy
 import time
 import weakref
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -129,16 +130,22 @@ class StreamedBlocks:
     computed for it then (see the module notes), and :meth:`release` drops it."""
 
     def __init__(self, source: LazySource, device: torch.device, inputs: BlockInputs, cfg: CBQConfig,
-                 specs: dict[str, FormatSpec], init: dict | None, folded: dict, new_list):
+                 specs: dict[str, FormatSpec], init: dict | None, folded: dict, new_list,
+                 prepare: Callable[[int, str, nn.Module], None] | None = None):
+        """``init`` (a dict, filled in here) for GPTQ's starting codes, None for round-to-nearest;
+        ``prepare(i, prefix, block)`` instead of GPTQ: the caller's own starting point for a
+        freshly loaded block (LQ+CBQ: the plan's codes and low-rank branches)."""
         self.source, self.fam, self.device, self.cfg = source, source.fam, device, cfg
         self.specs, self.init, self.folded, self.new_list = specs, init, folded, new_list
+        self.prepare = prepare
         self.blocks = blocks(source.model, source.fam)
         self.loaded: dict[int, nn.Module] = {}
         self.next = 0
         self.dtype = inputs.hidden[0].dtype
-        prefold = init is not None and cfg.abits < 16 and cfg.cfp_activations  # cfp_prefold's condition
+        gptq = init is not None and prepare is None
+        prefold = gptq and cfg.abits < 16 and cfg.cfp_activations  # cfp_prefold's condition
         self.x_pf = inputs if prefold else None  # the unfolded float stream cfp_prefold walks
-        self.x_g = inputs if init is not None else None  # GPTQ's quantised stream
+        self.x_g = inputs if gptq else None  # GPTQ's quantised stream
         self.peak_loaded = 0  # the most float blocks held at once
 
     def __len__(self) -> int:
@@ -154,6 +161,8 @@ class StreamedBlocks:
         block = self.source.load_module(self.blocks[i], prefix, self.device)
         self.loaded[i] = block
         self.peak_loaded = max(self.peak_loaded, len(self.loaded))
+        if self.prepare is not None:
+            self.prepare(i, prefix, block)
         if self.x_pf is not None:  # cfp_prefold's step: fold, output unchanged
             out = self.new_list()
             _prepare_float_block(block, self.fam, self.x_pf, self.cfg, self.folded, prefix, {},
@@ -172,22 +181,34 @@ class StreamedBlocks:
         self.source.release(self.loaded.pop(i))
 
 
-class _Staged:
-    """Finished tensors kept in a scratch folder until the checkpoint's tensor list is known."""
+class StagedTensors(Mapping):
+    """Named tensors kept in a scratch folder (a :class:`~.spill.SpillStore` that spills
+    everything) until they can be written: ``put(name, t)``, then read back by name."""
 
     def __init__(self):
         self.store = SpillStore(0)  # every tensor to disk
-        self.names: list[str] = []
+        self.index: dict[str, int] = {}
         self.infos: dict[str, TensorInfo] = {}
 
     def put(self, name: str, t: torch.Tensor) -> None:
+        self.index[name] = len(self.store)
         self.store.append(t)
-        self.names.append(name)
         self.infos[name] = info_of(t)
 
-    def drain(self, writer: ckpt.CheckpointWriter) -> None:
-        for name, t in zip(self.names, self.store):
-            writer.put(name, t)
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.store[self.index[name]]
+
+    def __iter__(self):
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def drain(self, writer: ckpt.CheckpointWriter, skip: set[str] = frozenset()) -> None:
+        """Write every staged tensor not in ``skip`` to ``writer``, then delete the folder."""
+        for name in self.index:
+            if name not in skip:
+                writer.put(name, self[name])
         self.store.close()
 
 
@@ -238,10 +259,13 @@ def stream_cbq(cfg: CalibratedConfig, source: LazySource, callback, t0: float | 
     t_cal = time.perf_counter()
     inputs = capture_block_inputs(model, fam, batches, torch.float16, store=pool.new_list())
     head = capture_block_inputs(model, fam, batches, torch.float32, store=pool.new_list()) if calibrate else None
-    staged = _Staged() if ccfg.abits < 16 else None  # CFP may add input_smooth vectors
+    staged = StagedTensors() if ccfg.abits < 16 else None  # CFP may add input_smooth vectors
     with contextlib.ExitStack() as stack:
-        writer = None if staged else stack.enter_context(ckpt.CheckpointWriter(cfg.output, specs, cfg.model))
-        sink = staged or writer
+        writer = None if staged is not None else stack.enter_context(ckpt.CheckpointWriter(cfg.output, specs,
+                                                                                           cfg.model))
+        sink = writer if staged is None else staged
+        if staged is not None:
+            stack.callback(staged.store.close)  # the scratch folder goes, whatever happens
         if table is not None and not calibrate:  # round-to-nearest, from the table loaded now
             w = source.model.get_submodule(fam.embedding_attr).weight.detach().float().cpu()
             name, mt, entries[name] = table_entry(fam.embedding_attr, w, table)

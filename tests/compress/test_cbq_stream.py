@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import filecmp
 import json
-import shutil
 import weakref
 from pathlib import Path
 
@@ -17,33 +16,7 @@ from quantseal.compress.calibrated import CalibratedConfig, calibrated_compress
 from quantseal.compress.spill import SpillStore
 from quantseal.lazy_source import LazySource, open_source
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=30522,
-            max_position_embeddings=256, tie_word_embeddings=True)
 FAST = dict(method="cbq", calib_samples=16, batch_size=8, steps=3, rank=4, window=2)
-
-
-@pytest.fixture(scope="module")
-def llamas(tmp_path_factory, minilm_path):
-    """Seeded tiny LLaMAs (hidden 64, GQA 4/2, tied table; tests/conftest.py's tiny_llama_dir at
-    other depths, with one sharp v_proj row per block) of n blocks, built on demand."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("cbq_stream")
-    made: dict[int, Path] = {}
-
-    def get(n: int) -> Path:
-        if n not in made:
-            torch.manual_seed(0)
-            model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=n, **TINY)).eval()
-            with torch.no_grad():  # an outlier channel in o_proj's input: CFP gives o_proj an input scale
-                for layer in model.model.layers:
-                    layer.self_attn.v_proj.weight[3] *= 30
-            made[n] = root / f"l{n}"
-            model.save_pretrained(made[n], safe_serialization=True)
-            shutil.copyfile(minilm_path / "tokenizer.json", made[n] / "tokenizer.json")
-        return made[n]
-
-    return get
 
 
 def _same_folders(a: Path, b: Path) -> None:
@@ -81,8 +54,8 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_streamed_cbq_writes_the_in_memory_bytes(llamas, tmp_path, monkeypatch, case):
-    src = llamas(3)
+def test_streamed_cbq_writes_the_in_memory_bytes(tiny_llamas, tmp_path, monkeypatch, case):
+    src = tiny_llamas(3)
     kw = dict(model=src, **FAST, **CASES[case])
     calls = _spied(monkeypatch)
     spilled, folders = [], []
@@ -158,10 +131,10 @@ def _streamed_peaks(src: Path, out: Path, monkeypatch) -> dict:
     return {**peaks, **stats}
 
 
-def test_streamed_cbq_memory_is_flat_in_depth(llamas, tmp_path, monkeypatch):
-    shallow = _streamed_peaks(llamas(4), tmp_path / "ck4", monkeypatch)
-    deep = _streamed_peaks(llamas(6), tmp_path / "ck6", monkeypatch)
-    stored = open_source(llamas(6)).stored
+def test_streamed_cbq_memory_is_flat_in_depth(tiny_llamas, tmp_path, monkeypatch):
+    shallow = _streamed_peaks(tiny_llamas(4), tmp_path / "ck4", monkeypatch)
+    deep = _streamed_peaks(tiny_llamas(6), tmp_path / "ck6", monkeypatch)
+    stored = open_source(tiny_llamas(6)).stored
     one_block = sum(i.nbytes for k, i in stored.items() if k.startswith("model.layers.0."))
     # a window of 2 float blocks and 2 CBQ copies at most, whether 4 or 6 blocks deep (the
     # in-memory path holds every block: 3x the float bytes at 6 blocks)
@@ -171,10 +144,10 @@ def test_streamed_cbq_memory_is_flat_in_depth(llamas, tmp_path, monkeypatch):
     assert shallow["peak_activation_bytes"] == deep["peak_activation_bytes"] > 0
 
 
-def test_cli_compress_cbq_streams_a8_and_refuses_a_bad_cap(llamas, tmp_path, monkeypatch, capsys):
+def test_cli_compress_cbq_streams_a8_and_refuses_a_bad_cap(tiny_llamas, tmp_path, monkeypatch, capsys):
     from quantseal.cli import main
 
-    src = llamas(2)
+    src = tiny_llamas(2)
     calls = _spied(monkeypatch)
     out = tmp_path / "ck"
     assert main(["compress", str(src), "-o", str(out), "--method", "cbq", "--abits", "8", "--steps", "2",
