@@ -165,3 +165,30 @@ def test_cli_compress_cbq_streams_a8_and_refuses_a_bad_cap(tiny_llamas, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--activation-mb" in err[0]
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("abits", ["16", "8"])  # the checkpoint written directly / staged first
+def test_a_nan_in_a_later_block_is_named_and_nothing_is_written(tiny_llamas, tmp_path, monkeypatch, capsys, abits):
+    from safetensors.torch import load_file, save_file
+
+    from quantseal.cli import main
+
+    src = tmp_path / "m"
+    src.mkdir()
+    for f in tiny_llamas(3).iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    t = load_file(str(src / "model.safetensors"))
+    t["model.layers.2.mlp.up_proj.weight"][0, 0] = float("nan")  # read only once blocks 0-1 are trained
+    save_file(t, str(src / "model.safetensors"), metadata={"format": "pt"})
+    folders = []
+    real_dir = SpillStore._dir
+    monkeypatch.setattr(SpillStore, "_dir", lambda self: folders.append(real_dir(self)) or folders[-1])
+    out = tmp_path / "out"
+    out.mkdir()
+    capsys.readouterr()  # what building the fixture printed
+    assert main(["compress", str(src), "-o", str(out / "ck"), "--method", "cbq", "--abits", abits, "--steps", "1",
+                 "--rank", "2", "--calib-samples", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.layers.2.mlp.up_proj.weight" in err[0] and "NaN" in err[0]
+    assert not list(out.iterdir())  # no checkpoint, no temporary folder beside it
+    assert not any(f.exists() for f in folders)
