@@ -30,13 +30,15 @@ L₀ the window's loss at its round-to-nearest start (so λ is scale-free).
 Windows of k consecutive blocks slide with overlap 1 (stride k − 1): a block shared by two
 windows keeps its parameters and is trained again; the hard-rounded output of the blocks a
 window finalises is the next window's quantised input, the float model's output its target.
+The window loop (:func:`cbq_windows`) does not care who holds the blocks: the whole model here, one
+window read from the safetensors source at a time in :mod:`.cbq_stream` (the same bytes).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from collections.abc import MutableSequence
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
