@@ -306,6 +306,12 @@ def scale_llama_table(res: dict) -> str:
             rs = "—" if r is None else f"{r['a']:.0f} + {r['b']:.2f}·P"
             lines.append(f"| {label} | {cs} | {'—' if c is None else c['7B']} | {'—' if c is None else c['70B']} "
                          f"| {rs} | {'—' if r is None else r['7B']} | {'—' if r is None else r['70B']} |")
+    cbq = [(size, r) for size in ("135M", "360M", "1B") if (r := runs.get(size, {}).get("compress_cbq", {}))
+           and r.get("rc", 0) == 0]
+    if cbq:  # streamed CBQ (issue 12): a few steps per window, a row per size measured
+        lines += ["", "`compress --method cbq` (streamed, one window of 2 blocks; `--steps` per window as run): " +
+                  "; ".join(f"{size} {r.get('cbq_steps', '?')} steps: {r['cpu_seconds']:.0f} CPU s, "
+                            f"{r['wall_seconds']:.0f} s wall, {r['peak_rss_mb']:.0f} MB peak" for size, r in cbq) + "."]
     done = []
     for step, label in (("compress_rtn", "rtn"), ("compress_gptq", "gptq"), ("export", "export")):
         a, b = runs.get("360M", {}).get(step, {}), runs.get("1B", {}).get(step, {})
