@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) examples/demo.py
 
+# two pytest workers (pytest-xdist), one torch thread each (tests/conftest.py), whole files per worker
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow"
 
 # hours on 2 cores; each script writes benchmarks/results/*.json + .png, report.py the README tables
 bench: install

@@ -12,7 +12,8 @@ Every variant is a folder that onnxruntime-genai loads (``model.onnx`` + ``genai
 
 Measured in one run, variants interleaved round by round, each measurement in a fresh process
 (onnxruntime-genai, greedy, batch 1): decode tokens/s and CPU ms per token for 64 new tokens after a
-20-token prompt, prefill ms for a 256-token prompt, at 1 and 2 threads; peak RSS after load; file MB;
+20-token prompt (the median of ``--repeats`` decodes in the process), prefill ms for a 256-token prompt
+(median of 3), at 1 and 2 threads; medians over the rounds; peak RSS after load; file MB;
 perplexity on held-out ``pydoc_sentences("evaluation")`` (onnxruntime on ``model.onnx``, empty past).
 
     .venv/bin/python benchmarks/decoder_smollm2.py --work /tmp/smol --variants builder-fp32,builder-int8,\\
@@ -144,8 +145,8 @@ def folder_mb(folder: Path) -> float:
 
 
 # ----------------------------------------------------------------------------- measured in a child
-def _child(folder: str, threads: int) -> dict:
-    """Runs in a fresh process: load with onnxruntime-genai, prefill 256 tokens, decode 64."""
+def _child(folder: str, threads: int, repeats: int) -> dict:
+    """Runs in a fresh process: load with onnxruntime-genai, decode 64 tokens `repeats` times, prefill 256 (3 times)."""
     import tempfile
 
     import onnxruntime_genai as og
@@ -184,16 +185,22 @@ def _child(folder: str, threads: int) -> dict:
         return t_prefill, time.perf_counter() - t1, time.process_time() - c1, out
 
     run(prompt, 4)  # warm-up
-    _, wall, cpu, out = run(prompt, NEW_TOKENS)
+    # `repeats` decodes of NEW_TOKENS in this process, their medians: one 64-token decode is ~0.7 s, short
+    # enough for another process's burst to move it by a quarter (the 1-thread CPU ms are steadier)
+    decodes = [run(prompt, NEW_TOKENS) for _ in range(repeats)]
+    out = decodes[-1][3]
+    tok_s = [len(d[3]) / d[1] for d in decodes]
+    cpu_ms = [1000 * d[2] / max(len(d[3]), 1) for d in decodes]
     long = (prompt * (PREFILL // len(prompt) + 1))[:PREFILL]
-    prefill = min(run(long, 1)[0] for _ in range(2))
-    return {"threads": threads, "load_s": load_s, "rss_load_mb": rss_load, "decode_tok_s": len(out) / wall,
-            "decode_cpu_ms_per_token": 1000 * cpu / max(len(out), 1), "prefill_256_ms": 1000 * prefill,
-            "text": tok.decode(out), "new_tokens": len(out)}
+    prefill = float(np.median([run(long, 1)[0] for _ in range(3)]))
+    return {"threads": threads, "load_s": load_s, "rss_load_mb": rss_load, "decode_tok_s": float(np.median(tok_s)),
+            "decode_cpu_ms_per_token": float(np.median(cpu_ms)), "prefill_256_ms": 1000 * prefill,
+            "decode_tok_s_repeats": [round(x, 2) for x in tok_s], "text": tok.decode(out), "new_tokens": len(out)}
 
 
-def measure(folder: Path, threads: int) -> dict:
-    res = subprocess.run([PY, __file__, "--child", str(folder), "--threads", str(threads)], capture_output=True,
+def measure(folder: Path, threads: int, repeats: int) -> dict:
+    res = subprocess.run([PY, __file__, "--child", str(folder), "--threads", str(threads), "--repeats", str(repeats)],
+                         capture_output=True,
                          text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -250,12 +257,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--eval-sentences", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=5, help="64-token decodes per measurement (their median)")
     ap.add_argument("--child", type=Path)
     ap.add_argument("--out", default="decoder_smollm2", help="results name: benchmarks/results/OUT.json / .png")
     ap.add_argument("--note", action="append", default=[], help="a hand-written note kept in the JSON (repeatable)")
     args = ap.parse_args()
     if args.child is not None:
-        print(json.dumps(_child(str(args.child), int(args.threads))))
+        print(json.dumps(_child(str(args.child), int(args.threads), args.repeats)))
         return
     load_at_start = os.getloadavg()
     work = args.work
@@ -285,7 +293,7 @@ def main() -> None:
     for r in range(args.rounds):  # interleaved: each round measures every variant once per thread count
         for n in names:
             for t in threads:
-                runs[n][t].append(measure(folders[n], t))
+                runs[n][t].append(measure(folders[n], t, args.repeats))
                 (work / "measurements.json").write_text(json.dumps(runs))  # kept if a later step fails
                 print(f"round {r} {n} {t}t: {runs[n][t][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
     rows = []
@@ -302,7 +310,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = {"benchmark": "decoder_smollm2", "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg(), "eval_tokens": sum(len(s) - 1 for s in seqs),
-           "rounds": args.rounds, "new_tokens": NEW_TOKENS, "prefill_tokens": PREFILL, "budget_mb": mb,
+           "rounds": args.rounds, "repeats": args.repeats, "new_tokens": NEW_TOKENS, "prefill_tokens": PREFILL, "budget_mb": mb,
            "budget_mb_8bit": mb8, "notes": args.note, "rows": rows}
     (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(rows, RESULTS / f"{args.out}.png")

@@ -48,7 +48,9 @@ def decoder_table(res: dict) -> str:
     lines = ["### SmolLM2-135M-Instruct: quantseal decoder exports vs onnxruntime-genai's model builder", "",
              f"`{res['command']}` — every variant run through onnxruntime-genai (greedy, batch 1, "
              f"{res['new_tokens']} new tokens after a 20-token prompt; prefill of {res['prefill_tokens']} tokens), "
-             f"variants interleaved over {res['rounds']} rounds, medians; perplexity over {res['eval_tokens']} "
+             f"variants interleaved over {res['rounds']} rounds, medians"
+             + (f" (each round's decode the median of {res['repeats']} in its process)" if res.get("repeats") else "")
+             + f"; perplexity over {res['eval_tokens']} "
              f"held-out tokens (onnxruntime on `model.onnx`); quantseal budgets: ≤ {res['budget_mb']} MB "
              "(the builder int4 file). 1-minute load average "
              + (f"at the start {res['load_avg_at_start'][0]:.1f}, " if "load_avg_at_start" in res else "")
@@ -304,6 +306,12 @@ def scale_llama_table(res: dict) -> str:
             rs = "—" if r is None else f"{r['a']:.0f} + {r['b']:.2f}·P"
             lines.append(f"| {label} | {cs} | {'—' if c is None else c['7B']} | {'—' if c is None else c['70B']} "
                          f"| {rs} | {'—' if r is None else r['7B']} | {'—' if r is None else r['70B']} |")
+    cbq = [(size, r) for size in ("135M", "360M", "1B") if (r := runs.get(size, {}).get("compress_cbq", {}))
+           and r.get("rc", 0) == 0]
+    if cbq:  # streamed CBQ (issue 12): a few steps per window, a row per size measured
+        lines += ["", "`compress --method cbq` (streamed, one window of 2 blocks; `--steps` per window as run): " +
+                  "; ".join(f"{size} {r.get('cbq_steps', '?')} steps: {r['cpu_seconds']:.0f} CPU s, "
+                            f"{r['wall_seconds']:.0f} s wall, {r['peak_rss_mb']:.0f} MB peak" for size, r in cbq) + "."]
     done = []
     for step, label in (("compress_rtn", "rtn"), ("compress_gptq", "gptq"), ("export", "export")):
         a, b = runs.get("360M", {}).get(step, {}), runs.get("1B", {}).get(step, {})

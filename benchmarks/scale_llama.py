@@ -214,8 +214,9 @@ def run_step(step: str, size: str, models: Path, work: Path, ck_dir: Path, given
         method = step.split("_")[1]
         extra = {"rtn": ["--budget", "4.5"], "gptq": ["--wbits", "4", "--activation-mb", f"{activation_mb:g}"],
                  "cbq": ["--wbits", "4", "--activation-mb", f"{activation_mb:g}", "--steps", str(cbq_steps)]}[method]
-        return measured(["compress", str(src), "-o", str(ck[method]), "--method", method, "--workers", "1",
-                         "--json", *extra])
+        res = measured(["compress", str(src), "-o", str(ck[method]), "--method", method, "--workers", "1",
+                        "--json", *extra])
+        return {**res, "cbq_steps": cbq_steps} if method == "cbq" else res
     if step == "gptq_phases":
         two = models / f"llama-{size.lower()}-2blocks"
         if not (two / "config.json").is_file():

@@ -114,7 +114,7 @@ def _add_compress(sub) -> None:
                    help="where the Fisher, LQ (SVD + quantisation) and GPTQ compute; auto: cuda when torch sees a "
                         "GPU (results are written from the CPU in the same format; cbq computes on the CPU)")
     p.add_argument("--activation-mb", type=float, default=None, metavar="MB",
-                   help="gptq on a streamed decoder: calibration activations held in memory (default 1024), "
+                   help="gptq/cbq on a streamed decoder: calibration activations held in memory (default 1024), "
                         "the rest spilled to a temporary folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")

@@ -196,9 +196,10 @@ def llama_board(tmp_path_factory, llama_rtn_export):
 
 
 # ----------------------------------------------------------------------------- Ray (optional extra)
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray instance (2 CPUs, no dashboard) for every Ray test, shut down at the end;
+    """One local Ray instance (2 CPUs, no dashboard) per test module, shut down after it, so no
+    later module (on the same pytest-xdist worker) runs beside Ray's threads and processes;
     ``quantseal.distributed`` uses an already-initialised Ray as it is.  Skips without Ray."""
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -70,18 +70,21 @@ def test_board_train_cuda_without_gpu_is_one_line_and_nothing_written(minilm_rtn
     assert not (tmp_path / "board").exists()
 
 
-def test_board_train_auto_gives_the_cpu_board(minilm_rtn_checkpoint, minilm_board, watermark_key):
-    """``train_board(device="auto")`` against the session's board (trained with the CPU default,
-    same settings and key): the same tensors bit for bit, the same manifest fields but for its seconds."""
+def test_board_train_auto_gives_the_cpu_board(minilm_rtn_checkpoint, watermark_key):
+    """``train_board(device="auto")`` against ``device="cpu"`` (same settings, key and seed; a short
+    board): without a GPU auto is the CPU, so the same tensors bit for bit and the same manifest
+    fields but for their seconds."""
     from quantseal.compress.markboard import BoardConfig, train_board
 
     if torch.cuda.is_available():
         pytest.skip("auto is cuda here: compared to a tolerance by benchmarks/gpu_check.py")
-    board = train_board(minilm_rtn_checkpoint, watermark_key, BoardConfig(bits=16, triggers_per_bit=4, steps=40, seed=0),
-                        device="auto")
-    assert set(board.tensors) == set(minilm_board.tensors)
-    for name, t in minilm_board.tensors.items():
+    cfg = BoardConfig(bits=8, triggers_per_bit=2, steps=6, seed=0)
+    board = train_board(minilm_rtn_checkpoint, watermark_key, cfg, device="auto")
+    ref = train_board(minilm_rtn_checkpoint, watermark_key, cfg, device="cpu")
+    assert set(board.tensors) == set(ref.tensors) and board.tensors
+    for name, t in ref.tensors.items():
         assert torch.equal(board.tensors[name], t), name
-    got, ref = json.loads(json.dumps(board.manifest, default=str)), json.loads(json.dumps(minilm_board.manifest, default=str))
-    got["training"].pop("seconds"), ref["training"].pop("seconds")
-    assert {k: v for k, v in got.items()} == {k: ref[k] for k in got}  # saving adds file records to the loaded one
+    assert any(t.abs().sum() > 0 for t in ref.tensors.values())  # six steps moved the board
+    got, want = json.loads(json.dumps(board.manifest, default=str)), json.loads(json.dumps(ref.manifest, default=str))
+    got["training"].pop("seconds"), want["training"].pop("seconds")
+    assert got == want

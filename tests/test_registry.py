@@ -34,7 +34,7 @@ def test_eight_processes_fifty_adds_each_lose_nothing(tmp_path):
     keyfile = tmp_path / "owner.key"
     qk.write_key(keyfile, KEY)
     path = tmp_path / "reg.db"  # created by the racing writers themselves
-    ctx = mp.get_context("fork")  # real processes (no connection is open in the parent)
+    ctx = mp.get_context("spawn")  # real processes; spawned, never forked: a forked child inherits locks held by the parent's threads (Ray, onnxruntime)
     with ctx.Pool(8) as pool:
         done = pool.map(_adder, [(str(path), str(keyfile), w, 50) for w in range(8)])
     assert sum(len(d) for d in done) == 400

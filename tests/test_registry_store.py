@@ -83,7 +83,7 @@ def test_eight_processes_concurrent_adds_lose_nothing(pg_url, tmp_path):
     """8 processes x 15 CLI adds (a connection each) on the server (the SQLite test does 8 x 50)."""
     keyfile = tmp_path / "owner.key"
     qk.write_key(keyfile, KEY)
-    with mp.get_context("fork").Pool(8) as pool:
+    with mp.get_context("spawn").Pool(8) as pool:  # spawned: see test_registry.py
         assert sum(pool.map(_adder, [(pg_url, str(keyfile), w, 15) for w in range(8)])) == 120
     view = open_registry(pg_url, KEY)
     ids, mat = view.matrix()

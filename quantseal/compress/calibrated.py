@@ -63,7 +63,7 @@ class CalibratedConfig:
     formats: tuple[str, ...] = ("int4", "int8")  # the plan's candidate Linear formats (integer only)
     max_decode_ms: float | None = None  # the plan's bound on the estimated per-token decode time
     workers: int = 1  # the plan's candidate table
-    activation_mb: float = DEFAULT_ACTIVATION_MB  # streamed GPTQ: activations held in memory, the rest spilled
+    activation_mb: float = DEFAULT_ACTIVATION_MB  # streamed GPTQ / CBQ: activations held in memory, the rest spilled
     device: str = "auto"  # where GPTQ / CBQ compute (quantseal.devices); results are written from the CPU
     extra: dict = field(default_factory=dict)
 
@@ -137,16 +137,24 @@ def _table_entry(model, fam, spec: FormatSpec, batches: list | None = None):
     as the budgeted planner's candidates.  The manifest entry's error is the head's squared output
     error ‖(E − Ê)Xᵀ‖² when calibrated, else the table's own ‖E − Ê‖²."""
     from ..models import embedding
-    from .head_table import calibrate_table, head_error, head_inputs
+    from .head_table import head_inputs
+
+    w = embedding(model, fam).weight.detach().float().cpu()  # written from the CPU (--device)
+    x = head_inputs(model, batches) if batches is not None and spec.kind != "fp" else None
+    return table_entry(fam.embedding_attr, w, spec, x)
+
+
+def table_entry(name: str, w: torch.Tensor, spec: FormatSpec, x: torch.Tensor | None = None):
+    """:func:`_table_entry` of the table ``w: (V, H)`` float32, given the head inputs
+    ``x: (n, H)`` for a calibrated table (None: round-to-nearest).  Streamed CBQ
+    (:mod:`.cbq_stream`) gathers ``x`` block by block and calls this."""
+    from .head_table import calibrate_table, head_error
     from .quantizers import quantize, round_float
 
-    name = fam.embedding_attr
-    w = embedding(model, fam).weight.detach().float().cpu()  # written from the CPU (--device)
     if spec.kind == "fp":
         w_hat, qt = round_float(w, spec), None
         error = float(((w - w_hat) ** 2).sum())
-    elif batches is not None:
-        x = head_inputs(model, batches)
+    elif x is not None:
         qt = calibrate_table(w, x, spec)
         w_hat = dequantize(qt)
         error = head_error(w, w_hat, x)
@@ -162,7 +170,8 @@ def _table_entry(model, fam, spec: FormatSpec, batches: list | None = None):
 def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_callback, stream: bool = True) -> dict:
     """Run GPTQ or CBQ and write the checkpoint; returns the report ``--json`` prints.  Uniform
     GPTQ of a safetensors decoder (no ``--budget-mb`` plan, no head-calibrated table) is streamed,
-    one block in memory (:mod:`.streaming`; ``stream=False`` loads the whole model, the same bytes)."""
+    one block in memory (:mod:`.streaming`), and so is CBQ without a plan, one window of blocks
+    (:mod:`.cbq_stream`); ``stream=False`` loads the whole model, the same bytes."""
     t0 = time.perf_counter()
     if cfg.output.exists() and not ckpt.is_checkpoint(cfg.output):
         raise BadInput(f"{cfg.output}: exists and is not a quantseal checkpoint; refusing to overwrite it")
@@ -179,6 +188,12 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
         from .streaming import stream_gptq
 
         return stream_gptq(cfg, source, callback, t0)
+    if stream and cfg.method == "cbq" and fplan is None:  # a window of blocks in memory at a time
+        from .cbq_stream import can_stream, stream_cbq
+
+        source = open_source(cfg.model)
+        if source is not None and can_stream(cfg, source):
+            return stream_cbq(cfg, source, callback, t0)
     model, fam = load_model(cfg.model)
     linears = compressible_linears(model, fam)
     texts = calibration_texts(cfg.calib, cfg.calib_samples)

@@ -30,11 +30,14 @@ L₀ the window's loss at its round-to-nearest start (so λ is scale-free).
 Windows of k consecutive blocks slide with overlap 1 (stride k − 1): a block shared by two
 windows keeps its parameters and is trained again; the hard-rounded output of the blocks a
 window finalises is the next window's quantised input, the float model's output its target.
+The window loop (:func:`cbq_windows`) does not care who holds the blocks: the whole model here, one
+window read from the safetensors source at a time in :mod:`.cbq_stream` (the same bytes).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import MutableSequence
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -360,10 +363,11 @@ def _quant_block(block: nn.Module, fam: Family, cfg: CBQConfig, gen: torch.Gener
 
 @torch.no_grad()
 def _prepare_float_block(block: nn.Module, fam: Family, x: BlockInputs, cfg: CBQConfig,
-                         folded: dict, prefix: str, act_samples: dict, fold: bool = True) -> list[torch.Tensor]:
-    """Run the float block over ``x`` (returning its float32 outputs) while collecting activation
-    statistics; CFP folds activation outlier scales into the block (output unchanged) unless
-    ``fold`` is False (already folded by :func:`cfp_prefold`)."""
+                         folded: dict, prefix: str, act_samples: dict, fold: bool = True,
+                         out: MutableSequence | None = None) -> MutableSequence:
+    """Run the float block over ``x`` (returning its float32 outputs, appended to ``out`` when
+    given) while collecting activation statistics; CFP folds activation outlier scales into the
+    block (output unchanged) unless ``fold`` is False (already folded by :func:`cfp_prefold`)."""
     sites = fold_sites(fam, block) if (fold and cfg.abits < 16 and cfg.cfp_activations) else []
     chmax: dict[str, torch.Tensor] = {}
     samples: dict[str, list[torch.Tensor]] = {rel: [] for rel in fam.linears} if cfg.abits < 16 else {}
@@ -375,7 +379,7 @@ def _prepare_float_block(block: nn.Module, fam: Family, x: BlockInputs, cfg: CBQ
             chmax[_rel] = torch.maximum(chmax[_rel], a.abs().amax(0)) if _rel in chmax else a.abs().amax(0)
             samples[_rel].append(a)
         handles.append(block.get_submodule(rel).register_forward_pre_hook(hook))
-    outs = []
+    outs = [] if out is None else out
     try:
         for h, a, kw, m in zip(x.hidden, x.args, x.kwargs, x.token_mask):
             state["mask"] = m
@@ -420,13 +424,35 @@ def cbq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, cfg: 
     Linears hold the dequantised hard-rounded weights (and CFP's exact activation folds)."""
     if init is not None and cfg.cfp_weights:
         raise ValueError("CFP weight truncation changes W; it cannot start from codes computed before it")
-    prefolded = init is not None  # with given codes, CFP's activation folds were made before them
+    blist = blocks(model, fam)
+    res = CBQResult({})
+
+    def finish(i: int, qb: nn.Module) -> None:
+        _write_back(blist[i], qb, fam, f"{fam.blocks_attr}.{i}", res)
+
+    # with given codes, CFP's activation folds were made before them
+    return cbq_windows(len(blist), blist.__getitem__, finish, fam, inputs, cfg, res, callback, init, lq,
+                       prefolded=init is not None)
+
+
+def cbq_windows(n: int, block_at: Callable[[int], nn.Module], finish: Callable[[int, nn.Module], None],
+                fam: Family, inputs: BlockInputs, cfg: CBQConfig, res: CBQResult,
+                callback: StepCallback | None = None, init: dict[str, QuantizedTensor] | None = None,
+                lq: LQStart | None = None, prefolded: bool = False,
+                new_list: Callable[[], MutableSequence] = list) -> CBQResult:
+    """The window loop of :func:`cbq_quantize_model` over ``n`` blocks, whoever holds them.
+
+    ``block_at(i)``: float block i (float32, eval; called on each visit, in increasing order of
+    first visits, before its starting codes ``init`` are read, so a streamed caller may load the
+    block and add its codes then); ``finish(i, qb)``: block i is final (``qb`` its hard-rounded
+    CBQ copy; :func:`_write_back` it), no later window touches it.  ``new_list()``: an empty list
+    for one stream of per-batch hidden states (a :class:`~.spill.SpillStore` to bound memory).
+    Held at once: the window's float and CBQ blocks, the float and quantised streams at the
+    window's first block and the float outputs of each window block."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    blist = blocks(model, fam)
-    n = len(blist)
     starts = window_starts(n, cfg.window, cfg.overlap)
-    res = CBQResult({})
+    dtype = inputs.hidden[0].dtype
     qblocks: dict[int, nn.Module] = {}
     x_fp, x_q = inputs, inputs  # float and quantised streams at the current window's first block
     done = 0  # blocks finalised so far
@@ -434,27 +460,28 @@ def cbq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, cfg: 
         b = min(a + cfg.window, n)
         # float targets of the window; first visits prepare the block (CFP, activation init)
         h = x_fp.hidden
-        fp_outs: dict[int, list[torch.Tensor]] = {}
+        fp_outs: dict[int, MutableSequence] = {}
         for i in range(a, b):
             cur = x_fp.with_hidden(h)
+            block = block_at(i)
             if i not in qblocks:
                 samples: dict[str, torch.Tensor] = {}
-                h = _prepare_float_block(blist[i], fam, cur, cfg, res.folded, f"{fam.blocks_attr}.{i}", samples,
-                                         fold=not prefolded)
-                qblocks[i] = _quant_block(blist[i], fam, cfg, gen, res.truncated, f"{fam.blocks_attr}.{i}", init, lq)
+                h = _prepare_float_block(block, fam, cur, cfg, res.folded, f"{fam.blocks_attr}.{i}", samples,
+                                         fold=not prefolded, out=new_list())
+                qblocks[i] = _quant_block(block, fam, cfg, gen, res.truncated, f"{fam.blocks_attr}.{i}", init, lq)
                 for rel, smp in samples.items():
                     act = qblocks[i].get_submodule(rel).act
                     if act is not None:
                         act.init_from(smp)
+                del samples
             else:
-                with torch.no_grad():
-                    h = [block_forward(blist[i], t, ar, kw).float()
-                         for t, ar, kw in zip(cur.hidden, cur.args, cur.kwargs)]
+                h = _run_into(new_list(), lambda t, ar, kw: block_forward(block, t, ar, kw).float(), cur)
             fp_outs[i] = h
         targets = h
         last = wi == len(starts) - 1
         res.losses.append(_train_window([qblocks[i] for i in range(a, b)], x_q, targets, cfg, gen,
                                         wi, len(starts), callback))
+        del targets, h, cur
         # finalise the blocks no later window touches; advance both streams past them
         stop = b if last else starts[wi + 1]
         for i in range(done, stop):
@@ -462,13 +489,23 @@ def cbq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, cfg: 
             for m in qb.modules():
                 if isinstance(m, CBQLinear):
                     m.hard = True
-            with torch.no_grad():
-                x_q = x_q.with_hidden([block_forward(qb, t, ar, kw).to(inputs.hidden[0].dtype)
-                                       for t, ar, kw in zip(x_q.hidden, x_q.args, x_q.kwargs)])
-            x_fp = x_fp.with_hidden([t.to(inputs.hidden[0].dtype) for t in fp_outs[i]])
-            _write_back(blist[i], qb, fam, f"{fam.blocks_attr}.{i}", res)
+            x_q = x_q.with_hidden(_run_into(new_list(), lambda t, ar, kw: block_forward(qb, t, ar, kw).to(dtype), x_q))
+            out = new_list()
+            for t in fp_outs.pop(i):
+                out.append(t.to(dtype))
+            x_fp = x_fp.with_hidden(out)
+            finish(i, qb)
+            del qb
         done = stop
     return res
+
+
+@torch.no_grad()
+def _run_into(out: MutableSequence, fn: Callable, x: BlockInputs) -> MutableSequence:
+    """``fn(hidden, args, kwargs)`` of every batch of ``x``, appended to ``out``."""
+    for t, ar, kw in zip(x.hidden, x.args, x.kwargs):
+        out.append(fn(t, ar, kw))
+    return out
 
 
 def _write_back(block: nn.Module, qb: nn.Module, fam: Family, prefix: str, res: CBQResult) -> None:

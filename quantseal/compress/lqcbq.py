@@ -8,6 +8,7 @@ its rounding approximates, and is trained jointly over windows of blocks with ``
 (frozen) added to its output, so the learned rounding compensates what the branch leaves.
 Formats, ranks and therefore stored bytes are the plan's exactly: the budget still holds.
 Matrices in non-integer formats (NF4, float) are kept as planned.  Weights only (A16).
+A safetensors decoder is streamed (:mod:`.lqcbq_stream`), byte-identical to this in-memory path.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..compress.qlinear import CompressedLinear
 from ..errors import BadInput
+from ..lazy_source import open_source
 from ..models import compressible_linears, source_files
 from ..text import calibration_texts
 from .calibration import calibration_batches, capture_block_inputs
@@ -34,30 +36,44 @@ def lq_start(entries: dict[str, ckpt.MatrixEntry], tensors: dict[str, torch.Tens
     init: dict[str, QuantizedTensor] = {}
     start = LQStart()
     for name, e in entries.items():
-        if e.kind != "linear":
-            continue
-        l1, l2 = tensors.get(f"{name}.L1"), tensors.get(f"{name}.L2")
-        if e.spec.kind == "int":
-            init[name] = ckpt.stored_quantized(name, e, tensors)
-            if l1 is not None:
-                start.lowrank[name] = (l1.float(), l2.float())
-        else:
-            w_hat, dl1, dl2 = ckpt.dequantized_matrix(name, e, tensors)
-            bias = linears[name].bias
-            start.frozen[name] = CompressedLinear(w_hat, dl1, dl2, None if bias is None else bias.detach())
+        if e.kind == "linear":
+            add_start(name, e, tensors, linears[name].bias, init, start)
     return init, start
 
 
+def add_start(name: str, e: ckpt.MatrixEntry, tensors, bias: torch.Tensor | None,
+              init: dict[str, QuantizedTensor], start: LQStart) -> None:
+    """One planned Linear's part of :func:`lq_start` (``tensors``: any mapping of its stored
+    tensors; ``bias``: the float Linear's, kept by a non-integer matrix)."""
+    l1, l2 = tensors.get(f"{name}.L1"), tensors.get(f"{name}.L2")
+    if e.spec.kind == "int":
+        init[name] = ckpt.stored_quantized(name, e, tensors)
+        if l1 is not None:
+            start.lowrank[name] = (l1.float(), l2.float())
+    else:
+        w_hat, dl1, dl2 = ckpt.dequantized_matrix(name, e, tensors)
+        start.frozen[name] = CompressedLinear(w_hat, dl1, dl2, None if bias is None else bias.detach())
+
+
 def lq_cbq_compress(cfg: CompressConfig, cbq: CBQConfig, progress: Progress = _no_progress,
-                    callback: StepCallback | None = None) -> dict:
-    """Plan with LQ + ILP, refine the integer matrices with CBQ, write the checkpoint."""
+                    callback: StepCallback | None = None, stream: bool = True) -> dict:
+    """Plan with LQ + ILP, refine the integer matrices with CBQ, write the checkpoint.  A
+    safetensors decoder (not ``--data-aware``: the Fisher needs the whole model) is streamed, one
+    window of blocks in memory (:mod:`.lqcbq_stream`; ``stream=False`` loads the whole model, the
+    same bytes)."""
     t0 = time.perf_counter()
     if cbq.abits != 16 or cbq.cfp_weights:
         raise BadInput("--method lq+cbq refines weights only (--abits 16, no weight truncation)")
     if cfg.output.exists() and not ckpt.is_checkpoint(cfg.output):
         raise BadInput(f"{cfg.output}: exists and is not a quantseal checkpoint; refusing to overwrite it")
-    table = build_candidate_table(cfg, progress, stream=False)  # CBQ below runs the whole float model
+    source = open_source(cfg.model) if stream and not cfg.data_aware else None
+    streamed = source is not None and source.fam.name == "decoder"
+    table = build_candidate_table(cfg, progress, stream=streamed)
     choice = plan(table, cfg.budget_bits, cfg.budget_mb, ",".join(cfg.formats), cfg.max_decode_ms)
+    if table.source is not None:
+        from .lqcbq_stream import stream_lq_cbq
+
+        return stream_lq_cbq(cfg, cbq, table, choice, progress, callback, t0)
     tensors, entries = materialize(table, choice, progress)
     model, fam = table.model, table.fam
     init, start = lq_start(entries, tensors, compressible_linears(model, fam))

@@ -50,29 +50,29 @@ def test_streamed_plan_equals_in_memory_bytes_on_tiny_llama(tiny_llama_dir, tmp_
     _same_folders(tmp_path / "stream", tmp_path / "memory")
 
 
-def test_streamed_gptq_equals_in_memory_bytes_even_when_spilling(tiny_llama_dir, tmp_path):
+def test_streamed_gptq_equals_in_memory_bytes_even_when_spilling(tiny_llama_dir, tmp_path, monkeypatch):
     kw = dict(model=tiny_llama_dir, method="gptq", calib_samples=24, batch_size=8, table="int4_b32", table_method="rtn")
-    spilled = []
-    orig_append = SpillStore.append
+    spilled, folders = [], []  # this run's spill folders only: other processes (pytest-xdist) make their own
+    real_append, real_dir = SpillStore.append, SpillStore._dir
 
     def counting_append(self, t):
-        orig_append(self, t)
+        real_append(self, t)
         spilled.append(self.spilled)
 
-    import tempfile
+    def recorded_dir(self):
+        folders.append(real_dir(self))
+        return folders[-1]
 
-    spill_dirs = lambda: set(Path(tempfile.gettempdir()).glob("quantseal-spill-*"))  # noqa: E731
-    before = spill_dirs()
-    SpillStore.append = counting_append
-    try:  # a 0.01 MB cap: every batch but the first goes to disk and back
-        a = calibrated_compress(CalibratedConfig(output=tmp_path / "stream", activation_mb=0.01, **kw))
-    finally:
-        SpillStore.append = orig_append
-    assert max(spilled) >= 2
+    monkeypatch.setattr(SpillStore, "append", counting_append)
+    monkeypatch.setattr(SpillStore, "_dir", recorded_dir)
+    # a 0.01 MB cap: every batch but the first goes to disk and back
+    a = calibrated_compress(CalibratedConfig(output=tmp_path / "stream", activation_mb=0.01, **kw))
+    monkeypatch.undo()
+    assert max(spilled) >= 2 and folders
     b = calibrated_compress(CalibratedConfig(output=tmp_path / "memory", **kw), stream=False)
     _same_folders(tmp_path / "stream", tmp_path / "memory")
     assert a["file_bytes"] == b["file_bytes"] == ckpt.tensor_files_bytes(tmp_path / "stream")
-    assert spill_dirs() <= before  # every spill folder removed
+    assert not any(f.exists() for f in folders)  # every spill folder removed
 
 
 def test_hugging_face_shards_read_like_one_file(tmp_path):
