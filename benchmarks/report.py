@@ -169,7 +169,8 @@ def watermark_chat_table(res: dict) -> str:
              f"{b['seconds']:.0f} s ({b['steps_run']} steps + {b['polish_steps']} polish steps"
              + (f", continuing a board of {b['init_board']['steps_run']} steps + {b['init_board']['polish_steps']} "
                 f"polish steps ({b['init_board']['seconds']:.0f} s)" if b.get("init_board") else "")
-             + (f"; {b['stopped']}" if b.get("stopped") else "") + ", "
+             + (f"; {b['stopped']}" if b.get("stopped") else "")
+             + (f"; {b['autocast']} autocast" if b.get("autocast") else "") + ", "
              f"{b['branches_below_margin']} of {2 * b['bits']} branches below the margin, every trigger's target "
              f"greedy: {b['min_signed_stat'] > 0}; the unmarked model's greedy token was the target at "
              f"{100 * (b['natural_top1_rate'] or 0):.1f} % of the triggers); alpha = {res['alpha']:g}.", "",
