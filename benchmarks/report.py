@@ -163,7 +163,8 @@ def watermark_chat_table(res: dict) -> str:
     """benchmarks/watermark_smollm2_chat.py: a top1 board read through a chat API, text only,
     onnxruntime-genai, and colluders."""
     b, f = res["board"], res.get("fidelity")
-    lines = ["### SmolLM2 watermark through a chat API, greedy text and colluders (`--readout top1 --chat-template`)", "",
+    lines = ["### SmolLM2 watermark through a chat API, greedy text and colluders (`--readout top1 --chat-template`, "
+             f"{b['bits']} bits)", "",
              f"`{res['command']}` — {res['model']}; a {b['bits']}-bit top1 board on SmolLM2's chat template "
              f"({b['triggers_per_bit']} triggers per bit, margin {b['margin_logits']:g} logits), trained in "
              f"{b['seconds']:.0f} s ({b['steps_run']} steps + {b['polish_steps']} polish steps"
