@@ -165,13 +165,15 @@ def watermark_chat_table(res: dict) -> str:
     """benchmarks/watermark_smollm2_chat.py: a top1 board read through a chat API, text only,
     onnxruntime-genai, and colluders."""
     b, f = res["board"], res.get("fidelity")
-    lines = ["### SmolLM2 watermark through a chat API, greedy text and colluders (`--readout top1 --chat-template`)", "",
+    lines = ["### SmolLM2 watermark through a chat API, greedy text and colluders (`--readout top1 --chat-template`, "
+             f"{b['bits']} bits)", "",
              f"`{res['command']}` — {res['model']}; a {b['bits']}-bit top1 board on SmolLM2's chat template "
              f"({b['triggers_per_bit']} triggers per bit, margin {b['margin_logits']:g} logits), trained in "
              f"{b['seconds']:.0f} s ({b['steps_run']} steps + {b['polish_steps']} polish steps"
              + (f", continuing a board of {b['init_board']['steps_run']} steps + {b['init_board']['polish_steps']} "
                 f"polish steps ({b['init_board']['seconds']:.0f} s)" if b.get("init_board") else "")
-             + (f"; {b['stopped']}" if b.get("stopped") else "") + ", "
+             + (f"; {b['stopped']}" if b.get("stopped") else "")
+             + (f"; {b['autocast']} autocast" if b.get("autocast") else "") + ", "
              f"{b['branches_below_margin']} of {2 * b['bits']} branches below the margin, every trigger's target "
              f"greedy: {b['min_signed_stat'] > 0}; the unmarked model's greedy token was the target at "
              f"{100 * (b['natural_top1_rate'] or 0):.1f} % of the triggers); alpha = {res['alpha']:g}.", "",

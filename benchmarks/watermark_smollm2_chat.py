@@ -25,6 +25,9 @@ the first assistant token the readout), cached in ``--work`` and reused, then:
 
     nice -n 10 .venv/bin/python benchmarks/watermark_smollm2_chat.py --work /path/kept [--bits 64]
         # writes results/watermark_smollm2_chat.{json,md}
+    # the 128-bit board (issue 14's averaged pairs), trained first with
+    # quantseal board train CK --bits 128 --triggers-per-bit 1 --readout top1 --chat-template T --margin 2 --autocast bf16 --time-limit 5100
+    ... --board WORK/board_top1_chat128 --bits 128 --triggers-per-bit 1 --out benchmarks/results/watermark_smollm2_chat_128.json
 """
 
 from __future__ import annotations

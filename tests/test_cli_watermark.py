@@ -180,3 +180,33 @@ def test_board_train_readout_flags_refused_cleanly(tmp_path, llama_rtn_export, m
         rc, _, err = run(["board", "train", ckpt, "-o", out, "--key", key, "--bits", "8", "--steps", "1", *extra])
         assert rc == 2 and says in err and len(err.strip().splitlines()) == 1, (extra, err)
         assert not out.exists()
+
+
+def test_board_train_autocast_flag(tmp_path, llama_rtn_export):
+    """``board train --autocast bf16`` trains a decoder board under bfloat16 autocast: the manifest
+    records it, and the board differs from the float32 one (same seed) only by bfloat16 rounding —
+    its coefficients point the same way (cosine > 0.95) without being bit-identical.  An unknown
+    precision is one line on stderr, exit 2, no board folder."""
+    import torch
+
+    from quantseal.compress.markboard import load_board
+
+    ck = llama_rtn_export[0]
+    key = tmp_path / "k"
+    qk.write_key(key, KEY)
+    boards = {}
+    for mode in ("none", "bf16"):
+        out = tmp_path / mode
+        rc, _, err = run(["board", "train", ck, "-o", out, "--key", key, "--bits", "8", "--triggers-per-bit", "1",
+                          "--steps", "3", "--autocast", mode, "--json"])
+        assert rc == 0, err
+        boards[mode] = load_board(out)
+    assert boards["none"].manifest["training"]["autocast"] is None
+    assert boards["bf16"].manifest["training"]["autocast"] == "bf16"
+    c32, c16 = (torch.cat([b.tensors["C0"].reshape(-1), b.tensors["C1"].reshape(-1)]) for b in boards.values())
+    assert not torch.equal(c32, c16)
+    assert float(torch.nn.functional.cosine_similarity(c32, c16, dim=0)) > 0.95
+    rc, _, err = run(["board", "train", ck, "-o", tmp_path / "fp16", "--key", key, "--bits", "8", "--steps", "1",
+                      "--autocast", "fp16"])
+    assert rc == 2 and "--autocast" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "fp16").exists()

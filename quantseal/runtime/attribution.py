@@ -65,7 +65,9 @@ with no innocent named in any run: 64 bits for single customers and most pairs, 
 and triples, 256 for up to four colluders.  The simulation sends split bits to zero; on the real
 MiniLM they keep 0.6–1.5 margins with the majority's sign (``benchmarks/watermark_collusion_minilm.py``:
 64 bits, 20 customers: 8/10 averaged pairs named, 0/5 triples; 128 bits: 10/10 pairs (both
-colluders each time), 5/5 triples, 3/3 row-by-row mixes; no innocent in any), so for 3 or more
+colluders each time), 5/5 triples, 3/3 row-by-row mixes; no innocent in any; SmolLM2's top1 chat
+board, ``benchmarks/watermark_smollm2_chat.py``: 64 bits x 2 triggers: 5/10 pairs, 0/3 triples;
+128 bits x 1 trigger: 10/10 pairs, 1/3 triples, 3/3 mixes, no innocent), so for 3 or more
 colluders the real channel is close to a majority vote and needs the longer boards (``quantseal board train --bits 128|256``; the
 registry takes the board's length).  Tardos-biased codes with Škorić's symmetric score (the
 binary-marking-assumption design) did worse on this channel at every length (64 bits: 3 % of
