@@ -1,9 +1,10 @@
-"""Fixtures of the streamed-compress tests: tiny seeded LLaMAs at several depths."""
+"""Fixtures of the streamed-compress tests: tiny seeded LLaMAs at several depths, a spill recorder."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -35,3 +36,26 @@ def tiny_llamas(tmp_path_factory, minilm_path):
         return made[n]
 
     return get
+
+
+@pytest.fixture
+def spill_record(monkeypatch):
+    """Every :class:`SpillStore`'s spill count after each append (``.spilled``) and the spill
+    folders this test's own runs made (``.folders``): other processes (pytest-xdist workers) make
+    theirs in the same temporary directory, so a test checks only these."""
+    from quantseal.compress.spill import SpillStore
+
+    rec = SimpleNamespace(spilled=[], folders=[])
+    real_append, real_dir = SpillStore.append, SpillStore._dir
+
+    def counting_append(self, t):
+        real_append(self, t)
+        rec.spilled.append(self.spilled)
+
+    def recorded_dir(self):
+        rec.folders.append(real_dir(self))
+        return rec.folders[-1]
+
+    monkeypatch.setattr(SpillStore, "append", counting_append)
+    monkeypatch.setattr(SpillStore, "_dir", recorded_dir)
+    return rec

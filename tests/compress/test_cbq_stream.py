@@ -54,23 +54,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_streamed_cbq_writes_the_in_memory_bytes(tiny_llamas, tmp_path, monkeypatch, case):
+def test_streamed_cbq_writes_the_in_memory_bytes(tiny_llamas, tmp_path, monkeypatch, spill_record, case):
     src = tiny_llamas(3)
     kw = dict(model=src, **FAST, **CASES[case])
     calls = _spied(monkeypatch)
-    spilled, folders = [], []
-    real_append, real_dir = SpillStore.append, SpillStore._dir
-
-    def counting_append(self, t):
-        real_append(self, t)
-        spilled.append(self.spilled)
-
-    def recorded_dir(self):
-        folders.append(real_dir(self))
-        return folders[-1]
-
-    monkeypatch.setattr(SpillStore, "append", counting_append)
-    monkeypatch.setattr(SpillStore, "_dir", recorded_dir)
+    spilled, folders = spill_record.spilled, spill_record.folders
     a = calibrated_compress(CalibratedConfig(output=tmp_path / "stream", **kw))
     assert len(calls) == 1 and calls[0]["peak_loaded_blocks"] == 2  # really streamed, a window at a time
     b = calibrated_compress(CalibratedConfig(output=tmp_path / "memory", **kw), stream=False)

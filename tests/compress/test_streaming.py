@@ -50,21 +50,9 @@ def test_streamed_plan_equals_in_memory_bytes_on_tiny_llama(tiny_llama_dir, tmp_
     _same_folders(tmp_path / "stream", tmp_path / "memory")
 
 
-def test_streamed_gptq_equals_in_memory_bytes_even_when_spilling(tiny_llama_dir, tmp_path, monkeypatch):
+def test_streamed_gptq_equals_in_memory_bytes_even_when_spilling(tiny_llama_dir, tmp_path, monkeypatch, spill_record):
     kw = dict(model=tiny_llama_dir, method="gptq", calib_samples=24, batch_size=8, table="int4_b32", table_method="rtn")
-    spilled, folders = [], []  # this run's spill folders only: other processes (pytest-xdist) make their own
-    real_append, real_dir = SpillStore.append, SpillStore._dir
-
-    def counting_append(self, t):
-        real_append(self, t)
-        spilled.append(self.spilled)
-
-    def recorded_dir(self):
-        folders.append(real_dir(self))
-        return folders[-1]
-
-    monkeypatch.setattr(SpillStore, "append", counting_append)
-    monkeypatch.setattr(SpillStore, "_dir", recorded_dir)
+    spilled, folders = spill_record.spilled, spill_record.folders  # this run's own spill folders
     # a 0.01 MB cap: every batch but the first goes to disk and back
     a = calibrated_compress(CalibratedConfig(output=tmp_path / "stream", activation_mb=0.01, **kw))
     monkeypatch.undo()
