@@ -4,9 +4,6 @@ the torch model of the dequantised weights, and onnxruntime-genai runs the folde
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +12,11 @@ import pytest
 import torch
 
 from quantseal.checkpoint import entry_bytes, load_compressed, read_checkpoint
+from quantseal.compress.pipeline import one_torch_thread
 from quantseal.export.decoder import float_reference_logits
 from quantseal.runtime.pipelines import CausalLM
 
+from cli_run import last_json, run  # tests/cli_run.py
 from genai_greedy import og_greedy  # tests/export/genai_greedy.py
 
 
@@ -25,24 +24,16 @@ from genai_greedy import og_greedy  # tests/export/genai_greedy.py
 def int4f_export(tmp_path_factory, tiny_llama_sharp_dir):
     """The sharpened tiny LLaMA, every matrix and the tied table in int4f_b32 (``--budget-mb 1.7``
     plans the table too), exported at accuracy level 0: (checkpoint, report, torch model, CausalLM)."""
-    from quantseal.cli import main
-
     root = tmp_path_factory.mktemp("llama_int4f")
     ck = root / "ck"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert main(["compress", str(tiny_llama_sharp_dir), "-o", str(ck), "--method", "rtn", "--workers", "1",
-                         "--budget-mb", "1.7", "--formats", "int4f_b32", "--json"]) == 0
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            assert main(["export", str(ck), "-o", str(root / "onnx" / "model.onnx"), "--json",
-                         "--accuracy-level", "0"]) == 0
+    with one_torch_thread():
+        rc, _, err = run(["compress", tiny_llama_sharp_dir, "-o", ck, "--method", "rtn", "--workers", "1",
+                          "--budget-mb", "1.7", "--formats", "int4f_b32", "--json"])
+        assert rc == 0, err
+        rc, out, err = run(["export", ck, "-o", root / "onnx" / "model.onnx", "--json", "--accuracy-level", "0"])
+        assert rc == 0, err
         model, _, _ = load_compressed(ck)
-    finally:
-        torch.set_num_threads(threads)
-    report = json.loads(buf.getvalue().strip().splitlines()[-1])
+    report = last_json(out)
     return ck, report, model, CausalLM(report["path"], provider="cpu")
 
 
@@ -103,23 +94,18 @@ def test_gptq_plan_in_int4f_exports_and_matches_torch(tiny_llama_sharp_dir, tmp_
     """``compress --method gptq --budget-mb --formats int4f_b32``: GPTQ rounds every Linear to its
     block's float-offset grid (the table in the plan's format, calibrated as the LM head); the export's logits
     equal the torch model of the stored weights."""
-    from quantseal.cli import main
-
     ck, out = tmp_path / "ck", tmp_path / "onnx" / "model.onnx"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert main(["compress", str(tiny_llama_sharp_dir), "-o", str(ck), "--method", "gptq", "--budget-mb", "1.7",
-                         "--formats", "int4f_b32", "--calib-samples", "4", "--json"]) == 0
-            assert main(["export", str(ck), "-o", str(out), "--accuracy-level", "0", "--json"]) == 0
+    with one_torch_thread():
+        rc, _, err = run(["compress", tiny_llama_sharp_dir, "-o", ck, "--method", "gptq", "--budget-mb", "1.7",
+                          "--formats", "int4f_b32", "--calib-samples", "4", "--json"])
+        assert rc == 0, err
+        rc, _, err = run(["export", ck, "-o", out, "--accuracy-level", "0", "--json"])
+        assert rc == 0, err
         manifest, tensors = read_checkpoint(ck)
         assert {e.format for n, e in manifest.matrices.items() if e.kind == "linear"} == {"int4f_b32"}
         assert "model.embed_tokens" in manifest.matrices  # the table joined the plan (its format the ILP's)
         model, _, _ = load_compressed(ck)
         ids = np.array([[101, 7592, 2088, 2003, 1037, 3231, 1012]])
         ref = float_reference_logits(model, ids, np.ones_like(ids))
-    finally:
-        torch.set_num_threads(threads)
     got = CausalLM(out, provider="cpu").logits(ids, np.ones_like(ids))
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()

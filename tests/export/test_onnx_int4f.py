@@ -4,31 +4,29 @@ embeddings equal the torch model of the dequantised weights."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 from collections import Counter
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 
 from quantseal.checkpoint import load_compressed, read_checkpoint
-from quantseal.cli import main
+from quantseal.compress.pipeline import one_torch_thread
 from quantseal.export.onnx import matrix_initializer_bytes
 from quantseal.quality import embed_texts
 from quantseal.text import TextTokenizer, pydoc_sentences
 
+from cli_run import run  # tests/cli_run.py
+
 
 def test_int4f_encoder_matches_torch_and_shares_block_sums(tiny_bert_dir, tmp_path):
     ck, out = tmp_path / "ck", tmp_path / "onnx" / "model.onnx"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert main(["compress", str(tiny_bert_dir), "-o", str(ck), "--method", "rtn", "--budget", "16",
-                         "--formats", "int4f_b32", "--workers", "1", "--json"]) == 0
-            assert main(["export", str(ck), "-o", str(out), "--accuracy-level", "0", "--json"]) == 0
+    with one_torch_thread():
+        rc, _, err = run(["compress", tiny_bert_dir, "-o", ck, "--method", "rtn", "--budget", "16",
+                          "--formats", "int4f_b32", "--workers", "1", "--json"])
+        assert rc == 0, err
+        rc, _, err = run(["export", ck, "-o", out, "--accuracy-level", "0", "--json"])
+        assert rc == 0, err
         manifest, _ = read_checkpoint(ck)
         assert {e.format for e in manifest.matrices.values()} == {"int4f_b32"}
         model = onnx.load(str(out))
@@ -42,7 +40,5 @@ def test_int4f_encoder_matches_torch_and_shares_block_sums(tiny_bert_dir, tmp_pa
         tok = TextTokenizer(ck)
         texts = pydoc_sentences("evaluation")[:8]
         ref = embed_texts(torch_model, tok, texts)
-    finally:
-        torch.set_num_threads(threads)
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["sentence_embedding"], tok(texts))[0]
     assert np.abs(got - ref).max() < 1e-5
