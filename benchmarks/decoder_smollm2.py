@@ -16,6 +16,12 @@ Measured in one run, variants interleaved round by round, each measurement in a 
 (median of 3), at 1 and 2 threads; medians over the rounds; peak RSS after load; file MB;
 perplexity on held-out ``pydoc_sentences("evaluation")`` (onnxruntime on ``model.onnx``, empty past).
 
+``--paired-repeats N`` adds the comparison the issue's speed bar asks for, made robust to this
+machine's load: each quantseal variant and its builder peer (``PAIRS``) are loaded in one process
+and decode 64 tokens alternately N times (A B, B A, …) per thread count; the JSON's ``paired``
+rows give the median and range of the per-round tok/s ratios.  Medians of separate processes
+(the table's rows) scatter by up to a quarter at 2 threads when another job wakes up.
+
     .venv/bin/python benchmarks/decoder_smollm2.py --work /tmp/smol --variants builder-fp32,builder-int8,\\
         builder-int4,builder-int4-acc1,qs-rtn,qs-gptq --rounds 3
 
@@ -147,21 +153,7 @@ def folder_mb(folder: Path) -> float:
 # ----------------------------------------------------------------------------- measured in a child
 def _child(folder: str, threads: int, repeats: int) -> dict:
     """Runs in a fresh process: load with onnxruntime-genai, decode 64 tokens `repeats` times, prefill 256 (3 times)."""
-    import tempfile
-
-    import onnxruntime_genai as og
-
-    tmp = tempfile.mkdtemp()  # a view of the folder with the thread count set (kept while the model lives)
-    for p in Path(folder).iterdir():
-        if p.name != "genai_config.json":
-            (Path(tmp) / p.name).symlink_to(p.resolve())
-    cfg = json.loads((Path(folder) / "genai_config.json").read_text())
-    opts = cfg["model"]["decoder"].setdefault("session_options", {})
-    opts["intra_op_num_threads"] = threads
-    opts["inter_op_num_threads"] = 1
-    (Path(tmp) / "genai_config.json").write_text(json.dumps(cfg))
-    config = og.Config(tmp)
-    config.clear_providers()
+    og, config = _og_config(folder, threads)
     t0 = time.perf_counter()
     model = og.Model(config)
     load_s = time.perf_counter() - t0
@@ -196,6 +188,77 @@ def _child(folder: str, threads: int, repeats: int) -> dict:
     return {"threads": threads, "load_s": load_s, "rss_load_mb": rss_load, "decode_tok_s": float(np.median(tok_s)),
             "decode_cpu_ms_per_token": float(np.median(cpu_ms)), "prefill_256_ms": 1000 * prefill,
             "decode_tok_s_repeats": [round(x, 2) for x in tok_s], "text": tok.decode(out), "new_tokens": len(out)}
+
+
+def _og_config(folder: str, threads: int):
+    """onnxruntime-genai and a Config of ``folder`` with the thread count set, through a symlinked
+    view of the folder (kept while the model lives)."""
+    import tempfile
+
+    import onnxruntime_genai as og
+
+    tmp = tempfile.mkdtemp()
+    for p in Path(folder).iterdir():
+        if p.name != "genai_config.json":
+            (Path(tmp) / p.name).symlink_to(p.resolve())
+    cfg = json.loads((Path(folder) / "genai_config.json").read_text())
+    opts = cfg["model"]["decoder"].setdefault("session_options", {})
+    opts["intra_op_num_threads"] = threads
+    opts["inter_op_num_threads"] = 1
+    (Path(tmp) / "genai_config.json").write_text(json.dumps(cfg))
+    config = og.Config(tmp)
+    config.clear_providers()
+    return og, config
+
+
+def _child_paired(folders: list[str], threads: int, repeats: int) -> dict:
+    """Runs in a fresh process: the variants of ``folders`` loaded side by side, then ``repeats``
+    rounds that decode 64 tokens with each in turn (A, B, A, B, …). A load burst on the machine
+    lands on neighbouring decodes of both, so the per-round ratio cancels most of it."""
+    models = []
+    for f in folders:
+        og, config = _og_config(f, threads)
+        model = og.Model(config)
+        tok = og.Tokenizer(model)
+        models.append((og, model, list(tok.encode(PROMPT))[:20]))
+
+    def decode(og, model, prompt) -> float:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prompt) + NEW_TOKENS,
+                                  min_length=len(prompt) + NEW_TOKENS)
+        gen = og.Generator(model, params)
+        gen.append_tokens(prompt)
+        t0, n = time.perf_counter(), 0
+        while not gen.is_done() and n < NEW_TOKENS:
+            gen.generate_next_token()
+            n += 1
+        return n / (time.perf_counter() - t0)
+
+    for m in models:  # warm-up
+        decode(*m)
+    tok_s: list[list[float]] = [[] for _ in models]
+    for r in range(repeats):
+        order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))  # neither always first
+        for i in order:
+            tok_s[i].append(decode(*models[i]))
+    return {"threads": threads, "tok_s": tok_s}
+
+
+def paired_decode(ours: Path, theirs: Path, threads: int, repeats: int) -> dict:
+    """tok/s of ``ours`` over ``theirs``, decoded alternately in one process (:func:`_child_paired`):
+    the median and range of the per-round ratios."""
+    res = subprocess.run([PY, __file__, "--child-paired", f"{ours},{theirs}", "--threads", str(threads),
+                          "--repeats", str(repeats)], capture_output=True, text=True, check=True)
+    a, b = json.loads(res.stdout.strip().splitlines()[-1])["tok_s"]
+    ratios = sorted(x / y for x, y in zip(a, b))
+    return {"threads": threads, "ratio_median": round(float(np.median(ratios)), 3),
+            "ratio_min": round(ratios[0], 3), "ratio_max": round(ratios[-1], 3),
+            "rounds_at_or_above_1": sum(r >= 1.0 for r in ratios), "rounds": len(ratios),
+            "ours_tok_s_median": round(float(np.median(a)), 2), "theirs_tok_s_median": round(float(np.median(b)), 2)}
+
+
+PAIRS = (("qs-gptq-plan", "builder-int4"), ("qs-gptq", "builder-int4"), ("qs-cbq", "builder-int4"),
+         ("qs-rtn8", "builder-int8"))
 
 
 def measure(folder: Path, threads: int, repeats: int) -> dict:
@@ -258,10 +321,17 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--eval-sentences", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5, help="64-token decodes per measurement (their median)")
+    ap.add_argument("--paired-repeats", type=int, default=0,
+                    help="after the rounds: each quantseal variant and its builder peer loaded in one process and "
+                         "decoded alternately this many times per thread count (0: skip)")
     ap.add_argument("--child", type=Path)
+    ap.add_argument("--child-paired")
     ap.add_argument("--out", default="decoder_smollm2", help="results name: benchmarks/results/OUT.json / .png")
     ap.add_argument("--note", action="append", default=[], help="a hand-written note kept in the JSON (repeatable)")
     args = ap.parse_args()
+    if args.child_paired is not None:
+        print(json.dumps(_child_paired(args.child_paired.split(","), int(args.threads), args.repeats)))
+        return
     if args.child is not None:
         print(json.dumps(_child(str(args.child), int(args.threads), args.repeats)))
         return
@@ -296,6 +366,13 @@ def main() -> None:
                 runs[n][t].append(measure(folders[n], t, args.repeats))
                 (work / "measurements.json").write_text(json.dumps(runs))  # kept if a later step fails
                 print(f"round {r} {n} {t}t: {runs[n][t][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+    paired = []
+    for ours, theirs in PAIRS if args.paired_repeats else ():
+        if ours in folders and theirs in folders:
+            for t in threads:
+                paired.append({"ours": ours, "theirs": theirs,
+                               **paired_decode(folders[ours], folders[theirs], t, args.paired_repeats)})
+                print(f"paired {ours} / {theirs} {t}t: {paired[-1]}", file=sys.stderr, flush=True)
     rows = []
     for n in names:
         row = {"variant": n, "file_mb": round(folder_mb(folders[n]), 2), "perplexity": ppl[n],
@@ -311,7 +388,7 @@ def main() -> None:
     out = {"benchmark": "decoder_smollm2", "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg(), "eval_tokens": sum(len(s) - 1 for s in seqs),
            "rounds": args.rounds, "repeats": args.repeats, "new_tokens": NEW_TOKENS, "prefill_tokens": PREFILL, "budget_mb": mb,
-           "budget_mb_8bit": mb8, "notes": args.note, "rows": rows}
+           "budget_mb_8bit": mb8, "notes": args.note, "rows": rows, "paired": paired}
     (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(rows, RESULTS / f"{args.out}.png")
     for r in rows:

@@ -41,6 +41,21 @@ def compress_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _paired_decode(a: dict, b: dict) -> str:
+    """Round-paired decode ratios: per thread count, the median (min–max) over rounds of a's tok/s
+    over b's in the same round. Variants run interleaved, so a round's pair shared the machine's
+    load; the ratio of the two medians does not pair them."""
+    parts = []
+    for t in (1, 2):
+        xs, ys = a.get(f"decode_tok_s_{t}t_all"), b.get(f"decode_tok_s_{t}t_all")
+        if not xs or not ys or len(xs) != len(ys) or len(xs) < 2:
+            return ""
+        r = sorted(x / y for x, y in zip(xs, ys))
+        med = r[len(r) // 2] if len(r) % 2 else (r[len(r) // 2 - 1] + r[len(r) // 2]) / 2
+        parts.append(f"{med:.2f}× ({r[0]:.2f}–{r[-1]:.2f}) at {t}t")
+    return f" [paired by round: {', '.join(parts)}]"
+
+
 def decoder_table(res: dict) -> str:
     """benchmarks/decoder_smollm2.py: quantseal's exports against onnxruntime-genai's builder."""
     rows = {r["variant"]: r for r in res["rows"]}
@@ -84,7 +99,7 @@ def decoder_table(res: dict) -> str:
         if not a or not b:
             continue
         checks.append(f"`{ours}` vs `{theirs}`: decode {a['decode_tok_s_1t'] / b['decode_tok_s_1t']:.2f}× (1 thread), "
-                      f"{a['decode_tok_s_2t'] / b['decode_tok_s_2t']:.2f}× (2 threads); prefill 256 "
+                      f"{a['decode_tok_s_2t'] / b['decode_tok_s_2t']:.2f}× (2 threads){_paired_decode(a, b)}; prefill 256 "
                       f"{a['prefill_256_ms_1t'] / b['prefill_256_ms_1t']:.2f}× / {a['prefill_256_ms_2t'] / b['prefill_256_ms_2t']:.2f}× "
                       f"the time; file {a['file_mb'] / b['file_mb']:.2f}×; perplexity "
                       f"{a['perplexity'] / fp32:.3f}× fp32 (theirs {b['perplexity'] / fp32:.3f}×).")
