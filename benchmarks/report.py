@@ -105,6 +105,15 @@ def decoder_table(res: dict) -> str:
                       f"{a['perplexity'] / fp32:.3f}× fp32 (theirs {b['perplexity'] / fp32:.3f}×).")
     if checks:
         lines += ["", "Ratios (computed from the rows above):", ""] + [f"- {c}" for c in checks]
+    if res.get("paired"):
+        lines += ["", "Decode paired in one process (`--paired-repeats`: the two folders loaded side by side, 64-token "
+                  "decodes alternating A B, B A, …; tok/s ratio ours / theirs per round):", "",
+                  "| ours | theirs | threads | median ratio | range | rounds ≥ 1.0 | ours tok/s | theirs tok/s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for p in res["paired"]:
+            lines.append(f"| {p['ours']} | {p['theirs']} | {p['threads']} | {p['ratio_median']:.3f}× | "
+                         f"{p['ratio_min']:.2f}–{p['ratio_max']:.2f} | {p['rounds_at_or_above_1']}/{p['rounds']} | "
+                         f"{p['ours_tok_s_median']} | {p['theirs_tok_s_median']} |")
     notes = [f"- `{r['variant']}`: {r['note']}" for r in res["rows"] if r.get("note")]
     if notes:
         lines += ["", "How rows were built (from each variant's build record):", ""] + notes
