@@ -65,7 +65,7 @@ def static_activation_scales(model, fam, batches, bits: int) -> dict:
     import torch
 
     from quantseal.compress.calibration import _model_kwargs
-    from quantseal.compress.cbq import ActQuantizer
+    from quantseal.compress.cbq_linear import ActQuantizer
     from quantseal.models import compressible_linears
 
     lins = compressible_linears(model, fam)

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from quantseal.compress.calibration import capture_block_inputs
-from quantseal.compress.cbq import ActQuantizer, CBQConfig, CBQLinear, attach_activation_quant, cfp_prefold
+from quantseal.compress.cbq import CBQConfig, attach_activation_quant, cfp_prefold
+from quantseal.compress.cbq_linear import ActQuantizer, CBQLinear
 from quantseal.compress.formats import FormatSpec
 from quantseal.compress.qlinear import CompressedLinear
 from quantseal.compress.smoothing import (attach_input_smoothing, has_input_smoothing, input_smoothing,
