@@ -5,9 +5,10 @@
    (:mod:`quantseal.lazy_source`): the model is a meta-device skeleton, each matrix is read from
    the file when a candidate evaluation or the final rebuild needs it, and results go straight
    into the checkpoint's files (:class:`quantseal.checkpoint.CheckpointWriter`), so peak memory is
-   one matrix and its candidates, not the model.  Data-aware runs (the Fisher needs the whole
-   model's backward pass) and GGUF folders load the model in memory;
-2. data-aware: the output-sensitivity Fisher from calibration text (:mod:`.fisher`);
+   one matrix and its candidates, not the model.  GGUF folders, and data-aware runs of an encoder
+   or on a GPU (their Fisher is the whole model's backward pass), load the model in memory;
+2. data-aware: the output-sensitivity Fisher from calibration text (:mod:`.fisher`; a streamed
+   decoder's block by block from the file, :mod:`.fisher_stream`, kept in a scratch file);
 3. every (format, rank) candidate of every matrix is decomposed (:mod:`.lowrank`) on a process
    pool, giving its error and exact stored bytes;
 4. the ILP (:mod:`.budget`) picks one candidate per matrix under the budget;
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +32,8 @@ from ..devices import resolve_device, to_device
 from ..errors import BadInput, BudgetInfeasible
 from ..lazy_source import LazySource, TensorRef, open_source
 from ..tensorfile import TensorInfo
-from ..models import (compressible_linears, default_model_path, embedding, load_model, model_tokenizer, source_files,
-                      source_weights)
+from ..models import (blocks, compressible_linears, default_model_path, embedding, load_model, model_tokenizer,
+                      source_files, source_weights)
 from ..text import calibration_texts
 from .budget import MatrixOptions, solve_allocation
 from .decode_cost import DECODER_FAMILIES, candidate_cost_us
@@ -145,7 +147,7 @@ def _evaluate(task) -> list[tuple[float, int]]:
     if isinstance(w, TensorRef):  # streamed: the worker reads its matrix from the source file
         w = w.load()
     w = w.to(device)
-    fisher = None if fisher is None else fisher.to(device)
+    fisher = None if fisher is None else fisher_tensor(fisher).to(device)
     n, k = w.shape
     with one_torch_thread():
         return [(lq_decompose(w, c, fisher, max_iter=max_iter, clip_search=clip).error, c.stored_bytes(n, k))
@@ -194,6 +196,7 @@ class CandidateTable:
     max_iter: int
     source: LazySource | None = None  # the streamed source, else the model holds the weights
     device: str = "cpu"  # where the chosen candidates are rebuilt (as the table was evaluated)
+    scratch: object = None  # a TemporaryDirectory holding streamed Fishers (fisher: TensorRefs into it)
 
     def weight(self, name: str) -> torch.Tensor:
         """Matrix ``name``'s float32 weight (N, K), read from the source file when streamed."""
@@ -230,7 +233,9 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
     """Open the model (streamed where it can be, see the module notes; ``stream=False`` loads
     it), estimate the Fisher (data-aware) and evaluate every candidate."""
     device = resolve_device(cfg.device)
-    source = open_source(cfg.model) if stream and not cfg.data_aware else None
+    source = open_source(cfg.model) if stream else None
+    if source is not None and cfg.data_aware and not streams_fisher(source, device):
+        source = None  # an encoder's (or another family's) Fisher needs the loaded model
     if source is not None:
         model, fam = source.model, source.fam
     else:
@@ -240,15 +245,18 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
     if cfg.budget_mb is not None:
         targets[fam.embedding_attr] = (embedding(model, fam).weight, "embedding")
 
-    fisher: dict[str, torch.Tensor | None] = {n: None for n in targets}
-    if cfg.data_aware:
-        texts = calibration_texts(cfg.calib, cfg.calib_samples)
-        tok = model_tokenizer(cfg.model)
-        batches = []
-        for i in range(0, len(texts), 16):
-            enc = tok(texts[i:i + 16])
-            batches.append({k: torch.from_numpy(v) for k, v in enc.items()})
-        tick = progress(len(texts), "fisher")
+    fisher: dict[str, torch.Tensor | TensorRef | None] = {n: None for n in targets}
+    scratch = None
+    if cfg.data_aware and source is not None:  # block by block from the file (compress/fisher_stream.py)
+        from .fisher_stream import streamed_output_fisher
+
+        scratch = tempfile.TemporaryDirectory(prefix="quantseal-fisher-")  # removed with the table
+        fisher = streamed_output_fisher(source, fisher_batches(cfg), Path(scratch.name) / "fisher.safetensors",
+                                        table=fam.embedding_attr in targets,
+                                        progress=progress(len(blocks(model, fam)), "fisher"))
+    elif cfg.data_aware:
+        batches = fisher_batches(cfg)
+        tick = progress(sum(len(b["input_ids"]) for b in batches), "fisher")
         model.to(device)
         raw = output_fisher(model, fam, to_device(batches, device), {n: p for n, (p, _) in targets.items()},
                             seed=cfg.seed, progress=tick)
@@ -280,7 +288,27 @@ def build_candidate_table(cfg: CompressConfig, progress: Progress = _no_progress
         fixed += graph_table_bytes(arch_of(model.config.to_dict()))
     lin_params = sum(w.numel() for w, kind in targets.values() if kind == "linear")
     return CandidateTable(model, fam, targets, fisher, cands, options, fixed, lin_params, clip, cfg.max_iter, source,
-                          str(device))
+                          str(device), scratch)
+
+
+def streams_fisher(source: LazySource, device: torch.device) -> bool:
+    """Whether a data-aware table can keep ``source`` streamed: a CPU run of a decoder whose
+    block 0 reads the table lookup as is (:mod:`.fisher_stream`)."""
+    from .fisher_stream import LOOKUP_IS_INPUT
+
+    return device.type == "cpu" and source.fam.name == "decoder" and source.model.config.model_type in LOOKUP_IS_INPUT
+
+
+def fisher_batches(cfg: CompressConfig) -> list[dict[str, torch.Tensor]]:
+    """The Fisher's calibration batches: ``cfg.calib_samples`` texts, 16 per batch, in order."""
+    texts = calibration_texts(cfg.calib, cfg.calib_samples)
+    tok = model_tokenizer(cfg.model)
+    return [{k: torch.from_numpy(v) for k, v in tok(texts[i:i + 16]).items()} for i in range(0, len(texts), 16)]
+
+
+def fisher_tensor(f: torch.Tensor | TensorRef | None) -> torch.Tensor | None:
+    """A Fisher as a tensor: read from its file when the table streamed it."""
+    return f.load() if isinstance(f, TensorRef) else f
 
 
 def _task_weight(source: LazySource | None, w: torch.Tensor, name: str):
@@ -342,7 +370,7 @@ def materialize_into(table: CandidateTable, choice: list[int], put: Callable[[st
     tick = progress(len(choice), "writing")
     for (n, (w, kind)), c_idx, opt in zip(table.targets.items(), choice, table.options):
         cand = table.cands[n][c_idx]
-        fisher = table.fisher[n]
+        fisher = fisher_tensor(table.fisher[n])
         with one_torch_thread():  # the same floats as the candidate table's evaluation
             res = lq_decompose(table.weight(n).to(table.device), cand,
                                None if fisher is None else fisher.to(table.device),
@@ -381,7 +409,8 @@ def compress(cfg: CompressConfig, progress: Progress = _no_progress) -> dict:
         from .adapter_budget import adapter_rank_options
 
         linears = {n: tuple(w.shape) for n, (w, kind) in table.targets.items() if kind == "linear"}
-        adapters, ranked = adapter_rank_options(cfg.adapters, linears, table.fisher, cfg.adapter_rank)
+        fisher = {n: fisher_tensor(f) for n, f in table.fisher.items()}
+        adapters, ranked = adapter_rank_options(cfg.adapters, linears, fisher, cfg.adapter_rank)
     t_solve = time.perf_counter()
     if cfg.budget_mb is not None and not cfg.adapters and cfg.ranks == (0,):  # packable: q/k/v share a format
         from .pack_groups import grouped_plan

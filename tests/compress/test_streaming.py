@@ -50,6 +50,28 @@ def test_streamed_plan_equals_in_memory_bytes_on_tiny_llama(tiny_llama_dir, tmp_
     _same_folders(tmp_path / "stream", tmp_path / "memory")
 
 
+def test_data_aware_plan_streams_and_matches_the_loaded_model(tiny_llama_dir, tmp_path):
+    """--data-aware on a decoder keeps the model on disk (the Fisher block by block,
+    compress/fisher_stream.py) and plans what the loaded model plans: the same format and rank per
+    matrix, the same stored bytes, errors equal to the Fisher's float32 summation order."""
+    kw = dict(model=tiny_llama_dir, method="lq", workers=1, ranks=(0,), budget_mb=1.6, data_aware=True, formats=("int4", "int8"),
+              calib_samples=12)
+    table = build_candidate_table(CompressConfig(output=tmp_path / "x", **kw))
+    assert table.source is not None and all(p.is_meta for p in table.model.model.layers.parameters())
+    compress(CompressConfig(output=tmp_path / "stream", **kw))
+    _in_memory_compress(CompressConfig(output=tmp_path / "memory", **kw))
+    a, b = (ckpt.Manifest.from_json((tmp_path / d / ckpt.MANIFEST).read_text()).matrices for d in ("stream", "memory"))
+    assert sorted(a) == sorted(b)
+    assert len({(e.format, e.rank) for e in a.values()}) > 1  # the plan really chose between candidates
+    for n in a:
+        assert (a[n].format, a[n].rank, a[n].bytes) == (b[n].format, b[n].rank, b[n].bytes), n
+        assert a[n].error == pytest.approx(b[n].error, rel=1e-3), n
+    scratch = Path(table.scratch.name)
+    assert (scratch / "fisher.safetensors").is_file() and not (scratch / "fisher.safetensors.table-raw").exists()
+    del table
+    assert not scratch.exists()  # the streamed Fishers go with their table
+
+
 def test_streamed_gptq_equals_in_memory_bytes_even_when_spilling(tiny_llama_dir, tmp_path, monkeypatch, spill_record):
     kw = dict(model=tiny_llama_dir, method="gptq", calib_samples=24, batch_size=8, table="int4_b32", table_method="rtn")
     spilled, folders = spill_record.spilled, spill_record.folders  # this run's own spill folders
