@@ -62,21 +62,39 @@ class GPTQ:
 
     @torch.no_grad()
     def quantize(self, spec: FormatSpec, blocksize: int = 128, percdamp: float = 0.01,
-                 consume: bool = False, overwrite: bool = False) -> QuantizedTensor:
+                 consume: bool = False, overwrite: bool = False, act_order: bool = False) -> QuantizedTensor:
         """Run the lazy-batch Cholesky solver; returns codes/scales/zeros in our format.
 
         ``percdamp``: λ = percdamp · mean(diag H) is added to the diagonal (§4, "dampening").
         ``consume``: work in H's own memory (the solver's H is gone afterwards, as after
         :meth:`free`); ``overwrite``: work in the layer's float32 weight itself (it holds the
         error-updated weights afterwards, for a caller that replaces them with the dequantised
-        result); the result is the same either way."""
+        result); the result is the same either way.
+
+        ``act_order``: columns in descending order of ``diag H`` (the reference code's
+        ``actorder``: the columns whose inputs carry the most energy are quantised first, while
+        the most columns are left to absorb their error), with *static* groups: each group's
+        scale and zero point are round-to-nearest's for the original weights (AutoGPTQ's
+        ``static_groups``), so the codes stay in the file's column order and export unchanged."""
         if spec.kind not in ("int", "intf"):
             raise ValueError(f"GPTQ writes integer formats, not {spec.name}")
         W = self.layer.weight.detach()  # (N, K)
         if not (overwrite and W.dtype == torch.float32 and W.is_contiguous()):
             W = W.to(torch.float32, copy=True)  # one copy
-        Hinv, dead = self.factor(percdamp, consume)
-        return self.solve(W, Hinv, dead, spec, blocksize)
+        if not act_order:
+            Hinv, dead = self.factor(percdamp, consume)
+            return self.solve(W, Hinv, dead, spec, blocksize)
+        static = (quantize_offset(W, spec) if spec.kind == "intf"
+                  else quantize_int(W, FormatSpec("int", spec.bits, spec.block, spec.symmetric)))
+        perm = torch.argsort(torch.diag(self.H), descending=True, stable=True)
+        Hp = self.H.index_select(0, perm).index_select(1, perm)  # the permuted problem (a K × K copy)
+        if consume:
+            self.H = None
+        Hinv, dead = self.factor_in_place(Hp, percdamp)
+        Wp = W.index_select(1, perm)
+        if overwrite:
+            W.copy_(Wp)  # the caller's weight is a workspace either way
+        return self.solve(Wp, Hinv, dead, spec, blocksize, perm=perm, static=static)
 
     @torch.no_grad()
     def factor(self, percdamp: float = 0.01, consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +108,12 @@ class GPTQ:
         H = self.H if consume else self.H.clone()
         if consume:
             self.H = None
+        return self.factor_in_place(H, percdamp)
+
+    @staticmethod
+    @torch.no_grad()
+    def factor_in_place(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`factor` of the symmetric ``H: (K, K)``, written over ``H``."""
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         damp = percdamp * torch.mean(torch.diag(H))
@@ -103,11 +127,14 @@ class GPTQ:
     @staticmethod
     @torch.no_grad()
     def solve(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, spec: FormatSpec,
-              blocksize: int = 128) -> QuantizedTensor:
+              blocksize: int = 128, perm: torch.Tensor | None = None,
+              static: QuantizedTensor | None = None) -> QuantizedTensor:
         """The lazy-batch column sweep on the float32 rows ``W: (N, K)`` (their workspace: changed)
         with :meth:`factor`'s ``(Hinv, dead)``.  Every step is row-wise given ``Hinv``, so any
         split of the rows into chunks gives the rows' own codes (head_table.py solves a token
-        table in row chunks)."""
+        table in row chunks).  ``perm`` (act order): ``W`` and ``Hinv`` are in the permuted column
+        order, sweep column j is the file's column ``perm[j]``, and its group's parameters are
+        ``static``'s (a quantisation of the unpermuted weights)."""
         if spec.kind not in ("int", "intf"):
             raise ValueError(f"GPTQ writes integer formats, not {spec.name}")
         offset = spec.kind == "intf"  # int4f: ŵ = s·q + m, the grid of each block fixed from its min/max
@@ -121,15 +148,22 @@ class GPTQ:
         codes = torch.zeros(N, nb * B, dtype=torch.uint8, device=W.device)  # q ∈ [0, qmax]: exact
         scales = torch.zeros(N, nb, device=W.device)
         zeros = torch.zeros(N, nb, device=W.device)  # int: zero points; int4f: float offsets m
+        cols = None if perm is None else perm.tolist()
+        if static is not None:  # act order: every group's parameters fixed before the sweep
+            scales.copy_(static.scales.float())
+            if offset:
+                zeros.copy_(static.offsets.float())
+            else:
+                zeros.copy_(static.zeros.float() if static.zeros is not None else torch.full_like(scales, 2.0 ** (spec.bits - 1)))
         for i1 in range(0, K, blocksize):
             i2 = min(i1 + blocksize, K)
             W1 = W[:, i1:i2].clone()
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
-                col = i1 + i
+                col = i1 + i if cols is None else cols[i1 + i]  # the file's column
                 g = col // B
-                if col % B == 0:  # a new group: its parameters from the current weights
+                if cols is None and col % B == 0:  # a new group: its parameters from the current weights
                     # groups never straddle a lazy batch: blocksize and i1 are multiples of B
                     if offset:
                         qt = quantize_offset(W1[:, i:i + B].float(), FormatSpec("intf", spec.bits, B))
