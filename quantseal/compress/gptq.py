@@ -86,10 +86,11 @@ class GPTQ:
             return self.solve(W, Hinv, dead, spec, blocksize)
         static = (quantize_offset(W, spec) if spec.kind == "intf"
                   else quantize_int(W, FormatSpec("int", spec.bits, spec.block, spec.symmetric)))
-        perm = torch.argsort(torch.diag(self.H), descending=True, stable=True)
-        Hp = self.H.index_select(0, perm).index_select(1, perm)  # the permuted problem (a K × K copy)
+        perm = act_order_permutation(self.H)
+        Hp = self.H if consume else self.H.clone()
         if consume:
             self.H = None
+        permute_symmetric_(Hp, perm)  # the permuted problem, in H's own memory
         Hinv, dead = self.factor_in_place(Hp, percdamp)
         Wp = W.index_select(1, perm)
         if overwrite:
@@ -201,6 +202,35 @@ class GPTQ:
 
     def free(self) -> None:
         self.H = None
+
+
+def act_order_permutation(H: torch.Tensor) -> torch.Tensor:
+    """GPTQ's act order: the columns by descending ``diag H`` (ties by index), ``(K,)`` int64."""
+    return torch.argsort(torch.diag(H), descending=True, stable=True)
+
+
+@torch.no_grad()
+def permute_symmetric_(H: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``H ← H[perm][:, perm]`` in place (no K × K temporary): the rows moved along each cycle of
+    ``perm`` with one row of scratch, then the columns the same way through the transposed view."""
+    order = perm.tolist()
+    for view in (H, H.mT):
+        seen = [False] * len(order)
+        for start in range(len(order)):
+            if seen[start] or order[start] == start:
+                seen[start] = True
+                continue
+            first = view[start].clone()
+            i = start
+            while True:  # row i takes row order[i], until the cycle comes back to start
+                seen[i] = True
+                j = order[i]
+                if j == start:
+                    view[i] = first
+                    break
+                view[i] = view[j]
+                i = j
+    return H
 
 
 Tick = Callable[[str], None]

@@ -6,7 +6,7 @@ from torch import nn
 
 from quantseal.compress.calibration import capture_block_inputs
 from quantseal.compress.formats import FormatSpec
-from quantseal.compress.gptq import GPTQ, gptq_quantize_model
+from quantseal.compress.gptq import GPTQ, act_order_permutation, gptq_quantize_model, permute_symmetric_
 from quantseal.compress.quantizers import dequantize, quantize_int
 from quantseal.models import ENCODER, compressible_linears
 
@@ -292,6 +292,17 @@ def test_float32_and_float64_solves_match_the_float64_reference():
             else:  # measured: 100 % / 99.2 % of the codes, error −0 % / −1.4 % (ill-conditioned)
                 assert abs(e - e_ref) < 0.03 * e_ref, (e, e_ref, e_rtn)
                 assert same > 0.97, same
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 64, 301])
+def test_symmetric_permutation_in_place_equals_fancy_indexing(k):
+    a = torch.randn(k, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    h = a @ a.T
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(k + 1))
+    ref = h[perm][:, perm]
+    ptr = h.data_ptr()
+    assert torch.equal(permute_symmetric_(h, perm), ref) and h.data_ptr() == ptr
+    assert act_order_permutation(torch.diag(torch.tensor([1.0, 3.0, 3.0, 2.0]))).tolist() == [1, 2, 3, 0]
 
 
 def test_act_order_matches_its_float64_reference_and_helps_uneven_inputs():
