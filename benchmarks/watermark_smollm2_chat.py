@@ -230,6 +230,32 @@ def drift_check(ck: Path, board_dir: Path, key_file: Path, template: str, work: 
             "bytes_marked": size(path), "bytes_unmarked": size(unmarked)}
 
 
+def drift_table(res: dict) -> str:
+    """The README fragment of one :func:`drift_check` result."""
+    b, v = res["board"], res["verify_file"]
+    stop = f"; {b['stopped']}" if b.get("stopped") else ""
+    lines = [f"### Free-generation drift check: {b['bits']}-bit `{b['readout']}` board, `mark_side: {b['mark_side']}` "
+             "(SmolLM2-135M-Instruct, onnxruntime-genai)", "",
+             f"`{res['command']}` — {res['model']}; board {b['path'].rsplit('/', 1)[-1]}: trained in {b['seconds']:.0f} s "
+             f"({b['steps_run']} steps + {b['polish_steps']} polish steps{stop}; "
+             f"{b['branches_below_margin']} of {2 * b['bits']} branches below the {b['margin_logits']:.2f}-logit margin, "
+             f"autocast {b['autocast'] or 'none'}); {res['customer']}'s export (accuracy level {res['accuracy_level']}) "
+             f"vs the unmarked export, greedy, {res['new_tokens']} new tokens, load average "
+             f"{res['load_avg_start'][0]:.1f} → {res['load_avg_end'][0]:.1f} on {res['machine']}.", "",
+             "| chat prompt | marked == unmarked | trigger tokens in the marked answer | marked answer (start) |",
+             "|---|---|---|---|"]
+    for a in res["answers"]:
+        text = a["marked"].replace("|", "\\|").replace("\n", " ")[:90]
+        lines.append(f"| {a['prompt']} | {'yes' if a['equal'] else 'no'} | {a['trigger_tokens_in_marked']} | {text} |")
+    lines += ["", f"Answers equal: {res['answers_equal']} of {len(res['answers'])}; largest |logit difference| over every "
+              f"position of the templated prompts: {res['prompt_logits_max_abs_diff']:.3g}. `quantseal verify model.onnx`: "
+              f"owner {v['owner']} ({'correct' if v['correct'] else 'WRONG'}), p {v['p_value']:.2g} (a one-customer "
+              f"registry), {v['bit_errors']} bit errors, {v['erased']} erased, {v['queries']} queries, {v['seconds']} s. "
+              f"File bytes: {res['bytes_marked']:,} marked vs {res['bytes_unmarked']:,} unmarked "
+              f"({res['bytes_marked'] - res['bytes_unmarked']:+,})."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "quantseal_wm_smollm2_chat")
@@ -254,8 +280,12 @@ def main() -> None:
                          "board) with --key: customer-000's export vs the unmarked one in onnxruntime-genai, and "
                          "verify on its file (drift_check); writes --out (default results/watermark_smollm2_drift.json)")
     ap.add_argument("--key", type=Path, default=None, help="--drift-check: the board's key file (default: WORK/owner.key)")
+    ap.add_argument("--render", action="store_true", help="--drift-check: only rewrite --out's .md fragment from its JSON")
     args = ap.parse_args()
     t_start = time.perf_counter()
+    if args.drift_check and args.render:  # the README fragment again from a committed result
+        args.out.with_suffix(".md").write_text(drift_table(json.loads(args.out.read_text())) + "\n")
+        return
     if args.drift_check:
         import torch
 
@@ -277,7 +307,8 @@ def main() -> None:
         R["load_avg_end"] = list(os.getloadavg())
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(R, indent=1, sort_keys=True) + "\n")
-        print(json.dumps(R, indent=1, sort_keys=True))
+        out.with_suffix(".md").write_text(drift_table(R) + "\n")  # benchmarks/report.py puts it in README.md
+        print(drift_table(R))
         return
 
     import torch
