@@ -148,7 +148,7 @@ def test_verify_names_each_customer(marked, llama_rtn_export, llama_board_input)
 def test_files_share_the_table_and_differ_in_the_delta_rows(marked, llama_rtn_export):
     """The table's initialisers are the unmarked export's (head and lookup); two customers differ in
     ``mark_delta`` alone; the correction costs (1 + n·k)·H float32 + V int32 bytes."""
-    paths, _, _ = marked
+    paths, reg, _ = marked
     load = lambda p: {t.name: numpy_helper.to_array(t) for t in onnx.load(str(p)).graph.initializer}  # noqa: E731
     a, b, u = load(paths[CUSTOMERS[0]]), load(paths[CUSTOMERS[1]]), load(llama_rtn_export[1]["path"])
     assert {k for k in a if a[k].tobytes() != b[k].tobytes()} == {f"{EMB}.mark_delta"}
@@ -159,6 +159,11 @@ def test_files_share_the_table_and_differ_in_the_delta_rows(marked, llama_rtn_ex
     assert slots.dtype == np.int32 and delta.dtype == np.float32 and delta.shape == (1 + 32 * 2, 64)
     assert np.count_nonzero(slots) == 64 and sorted(slots[slots > 0]) == list(range(1, 65))
     assert not delta[0].any() and np.abs(delta[1:]).sum(1).min() > 0
+    for c in CUSTOMERS[:2]:  # the file shows which rows carry a correction (the trade-off), never who or how
+        blob = paths[c].read_bytes()
+        for secret in (KEY, KEY.hex().encode(), c.encode(), qk.bits_to_hex(reg.codeword(c)).encode(),
+                       qk.key_id(KEY).encode()):
+            assert secret not in blob
 
 
 def test_template_swap_is_byte_identical_to_a_single_export(marked, llama_rtn_export, llama_board_input, tmp_path):
