@@ -4,6 +4,8 @@ The graph is the one onnxruntime-genai's model builder emits for the same archit
 reads the checkpoint's stored tensors unchanged (no torch tracing):
 
 * token lookup: ``Gather`` over a float table, or ``GatherBlockQuantized`` over a quantised one;
+  an input-side watermark adds ``Gather(mark_delta, Gather(mark_slots, input_ids))`` to its rows
+  (:meth:`DecoderGraph._input_mark`), which the head never reads;
 * per layer: ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (RMSNorm,
   Zhang & Sennrich 2019, eq. 4: ``x / √(mean(x²) + ε) · g``; the Skip form also returns the
   residual sum ``x + skip``), the q/k/v projections packed into one ``MatMulNBits`` where their
