@@ -162,6 +162,39 @@ def input_mark_tensors(name: str, manifest: Manifest, tensors: dict[str, torch.T
     return {f"{name}.{MARK_SLOTS}": torch.from_numpy(slots), f"{name}.{MARK_DELTA}": torch.from_numpy(rows)}
 
 
+def _fold_into_table(name: str, man: Manifest, tensors: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
+                     trig: np.ndarray, delta: np.ndarray, hidden: int) -> None:
+    """The ``tied`` layout (module docstring): ``E'[T] = E[T] + ΔE`` in ``out`` (``delta``: (n·k, H)
+    float64), a float table rounded to its dtype, a quantised one requantised in its format; ``man``'s
+    table entry (created for a table kept as a plain tensor) gets the new bytes."""
+    weight_key = f"{name}.weight"
+    if name in man.matrices:
+        entry = man.matrices[name]
+        if entry.kind != "embedding":
+            raise BadInput(f"{name}: the board marks an embedding, the checkpoint holds a {entry.kind}")
+    else:  # the embedding was kept as a plain tensor: it becomes an fp matrix (a tied head reads it)
+        if weight_key not in tensors:
+            raise BadInput(f"{weight_key}: not in the checkpoint")
+        w = tensors[weight_key]
+        fmt = {torch.float16: "fp16", torch.float32: "fp32"}.get(w.dtype)
+        if fmt is None:
+            raise BadInput(f"{weight_key}: dtype {w.dtype} cannot carry the mark")
+        entry = MatrixEntry(format=fmt, rank=0, shape=list(w.shape), error=0.0, bytes=0, kind="embedding")
+        man.matrices[name] = entry
+    vocab, width = entry.shape
+    if width != hidden or vocab < int(trig.max()) + 1:
+        raise BadInput(f"{name}: shape {entry.shape} does not match the board")
+    rows = torch.from_numpy(np.asarray(trig, dtype=np.int64))
+    if entry.format in ("fp16", "fp32"):  # into the float table itself
+        w = tensors[weight_key]
+        marked = w.clone()
+        marked[rows] = (w[rows].double() + torch.from_numpy(delta)).to(w.dtype)
+        out[weight_key] = marked.contiguous()
+    else:  # a quantised table: its trigger rows requantised
+        out.update(requantised_rows(name, entry, tensors, rows, torch.from_numpy(delta)))
+    entry.bytes = entry_bytes(name, out)
+
+
 def mark_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], board: Board, key: bytes,
                     registry: qkeys.Registry, customer: str, *, tokenizer=None,
                     seed: int | None = None) -> tuple[Manifest, dict[str, torch.Tensor]]:
@@ -180,49 +213,15 @@ def mark_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], board:
     name = board.layer
     out = dict(tensors)
     man = copy.deepcopy(manifest)
-    weight_key = f"{name}.weight"
-    side = mark_side(board.manifest)
-    if side == "input":
+    trig = ts.tokens.reshape(-1)
+    # the chosen coefficient rows (on the trigger tokens only) times A: ΔE[T] (n·k, H)
+    delta = board.branch_rows(code).double().numpy() @ board.tensors["A"].double().numpy()
+    if mark_side(board.manifest) == "input":  # the table (lookup and head) stays unmarked
         if board.manifest.get("family") != "decoder":
             raise BadInput("the board marks the input side (mark_side input), which only a decoder export carries")
-        out.update(input_mark_tensors(name, manifest, tensors, ts.tokens.reshape(-1),
-                                      board.branch_rows(code).double().numpy() @ board.tensors["A"].double().numpy(),
-                                      board.manifest["hidden"]))
-    if side == "input":
-        pass  # the table (lookup and head) stays unmarked: the correction tensors above carry the mark
-    elif name in man.matrices:
-        entry = man.matrices[name]
-        if entry.kind != "embedding":
-            raise BadInput(f"{name}: the board marks an embedding, the checkpoint holds a {entry.kind}")
-    else:  # the embedding was kept as a plain tensor: it becomes an fp matrix (a tied head reads it)
-        if weight_key not in tensors:
-            raise BadInput(f"{weight_key}: not in the checkpoint")
-        w = tensors[weight_key]
-        fmt = {torch.float16: "fp16", torch.float32: "fp32"}.get(w.dtype)
-        if fmt is None:
-            raise BadInput(f"{weight_key}: dtype {w.dtype} cannot carry the mark")
-        entry = MatrixEntry(format=fmt, rank=0, shape=list(w.shape), error=0.0, bytes=0, kind="embedding")
-        man.matrices[name] = entry
-    if side == "tied":
-        vocab, hidden = entry.shape
-        if hidden != board.manifest["hidden"] or vocab < int(ts.tokens.max()) + 1:
-            raise BadInput(f"{name}: shape {entry.shape} does not match the board")
-
-    # fold: the chosen coefficient rows (on the trigger tokens only) times A
-    rows = board.branch_rows(code).double().numpy()
-    trig = torch.from_numpy(ts.tokens.reshape(-1))
-    a = board.tensors["A"].double().numpy()
-    if side == "input":
-        pass
-    elif entry.format in ("fp16", "fp32"):  # into the float table itself (module docstring)
-        w = tensors[weight_key]
-        marked = w.clone()
-        marked[trig] = (w[trig].double() + torch.from_numpy(rows @ a)).to(w.dtype)
-        out[weight_key] = marked.contiguous()
-        entry.bytes = entry_bytes(name, out)
-    else:  # a quantised table: its trigger rows requantised
-        out.update(requantised_rows(name, entry, tensors, trig, torch.from_numpy(rows @ a)))
-        entry.bytes = entry_bytes(name, out)
+        out.update(input_mark_tensors(name, manifest, tensors, trig, delta, board.manifest["hidden"]))
+    else:
+        _fold_into_table(name, man, tensors, out, trig, delta, board.manifest["hidden"])
 
     for mname, e in man.matrices.items():
         k1, k2 = f"{mname}.L1", f"{mname}.L2"
