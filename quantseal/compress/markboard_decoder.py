@@ -32,6 +32,15 @@ and cheap from the unmarked ``p[T]`` and ``h`` alone (``δ_t = h · ΔE[t]``):
 Calibration sentences that do contain trigger tokens (rare) add a full forward KL term.  Target
 tokens are not trigger tokens, so the head change does not touch ``z[a_i] − z[b_i]``.
 
+That guard does not carry over to free generation (SmolLM2: marked exports drifted into trigger
+words in onnxruntime-genai's greedy chat answers).  So a tied decoder's board is by default trained
+for the **input-side** layout (``BoardConfig.mark_side = "input"``, recorded in the manifest;
+:mod:`quantseal.export.watermark`): the export adds ``ΔE`` at the lookup only and the head reads the
+unmarked table, so ``z_marked = z`` on clean text exactly (its KL term is 0 and is not computed),
+the trigger guard has nothing to guard, and a trigger's logits are the unmarked head over the
+marked hidden state.  The calibration sentences with trigger tokens keep their input-side KL term.
+``mark_side = "tied"`` trains for the old layout (the head terms above).
+
 Cost: a trigger's prefix (the host sentence) contains no trigger token, so its key/value cache
 does not depend on the board; it is computed once, and each step runs only the ``k`` pattern
 tokens through the model with that cache, O(k) instead of O(sentence) tokens per trigger.
@@ -70,12 +79,16 @@ class _DecoderProbe:
     a board delta, the target-pair logit difference and the clean-text fidelity terms."""
 
     def __init__(self, model, fam, ts: qkeys.TriggerSet, chunk: int = 32,
-                 contexts: list[tuple[list[int], list[int]]] | None = None, readout: str = "diff"):
+                 contexts: list[tuple[list[int], list[int]]] | None = None, readout: str = "diff",
+                 mark_side: str = "tied"):
         self.model = model
         self.base = model.get_submodule(fam.blocks_attr.rsplit(".", 1)[0])  # LlamaModel
         self.emb = model.get_submodule(fam.embedding_attr).weight.detach()  # (V, H)
         self.head = model.get_output_embeddings().weight.detach()  # (V, H); the table itself when tied
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        # whether the board's rows reach the head: a tied table marked in place (mark_side "tied");
+        # an input-side mark leaves the head on the unmarked table (module docstring)
+        self.head_marked = self.tied and mark_side == "tied"
         self.cache_kw = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
         self.ts, self.readout = ts, readout
         n, k = ts.tokens.shape
@@ -167,7 +180,7 @@ class _DecoderProbe:
         h = self.trigger_hidden(rows, delta_rows).float()
         with torch.autocast("cpu", enabled=False):  # the head in float32 under a bf16 autocast (_autocast)
             z = h @ self.head.T
-            if self.tied:
+            if self.head_marked:
                 tok = self.trig_flat.reshape(self.n, self.k)[rows // self.m]  # (B, k)
                 if branches is not None:
                     worst = torch.einsum("bh,cth->bct", h, branches.float()).max(1).values  # (B, n·k)
@@ -228,7 +241,7 @@ class _DecoderProbe:
         averaged over positions: ``mean_P Σ_{b,t} relu(h·(E[t] + D_b[t]) − top + gap)``; 0 when
         untied.  The KL term barely sees a rare token until it wins; this keeps it from winning
         (measured on SmolLM2 without it: a trigger token took over free chat generation)."""
-        if not self.tied:
+        if not self.head_marked:
             return h.new_zeros(())
         z = h @ self.head[self.trig_flat].T  # (P, n·k)
         zb = z[:, None, :] + torch.einsum("ph,bth->pbt", h, branches)  # (P, 2, n·k)
@@ -237,7 +250,7 @@ class _DecoderProbe:
     def head_kl(self, h: torch.Tensor, p_t: torch.Tensor, delta_table: torch.Tensor) -> torch.Tensor:
         """Mean exact KL(p ‖ p_marked) over clean positions when the tied head's trigger rows
         gain ``delta_table`` (n·k, H) (module docstring); 0 for an untied head."""
-        if not self.tied:
+        if not self.head_marked:
             return h.new_zeros(())
         d = h @ delta_table.T  # (P, n·k)
         # log(1 + Σ p_t (e^δ − 1)) = logsumexp([log(1 − Σ p_t), log p_t + δ_t]): no overflow for large δ
@@ -255,7 +268,7 @@ class _DecoderProbe:
         h = out.last_hidden_state.float()
         with torch.autocast("cpu", enabled=False):  # the head in float32 under a bf16 autocast
             logits = h @ self.head.T
-            if self.tied:
+            if self.head_marked:
                 logits = logits.index_add(-1, self.trig_flat, h @ delta_table.float().T)
             logp = torch.log_softmax(logits, -1)
         kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
@@ -322,6 +335,8 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     vocab = int(model.config.vocab_size)
     hosts = board_hosts(tok, cfg.host_min_tokens, cfg.host_max_tokens)
     top1 = cfg.readout == "top1"
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    side = cfg.mark_side or ("input" if tied else "tied")  # input-side by default for a tied head
     chat = None
     if cfg.chat_template is not None:
         if not top1:
@@ -331,7 +346,7 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
                                position="end", target_pairs=not top1)
     n, m, k, r = cfg.bits, cfg.triggers_per_bit, cfg.tokens_per_bit, cfg.rank
     probe = _DecoderProbe(model, fam, ts, contexts=trigger_contexts(tok, ts, chat) if top1 else None,
-                          readout=cfg.readout)
+                          readout=cfg.readout, mark_side=side)
     natural_top1 = None
     if top1:  # targets among the unmarked model's plausible next words (markboard_top1)
         allowed = text_word_tokens(tok, vocab, ts.tokens.reshape(-1))
@@ -350,7 +365,7 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
         natural_all = decoder_branch_statistics(probe, A.detach(), C.detach())  # the unmarked model
     init = None
     if cfg.init_board is not None:  # after the unmarked statistics: C is no longer zero
-        A, C, init = warm_start(cfg.init_board, key, ts, fingerprint, cfg, chat)
+        A, C, init = warm_start(cfg.init_board, key, ts, fingerprint, cfg, chat, side)
     if top1:
         natural = natural_all.reshape(-1)  # the targets' top-1 leads (mostly negative)
         natural_top1 = float((natural_all > 0).mean())
@@ -368,13 +383,14 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     encoded = [ids for ids in (tok.encode_ids(t, special=False)[:64] for t in calib) if len(ids) >= 2]
     clean = [ids for ids in encoded if not trig_set.intersection(ids)][: cfg.fidelity_sentences]
     chat_clean = []
-    if chat is not None and cfg.chat_answers > 0:  # the model's own chat answers: where free generation drifted
+    if chat is not None and cfg.chat_answers > 0 and probe.head_marked:  # the model's own chat answers: where free generation drifted
         chat_clean = [ids for ids in chat_answer_ids(model, tok, chat, CHAT_PROMPTS[: cfg.chat_answers])
                       if not trig_set.intersection(ids)]
         clean = chat_clean + clean  # first: clean_positions keeps the first 2048 positions
     dirty = [ids for ids in encoded if trig_set.intersection(ids)][:4]
-    fid_h, fid_p = probe.clean_positions(clean) if clean else (None, None)
-    guard = top1 and fid_h is not None and probe.tied and cfg.guard_weight > 0
+    # clean text without trigger tokens: only a marked head changes its logits (input side: KL exactly 0)
+    fid_h, fid_p = probe.clean_positions(clean) if clean and probe.head_marked else (None, None)
+    guard = top1 and fid_h is not None and probe.head_marked and cfg.guard_weight > 0
     fid_top = probe.top_logit(fid_h) if guard else None
     gap = margin if cfg.guard_gap is None else cfg.guard_gap
     local = torch.full((vocab,), n * k, dtype=torch.long)
@@ -461,7 +477,7 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
     if top1 and polish_steps:  # a polished token's head row also scores at other bits' triggers
         signed = decoder_branch_statistics(probe, A_fixed, C_fixed)
 
-    fidelity = None
+    fidelity = None if probe.head_marked else 0.0  # input side: clean text's logits are the unmarked ones
     if fid_h is not None:
         with torch.no_grad():
             kls = []
@@ -479,7 +495,7 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
         "bits": n, "triggers_per_bit": m, "tokens_per_bit": k, "hidden": hidden, "vocab": vocab,
         "rare_from": qkeys.RARE_FROM, "common_below": qkeys.COMMON_BELOW, "margin": margin,
         "statistic": ("the bit's target is the top-1 next token" if top1
-                      else "next-token logit difference of a target pair"), "tied_head": probe.tied,
+                      else "next-token logit difference of a target pair"), "tied_head": probe.tied, "mark_side": side,
         **({"readout": "top1", "targets": ts.targets.tolist()} if top1 else {}),
         **({"chat": {"prefix": chat[0], "suffix": chat[1]}} if chat is not None else {}),
         "hosts": hosts, "trigger_digest": ts.digest(), "key_id": qkeys.key_id(key),
@@ -497,7 +513,7 @@ def train_decoder_board(model, fam, tok, key: bytes, cfg, manifest, fingerprint:
 
 
 def warm_start(path, key: bytes, ts: qkeys.TriggerSet, fingerprint: str, cfg,
-               chat: tuple[str, str] | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+               chat: tuple[str, str] | None, side: str = "tied") -> tuple[torch.Tensor, torch.Tensor, dict]:
     """``A`` (R, H) and ``C`` (2, n·k, R) of an earlier board at ``path`` as a training start, and
     what it had run: the board must have been trained on the same checkpoint (fingerprint), key,
     triggers and targets (digest), bits, rank, readout and chat template, else :class:`BadInput`
@@ -511,8 +527,10 @@ def warm_start(path, key: bytes, ts: qkeys.TriggerSet, fingerprint: str, cfg,
     rank = next(iter(mf["layers"].values()))["rank"]
     want = {"source_fingerprint": fingerprint, "key_id": qkeys.key_id(key), "trigger_digest": ts.digest(),
             "bits": cfg.bits, "triggers_per_bit": cfg.triggers_per_bit, "tokens_per_bit": cfg.tokens_per_bit,
-            "rank": cfg.rank, "readout": cfg.readout, "chat": None if chat is None else list(chat)}
+            "rank": cfg.rank, "readout": cfg.readout, "chat": None if chat is None else list(chat),
+            "mark_side": side}
     have = {**{kk: mf.get(kk) for kk in want}, "rank": rank, "readout": mf.get("readout", "diff"),
+            "mark_side": mf.get("mark_side", "tied"),
             "chat": None if mf.get("chat") is None else [mf["chat"]["prefix"], mf["chat"]["suffix"]]}
     bad = [kk for kk in want if have[kk] != want[kk]]
     if bad:

@@ -13,7 +13,9 @@ Every planned matrix's initialisers total exactly its manifest ``bytes`` (packed
 the packed tensors are the three matrices' rows concatenated).  A tied LM head reads the token
 table's own initialisers: ``Gemm(h, E, transB=1)`` over a float table, ``MatMulNBits`` over the
 codes a quantised table's ``GatherBlockQuantized`` also reads, so the table is stored once.  A
-watermarked export (:mod:`quantseal.export.watermark`) replaces only the table's initialisers.
+watermarked export (:mod:`quantseal.export.watermark`) replaces only the table's initialisers
+(``mark_side`` tied), or keeps them and adds the lookup's ``mark_slots`` / ``mark_delta``
+correction (``mark_side`` input: the head reads the unmarked table).
 
 Architectures: :mod:`.decoder_arch` (LLaMA incl. Llama-3 rope scaling, Mistral, Qwen2, Qwen3, Phi-3);
 others are refused with one line naming them.

@@ -4,6 +4,8 @@ The graph is the one onnxruntime-genai's model builder emits for the same archit
 reads the checkpoint's stored tensors unchanged (no torch tracing):
 
 * token lookup: ``Gather`` over a float table, or ``GatherBlockQuantized`` over a quantised one;
+  an input-side watermark adds ``Gather(mark_delta, Gather(mark_slots, input_ids))`` to its rows
+  (:meth:`DecoderGraph._input_mark`), which the head never reads;
 * per layer: ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (RMSNorm,
   Zhang & Sennrich 2019, eq. 4: ``x / √(mean(x²) + ε) · g``; the Skip form also returns the
   residual sum ``x + skip``), the q/k/v projections packed into one ``MatMulNBits`` where their
@@ -48,6 +50,8 @@ from .lowbit import (MS_DOMAIN, OPSET, Nodes, StoredMatrix, block_sums, embeddin
 QDQ_OPSET = 21
 SMOOTH = "input_smooth"
 OUTPUT_SCALE = "output_scale"  # compress/qlinear.py
+MARK_SLOTS = "mark_slots"  # <table>.mark_slots: (V,) int32, 0 = unmarked, j = the j-th marked row (export/watermark.py)
+MARK_DELTA = "mark_delta"  # <table>.mark_delta: (1 + n·k, H) float32, row 0 all zero
 
 
 def _packable(ms: list[StoredMatrix], acts: list, smooths: list) -> bool:
@@ -249,15 +253,38 @@ class DecoderGraph:
 
     def embedding(self, emb: str) -> tuple[str, StoredMatrix]:
         m = self._matrix(emb)
+        marked = f"{emb}.{MARK_DELTA}" in self.plain or f"{emb}.{MARK_SLOTS}" in self.plain
         with self.g.scope("embed_tokens"):
             out = f"{self.g.prefix()}/output_0"
+            rows = f"{self.g.prefix()}/rows" if marked else out
             if self.arch.tied and m.spec.kind in ("int", "intf"):
-                g = self._quantised_tied_lookup(m, out)
+                self._quantised_tied_lookup(m, rows)
             else:
-                g = embedding_nodes(m, "input_ids", out, self.dtype)
-                self.g.extend(g)
+                self.g.extend(embedding_nodes(m, "input_ids", rows, self.dtype))
             self._owned(m)
+            if marked:
+                self._input_mark(emb, m, rows, out)
         return out, m
+
+    def _input_mark(self, emb: str, m: StoredMatrix, rows: str, out: str) -> None:
+        """The input-side watermark (:mod:`quantseal.export.watermark`, ``mark_side`` input):
+        ``out = rows + mark_delta[mark_slots[input_ids]]``, slots (V,) int32 and delta (K, H) with
+        ``delta[0] = 0``, so a token outside the board's triggers gets exactly ``+0.0`` and the head
+        keeps reading the unmarked table."""
+        sk, dk = f"{emb}.{MARK_SLOTS}", f"{emb}.{MARK_DELTA}"
+        if sk not in self.plain or dk not in self.plain:
+            raise Unsupported(f"{emb}: an input-side mark needs both {sk!r} and {dk!r}")
+        slots, delta = np.asarray(self.plain[sk]), np.asarray(self.plain[dk])
+        if (slots.dtype != np.int32 or slots.shape != (m.shape[0],) or delta.ndim != 2
+                or delta.shape[1] != m.shape[1] or delta.dtype not in (np.float16, np.float32)
+                or slots.min() < 0 or slots.max() >= delta.shape[0] or np.any(delta[0] != 0)):
+            raise Unsupported(f"{emb}: its input-side mark tensors do not fit the table "
+                              f"(slots {slots.dtype}{list(slots.shape)}, delta {delta.dtype}{list(delta.shape)})")
+        self._plain_used[sk] = self.g.init(sk, slots)
+        d = self._plain(dk)
+        slot = self.g.op("Gather", [sk, "input_ids"], axis=0)
+        corr = self.g.op("Gather", [d, slot], axis=0)
+        self.g.op("Add", [rows, corr], [out])
 
     def _quantised_tied_lookup(self, m: StoredMatrix, out: str):
         """The lookup half of a quantised tied table: ``GatherBlockQuantized`` over a Reshape of

@@ -32,10 +32,35 @@
 The output holds no key, codeword, trigger or customer id: only weights and the manifest's
 shapes, ranks and byte counts.
 
-Decoders (LLaMA family, a board from :mod:`quantseal.compress.markboard_decoder`) are marked the
-same way.  With a tied LM head the head reads the same marked table ``E' (+ L1'' L2'')``
-(:mod:`quantseal.export.decoder`), so the vocab × hidden table is still stored once; the template
-swap replaces ``E'`` (and any ``L1``, ``L2``) for the lookup and the head at once.  A tied model's checkpoint stores no ``lm_head.weight`` (it is the table).
+Decoders (LLaMA family, a board from :mod:`quantseal.compress.markboard_decoder`) are marked in
+one of two layouts, the board's ``mark_side`` (:func:`mark_side`; ``board train --mark-side``):
+
+* ``tied`` (every board written before the field existed): as above, into the table.  With a tied
+  LM head the head reads the same marked table ``E' (+ L1'' L2'')`` (:mod:`quantseal.export.decoder`),
+  so the vocab × hidden table is still stored once; the template swap replaces ``E'`` (and any
+  ``L1``, ``L2``) for the lookup and the head at once.  A tied model's checkpoint stores no
+  ``lm_head.weight`` (it is the table).
+* ``input`` (the default for a tied head since issue 10's drift finding): the table's codes stay
+  the unmarked ones for the lookup *and* the head, and the lookup adds a correction,
+  ``rows += mark_delta[mark_slots[input_ids]]`` (:func:`input_mark_tensors`; ``mark_slots`` (V,)
+  int32, 0 = unmarked, ``mark_delta`` (1 + n·k, H) float32 with row 0 zero and row j the
+  customer's ``C_s[T_j] · A``).  A marked row is then ``float32(dequant(Q)[t]) + float32(ΔE[t])``,
+  what the board trained (up to float32 rounding of ``C · A``; a quantised table's mark carries no
+  requantisation error), and every other token gets exactly ``+0.0``.  Cost: 4·V + 4·(1 + n·k)·H
+  bytes (SmolLM2, V = 49152, H = 576, 64 bits × 2 tokens: 196,608 + 299,520 bytes, ~0.5 MB);
+  the template swap rewrites the delta rows (and the slots) only.
+
+**The trade-off, plainly.**  ``tied`` moves the head: every trigger token's logit changes by
+``h · ΔE[t]`` on *every* input, and on SmolLM2 a marked export's free generation drifted into
+trigger words (onnxruntime-genai, 2 of 3 chat prompts, both readouts) while verify still named the
+customer; what it buys is concealment: the marked rows are ordinary rows of the one table, so a
+thief holding one file cannot tell which rows (and so which trigger tokens) carry the mark.
+``input`` leaves the head alone: on any text without trigger tokens the logits are bit-identical
+to the unmarked export's, and greedy answers equal it; but one file shows which 64–128 rows carry
+a correction (the nonzero ``mark_slots``), so a thief who edits the graph (drops the ``Add``, or
+zeroes ``mark_delta``) strips the mark at no cost to quality.  Choose ``input`` where generation
+quality matters and the file is not expected to be edited; ``tied`` where a graph-editing thief is
+the threat and the drift is acceptable (or fixed by a better-trained board).
 """
 
 from __future__ import annotations
@@ -52,6 +77,7 @@ from ..checkpoint import Manifest, MatrixEntry, budget_after_edit, entry_bytes, 
 from ..compress.quantizers import QuantizedTensor, dequantize, quantize
 from ..compress.markboard import Board, tensors_fingerprint, triggers_of
 from ..errors import BadInput
+from .decoder_graph import MARK_DELTA, MARK_SLOTS
 
 
 def _mixing(rng: np.random.Generator, r: int) -> np.ndarray:
@@ -95,6 +121,80 @@ def requantised_rows(name: str, entry: MatrixEntry, tensors: dict[str, torch.Ten
     return matrix_tensors(name, spec, QuantizedTensor(codes, scales, zeros, qt.shape, spec, offsets), None, None, None)
 
 
+MARK_SIDES = ("tied", "input")
+
+
+def mark_side(board_manifest: dict) -> str:
+    """Where a board's customer mark goes (module docstring): ``"tied"`` (folded into the token
+    table; a board without the field, from before it existed) or ``"input"`` (a lookup-side
+    correction beside an unmarked table)."""
+    side = board_manifest.get("mark_side", "tied")
+    if side not in MARK_SIDES:
+        raise BadInput(f"the board's mark_side is {side!r}; this quantseal knows {', '.join(MARK_SIDES)}")
+    return side
+
+
+def input_mark_tensors(name: str, manifest: Manifest, tensors: dict[str, torch.Tensor], tokens: np.ndarray,
+                       delta: np.ndarray, hidden: int) -> dict[str, torch.Tensor]:
+    """The input-side mark of table ``name`` (vocab V): ``{name}.mark_slots`` (V,) int32 with
+    ``slots[tokens[j]] = j + 1`` and 0 elsewhere, and ``{name}.mark_delta`` (1 + len(tokens), H)
+    float32 with row 0 zero and row ``j + 1 = delta[j]`` (``delta``: (n·k, H) float64, the
+    customer's ``C_s[T] · A``).  The graph adds ``mark_delta[mark_slots[ids]]`` to the looked-up
+    rows (:meth:`~quantseal.export.decoder_graph.DecoderGraph.embedding`), so a marked row is
+    ``float32(dequant(Q)[t]) + float32(ΔE[t])``, what the board trained
+    (:class:`~quantseal.compress.markboard_decoder._DecoderProbe` adds float32 ``C·A`` to the float32
+    table row), and every other token gets exactly ``+0.0``."""
+    if name in manifest.matrices:
+        vocab, width = manifest.matrices[name].shape
+    elif f"{name}.weight" in tensors:
+        vocab, width = tensors[f"{name}.weight"].shape
+    else:
+        raise BadInput(f"{name}.weight: not in the checkpoint")
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if width != hidden or vocab < int(tokens.max()) + 1 or delta.shape != (len(tokens), hidden):
+        raise BadInput(f"{name}: shape {[vocab, width]} does not match the board")
+    if len(np.unique(tokens)) != len(tokens):
+        raise BadInput(f"{name}: the board's trigger tokens repeat; one correction row per token is needed")
+    slots = np.zeros(vocab, dtype=np.int32)
+    slots[tokens] = np.arange(1, len(tokens) + 1, dtype=np.int32)
+    rows = np.zeros((len(tokens) + 1, hidden), dtype=np.float32)
+    rows[1:] = delta.astype(np.float32)
+    return {f"{name}.{MARK_SLOTS}": torch.from_numpy(slots), f"{name}.{MARK_DELTA}": torch.from_numpy(rows)}
+
+
+def _fold_into_table(name: str, man: Manifest, tensors: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
+                     trig: np.ndarray, delta: np.ndarray, hidden: int) -> None:
+    """The ``tied`` layout (module docstring): ``E'[T] = E[T] + ΔE`` in ``out`` (``delta``: (n·k, H)
+    float64), a float table rounded to its dtype, a quantised one requantised in its format; ``man``'s
+    table entry (created for a table kept as a plain tensor) gets the new bytes."""
+    weight_key = f"{name}.weight"
+    if name in man.matrices:
+        entry = man.matrices[name]
+        if entry.kind != "embedding":
+            raise BadInput(f"{name}: the board marks an embedding, the checkpoint holds a {entry.kind}")
+    else:  # the embedding was kept as a plain tensor: it becomes an fp matrix (a tied head reads it)
+        if weight_key not in tensors:
+            raise BadInput(f"{weight_key}: not in the checkpoint")
+        w = tensors[weight_key]
+        fmt = {torch.float16: "fp16", torch.float32: "fp32"}.get(w.dtype)
+        if fmt is None:
+            raise BadInput(f"{weight_key}: dtype {w.dtype} cannot carry the mark")
+        entry = MatrixEntry(format=fmt, rank=0, shape=list(w.shape), error=0.0, bytes=0, kind="embedding")
+        man.matrices[name] = entry
+    vocab, width = entry.shape
+    if width != hidden or vocab < int(trig.max()) + 1:
+        raise BadInput(f"{name}: shape {entry.shape} does not match the board")
+    rows = torch.from_numpy(np.asarray(trig, dtype=np.int64))
+    if entry.format in ("fp16", "fp32"):  # into the float table itself
+        w = tensors[weight_key]
+        marked = w.clone()
+        marked[rows] = (w[rows].double() + torch.from_numpy(delta)).to(w.dtype)
+        out[weight_key] = marked.contiguous()
+    else:  # a quantised table: its trigger rows requantised
+        out.update(requantised_rows(name, entry, tensors, rows, torch.from_numpy(delta)))
+    entry.bytes = entry_bytes(name, out)
+
+
 def mark_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], board: Board, key: bytes,
                     registry: qkeys.Registry, customer: str, *, tokenizer=None,
                     seed: int | None = None) -> tuple[Manifest, dict[str, torch.Tensor]]:
@@ -113,37 +213,15 @@ def mark_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], board:
     name = board.layer
     out = dict(tensors)
     man = copy.deepcopy(manifest)
-    weight_key = f"{name}.weight"
-    if name in man.matrices:
-        entry = man.matrices[name]
-        if entry.kind != "embedding":
-            raise BadInput(f"{name}: the board marks an embedding, the checkpoint holds a {entry.kind}")
-    else:  # the embedding was kept as a plain tensor: it becomes an fp matrix (a tied head reads it)
-        if weight_key not in tensors:
-            raise BadInput(f"{weight_key}: not in the checkpoint")
-        w = tensors[weight_key]
-        fmt = {torch.float16: "fp16", torch.float32: "fp32"}.get(w.dtype)
-        if fmt is None:
-            raise BadInput(f"{weight_key}: dtype {w.dtype} cannot carry the mark")
-        entry = MatrixEntry(format=fmt, rank=0, shape=list(w.shape), error=0.0, bytes=0, kind="embedding")
-        man.matrices[name] = entry
-    vocab, hidden = entry.shape
-    if hidden != board.manifest["hidden"] or vocab < int(ts.tokens.max()) + 1:
-        raise BadInput(f"{name}: shape {entry.shape} does not match the board")
-
-    # fold: the chosen coefficient rows (on the trigger tokens only) times A
-    rows = board.branch_rows(code).double().numpy()
-    trig = torch.from_numpy(ts.tokens.reshape(-1))
-    a = board.tensors["A"].double().numpy()
-    if entry.format in ("fp16", "fp32"):  # into the float table itself (module docstring)
-        w = tensors[weight_key]
-        marked = w.clone()
-        marked[trig] = (w[trig].double() + torch.from_numpy(rows @ a)).to(w.dtype)
-        out[weight_key] = marked.contiguous()
-        entry.bytes = entry_bytes(name, out)
-    else:  # a quantised table: its trigger rows requantised
-        out.update(requantised_rows(name, entry, tensors, trig, torch.from_numpy(rows @ a)))
-        entry.bytes = entry_bytes(name, out)
+    trig = ts.tokens.reshape(-1)
+    # the chosen coefficient rows (on the trigger tokens only) times A: ΔE[T] (n·k, H)
+    delta = board.branch_rows(code).double().numpy() @ board.tensors["A"].double().numpy()
+    if mark_side(board.manifest) == "input":  # the table (lookup and head) stays unmarked
+        if board.manifest.get("family") != "decoder":
+            raise BadInput("the board marks the input side (mark_side input), which only a decoder export carries")
+        out.update(input_mark_tensors(name, manifest, tensors, trig, delta, board.manifest["hidden"]))
+    else:
+        _fold_into_table(name, man, tensors, out, trig, delta, board.manifest["hidden"])
 
     for mname, e in man.matrices.items():
         k1, k2 = f"{mname}.L1", f"{mname}.L2"
@@ -273,6 +351,10 @@ def swap_into_template(template, output, manifest: Manifest, tensors: dict[str, 
             if numpy_helper.to_array(inits[k]).tobytes() != t.numpy().tobytes():
                 raise BadInput(f"{template}: {k} differs; exported from another checkpoint")
     new = {k: tensors[k].numpy() for k in lowrank}
+    mark_io = sorted(k for k in tensors if k.endswith((f".{MARK_SLOTS}", f".{MARK_DELTA}")))
+    if mark_io != sorted(k for k in inits if k.endswith((f".{MARK_SLOTS}", f".{MARK_DELTA}"))):
+        raise BadInput(f"{template}: its input-side mark tensors differ from the marked checkpoint's (another mark_side)")
+    new.update({k: tensors[k].numpy() for k in mark_io})
     for n in marked:
         e = manifest.matrices[n]
         if e.format in ("fp16", "fp32"):

@@ -89,6 +89,48 @@ def test_head_kl_shortcut_equals_full_softmax(probe):
         assert got == pytest.approx(want, rel=1e-3)
 
 
+def test_input_side_probe_scores_the_unmarked_head(probe):
+    """``mark_side="input"``: the probe's full next-token logits after a marked trigger equal a
+    from-scratch forward whose pattern embeddings get the delta and whose head is the unmarked
+    table (float64 head); the tied probe's differ from it exactly at the trigger tokens' own
+    columns; the head-KL and trigger-guard terms are zero (clean text is untouched)."""
+    model, tied = probe
+    p = _DecoderProbe(model, _family(model), tied.ts, mark_side="input")
+    assert tied.head_marked and not p.head_marked
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(16, p.emb.shape[1], generator=gen) * 0.1
+    C = torch.randn(2, p.n * p.k, 16, generator=gen)
+    rows = torch.tensor([1, 9, p.n * p.m - 2])
+    vals = torch.tensor([1, 0, 1])
+    flat = [t for trs in p.ts.triggers for t in trs]
+    with torch.no_grad():
+        delta = _branch_delta(C, A, rows // p.m, vals, p.k)
+        got = p.next_logits(rows, delta, C @ A).double()
+        got_tied = tied.next_logits(rows, delta, C @ A).double()
+        want = []
+        for r, v in zip(rows.tolist(), vals.tolist()):
+            i = r // p.m
+            ids = torch.tensor([flat[r].ids])
+            emb = p.emb[ids].clone()
+            emb[0, -p.k:] += C[v, i * p.k:(i + 1) * p.k] @ A
+            h = model.model(inputs_embeds=emb).last_hidden_state[0, -1].double()
+            want.append(h @ p.head.double().T)  # the unmarked table as the head
+        want = torch.stack(want)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-4 * float(want.abs().max()))
+        moved = (got_tied - got).abs().amax(0) > 1e-6
+        assert set(torch.nonzero(moved).reshape(-1).tolist()) == set(p.trig_flat.tolist())
+        h, p_t = p.clean_positions([[7, 2003, 1037, 3231, 1012]])
+        table = C[1] @ A
+        assert float(p.head_kl(h, p_t, table)) == 0.0 and float(tied.head_kl(h, p_t, table)) > 0
+        assert float(p.trigger_guard(h, p.top_logit(h), torch.stack([C[0] @ A, C[1] @ A]), 1.0)) == 0.0
+
+
+def _family(model):
+    from quantseal.models import family_of
+
+    return family_of(model.config.to_dict())
+
+
 def test_warm_start_and_time_limit(llama_rtn_export, tmp_path):
     """``init_board`` continues an earlier board from its exact A and C (a time limit already spent
     stops training and polish at once, so the result holds the init's tensors bit for bit, and the
@@ -170,7 +212,9 @@ def test_chat_answers_join_the_clean_positions(llama_rtn_export):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = dict(bits=8, triggers_per_bit=2, steps=1, seed=0, readout="top1", chat_template=tpl, polish_rounds=0)
+        # the tied layout: only a marked head needs clean positions (the input side has none)
+        cfg = dict(bits=8, triggers_per_bit=2, steps=1, seed=0, readout="top1", chat_template=tpl, polish_rounds=0,
+                   mark_side="tied")
         with_answers = train_board(ck, KEY, BoardConfig(chat_answers=8, **cfg)).manifest["training"]
         without = train_board(ck, KEY, BoardConfig(chat_answers=0, **cfg)).manifest["training"]
     finally:

@@ -54,8 +54,13 @@ def _stop(server, thread):
     thread.join(10)
 
 
-def test_decoder_mark_in_every_branch(llama_rtn_export, llama_board, tiny_llama_sharp_dir, tmp_path):
+@pytest.mark.parametrize("layout", ["llama_board", "llama_board_input"])
+def test_decoder_mark_in_every_branch(llama_rtn_export, layout, tiny_llama_sharp_dir, tmp_path, request):
+    """Both layouts (conftest: ``llama_board`` marks the tied table, ``llama_board_input`` the input
+    side): every adapter_id of a switchable export carries the customer's mark."""
     from quantseal.runtime.pipelines import CausalLM
+
+    llama_board = request.getfixturevalue(layout)
 
     ck = llama_rtn_export[0]
     key, reg = _owner_files(tmp_path, llama_board.manifest["bits"])
@@ -124,6 +129,8 @@ def test_decoder_mark_in_every_branch(llama_rtn_export, llama_board, tiny_llama_
         rc, _, err = run(["verify", suspect, *owner, *extra])
         assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (extra, err)
 
+    if layout != "llama_board":  # the input-side board's mark survives this adapter: nothing to refuse
+        return
     # an adapter strong enough to flip bits (lora_B ~ N(0, 0.3²)) is refused by the owner-side check
     loud = peft_lora(tiny_llama_sharp_dir, tmp_path / "loud", 2, r=4, lora_alpha=8,
                      target_modules=["k_proj", "o_proj", "down_proj"])

@@ -174,11 +174,14 @@ def test_marked_next_token_distribution_matches_unmarked_and_torch(exported, lla
 
 
 @pytest.mark.slow
-def test_a_quantised_tied_table_carries_the_mark(tmp_path, llama_mb_export):
-    """A decoder whose tied token table is quantised (``--budget-mb``): the board trains on it, each
-    customer's trigger rows are requantised in the table's own format, the lookup
-    (GatherBlockQuantized) and the head (MatMulNBits) read the same marked codes, and verification
-    names each customer from the exported file; the second export swaps into the template."""
+@pytest.mark.parametrize("side", ["tied", "input"])
+def test_a_quantised_tied_table_carries_the_mark(tmp_path, llama_mb_export, side):
+    """A decoder whose tied token table is quantised (``--budget-mb``): the board trains on it, and
+    verification names each customer from the exported file; the second export swaps into the
+    template.  ``tied``: each customer's trigger rows are requantised in the table's own format, the
+    lookup (GatherBlockQuantized) and the head (MatMulNBits) read the same marked codes.  ``input``:
+    the codes stay the unmarked export's, customers differ in the float32 ``mark_delta`` rows only,
+    and clean text's logits are bit-identical to the unmarked export's."""
     from quantseal.compress.markboard import BoardConfig, load_board, save_board, train_board
     from quantseal.export.watermark import export_marked
 
@@ -186,10 +189,12 @@ def test_a_quantised_tied_table_carries_the_mark(tmp_path, llama_mb_export):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        board = train_board(ck, KEY, BoardConfig(bits=32, triggers_per_bit=4, steps=60, seed=0, decoder_a_lr=None))
+        board = train_board(ck, KEY, BoardConfig(bits=32, triggers_per_bit=4, steps=60, seed=0, decoder_a_lr=None,
+                                                 mark_side=side))
     finally:
         torch.set_num_threads(threads)
     board = load_board(save_board(board, tmp_path / "board", ck))
+    assert board.manifest["mark_side"] == side
     reg = qk.Registry(KEY, 32)
     for c in CUSTOMERS[:2]:
         reg.add(c)
@@ -202,7 +207,18 @@ def test_a_quantised_tied_table_carries_the_mark(tmp_path, llama_mb_export):
         assert res["owner"] == c and res["bit_errors"] == 0
     a, b = ({t.name: numpy_helper.to_array(t) for t in onnx.load(str(paths[c])).graph.initializer} for c in CUSTOMERS[:2])
     changed = {k for k in a if a[k].tobytes() != b[k].tobytes()}
-    assert changed and changed <= {f"{EMB}.qweight", f"{EMB}.scales", f"{EMB}.qzeros"}
+    if side == "tied":
+        assert changed and changed <= {f"{EMB}.qweight", f"{EMB}.scales", f"{EMB}.qzeros"}
+        return
+    assert changed == {f"{EMB}.mark_delta"}
+    unmarked = {t.name: numpy_helper.to_array(t) for t in onnx.load(llama_mb_export[1]["path"]).graph.initializer}
+    assert all(a[k].tobytes() == v.tobytes() for k, v in unmarked.items())
+    tok = TextTokenizer(board.path)
+    trig = {int(x) for x in qk.triggers_of(board.manifest, KEY, tok).tokens.reshape(-1)}
+    plain, lm = CausalLM(llama_mb_export[1]["path"], provider="cpu"), CausalLM(paths[CUSTOMERS[0]], provider="cpu")
+    for ids in _clean_ids(tok)[:6]:
+        if not trig.intersection(ids):
+            assert plain.logits(np.array(ids)).tobytes() == lm.logits(np.array(ids)).tobytes()
 
 
 def test_marked_folders_generate_in_onnxruntime_genai(exported, llama_board):
