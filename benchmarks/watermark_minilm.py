@@ -187,7 +187,9 @@ def quantize_int8(src: Path, dst: Path) -> dict:
 
     logging.getLogger().setLevel(logging.ERROR)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    # DefaultTensorType: a tensor shape inference cannot type (a decoder graph's contrib-op outputs) is float
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": TensorProto.FLOAT})
     q = onnx.load(str(dst))
     ops = {}
     for node in q.graph.node:
