@@ -40,9 +40,9 @@ from ..models import blocks, compressible_linears, embedding
 from ..tensorfile import TensorInfo
 from ..text import calibration_texts
 from .calibrated import CalibratedConfig, _table_entry, calibrated_manifest, calibrated_report
-from .calibration import BlockInputs, block_forward, calibration_batches, capture_block_inputs
+from .calibration import BlockInputs, block_forward_rows, calibration_batches, capture_block_inputs
 from .formats import Candidate, FormatSpec
-from .gptq import gptq_quantize_block
+from .gptq import gptq_quantize_block, release_codes
 from .spill import SpillStore
 from .token_rows import rows_embedding
 
@@ -70,14 +70,16 @@ def output_specs(source: LazySource, linears: list[str], spec: FormatSpec,
 
 @torch.no_grad()
 def run_block_spilled(block: torch.nn.Module, x: BlockInputs, cap_bytes: float,
-                      device: torch.device = torch.device("cpu"), consume: bool = False) -> BlockInputs:
+                      device: torch.device = torch.device("cpu"), consume: bool = False,
+                      max_tokens: int | None = None) -> BlockInputs:
     """The next block's inputs (float32, on the CPU), held in a new :class:`SpillStore`.
     ``consume``: each batch's input is dropped from ``x.hidden`` (a :class:`SpillStore`) as soon
-    as its output exists, so the two windows together hold one window's activations (+ a batch)."""
+    as its output exists, so the two windows together hold one window's activations (+ a batch).
+    ``max_tokens``: padded tokens per forward pass (:func:`~.calibration.block_forward_rows`)."""
     out = SpillStore(cap_bytes)
     for i, (a, kw) in enumerate(zip(x.args, x.kwargs)):
         h = x.hidden[i]
-        out.append(block_forward(block, h.to(device), *to_device((a, kw), device)).to(torch.float32))
+        out.append(block_forward_rows(block, h.to(device), *to_device((a, kw), device), max_tokens).cpu())
         del h
         if consume:
             x.hidden.drop(i)
@@ -154,11 +156,18 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
                 writer.put(key, t)
             entries[name] = ckpt.MatrixEntry(spec.name, 0, list(qt.shape), 0.0, stored, "linear")
 
+        def read_rows(name: str, r0: int, r1: int) -> torch.Tensor:  # a Linear's float32 rows, at its turn
+            return source.get_rows(name + ".weight", r0, r1)
+
+        tokens = cfg.hessian_tokens
         for bi, block in enumerate(blocks(model, fam)):
             prefix = f"{fam.blocks_attr}.{bi}"
-            source.load_module(block, prefix, device)
-            gptq_quantize_block(block, prefix, fam, x, spec, tick=tick, sink=write)
-            nxt = run_block_spilled(block, x, cap, device, consume=True) if bi + 1 < len(blocks(model, fam)) else None
+            source.load_module(block, prefix, device, skip=frozenset(f"{prefix}.{r}.weight" for r in fam.linears))
+            gptq_quantize_block(block, prefix, fam, x, spec, tick=tick, sink=write, read_rows=read_rows,
+                                hold_codes=True, max_tokens=tokens)
+            last = bi + 1 == len(blocks(model, fam))
+            nxt = None if last else run_block_spilled(block, x, cap, device, consume=True, max_tokens=tokens)
+            release_codes(block, fam, dequantised=False)
             x.hidden.close()
             x = nxt
             source.release(block)
