@@ -34,7 +34,8 @@ from ..devices import to_device
 from ..models import Family, blocks
 from .calibration import BlockInputs, block_forward, row_spans, run_block, sub_batch
 from .formats import FormatSpec
-from .held_codes import CodesLinear, PackedCodes, PendingLinear, chunk_rows
+from .held_codes import PackedCodes, chunk_rows, hold_pending, unhold
+from .held_codes import hold_codes as hold_layer_codes
 from .quantizers import QuantizedTensor, dequantize, quantize_int, quantize_offset
 
 
@@ -253,19 +254,11 @@ def _solve_rows(rows_of: Callable[[int, int], torch.Tensor], n: int, k: int, Hin
 
 
 def release_codes(block: nn.Module, fam: Family, dequantised: bool = True) -> None:
-    """Put the block's own Linears back in place of their :class:`CodesLinear` /
-    :class:`PendingLinear` stand-ins; ``dequantised``: each solved one then holds its dequantised
-    weights (the in-memory model), else it is left as it was (a streamed block's meta Linear)."""
+    """The block's Linears compute with their own weights again (:func:`~.held_codes.unhold`);
+    ``dequantised``: each solved one then holds its dequantised weights (the in-memory model),
+    else it is left as it was (a streamed block's meta Linear)."""
     for rel in fam.linears:
-        held = block.get_submodule(rel)
-        original = held.__dict__.get("original")
-        if original is None:
-            continue
-        if dequantised and isinstance(held, CodesLinear):
-            original.weight.data = original.weight.data.new_empty(0)  # the float weights: freed first
-            original.weight.data = dequantize(held.codes.quantized()).to(held.dtype)
-        parent, _, attr = rel.rpartition(".")
-        setattr(block.get_submodule(parent) if parent else block, attr, original)
+        unhold(block.get_submodule(rel), dequantised)
 
 
 @torch.no_grad()
@@ -288,12 +281,13 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
     (float32; float64 is the slow reference).  ``max_tokens``: padded tokens per forward pass
     (:func:`_input_group`; ``None``: whole batches).
 
-    A solved Linear is held as its packed codes (:class:`~.held_codes.CodesLinear`, dequantised a
-    row chunk at a time when the block's forward reaches it) and solved a chunk of about
+    A solved Linear is held as its packed codes (:func:`~.held_codes.hold_codes`, dequantised a
+    row chunk at a time when the block's forward reaches it; the module stays in place, with its
+    pre-hooks) and solved a chunk of about
     ``chunk_bytes`` float32 rows at a time, so no float32 copy of the block exists beside the
     Hessian.  ``read_rows(full_name, r0, r1)``: where a Linear's float32 rows come from (a
-    streamed block's Linears are left unread on the meta device, stand-ins return zeros until
-    their turn: :class:`~.held_codes.PendingLinear`); ``None``: the Linear's own weight.
+    streamed block's Linears are left unread on the meta device and return zeros until their
+    turn: :func:`~.held_codes.hold_pending`); ``None``: the Linear's own weight.
     ``hold_codes``: leave the block holding the codes (its caller maps the inputs to the next
     block's through them, then :func:`release_codes`); else the Linears are put back holding their
     dequantised weights.  ``sink``: called with ``(full_name, codes)`` as each Linear is done,
@@ -306,14 +300,10 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
     result: dict[str, QuantizedTensor] = {}
     rels = list(fam.linears)
 
-    def swap(rel: str, module: nn.Module) -> None:
-        parent, _, attr = rel.rpartition(".")
-        setattr(block.get_submodule(parent) if parent else block, attr, module)
-
     originals = {rel: block.get_submodule(rel) for rel in rels}
     if read_rows is not None:
         for rel in rels:
-            swap(rel, PendingLinear(originals[rel]))
+            hold_pending(originals[rel])
     i = 0
     try:
         while i < len(rels):
@@ -334,10 +324,12 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
                     rows_of = (lambda r0, r1, _f=full: read_rows(_f, r0, r1).to(device))
                 packed = _solve_rows(rows_of, layer.out_features, layer.in_features, Hinv, dead, fmt, device,
                                      chunk_bytes)
+                del rows_of
                 dtype = layer.weight.dtype
                 if read_rows is None:
+                    del w
                     layer.weight.data = layer.weight.data.new_empty(0)  # the solve's workspace: freed
-                swap(rel, CodesLinear(packed, layer.bias, dtype, layer, chunk_bytes))
+                hold_layer_codes(layer, packed, dtype, chunk_bytes)
                 qt = packed.quantized().cpu()
                 if sink is not None:
                     sink(full, qt)

@@ -10,21 +10,22 @@ the quantised weights.  Holding those weights in float32 costs 4 bytes per weigh
   points or float16 offsets; :meth:`PackedCodes.rows` gives any row range back as a
   :class:`~.quantizers.QuantizedTensor`, so ``dequantize(p.rows(0, N))`` is bit for bit the
   ``dequantize`` of the solver's result;
-* :class:`CodesLinear` — ``y = x Ŵᵀ + b`` computed ``chunk_bytes`` of dequantised rows of ``Ŵ``
-  at a time (``x: (..., K)`` → ``(..., N)``): the float32 of one row chunk alive, never the whole
-  matrix;
-* :class:`PendingLinear` — a Linear whose weights are not read yet: it returns zeros of the
-  output's shape.  GPTQ's Hessian passes (:func:`~.gptq._input_group`) stop at the first Linear
+* :func:`hold_codes` — the Linear (kept in place, with its pre-hooks and buffers) computes
+  ``y = x Ŵᵀ + b`` ``chunk_bytes`` of dequantised rows of ``Ŵ`` at a time (``x: (..., K)`` →
+  ``(..., N)``, :func:`codes_forward`): the float32 of one row chunk alive, never the whole matrix;
+* :func:`hold_pending` — a Linear whose weights are not read yet returns zeros of the output's
+  shape.  GPTQ's Hessian passes (:func:`~.gptq._input_group`) stop at the first Linear
   after the group whose input they gather, so a pending Linear's output never reaches a recorded
   input.
 
-Holding a block this way changes no number: :class:`CodesLinear` with one chunk is
+Holding a block this way changes no number: :func:`codes_forward` with one chunk is
 ``F.linear(x, dequantize(qt), b)`` exactly as a Linear holding the dequantised weight computes
 it, and both the streamed and the in-memory GPTQ run the block through it.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -106,40 +107,58 @@ class PackedCodes:
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
-class CodesLinear(nn.Module):
-    """A solved Linear held as :class:`PackedCodes`: ``x: (..., K)`` → ``(..., N)``, dequantised
-    ``chunk_bytes`` of float32 rows at a time (in ``dtype``, the Linear's own).  ``original``:
-    the Linear it stands in for (put back by :func:`~.gptq.release_codes`)."""
-
-    def __init__(self, codes: PackedCodes, bias: torch.Tensor | None, dtype: torch.dtype, original: nn.Module,
-                 chunk_bytes: int = LINEAR_CHUNK_BYTES):
-        super().__init__()
-        self.codes, self.bias, self.dtype = codes, bias, dtype
-        self.out_features, self.in_features = codes.shape
-        self.chunk_bytes = chunk_bytes
-        self.__dict__["original"] = original  # not a submodule: its (meta or float) weights are not ours
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, k = self.codes.shape
-        per = chunk_rows(n, k, self.chunk_bytes)
-        if per >= n:  # one chunk: exactly a Linear holding the dequantised weight
-            return F.linear(x, dequantize(self.codes.rows(0, n)).to(self.dtype), self.bias)
-        out = x.new_empty(*x.shape[:-1], n)
-        for r0 in range(0, n, per):
-            r1 = min(r0 + per, n)
-            w = dequantize(self.codes.rows(r0, r1)).to(self.dtype)
-            out[..., r0:r1] = F.linear(x, w, None if self.bias is None else self.bias[r0:r1])
-            del w
-        return out
+def codes_forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A held Linear's forward (:func:`hold_codes`): ``x: (..., K)`` → ``(..., N)``, its codes
+    dequantised ``chunk_bytes`` of float32 rows at a time (in the Linear's own dtype)."""
+    codes, dtype, chunk_bytes = layer.__dict__["held"]
+    n, k = codes.shape
+    bias = layer.bias
+    per = chunk_rows(n, k, chunk_bytes)
+    if per >= n:  # one chunk: exactly a Linear holding the dequantised weight
+        return F.linear(x, dequantize(codes.rows(0, n)).to(dtype), bias)
+    out = x.new_empty(*x.shape[:-1], n)
+    for r0 in range(0, n, per):
+        r1 = min(r0 + per, n)
+        w = dequantize(codes.rows(r0, r1)).to(dtype)
+        out[..., r0:r1] = F.linear(x, w, None if bias is None else bias[r0:r1])
+        del w
+    return out
 
 
-class PendingLinear(nn.Module):
+def pending_forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A Linear not read yet (see the module notes): ``(..., K)`` → zeros ``(..., N)``."""
+    return x.new_zeros(*x.shape[:-1], layer.out_features)
 
-    def __init__(self, original: nn.Linear):
-        super().__init__()
-        self.out_features, self.in_features = original.out_features, original.in_features
-        self.__dict__["original"] = original
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], self.out_features)
+def hold_codes(layer: nn.Linear, codes: PackedCodes, dtype: torch.dtype,
+               chunk_bytes: int = LINEAR_CHUNK_BYTES) -> None:
+    """Make ``layer`` compute through ``codes`` (:func:`codes_forward`) instead of its weight,
+    which the caller frees or leaves unread.  The module stays in place, so its forward pre-hooks
+    (an input smoothing ``x / s``: :mod:`.smoothing`) and buffers still apply."""
+    layer.__dict__["held"] = (codes, dtype, chunk_bytes)
+    layer.forward = functools.partial(codes_forward, layer)
+
+
+def hold_pending(layer: nn.Linear) -> None:
+    """Make ``layer`` return zeros (:func:`pending_forward`) until its codes are held."""
+    layer.__dict__.pop("held", None)
+    layer.forward = functools.partial(pending_forward, layer)
+
+
+def held(layer: nn.Module) -> PackedCodes | None:
+    """The codes ``layer`` computes through, or None (pending, or a plain Linear)."""
+    h = layer.__dict__.get("held")
+    return None if h is None else h[0]
+
+
+def unhold(layer: nn.Linear, dequantised: bool) -> None:
+    """``layer``'s own forward back; ``dequantised``: its weight becomes the held codes'
+    dequantised weights (an in-memory model), else it stays as it is (a streamed block's meta
+    weight)."""
+    h = layer.__dict__.pop("held", None)
+    if "forward" in layer.__dict__:
+        del layer.forward
+    if dequantised and h is not None:
+        codes, dtype, _ = h
+        layer.weight.data = layer.weight.data.new_empty(0)  # the float weights: freed first
+        layer.weight.data = dequantize(codes.quantized()).to(dtype)

@@ -8,19 +8,25 @@ The pass is GPTQ's own sequential capture-and-replay (Frantar et al. 2023, §4 "
    ids read (:mod:`.token_rows`), and block 0's inputs captured for every calibration batch
    (``(B, T, H)`` float32 each, held in a :class:`~.spill.SpillStore` up to ``activation_mb``,
    spilled to a temporary folder beyond it); then the rows are dropped;
-2. for block i: its float weights are read from the source, :func:`~.gptq.gptq_quantize_block`
-   quantises its Linears in order, the codes go straight to the checkpoint's shard files, the
-   block (now holding the dequantised weights) maps the inputs to block i + 1's (each input
-   dropped once its output exists), and its memory is released;
+2. for block i: its norms are read from the source, its Linears left unread;
+   :func:`~.gptq.gptq_quantize_block` quantises them in order, each read in row chunks when its
+   solve starts (its input group's Hessian pass runs before, through stand-ins:
+   :mod:`.held_codes`), its codes written straight to the checkpoint's shard files and held
+   packed in the block; the block (through its codes, dequantised a row chunk at a time) maps the
+   inputs to block i + 1's (each input dropped once its output exists), and its memory is
+   released.  Every forward pass runs ``--hessian-tokens`` padded tokens (a few batch rows);
 3. the untouched tensors (norms, the token table in row chunks, or its ``--table`` quantisation,
    which reads the whole table) are copied through one at a time, and the folder is published as
    a unit.
 
-Peak memory is about one block's float32 weights, one GPTQ Hessian (one per group of Linears
-reading the same input; float32, factorised in its own memory: one K × K array for the widest
-Linear, K = the MLP width for ``down_proj``) and one window of activations (each batch's input is
-dropped as its output is made): flat in depth, growing with width (K² for the solver).  The token
-table is never whole in memory: block 0's inputs come from the calibration ids' rows
+Peak memory is about one GPTQ Hessian (one per group of Linears reading the same input; float32,
+factorised in its own memory: one K × K array for the widest Linear, K = the MLP width for
+``down_proj``), one window of activations (each batch's input is dropped as its output is made),
+the block's solved Linears as packed codes (half a byte per 4-bit weight) and chunks of about
+8 MB (a Linear's float32 rows; a block's intermediates over ``--hessian-tokens`` tokens): flat in
+depth, growing with width through the K² of the solver and the window.  No float32 copy of a
+block, or of one of its Linears, is ever whole in memory.  The token
+table is never whole in memory either: block 0's inputs come from the calibration ids' rows
 (:mod:`.token_rows`) and the table is copied through in row chunks.
 Every number equals the in-memory path's (:func:`~.gptq.gptq_quantize_model`): the same block
 code on the same float32 weights and inputs, so the checkpoint is byte-identical
