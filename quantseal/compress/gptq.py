@@ -51,16 +51,20 @@ class GPTQ:
                              device=layer.weight.device if device is None else device)
         self.nsamples = 0
 
-    def add_batch(self, inp: torch.Tensor) -> None:
+    def add_batch(self, inp: torch.Tensor, own: bool = False) -> None:
         """inp: (..., K) layer inputs (padding tokens already removed).  Keeps H = 2/n Σ x xᵀ,
-        accumulated in place (``addmm_``: no K × K temporary)."""
+        accumulated in place (``addmm_``: no K × K temporary).  ``own``: ``inp`` is the caller's
+        scratch copy, scaled in place (the same products, no second (n, K) array)."""
         x = inp.reshape(-1, self.columns).to(self.H.dtype)
         n = x.shape[0]
         if n == 0:
             return
         self.H *= self.nsamples / (self.nsamples + n)
         self.nsamples += n
-        x = math.sqrt(2 / self.nsamples) * x
+        if own and x.data_ptr() == inp.data_ptr():
+            x.mul_(math.sqrt(2 / self.nsamples))
+        else:
+            x = math.sqrt(2 / self.nsamples) * x
         self.H.addmm_(x.T, x)
 
     @torch.no_grad()
@@ -200,7 +204,7 @@ def _input_group(block: nn.Module, rels: list[str], x: BlockInputs, solver: GPTQ
     def hook(_m, args, _rel):
         if _rel == rels[0]:
             state.update(x=args[0], n=1)
-            solver.add_batch(args[0][state["mask"]])
+            solver.add_batch(args[0][state["mask"]], own=True)  # boolean indexing: a copy of ours
             if group == 1:
                 raise _Stop
             return
@@ -311,7 +315,7 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
             n = _input_group(block, rels[i:], x, solver, device, max_tokens)
             Hinv, dead = solver.factor(percdamp, consume=True)  # one factor for the group (the same H)
             solver.free()
-            for rel in rels[i:i + n]:
+            for j, rel in enumerate(rels[i:i + n]):
                 layer = originals[rel]
                 full = f"{prefix}.{rel}"
                 fmt = spec[full] if isinstance(spec, dict) else spec
@@ -325,6 +329,8 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
                 packed = _solve_rows(rows_of, layer.out_features, layer.in_features, Hinv, dead, fmt, device,
                                      chunk_bytes)
                 del rows_of
+                if j == n - 1:  # the group's factor is done with: freed before the codes are written
+                    del Hinv, dead
                 dtype = layer.weight.dtype
                 if read_rows is None:
                     del w
@@ -338,7 +344,6 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
                 del qt
                 if tick:
                     tick(f"block {prefix.rsplit('.', 1)[-1]} {rel}")
-            del Hinv, dead
             i += n
     except BaseException:
         release_codes(block, fam, dequantised=False)
