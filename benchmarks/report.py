@@ -299,7 +299,7 @@ def scale_llama_table(res: dict) -> str:
              "`python benchmarks/scale_llama.py` — synthetic seeded LLaMA models (vocabulary 49152, tied, float32; "
              "`benchmarks/synthetic_llama.py`), each command in a fresh process on 2 shared cores: CPU = seconds of "
              "the child (getrusage), peak = the child's VmHWM (MB). compress: `--method rtn --budget 4.5` and "
-             "`--method gptq --wbits 4 --activation-mb 1024` (the default; 128 calibration texts), `--workers 1`; LQ table: every default candidate of layer 0's 7 matrices, "
+             "`--method gptq --wbits 4 --activation-mb 1024` (the default; 128 calibration texts; `--hessian-tokens 256`, also the default), `--workers 1`; LQ table: every default candidate of layer 0's 7 matrices, "
              "serial, × layers; export: the RTN checkpoint, default flags (one file) and `--external-data always`; "
              "decode: onnxruntime, 1 thread, 32 greedy tokens after an 8-token prompt.", "",
              "| model | params | rtn CPU s / peak MB | gptq CPU s / peak MB | LQ table CPU s | export CPU s / peak MB "

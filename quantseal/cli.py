@@ -116,6 +116,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--activation-mb", type=float, default=None, metavar="MB",
                    help="gptq/cbq on a streamed decoder: calibration activations held in memory (default 1024), "
                         "the rest spilled to a temporary folder")
+    p.add_argument("--hessian-tokens", type=int, default=None, metavar="N",
+                   help="gptq: padded calibration tokens per forward pass of its Hessian passes and block replays "
+                        "(default 256: a few MB of MLP intermediates, not a whole batch of 16 texts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_compress)
@@ -160,6 +163,8 @@ def _cmd_compress_calibrated(args) -> int:
     if args.budget is not None:
         raise BadInput(f"--method {args.method} quantises every matrix to int{args.wbits}_b{args.block}, or plans "
                        "formats under --budget-mb MB: drop --budget")
+    if args.hessian_tokens is not None and args.method != "gptq":
+        raise BadInput("--hessian-tokens applies to --method gptq")
     cfg = CalibratedConfig(
         output=args.output, model=args.model, method=args.method, wbits=args.wbits, abits=args.abits,
         block=args.block, window=args.window, rank=args.rank, steps=args.steps, init=args.init, calib=args.calib,
@@ -168,6 +173,7 @@ def _cmd_compress_calibrated(args) -> int:
         formats=tuple(args.formats.split(",")) if args.formats else ("int4", "int8"), workers=args.workers,
         device=args.device,
         **({} if args.activation_mb is None else {"activation_mb": args.activation_mb}),
+        **({} if args.hessian_tokens is None else {"hessian_tokens": args.hessian_tokens}),
     )
     res = calibrated_compress(cfg, _step_progress(not args.json and sys.stderr.isatty()))
     human = (f"wrote {res['output']}: {res['matrices']} matrices as {res['format']} (A{res['abits']}), "
@@ -192,6 +198,8 @@ def _cmd_compress(args) -> int:
         raise BadInput(f"--method {args.method} needs one of --budget BITS and --budget-mb MB")
     if args.activation_mb is not None:
         raise BadInput("--activation-mb applies to --method gptq|cbq")
+    if args.hessian_tokens is not None:
+        raise BadInput("--hessian-tokens applies to --method gptq")
     adapter_rank = args.adapter_rank
     if adapter_rank != "auto":
         try:

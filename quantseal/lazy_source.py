@@ -188,15 +188,17 @@ class LazySource:
             i = j
         return out
 
-    def load_module(self, module: nn.Module, prefix: str, device: torch.device | str = "cpu") -> nn.Module:
+    def load_module(self, module: nn.Module, prefix: str, device: torch.device | str = "cpu",
+                    skip: frozenset[str] = frozenset()) -> nn.Module:
         """Give ``module`` (the submodule at ``prefix``) its stored weights on ``device``, each read
         straight into its own parameter (no second copy on the CPU).  Tensors the files do not hold
-        (a tied alias, a non-persistent buffer) are left as they are."""
+        (a tied alias, a non-persistent buffer) are left as they are, and so are the full names in
+        ``skip`` (read later, e.g. a streamed GPTQ's Linear weights, by rows at their turn)."""
         for mname, sub in module.named_modules():
             base = ".".join(x for x in (prefix, mname) if x)
             for pname, p in list(sub._parameters.items()):
                 full = f"{base}.{pname}" if base else pname
-                if p is not None and full in self._map:
+                if p is not None and full in self._map and full not in skip:
                     sub._parameters[pname] = nn.Parameter(self.get(full).to(device), requires_grad=p.requires_grad)
             for bname, b in list(sub._buffers.items()):
                 full = f"{base}.{bname}" if base else bname

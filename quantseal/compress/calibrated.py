@@ -30,7 +30,7 @@ from ..text import calibration_texts
 from .calibration import calibration_batches, capture_block_inputs
 from .cbq import CBQConfig, StepCallback, cbq_quantize_model, gptq_init
 from .formats import BLOCK_SIZES, FormatSpec, expand_families
-from .gptq import gptq_quantize_model
+from .gptq import DEFAULT_HESSIAN_TOKENS, gptq_quantize_model
 from .quantizers import dequantize
 from .spill import DEFAULT_ACTIVATION_MB
 
@@ -65,6 +65,7 @@ class CalibratedConfig:
     workers: int = 1  # the plan's candidate table
     activation_mb: float = DEFAULT_ACTIVATION_MB  # streamed GPTQ / CBQ: activations held in memory, the rest spilled
     device: str = "auto"  # where GPTQ / CBQ compute (quantseal.devices); results are written from the CPU
+    hessian_tokens: int = DEFAULT_HESSIAN_TOKENS  # gptq: padded tokens per forward pass (gptq.py, max_tokens)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +90,8 @@ class CalibratedConfig:
         if self.calib_samples < 1:
             raise BadInput(f"--calib-samples must be at least 1, not {self.calib_samples}")
         resolve_device(self.device)  # cuda without a GPU: one line, before any compute
+        if isinstance(self.hessian_tokens, bool) or not isinstance(self.hessian_tokens, int) or self.hessian_tokens < 1:
+            raise BadInput(f"--hessian-tokens must be a positive integer, not {self.hessian_tokens}")
         if not self.activation_mb >= 0:
             raise BadInput(f"--activation-mb must be a non-negative number, not {self.activation_mb}")
         if self.table is not None:
@@ -216,7 +219,7 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
             done[0] += 1
             callback("gptq", done[0], len(linears), {"layer": what})
 
-        quantized = gptq_quantize_model(model, fam, inputs, specs, tick=tick)
+        quantized = gptq_quantize_model(model, fam, inputs, specs, tick=tick, max_tokens=cfg.hessian_tokens)
         model.to("cpu")  # results are written from the CPU
     else:
         device = resolve_device(cfg.device)  # the float model, activations and CBQ's parameters on it

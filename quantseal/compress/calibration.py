@@ -109,9 +109,56 @@ def block_forward(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: d
     return out[0] if isinstance(out, tuple) else out
 
 
+def _rows_of(v, r0: int, r1: int, n: int):
+    """``v`` (a tensor, or a tuple / list / dict of them) cut to batch rows ``r0:r1``: a tensor of
+    two or more dimensions whose first is the batch's ``n`` (> 1) is sliced, anything else (a
+    broadcast ``(1, T, d)`` rotary table, a 1-D cache position, a flag) passes unchanged."""
+    if isinstance(v, torch.Tensor):
+        return v[r0:r1] if v.dim() >= 2 and v.shape[0] == n else v
+    if isinstance(v, (tuple, list)):
+        return type(v)(_rows_of(u, r0, r1, n) for u in v)
+    if isinstance(v, dict):
+        return {k: _rows_of(u, r0, r1, n) for k, u in v.items()}
+    return v
+
+
+def row_spans(hidden: torch.Tensor, max_tokens: int | None) -> list[tuple[int, int]]:
+    """Batch-row ranges of ``hidden: (B, T, H)`` with at most ``max_tokens`` padded tokens each
+    (``rows × T``; at least one row); ``None``: the whole batch."""
+    b, t = hidden.shape[0], hidden.shape[1]
+    if max_tokens is None or b < 2 or b * t <= max_tokens:
+        return [(0, b)]
+    per = max(1, max_tokens // max(1, t))
+    return [(r, min(r + per, b)) for r in range(0, b, per)]
+
+
+def sub_batch(hidden: torch.Tensor, args: tuple, kwargs: dict, r0: int, r1: int) -> tuple:
+    """``(hidden, args, kwargs)`` of batch rows ``r0:r1`` (see :func:`_rows_of`)."""
+    n = hidden.shape[0]
+    if (r0, r1) == (0, n):
+        return hidden, args, kwargs
+    return hidden[r0:r1], _rows_of(args, r0, r1, n), _rows_of(kwargs, r0, r1, n)
+
+
+def block_forward_rows(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict,
+                       max_tokens: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`block_forward` a few batch rows at a time (:func:`row_spans`), so the block's
+    intermediates (a decoder MLP's four ``(rows·T, I)`` tensors) are those of ``max_tokens``
+    tokens: ``(B, T, H)`` → ``(B, T, H)`` in ``dtype``."""
+    spans = row_spans(hidden, max_tokens)
+    if len(spans) == 1:
+        return block_forward(block, hidden, args, kwargs).to(dtype)
+    out = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
+    for r0, r1 in spans:
+        out[r0:r1] = block_forward(block, *sub_batch(hidden, args, kwargs, r0, r1))
+    return out
+
+
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, storage_dtype: torch.dtype = torch.float16) -> BlockInputs:
-    """The next block's inputs: this block applied to every batch."""
-    outs = [block_forward(block, h, a, kw).to(storage_dtype)
+def run_block(block: nn.Module, inputs: BlockInputs, storage_dtype: torch.dtype = torch.float16,
+              max_tokens: int | None = None) -> BlockInputs:
+    """The next block's inputs: this block applied to every batch (``max_tokens`` padded tokens at
+    a time: :func:`block_forward_rows`; ``None``: whole batches)."""
+    outs = [block_forward_rows(block, h, a, kw, max_tokens, storage_dtype)
             for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs)]
     return inputs.with_hidden(outs)

@@ -32,32 +32,39 @@ from torch import nn
 
 from ..devices import to_device
 from ..models import Family, blocks
-from .calibration import BlockInputs, block_forward, run_block
+from .calibration import BlockInputs, block_forward, row_spans, run_block, sub_batch
 from .formats import FormatSpec
+from .held_codes import PackedCodes, chunk_rows, hold_pending, unhold
+from .held_codes import hold_codes as hold_layer_codes
 from .quantizers import QuantizedTensor, dequantize, quantize_int, quantize_offset
 
 
 class GPTQ:
     """The solver for one Linear: ``add_batch`` accumulates H, ``quantize`` solves, ``free``."""
 
-    def __init__(self, layer: nn.Linear, dtype: torch.dtype = torch.float32):
+    def __init__(self, layer: nn.Linear, dtype: torch.dtype = torch.float32, device: torch.device | None = None):
         self.layer = layer
-        self.rows, self.columns = layer.weight.shape  # N, K
+        self.rows, self.columns = layer.out_features, layer.in_features  # N, K
         # float32 as the reference GPTQ code keeps H (its K × K arrays are half a float64's);
         # float64 is the slow reference (tests/compress/test_gptq.py compares the two solves)
-        self.H = torch.zeros(self.columns, self.columns, dtype=dtype, device=layer.weight.device)
+        self.H = torch.zeros(self.columns, self.columns, dtype=dtype,
+                             device=layer.weight.device if device is None else device)
         self.nsamples = 0
 
-    def add_batch(self, inp: torch.Tensor) -> None:
+    def add_batch(self, inp: torch.Tensor, own: bool = False) -> None:
         """inp: (..., K) layer inputs (padding tokens already removed).  Keeps H = 2/n Σ x xᵀ,
-        accumulated in place (``addmm_``: no K × K temporary)."""
+        accumulated in place (``addmm_``: no K × K temporary).  ``own``: ``inp`` is the caller's
+        scratch copy, scaled in place (the same products, no second (n, K) array)."""
         x = inp.reshape(-1, self.columns).to(self.H.dtype)
         n = x.shape[0]
         if n == 0:
             return
         self.H *= self.nsamples / (self.nsamples + n)
         self.nsamples += n
-        x = math.sqrt(2 / self.nsamples) * x
+        if own and x.data_ptr() == inp.data_ptr():
+            x.mul_(math.sqrt(2 / self.nsamples))
+        else:
+            x = math.sqrt(2 / self.nsamples) * x
         self.H.addmm_(x.T, x)
 
     @torch.no_grad()
@@ -235,25 +242,33 @@ def permute_symmetric_(H: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 Tick = Callable[[str], None]
 
+# padded tokens per forward pass of ``compress --method gptq`` (--hessian-tokens): a decoder MLP's
+# intermediates of one pass are then ≈ 4 · 256 · I float32 (23 MB at the 1B width I = 5632, not
+# the 115 MB of a whole calibration batch of 1456 tokens); chosen by measurement (benchmarks/README.md)
+DEFAULT_HESSIAN_TOKENS = 256
+
 
 class _Stop(Exception):
     pass
 
 
-def _input_group(block: nn.Module, rels: list[str], x: BlockInputs, solver: GPTQ, device) -> int:
+def _input_group(block: nn.Module, rels: list[str], x: BlockInputs, solver: GPTQ, device,
+                 max_tokens: int | None = None) -> int:
     """Accumulate ``solver``'s H (the Linear ``rels[0]``) over every calibration batch; return how
     many of ``rels`` share that input: the Linears called right after ``rels[0]`` (no other of
     the block's Linears in between) with the very same input tensor, in every batch (LLaMA's
     q/k/v and gate/up, BERT's query/key/value).  Their inputs cannot depend on the group's
     earlier members, so the sequential algorithm's H for each of them equals this H exactly.
-    Each forward pass stops at the first Linear call that cannot extend the group."""
+    Each forward pass stops at the first Linear call that cannot extend the group.  ``max_tokens``:
+    each batch is run a few rows at a time, at most that many padded tokens per pass
+    (:func:`~.calibration.row_spans`; the Hessian's sum then runs over those sub-batches)."""
     group = len(rels)
     state: dict = {}
 
     def hook(_m, args, _rel):
         if _rel == rels[0]:
             state.update(x=args[0], n=1)
-            solver.add_batch(args[0][state["mask"]])
+            solver.add_batch(args[0][state["mask"]], own=True)  # boolean indexing: a copy of ours
             if group == 1:
                 raise _Stop
             return
@@ -268,13 +283,16 @@ def _input_group(block: nn.Module, rels: list[str], x: BlockInputs, solver: GPTQ
                for rel in rels]
     try:
         for hid, a, kw, m in zip(x.hidden, x.args, x.kwargs, x.token_mask):
-            state.clear()
-            state["mask"] = m.to(device)
-            try:
-                block_forward(block, hid.to(device), *to_device((a, kw), device))
-            except _Stop:
-                pass
-            group = min(group, state.get("n", 0))
+            for r0, r1 in row_spans(hid, max_tokens):
+                state.clear()
+                state["mask"] = m[r0:r1].to(device)
+                h, a1, kw1 = sub_batch(hid, a, kw, r0, r1)
+                try:
+                    block_forward(block, h.to(device), *to_device((a1, kw1), device))
+                except _Stop:
+                    pass
+                del h
+                group = min(group, state.get("n", 0))
     finally:
         for h in handles:
             h.remove()
@@ -283,64 +301,136 @@ def _input_group(block: nn.Module, rels: list[str], x: BlockInputs, solver: GPTQ
     return group
 
 
+RowReader = Callable[[str, int, int], torch.Tensor]
+
+
+def _solve_rows(rows_of: Callable[[int, int], torch.Tensor], n: int, k: int, Hinv: torch.Tensor,
+                dead: torch.Tensor, spec: FormatSpec, device, chunk_bytes: int) -> PackedCodes:
+    """:meth:`GPTQ.solve` on the float32 rows of one ``(n, k)`` weight, a chunk of about
+    ``chunk_bytes`` at a time (``rows_of(r0, r1)``: rows ``r0:r1``, float32, a workspace the solve
+    may change); every step is row-wise given ``Hinv``, so the chunks' codes are the rows' own."""
+    out = PackedCodes.empty(n, k, spec, device)
+    per = chunk_rows(n, k, chunk_bytes)
+    for r0 in range(0, n, per):
+        r1 = min(r0 + per, n)
+        w = rows_of(r0, r1)
+        if w.dtype != torch.float32 or not w.is_contiguous():
+            w = w.to(torch.float32, copy=True).contiguous()
+        out.put(r0, GPTQ.solve(w, Hinv, dead, spec))
+        del w
+    return out
+
+
+def release_codes(block: nn.Module, fam: Family, dequantised: bool = True) -> None:
+    """The block's Linears compute with their own weights again (:func:`~.held_codes.unhold`);
+    ``dequantised``: each solved one then holds its dequantised weights (the in-memory model),
+    else it is left as it was (a streamed block's meta Linear)."""
+    for rel in fam.linears:
+        unhold(block.get_submodule(rel), dequantised)
+
+
 @torch.no_grad()
 def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInputs,
                         spec: FormatSpec | dict[str, FormatSpec], percdamp: float = 0.01,
                         tick: Tick | None = None, hessian_dtype: torch.dtype = torch.float32,
-                        sink: Callable[[str, QuantizedTensor], None] | None = None) -> dict[str, QuantizedTensor]:
+                        sink: Callable[[str, QuantizedTensor], None] | None = None,
+                        read_rows: RowReader | None = None, hold_codes: bool = False,
+                        max_tokens: int | None = None,
+                        chunk_bytes: int | None = None) -> dict[str, QuantizedTensor]:
     """GPTQ on one block's Linears, in order, each on inputs produced by the already-quantised
-    Linears before it; the block's Linears are overwritten with their dequantised weights.
-    ``x``: the block's inputs (moved batch by batch to the block's device); ``prefix``: the
-    block's full name; ``spec`` one format for every Linear or ``{full_name: format}`` (a
-    per-matrix plan).  Returns ``{full_name: codes}``, on the CPU.
+    Linears before it.  ``x``: the block's inputs (moved batch by batch to the block's device);
+    ``prefix``: the block's full name; ``spec`` one format for every Linear or ``{full_name:
+    format}`` (a per-matrix plan).  Returns ``{full_name: codes}``, on the CPU.
 
     Linears that read the same input tensor (:func:`_input_group`) share one Hessian, accumulated
-    once, and each forward pass stops at the group's end: one K × K H alive at a time and fewer
-    block passes (LLaMA: 4 partial passes instead of 7 whole ones), the same codes as one H per
-    Linear.  ``hessian_dtype``: H and its factorisations (float32; float64 is the slow reference).
-    ``sink``: called with ``(full_name, codes)`` as each Linear is done, which are then not kept
-    (the returned dict is empty): a streamed run writes them at once.  Each solve works in its
-    Linear's own weight (``overwrite``), which then receives the dequantised weights."""
-    device = next(block.parameters()).device
+    once and factorised once (in its own memory), and each forward pass stops at the group's end:
+    one K × K H alive at a time and fewer block passes (LLaMA: 4 partial passes instead of 7
+    whole ones), the same codes as one H per Linear.  ``hessian_dtype``: H and its factorisations
+    (float32; float64 is the slow reference).  ``max_tokens``: padded tokens per forward pass
+    (:func:`_input_group`; ``None``: whole batches).
+
+    A solved Linear is held as its packed codes (:func:`~.held_codes.hold_codes`, dequantised a
+    row chunk at a time when the block's forward reaches it; the module stays in place, with its
+    pre-hooks) and solved a chunk of about
+    ``chunk_bytes`` float32 rows at a time, so no float32 copy of the block exists beside the
+    Hessian.  ``read_rows(full_name, r0, r1)``: where a Linear's float32 rows come from (a
+    streamed block's Linears are left unread on the meta device and return zeros until their
+    turn: :func:`~.held_codes.hold_pending`); ``None``: the Linear's own weight.
+    ``hold_codes``: leave the block holding the codes (its caller maps the inputs to the next
+    block's through them, then :func:`release_codes`); else the Linears are put back holding their
+    dequantised weights.  ``sink``: called with ``(full_name, codes)`` as each Linear is done,
+    which are then not kept (the returned dict is empty): a streamed run writes them at once."""
+    from .held_codes import LINEAR_CHUNK_BYTES
+
+    chunk_bytes = LINEAR_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    device = next((p.device for p in block.parameters() if not p.is_meta), None)
+    device = device if device is not None else x.hidden[0].device
     result: dict[str, QuantizedTensor] = {}
     rels = list(fam.linears)
+
+    originals = {rel: block.get_submodule(rel) for rel in rels}
+    if read_rows is not None:
+        for rel in rels:
+            hold_pending(originals[rel])
     i = 0
-    while i < len(rels):
-        solver = GPTQ(block.get_submodule(rels[i]), hessian_dtype)
-        n = _input_group(block, rels[i:], x, solver, device)
-        for j, rel in enumerate(rels[i:i + n]):
-            layer = block.get_submodule(rel)
-            solver.layer = layer  # same input, same H; the weight is this Linear's
-            solver.rows, solver.columns = layer.weight.shape
-            full = f"{prefix}.{rel}"
-            qt = solver.quantize(spec[full] if isinstance(spec, dict) else spec, percdamp=percdamp,
-                                 consume=j == n - 1, overwrite=True)
-            dtype = layer.weight.dtype
-            layer.weight.data = layer.weight.data.new_empty(0)  # the solve's workspace: freed first
-            layer.weight.data = dequantize(qt).to(dtype)
-            if sink is not None:
-                sink(full, qt.cpu())
-            else:
-                result[full] = qt.cpu()
-            del qt
-            if tick:
-                tick(f"block {prefix.rsplit('.', 1)[-1]} {rel}")
-        solver.free()
-        i += n
+    try:
+        while i < len(rels):
+            solver = GPTQ(originals[rels[i]], hessian_dtype, device)
+            n = _input_group(block, rels[i:], x, solver, device, max_tokens)
+            Hinv, dead = solver.factor(percdamp, consume=True)  # one factor for the group (the same H)
+            solver.free()
+            for j, rel in enumerate(rels[i:i + n]):
+                layer = originals[rel]
+                full = f"{prefix}.{rel}"
+                fmt = spec[full] if isinstance(spec, dict) else spec
+                if fmt.kind not in ("int", "intf"):
+                    raise ValueError(f"GPTQ writes integer formats, not {fmt.name}")
+                if read_rows is None:
+                    w = layer.weight.detach()
+                    rows_of = (lambda r0, r1, _w=w: _w[r0:r1])  # solved in the Linear's own weight
+                else:
+                    rows_of = (lambda r0, r1, _f=full: read_rows(_f, r0, r1).to(device))
+                packed = _solve_rows(rows_of, layer.out_features, layer.in_features, Hinv, dead, fmt, device,
+                                     chunk_bytes)
+                del rows_of
+                if j == n - 1:  # the group's factor is done with: freed before the codes are written
+                    del Hinv, dead
+                dtype = layer.weight.dtype
+                if read_rows is None:
+                    del w
+                    layer.weight.data = layer.weight.data.new_empty(0)  # the solve's workspace: freed
+                hold_layer_codes(layer, packed, dtype, chunk_bytes)
+                qt = packed.quantized().cpu()
+                if sink is not None:
+                    sink(full, qt)
+                else:
+                    result[full] = qt
+                del qt
+                if tick:
+                    tick(f"block {prefix.rsplit('.', 1)[-1]} {rel}")
+            i += n
+    except BaseException:
+        release_codes(block, fam, dequantised=False)
+        raise
+    if not hold_codes:
+        release_codes(block, fam, dequantised=True)
     return result
 
 
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, spec: FormatSpec | dict[str, FormatSpec],
                         percdamp: float = 0.01, storage_dtype: torch.dtype = torch.float32,
-                        tick: Tick | None = None) -> dict[str, QuantizedTensor]:
+                        tick: Tick | None = None, max_tokens: int | None = None) -> dict[str, QuantizedTensor]:
     """Sequential GPTQ over the blocks; the model's Linears are overwritten with their dequantised
     weights.  ``inputs`` are block 0's captured inputs; ``spec`` one format for every Linear or
-    ``{full_name: format}`` (a per-matrix plan).  Returns ``{full_name: QuantizedTensor}``.
-    (:mod:`.streaming` runs the same :func:`gptq_quantize_block` with one block in memory.)"""
+    ``{full_name: format}`` (a per-matrix plan); ``max_tokens``: padded tokens per forward pass.
+    Returns ``{full_name: QuantizedTensor}``.  Each block maps the inputs to the next block's
+    through its held codes, as :mod:`.streaming` does with one block in memory."""
     result: dict[str, QuantizedTensor] = {}
     x = inputs
     for bi, block in enumerate(blocks(model, fam)):
-        result.update(gptq_quantize_block(block, f"{fam.blocks_attr}.{bi}", fam, x, spec, percdamp, tick))
-        x = run_block(block, x, storage_dtype)
+        result.update(gptq_quantize_block(block, f"{fam.blocks_attr}.{bi}", fam, x, spec, percdamp, tick,
+                                          hold_codes=True, max_tokens=max_tokens))
+        x = run_block(block, x, storage_dtype, max_tokens)
+        release_codes(block, fam, dequantised=True)
     return result

@@ -8,19 +8,25 @@ The pass is GPTQ's own sequential capture-and-replay (Frantar et al. 2023, §4 "
    ids read (:mod:`.token_rows`), and block 0's inputs captured for every calibration batch
    (``(B, T, H)`` float32 each, held in a :class:`~.spill.SpillStore` up to ``activation_mb``,
    spilled to a temporary folder beyond it); then the rows are dropped;
-2. for block i: its float weights are read from the source, :func:`~.gptq.gptq_quantize_block`
-   quantises its Linears in order, the codes go straight to the checkpoint's shard files, the
-   block (now holding the dequantised weights) maps the inputs to block i + 1's (each input
-   dropped once its output exists), and its memory is released;
+2. for block i: its norms are read from the source, its Linears left unread;
+   :func:`~.gptq.gptq_quantize_block` quantises them in order, each read in row chunks when its
+   solve starts (its input group's Hessian pass runs before, through stand-ins:
+   :mod:`.held_codes`), its codes written straight to the checkpoint's shard files and held
+   packed in the block; the block (through its codes, dequantised a row chunk at a time) maps the
+   inputs to block i + 1's (each input dropped once its output exists), and its memory is
+   released.  Every forward pass runs ``--hessian-tokens`` padded tokens (a few batch rows);
 3. the untouched tensors (norms, the token table in row chunks, or its ``--table`` quantisation,
    which reads the whole table) are copied through one at a time, and the folder is published as
    a unit.
 
-Peak memory is about one block's float32 weights, one GPTQ Hessian (one per group of Linears
-reading the same input; float32, factorised in its own memory: one K × K array for the widest
-Linear, K = the MLP width for ``down_proj``) and one window of activations (each batch's input is
-dropped as its output is made): flat in depth, growing with width (K² for the solver).  The token
-table is never whole in memory: block 0's inputs come from the calibration ids' rows
+Peak memory is about one GPTQ Hessian (one per group of Linears reading the same input; float32,
+factorised in its own memory: one K × K array for the widest Linear, K = the MLP width for
+``down_proj``), one window of activations (each batch's input is dropped as its output is made),
+the block's solved Linears as packed codes (half a byte per 4-bit weight) and chunks of about
+8 MB (a Linear's float32 rows; a block's intermediates over ``--hessian-tokens`` tokens): flat in
+depth, growing with width through the K² of the solver and the window.  No float32 copy of a
+block, or of one of its Linears, is ever whole in memory.  The token
+table is never whole in memory either: block 0's inputs come from the calibration ids' rows
 (:mod:`.token_rows`) and the table is copied through in row chunks.
 Every number equals the in-memory path's (:func:`~.gptq.gptq_quantize_model`): the same block
 code on the same float32 weights and inputs, so the checkpoint is byte-identical
@@ -40,9 +46,9 @@ from ..models import blocks, compressible_linears, embedding
 from ..tensorfile import TensorInfo
 from ..text import calibration_texts
 from .calibrated import CalibratedConfig, _table_entry, calibrated_manifest, calibrated_report
-from .calibration import BlockInputs, block_forward, calibration_batches, capture_block_inputs
+from .calibration import BlockInputs, block_forward_rows, calibration_batches, capture_block_inputs
 from .formats import Candidate, FormatSpec
-from .gptq import gptq_quantize_block
+from .gptq import gptq_quantize_block, release_codes
 from .spill import SpillStore
 from .token_rows import rows_embedding
 
@@ -70,14 +76,16 @@ def output_specs(source: LazySource, linears: list[str], spec: FormatSpec,
 
 @torch.no_grad()
 def run_block_spilled(block: torch.nn.Module, x: BlockInputs, cap_bytes: float,
-                      device: torch.device = torch.device("cpu"), consume: bool = False) -> BlockInputs:
+                      device: torch.device = torch.device("cpu"), consume: bool = False,
+                      max_tokens: int | None = None) -> BlockInputs:
     """The next block's inputs (float32, on the CPU), held in a new :class:`SpillStore`.
     ``consume``: each batch's input is dropped from ``x.hidden`` (a :class:`SpillStore`) as soon
-    as its output exists, so the two windows together hold one window's activations (+ a batch)."""
+    as its output exists, so the two windows together hold one window's activations (+ a batch).
+    ``max_tokens``: padded tokens per forward pass (:func:`~.calibration.block_forward_rows`)."""
     out = SpillStore(cap_bytes)
     for i, (a, kw) in enumerate(zip(x.args, x.kwargs)):
         h = x.hidden[i]
-        out.append(block_forward(block, h.to(device), *to_device((a, kw), device)).to(torch.float32))
+        out.append(block_forward_rows(block, h.to(device), *to_device((a, kw), device), max_tokens).cpu())
         del h
         if consume:
             x.hidden.drop(i)
@@ -154,11 +162,18 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
                 writer.put(key, t)
             entries[name] = ckpt.MatrixEntry(spec.name, 0, list(qt.shape), 0.0, stored, "linear")
 
+        def read_rows(name: str, r0: int, r1: int) -> torch.Tensor:  # a Linear's float32 rows, at its turn
+            return source.get_rows(name + ".weight", r0, r1)
+
+        tokens = cfg.hessian_tokens
         for bi, block in enumerate(blocks(model, fam)):
             prefix = f"{fam.blocks_attr}.{bi}"
-            source.load_module(block, prefix, device)
-            gptq_quantize_block(block, prefix, fam, x, spec, tick=tick, sink=write)
-            nxt = run_block_spilled(block, x, cap, device, consume=True) if bi + 1 < len(blocks(model, fam)) else None
+            source.load_module(block, prefix, device, skip=frozenset(f"{prefix}.{r}.weight" for r in fam.linears))
+            gptq_quantize_block(block, prefix, fam, x, spec, tick=tick, sink=write, read_rows=read_rows,
+                                hold_codes=True, max_tokens=tokens)
+            last = bi + 1 == len(blocks(model, fam))
+            nxt = None if last else run_block_spilled(block, x, cap, device, consume=True, max_tokens=tokens)
+            release_codes(block, fam, dequantised=False)
             x.hidden.close()
             x = nxt
             source.release(block)

@@ -310,3 +310,71 @@ def test_copy_through_in_row_chunks_writes_the_same_bytes(tiny_llama_dir, tmp_pa
             copy_through(src, w, k, chunk_bytes=chunk)
         assert w.close()  # every announced tensor written
     _same_folders(tmp_path / "whole", tmp_path / "chunks")
+
+
+def test_a_streamed_block_never_holds_its_float_linears(tiny_llama_dir, tmp_path, monkeypatch):
+    """Streamed gptq with 2 KB chunks (2–8 rows of a matrix): each Linear's float32 weight is read
+    from the source a chunk of rows at a time, once, each chunk gone before the next is read; no
+    block ever holds a float nn.Linear weight while its stand-ins compute; the bytes equal the
+    in-memory run's at the same chunks."""
+    import weakref
+
+    from quantseal.compress import held_codes
+    from quantseal.lazy_source import LazySource
+
+    monkeypatch.setattr(held_codes, "LINEAR_CHUNK_BYTES", 2048)
+    reads: dict[str, list[tuple[int, int]]] = {}
+    alive: list = []
+    checks = [0]
+
+    def no_float_linears(model) -> None:
+        checks[0] += 1
+        held = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}"
+                and not m.weight.is_meta]
+        assert not held, held
+
+    real_rows, real_forward = LazySource.get_rows, held_codes.codes_forward
+
+    def get_rows(self, name, start, stop):
+        t = real_rows(self, name, start, stop)
+        if name.endswith("_proj.weight"):
+            assert all(r() is None for r in alive), "a previous chunk of float rows is still alive"
+            assert t.shape[0] * t.shape[1] * 4 <= 2048 and t.shape[0] < self.stored[name].shape[0]
+            reads.setdefault(name, []).append((start, stop))
+            alive.append(weakref.ref(t))
+            no_float_linears(self.model)
+        return t
+
+    def forward(layer, x):
+        no_float_linears(sources[-1].model)
+        return real_forward(layer, x)
+
+    sources = []
+    real_init = LazySource.__init__
+    monkeypatch.setattr(LazySource, "__init__", lambda self, *a, **k: real_init(self, *a, **k) or sources.append(self))
+    monkeypatch.setattr(LazySource, "get_rows", get_rows)
+    monkeypatch.setattr(held_codes, "codes_forward", forward)
+    kw = dict(model=tiny_llama_dir, method="gptq", calib_samples=16, batch_size=8)
+    calibrated_compress(CalibratedConfig(output=tmp_path / "stream", **kw))
+    monkeypatch.setattr(LazySource, "get_rows", real_rows)
+    monkeypatch.setattr(held_codes, "codes_forward", real_forward)
+    src = sources[0]
+    linear_keys = [k for k in src.stored if k.endswith("_proj.weight")]
+    assert sorted(reads) == sorted(linear_keys) and checks[0] > len(linear_keys)
+    for name, spans in reads.items():  # every row read exactly once, in order
+        assert spans[0][0] == 0 and spans[-1][1] == src.stored[name].shape[0], name
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), name
+    calibrated_compress(CalibratedConfig(output=tmp_path / "memory", **kw), stream=False)
+    _same_folders(tmp_path / "stream", tmp_path / "memory")
+
+
+def test_cli_refuses_a_bad_hessian_tokens(tiny_llama_dir, tmp_path, capsys):
+    from quantseal.cli import main
+
+    for extra in (["--method", "gptq", "--hessian-tokens", "0"], ["--method", "rtn", "--budget", "4.5",
+                                                                   "--hessian-tokens", "64"],
+                  ["--method", "cbq", "--hessian-tokens", "64"]):
+        assert main(["compress", str(tiny_llama_dir), "-o", str(tmp_path / "bad"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--hessian-tokens" in err[0], err
+        assert not (tmp_path / "bad").exists()
