@@ -91,6 +91,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--table", default=None, metavar="FORMAT",
                    help="gptq/cbq: also store the token table in FORMAT (e.g. int4_b32, int8_b32, fp16); a tied LM "
                         "head reads the same codes (default: kept as is)")
+    p.add_argument("--gptq-order", default="act", choices=["act", "natural"],
+                   help="gptq (and cbq's gptq init): the column order, act = descending input energy (diag H) "
+                        "with static groups (default), natural = left to right")
     p.add_argument("--table-method", default="gptq", choices=["gptq", "rtn"],
                    help="gptq/cbq with --table: a tied integer table's codes from GPTQ on the table as the LM head "
                         "(its inputs from the quantised model; default), or round-to-nearest")
@@ -171,7 +174,7 @@ def _cmd_compress_calibrated(args) -> int:
         calib_samples=args.calib_samples if args.calib_samples is not None else 128, seed=args.seed,
         table=args.table, table_method=args.table_method, budget_mb=args.budget_mb, max_decode_ms=args.max_decode_ms,
         formats=tuple(args.formats.split(",")) if args.formats else ("int4", "int8"), workers=args.workers,
-        device=args.device,
+        device=args.device, gptq_order=args.gptq_order,
         **({} if args.activation_mb is None else {"activation_mb": args.activation_mb}),
         **({} if args.hessian_tokens is None else {"hessian_tokens": args.hessian_tokens}),
     )

@@ -66,6 +66,7 @@ class CalibratedConfig:
     activation_mb: float = DEFAULT_ACTIVATION_MB  # streamed GPTQ / CBQ: activations held in memory, the rest spilled
     device: str = "auto"  # where GPTQ / CBQ compute (quantseal.devices); results are written from the CPU
     hessian_tokens: int = DEFAULT_HESSIAN_TOKENS  # gptq: padded tokens per forward pass (gptq.py, max_tokens)
+    gptq_order: str = "act"  # GPTQ's column order (gptq and cbq's gptq init): "act" (static groups) or "natural"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -92,6 +93,8 @@ class CalibratedConfig:
         resolve_device(self.device)  # cuda without a GPU: one line, before any compute
         if isinstance(self.hessian_tokens, bool) or not isinstance(self.hessian_tokens, int) or self.hessian_tokens < 1:
             raise BadInput(f"--hessian-tokens must be a positive integer, not {self.hessian_tokens}")
+        if self.gptq_order not in ("act", "natural"):
+            raise BadInput(f"--gptq-order must be act or natural, not {self.gptq_order!r}")
         if not self.activation_mb >= 0:
             raise BadInput(f"--activation-mb must be a non-negative number, not {self.activation_mb}")
         if self.table is not None:
@@ -124,7 +127,7 @@ class CalibratedConfig:
     def cbq(self) -> CBQConfig:
         return CBQConfig(wbits=self.wbits, abits=self.abits, block=self.block, window=self.window,
                          overlap=1 if self.window > 1 else 0, rank=self.rank, steps=self.steps, init=self.init,
-                         seed=self.seed)
+                         seed=self.seed, gptq_order=self.gptq_order)
 
 
 def _no_callback(stage: str, done: int, total: int, info: dict) -> None:
@@ -219,7 +222,8 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
             done[0] += 1
             callback("gptq", done[0], len(linears), {"layer": what})
 
-        quantized = gptq_quantize_model(model, fam, inputs, specs, tick=tick, max_tokens=cfg.hessian_tokens)
+        quantized = gptq_quantize_model(model, fam, inputs, specs, tick=tick, max_tokens=cfg.hessian_tokens,
+                                        act_order=cfg.gptq_order == "act")
         model.to("cpu")  # results are written from the CPU
     else:
         device = resolve_device(cfg.device)  # the float model, activations and CBQ's parameters on it
@@ -285,6 +289,8 @@ def calibrated_manifest(cfg: CalibratedConfig, family: str, model_type: str, ent
              "stored_bits": cfg.spec.stored_bits, **extra_info, **cfg.extra}
     if table_method is not None:
         extra["table_method"] = table_method
+    if cfg.method == "gptq" or cfg.init == "gptq":
+        extra["gptq_order"] = cfg.gptq_order
     if fplan is not None:
         extra["plan"] = {"budget_mb": cfg.budget_mb, "formats": list(cfg.formats), "max_decode_ms": cfg.max_decode_ms,
                          "planned_bytes": fplan.planned_bytes, "decode_ms_estimate": round(fplan.decode_ms, 6),

@@ -83,6 +83,7 @@ class CBQConfig:
     # of the Linear (smoothing.py); off = only exact folds, the rest quantised as they are
     cfp_smooth: bool = True
     seed: int = 0
+    gptq_order: str = "act"  # init="gptq": GPTQ's column order ("act", static groups, or "natural")
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.rank < 0 or self.steps < 1 or not 0 <= self.overlap < max(self.window, 1):
@@ -434,5 +435,5 @@ def gptq_init(model: nn.Module, fam: Family, inputs: BlockInputs, cfg: CBQConfig
 
     folded = cfp_prefold(model, fam, inputs, cfg)
     codes = gptq_quantize_model(copy.deepcopy(model), fam, inputs, specs or cfg.spec,
-                                storage_dtype=inputs.hidden[0].dtype)
+                                storage_dtype=inputs.hidden[0].dtype, act_order=cfg.gptq_order == "act")
     return codes, folded

@@ -171,7 +171,8 @@ class StreamedBlocks:
         if self.x_g is not None:  # gptq_init's step: GPTQ's codes of the folded block, on a copy
             with torch.no_grad():
                 g = copy.deepcopy(block)
-                self.init.update(gptq_quantize_block(g, prefix, self.fam, self.x_g, self.specs))
+                self.init.update(gptq_quantize_block(g, prefix, self.fam, self.x_g, self.specs,
+                                                     act_order=self.cfg.gptq_order == "act"))
                 nxt = _run_into(self.new_list(), lambda t, a, kw: block_forward(g, t, a, kw).to(self.dtype), self.x_g)
                 self.x_g = self.x_g.with_hidden(nxt) if i + 1 < len(self) else None
                 del g

@@ -36,7 +36,7 @@ from .calibration import BlockInputs, block_forward, row_spans, run_block, sub_b
 from .formats import FormatSpec
 from .held_codes import PackedCodes, chunk_rows, hold_pending, unhold
 from .held_codes import hold_codes as hold_layer_codes
-from .quantizers import QuantizedTensor, dequantize, quantize_int, quantize_offset
+from .quantizers import QuantizedTensor, quantize_int, quantize_offset
 
 
 class GPTQ:
@@ -91,8 +91,7 @@ class GPTQ:
         if not act_order:
             Hinv, dead = self.factor(percdamp, consume)
             return self.solve(W, Hinv, dead, spec, blocksize)
-        static = (quantize_offset(W, spec) if spec.kind == "intf"
-                  else quantize_int(W, FormatSpec("int", spec.bits, spec.block, spec.symmetric)))
+        static = static_groups(W, spec)
         perm = act_order_permutation(self.H)
         Hp = self.H if consume else self.H.clone()
         if consume:
@@ -211,6 +210,14 @@ class GPTQ:
         self.H = None
 
 
+def static_groups(w: torch.Tensor, spec: FormatSpec) -> QuantizedTensor:
+    """Act order's fixed group parameters: round-to-nearest's scale and zero point (``int4f``:
+    scale and offset) of every group of the original rows ``w: (N, K)``; row-wise."""
+    if spec.kind == "intf":
+        return quantize_offset(w, spec)
+    return quantize_int(w, FormatSpec("int", spec.bits, spec.block, spec.symmetric))
+
+
 def act_order_permutation(H: torch.Tensor) -> torch.Tensor:
     """GPTQ's act order: the columns by descending ``diag H`` (ties by index), ``(K,)`` int64."""
     return torch.argsort(torch.diag(H), descending=True, stable=True)
@@ -305,10 +312,13 @@ RowReader = Callable[[str, int, int], torch.Tensor]
 
 
 def _solve_rows(rows_of: Callable[[int, int], torch.Tensor], n: int, k: int, Hinv: torch.Tensor,
-                dead: torch.Tensor, spec: FormatSpec, device, chunk_bytes: int) -> PackedCodes:
+                dead: torch.Tensor, spec: FormatSpec, device, chunk_bytes: int,
+                perm: torch.Tensor | None = None) -> PackedCodes:
     """:meth:`GPTQ.solve` on the float32 rows of one ``(n, k)`` weight, a chunk of about
     ``chunk_bytes`` at a time (``rows_of(r0, r1)``: rows ``r0:r1``, float32, a workspace the solve
-    may change); every step is row-wise given ``Hinv``, so the chunks' codes are the rows' own."""
+    may change); every step is row-wise given ``Hinv``, so the chunks' codes are the rows' own.
+    ``perm``: act order (``Hinv`` is the permuted problem's; each chunk's static groups come from
+    its original rows, :func:`static_groups`, also row-wise)."""
     out = PackedCodes.empty(n, k, spec, device)
     per = chunk_rows(n, k, chunk_bytes)
     for r0 in range(0, n, per):
@@ -316,7 +326,11 @@ def _solve_rows(rows_of: Callable[[int, int], torch.Tensor], n: int, k: int, Hin
         w = rows_of(r0, r1)
         if w.dtype != torch.float32 or not w.is_contiguous():
             w = w.to(torch.float32, copy=True).contiguous()
-        out.put(r0, GPTQ.solve(w, Hinv, dead, spec))
+        if perm is None:
+            out.put(r0, GPTQ.solve(w, Hinv, dead, spec))
+        else:
+            static = static_groups(w, spec)
+            out.put(r0, GPTQ.solve(w.index_select(1, perm), Hinv, dead, spec, perm=perm, static=static))
         del w
     return out
 
@@ -336,7 +350,7 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
                         sink: Callable[[str, QuantizedTensor], None] | None = None,
                         read_rows: RowReader | None = None, hold_codes: bool = False,
                         max_tokens: int | None = None,
-                        chunk_bytes: int | None = None) -> dict[str, QuantizedTensor]:
+                        chunk_bytes: int | None = None, act_order: bool = False) -> dict[str, QuantizedTensor]:
     """GPTQ on one block's Linears, in order, each on inputs produced by the already-quantised
     Linears before it.  ``x``: the block's inputs (moved batch by batch to the block's device);
     ``prefix``: the block's full name; ``spec`` one format for every Linear or ``{full_name:
@@ -359,7 +373,9 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
     ``hold_codes``: leave the block holding the codes (its caller maps the inputs to the next
     block's through them, then :func:`release_codes`); else the Linears are put back holding their
     dequantised weights.  ``sink``: called with ``(full_name, codes)`` as each Linear is done,
-    which are then not kept (the returned dict is empty): a streamed run writes them at once."""
+    which are then not kept (the returned dict is empty): a streamed run writes them at once.
+    ``act_order``: each group's columns in descending ``diag H`` with static groups
+    (:meth:`GPTQ.quantize`); H is permuted in its own memory, once per group."""
     from .held_codes import LINEAR_CHUNK_BYTES
 
     chunk_bytes = LINEAR_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
@@ -377,6 +393,9 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
         while i < len(rels):
             solver = GPTQ(originals[rels[i]], hessian_dtype, device)
             n = _input_group(block, rels[i:], x, solver, device, max_tokens)
+            perm = act_order_permutation(solver.H) if act_order else None
+            if perm is not None:
+                permute_symmetric_(solver.H, perm)
             Hinv, dead = solver.factor(percdamp, consume=True)  # one factor for the group (the same H)
             solver.free()
             for j, rel in enumerate(rels[i:i + n]):
@@ -391,7 +410,7 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
                 else:
                     rows_of = (lambda r0, r1, _f=full: read_rows(_f, r0, r1).to(device))
                 packed = _solve_rows(rows_of, layer.out_features, layer.in_features, Hinv, dead, fmt, device,
-                                     chunk_bytes)
+                                     chunk_bytes, perm)
                 del rows_of
                 if j == n - 1:  # the group's factor is done with: freed before the codes are written
                     del Hinv, dead
@@ -420,7 +439,8 @@ def gptq_quantize_block(block: nn.Module, prefix: str, fam: Family, x: BlockInpu
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, spec: FormatSpec | dict[str, FormatSpec],
                         percdamp: float = 0.01, storage_dtype: torch.dtype = torch.float32,
-                        tick: Tick | None = None, max_tokens: int | None = None) -> dict[str, QuantizedTensor]:
+                        tick: Tick | None = None, max_tokens: int | None = None,
+                        act_order: bool = False) -> dict[str, QuantizedTensor]:
     """Sequential GPTQ over the blocks; the model's Linears are overwritten with their dequantised
     weights.  ``inputs`` are block 0's captured inputs; ``spec`` one format for every Linear or
     ``{full_name: format}`` (a per-matrix plan); ``max_tokens``: padded tokens per forward pass.
@@ -430,7 +450,7 @@ def gptq_quantize_model(model: nn.Module, fam: Family, inputs: BlockInputs, spec
     x = inputs
     for bi, block in enumerate(blocks(model, fam)):
         result.update(gptq_quantize_block(block, f"{fam.blocks_attr}.{bi}", fam, x, spec, percdamp, tick,
-                                          hold_codes=True, max_tokens=max_tokens))
+                                          hold_codes=True, max_tokens=max_tokens, act_order=act_order))
         x = run_block(block, x, storage_dtype, max_tokens)
         release_codes(block, fam, dequantised=True)
     return result

@@ -170,7 +170,7 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
             prefix = f"{fam.blocks_attr}.{bi}"
             source.load_module(block, prefix, device, skip=frozenset(f"{prefix}.{r}.weight" for r in fam.linears))
             gptq_quantize_block(block, prefix, fam, x, spec, tick=tick, sink=write, read_rows=read_rows,
-                                hold_codes=True, max_tokens=tokens)
+                                hold_codes=True, max_tokens=tokens, act_order=cfg.gptq_order == "act")
             last = bi + 1 == len(blocks(model, fam))
             nxt = None if last else run_block_spilled(block, x, cap, device, consume=True, max_tokens=tokens)
             release_codes(block, fam, dequantised=False)

@@ -96,7 +96,7 @@ def test_sequential_driver_writes_dequantised_weights():
         assert not torch.equal(lin.weight.detach(), ref[n])
 
 
-def _one_hessian_per_linear(block, prefix, fam, x, spec):
+def _one_hessian_per_linear(block, prefix, fam, x, spec, act_order=False):
     """The plain sequential algorithm: a whole block pass and its own H for every Linear."""
     from quantseal.compress.calibration import block_forward
 
@@ -110,7 +110,7 @@ def _one_hessian_per_linear(block, prefix, fam, x, spec):
             state["mask"] = m
             block_forward(block, hid, a, kw)
         h.remove()
-        qt = solver.quantize(spec)
+        qt = solver.quantize(spec, act_order=act_order)
         layer.weight.data = dequantize(qt)
         out[f"{prefix}.{rel}"] = qt
     return out
@@ -126,9 +126,11 @@ def _tiny_llama(seed: int = 0):
 
 
 @torch.no_grad()
-def test_shared_input_groups_give_the_codes_of_one_hessian_per_linear():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_shared_input_groups_give_the_codes_of_one_hessian_per_linear(act_order):
     """q/k/v and gate/up (LLaMA), query/key/value (BERT) share one H and stop their passes early:
-    the codes are those of a whole pass and a fresh H per Linear, bit for bit."""
+    the codes are those of a whole pass and a fresh H per Linear, bit for bit (in act order too:
+    the group's H permuted once in place, each Linear's rows solved in chunks, = GPTQ.quantize)."""
     import copy
 
     from quantseal.compress import gptq as gptq_mod
@@ -144,10 +146,10 @@ def test_shared_input_groups_give_the_codes_of_one_hessian_per_linear():
         orig = gptq_mod._input_group
         gptq_mod._input_group = lambda *a: groups.append(orig(*a)) or groups[-1]
         try:
-            got = gptq_mod.gptq_quantize_block(block, "b", fam, x, spec)
+            got = gptq_mod.gptq_quantize_block(block, "b", fam, x, spec, act_order=act_order, chunk_bytes=2048)
         finally:
             gptq_mod._input_group = orig
-        ref = _one_hessian_per_linear(ref_block, "b", fam, x, spec)
+        ref = _one_hessian_per_linear(ref_block, "b", fam, x, spec, act_order)
         assert groups == ([3, 1, 1, 1] if fam is ENCODER else [3, 1, 2, 1]), groups
         assert list(got) == list(ref)
         for n in ref:

@@ -378,3 +378,23 @@ def test_cli_refuses_a_bad_hessian_tokens(tiny_llama_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--hessian-tokens" in err[0], err
         assert not (tmp_path / "bad").exists()
+
+
+def test_gptq_order_is_a_flag_recorded_in_the_manifest(tiny_llama_dir, tmp_path, capsys):
+    """``--gptq-order act`` (the default) and ``natural`` give different codes, each recorded in the
+    manifest; an unknown order is one line, exit 2."""
+    from quantseal.cli import main
+
+    base = ["compress", str(tiny_llama_dir), "--method", "gptq", "--calib-samples", "16", "--json"]
+    assert main([*base, "-o", str(tmp_path / "act")]) == 0
+    assert main([*base, "-o", str(tmp_path / "natural"), "--gptq-order", "natural"]) == 0
+    capsys.readouterr()
+    act, nat = (ckpt.Manifest.from_json((tmp_path / d / ckpt.MANIFEST).read_text()) for d in ("act", "natural"))
+    assert act.extra["gptq_order"] == "act" and nat.extra["gptq_order"] == "natural"
+    assert (tmp_path / "act" / "weights.safetensors").read_bytes() != (tmp_path / "natural" / "weights.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as stop:  # argparse's choices: the CLI's one line and exit 2
+        main([*base, "-o", str(tmp_path / "bad"), "--gptq-order", "sideways"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gptq-order" in err[0], err
+    assert not (tmp_path / "bad").exists()
