@@ -188,12 +188,13 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
         fplan = plan_formats(cfg.model, cfg.budget_mb, tuple(cfg.formats), cfg.max_decode_ms, cfg.calib,
                              cfg.calib_samples, seed=cfg.seed, workers=cfg.workers)
     torch.manual_seed(cfg.seed)
-    streamable = cfg.method == "gptq" and fplan is None and (cfg.table is None or cfg.table_method == "rtn")
-    source = open_source(cfg.model) if stream and streamable else None
-    if source is not None and source.fam.name == "decoder":  # one block in memory at a time
+    source = open_source(cfg.model) if stream and cfg.method == "gptq" else None
+    if source is not None and source.fam.name == "decoder":  # one block in memory at a time (a plan too)
+        from .cbq_stream import _final_norm
         from .streaming import stream_gptq
 
-        return stream_gptq(cfg, source, callback, t0)
+        if _final_norm(source.model, source.fam) is not None:
+            return stream_gptq(cfg, source, callback, t0, fplan)
     if stream and cfg.method == "cbq" and fplan is None:  # a window of blocks in memory at a time
         from .cbq_stream import can_stream, stream_cbq
 

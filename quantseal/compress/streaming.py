@@ -15,9 +15,14 @@ The pass is GPTQ's own sequential capture-and-replay (Frantar et al. 2023, §4 "
    packed in the block; the block (through its codes, dequantised a row chunk at a time) maps the
    inputs to block i + 1's (each input dropped once its output exists), and its memory is
    released.  Every forward pass runs ``--hessian-tokens`` padded tokens (a few batch rows);
-3. the untouched tensors (norms, the token table in row chunks, or its ``--table`` quantisation,
-   which reads the whole table) are copied through one at a time, and the folder is published as
-   a unit.
+3. a tied integer table calibrated as the LM head (``--table-method gptq``, :mod:`.head_table`)
+   takes its inputs from the last block's outputs through the final norm, then reads the whole
+   float table for its GPTQ; a round-to-nearest ``--table`` reads it before the blocks;
+4. the untouched tensors (norms, the token table in row chunks) are copied through one at a time,
+   and the folder is published as a unit.
+
+A ``--budget-mb`` plan (:mod:`.calibrated_plan`, its candidate table streamed as well) gives each
+Linear its own format; the pass is the same.
 
 Peak memory is about one GPTQ Hessian (one per group of Linears reading the same input; float32,
 factorised in its own memory: one K × K array for the widest Linear, K = the MLP width for
@@ -45,7 +50,7 @@ from ..lazy_source import LazySource, fix_mmap_threshold
 from ..models import blocks, compressible_linears, embedding
 from ..tensorfile import TensorInfo
 from ..text import calibration_texts
-from .calibrated import CalibratedConfig, _table_entry, calibrated_manifest, calibrated_report
+from .calibrated import CalibratedConfig, _table_entry, calibrated_manifest, calibrated_report, table_entry
 from .calibration import BlockInputs, block_forward_rows, calibration_batches, capture_block_inputs
 from .formats import Candidate, FormatSpec
 from .gptq import gptq_quantize_block, release_codes
@@ -55,14 +60,15 @@ from .token_rows import rows_embedding
 MB = 1_000_000
 
 
-def output_specs(source: LazySource, linears: list[str], spec: FormatSpec,
+def output_specs(source: LazySource, linears: list[str], spec: FormatSpec | dict[str, FormatSpec],
                  table: FormatSpec | None) -> dict[str, TensorInfo]:
-    """Every tensor the checkpoint will hold, before any is computed."""
+    """Every tensor the checkpoint will hold, before any is computed (``spec``: one format for
+    every Linear or ``{name: format}``, a ``--budget-mb`` plan)."""
     specs: dict[str, TensorInfo] = {}
     planned = set()
     for name in linears:
         n, k = source.stored[name + ".weight"].shape
-        specs.update(ckpt.matrix_specs(name, Candidate(spec), n, k))
+        specs.update(ckpt.matrix_specs(name, Candidate(spec[name] if isinstance(spec, dict) else spec), n, k))
         planned.add(name + ".weight")
     if table is not None:
         name = source.fam.embedding_attr
@@ -121,8 +127,12 @@ def copy_through(source: LazySource, writer: ckpt.CheckpointWriter, key: str, ch
         writer.put_rows(key, r0, source.get_rows(key, r0, min(r0 + per, info.shape[0])))
 
 
-def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float | None = None) -> dict:
-    """``compress --method gptq`` of a safetensors decoder, streamed (see the module notes)."""
+def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float | None = None, fplan=None) -> dict:
+    """``compress --method gptq`` of a safetensors decoder, streamed (see the module notes).
+    ``fplan``: a ``--budget-mb`` plan (:mod:`.calibrated_plan`: each Linear's format and the
+    table's).  A tied integer table with ``--table-method gptq`` is calibrated as the LM head on
+    the final normed states of the quantised model (:mod:`.head_table`), read after the last
+    block; it then reads the whole float table (as streamed cbq does)."""
     t0 = time.perf_counter() if t0 is None else t0
     fix_mmap_threshold()  # 1 MB and larger tensors are returned to the system when freed
     fam = source.fam
@@ -132,15 +142,19 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
     linears = list(compressible_linears(model, fam))  # names only: the blocks are still on meta
     texts = calibration_texts(cfg.calib, cfg.calib_samples)
     batches = calibration_batches(cfg.model, texts, cfg.batch_size)
-    spec = cfg.spec
+    lin_specs = {n: fplan.formats[n] if fplan is not None else cfg.spec for n in linears}
     table = FormatSpec.parse(cfg.table) if cfg.table is not None else None
+    if fplan is not None:
+        table = fplan.formats[fplan.table] if fplan.table is not None else None
+    tied = bool(getattr(source.model.config, "tie_word_embeddings", False))
+    calibrate = table is not None and tied and cfg.table_method == "gptq" and table.kind in ("int", "intf")
     cap = cfg.activation_mb * MB
-    specs = output_specs(source, linears, spec, table)
+    specs = output_specs(source, linears, lin_specs, table)
     entries: dict[str, ckpt.MatrixEntry] = {}
     t_cal = time.perf_counter()
     x = capture_rows(source, model, batches, device, cap)
     with ckpt.CheckpointWriter(cfg.output, specs, cfg.model) as writer:
-        if table is not None:
+        if table is not None and not calibrate:
             if embedding(model, fam).weight.is_meta:  # the --table quantisation reads the whole table
                 source.load_module(embedding(model, fam), emb, device)
             name, mt, entry = _table_entry(model, fam, table)  # round-to-nearest (not head-calibrated)
@@ -156,11 +170,11 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
             callback("gptq", done[0], len(linears), {"layer": what})
 
         def write(name: str, qt) -> None:  # each Linear's codes written as soon as they exist
-            mt = ckpt.matrix_tensors(name, spec, qt, None, None, None)
+            mt = ckpt.matrix_tensors(name, qt.spec, qt, None, None, None)
             stored = sum(t.numel() * t.element_size() for t in mt.values())
             for key, t in mt.items():
                 writer.put(key, t)
-            entries[name] = ckpt.MatrixEntry(spec.name, 0, list(qt.shape), 0.0, stored, "linear")
+            entries[name] = ckpt.MatrixEntry(qt.spec.name, 0, list(qt.shape), 0.0, stored, "linear")
 
         def read_rows(name: str, r0: int, r1: int) -> torch.Tensor:  # a Linear's float32 rows, at its turn
             return source.get_rows(name + ".weight", r0, r1)
@@ -169,14 +183,30 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
         for bi, block in enumerate(blocks(model, fam)):
             prefix = f"{fam.blocks_attr}.{bi}"
             source.load_module(block, prefix, device, skip=frozenset(f"{prefix}.{r}.weight" for r in fam.linears))
-            gptq_quantize_block(block, prefix, fam, x, spec, tick=tick, sink=write, read_rows=read_rows,
+            gptq_quantize_block(block, prefix, fam, x, lin_specs, tick=tick, sink=write, read_rows=read_rows,
                                 hold_codes=True, max_tokens=tokens, act_order=cfg.gptq_order == "act")
             last = bi + 1 == len(blocks(model, fam))
-            nxt = None if last else run_block_spilled(block, x, cap, device, consume=True, max_tokens=tokens)
+            nxt = (None if last and not calibrate  # a calibrated table reads the last block's outputs too
+                   else run_block_spilled(block, x, cap, device, consume=True, max_tokens=tokens))
             release_codes(block, fam, dequantised=False)
             x.hidden.close()
             x = nxt
             source.release(block)
+        if calibrate:  # GPTQ's codes of the tied table as the head, on the final normed states
+            from .cbq_stream import _final_norm
+
+            name, norm = _final_norm(source.model, fam)
+            source.load_module(norm, name, device)
+            with torch.no_grad():
+                head_x = torch.cat([norm(h.to(device))[m.to(device)].float().cpu()
+                                    for h, m in zip(x.hidden, x.token_mask)])
+            x.hidden.close()
+            source.release(norm)
+            w = source.get(emb + ".weight")
+            tname, mt, entries[tname] = table_entry(emb, w, table, head_x)
+            for key, t in mt.items():
+                writer.put(key, t)
+            del w, mt, head_x
         calib_seconds = time.perf_counter() - t_cal
         planned = {n + ".weight" for n in entries}
         for key in source.stored:
@@ -184,7 +214,8 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
                 copy_through(source, writer, key)
         lin_params = sum(source.stored[n + ".weight"].numel() for n in linears)
         total_bytes = sum(s.nbytes for s in specs.values())
+        table_method = None if table is None else ("gptq" if calibrate else "rtn")
         manifest = calibrated_manifest(cfg, fam.name, source.model.config.model_type, entries, lin_params,
-                                       total_bytes, len(texts), {}, {}, None if table is None else "rtn")
+                                       total_bytes, len(texts), {}, {}, table_method, fplan)
         writer.finish(manifest)
-    return calibrated_report(cfg, manifest, calib_seconds, t0)
+    return calibrated_report(cfg, manifest, calib_seconds, t0, fplan)

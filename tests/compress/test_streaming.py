@@ -85,6 +85,32 @@ def test_streamed_gptq_equals_in_memory_bytes_even_when_spilling(tiny_llama_dir,
     assert not any(f.exists() for f in folders)  # every spill folder removed
 
 
+@pytest.mark.parametrize("extra", [dict(table="int4_b32", table_method="gptq"),
+                                   dict(budget_mb=1.6, formats=("int4", "int8"), table_method="gptq")],
+                         ids=["head-calibrated-table", "budget-mb-plan"])
+def test_streamed_gptq_with_a_calibrated_table_or_a_plan_equals_in_memory(tiny_llama_dir, tmp_path, extra):
+    """A head-calibrated tied table (--table-method gptq, the default) and a --budget-mb plan (each
+    Linear's and the table's format from the ILP) no longer load the model: the streamed run reads
+    the last block's outputs for the head's inputs and writes the in-memory run's bytes."""
+    from quantseal.compress import streaming
+
+    kw = dict(model=tiny_llama_dir, method="gptq", calib_samples=16, batch_size=8, workers=1, **extra)
+    calls = []
+    real = streaming.stream_gptq
+    streaming.stream_gptq = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        a = calibrated_compress(CalibratedConfig(output=tmp_path / "stream", activation_mb=0.01, **kw))
+    finally:
+        streaming.stream_gptq = real
+    assert calls == [1]  # really streamed
+    b = calibrated_compress(CalibratedConfig(output=tmp_path / "memory", **kw), stream=False)
+    _same_folders(tmp_path / "stream", tmp_path / "memory")
+    m = ckpt.Manifest.from_json((tmp_path / "stream" / ckpt.MANIFEST).read_text())
+    assert m.extra["table_method"] == "gptq" and a["file_bytes"] == b["file_bytes"]
+    if "budget_mb" in extra:
+        assert m.extra["plan"]["budget_mb"] == 1.6 and len({e.format for e in m.matrices.values()}) > 1
+
+
 def test_hugging_face_shards_read_like_one_file(tmp_path):
     small = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=2048)
