@@ -195,12 +195,12 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
 
         if _final_norm(source.model, source.fam) is not None:
             return stream_gptq(cfg, source, callback, t0, fplan)
-    if stream and cfg.method == "cbq" and fplan is None:  # a window of blocks in memory at a time
+    if stream and cfg.method == "cbq":  # a window of blocks in memory at a time (a plan too)
         from .cbq_stream import can_stream, stream_cbq
 
         source = open_source(cfg.model)
-        if source is not None and can_stream(cfg, source):
-            return stream_cbq(cfg, source, callback, t0)
+        if source is not None and can_stream(cfg, source, fplan):
+            return stream_cbq(cfg, source, callback, t0, fplan=fplan)
     model, fam = load_model(cfg.model)
     linears = compressible_linears(model, fam)
     texts = calibration_texts(cfg.calib, cfg.calib_samples)

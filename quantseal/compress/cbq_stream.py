@@ -222,26 +222,36 @@ def _final_norm(model: nn.Module, fam: Family) -> tuple[str, nn.Module] | None:
         return None
 
 
-def can_stream(cfg: CalibratedConfig, source: LazySource) -> bool:
-    """Whether :func:`stream_cbq` runs ``cfg`` on ``source`` (else the in-memory path does): a
-    decoder, no ``--budget-mb`` plan, and a final norm where a tied table is head-calibrated."""
-    if source.fam.name != "decoder" or cfg.budget_mb is not None:
+def can_stream(cfg: CalibratedConfig, source: LazySource, fplan=None) -> bool:
+    """Whether :func:`stream_cbq` runs ``cfg`` (and its ``--budget-mb`` plan ``fplan``) on
+    ``source`` (else the in-memory path does): a decoder, and a final norm where a tied table is
+    head-calibrated."""
+    if source.fam.name != "decoder":
         return False
-    return not _calibrated_table(cfg, source) or _final_norm(source.model, source.fam) is not None
+    return not _calibrated_table(cfg, source, fplan) or _final_norm(source.model, source.fam) is not None
 
 
-def _calibrated_table(cfg: CalibratedConfig, source: LazySource) -> bool:
+def _table_spec(cfg: CalibratedConfig, fplan=None) -> FormatSpec | None:
+    """The token table's stored format: the plan's, else ``--table``'s (None: kept as is)."""
+    if fplan is not None:
+        return fplan.formats[fplan.table] if fplan.table is not None else None
+    return FormatSpec.parse(cfg.table) if cfg.table is not None else None
+
+
+def _calibrated_table(cfg: CalibratedConfig, source: LazySource, fplan=None) -> bool:
     """calibrated_compress's rule: a tied decoder table in an integer format, ``--table-method gptq``."""
-    if cfg.table is None:
+    table = _table_spec(cfg, fplan)
+    if table is None:
         return False
     tied = bool(getattr(source.model.config, "tie_word_embeddings", False))
-    return tied and cfg.table_method == "gptq" and FormatSpec.parse(cfg.table).kind in ("int", "intf")
+    return tied and cfg.table_method == "gptq" and table.kind in ("int", "intf")
 
 
 def stream_cbq(cfg: CalibratedConfig, source: LazySource, callback, t0: float | None = None,
-               stats: dict | None = None) -> dict:
+               stats: dict | None = None, fplan=None) -> dict:
     """``compress --method cbq`` of a safetensors decoder, streamed (see the module notes).
-    ``stats`` (optional, filled in): ``peak_loaded_blocks``, ``peak_activation_bytes``."""
+    ``stats`` (optional, filled in): ``peak_loaded_blocks``, ``peak_activation_bytes``.
+    ``fplan``: a ``--budget-mb`` plan (each Linear's format and the table's; ``--init gptq``)."""
     t0 = time.perf_counter() if t0 is None else t0
     fix_mmap_threshold()
     fam = source.fam
@@ -250,12 +260,12 @@ def stream_cbq(cfg: CalibratedConfig, source: LazySource, callback, t0: float | 
     linears = list(compressible_linears(model, fam))  # names only: the blocks are still on meta
     texts = calibration_texts(cfg.calib, cfg.calib_samples)
     batches = to_device(calibration_batches(cfg.model, texts, cfg.batch_size), device)
-    spec = cfg.spec
-    table = FormatSpec.parse(cfg.table) if cfg.table is not None else None
-    calibrate = _calibrated_table(cfg, source)
+    lin_specs = {n: fplan.formats[n] if fplan is not None else cfg.spec for n in linears}
+    table = _table_spec(cfg, fplan)
+    calibrate = _calibrated_table(cfg, source, fplan)
     ccfg = cfg.cbq()
     pool = ActivationPool(cfg.activation_mb * MB)
-    specs = output_specs(source, linears, spec, table)
+    specs = output_specs(source, linears, lin_specs, table)
     entries: dict[str, ckpt.MatrixEntry] = {}
     t_cal = time.perf_counter()
     inputs = capture_block_inputs(model, fam, batches, torch.float16, store=pool.new_list())
@@ -277,7 +287,7 @@ def stream_cbq(cfg: CalibratedConfig, source: LazySource, callback, t0: float | 
         folded: dict[str, list[int]] = {}
         init: dict | None = {} if cfg.init == "gptq" else None
         res = CBQResult({})
-        held = StreamedBlocks(source, device, inputs, ccfg, {n: spec for n in linears}, init, folded, pool.new_list)
+        held = StreamedBlocks(source, device, inputs, ccfg, lin_specs, init, folded, pool.new_list)
         planned = {n + ".weight" for n in linears}
         written = {fam.embedding_attr + ".weight"} if table is not None else set()  # source keys done
 
@@ -336,8 +346,8 @@ def stream_cbq(cfg: CalibratedConfig, source: LazySource, callback, t0: float | 
                       "cfp_truncated_weights": res.truncated}
         manifest = calibrated_manifest(cfg, fam.name, source.model.config.model_type, entries, lin_params,
                                        total_bytes, len(texts), extra_info, res.activations,
-                                       None if table is None else ("gptq" if calibrate else "rtn"))
+                                       None if table is None else ("gptq" if calibrate else "rtn"), fplan)
         writer.finish(manifest)
     if stats is not None:
         stats.update(peak_loaded_blocks=held.peak_loaded, peak_activation_bytes=pool.peak)
-    return calibrated_report(cfg, manifest, calib_seconds, t0)
+    return calibrated_report(cfg, manifest, calib_seconds, t0, fplan)
