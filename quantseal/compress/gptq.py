@@ -24,7 +24,6 @@ already-quantised Linears before them).
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -47,25 +46,39 @@ class GPTQ:
         self.rows, self.columns = layer.out_features, layer.in_features  # N, K
         # float32 as the reference GPTQ code keeps H (its K × K arrays are half a float64's);
         # float64 is the slow reference (tests/compress/test_gptq.py compares the two solves)
-        self.H = torch.zeros(self.columns, self.columns, dtype=dtype,
-                             device=layer.weight.device if device is None else device)
+        self._H = torch.zeros(self.columns, self.columns, dtype=dtype,
+                              device=layer.weight.device if device is None else device)
+        self._scaled = True  # _H holds 2/n Σ x xᵀ (True) or the plain sum Σ x xᵀ still being accumulated
         self.nsamples = 0
 
+    @property
+    def H(self) -> torch.Tensor | None:
+        """``H = 2/n Σ x xᵀ`` (K, K).  Batches are summed unscaled and H is scaled once, when it is
+        first read: one rounding per entry for the 2/n factor, not one per batch (the reference
+        code rescales the running mean at every batch; with a few hundred sub-batches those
+        roundings moved GPTQ's float32 solve)."""
+        if self._H is not None and not self._scaled:
+            self._H.mul_(2 / self.nsamples)
+            self._scaled = True
+        return self._H
+
+    @H.setter
+    def H(self, value: torch.Tensor | None) -> None:
+        self._H, self._scaled = value, True
+
     def add_batch(self, inp: torch.Tensor, own: bool = False) -> None:
-        """inp: (..., K) layer inputs (padding tokens already removed).  Keeps H = 2/n Σ x xᵀ,
-        accumulated in place (``addmm_``: no K × K temporary).  ``own``: ``inp`` is the caller's
-        scratch copy, scaled in place (the same products, no second (n, K) array)."""
-        x = inp.reshape(-1, self.columns).to(self.H.dtype)
+        """inp: (..., K) layer inputs (padding tokens already removed), added to Σ x xᵀ in place
+        (``addmm_``: no K × K temporary; ``own`` is accepted for callers that pass a scratch copy:
+        nothing is scaled, so no copy is made either way)."""
+        x = inp.reshape(-1, self.columns).to(self._H.dtype)
         n = x.shape[0]
         if n == 0:
             return
-        self.H *= self.nsamples / (self.nsamples + n)
+        if self._scaled and self.nsamples:  # H was read between batches: back to the plain sum
+            self._H.mul_(self.nsamples / 2)
+        self._H.addmm_(x.T, x)
         self.nsamples += n
-        if own and x.data_ptr() == inp.data_ptr():
-            x.mul_(math.sqrt(2 / self.nsamples))
-        else:
-            x = math.sqrt(2 / self.nsamples) * x
-        self.H.addmm_(x.T, x)
+        self._scaled = False
 
     @torch.no_grad()
     def quantize(self, spec: FormatSpec, blocksize: int = 128, percdamp: float = 0.01,
