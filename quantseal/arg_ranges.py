@@ -36,6 +36,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "max_batch": (1, BIG),
     "max_triggers": (1, BIG),
     "retries": (0, 100),
+    "hessian_tokens": (1, BIG),
 }
 #: (command, destination) exceptions to :data:`INT_RANGES`
 INT_OVERRIDES: dict[tuple[str, str], tuple[int, int]] = {
