@@ -47,6 +47,7 @@ from ..lazy_source import LazySource, TensorRef, fix_mmap_threshold
 from ..models import blocks, compressible_linears, get_submodule
 from ..tensorfile import SafetensorsWriter, TensorInfo
 from .calibration import BlockInputs, block_forward
+from .cbq_stream import _final_norm as final_norm
 from .fisher import floor_fisher
 from .streaming import capture_rows, run_block_spilled
 
@@ -59,10 +60,6 @@ def head_key(source: LazySource) -> str:
     """The stored head matrix: ``lm_head.weight``, or the token table when the head is tied."""
     tied = bool(getattr(source.model.config, "tie_word_embeddings", False))
     return source.fam.embedding_attr + ".weight" if tied or "lm_head.weight" not in source.stored else "lm_head.weight"
-
-
-def _final_norm(model: torch.nn.Module) -> torch.nn.Module:
-    return get_submodule(model, "model.norm")
 
 
 def _label_weights(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +132,7 @@ def _run(source: LazySource, model: torch.nn.Module, batches: list, names: list[
         xs.append(run_block_spilled(block, xs[-1], share))
         source.release(block)
     # 2. head: lse (pass 1), ∂ℓ/∂ĥ (pass 2), then through the final norm
-    norm = _final_norm(model)
+    norm = final_norm(model, fam)[1]
     lw = [_label_weights(b) for b in batches]
     with torch.no_grad():
         hn = [norm(xs[-1].hidden[j].float()).reshape(-1, xs[-1].hidden[j].shape[-1]) for j in range(len(batches))]

@@ -66,10 +66,9 @@ class GPTQ:
     def H(self, value: torch.Tensor | None) -> None:
         self._H, self._scaled = value, True
 
-    def add_batch(self, inp: torch.Tensor, own: bool = False) -> None:
+    def add_batch(self, inp: torch.Tensor) -> None:
         """inp: (..., K) layer inputs (padding tokens already removed), added to Σ x xᵀ in place
-        (``addmm_``: no K × K temporary; ``own`` is accepted for callers that pass a scratch copy:
-        nothing is scaled, so no copy is made either way)."""
+        (``addmm_``: no K × K temporary; nothing is scaled, so no copy of ``inp`` is made)."""
         x = inp.reshape(-1, self.columns).to(self._H.dtype)
         n = x.shape[0]
         if n == 0:
@@ -288,7 +287,7 @@ def _input_group(block: nn.Module, rels: list[str], x: BlockInputs, solver: GPTQ
     def hook(_m, args, _rel):
         if _rel == rels[0]:
             state.update(x=args[0], n=1)
-            solver.add_batch(args[0][state["mask"]], own=True)  # boolean indexing: a copy of ours
+            solver.add_batch(args[0][state["mask"]])
             if group == 1:
                 raise _Stop
             return
