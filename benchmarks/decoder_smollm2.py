@@ -54,9 +54,13 @@ PY = sys.executable
 QUANTSEAL = {
     "qs-rtn": (["--method", "rtn", "--formats", "int4_b32,int8_b32", "--budget-mb", "{mb}"], 4),
     "qs-rtn-acc0": (["--method", "rtn", "--formats", "int4_b32,int8_b32", "--budget-mb", "{mb}"], 0),
-    # 8-bit, under the builder int8 file's size; the decode bound (all matrices and the tied head at
-    # int8: ~3.6 ms by compress/decode_cost.py) moves the tied table off float32, whose head is slow
-    "qs-rtn8": (["--method", "rtn", "--formats", "int8s_b32", "--budget-mb", "{mb8}", "--max-decode-ms", "3.7"], 4),
+    # 8-bit, under the builder int8 file's size; the decode bound (the builder int8 layout's estimate:
+    # all matrices and the tied head int8s_b32) moves the tied table off float32, whose head is slow
+    "qs-rtn8": (["--method", "rtn", "--formats", "int8s_b32", "--budget-mb", "{mb8}", "--max-decode-ms", "{ms8eq}"], 4),
+    # 8-bit (int8 at block 64 / 128 with zero points) with the decode bound at FAST8 x the builder int8
+    # layout's estimate (every matrix and the head int8s_b32): the plan takes the longer blocks, which
+    # the level-4 kernel runs faster (compress/decode_cost.py)
+    "qs-rtn8-fast": (["--method", "rtn", "--formats", "int8", "--budget-mb", "{mb8}", "--max-decode-ms", "{ms8}"], 4),
     "qs-lq": (["--method", "lq", "--data-aware", "--formats", "int4_b32,int8_b32", "--ranks", "0",
                "--budget-mb", "{mb}"], 4),
     # GPTQ W4 linears; the tied table int4 with GPTQ's codes for it as the LM head (compress/head_table.py)
@@ -65,6 +69,9 @@ QUANTSEAL = {
     # one format per layer q/k/v so the export packs them (compress/pack_groups.py), GPTQ rounds in
     # those formats (compress/calibrated_plan.py)
     "qs-gptq-plan": (["--method", "gptq", "--budget-mb", "{mb}", "--formats", "int4,int8"], 4),
+    # the same plan with its decode bound at FAST4 x the builder int4 layout's estimate (every matrix
+    # and the tied head int4_b32): the ILP trades some error for the kernel's cheaper long blocks
+    "qs-gptq-fast": (["--method", "gptq", "--budget-mb", "{mb}", "--formats", "int4,int8", "--max-decode-ms", "{ms4}"], 4),
     # int4f_b32 (w = s·q + m, float16 offsets: SmolLM2's GGUF is Q4_1, so its dequantised weights are exactly
     # on this grid) where the ILP takes it, int4/int8 elsewhere, under the builder int4's size
     "qs-rtn-f4": (["--method", "rtn", "--formats", "int4f_b32,int4_b32,int8_b32", "--budget-mb", "{mb}"], 4),
@@ -73,6 +80,7 @@ QUANTSEAL = {
     "qs-rtn-f4-exact": (["--method", "rtn", "--formats", "int4f_b32", "--budget-mb", "250"], 0),
     "qs-cbq": (["--method", "cbq", "--wbits", "4", "--block", "32", "--table", "int4_b32", "--steps", "50"], 4),
 }
+FAST4, FAST8 = 0.87, 0.90
 BUILDER = {"builder-fp32": ("fp32", {}), "builder-int8": ("int8", {}), "builder-int4": ("int4", {}),
            "builder-int4-acc1": ("int4", {"accuracy_level": "1"})}
 
@@ -110,7 +118,8 @@ def float_folder(work: Path) -> Path:
     return out
 
 
-def build_variant(name: str, work: Path, src: Path, mb: float | None, mb8: float | None = None) -> tuple[Path, dict]:
+def build_variant(name: str, work: Path, src: Path, mb: float | None, mb8: float | None = None,
+                  ms: dict | None = None) -> tuple[Path, dict]:
     """The variant's folder (built once, cached in ``work``) and what building it cost."""
     out = work / name
     info: dict = {}
@@ -129,7 +138,8 @@ def build_variant(name: str, work: Path, src: Path, mb: float | None, mb8: float
         ck = work / f"{name}.ck"
         if not (ck / "quantseal.json").is_file():
             subprocess.run([PY, "-m", "quantseal.cli", "compress", str(src), "-o", str(ck), "--workers", "1", "--json",
-                            *[a.format(mb=mb, mb8=mb8) for a in args]], check=True, stdout=subprocess.DEVNULL)
+                            *[a.format(mb=mb, mb8=mb8, **(ms or {})) for a in args]], check=True,
+                           stdout=subprocess.DEVNULL)
         info["compress_s"] = round(time.perf_counter() - t0, 1)
         t1 = time.perf_counter()
         subprocess.run([PY, "-m", "quantseal.cli", "export", str(ck), "-o", str(out / "model.onnx"),
@@ -139,6 +149,20 @@ def build_variant(name: str, work: Path, src: Path, mb: float | None, mb8: float
     info["build_cpu_s"] = round(_child_cpu() - c0, 1)
     (work / f"{name}.build.json").write_text(json.dumps(info))
     return out, info
+
+
+def layout_decode_ms(src: Path, fmt: str) -> float:
+    """quantseal's decode-cost estimate (compress/decode_cost.py) of ``src`` with every Linear and the
+    tied head stored as ``fmt``: the builder's layout, the reference a ``--max-decode-ms`` bound is set from."""
+    from safetensors import safe_open
+
+    from quantseal.compress.decode_cost import candidate_cost_us
+    from quantseal.compress.formats import Candidate, FormatSpec
+
+    c = Candidate(FormatSpec.parse(fmt))
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        shapes = [f.get_slice(k).get_shape() for k in f.keys()]
+    return sum(candidate_cost_us(c, *s) for s in shapes if len(s) == 2) / 1000
 
 
 def _child_cpu() -> float:
@@ -257,7 +281,7 @@ def paired_decode(ours: Path, theirs: Path, threads: int, repeats: int) -> dict:
             "ours_tok_s_median": round(float(np.median(a)), 2), "theirs_tok_s_median": round(float(np.median(b)), 2)}
 
 
-PAIRS = (("qs-gptq-plan", "builder-int4"), ("qs-gptq", "builder-int4"), ("qs-cbq", "builder-int4"),
+PAIRS = (("qs-gptq-fast", "builder-int4"), ("qs-rtn8-fast", "builder-int8"), ("qs-gptq-plan", "builder-int4"), ("qs-gptq", "builder-int4"), ("qs-cbq", "builder-int4"),
          ("qs-rtn8", "builder-int8"))
 
 
@@ -342,12 +366,15 @@ def main() -> None:
     names = [v for v in args.variants.split(",") if v]
     folders, builds = {}, {}
     mb = mb8 = None
+    ms8eq = layout_decode_ms(src, "int8s_b32")
+    ms = {"ms4": round(FAST4 * layout_decode_ms(src, "int4_b32"), 3), "ms8": round(FAST8 * ms8eq, 3),
+          "ms8eq": round(ms8eq + 0.001, 3)}
     for name in sorted(names, key=lambda n: not n.startswith("builder-int")):  # the builder sizes first
         if name.startswith("qs") and mb is None:
             mb = round(folder_mb(build_variant("builder-int4", work, src, None)[0]) - 0.05, 2)
             mb8 = round(folder_mb(build_variant("builder-int8", work, src, None)[0]) - 0.05, 2)
         print(f"building {name} ...", file=sys.stderr, flush=True)
-        folders[name], builds[name] = build_variant(name, work, src, mb, mb8)
+        folders[name], builds[name] = build_variant(name, work, src, mb, mb8, ms)
     from tokenizers import Tokenizer
 
     from quantseal.text import pydoc_sentences
@@ -388,7 +415,7 @@ def main() -> None:
     out = {"benchmark": "decoder_smollm2", "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg(), "eval_tokens": sum(len(s) - 1 for s in seqs),
            "rounds": args.rounds, "repeats": args.repeats, "new_tokens": NEW_TOKENS, "prefill_tokens": PREFILL, "budget_mb": mb,
-           "budget_mb_8bit": mb8, "notes": args.note, "rows": rows, "paired": paired}
+           "budget_mb_8bit": mb8, "decode_bounds_ms": ms, "notes": args.note, "rows": rows, "paired": paired}
     (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(rows, RESULTS / f"{args.out}.png")
     for r in rows:

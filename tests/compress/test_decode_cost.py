@@ -28,6 +28,33 @@ def test_cost_model_orders_the_kernels_as_measured():
     assert slow > 20 * cost["int8_b64"]
 
 
+def test_longer_blocks_cost_less_at_accuracy_level_4():
+    """The level-4 kernel scales each block once: per weight, a longer block never costs more and
+    b128 costs clearly less than b32, as a Linear and as a tied LM head; level 0 keeps one entry
+    per family."""
+    for n, k in ((1536, 576), (49152, 576)):
+        for fam, blocks in (("int4", (16, 32, 64, 128)), ("int8", (32, 64, 128))):
+            cost = [candidate_cost_us(Candidate(FormatSpec.parse(f"{fam}_b{b}")), n, k) for b in blocks]
+            assert cost == sorted(cost, reverse=True) and cost[-1] < 0.85 * cost[blocks.index(32)]
+    a0 = [candidate_cost_us(Candidate(FormatSpec.parse(f"int4_b{b}")), 1536, 576, accuracy_level=0) for b in (32, 128)]
+    assert a0[0] == a0[1]
+    # an unmeasured block costs what the nearest measured one does
+    assert candidate_cost_us(Candidate(FormatSpec.parse("int8_b16")), 1536, 576) == candidate_cost_us(
+        Candidate(FormatSpec.parse("int8_b32")), 1536, 576)
+
+
+def test_int8_and_float_cost_their_bytes_in_a_model():
+    """Inside a decoder the weights stream from memory: int8 costs more than int4 at the same block,
+    as a Linear and as a tied LM head, and a float head far more."""
+    def per_weight(fmt, n, k):
+        return candidate_cost_us(Candidate(FormatSpec.parse(fmt)), n, k) / (n * k)
+    for shape in ((1536, 576), (49152, 576)):
+        for b in (32, 64, 128):
+            assert per_weight(f"int8_b{b}", *shape) > 1.1 * per_weight(f"int4_b{b}", *shape)
+    assert per_weight("fp16", 49152, 576) > 4 * per_weight("int4_b32", 49152, 576)
+    assert per_weight("fp16", 1536, 576) > 2 * per_weight("int4_b32", 1536, 576)
+
+
 def _compress(model_dir, out, *extra):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -51,6 +78,19 @@ def test_decode_bound_steers_the_plan_off_slow_kernels(tiny_llama_dir, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "fastest plan" in err[0]
     assert not (tmp_path / "never").exists()
+
+
+def test_decode_bound_moves_int4_to_longer_blocks(tiny_llama_dir, tmp_path):
+    """Among int4 formats alone the error prefers short blocks; a decode bound below that plan's
+    estimate buys speed with longer ones (the level-4 kernel's per-block cost), within the bound."""
+    rc, free = _compress(tiny_llama_dir, tmp_path / "free", "--budget", "6", "--formats", "int4")
+    assert rc == 0
+    bound = free["decode_ms_estimate"] * 0.9
+    rc, fast = _compress(tiny_llama_dir, tmp_path / "fast", "--budget", "6", "--formats", "int4",
+                         "--max-decode-ms", f"{bound}")
+    assert rc == 0 and fast["decode_ms_estimate"] <= bound
+    assert fast["formats"].get("int4_b128", 0) > free["formats"].get("int4_b128", 0)
+    assert fast["total_error"] > free["total_error"]
 
 
 @pytest.mark.parametrize("argv", [["--method", "rtn", "--budget", "4", "--max-decode-ms", v] for v in ("0", "-1", "nan", "inf")]
