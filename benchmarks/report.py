@@ -87,12 +87,17 @@ def decoder_table(res: dict) -> str:
               "(cbq: 50 steps per window; the tied table's int4 codes are GPTQ's for it as the LM head, "
               "`compress/head_table.py`), `qs-gptq-plan` = `compress --method gptq --budget-mb B --formats int4,int8` "
               "(the ILP picks each matrix's and the table's format, one shared by each layer's q/k/v, GPTQ rounds), `qs-lq` = `compress --method lq "
-              "--data-aware --formats int4_b32,int8_b32 --ranks 0 --budget-mb B`, `qs-rtn8` = `compress --method rtn --formats int8s_b32 --budget-mb B8 "
-              "--max-decode-ms 3.7` (B8: the builder int8 file; the decode bound moves the tied table off float32), "
+              "--data-aware --formats int4_b32,int8_b32 --ranks 0 --budget-mb B`, `qs-gptq-fast` = qs-gptq-plan with "
+              "`--max-decode-ms` at FAST4 × the decode estimate of the builder int4 layout (`compress/decode_cost.py`), "
+              "`qs-rtn8` = `compress --method rtn --formats int8s_b32 --budget-mb B8 "
+              "--max-decode-ms E8` (B8: the builder int8 file; E8: the builder int8 layout's estimate, which moves the tied "
+              "table off float32), `qs-rtn8-fast` = `compress --method rtn --formats int8 --budget-mb B8 --max-decode-ms "
+              "FAST8·E8` (int8 with zero points at block 64 / 128), the bounds in the JSON's `decode_bounds_ms`, "
               "each exported with `quantseal export` (accuracy level 4, `-acc0`: 0).",
               "Plot: `results/decoder_smollm2.png`."]
     checks = []
-    for ours, theirs in (("qs-gptq", "builder-int4"), ("qs-gptq-plan", "builder-int4"), ("qs-cbq", "builder-int4"),
+    for ours, theirs in (("qs-gptq", "builder-int4"), ("qs-gptq-plan", "builder-int4"), ("qs-gptq-fast", "builder-int4"),
+                         ("qs-cbq", "builder-int4"), ("qs-rtn8-fast", "builder-int8"),
                          ("qs-rtn-f4", "builder-int4"),
                          ("qs-lq", "builder-int4"), ("qs-rtn", "builder-int4"), ("qs-rtn8", "builder-int8")):
         a, b = rows.get(ours), rows.get(theirs)
@@ -121,11 +126,42 @@ def decoder_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def decode_cost_in_model_table(res: dict) -> str:
+    """benchmarks/decode_cost_in_model.py: per-format decode cost inside the builder's int4 SmolLM2."""
+    share = res["matmul_share"]
+    lines = ["### Decode cost inside a model (what `--max-decode-ms` plans with)", "",
+             f"`{res['command']}` — onnxruntime-genai's int4 SmolLM2 (every MatMulNBits int4 b32) with its 150 "
+             "Linears (`lin-F`) or its tied head (`head-F`, its own copy) re-quantised to F, all loaded in one "
+             "process, one decode step (past 40) of each timed in turn in shuffled rounds (each the median of its "
+             "steps); 1 thread CPU time, 2 threads wall; 1-minute load average at the end "
+             f"{res['load_avg_at_end'][0]:.1f} on 2 cores. Speed = the original's time over the variant's, per "
+             "round (median); µs per M weights = the original's (its MatMulNBits share of onnxruntime's profile: "
+             f"Linears {100 * share['linears']:.0f} %, head {100 * share['head']:.0f} %) plus the time F adds per "
+             "weight moved.", "",
+             "| variant | 1t ms | speed 1t | µs/M 1t | 2t ms | speed 2t | µs/M 2t |", "|---|---|---|---|---|---|---|"]
+    by = {(r["variant"], r["threads"]): r for r in res["rows"]}
+    for name in dict.fromkeys(r["variant"] for r in res["rows"]):
+        cells = []
+        for t in (1, 2):
+            r = by.get((name, t))
+            if r is None:
+                cells += ["–"] * 3
+                continue
+            us = (f"{r['us_per_mparam_lin']} / head {r['us_per_mparam_head']}" if name == "ref"
+                  else f"{r['us_per_mparam']}")
+            cells += [f"{r['ms_median']:.2f}", f"{r['speed_vs_ref']:.3f}", us]
+        label = "original (int4 b32)" if name == "ref" else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [l for n in res.get("notes", []) for l in ("", n)])
+
+
 def decode_cost_table(res: dict) -> str:
     """benchmarks/decode_cost.py: per-token cost of each format's onnxruntime op at batch 1."""
     lines = ["### Per-token cost of each storage format (onnxruntime CPU, batch 1, 1 thread)", "",
              f"`{res['command']}` — CPU µs per 10⁶ weights for one decoded token, median over three (K, N) shapes; "
-             f"load average {res['load_avg'][0]:.1f} on 2 cores while measured. `compress/decode_cost.py` plans with these.",
+             f"load average {res['load_avg'][0]:.1f} on 2 cores while measured. One matrix alone stays in the caches: "
+             "these rank the ops (nf4 and accuracy level 0 are slow), and `compress/decode_cost.py` takes its level-0 "
+             "entries from here; its level-4 entries come from the in-model measurement above.",
              "", "| format | op | accuracy level | µs per M weights |", "|---|---|---|---|"]
     ops = {"int": "MatMulNBits", "nf4": "MatMulBnb4", "fp": "MatMul (float32)"}
     for r in res["rows"]:
@@ -431,6 +467,7 @@ RENDERERS = {"compress_minilm.json": compress_table, "decoder_smollm2.json": dec
              "decoder_smollm2_int4f.json": int4f_decoder_table, "decode_cost_int4f.json": int4f_cost_table,
              "int4f_minilm.json": int4f_minilm_table,
              "smollm2_grid.json": smollm2_grid_table,
+             "decode_cost_in_model.json": decode_cost_in_model_table,
              "decode_cost.json": decode_cost_table,
              "watermark_smollm2.json": watermark_decoder_table,
              "watermark_smollm2_chat.json": watermark_chat_table,
