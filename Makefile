@@ -42,6 +42,7 @@ bench-decoder: install
 	$(PY) benchmarks/decode_cost.py --cold --cold-mb 40 --shapes smollm2 --formats int2_b32,int4_b16,int4_b32,int4_b64,int4_b128,int8_b32,int8_b64,int8_b128,fp32 --repeats 7 --runs 15 --out decode_cost_cold
 	$(PY) benchmarks/decode_cost.py --cold --cold-mb 64 --shapes head --formats int2_b32,int4_b16,int4_b32,int4_b64,int4_b128,int8_b32,int8_b64,int8_b128,fp32 --repeats 5 --runs 10 --out decode_cost_cold_head
 	$(PY) benchmarks/decoder_smollm2.py --variants builder-fp32,builder-int8,builder-int4,builder-int4-acc1,qs-rtn,qs-rtn-acc0,qs-gptq,qs-gptq-plan,qs-gptq-fast,qs-rtn8,qs-rtn8-fast,qs-cbq --paired-repeats 10
+	$(PY) benchmarks/decode_cost_in_model.py --builder /tmp/quantseal-smollm2/builder-int4
 	$(PY) benchmarks/cbq_smollm2.py
 	$(PY) benchmarks/watermark_smollm2.py
 	$(PY) benchmarks/report.py
