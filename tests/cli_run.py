@@ -24,3 +24,12 @@ def run(argv) -> tuple[int, str, str]:
 def last_json(text: str):
     """The JSON object ``--json`` prints as the last stdout line."""
     return json.loads(text.strip().splitlines()[-1])
+
+
+def compress_then_export(model_dir, ck, out, compress_args, accuracy_level: int = 0) -> None:
+    """``quantseal compress MODEL -o CK ARGS --json`` then ``quantseal export CK -o OUT
+    --accuracy-level L --json``, each asserted to succeed (its stderr in the message)."""
+    rc, _, err = run(["compress", model_dir, "-o", ck, *compress_args, "--json"])
+    assert rc == 0, err
+    rc, _, err = run(["export", ck, "-o", out, "--accuracy-level", accuracy_level, "--json"])
+    assert rc == 0, err

@@ -16,7 +16,7 @@ from quantseal.compress.pipeline import one_torch_thread
 from quantseal.export.decoder import float_reference_logits
 from quantseal.runtime.pipelines import CausalLM
 
-from cli_run import last_json, run  # tests/cli_run.py
+from cli_run import compress_then_export, last_json, run  # tests/cli_run.py
 from genai_greedy import og_greedy  # tests/export/genai_greedy.py
 
 
@@ -96,11 +96,8 @@ def test_gptq_plan_in_int4f_exports_and_matches_torch(tiny_llama_sharp_dir, tmp_
     equal the torch model of the stored weights."""
     ck, out = tmp_path / "ck", tmp_path / "onnx" / "model.onnx"
     with one_torch_thread():
-        rc, _, err = run(["compress", tiny_llama_sharp_dir, "-o", ck, "--method", "gptq", "--budget-mb", "1.7",
-                          "--formats", "int4f_b32", "--calib-samples", "4", "--json"])
-        assert rc == 0, err
-        rc, _, err = run(["export", ck, "-o", out, "--accuracy-level", "0", "--json"])
-        assert rc == 0, err
+        compress_then_export(tiny_llama_sharp_dir, ck, out, ["--method", "gptq", "--budget-mb", "1.7",
+                                                             "--formats", "int4f_b32", "--calib-samples", "4"])
         manifest, tensors = read_checkpoint(ck)
         assert {e.format for n, e in manifest.matrices.items() if e.kind == "linear"} == {"int4f_b32"}
         assert "model.embed_tokens" in manifest.matrices  # the table joined the plan (its format the ILP's)

@@ -16,17 +16,14 @@ from quantseal.export.onnx import matrix_initializer_bytes
 from quantseal.quality import embed_texts
 from quantseal.text import TextTokenizer, pydoc_sentences
 
-from cli_run import run  # tests/cli_run.py
+from cli_run import compress_then_export  # tests/cli_run.py
 
 
 def test_int4f_encoder_matches_torch_and_shares_block_sums(tiny_bert_dir, tmp_path):
     ck, out = tmp_path / "ck", tmp_path / "onnx" / "model.onnx"
     with one_torch_thread():
-        rc, _, err = run(["compress", tiny_bert_dir, "-o", ck, "--method", "rtn", "--budget", "16",
-                          "--formats", "int4f_b32", "--workers", "1", "--json"])
-        assert rc == 0, err
-        rc, _, err = run(["export", ck, "-o", out, "--accuracy-level", "0", "--json"])
-        assert rc == 0, err
+        compress_then_export(tiny_bert_dir, ck, out, ["--method", "rtn", "--budget", "16", "--formats", "int4f_b32",
+                                                      "--workers", "1"])
         manifest, _ = read_checkpoint(ck)
         assert {e.format for e in manifest.matrices.values()} == {"int4f_b32"}
         model = onnx.load(str(out))
