@@ -121,7 +121,7 @@ def float_folder(work: Path) -> Path:
 
 
 def build_variant(name: str, work: Path, src: Path, mb: float | None, mb8: float | None = None,
-                  ms: dict | None = None) -> tuple[Path, dict]:
+                  bounds: dict | None = None) -> tuple[Path, dict]:
     """The variant's folder (built once, cached in ``work``) and what building it cost."""
     out = work / name
     info: dict = {}
@@ -140,7 +140,7 @@ def build_variant(name: str, work: Path, src: Path, mb: float | None, mb8: float
         ck = work / f"{name}.ck"
         if not (ck / "quantseal.json").is_file():
             subprocess.run([PY, "-m", "quantseal.cli", "compress", str(src), "-o", str(ck), "--workers", "1", "--json",
-                            *[a.format(mb=mb, mb8=mb8, **(ms or {})) for a in args]], check=True,
+                            *[a.format(mb=mb, mb8=mb8, **(bounds or {})) for a in args]], check=True,
                            stdout=subprocess.DEVNULL)
         info["compress_s"] = round(time.perf_counter() - t0, 1)
         t1 = time.perf_counter()

@@ -197,6 +197,16 @@ def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
     return root.get_submodule(dotted)
 
 
+def final_norm(model: nn.Module, fam: Family) -> tuple[str, nn.Module] | None:
+    """(name, module) of a decoder's norm between the last block and the LM head (``model.norm``),
+    or None where the model has none there."""
+    name = fam.blocks_attr.rpartition(".")[0] + ".norm"
+    try:
+        return name, model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def blocks(model: nn.Module, fam: Family) -> nn.ModuleList:
     return get_submodule(model, fam.blocks_attr)
 

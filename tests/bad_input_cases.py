@@ -207,7 +207,8 @@ for v in ("-1", "0", "nan", "inf"):
     refuse(f"compress-max_decode_ms-{v}", put(COMPRESS, "--max-decode-ms", v), "max-decode-ms")
 for flag, vals in (("--block", ("0", "-1", "7", "100000")), ("--window", ("0", "-1")), ("--rank", ("-1",)),
                    ("--steps", ("0", "-1")), ("--wbits", ("5", "0")), ("--abits", ("2",)), ("--table", ("int5_b7",)),
-                   ("--init", ("zero",))):
+                   ("--init", ("zero",)), ("--gptq-order", ("random",)), ("--table-method", ("exact",)),
+                   ("--hessian-tokens", ("0", "-1", "abc"))):
     for v in vals:
         refuse(f"compress-cbq{flag[1:]}-{v}", put(COMPRESS_CBQ, flag, v), flag.lstrip("-"))
 refuse("compress-method-unknown", put(COMPRESS, "--method", "magic"), "method")

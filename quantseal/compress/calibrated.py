@@ -25,7 +25,7 @@ from .. import checkpoint as ckpt
 from ..devices import resolve_device, to_device
 from ..errors import BadInput
 from ..lazy_source import open_source
-from ..models import compressible_linears, default_model_path, load_model
+from ..models import compressible_linears, default_model_path, final_norm, load_model
 from ..text import calibration_texts
 from .calibration import calibration_batches, capture_block_inputs
 from .cbq import CBQConfig, StepCallback, cbq_quantize_model, gptq_init
@@ -130,6 +130,25 @@ class CalibratedConfig:
                          seed=self.seed, gptq_order=self.gptq_order)
 
 
+def linear_specs(cfg: CalibratedConfig, linears, fplan=None) -> dict[str, FormatSpec]:
+    """Each Linear's stored format: the ``--budget-mb`` plan's, else ``--wbits``/``--block``'s."""
+    return {n: fplan.formats[n] if fplan is not None else cfg.spec for n in linears}
+
+
+def table_spec(cfg: CalibratedConfig, fplan=None) -> FormatSpec | None:
+    """The token table's stored format: the plan's, else ``--table``'s (None: kept as is)."""
+    if fplan is not None:
+        return fplan.formats[fplan.table] if fplan.table is not None else None
+    return FormatSpec.parse(cfg.table) if cfg.table is not None else None
+
+
+def calibrates_table(cfg: CalibratedConfig, config, family: str, table: FormatSpec | None) -> bool:
+    """Whether the table's codes are GPTQ's for it as the LM head (:mod:`.head_table`): a tied
+    decoder table in an integer format, ``--table-method gptq``; else round to nearest."""
+    tied = bool(getattr(config, "tie_word_embeddings", False)) and family == "decoder"
+    return table is not None and tied and cfg.table_method == "gptq" and table.kind in ("int", "intf")
+
+
 def _no_callback(stage: str, done: int, total: int, info: dict) -> None:
     pass
 
@@ -190,10 +209,9 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
     torch.manual_seed(cfg.seed)
     source = open_source(cfg.model) if stream and cfg.method == "gptq" else None
     if source is not None and source.fam.name == "decoder":  # one block in memory at a time (a plan too)
-        from .cbq_stream import _final_norm
         from .streaming import stream_gptq
 
-        if _final_norm(source.model, source.fam) is not None:
+        if final_norm(source.model, source.fam) is not None:
             return stream_gptq(cfg, source, callback, t0, fplan)
     if stream and cfg.method == "cbq":  # a window of blocks in memory at a time (a plan too)
         from .cbq_stream import can_stream, stream_cbq
@@ -205,11 +223,8 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
     linears = compressible_linears(model, fam)
     texts = calibration_texts(cfg.calib, cfg.calib_samples)
     batches = calibration_batches(cfg.model, texts, cfg.batch_size)
-    spec = cfg.spec
-    specs = {n: spec for n in linears} if fplan is None else {n: fplan.formats[n] for n in linears}
-    table_spec = FormatSpec.parse(cfg.table) if cfg.table is not None else None
-    if fplan is not None and fplan.table is not None:
-        table_spec = fplan.formats[fplan.table]
+    specs = linear_specs(cfg, linears, fplan)
+    table = table_spec(cfg, fplan)
     t_cal = time.perf_counter()
     activations: dict[str, dict] = {}
     extra_info: dict = {}
@@ -253,10 +268,9 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
         assert stored == qt.spec.stored_bytes(*qt.shape), (name, stored)
         entries[name] = ckpt.MatrixEntry(qt.spec.name, 0, list(qt.shape), 0.0, stored, "linear")
     planned = {n + ".weight" for n in linears}
-    if table_spec is not None:
-        tied = bool(getattr(model.config, "tie_word_embeddings", False)) and fam.name == "decoder"
-        calibrate = tied and cfg.table_method == "gptq" and table_spec.kind in ("int", "intf")
-        name, mt, entry = _table_entry(model, fam, table_spec, batches if calibrate else None)
+    if table is not None:
+        calibrate = calibrates_table(cfg, model.config, fam.name, table)
+        name, mt, entry = _table_entry(model, fam, table, batches if calibrate else None)
         tensors.update(mt)
         entries[name] = entry
         planned.add(name + ".weight")
@@ -267,7 +281,7 @@ def calibrated_compress(cfg: CalibratedConfig, callback: StepCallback = _no_call
 
     lin_params = sum(l.weight.numel() for l in linears.values())
     total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    table_method = None if table_spec is None else ("gptq" if calibrate else "rtn")
+    table_method = None if table is None else ("gptq" if calibrate else "rtn")
     manifest = calibrated_manifest(cfg, fam.name, model.config.model_type, entries, lin_params, total_bytes,
                                    len(texts), extra_info, activations, table_method, fplan)
     ckpt.write_checkpoint(cfg.output, manifest, tensors, cfg.model)

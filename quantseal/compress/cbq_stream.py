@@ -48,10 +48,11 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..devices import resolve_device, to_device
 from ..lazy_source import LazySource, fix_mmap_threshold
-from ..models import Family, blocks, compressible_linears
+from ..models import blocks, compressible_linears, final_norm
 from ..tensorfile import TensorInfo, info_of
 from ..text import calibration_texts
-from .calibrated import CalibratedConfig, calibrated_manifest, calibrated_report, table_entry
+from .calibrated import (CalibratedConfig, calibrated_manifest, calibrated_report, calibrates_table, linear_specs,
+                         table_entry, table_spec)
 from .calibration import BlockInputs, block_forward, calibration_batches, capture_block_inputs
 from .cbq import CBQConfig, CBQResult, _prepare_float_block, _run_into, _write_back, cbq_windows
 from .formats import FormatSpec
@@ -213,38 +214,14 @@ class StagedTensors(Mapping):
         self.store.close()
 
 
-def _final_norm(model: nn.Module, fam: Family) -> tuple[str, nn.Module] | None:
-    """(name, module) of the norm between the last block and the LM head (``model.norm``)."""
-    name = fam.blocks_attr.rpartition(".")[0] + ".norm"
-    try:
-        return name, model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
 def can_stream(cfg: CalibratedConfig, source: LazySource, fplan=None) -> bool:
     """Whether :func:`stream_cbq` runs ``cfg`` (and its ``--budget-mb`` plan ``fplan``) on
     ``source`` (else the in-memory path does): a decoder, and a final norm where a tied table is
     head-calibrated."""
     if source.fam.name != "decoder":
         return False
-    return not _calibrated_table(cfg, source, fplan) or _final_norm(source.model, source.fam) is not None
-
-
-def _table_spec(cfg: CalibratedConfig, fplan=None) -> FormatSpec | None:
-    """The token table's stored format: the plan's, else ``--table``'s (None: kept as is)."""
-    if fplan is not None:
-        return fplan.formats[fplan.table] if fplan.table is not None else None
-    return FormatSpec.parse(cfg.table) if cfg.table is not None else None
-
-
-def _calibrated_table(cfg: CalibratedConfig, source: LazySource, fplan=None) -> bool:
-    """calibrated_compress's rule: a tied decoder table in an integer format, ``--table-method gptq``."""
-    table = _table_spec(cfg, fplan)
-    if table is None:
-        return False
-    tied = bool(getattr(source.model.config, "tie_word_embeddings", False))
-    return tied and cfg.table_method == "gptq" and table.kind in ("int", "intf")
+    calibrate = calibrates_table(cfg, source.model.config, source.fam.name, table_spec(cfg, fplan))
+    return not calibrate or final_norm(source.model, source.fam) is not None
 
 
 def stream_cbq(cfg: CalibratedConfig, source: LazySource, callback, t0: float | None = None,
@@ -260,9 +237,9 @@ def stream_cbq(cfg: CalibratedConfig, source: LazySource, callback, t0: float | 
     linears = list(compressible_linears(model, fam))  # names only: the blocks are still on meta
     texts = calibration_texts(cfg.calib, cfg.calib_samples)
     batches = to_device(calibration_batches(cfg.model, texts, cfg.batch_size), device)
-    lin_specs = {n: fplan.formats[n] if fplan is not None else cfg.spec for n in linears}
-    table = _table_spec(cfg, fplan)
-    calibrate = _calibrated_table(cfg, source, fplan)
+    lin_specs = linear_specs(cfg, linears, fplan)
+    table = table_spec(cfg, fplan)
+    calibrate = calibrates_table(cfg, source.model.config, fam.name, table)
     ccfg = cfg.cbq()
     pool = ActivationPool(cfg.activation_mb * MB)
     specs = output_specs(source, linears, lin_specs, table)
@@ -321,7 +298,7 @@ def stream_cbq(cfg: CalibratedConfig, source: LazySource, callback, t0: float | 
         del inputs
         calib_seconds = time.perf_counter() - t_cal
         if calibrate:  # GPTQ's codes of the tied table as the head, on the final normed states
-            name, norm = _final_norm(source.model, fam)
+            name, norm = final_norm(source.model, fam)
             source.load_module(norm, name, device)
             with torch.no_grad():
                 x = torch.cat([norm(h)[m].float().cpu() for h, m in zip(head.hidden, head.token_mask)])

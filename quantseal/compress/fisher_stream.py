@@ -44,10 +44,9 @@ from typing import Callable
 import torch
 
 from ..lazy_source import LazySource, TensorRef, fix_mmap_threshold
-from ..models import blocks, compressible_linears, get_submodule
+from ..models import blocks, compressible_linears, final_norm, get_submodule
 from ..tensorfile import SafetensorsWriter, TensorInfo
 from .calibration import BlockInputs, block_forward
-from .cbq_stream import _final_norm as final_norm
 from .fisher import floor_fisher
 from .streaming import capture_rows, run_block_spilled
 

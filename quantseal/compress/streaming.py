@@ -47,10 +47,11 @@ import torch
 from .. import checkpoint as ckpt
 from ..devices import resolve_device, to_device
 from ..lazy_source import LazySource, fix_mmap_threshold
-from ..models import blocks, compressible_linears, embedding
+from ..models import blocks, compressible_linears, embedding, final_norm
 from ..tensorfile import TensorInfo
 from ..text import calibration_texts
-from .calibrated import CalibratedConfig, _table_entry, calibrated_manifest, calibrated_report, table_entry
+from .calibrated import (CalibratedConfig, _table_entry, calibrated_manifest, calibrated_report, calibrates_table,
+                         linear_specs, table_entry, table_spec)
 from .calibration import BlockInputs, block_forward_rows, calibration_batches, capture_block_inputs
 from .formats import Candidate, FormatSpec
 from .gptq import gptq_quantize_block, release_codes
@@ -142,12 +143,9 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
     linears = list(compressible_linears(model, fam))  # names only: the blocks are still on meta
     texts = calibration_texts(cfg.calib, cfg.calib_samples)
     batches = calibration_batches(cfg.model, texts, cfg.batch_size)
-    lin_specs = {n: fplan.formats[n] if fplan is not None else cfg.spec for n in linears}
-    table = FormatSpec.parse(cfg.table) if cfg.table is not None else None
-    if fplan is not None:
-        table = fplan.formats[fplan.table] if fplan.table is not None else None
-    tied = bool(getattr(source.model.config, "tie_word_embeddings", False))
-    calibrate = table is not None and tied and cfg.table_method == "gptq" and table.kind in ("int", "intf")
+    lin_specs = linear_specs(cfg, linears, fplan)
+    table = table_spec(cfg, fplan)
+    calibrate = calibrates_table(cfg, source.model.config, fam.name, table)
     cap = cfg.activation_mb * MB
     specs = output_specs(source, linears, lin_specs, table)
     entries: dict[str, ckpt.MatrixEntry] = {}
@@ -193,9 +191,7 @@ def stream_gptq(cfg: CalibratedConfig, source: LazySource, callback, t0: float |
             x = nxt
             source.release(block)
         if calibrate:  # GPTQ's codes of the tied table as the head, on the final normed states
-            from .cbq_stream import _final_norm
-
-            name, norm = _final_norm(source.model, fam)
+            name, norm = final_norm(source.model, fam)
             source.load_module(norm, name, device)
             with torch.no_grad():
                 head_x = torch.cat([norm(h.to(device))[m.to(device)].float().cpu()
